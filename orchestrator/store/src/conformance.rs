@@ -1,0 +1,234 @@
+//! The conformance suite every [`KvStore`] implementation must pass.
+//!
+//! Each case takes a fresh, empty store (usually a [`crate::Prefixed`] view with a unique
+//! prefix) and panics with a message on a violation. [`run_all`] runs every case; test
+//! crates call it once per implementation.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use crate::{Compare, KvStore, StoreError, Txn, TxnOp, WatchEvent};
+
+/// Runs every case, each against a store from `fresh`.
+pub async fn run_all<F, Fut>(fresh: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn KvStore>>,
+{
+    revisions_follow_etcd(fresh().await).await;
+    range_returns_only_the_prefix_in_key_order(fresh().await).await;
+    txn_compares_mod_revision(fresh().await).await;
+    txn_compares_value_and_absence(fresh().await).await;
+    failed_txn_applies_failure_ops_only(fresh().await).await;
+    deletes_remove_keys_and_prefixes(fresh().await).await;
+    concurrent_cas_loses_no_update(fresh().await).await;
+    lease_revoke_deletes_bound_keys(fresh().await).await;
+    lease_expires_without_keepalive(fresh().await).await;
+    keepalive_extends_lease(fresh().await).await;
+    unknown_lease_is_refused(fresh().await).await;
+    watch_replays_from_revision_then_follows(fresh().await).await;
+}
+
+/// Create and mod revisions and versions behave as in etcd.
+pub async fn revisions_follow_etcd(store: Arc<dyn KvStore>) {
+    assert!(store.get(b"k").await.unwrap().is_none(), "a fresh store has no key k");
+    let r1 = store.put(b"k", b"v1").await.unwrap();
+    let kv = store.get(b"k").await.unwrap().expect("k after put");
+    assert_eq!(kv.value, b"v1");
+    assert_eq!(kv.create_revision, r1);
+    assert_eq!(kv.mod_revision, r1);
+    assert_eq!(kv.version, 1);
+    let r2 = store.put(b"k", b"v2").await.unwrap();
+    assert!(r2 > r1, "revision must grow: {r1} then {r2}");
+    let kv = store.get(b"k").await.unwrap().expect("k after second put");
+    assert_eq!((kv.create_revision, kv.mod_revision, kv.version), (r1, r2, 2));
+    let (_, read_rev) = store.range(b"").await.unwrap();
+    assert!(read_rev >= r2, "range revision {read_rev} is older than the last write {r2}");
+}
+
+/// Prefix range excludes siblings that share a shorter prefix.
+pub async fn range_returns_only_the_prefix_in_key_order(store: Arc<dyn KvStore>) {
+    for key in ["a/2", "a/1", "a/3", "ab", "b/1"] {
+        store.put(key.as_bytes(), b"x").await.unwrap();
+    }
+    let (kvs, _) = store.range(b"a/").await.unwrap();
+    let keys: Vec<_> = kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
+    assert_eq!(keys, ["a/1", "a/2", "a/3"]);
+}
+
+/// A compare on mod_revision lets exactly the writer that read the current revision win.
+pub async fn txn_compares_mod_revision(store: Arc<dyn KvStore>) {
+    let rev = store.put(b"state", b"enabled").await.unwrap();
+    let cas = |expected: i64, value: &'static [u8]| {
+        Txn::new()
+            .when(Compare::ModRevisionEquals(b"state".to_vec(), expected))
+            .and_then(TxnOp::put(&b"state"[..], value))
+    };
+    let won = store.txn(cas(rev, b"failing-over")).await.unwrap();
+    assert!(won.succeeded, "CAS on the current revision must succeed");
+    let lost = store.txn(cas(rev, b"failing-over-again")).await.unwrap();
+    assert!(!lost.succeeded, "CAS on a stale revision must fail");
+    assert_eq!(store.get(b"state").await.unwrap().unwrap().value, b"failing-over");
+    let absent = store.txn(cas(0, b"x")).await.unwrap();
+    assert!(!absent.succeeded, "mod_revision 0 means absent, and the key exists");
+}
+
+/// Value and absence compares.
+pub async fn txn_compares_value_and_absence(store: Arc<dyn KvStore>) {
+    assert!(store.create(b"name", b"one").await.unwrap(), "first create wins");
+    assert!(!store.create(b"name", b"two").await.unwrap(), "second create must lose");
+    assert_eq!(store.get(b"name").await.unwrap().unwrap().value, b"one");
+    let txn = Txn::new()
+        .when(Compare::ValueEquals(b"name".to_vec(), b"one".to_vec()))
+        .and_then(TxnOp::put(&b"name"[..], &b"three"[..]));
+    assert!(store.txn(txn).await.unwrap().succeeded);
+    let txn = Txn::new()
+        .when(Compare::ValueEquals(b"name".to_vec(), b"one".to_vec()))
+        .and_then(TxnOp::put(&b"name"[..], &b"four"[..]));
+    assert!(!store.txn(txn).await.unwrap().succeeded, "value compare against a replaced value must fail");
+    let txn = Txn::new().when(Compare::Exists(b"missing".to_vec())).and_then(TxnOp::put(&b"missing"[..], &b"x"[..]));
+    assert!(!store.txn(txn).await.unwrap().succeeded);
+    assert!(store.get(b"missing").await.unwrap().is_none());
+}
+
+/// A failed transaction applies its failure ops and none of its success ops, atomically.
+pub async fn failed_txn_applies_failure_ops_only(store: Arc<dyn KvStore>) {
+    let before = store.put(b"guard", b"1").await.unwrap();
+    let txn = Txn::new()
+        .when(Compare::ValueEquals(b"guard".to_vec(), b"2".to_vec()))
+        .and_then(TxnOp::put(&b"s1"[..], &b"x"[..]))
+        .and_then(TxnOp::put(&b"s2"[..], &b"x"[..]))
+        .or_else(TxnOp::put(&b"f"[..], &b"y"[..]));
+    let resp = store.txn(txn).await.unwrap();
+    assert!(!resp.succeeded);
+    assert!(resp.revision > before, "the failure op wrote, so the revision grows");
+    assert!(store.get(b"s1").await.unwrap().is_none());
+    assert!(store.get(b"s2").await.unwrap().is_none());
+    assert_eq!(store.get(b"f").await.unwrap().unwrap().mod_revision, resp.revision);
+    // Several keys written by one transaction share one revision.
+    let resp = store
+        .txn(Txn::new().and_then(TxnOp::put(&b"m1"[..], &b"x"[..])).and_then(TxnOp::put(&b"m2"[..], &b"x"[..])))
+        .await
+        .unwrap();
+    let m1 = store.get(b"m1").await.unwrap().unwrap();
+    let m2 = store.get(b"m2").await.unwrap().unwrap();
+    assert_eq!((m1.mod_revision, m2.mod_revision), (resp.revision, resp.revision));
+}
+
+/// Deletes of single keys and of prefixes.
+pub async fn deletes_remove_keys_and_prefixes(store: Arc<dyn KvStore>) {
+    for key in ["d/1", "d/2", "e/1"] {
+        store.put(key.as_bytes(), b"x").await.unwrap();
+    }
+    store.delete(b"e/1").await.unwrap();
+    assert!(store.get(b"e/1").await.unwrap().is_none());
+    store.txn(Txn::new().and_then(TxnOp::DeletePrefix { prefix: b"d/".to_vec() })).await.unwrap();
+    assert!(store.range(b"d/").await.unwrap().0.is_empty());
+    // A recreated key starts a new life: version 1 and a new create revision.
+    let rev = store.put(b"e/1", b"again").await.unwrap();
+    let kv = store.get(b"e/1").await.unwrap().unwrap();
+    assert_eq!((kv.version, kv.create_revision), (1, rev));
+}
+
+/// 16 tasks increment one counter by compare-and-swap; no increment is lost.
+pub async fn concurrent_cas_loses_no_update(store: Arc<dyn KvStore>) {
+    store.put(b"counter", b"0").await.unwrap();
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    loop {
+                        let kv = store.get(b"counter").await.unwrap().unwrap();
+                        let n: u64 = String::from_utf8_lossy(&kv.value).parse().unwrap();
+                        let txn = Txn::new()
+                            .when(Compare::ModRevisionEquals(b"counter".to_vec(), kv.mod_revision))
+                            .and_then(TxnOp::put(&b"counter"[..], (n + 1).to_string().into_bytes()));
+                        if store.txn(txn).await.unwrap().succeeded {
+                            break;
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(store.get(b"counter").await.unwrap().unwrap().value, b"80");
+}
+
+/// Revoking a lease deletes the keys bound to it, and only those.
+pub async fn lease_revoke_deletes_bound_keys(store: Arc<dyn KvStore>) {
+    let lease = store.grant_lease(30).await.unwrap();
+    store.txn(Txn::new().and_then(TxnOp::put_with_lease(&b"live/a"[..], &b"x"[..], lease))).await.unwrap();
+    store.put(b"live/b", b"unbound").await.unwrap();
+    assert_eq!(store.get(b"live/a").await.unwrap().unwrap().lease, lease);
+    store.revoke_lease(lease).await.unwrap();
+    assert!(store.get(b"live/a").await.unwrap().is_none(), "bound key must go with its lease");
+    assert!(store.get(b"live/b").await.unwrap().is_some(), "unbound key must stay");
+    assert!(matches!(store.keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
+}
+
+/// A lease nobody keeps alive expires and takes its keys.
+pub async fn lease_expires_without_keepalive(store: Arc<dyn KvStore>) {
+    let lease = store.grant_lease(2).await.unwrap();
+    store.txn(Txn::new().and_then(TxnOp::put_with_lease(&b"ttl/a"[..], &b"x"[..], lease))).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while store.get(b"ttl/a").await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "key bound to a 2 s lease still there after 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Keepalives hold a lease past its TTL.
+pub async fn keepalive_extends_lease(store: Arc<dyn KvStore>) {
+    let lease = store.grant_lease(2).await.unwrap();
+    store.txn(Txn::new().and_then(TxnOp::put_with_lease(&b"ka/a"[..], &b"x"[..], lease))).await.unwrap();
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(store.keep_alive(lease).await.unwrap() > 0);
+    }
+    assert!(store.get(b"ka/a").await.unwrap().is_some(), "kept-alive key vanished after 4 s");
+    store.revoke_lease(lease).await.unwrap();
+}
+
+/// Keepalive on, or put with, a lease that does not exist fails.
+pub async fn unknown_lease_is_refused(store: Arc<dyn KvStore>) {
+    assert!(matches!(store.keep_alive(987_654_321).await, Err(StoreError::LeaseNotFound(_))));
+    let put = store.txn(Txn::new().and_then(TxnOp::put_with_lease(&b"nl"[..], &b"x"[..], 987_654_321))).await;
+    assert!(put.is_err(), "a put bound to a missing lease must fail");
+    assert!(store.get(b"nl").await.unwrap().is_none());
+}
+
+/// A watch from an old revision replays history, then follows live writes.
+pub async fn watch_replays_from_revision_then_follows(store: Arc<dyn KvStore>) {
+    let r1 = store.put(b"w/a", b"1").await.unwrap();
+    store.put(b"w/b", b"2").await.unwrap();
+    store.put(b"other", b"x").await.unwrap();
+    store.delete(b"w/a").await.unwrap();
+    let mut watch = store.watch(b"w/", r1).await.unwrap();
+    let e1 = next_event(&mut watch).await;
+    assert!(
+        matches!(&e1, WatchEvent::Put(kv) if kv.key == b"w/a" && kv.value == b"1" && kv.mod_revision == r1),
+        "{e1:?}"
+    );
+    let e2 = next_event(&mut watch).await;
+    assert!(matches!(&e2, WatchEvent::Put(kv) if kv.key == b"w/b"), "{e2:?}");
+    let e3 = next_event(&mut watch).await;
+    assert!(matches!(&e3, WatchEvent::Delete(kv) if kv.key == b"w/a"), "{e3:?}");
+    let live = store.put(b"w/c", b"3").await.unwrap();
+    let e4 = next_event(&mut watch).await;
+    assert!(matches!(&e4, WatchEvent::Put(kv) if kv.key == b"w/c" && kv.mod_revision == live), "{e4:?}");
+}
+
+async fn next_event(watch: &mut crate::WatchStream) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .expect("a watch event within 10 s")
+        .expect("the watch stream is open")
+        .expect("the watch event is not an error")
+}

@@ -1,0 +1,212 @@
+//! The etcd store, through the `etcd-client` crate. Production and HA.
+//!
+//! Every call has a deadline. A transaction whose call fails on the wire has an unknown
+//! outcome and is reported as [`StoreError::Unavailable`]: callers re-read, never retry
+//! blindly.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare as ECompare, CompareOp, ConnectOptions, DeleteOptions, EventType, GetOptions, PutOptions,
+    Txn as ETxn, TxnOp as ETxnOp, WatchOptions,
+};
+
+use crate::{Compare, KeyValue, KvStore, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream};
+
+/// A store on an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    timeout: Duration,
+}
+
+fn map_err(e: etcd_client::Error) -> StoreError {
+    match e {
+        etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::NotFound || s.message().contains("lease not found") =>
+        {
+            StoreError::Invalid(s.message().to_string())
+        }
+        other => StoreError::Unavailable(other.to_string()),
+    }
+}
+
+fn lease_err(lease: i64, e: etcd_client::Error) -> StoreError {
+    match &e {
+        etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found") => {
+            StoreError::LeaseNotFound(lease)
+        }
+        _ => map_err(e),
+    }
+}
+
+fn convert_kv(kv: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: kv.key().to_vec(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: kv.lease(),
+    }
+}
+
+fn convert_op(op: TxnOp) -> ETxnOp {
+    match op {
+        TxnOp::Put { key, value, lease } => {
+            let opts = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+            ETxnOp::put(key, value, opts)
+        }
+        TxnOp::Delete { key } => ETxnOp::delete(key, None),
+        TxnOp::DeletePrefix { prefix } => ETxnOp::delete(prefix, Some(DeleteOptions::new().with_prefix())),
+    }
+}
+
+impl EtcdStore {
+    /// Connects to etcd at the given endpoints (e.g. `http://127.0.0.1:2379`). `timeout`
+    /// bounds every call.
+    pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, StoreError> {
+        let opts = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
+        let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))
+            .await
+            .map_err(|_| {
+                StoreError::Unavailable(format!(
+                    "connecting to etcd at {} timed out after {timeout:?}",
+                    endpoints.join(",")
+                ))
+            })?
+            .map_err(|e| StoreError::Unavailable(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
+        Ok(Self { client, timeout })
+    }
+
+    async fn deadline<T>(&self, what: &str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| StoreError::Unavailable(format!("etcd {what} timed out after {:?}", self.timeout)))?
+    }
+}
+
+#[async_trait]
+impl KvStore for EtcdStore {
+    async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+        let mut kv = self.client.kv_client();
+        self.deadline("get", async move {
+            let resp = kv.get(key, None).await.map_err(map_err)?;
+            Ok(resp.kvs().first().map(convert_kv))
+        })
+        .await
+    }
+
+    async fn range(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let mut kv = self.client.kv_client();
+        self.deadline("range", async move {
+            let resp = kv.get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(map_err)?;
+            let revision = resp.header().map_or(0, |h| h.revision());
+            Ok((resp.kvs().iter().map(convert_kv).collect(), revision))
+        })
+        .await
+    }
+
+    async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        let compares: Vec<ECompare> = txn
+            .compares
+            .into_iter()
+            .map(|c| match c {
+                Compare::ValueEquals(k, v) => ECompare::value(k, CompareOp::Equal, v),
+                Compare::ModRevisionEquals(k, r) => ECompare::mod_revision(k, CompareOp::Equal, r),
+                Compare::Absent(k) => ECompare::create_revision(k, CompareOp::Equal, 0),
+                Compare::Exists(k) => ECompare::create_revision(k, CompareOp::Greater, 0),
+            })
+            .collect();
+        let etxn = ETxn::new()
+            .when(compares)
+            .and_then(txn.success.into_iter().map(convert_op).collect::<Vec<_>>())
+            .or_else(txn.failure.into_iter().map(convert_op).collect::<Vec<_>>());
+        let mut kv = self.client.kv_client();
+        self.deadline("txn", async move {
+            let resp = kv.txn(etxn).await.map_err(|e| match e {
+                etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found") => {
+                    StoreError::Invalid(format!("txn refers to a missing lease: {}", s.message()))
+                }
+                other => map_err(other),
+            })?;
+            Ok(TxnResponse { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
+        })
+        .await
+    }
+
+    async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
+        if ttl_secs <= 0 {
+            return Err(StoreError::Invalid(format!("lease TTL must be positive, got {ttl_secs}")));
+        }
+        let mut lease = self.client.lease_client();
+        self.deadline("lease grant", async move { Ok(lease.grant(ttl_secs, None).await.map_err(map_err)?.id()) }).await
+    }
+
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        let mut client = self.client.lease_client();
+        self.deadline("lease keepalive", async move {
+            let (mut keeper, mut stream) = client.keep_alive(lease).await.map_err(|e| lease_err(lease, e))?;
+            keeper.keep_alive().await.map_err(|e| lease_err(lease, e))?;
+            match stream.message().await.map_err(|e| lease_err(lease, e))? {
+                Some(resp) if resp.ttl() > 0 => Ok(resp.ttl()),
+                _ => Err(StoreError::LeaseNotFound(lease)),
+            }
+        })
+        .await
+    }
+
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        let mut client = self.client.lease_client();
+        self.deadline("lease revoke", async move {
+            client.revoke(lease).await.map_err(|e| lease_err(lease, e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn watch(&self, prefix: &[u8], from_revision: i64) -> Result<WatchStream, StoreError> {
+        let mut opts = WatchOptions::new().with_prefix();
+        if from_revision > 0 {
+            opts = opts.with_start_revision(from_revision);
+        }
+        let mut client = self.client.watch_client();
+        let mut stream =
+            self.deadline("watch", async move { client.watch(prefix, Some(opts)).await.map_err(map_err) }).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(resp)) => resp,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(map_err(e))).await;
+                        return;
+                    }
+                };
+                if resp.compact_revision() > 0 {
+                    let _ = tx
+                        .send(Err(StoreError::Compacted { requested: from_revision, oldest: resp.compact_revision() }))
+                        .await;
+                    return;
+                }
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    let kv = convert_kv(kv);
+                    let ev = match ev.event_type() {
+                        EventType::Put => WatchEvent::Put(kv),
+                        EventType::Delete => WatchEvent::Delete(kv),
+                    };
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return;
+                    }
+                }
+                if resp.canceled() {
+                    return;
+                }
+            }
+        });
+        Ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}

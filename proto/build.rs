@@ -1,0 +1,21 @@
+//! Compiles the Drover protos with protox (pure Rust), so no system protoc is needed, and
+//! keeps the descriptor set for gRPC reflection.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let files = ["drover/v1/drover.proto", "drover/agent/v1/agent.proto"];
+    for file in files {
+        println!("cargo:rerun-if-changed={file}");
+    }
+    let descriptors = protox::compile(files, ["."])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let bytes = prost::Message::encode_to_vec(&descriptors);
+    std::fs::write(out_dir.join("drover_descriptor.bin"), bytes)?;
+
+    tonic_prost_build::configure()
+        // The CLI prints user-API messages as JSON.
+        .type_attribute(".drover.v1", "#[derive(serde::Serialize)]")
+        .compile_fds(descriptors)?;
+    Ok(())
+}
