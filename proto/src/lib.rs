@@ -23,3 +23,12 @@ pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "
 
 /// The metadata header that carries the client's API version.
 pub const API_VERSION_HEADER: &str = "drover-api-version";
+
+/// The API version this build speaks, sent by its clients.
+pub const API_VERSION: &str = "1.0";
+
+/// A client interceptor that stamps [`API_VERSION_HEADER`] with [`API_VERSION`].
+pub fn stamp_api_version(mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    req.metadata_mut().insert(API_VERSION_HEADER, tonic::metadata::MetadataValue::from_static(API_VERSION));
+    Ok(req)
+}

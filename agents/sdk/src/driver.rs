@@ -1,0 +1,178 @@
+//! The driver trait: what a storage backend must do for Drover.
+
+use async_trait::async_trait;
+
+/// Capabilities a driver may advertise; the orchestrator checks them before it asks.
+pub mod capability {
+    pub const VOLUME: &str = "volume";
+    pub const EXTEND: &str = "extend";
+    pub const SNAPSHOT: &str = "snapshot";
+    pub const CONSISTENT_GROUP_SNAPSHOT: &str = "consistent-group-snapshot";
+    pub const REPLICATION: &str = "replication";
+    pub const MANAGE_EXISTING: &str = "manage-existing";
+    pub const ATTACH: &str = "attach";
+}
+
+/// A driver failure, mapped to a gRPC code in one place ([`DriverError::to_status`]).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DriverError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// The backend cannot do this at all.
+    #[error("{0}")]
+    Unsupported(String),
+    /// A transient failure: retrying the same op_id may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl DriverError {
+    /// The gRPC status for this error.
+    pub fn to_status(&self) -> tonic::Status {
+        use tonic::Status;
+        match self {
+            DriverError::NotFound(m) => Status::not_found(m.clone()),
+            DriverError::AlreadyExists(m) => Status::already_exists(m.clone()),
+            DriverError::InvalidArgument(m) => Status::invalid_argument(m.clone()),
+            DriverError::FailedPrecondition(m) => Status::failed_precondition(m.clone()),
+            DriverError::Unsupported(m) => Status::unimplemented(m.clone()),
+            DriverError::Unavailable(m) => Status::unavailable(m.clone()),
+            DriverError::Internal(m) => Status::internal(m.clone()),
+        }
+    }
+}
+
+/// The replication role of a volume on this backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Primary,
+    Secondary,
+}
+
+impl Role {
+    /// The lowercase name used in APIs and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
+    }
+}
+
+/// A volume as the backend sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeState {
+    pub volume_id: String,
+    pub size_bytes: u64,
+    pub role: Option<Role>,
+}
+
+/// Where to reach the other side of a replication pair.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub backend: String,
+    pub endpoint: String,
+}
+
+/// What EnableReplication asks of one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnableSpec {
+    pub volume_id: String,
+    pub group_id: String,
+    pub role: Role,
+    pub peer: Peer,
+    pub size_bytes: u64,
+}
+
+/// A point-in-time view of one volume's replication.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicationState {
+    pub role: Option<Role>,
+    /// healthy, degraded or error.
+    pub status: String,
+    pub last_sync_time_ms: i64,
+    pub last_sync_duration_ms: i64,
+    pub last_sync_bytes: i64,
+    pub recovery_point_id: String,
+    pub error: String,
+}
+
+/// A volume on the backend that Drover does not manage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manageable {
+    pub reference: String,
+    pub size_bytes: u64,
+    pub safe_to_manage: bool,
+    pub reason_not_safe: String,
+}
+
+/// A crash-consistent snapshot of several volumes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshotInfo {
+    pub snapshot_id: String,
+    pub volume_ids: Vec<String>,
+    pub created_at_ms: i64,
+}
+
+/// How to attach a volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Connection {
+    pub driver_volume_type: String,
+    pub uri: String,
+}
+
+/// A storage backend driver.
+///
+/// Every mutating method must be safe to call again after a crash with the same arguments
+/// (the agent retries an op whose outcome it never recorded); the agent's ledger makes a
+/// repeated op_id return the first outcome, so drivers need not track op ids themselves.
+#[async_trait]
+pub trait Driver: Send + Sync + 'static {
+    /// The driver's name, e.g. `mock` or `qemu`.
+    fn name(&self) -> &str;
+    /// The driver's version.
+    fn version(&self) -> &str;
+    /// What the driver can do; see [`capability`].
+    fn capabilities(&self) -> Vec<String>;
+    /// Whether the backend is ready to serve; the error says what is wrong.
+    async fn probe(&self) -> Result<(), DriverError>;
+
+    async fn create_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError>;
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError>;
+    async fn extend_volume(&self, volume_id: &str, new_size_bytes: u64) -> Result<VolumeState, DriverError>;
+    async fn get_volume(&self, volume_id: &str) -> Result<VolumeState, DriverError>;
+    /// Snapshots every listed volume at one instant.
+    async fn create_group_snapshot(
+        &self,
+        snapshot_id: &str,
+        volume_ids: &[String],
+    ) -> Result<GroupSnapshotInfo, DriverError>;
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), DriverError>;
+    async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError>;
+    async fn detach_volume(&self, volume_id: &str) -> Result<(), DriverError>;
+
+    async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError>;
+    /// Takes over an existing backend volume under a new id.
+    async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError>;
+    /// Forgets a volume without deleting its data.
+    async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError>;
+
+    async fn enable_replication(&self, spec: &EnableSpec) -> Result<(), DriverError>;
+    async fn disable_replication(&self, volume_id: &str) -> Result<(), DriverError>;
+    /// Makes this side primary. Without `force`, a secondary whose primary was not demoted
+    /// is refused. Returns the divergence point of a forced promote, if any.
+    async fn promote(&self, volume_id: &str, force: bool) -> Result<Option<String>, DriverError>;
+    async fn demote(&self, volume_id: &str) -> Result<(), DriverError>;
+    /// Resynchronises a demoted volume from its peer. Returns whether it is in sync.
+    async fn resync(&self, volume_id: &str) -> Result<bool, DriverError>;
+    async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError>;
+}

@@ -1,0 +1,157 @@
+//! The agent's durable fencing and idempotency records.
+//!
+//! Two tables in one redb file: the highest epoch seen per fence scope, and the terminal
+//! outcome of each op_id. Both are committed (fsynced) before the agent answers, so a
+//! restarted agent still refuses a stale owner and still answers a repeated op_id with the
+//! first outcome.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("epochs");
+const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("ops");
+
+/// A recorded terminal outcome of an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// The gRPC code; 0 for success.
+    pub code: i32,
+    pub message: String,
+    /// The encoded response message of a success.
+    pub response: Vec<u8>,
+}
+
+impl Outcome {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8 + self.message.len() + self.response.len());
+        out.extend_from_slice(&self.code.to_le_bytes());
+        out.extend_from_slice(&(self.message.len() as u32).to_le_bytes());
+        out.extend_from_slice(self.message.as_bytes());
+        out.extend_from_slice(&self.response);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let code = i32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
+        let len = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+        let message = String::from_utf8(bytes.get(8..8 + len)?.to_vec()).ok()?;
+        Some(Self { code, message, response: bytes[8 + len..].to_vec() })
+    }
+}
+
+/// Why a call was fenced off.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleEpoch {
+    pub scope: String,
+    pub presented: u64,
+    pub highest: u64,
+}
+
+/// Ledger failures: the agent's own disk.
+#[derive(Debug, thiserror::Error)]
+#[error("agent ledger {0}; check the agent's state directory")]
+pub struct LedgerError(String);
+
+fn err(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError(e.to_string())
+}
+
+/// The durable fencing and idempotency records of one agent.
+#[derive(Clone)]
+pub struct Ledger {
+    db: Arc<Database>,
+}
+
+impl Ledger {
+    /// Opens or creates the ledger file.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let w = db.begin_write().map_err(err)?;
+        w.open_table(EPOCHS).map_err(err)?;
+        w.open_table(OPS).map_err(err)?;
+        w.commit().map_err(err)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Admits `epoch` for `scope` if it is at least the highest seen, persisting it as the
+    /// new highest; otherwise reports the stale epoch.
+    pub fn admit_epoch(&self, scope: &str, epoch: u64) -> Result<Result<(), StaleEpoch>, LedgerError> {
+        let w = self.db.begin_write().map_err(err)?;
+        let verdict = {
+            let mut table = w.open_table(EPOCHS).map_err(err)?;
+            let highest = table.get(scope).map_err(err)?.map_or(0, |v| v.value());
+            if epoch < highest {
+                Err(StaleEpoch { scope: scope.to_string(), presented: epoch, highest })
+            } else {
+                if epoch > highest {
+                    table.insert(scope, epoch).map_err(err)?;
+                }
+                Ok(())
+            }
+        };
+        w.commit().map_err(err)?;
+        Ok(verdict)
+    }
+
+    /// The highest epoch seen for a scope (0 when none).
+    pub fn highest_epoch(&self, scope: &str) -> Result<u64, LedgerError> {
+        let r = self.db.begin_read().map_err(err)?;
+        let table = r.open_table(EPOCHS).map_err(err)?;
+        Ok(table.get(scope).map_err(err)?.map_or(0, |v| v.value()))
+    }
+
+    /// The recorded outcome of an op_id, if it finished.
+    pub fn outcome(&self, op_id: &str) -> Result<Option<Outcome>, LedgerError> {
+        let r = self.db.begin_read().map_err(err)?;
+        let table = r.open_table(OPS).map_err(err)?;
+        match table.get(op_id).map_err(err)? {
+            Some(v) => Outcome::decode(v.value()).map(Some).ok_or_else(|| err(format!("record of op {op_id} is corrupt"))),
+            None => Ok(None),
+        }
+    }
+
+    /// Records the terminal outcome of an op_id.
+    pub fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), LedgerError> {
+        let w = self.db.begin_write().map_err(err)?;
+        w.open_table(OPS).map_err(err)?.insert(op_id, outcome.encode().as_slice()).map_err(err)?;
+        w.commit().map_err(err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epochs_only_grow_and_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            assert_eq!(ledger.admit_epoch("group/g1", 10).unwrap(), Ok(()));
+            assert_eq!(ledger.admit_epoch("group/g1", 10).unwrap(), Ok(()), "equal epoch is the same owner");
+            let stale = ledger.admit_epoch("group/g1", 9).unwrap().unwrap_err();
+            assert_eq!((stale.presented, stale.highest), (9, 10));
+            assert_eq!(ledger.admit_epoch("group/g2", 3).unwrap(), Ok(()), "scopes are independent");
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        assert_eq!(ledger.highest_epoch("group/g1").unwrap(), 10);
+        assert!(ledger.admit_epoch("group/g1", 5).unwrap().is_err());
+    }
+
+    #[test]
+    fn outcomes_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.redb")).unwrap();
+        assert_eq!(ledger.outcome("op-1").unwrap(), None);
+        let o = Outcome { code: 9, message: "volume v is busy".into(), response: vec![1, 2, 3] };
+        ledger.record("op-1", &o).unwrap();
+        assert_eq!(ledger.outcome("op-1").unwrap(), Some(o));
+    }
+}

@@ -1,0 +1,391 @@
+//! The mock driver: an in-memory backend for control-plane tests and scale benchmarks.
+//!
+//! It stores no data. It has configurable latency and failure injection, and keeps a log
+//! of every driver call it received (optionally appended to a JSON-lines file), which is
+//! how tests prove that the agent did not run an operation twice. It is never the default
+//! driver and never evidence that replication moves data.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+use crate::driver::{
+    Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Manageable, Peer, ReplicationState, Role,
+    VolumeState, capability,
+};
+
+/// Mock driver settings (the `[mock]` table of the agent config).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockConfig {
+    /// Added to every driver call.
+    #[serde(with = "humantime_serde")]
+    pub latency: Option<Duration>,
+    /// Operation name (e.g. `promote`) to the probability in [0, 1] that it fails with
+    /// Unavailable.
+    pub fail: HashMap<String, f64>,
+    /// Unmanaged volumes the backend pretends to hold: reference to size in bytes.
+    pub unmanaged: HashMap<String, u64>,
+    /// Append every driver call to this file as a JSON line.
+    pub oplog: Option<PathBuf>,
+}
+
+/// One driver call, as logged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpLogEntry {
+    pub op: String,
+    pub target: String,
+}
+
+#[derive(Debug, Clone)]
+struct MockVolume {
+    size_bytes: u64,
+    role: Option<Role>,
+    peer: Option<Peer>,
+    demoted: bool,
+    syncs: u64,
+}
+
+#[derive(Default)]
+struct State {
+    volumes: HashMap<String, MockVolume>,
+    snapshots: HashMap<String, GroupSnapshotInfo>,
+    unmanaged: HashMap<String, u64>,
+}
+
+/// The in-memory mock driver.
+pub struct MockDriver {
+    config: MockConfig,
+    state: Mutex<State>,
+    log: Mutex<Vec<OpLogEntry>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl MockDriver {
+    /// A mock backend with the given settings.
+    pub fn new(config: MockConfig) -> Self {
+        let state = State { unmanaged: config.unmanaged.clone(), ..State::default() };
+        Self { config, state: Mutex::new(state), log: Mutex::new(Vec::new()) }
+    }
+
+    /// Every driver call so far, in order.
+    pub fn op_log(&self) -> Vec<OpLogEntry> {
+        self.log.lock().expect("mock log poisoned").clone()
+    }
+
+    /// Logs the call, waits the configured latency and applies failure injection.
+    async fn enter(&self, op: &str, target: &str) -> Result<(), DriverError> {
+        let entry = OpLogEntry { op: op.to_string(), target: target.to_string() };
+        if let Some(path) = &self.config.oplog {
+            let line = serde_json::to_string(&entry).expect("log entry serialises");
+            let written = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .and_then(|mut f| writeln!(f, "{line}"));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "mock op log append failed");
+            }
+        }
+        self.log.lock().expect("mock log poisoned").push(entry);
+        if let Some(latency) = self.config.latency {
+            tokio::time::sleep(latency).await;
+        }
+        if let Some(p) = self.config.fail.get(op)
+            && rand::random::<f64>() < *p
+        {
+            return Err(DriverError::Unavailable(format!("mock: injected failure of {op} on {target}")));
+        }
+        Ok(())
+    }
+
+    fn with_volume<T>(
+        &self,
+        volume_id: &str,
+        f: impl FnOnce(&mut MockVolume) -> Result<T, DriverError>,
+    ) -> Result<T, DriverError> {
+        let mut state = self.state.lock().expect("mock state poisoned");
+        let vol = state
+            .volumes
+            .get_mut(volume_id)
+            .ok_or_else(|| DriverError::NotFound(format!("volume {volume_id} does not exist on this mock backend")))?;
+        f(vol)
+    }
+
+    fn view(volume_id: &str, v: &MockVolume) -> VolumeState {
+        VolumeState { volume_id: volume_id.to_string(), size_bytes: v.size_bytes, role: v.role }
+    }
+}
+
+#[async_trait]
+impl Driver for MockDriver {
+    fn name(&self) -> &str {
+        "mock"
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        [
+            capability::VOLUME,
+            capability::EXTEND,
+            capability::SNAPSHOT,
+            capability::CONSISTENT_GROUP_SNAPSHOT,
+            capability::REPLICATION,
+            capability::MANAGE_EXISTING,
+            capability::ATTACH,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    async fn probe(&self) -> Result<(), DriverError> {
+        self.enter("probe", "").await
+    }
+
+    async fn create_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError> {
+        self.enter("create_volume", volume_id).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        if let Some(v) = state.volumes.get(volume_id) {
+            // A retry after a lost answer: the same volume is fine, a different one is not.
+            return if v.size_bytes == size_bytes {
+                Ok(Self::view(volume_id, v))
+            } else {
+                Err(DriverError::AlreadyExists(format!(
+                    "volume {volume_id} already exists with {} bytes",
+                    v.size_bytes
+                )))
+            };
+        }
+        let v = MockVolume { size_bytes, role: None, peer: None, demoted: false, syncs: 0 };
+        let view = Self::view(volume_id, &v);
+        state.volumes.insert(volume_id.to_string(), v);
+        Ok(view)
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.enter("delete_volume", volume_id).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        if let Some(v) = state.volumes.get(volume_id)
+            && v.role.is_some()
+        {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is replicated; disable replication first"
+            )));
+        }
+        // Deleting a missing volume succeeds: the caller wanted it gone.
+        state.volumes.remove(volume_id);
+        Ok(())
+    }
+
+    async fn extend_volume(&self, volume_id: &str, new_size_bytes: u64) -> Result<VolumeState, DriverError> {
+        self.enter("extend_volume", volume_id).await?;
+        self.with_volume(volume_id, |v| {
+            if new_size_bytes < v.size_bytes {
+                return Err(DriverError::InvalidArgument(format!(
+                    "new size {new_size_bytes} is smaller than the current {}; volumes only grow",
+                    v.size_bytes
+                )));
+            }
+            v.size_bytes = new_size_bytes;
+            Ok(Self::view(volume_id, v))
+        })
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<VolumeState, DriverError> {
+        self.with_volume(volume_id, |v| Ok(Self::view(volume_id, v)))
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        snapshot_id: &str,
+        volume_ids: &[String],
+    ) -> Result<GroupSnapshotInfo, DriverError> {
+        self.enter("create_group_snapshot", snapshot_id).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        if let Some(missing) = volume_ids.iter().find(|id| !state.volumes.contains_key(*id)) {
+            return Err(DriverError::NotFound(format!("volume {missing} does not exist on this mock backend")));
+        }
+        let snap =
+            GroupSnapshotInfo { snapshot_id: snapshot_id.to_string(), volume_ids: volume_ids.to_vec(), created_at_ms: now_ms() };
+        state.snapshots.insert(snapshot_id.to_string(), snap.clone());
+        Ok(snap)
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), DriverError> {
+        self.enter("delete_snapshot", snapshot_id).await?;
+        self.state.lock().expect("mock state poisoned").snapshots.remove(snapshot_id);
+        Ok(())
+    }
+
+    async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError> {
+        self.enter("attach_volume", volume_id).await?;
+        self.with_volume(volume_id, |_| {
+            Ok(Connection { driver_volume_type: "mock".into(), uri: format!("mock://{volume_id}") })
+        })
+    }
+
+    async fn detach_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.enter("detach_volume", volume_id).await
+    }
+
+    async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError> {
+        let state = self.state.lock().expect("mock state poisoned");
+        let mut out: Vec<_> = state
+            .unmanaged
+            .iter()
+            .map(|(reference, size)| Manageable {
+                reference: reference.clone(),
+                size_bytes: *size,
+                safe_to_manage: true,
+                reason_not_safe: String::new(),
+            })
+            .collect();
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError> {
+        self.enter("manage_volume", reference).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        let size = state
+            .unmanaged
+            .remove(reference)
+            .ok_or_else(|| DriverError::NotFound(format!("no unmanaged volume {reference} on this mock backend")))?;
+        let v = MockVolume { size_bytes: size, role: None, peer: None, demoted: false, syncs: 0 };
+        let view = Self::view(volume_id, &v);
+        state.volumes.insert(volume_id.to_string(), v);
+        Ok(view)
+    }
+
+    async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.enter("unmanage_volume", volume_id).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        if let Some(v) = state.volumes.remove(volume_id) {
+            state.unmanaged.insert(volume_id.to_string(), v.size_bytes);
+        }
+        Ok(())
+    }
+
+    async fn enable_replication(&self, spec: &EnableSpec) -> Result<(), DriverError> {
+        self.enter("enable_replication", &spec.volume_id).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        let vol = match (spec.role, state.volumes.get_mut(&spec.volume_id)) {
+            (_, Some(v)) => v,
+            (Role::Secondary, None) => {
+                // The replica is created on the secondary side.
+                state.volumes.entry(spec.volume_id.clone()).or_insert(MockVolume {
+                    size_bytes: spec.size_bytes,
+                    role: None,
+                    peer: None,
+                    demoted: false,
+                    syncs: 0,
+                })
+            }
+            (Role::Primary, None) => {
+                return Err(DriverError::NotFound(format!(
+                    "volume {} does not exist on this mock backend",
+                    spec.volume_id
+                )));
+            }
+        };
+        if let Some(role) = vol.role
+            && role != spec.role
+        {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {} is already replicated as {}",
+                spec.volume_id,
+                role.as_str()
+            )));
+        }
+        vol.role = Some(spec.role);
+        vol.peer = Some(spec.peer.clone());
+        vol.demoted = spec.role == Role::Secondary;
+        Ok(())
+    }
+
+    async fn disable_replication(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.enter("disable_replication", volume_id).await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        let Some(v) = state.volumes.get_mut(volume_id) else { return Ok(()) };
+        if v.role == Some(Role::Secondary) {
+            // The replica goes away with replication, as a Cinder target's would.
+            state.volumes.remove(volume_id);
+        } else {
+            v.role = None;
+            v.peer = None;
+            v.demoted = false;
+        }
+        Ok(())
+    }
+
+    async fn promote(&self, volume_id: &str, force: bool) -> Result<Option<String>, DriverError> {
+        self.enter("promote", volume_id).await?;
+        self.with_volume(volume_id, |v| {
+            match v.role {
+                None => {
+                    return Err(DriverError::FailedPrecondition(format!(
+                        "volume {volume_id} is not replicated; enable replication first"
+                    )));
+                }
+                Some(Role::Primary) => return Ok(None),
+                Some(Role::Secondary) => {}
+            }
+            v.role = Some(Role::Primary);
+            v.demoted = false;
+            Ok(force.then(|| format!("mock-rp-{}", v.syncs)))
+        })
+    }
+
+    async fn demote(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.enter("demote", volume_id).await?;
+        self.with_volume(volume_id, |v| {
+            if v.role.is_none() {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {volume_id} is not replicated; enable replication first"
+                )));
+            }
+            v.role = Some(Role::Secondary);
+            v.demoted = true;
+            Ok(())
+        })
+    }
+
+    async fn resync(&self, volume_id: &str) -> Result<bool, DriverError> {
+        self.enter("resync", volume_id).await?;
+        self.with_volume(volume_id, |v| {
+            if !v.demoted {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {volume_id} is not demoted; demote it before a resync"
+                )));
+            }
+            v.syncs += 1;
+            Ok(true)
+        })
+    }
+
+    async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError> {
+        self.with_volume(volume_id, |v| {
+            v.syncs += 1;
+            Ok(ReplicationState {
+                role: v.role,
+                status: if v.role.is_some() { "healthy".into() } else { String::new() },
+                last_sync_time_ms: now_ms(),
+                last_sync_duration_ms: 0,
+                last_sync_bytes: 0,
+                recovery_point_id: format!("mock-rp-{}", v.syncs),
+                error: String::new(),
+            })
+        })
+    }
+}

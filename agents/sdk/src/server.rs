@@ -1,0 +1,495 @@
+//! The agent's gRPC service: every mutation goes through [`AgentService::guarded`], which
+//! fences by epoch, deduplicates by op_id and admits one mutation per volume or group.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use drover_proto::agent::v1 as pb;
+use drover_proto::agent::v1::agent_server::{Agent, AgentServer};
+use tonic::{Code, Request, Response, Status};
+
+use crate::driver::{Driver, DriverError, EnableSpec, Peer, ReplicationState, Role, VolumeState};
+use crate::ledger::{Ledger, Outcome};
+
+/// The agent's implementation of `drover.agent.v1.Agent`.
+pub struct AgentService {
+    driver: Arc<dyn Driver>,
+    ledger: Ledger,
+    /// Volume or group id to the op_id of the mutation running on it.
+    in_flight: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// Releases an in-flight claim when the operation ends, however it ends.
+struct Claim {
+    map: Arc<Mutex<HashMap<String, String>>>,
+    target: String,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.map.lock().expect("in-flight map poisoned").remove(&self.target);
+    }
+}
+
+fn ledger_status(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+/// Errors worth remembering for an op_id: retrying them cannot succeed. Transient ones
+/// (Unavailable, Internal) are not recorded, so a retry runs the operation again.
+fn is_terminal(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition | Code::Unimplemented
+    )
+}
+
+fn require(field: &str, value: &str) -> Result<(), Status> {
+    if value.trim().is_empty() {
+        return Err(Status::invalid_argument(format!("`{field}` is required")));
+    }
+    Ok(())
+}
+
+fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, Status> {
+    let ctx = ctx.ok_or_else(|| Status::invalid_argument("`ctx` (op_id, epoch, fence_scope) is required on every mutation"))?;
+    require("ctx.op_id", &ctx.op_id)?;
+    if ctx.epoch == 0 {
+        return Err(Status::invalid_argument("`ctx.epoch` must be positive"));
+    }
+    if !(ctx.fence_scope.starts_with("group/") || ctx.fence_scope.starts_with("volume/")) || ctx.fence_scope.len() < 7 {
+        return Err(Status::invalid_argument(format!(
+            "`ctx.fence_scope` must be group/<id> or volume/<id>, got {:?}",
+            ctx.fence_scope
+        )));
+    }
+    Ok(ctx)
+}
+
+fn size(field: &str, v: i64) -> Result<u64, Status> {
+    u64::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| Status::invalid_argument(format!("`{field}` must be positive, got {v}")))
+}
+
+fn volume_info(v: VolumeState) -> pb::VolumeInfo {
+    pb::VolumeInfo {
+        volume_id: v.volume_id,
+        size_bytes: v.size_bytes as i64,
+        replication_role: v.role.map(|r| r.as_str().to_string()).unwrap_or_default(),
+    }
+}
+
+fn role_to_pb(role: Option<Role>) -> i32 {
+    match role {
+        None => pb::ReplicationRole::Unspecified as i32,
+        Some(Role::Primary) => pb::ReplicationRole::Primary as i32,
+        Some(Role::Secondary) => pb::ReplicationRole::Secondary as i32,
+    }
+}
+
+fn replication_info(volume_id: String, s: ReplicationState) -> pb::ReplicationInfo {
+    pb::ReplicationInfo {
+        volume_id,
+        role: role_to_pb(s.role),
+        status: s.status,
+        last_sync_time_ms: s.last_sync_time_ms,
+        last_sync_duration_ms: s.last_sync_duration_ms,
+        last_sync_bytes: s.last_sync_bytes,
+        recovery_point_id: s.recovery_point_id,
+        error: s.error,
+    }
+}
+
+impl AgentService {
+    /// A service over `driver`, with its ledger.
+    pub fn new(driver: Arc<dyn Driver>, ledger: Ledger) -> Self {
+        Self { driver, ledger, in_flight: Arc::new(Mutex::new(HashMap::new())) }
+    }
+
+    /// Runs one mutation under fencing, idempotency and the one-at-a-time rule.
+    ///
+    /// Order matters: the epoch is checked (and raised) first, so a stale owner learns it
+    /// is stale even for an op it already ran; then a recorded outcome is replayed; only
+    /// then is the target claimed and the driver called.
+    async fn guarded<M, F, Fut>(&self, ctx: Option<pb::OpContext>, target: &str, op: &str, f: F) -> Result<Response<M>, Status>
+    where
+        M: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<M, DriverError>>,
+    {
+        let ctx = validate_ctx(ctx)?;
+        let span = tracing::info_span!("mutation", op, target, op_id = %ctx.op_id, epoch = ctx.epoch, scope = %ctx.fence_scope);
+        let _enter = span.enter();
+        let ledger = self.ledger.clone();
+        let (scope, epoch) = (ctx.fence_scope.clone(), ctx.epoch);
+        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
+            .await
+            .map_err(ledger_status)?
+            .map_err(ledger_status)?;
+        if let Err(stale) = verdict {
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {} for {}: this agent has seen epoch {}; the caller no longer owns this operation",
+                stale.presented, stale.scope, stale.highest
+            )));
+        }
+        if let Some(outcome) = self.recorded(&ctx.op_id).await? {
+            tracing::debug!("replaying recorded outcome");
+            return replay(outcome);
+        }
+        let _claim = {
+            let mut map = self.in_flight.lock().expect("in-flight map poisoned");
+            if let Some(running) = map.get(target) {
+                return Err(Status::aborted(format!(
+                    "{target} has operation {running} in flight; retry after it finishes"
+                )));
+            }
+            map.insert(target.to_string(), ctx.op_id.clone());
+            Claim { map: self.in_flight.clone(), target: target.to_string() }
+        };
+        // The same op_id may have finished between the first look and the claim.
+        if let Some(outcome) = self.recorded(&ctx.op_id).await? {
+            return replay(outcome);
+        }
+        let result = f().await;
+        let outcome = match &result {
+            Ok(resp) => Some(Outcome { code: 0, message: String::new(), response: resp.encode_to_vec() }),
+            Err(e) => {
+                let status = e.to_status();
+                is_terminal(status.code()).then(|| Outcome {
+                    code: status.code() as i32,
+                    message: status.message().to_string(),
+                    response: Vec::new(),
+                })
+            }
+        };
+        if let Some(outcome) = outcome {
+            let ledger = self.ledger.clone();
+            let op_id = ctx.op_id.clone();
+            tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome))
+                .await
+                .map_err(ledger_status)?
+                .map_err(ledger_status)?;
+        }
+        match result {
+            Ok(resp) => Ok(Response::new(resp)),
+            Err(e) => {
+                tracing::warn!(error = %e, "driver call failed");
+                Err(e.to_status())
+            }
+        }
+    }
+
+    async fn recorded(&self, op_id: &str) -> Result<Option<Outcome>, Status> {
+        let ledger = self.ledger.clone();
+        let op_id = op_id.to_string();
+        tokio::task::spawn_blocking(move || ledger.outcome(&op_id)).await.map_err(ledger_status)?.map_err(ledger_status)
+    }
+}
+
+fn replay<M: prost::Message + Default>(outcome: Outcome) -> Result<Response<M>, Status> {
+    if outcome.code == 0 {
+        M::decode(outcome.response.as_slice())
+            .map(Response::new)
+            .map_err(|e| Status::internal(format!("recorded response is corrupt: {e}")))
+    } else {
+        Err(Status::new(Code::from_i32(outcome.code), outcome.message))
+    }
+}
+
+fn driver_err(e: DriverError) -> Status {
+    e.to_status()
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn get_capabilities(
+        &self,
+        _req: Request<pb::GetCapabilitiesRequest>,
+    ) -> Result<Response<pb::GetCapabilitiesResponse>, Status> {
+        Ok(Response::new(pb::GetCapabilitiesResponse {
+            driver: self.driver.name().to_string(),
+            driver_version: self.driver.version().to_string(),
+            capabilities: self.driver.capabilities(),
+        }))
+    }
+
+    async fn probe(&self, _req: Request<pb::ProbeRequest>) -> Result<Response<pb::ProbeResponse>, Status> {
+        let (ready, detail) = match self.driver.probe().await {
+            Ok(()) => (true, String::new()),
+            Err(e) => (false, e.to_string()),
+        };
+        Ok(Response::new(pb::ProbeResponse { ready, detail }))
+    }
+
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        let bytes = size("size_bytes", r.size_bytes)?;
+        self.guarded(r.ctx, &r.volume_id, "create_volume", || async {
+            self.driver.create_volume(&r.volume_id, bytes).await.map(volume_info)
+        })
+        .await
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "delete_volume", || async {
+            self.driver.delete_volume(&r.volume_id).await.map(|()| pb::DeleteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn extend_volume(&self, req: Request<pb::ExtendVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        let bytes = size("new_size_bytes", r.new_size_bytes)?;
+        self.guarded(r.ctx, &r.volume_id, "extend_volume", || async {
+            self.driver.extend_volume(&r.volume_id, bytes).await.map(volume_info)
+        })
+        .await
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.driver.get_volume(&r.volume_id).await.map(|v| Response::new(volume_info(v))).map_err(driver_err)
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        req: Request<pb::CreateGroupSnapshotRequest>,
+    ) -> Result<Response<pb::GroupSnapshot>, Status> {
+        let r = req.into_inner();
+        require("group_id", &r.group_id)?;
+        require("snapshot_id", &r.snapshot_id)?;
+        if r.volume_ids.is_empty() {
+            return Err(Status::invalid_argument("`volume_ids` must name at least one volume"));
+        }
+        self.guarded(r.ctx, &r.group_id, "create_group_snapshot", || async {
+            self.driver.create_group_snapshot(&r.snapshot_id, &r.volume_ids).await.map(|s| pb::GroupSnapshot {
+                snapshot_id: s.snapshot_id,
+                volume_ids: s.volume_ids,
+                created_at_ms: s.created_at_ms,
+            })
+        })
+        .await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        let r = req.into_inner();
+        require("snapshot_id", &r.snapshot_id)?;
+        self.guarded(r.ctx, &r.snapshot_id, "delete_snapshot", || async {
+            self.driver.delete_snapshot(&r.snapshot_id).await.map(|()| pb::DeleteSnapshotResponse {})
+        })
+        .await
+    }
+
+    async fn attach_volume(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::ConnectionInfo>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "attach_volume", || async {
+            self.driver
+                .attach_volume(&r.volume_id)
+                .await
+                .map(|c| pb::ConnectionInfo { driver_volume_type: c.driver_volume_type, uri: c.uri })
+        })
+        .await
+    }
+
+    async fn detach_volume(
+        &self,
+        req: Request<pb::DetachVolumeRequest>,
+    ) -> Result<Response<pb::DetachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "detach_volume", || async {
+            self.driver.detach_volume(&r.volume_id).await.map(|()| pb::DetachVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn list_manageable_volumes(
+        &self,
+        _req: Request<pb::ListManageableVolumesRequest>,
+    ) -> Result<Response<pb::ListManageableVolumesResponse>, Status> {
+        let list = self.driver.list_manageable().await.map_err(driver_err)?;
+        Ok(Response::new(pb::ListManageableVolumesResponse {
+            volumes: list
+                .into_iter()
+                .map(|m| pb::ManageableVolume {
+                    reference: m.reference,
+                    size_bytes: m.size_bytes as i64,
+                    safe_to_manage: m.safe_to_manage,
+                    reason_not_safe: m.reason_not_safe,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn manage_volume(&self, req: Request<pb::ManageVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
+        let r = req.into_inner();
+        require("reference", &r.reference)?;
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "manage_volume", || async {
+            self.driver.manage_volume(&r.reference, &r.volume_id).await.map(volume_info)
+        })
+        .await
+    }
+
+    async fn unmanage_volume(
+        &self,
+        req: Request<pb::UnmanageVolumeRequest>,
+    ) -> Result<Response<pb::UnmanageVolumeResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "unmanage_volume", || async {
+            self.driver.unmanage_volume(&r.volume_id).await.map(|()| pb::UnmanageVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn enable_replication(
+        &self,
+        req: Request<pb::EnableReplicationRequest>,
+    ) -> Result<Response<pb::EnableReplicationResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        let role = match pb::ReplicationRole::try_from(r.role) {
+            Ok(pb::ReplicationRole::Primary) => Role::Primary,
+            Ok(pb::ReplicationRole::Secondary) => Role::Secondary,
+            _ => return Err(Status::invalid_argument("`role` must be PRIMARY or SECONDARY")),
+        };
+        let peer = r.peer.clone().ok_or_else(|| Status::invalid_argument("`peer` is required"))?;
+        require("peer.backend", &peer.backend)?;
+        let spec = EnableSpec {
+            volume_id: r.volume_id.clone(),
+            group_id: r.group_id.clone(),
+            role,
+            peer: Peer { backend: peer.backend, endpoint: peer.endpoint },
+            size_bytes: u64::try_from(r.size_bytes).unwrap_or(0),
+        };
+        self.guarded(r.ctx, &r.volume_id, "enable_replication", || async {
+            self.driver.enable_replication(&spec).await.map(|()| pb::EnableReplicationResponse {})
+        })
+        .await
+    }
+
+    async fn disable_replication(
+        &self,
+        req: Request<pb::DisableReplicationRequest>,
+    ) -> Result<Response<pb::DisableReplicationResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "disable_replication", || async {
+            self.driver.disable_replication(&r.volume_id).await.map(|()| pb::DisableReplicationResponse {})
+        })
+        .await
+    }
+
+    async fn promote_volume(
+        &self,
+        req: Request<pb::PromoteVolumeRequest>,
+    ) -> Result<Response<pb::PromoteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "promote", || async {
+            self.driver
+                .promote(&r.volume_id, r.force)
+                .await
+                .map(|d| pb::PromoteVolumeResponse { divergence_point: d.unwrap_or_default() })
+        })
+        .await
+    }
+
+    async fn demote_volume(
+        &self,
+        req: Request<pb::DemoteVolumeRequest>,
+    ) -> Result<Response<pb::DemoteVolumeResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "demote", || async {
+            self.driver.demote(&r.volume_id).await.map(|()| pb::DemoteVolumeResponse {})
+        })
+        .await
+    }
+
+    async fn resync_volume(
+        &self,
+        req: Request<pb::ResyncVolumeRequest>,
+    ) -> Result<Response<pb::ResyncVolumeResponse>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        self.guarded(r.ctx, &r.volume_id, "resync", || async {
+            self.driver.resync(&r.volume_id).await.map(|ready| pb::ResyncVolumeResponse { ready })
+        })
+        .await
+    }
+
+    async fn get_replication_info(
+        &self,
+        req: Request<pb::GetReplicationInfoRequest>,
+    ) -> Result<Response<pb::ReplicationInfo>, Status> {
+        let r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        let state = self.driver.replication_info(&r.volume_id).await.map_err(driver_err)?;
+        Ok(Response::new(replication_info(r.volume_id, state)))
+    }
+
+    async fn get_operation(
+        &self,
+        req: Request<pb::GetOperationRequest>,
+    ) -> Result<Response<pb::OperationRecord>, Status> {
+        let r = req.into_inner();
+        require("op_id", &r.op_id)?;
+        let running = self.in_flight.lock().expect("in-flight map poisoned").values().any(|op| *op == r.op_id);
+        let record = match self.recorded(&r.op_id).await? {
+            Some(o) if o.code == 0 => pb::OperationRecord { op_id: r.op_id, state: "succeeded".into(), code: 0, message: String::new() },
+            Some(o) => pb::OperationRecord { op_id: r.op_id, state: "failed".into(), code: o.code, message: o.message },
+            None if running => pb::OperationRecord { op_id: r.op_id, state: "running".into(), code: 0, message: String::new() },
+            None => pb::OperationRecord { op_id: r.op_id, state: "unknown".into(), code: 0, message: String::new() },
+        };
+        Ok(Response::new(record))
+    }
+}
+
+/// A running agent server.
+pub struct RunningAgent {
+    /// The address the server is bound to.
+    pub local_addr: SocketAddr,
+    /// Resolves when the server stops.
+    pub handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Serves `drover.agent.v1`, health and reflection on `listener` until `shutdown` fires.
+pub async fn serve(
+    driver: Arc<dyn Driver>,
+    ledger: Ledger,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<RunningAgent> {
+    let local_addr = listener.local_addr()?;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<AgentServer<AgentService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(std::io::Error::other)?;
+    let service = AgentServer::new(AgentService::new(driver, ledger));
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let handle = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
+    );
+    Ok(RunningAgent { local_addr, handle })
+}
