@@ -69,7 +69,10 @@ impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         for (field, value) in [("site", &self.site), ("backend", &self.backend), ("driver", &self.driver)] {
             if value.trim().is_empty() {
-                return Err(ConfigError::Invalid(format!("`{field}` is required (config file, DROVER_AGENT_{}, or --{field})", field.to_uppercase())));
+                return Err(ConfigError::Invalid(format!(
+                    "`{field}` is required (config file, DROVER_AGENT_{}, or --{field})",
+                    field.to_uppercase()
+                )));
             }
         }
         if self.driver != "mock" {

@@ -110,7 +110,9 @@ impl Ledger {
         let r = self.db.begin_read().map_err(err)?;
         let table = r.open_table(OPS).map_err(err)?;
         match table.get(op_id).map_err(err)? {
-            Some(v) => Outcome::decode(v.value()).map(Some).ok_or_else(|| err(format!("record of op {op_id} is corrupt"))),
+            Some(v) => {
+                Outcome::decode(v.value()).map(Some).ok_or_else(|| err(format!("record of op {op_id} is corrupt")))
+            }
             None => Ok(None),
         }
     }

@@ -216,8 +216,11 @@ impl Driver for MockDriver {
         if let Some(missing) = volume_ids.iter().find(|id| !state.volumes.contains_key(*id)) {
             return Err(DriverError::NotFound(format!("volume {missing} does not exist on this mock backend")));
         }
-        let snap =
-            GroupSnapshotInfo { snapshot_id: snapshot_id.to_string(), volume_ids: volume_ids.to_vec(), created_at_ms: now_ms() };
+        let snap = GroupSnapshotInfo {
+            snapshot_id: snapshot_id.to_string(),
+            volume_ids: volume_ids.to_vec(),
+            created_at_ms: now_ms(),
+        };
         state.snapshots.insert(snapshot_id.to_string(), snap.clone());
         Ok(snap)
     }

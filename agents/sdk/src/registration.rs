@@ -61,7 +61,11 @@ pub async fn run(orchestrator: String, me: Announcement, cancel: CancellationTok
                     _ = tokio::time::sleep(period) => {}
                 }
                 let beat = client
-                    .heartbeat(HeartbeatRequest { agent_id: me.agent_id.clone(), backend: me.backend.clone(), lease_id: reg.lease_id })
+                    .heartbeat(HeartbeatRequest {
+                        agent_id: me.agent_id.clone(),
+                        backend: me.backend.clone(),
+                        lease_id: reg.lease_id,
+                    })
                     .await;
                 match beat {
                     Ok(_) => {}

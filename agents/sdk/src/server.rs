@@ -54,7 +54,8 @@ fn require(field: &str, value: &str) -> Result<(), Status> {
 }
 
 fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, Status> {
-    let ctx = ctx.ok_or_else(|| Status::invalid_argument("`ctx` (op_id, epoch, fence_scope) is required on every mutation"))?;
+    let ctx =
+        ctx.ok_or_else(|| Status::invalid_argument("`ctx` (op_id, epoch, fence_scope) is required on every mutation"))?;
     require("ctx.op_id", &ctx.op_id)?;
     if ctx.epoch == 0 {
         return Err(Status::invalid_argument("`ctx.epoch` must be positive"));
@@ -69,7 +70,10 @@ fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, Status> {
 }
 
 fn size(field: &str, v: i64) -> Result<u64, Status> {
-    u64::try_from(v).ok().filter(|v| *v > 0).ok_or_else(|| Status::invalid_argument(format!("`{field}` must be positive, got {v}")))
+    u64::try_from(v)
+        .ok()
+        .filter(|v| *v > 0)
+        .ok_or_else(|| Status::invalid_argument(format!("`{field}` must be positive, got {v}")))
 }
 
 fn volume_info(v: VolumeState) -> pb::VolumeInfo {
@@ -112,7 +116,13 @@ impl AgentService {
     /// Order matters: the epoch is checked (and raised) first, so a stale owner learns it
     /// is stale even for an op it already ran; then a recorded outcome is replayed; only
     /// then is the target claimed and the driver called.
-    async fn guarded<M, F, Fut>(&self, ctx: Option<pb::OpContext>, target: &str, op: &str, f: F) -> Result<Response<M>, Status>
+    async fn guarded<M, F, Fut>(
+        &self,
+        ctx: Option<pb::OpContext>,
+        target: &str,
+        op: &str,
+        f: F,
+    ) -> Result<Response<M>, Status>
     where
         M: prost::Message + Default,
         F: FnOnce() -> Fut,
@@ -292,7 +302,10 @@ impl Agent for AgentService {
         .await
     }
 
-    async fn attach_volume(&self, req: Request<pb::AttachVolumeRequest>) -> Result<Response<pb::ConnectionInfo>, Status> {
+    async fn attach_volume(
+        &self,
+        req: Request<pb::AttachVolumeRequest>,
+    ) -> Result<Response<pb::ConnectionInfo>, Status> {
         let r = req.into_inner();
         require("volume_id", &r.volume_id)?;
         self.guarded(r.ctx, &r.volume_id, "attach_volume", || async {
@@ -451,9 +464,13 @@ impl Agent for AgentService {
         require("op_id", &r.op_id)?;
         let running = self.in_flight.lock().expect("in-flight map poisoned").values().any(|op| *op == r.op_id);
         let record = match self.recorded(&r.op_id).await? {
-            Some(o) if o.code == 0 => pb::OperationRecord { op_id: r.op_id, state: "succeeded".into(), code: 0, message: String::new() },
+            Some(o) if o.code == 0 => {
+                pb::OperationRecord { op_id: r.op_id, state: "succeeded".into(), code: 0, message: String::new() }
+            }
             Some(o) => pb::OperationRecord { op_id: r.op_id, state: "failed".into(), code: o.code, message: o.message },
-            None if running => pb::OperationRecord { op_id: r.op_id, state: "running".into(), code: 0, message: String::new() },
+            None if running => {
+                pb::OperationRecord { op_id: r.op_id, state: "running".into(), code: 0, message: String::new() }
+            }
             None => pb::OperationRecord { op_id: r.op_id, state: "unknown".into(), code: 0, message: String::new() },
         };
         Ok(Response::new(record))

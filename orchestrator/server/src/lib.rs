@@ -1,0 +1,109 @@
+//! The Drover orchestrator.
+//!
+//! It serves `drover.v1`, keeps every bit of state in the store (etcd or the embedded
+//! store), and drives agents to carry out volume, group and replication changes. See
+//! `service::replication` for the state machine and its guarantees.
+
+pub mod agents;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod repo;
+pub mod service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use drover_proto::v1 as pb;
+use drover_store::{EmbeddedStore, EtcdStore, KvStore, Prefixed};
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+
+use config::{OrchestratorConfig, StoreKind};
+use repo::Repo;
+use service::Core;
+use service::version::check_api_version;
+
+/// Opens the configured store, confined to the configured prefix.
+pub async fn open_store(config: &OrchestratorConfig) -> Result<Arc<dyn KvStore>, drover_store::StoreError> {
+    let raw: Arc<dyn KvStore> = match config.store.kind {
+        StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.store.path).await?),
+        StoreKind::Etcd => Arc::new(EtcdStore::connect(&config.store.endpoints, config.store.timeout).await?),
+    };
+    Ok(Arc::new(Prefixed::new(raw, config.store.prefix.clone())))
+}
+
+/// A running orchestrator.
+pub struct RunningOrchestrator {
+    /// The address it serves on.
+    pub local_addr: SocketAddr,
+    /// Resolves when the server stops.
+    pub handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+/// Serves drover.v1, health and reflection on `listener` until `shutdown` fires. Seeds
+/// the built-in group types, then resumes any operation a previous run left pending.
+pub async fn serve(
+    config: OrchestratorConfig,
+    store: Arc<dyn KvStore>,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<RunningOrchestrator, error::ApiError> {
+    let local_addr = listener.local_addr().map_err(|e| error::ApiError::Internal(e.to_string()))?;
+    let core = Core::new(Repo::new(store), config);
+    service::groups::seed_group_types(&core).await?;
+
+    let sites = || service::sites::SiteApi { core: core.clone() };
+    let volumes = Arc::new(service::volumes::VolumeApi { core: core.clone() });
+    let replication = Arc::new(service::replication::ReplicationApi { core: core.clone() });
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<pb::volume_service_server::VolumeServiceServer<service::volumes::VolumeApi>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| error::ApiError::Internal(e.to_string()))?;
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(pb::version_service_server::VersionServiceServer::new(service::version::VersionApi))
+        .add_service(InterceptedService::new(
+            pb::site_service_server::SiteServiceServer::new(sites()),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::agent_registry_server::AgentRegistryServer::new(sites()),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::volume_service_server::VolumeServiceServer::from_arc(volumes.clone()),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::group_service_server::GroupServiceServer::new(service::groups::GroupApi { core: core.clone() }),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::replication_service_server::ReplicationServiceServer::from_arc(replication.clone()),
+            check_api_version,
+        ));
+    let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()));
+
+    // Resume in the background: agents may need a moment to re-register.
+    tokio::spawn(async move {
+        match volumes.resume().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "resumed pending volume operations"),
+            Err(e) => tracing::warn!(error = %e, "resuming volume operations failed"),
+        }
+        match replication.resume().await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(count = n, "resumed pending group transitions"),
+            Err(e) => tracing::warn!(error = %e, "resuming group transitions failed"),
+        }
+    });
+    Ok(RunningOrchestrator { local_addr, handle })
+}

@@ -1,0 +1,272 @@
+//! Persisted records and their keys. Records are JSON under the store prefix; anything a
+//! resume needs is in them (DESIGN.md: the orchestrator holds no authoritative state in
+//! memory).
+
+use std::collections::BTreeMap;
+
+use drover_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+/// Record keys.
+pub mod keys {
+    pub fn site(name: &str) -> String {
+        format!("sites/{name}")
+    }
+    pub const SITES: &str = "sites/";
+    pub fn backend(name: &str) -> String {
+        format!("backends/{name}")
+    }
+    pub const BACKENDS: &str = "backends/";
+    pub fn agents_of(backend: &str) -> String {
+        format!("agents/{backend}/")
+    }
+    pub fn agent(backend: &str, agent_id: &str) -> String {
+        format!("agents/{backend}/{agent_id}")
+    }
+    pub fn group_type(name: &str) -> String {
+        format!("group_types/{name}")
+    }
+    pub const GROUP_TYPES: &str = "group_types/";
+    pub fn volume(id: &str) -> String {
+        format!("volumes/{id}")
+    }
+    pub const VOLUMES: &str = "volumes/";
+    pub fn volume_name(project: &str, name: &str) -> String {
+        format!("names/volumes/{project}/{name}")
+    }
+    pub fn group(id: &str) -> String {
+        format!("groups/{id}")
+    }
+    pub const GROUPS: &str = "groups/";
+    pub fn group_name(project: &str, name: &str) -> String {
+        format!("names/groups/{project}/{name}")
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Replication status values (Cinder's vocabulary).
+pub mod replication_status {
+    pub const DISABLED: &str = "disabled";
+    pub const ENABLING: &str = "enabling";
+    pub const ENABLED: &str = "enabled";
+    pub const FAILING_OVER: &str = "failing-over";
+    pub const FAILED_OVER: &str = "failed-over";
+    pub const FAILING_BACK: &str = "failing-back";
+    pub const DISABLING: &str = "disabling";
+    pub const ERROR: &str = "error";
+    pub const NOT_CAPABLE: &str = "not-capable";
+
+    /// States an operation is in the middle of; none may be left behind.
+    pub fn is_transient(s: &str) -> bool {
+        matches!(s, ENABLING | FAILING_OVER | FAILING_BACK | DISABLING)
+    }
+}
+
+/// Volume status values.
+pub mod volume_status {
+    pub const CREATING: &str = "creating";
+    pub const AVAILABLE: &str = "available";
+    pub const EXTENDING: &str = "extending";
+    pub const DELETING: &str = "deleting";
+    pub const ERROR: &str = "error";
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SiteRec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackendRec {
+    pub name: String,
+    pub site: String,
+    pub driver: String,
+    pub capabilities: Vec<String>,
+    #[serde(default)]
+    pub frozen: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AgentRec {
+    pub agent_id: String,
+    pub site: String,
+    pub backend: String,
+    pub endpoint: String,
+    pub driver: String,
+    pub driver_version: String,
+    pub capabilities: Vec<String>,
+    pub registered_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupTypeRec {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    pub specs: BTreeMap<String, String>,
+    #[serde(default)]
+    pub builtin: bool,
+}
+
+/// The Cinder spec value that switches a boolean group spec on.
+pub const SPEC_TRUE: &str = "<is> True";
+pub const SPEC_REPLICATION: &str = "group_replication_enabled";
+pub const SPEC_CONSISTENT_SNAPSHOT: &str = "consistent_group_snapshot_enabled";
+
+impl GroupTypeRec {
+    /// Whether groups of this type replicate.
+    pub fn replicates(&self) -> bool {
+        self.specs.get(SPEC_REPLICATION).is_some_and(|v| v == SPEC_TRUE)
+    }
+
+    /// The built-in types, seeded at start.
+    pub fn builtins() -> Vec<GroupTypeRec> {
+        let t = |name: &str, description: &str, specs: &[&str]| GroupTypeRec {
+            name: name.into(),
+            description: description.into(),
+            specs: specs.iter().map(|k| (k.to_string(), SPEC_TRUE.to_string())).collect(),
+            builtin: true,
+        };
+        vec![
+            t("consistency", "crash-consistent group snapshots", &[SPEC_CONSISTENT_SNAPSHOT]),
+            t("replication", "replicated and failed over together", &[SPEC_REPLICATION]),
+            t(
+                "consistent-replication",
+                "replicated together from crash-consistent group snapshots",
+                &[SPEC_CONSISTENT_SNAPSHOT, SPEC_REPLICATION],
+            ),
+        ]
+    }
+}
+
+/// An operation in progress, persisted before any agent is called (intent first).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingOp {
+    pub op_id: String,
+    /// create, delete, extend (volumes); enable, disable, failover, failback (groups).
+    pub action: String,
+    /// The backend the operation moves to or replicates to, when it has one.
+    #[serde(default)]
+    pub target: String,
+    #[serde(default)]
+    pub force: bool,
+    #[serde(default)]
+    pub new_size_bytes: u64,
+    pub started_at_ms: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VolumeRec {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub size_bytes: u64,
+    pub backend: String,
+    pub active_backend: String,
+    #[serde(default)]
+    pub group_id: String,
+    pub status: String,
+    pub replication_status: String,
+    #[serde(default)]
+    pub status_reason: String,
+    pub created_at_ms: i64,
+    #[serde(default)]
+    pub pending: Option<PendingOp>,
+}
+
+impl VolumeRec {
+    pub fn to_pb(&self) -> pb::Volume {
+        pb::Volume {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            project: self.project.clone(),
+            size_bytes: self.size_bytes as i64,
+            backend: self.backend.clone(),
+            active_backend: self.active_backend.clone(),
+            group_id: self.group_id.clone(),
+            status: self.status.clone(),
+            replication_status: self.replication_status.clone(),
+            status_reason: self.status_reason.clone(),
+            created_at_ms: self.created_at_ms,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupEventRec {
+    pub at_ms: i64,
+    pub action: String,
+    pub detail: String,
+    pub epoch: u64,
+}
+
+/// How many history events a group keeps.
+pub const HISTORY_LIMIT: usize = 50;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GroupRec {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    pub group_type: String,
+    pub volume_ids: Vec<String>,
+    pub primary_backend: String,
+    pub active_backend: String,
+    #[serde(default)]
+    pub replication_target: String,
+    pub replication_status: String,
+    #[serde(default)]
+    pub status_reason: String,
+    /// The epoch of the latest transition (the store revision that wrote it).
+    #[serde(default)]
+    pub epoch: u64,
+    #[serde(default)]
+    pub history: Vec<GroupEventRec>,
+    pub created_at_ms: i64,
+    #[serde(default)]
+    pub pending: Option<PendingOp>,
+}
+
+impl GroupRec {
+    pub fn to_pb(&self) -> pb::Group {
+        pb::Group {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            project: self.project.clone(),
+            group_type: self.group_type.clone(),
+            volume_ids: self.volume_ids.clone(),
+            primary_backend: self.primary_backend.clone(),
+            active_backend: self.active_backend.clone(),
+            replication_target: self.replication_target.clone(),
+            replication_status: self.replication_status.clone(),
+            status_reason: self.status_reason.clone(),
+            epoch: self.epoch,
+            history: self
+                .history
+                .iter()
+                .map(|e| pb::GroupEvent {
+                    at_ms: e.at_ms,
+                    action: e.action.clone(),
+                    detail: e.detail.clone(),
+                    epoch: e.epoch,
+                })
+                .collect(),
+            created_at_ms: self.created_at_ms,
+        }
+    }
+
+    /// Appends a history event, keeping the newest [`HISTORY_LIMIT`].
+    pub fn record(&mut self, action: &str, detail: String, epoch: u64) {
+        self.history.push(GroupEventRec { at_ms: now_ms(), action: action.into(), detail, epoch });
+        if self.history.len() > HISTORY_LIMIT {
+            let excess = self.history.len() - HISTORY_LIMIT;
+            self.history.drain(..excess);
+        }
+    }
+}

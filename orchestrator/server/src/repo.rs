@@ -1,0 +1,183 @@
+//! Typed access to records in the store, and input validation shared by the services.
+
+use std::sync::Arc;
+
+use drover_store::{KvStore, Txn, TxnOp, TxnResponse};
+use serde::{Serialize, de::DeserializeOwned};
+
+use crate::error::{ApiError, ApiResult};
+use crate::model::{GroupRec, VolumeRec, keys};
+
+/// A record with the mod_revision it was read at: what a transaction compares against.
+#[derive(Debug, Clone)]
+pub struct Versioned<T> {
+    pub rec: T,
+    pub rev: i64,
+}
+
+/// Typed reads and transactions over the store.
+#[derive(Clone)]
+pub struct Repo {
+    store: Arc<dyn KvStore>,
+}
+
+fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
+    ApiError::Internal(format!("stored record {key} is unreadable ({e}); restore it from a backup or delete it"))
+}
+
+impl Repo {
+    pub fn new(store: Arc<dyn KvStore>) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn KvStore> {
+        &self.store
+    }
+
+    pub async fn get<T: DeserializeOwned>(&self, key: &str) -> ApiResult<Option<Versioned<T>>> {
+        match self.store.get(key.as_bytes()).await? {
+            Some(kv) => Ok(Some(Versioned {
+                rec: serde_json::from_slice(&kv.value).map_err(|e| corrupt(key, e))?,
+                rev: kv.mod_revision,
+            })),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn list<T: DeserializeOwned>(&self, prefix: &str) -> ApiResult<Vec<Versioned<T>>> {
+        let (kvs, _) = self.store.range(prefix.as_bytes()).await?;
+        kvs.into_iter()
+            .map(|kv| {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                Ok(Versioned {
+                    rec: serde_json::from_slice(&kv.value).map_err(|e| corrupt(&key, e))?,
+                    rev: kv.mod_revision,
+                })
+            })
+            .collect()
+    }
+
+    pub async fn txn(&self, txn: Txn) -> ApiResult<TxnResponse> {
+        Ok(self.store.txn(txn).await?)
+    }
+
+    /// Resolves a volume by id, or by name within a project.
+    pub async fn volume(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<VolumeRec>> {
+        require("volume", id_or_name)?;
+        if let Some(v) = self.get::<VolumeRec>(&keys::volume(id_or_name)).await? {
+            return Ok(v);
+        }
+        if !project.is_empty()
+            && let Some(id) = self.store.get(keys::volume_name(project, id_or_name).as_bytes()).await?
+        {
+            let id = String::from_utf8_lossy(&id.value).into_owned();
+            if let Some(v) = self.get::<VolumeRec>(&keys::volume(&id)).await? {
+                return Ok(v);
+            }
+        }
+        Err(ApiError::NotFound(format!(
+            "volume {id_or_name:?} not found{}; list volumes with `drover volume list`",
+            if project.is_empty() { String::new() } else { format!(" in project {project}") }
+        )))
+    }
+
+    /// Resolves a group by id, or by name within a project.
+    pub async fn group(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<GroupRec>> {
+        require("group", id_or_name)?;
+        if let Some(g) = self.get::<GroupRec>(&keys::group(id_or_name)).await? {
+            return Ok(g);
+        }
+        if !project.is_empty()
+            && let Some(id) = self.store.get(keys::group_name(project, id_or_name).as_bytes()).await?
+        {
+            let id = String::from_utf8_lossy(&id.value).into_owned();
+            if let Some(g) = self.get::<GroupRec>(&keys::group(&id)).await? {
+                return Ok(g);
+            }
+        }
+        Err(ApiError::NotFound(format!(
+            "group {id_or_name:?} not found{}; list groups with `drover group list`",
+            if project.is_empty() { String::new() } else { format!(" in project {project}") }
+        )))
+    }
+}
+
+/// A put of a record as JSON.
+pub fn put<T: Serialize>(key: &str, rec: &T) -> TxnOp {
+    TxnOp::put(key.as_bytes(), serde_json::to_vec(rec).expect("records serialise"))
+}
+
+/// A required, non-blank field.
+pub fn require(field: &str, value: &str) -> ApiResult<()> {
+    if value.trim().is_empty() {
+        return Err(ApiError::InvalidArgument(format!("`{field}` is required")));
+    }
+    Ok(())
+}
+
+/// The longest name Drover accepts.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Validates a name: 1 to 64 characters of letters, digits, `.`, `_` and `-`, starting
+/// with a letter or digit.
+pub fn validate_name(field: &str, name: &str) -> ApiResult<()> {
+    if name.is_empty() {
+        return Err(ApiError::InvalidArgument(format!("`{field}` must not be empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(ApiError::InvalidArgument(format!(
+            "`{field}` is {} characters long; the limit is {MAX_NAME_LEN}",
+            name.len()
+        )));
+    }
+    let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let ok_rest = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if !ok_first || !ok_rest {
+        return Err(ApiError::InvalidArgument(format!(
+            "`{field}` {name:?} may hold only letters, digits, '.', '_' and '-', and must start with a letter or digit"
+        )));
+    }
+    Ok(())
+}
+
+/// The largest volume Drover accepts: 64 TiB.
+pub const MAX_VOLUME_BYTES: i64 = 64 << 40;
+
+/// Validates a volume size in bytes.
+pub fn validate_size(field: &str, size: i64) -> ApiResult<u64> {
+    if size <= 0 {
+        return Err(ApiError::InvalidArgument(format!("`{field}` must be positive, got {size}")));
+    }
+    if size > MAX_VOLUME_BYTES {
+        return Err(ApiError::InvalidArgument(format!(
+            "`{field}` {size} exceeds the limit of {MAX_VOLUME_BYTES} bytes (64 TiB)"
+        )));
+    }
+    if size % 512 != 0 {
+        return Err(ApiError::InvalidArgument(format!("`{field}` {size} is not a multiple of 512 bytes")));
+    }
+    Ok(size as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_for_length_and_characters() {
+        assert!(validate_name("name", "db-01.data_a").is_ok());
+        assert!(validate_name("name", "").unwrap_err().to_string().contains("empty"));
+        assert!(validate_name("name", &"a".repeat(65)).unwrap_err().to_string().contains("limit is 64"));
+        assert!(validate_name("name", "-x").is_err());
+        assert!(validate_name("name", "a b").is_err());
+    }
+
+    #[test]
+    fn sizes_must_be_positive_bounded_and_aligned() {
+        assert_eq!(validate_size("size_bytes", 1 << 20).unwrap(), 1 << 20);
+        assert!(validate_size("size_bytes", 0).unwrap_err().to_string().contains("positive"));
+        assert!(validate_size("size_bytes", -5).is_err());
+        assert!(validate_size("size_bytes", i64::MAX).unwrap_err().to_string().contains("64 TiB"));
+        assert!(validate_size("size_bytes", 1000).unwrap_err().to_string().contains("512"));
+    }
+}

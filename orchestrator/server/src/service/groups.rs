@@ -1,0 +1,299 @@
+//! Group types and groups. Membership changes are one transaction over the group and
+//! every volume they touch, each compared at the revision it was read.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use drover_proto::v1 as pb;
+use drover_store::{Compare, Txn, TxnOp};
+use tonic::{Request, Response, Status};
+
+use super::Core;
+use super::volumes::writable_backend;
+use crate::error::{ApiError, ApiResult, raced};
+use crate::model::{GroupRec, GroupTypeRec, VolumeRec, keys, now_ms, replication_status, volume_status};
+use crate::repo::{Versioned, put, validate_name};
+
+/// `drover.v1.GroupService`.
+pub struct GroupApi {
+    pub core: Arc<Core>,
+}
+
+fn type_to_pb(t: GroupTypeRec) -> pb::GroupType {
+    pb::GroupType { name: t.name, description: t.description, specs: t.specs.into_iter().collect(), builtin: t.builtin }
+}
+
+/// Seeds the built-in group types if they are missing.
+pub async fn seed_group_types(core: &Core) -> ApiResult<()> {
+    for t in GroupTypeRec::builtins() {
+        let key = keys::group_type(&t.name);
+        core.repo.txn(Txn::new().when(Compare::Absent(key.clone().into_bytes())).and_then(put(&key, &t))).await?;
+    }
+    Ok(())
+}
+
+/// Loads a group type by name.
+pub async fn group_type(core: &Core, name: &str) -> ApiResult<GroupTypeRec> {
+    validate_name("group_type", name)?;
+    Ok(core
+        .repo
+        .get::<GroupTypeRec>(&keys::group_type(name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("group type {name:?} not found; list them with `drover group-type list`"))
+        })?
+        .rec)
+}
+
+impl GroupApi {
+    /// Resolves volumes that are to join `group_id`: each exists in the project, lives on
+    /// the group's backend, is available and belongs to no other group.
+    async fn joining(&self, refs: &[String], project: &str, backend: &str) -> ApiResult<Vec<Versioned<VolumeRec>>> {
+        let mut seen = HashSet::new();
+        let mut out = Vec::new();
+        for r in refs {
+            let v = self.core.repo.volume(r, project).await?;
+            if !seen.insert(v.rec.id.clone()) {
+                return Err(ApiError::InvalidArgument(format!("volume {r} is listed twice")));
+            }
+            if v.rec.project != project {
+                return Err(ApiError::InvalidArgument(format!(
+                    "volume {r} belongs to project {}, not {project}",
+                    v.rec.project
+                )));
+            }
+            if v.rec.backend != backend {
+                return Err(ApiError::InvalidArgument(format!(
+                    "volume {r} is on backend {}, but the group is on {backend}; a group's volumes share one backend",
+                    v.rec.backend
+                )));
+            }
+            if !v.rec.group_id.is_empty() {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {r} is already in group {}; remove it from that group first",
+                    v.rec.group_id
+                )));
+            }
+            if v.rec.status != volume_status::AVAILABLE {
+                return Err(ApiError::FailedPrecondition(format!(
+                    "volume {r} is {}; it must be available",
+                    v.rec.status
+                )));
+            }
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    fn require_membership_changeable(g: &GroupRec) -> ApiResult<()> {
+        let s = g.replication_status.as_str();
+        if s != replication_status::DISABLED && s != replication_status::NOT_CAPABLE {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} has replication status {s}; disable replication before changing or deleting the group",
+                g.name
+            )));
+        }
+        Ok(())
+    }
+
+    async fn create(&self, r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
+        validate_name("name", &r.name)?;
+        validate_name("project", &r.project)?;
+        let gtype = group_type(&self.core, &r.group_type).await?;
+        writable_backend(&self.core, &r.backend, "volume").await?;
+        let members = self.joining(&r.volumes, &r.project, &r.backend).await?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let repl = if gtype.replicates() { replication_status::DISABLED } else { replication_status::NOT_CAPABLE };
+        let mut rec = GroupRec {
+            id: id.clone(),
+            name: r.name.clone(),
+            project: r.project.clone(),
+            group_type: gtype.name.clone(),
+            volume_ids: members.iter().map(|v| v.rec.id.clone()).collect(),
+            primary_backend: r.backend.clone(),
+            active_backend: r.backend.clone(),
+            replication_target: String::new(),
+            replication_status: repl.into(),
+            status_reason: String::new(),
+            epoch: 0,
+            history: Vec::new(),
+            created_at_ms: now_ms(),
+            pending: None,
+        };
+        rec.record("create", format!("created on backend {} with {} volume(s)", r.backend, members.len()), 0);
+        let name_key = keys::group_name(&r.project, &r.name);
+        let mut txn = Txn::new()
+            .when(Compare::Absent(name_key.clone().into_bytes()))
+            .and_then(TxnOp::put(name_key, id.clone()))
+            .and_then(put(&keys::group(&id), &rec));
+        for v in &members {
+            let mut vol = v.rec.clone();
+            vol.group_id = id.clone();
+            vol.replication_status = repl.into();
+            txn = txn
+                .when(Compare::ModRevisionEquals(keys::volume(&vol.id).into_bytes(), v.rev))
+                .and_then(put(&keys::volume(&vol.id), &vol));
+        }
+        if !self.core.repo.txn(txn).await?.succeeded {
+            if self.core.repo.store().get(keys::group_name(&r.project, &r.name).as_bytes()).await?.is_some() {
+                return Err(ApiError::AlreadyExists(format!(
+                    "group {} already exists in project {}",
+                    r.name, r.project
+                )));
+            }
+            return Err(raced("a volume of the new group"));
+        }
+        tracing::info!(group = %id, name = %r.name, "group created");
+        Ok(rec)
+    }
+
+    async fn update(&self, r: pb::UpdateGroupRequest) -> ApiResult<GroupRec> {
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        Self::require_membership_changeable(&g.rec)?;
+        if r.add_volumes.is_empty() && r.remove_volumes.is_empty() {
+            return Err(ApiError::InvalidArgument("name volumes to add or remove".into()));
+        }
+        writable_backend(&self.core, &g.rec.primary_backend, "volume").await?;
+        let adding = self.joining(&r.add_volumes, &g.rec.project, &g.rec.primary_backend).await?;
+        let mut removing = Vec::new();
+        for v in &r.remove_volumes {
+            let vol = self.core.repo.volume(v, &g.rec.project).await?;
+            if vol.rec.group_id != g.rec.id {
+                return Err(ApiError::InvalidArgument(format!("volume {v} is not in group {}", g.rec.name)));
+            }
+            removing.push(vol);
+        }
+        let mut rec = g.rec.clone();
+        let mut txn = Txn::new().when(Compare::ModRevisionEquals(keys::group(&rec.id).into_bytes(), g.rev));
+        for v in &adding {
+            let mut vol = v.rec.clone();
+            vol.group_id = rec.id.clone();
+            vol.replication_status = rec.replication_status.clone();
+            rec.volume_ids.push(vol.id.clone());
+            txn = txn
+                .when(Compare::ModRevisionEquals(keys::volume(&vol.id).into_bytes(), v.rev))
+                .and_then(put(&keys::volume(&vol.id), &vol));
+        }
+        for v in &removing {
+            let mut vol = v.rec.clone();
+            vol.group_id.clear();
+            vol.replication_status = replication_status::DISABLED.into();
+            rec.volume_ids.retain(|id| *id != vol.id);
+            txn = txn
+                .when(Compare::ModRevisionEquals(keys::volume(&vol.id).into_bytes(), v.rev))
+                .and_then(put(&keys::volume(&vol.id), &vol));
+        }
+        rec.record("update", format!("added {}, removed {} volume(s)", adding.len(), removing.len()), 0);
+        txn = txn.and_then(put(&keys::group(&rec.id), &rec));
+        if !self.core.repo.txn(txn).await?.succeeded {
+            return Err(raced(&format!("group {}", rec.name)));
+        }
+        Ok(rec)
+    }
+
+    async fn delete(&self, r: pb::DeleteGroupRequest) -> ApiResult<()> {
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        Self::require_membership_changeable(&g.rec)?;
+        let mut txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::group(&g.rec.id).into_bytes(), g.rev))
+            .and_then(TxnOp::delete(keys::group(&g.rec.id)))
+            .and_then(TxnOp::delete(keys::group_name(&g.rec.project, &g.rec.name)));
+        for id in &g.rec.volume_ids {
+            let Some(v) = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await? else { continue };
+            let mut vol = v.rec.clone();
+            vol.group_id.clear();
+            vol.replication_status = replication_status::DISABLED.into();
+            txn = txn
+                .when(Compare::ModRevisionEquals(keys::volume(id).into_bytes(), v.rev))
+                .and_then(put(&keys::volume(id), &vol));
+        }
+        if !self.core.repo.txn(txn).await?.succeeded {
+            return Err(raced(&format!("group {}", g.rec.name)));
+        }
+        tracing::info!(group = %g.rec.id, "group deleted");
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl pb::group_service_server::GroupService for GroupApi {
+    async fn list_group_types(
+        &self,
+        _req: Request<pb::ListGroupTypesRequest>,
+    ) -> Result<Response<pb::ListGroupTypesResponse>, Status> {
+        let types = self.core.repo.list::<GroupTypeRec>(keys::GROUP_TYPES).await?;
+        Ok(Response::new(pb::ListGroupTypesResponse {
+            group_types: types.into_iter().map(|t| type_to_pb(t.rec)).collect(),
+        }))
+    }
+
+    async fn get_group_type(&self, req: Request<pb::GetGroupTypeRequest>) -> Result<Response<pb::GroupType>, Status> {
+        Ok(Response::new(type_to_pb(group_type(&self.core, &req.into_inner().name).await?)))
+    }
+
+    async fn create_group_type(
+        &self,
+        req: Request<pb::CreateGroupTypeRequest>,
+    ) -> Result<Response<pb::GroupType>, Status> {
+        let r = req.into_inner();
+        validate_name("name", &r.name)?;
+        for k in r.specs.keys() {
+            if k.trim().is_empty() || k.len() > 255 {
+                return Err(ApiError::InvalidArgument(format!("spec key {k:?} must be 1 to 255 characters")).into());
+            }
+        }
+        let rec = GroupTypeRec {
+            name: r.name.clone(),
+            description: r.description,
+            specs: r.specs.into_iter().collect::<BTreeMap<_, _>>(),
+            builtin: false,
+        };
+        let key = keys::group_type(&r.name);
+        if !self
+            .core
+            .repo
+            .txn(Txn::new().when(Compare::Absent(key.clone().into_bytes())).and_then(put(&key, &rec)))
+            .await?
+            .succeeded
+        {
+            return Err(ApiError::AlreadyExists(format!("group type {} already exists", r.name)).into());
+        }
+        Ok(Response::new(type_to_pb(rec)))
+    }
+
+    async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::Group>, Status> {
+        Ok(Response::new(self.create(req.into_inner()).await?.to_pb()))
+    }
+
+    async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::Group>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.core.repo.group(&r.group, &r.project).await?.rec.to_pb()))
+    }
+
+    async fn list_groups(
+        &self,
+        req: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        let project = req.into_inner().project;
+        let all = self.core.repo.list::<GroupRec>(keys::GROUPS).await?;
+        Ok(Response::new(pb::ListGroupsResponse {
+            groups: all
+                .into_iter()
+                .filter(|g| project.is_empty() || g.rec.project == project)
+                .map(|g| g.rec.to_pb())
+                .collect(),
+        }))
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        self.delete(req.into_inner()).await?;
+        Ok(Response::new(pb::DeleteGroupResponse {}))
+    }
+
+    async fn update_group(&self, req: Request<pb::UpdateGroupRequest>) -> Result<Response<pb::Group>, Status> {
+        Ok(Response::new(self.update(req.into_inner()).await?.to_pb()))
+    }
+}

@@ -1,0 +1,26 @@
+//! The drover.v1 services. Each holds the shared [`Core`].
+
+pub mod groups;
+pub mod replication;
+pub mod sites;
+pub mod version;
+pub mod volumes;
+
+use std::sync::Arc;
+
+use crate::agents::AgentPool;
+use crate::config::OrchestratorConfig;
+use crate::repo::Repo;
+
+/// What every service shares: the store, the agent pool and the configuration.
+pub struct Core {
+    pub repo: Repo,
+    pub agents: AgentPool,
+    pub config: OrchestratorConfig,
+}
+
+impl Core {
+    pub fn new(repo: Repo, config: OrchestratorConfig) -> Arc<Self> {
+        Arc::new(Self { agents: AgentPool::new(repo.clone()), repo, config })
+    }
+}

@@ -1,0 +1,700 @@
+//! Group replication: enable, disable, failover and failback, as a state machine.
+//!
+//! Every transition follows one pattern (DESIGN.md invariants 1 and 2):
+//!
+//! 1. **Begin.** One transaction compares the group and all its volumes at the revisions
+//!    just read, and writes the transient status (enabling, failing-over, …) with the
+//!    pending op. Its revision is the epoch: every key it wrote now has that mod_revision.
+//!    Of many concurrent requests exactly one wins this transaction; the others see the
+//!    transient state (FailedPrecondition) or lose the compare (Aborted).
+//! 2. **Drive.** Agent calls per volume, each with op_id `<op>/<volume>/<step>` and the
+//!    epoch, bounded in parallel. Each volume ends in success or error with a reason; one
+//!    failure does not stop its siblings.
+//! 3. **Finish.** One transaction compares every key against the epoch and writes the
+//!    final state, the per-volume statuses and a history event.
+//!
+//! A crash between 1 and 3 leaves the pending op in the store; [`ReplicationApi::resume`]
+//! claims it (a write, so a higher epoch that fences the dead owner) and drives it again
+//! with the same op_ids, which the agents answer from their ledgers.
+
+use std::sync::Arc;
+
+use drover_proto::agent::v1 as apb;
+use drover_proto::v1 as pb;
+use drover_store::{Compare, Txn};
+use futures::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::Core;
+use super::groups::group_type;
+use super::volumes::writable_backend;
+use crate::agents::ctx;
+use crate::error::{ApiError, ApiResult, raced};
+use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, now_ms, replication_status as rs};
+use crate::repo::{Versioned, put};
+
+/// `drover.v1.ReplicationService`.
+pub struct ReplicationApi {
+    pub core: Arc<Core>,
+}
+
+/// The target name that means "back to the primary" (Cinder's convention).
+pub const DEFAULT_TARGET: &str = "default";
+
+/// What became of one volume.
+#[derive(Debug, Clone)]
+struct Outcome {
+    volume_id: String,
+    result: Result<Option<String>, String>,
+}
+
+impl Outcome {
+    fn to_pb(&self) -> pb::ItemOutcome {
+        match &self.result {
+            Ok(_) => {
+                pb::ItemOutcome { volume_id: self.volume_id.clone(), outcome: "success".into(), reason: String::new() }
+            }
+            Err(e) => pb::ItemOutcome { volume_id: self.volume_id.clone(), outcome: "error".into(), reason: e.clone() },
+        }
+    }
+}
+
+/// A group with its member volumes, all read at known revisions.
+struct Snapshot {
+    group: Versioned<GroupRec>,
+    volumes: Vec<Versioned<VolumeRec>>,
+}
+
+impl ReplicationApi {
+    async fn snapshot(&self, group: Versioned<GroupRec>) -> ApiResult<Snapshot> {
+        let mut volumes = Vec::new();
+        for id in &group.rec.volume_ids {
+            let v = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await?.ok_or_else(|| {
+                ApiError::Internal(format!("group {} lists volume {id}, which does not exist", group.rec.name))
+            })?;
+            volumes.push(v);
+        }
+        Ok(Snapshot { group, volumes })
+    }
+
+    /// Step 1: writes the transient state for the group and its volumes in one
+    /// transaction. Returns the records as written and the epoch.
+    async fn begin(&self, snap: Snapshot, status: &str, op: PendingOp) -> ApiResult<(GroupRec, Vec<VolumeRec>, i64)> {
+        let mut group = snap.group.rec.clone();
+        group.replication_status = status.into();
+        group.status_reason.clear();
+        group.pending = Some(op);
+        let mut txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), snap.group.rev))
+            .and_then(put(&keys::group(&group.id), &group));
+        let mut volumes = Vec::new();
+        for v in snap.volumes {
+            let mut vol = v.rec;
+            vol.replication_status = status.into();
+            txn = txn
+                .when(Compare::ModRevisionEquals(keys::volume(&vol.id).into_bytes(), v.rev))
+                .and_then(put(&keys::volume(&vol.id), &vol));
+            volumes.push(vol);
+        }
+        let resp = self.core.repo.txn(txn).await?;
+        if !resp.succeeded {
+            return Err(raced(&format!("group {}", group.name)));
+        }
+        tracing::info!(group = %group.id, status, epoch = resp.revision, "group transition begun");
+        Ok((group, volumes, resp.revision))
+    }
+
+    /// Step 3: writes the final state if nobody else touched the group since `epoch`.
+    async fn finish(&self, group: &GroupRec, volumes: &[VolumeRec], epoch: i64) -> ApiResult<()> {
+        let mut txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), epoch))
+            .and_then(put(&keys::group(&group.id), group));
+        for v in volumes {
+            txn = txn
+                .when(Compare::ModRevisionEquals(keys::volume(&v.id).into_bytes(), epoch))
+                .and_then(put(&keys::volume(&v.id), v));
+        }
+        if !self.core.repo.txn(txn).await?.succeeded {
+            return Err(ApiError::Aborted(format!(
+                "group {} was taken over by another orchestrator (its epoch moved past {epoch}); see `drover group show {}`",
+                group.name, group.name
+            )));
+        }
+        tracing::info!(group = %group.id, status = %group.replication_status, epoch, "group transition finished");
+        Ok(())
+    }
+
+    /// Runs `step` for every volume, at most `volume_parallelism` at a time.
+    async fn each_volume<F, Fut>(&self, volumes: &[VolumeRec], step: F) -> Vec<Outcome>
+    where
+        F: Fn(VolumeRec) -> Fut,
+        Fut: Future<Output = Result<Option<String>, String>>,
+    {
+        futures::stream::iter(volumes.iter().cloned())
+            .map(|v| {
+                let id = v.id.clone();
+                let fut = step(v);
+                async move { Outcome { volume_id: id, result: fut.await } }
+            })
+            .buffer_unordered(self.core.config.volume_parallelism)
+            .collect()
+            .await
+    }
+
+    async fn endpoint(&self, backend: &str) -> String {
+        match self.core.agents.registrations(backend).await {
+            Ok(regs) => regs.into_iter().next().map(|a| a.endpoint).unwrap_or_default(),
+            Err(_) => String::new(),
+        }
+    }
+
+    fn summarize(outcomes: &[Outcome]) -> Option<String> {
+        let failed: Vec<String> =
+            outcomes.iter().filter_map(|o| o.result.as_ref().err().map(|e| format!("{}: {e}", o.volume_id))).collect();
+        (!failed.is_empty())
+            .then(|| format!("{} of {} volume(s) failed: {}", failed.len(), outcomes.len(), failed.join("; ")))
+    }
+
+    fn result(group: &GroupRec, outcomes: &[Outcome]) -> pb::ReplicationResult {
+        pb::ReplicationResult { group: Some(group.to_pb()), items: outcomes.iter().map(Outcome::to_pb).collect() }
+    }
+
+    fn new_op(action: &str, target: &str, force: bool) -> PendingOp {
+        PendingOp {
+            op_id: uuid::Uuid::now_v7().to_string(),
+            action: action.into(),
+            target: target.into(),
+            force,
+            new_size_bytes: 0,
+            started_at_ms: now_ms(),
+        }
+    }
+
+    /// Backends that can hold this group's replicas: at another site, replication-capable.
+    async fn candidates(&self, g: &GroupRec) -> ApiResult<Vec<BackendRec>> {
+        let primary = self.core.repo.get::<BackendRec>(&keys::backend(&g.primary_backend)).await?;
+        let primary_site = primary.map(|p| p.rec.site).unwrap_or_default();
+        Ok(self
+            .core
+            .repo
+            .list::<BackendRec>(keys::BACKENDS)
+            .await?
+            .into_iter()
+            .map(|b| b.rec)
+            .filter(|b| b.site != primary_site && b.capabilities.iter().any(|c| c == "replication"))
+            .collect())
+    }
+
+    // ------------------------------------------------------------------ enable
+
+    async fn enable(&self, r: pb::EnableReplicationRequest) -> ApiResult<pb::ReplicationResult> {
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let gtype = group_type(&self.core, &g.rec.group_type).await?;
+        if !gtype.replicates() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} is of type {}, which does not replicate; use a group of type replication or consistent-replication",
+                g.rec.name, gtype.name
+            )));
+        }
+        let status = g.rec.replication_status.as_str();
+        let re_enable_after_error = status == rs::ERROR && g.rec.active_backend == g.rec.primary_backend;
+        if status != rs::DISABLED && !re_enable_after_error {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} has replication status {status}; replication can be enabled only when it is disabled",
+                g.rec.name
+            )));
+        }
+        if g.rec.volume_ids.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} has no volumes; add volumes first",
+                g.rec.name
+            )));
+        }
+        writable_backend(&self.core, &g.rec.primary_backend, "replication").await?;
+        let candidates = self.candidates(&g.rec).await?;
+        let target = if r.target_backend.is_empty() {
+            match candidates.as_slice() {
+                [only] => only.name.clone(),
+                [] => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "no replication-capable backend at another site than {}'s; register an agent at the DR site",
+                        g.rec.primary_backend
+                    )));
+                }
+                many => {
+                    return Err(ApiError::InvalidArgument(format!(
+                        "`target_backend` is required: {} backends qualify ({})",
+                        many.len(),
+                        many.iter().map(|b| b.name.as_str()).collect::<Vec<_>>().join(", ")
+                    )));
+                }
+            }
+        } else {
+            r.target_backend.clone()
+        };
+        if target == g.rec.primary_backend {
+            return Err(ApiError::InvalidArgument(format!(
+                "`target_backend` {target} is the group's own backend; replicate to a backend at another site"
+            )));
+        }
+        if !candidates.iter().any(|b| b.name == target) {
+            writable_backend(&self.core, &target, "replication").await?;
+            return Err(ApiError::FailedPrecondition(format!(
+                "backend {target} is at the same site as {}; replicas must live at another site",
+                g.rec.primary_backend
+            )));
+        }
+        writable_backend(&self.core, &target, "replication").await?;
+        let snap = self.snapshot(g).await?;
+        let (group, volumes, epoch) = self.begin(snap, rs::ENABLING, Self::new_op("enable", &target, false)).await?;
+        self.drive_enable(group, volumes, epoch).await
+    }
+
+    async fn drive_enable(
+        &self,
+        mut group: GroupRec,
+        mut volumes: Vec<VolumeRec>,
+        epoch: i64,
+    ) -> ApiResult<pb::ReplicationResult> {
+        let op = group.pending.clone().expect("enable has a pending op");
+        let (source, target) = (group.primary_backend.clone(), op.target.clone());
+        let source_ep = self.endpoint(&source).await;
+        let target_ep = self.endpoint(&target).await;
+        let timeout = self.core.config.agent_call_timeout;
+        let scope = format!("group/{}", group.id);
+        let outcomes = self
+            .each_volume(&volumes, |v| {
+                let (op_id, scope) = (op.op_id.clone(), scope.clone());
+                let (source, target, source_ep, target_ep) =
+                    (source.clone(), target.clone(), source_ep.clone(), target_ep.clone());
+                async move {
+                    let secondary = apb::EnableReplicationRequest {
+                        ctx: ctx(format!("{op_id}/{}/enable-secondary", v.id), epoch as u64, scope.clone()),
+                        volume_id: v.id.clone(),
+                        group_id: v.group_id.clone(),
+                        role: apb::ReplicationRole::Secondary as i32,
+                        peer: Some(apb::ReplicationPeer { backend: source.clone(), endpoint: source_ep }),
+                        size_bytes: v.size_bytes as i64,
+                        parameters: Default::default(),
+                    };
+                    self.core
+                        .agents
+                        .call(&target, timeout, true, |mut c| {
+                            let req = secondary.clone();
+                            async move { c.enable_replication(req).await }
+                        })
+                        .await
+                        .map_err(|s| format!("replica on {target}: {}", s.message()))?;
+                    let primary = apb::EnableReplicationRequest {
+                        ctx: ctx(format!("{op_id}/{}/enable-primary", v.id), epoch as u64, scope),
+                        volume_id: v.id.clone(),
+                        group_id: v.group_id.clone(),
+                        role: apb::ReplicationRole::Primary as i32,
+                        peer: Some(apb::ReplicationPeer { backend: target.clone(), endpoint: target_ep }),
+                        size_bytes: v.size_bytes as i64,
+                        parameters: Default::default(),
+                    };
+                    self.core
+                        .agents
+                        .call(&source, timeout, true, |mut c| {
+                            let req = primary.clone();
+                            async move { c.enable_replication(req).await }
+                        })
+                        .await
+                        .map_err(|s| format!("source on {source}: {}", s.message()))?;
+                    Ok(None)
+                }
+            })
+            .await;
+        let failure = Self::summarize(&outcomes);
+        for v in &mut volumes {
+            let ok = outcomes.iter().any(|o| o.volume_id == v.id && o.result.is_ok());
+            v.replication_status = if ok { rs::ENABLED } else { rs::ERROR }.into();
+        }
+        group.pending = None;
+        group.epoch = epoch as u64;
+        group.replication_target = target.clone();
+        match &failure {
+            None => {
+                group.replication_status = rs::ENABLED.into();
+                group.record("enable-replication", format!("replicating to {target}"), epoch as u64);
+            }
+            Some(reason) => {
+                group.replication_status = rs::ERROR.into();
+                group.status_reason = format!(
+                    "enabling replication to {target}: {reason}; retry `enable-replication` or disable replication"
+                );
+                group.record("enable-replication", format!("failed: {reason}"), epoch as u64);
+            }
+        }
+        self.finish(&group, &volumes, epoch).await?;
+        Ok(Self::result(&group, &outcomes))
+    }
+
+    // ------------------------------------------------------------------ disable
+
+    async fn disable(&self, r: pb::DisableReplicationRequest) -> ApiResult<pb::ReplicationResult> {
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let status = g.rec.replication_status.as_str();
+        let failed_over = g.rec.active_backend != g.rec.primary_backend;
+        if failed_over {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} is active on {} (replication status {status}); fail it back with `--target default` before disabling replication",
+                g.rec.name, g.rec.active_backend
+            )));
+        }
+        if status != rs::ENABLED && status != rs::ERROR {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} has replication status {status}; only enabled (or error) replication can be disabled",
+                g.rec.name
+            )));
+        }
+        writable_backend(&self.core, &g.rec.primary_backend, "replication").await?;
+        let target = g.rec.replication_target.clone();
+        let snap = self.snapshot(g).await?;
+        let (group, volumes, epoch) = self.begin(snap, rs::DISABLING, Self::new_op("disable", &target, false)).await?;
+        self.drive_disable(group, volumes, epoch).await
+    }
+
+    async fn drive_disable(
+        &self,
+        mut group: GroupRec,
+        mut volumes: Vec<VolumeRec>,
+        epoch: i64,
+    ) -> ApiResult<pb::ReplicationResult> {
+        let op = group.pending.clone().expect("disable has a pending op");
+        let (source, target) = (group.primary_backend.clone(), op.target.clone());
+        let timeout = self.core.config.agent_call_timeout;
+        let scope = format!("group/{}", group.id);
+        let outcomes = self
+            .each_volume(&volumes, |v| {
+                let (op_id, scope, source, target) = (op.op_id.clone(), scope.clone(), source.clone(), target.clone());
+                async move {
+                    for (backend, side) in [(&source, "primary"), (&target, "secondary")] {
+                        if backend.is_empty() {
+                            continue;
+                        }
+                        let req = apb::DisableReplicationRequest {
+                            ctx: ctx(format!("{op_id}/{}/disable-{side}", v.id), epoch as u64, scope.clone()),
+                            volume_id: v.id.clone(),
+                        };
+                        self.core
+                            .agents
+                            .call(backend, timeout, true, |mut c| {
+                                let req = req.clone();
+                                async move { c.disable_replication(req).await }
+                            })
+                            .await
+                            .map_err(|s| format!("{side} on {backend}: {}", s.message()))?;
+                    }
+                    Ok(None)
+                }
+            })
+            .await;
+        let failure = Self::summarize(&outcomes);
+        for v in &mut volumes {
+            let ok = outcomes.iter().any(|o| o.volume_id == v.id && o.result.is_ok());
+            v.replication_status = if ok { rs::DISABLED } else { rs::ERROR }.into();
+        }
+        group.pending = None;
+        group.epoch = epoch as u64;
+        match &failure {
+            None => {
+                group.replication_status = rs::DISABLED.into();
+                group.record("disable-replication", format!("stopped replicating to {target}"), epoch as u64);
+                group.replication_target.clear();
+            }
+            Some(reason) => {
+                group.replication_status = rs::ERROR.into();
+                group.status_reason = format!("disabling replication: {reason}; retry `disable-replication`");
+                group.record("disable-replication", format!("failed: {reason}"), epoch as u64);
+            }
+        }
+        self.finish(&group, &volumes, epoch).await?;
+        Ok(Self::result(&group, &outcomes))
+    }
+
+    // ------------------------------------------------------------------ failover
+
+    async fn failover(&self, r: pb::FailoverGroupRequest) -> ApiResult<pb::ReplicationResult> {
+        if r.target_backend.trim().is_empty() {
+            return Err(ApiError::InvalidArgument(format!(
+                "`target_backend` is required: the group's replication target, or `{DEFAULT_TARGET}` to fail back"
+            )));
+        }
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let rec = &g.rec;
+        let failback = r.target_backend == DEFAULT_TARGET;
+        let to = if failback { rec.primary_backend.clone() } else { r.target_backend.clone() };
+        if to == rec.active_backend {
+            return Err(ApiError::InvalidArgument(format!(
+                "group {} is already active on backend {to}; fail over to its replication target{} or `{DEFAULT_TARGET}`",
+                rec.name,
+                if rec.replication_target.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", rec.replication_target)
+                }
+            )));
+        }
+        let status = rec.replication_status.as_str();
+        let allowed = if failback {
+            status == rs::FAILED_OVER || (status == rs::ERROR && rec.active_backend != rec.primary_backend)
+        } else {
+            status == rs::ENABLED || (status == rs::ERROR && !rec.replication_target.is_empty())
+        };
+        if !allowed {
+            let need = if failback { "failed-over" } else { "enabled" };
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} has replication status {status}; {} needs {need}",
+                rec.name,
+                if failback { "failback" } else { "failover" }
+            )));
+        }
+        if !failback && to != rec.replication_target {
+            return Err(ApiError::InvalidArgument(format!(
+                "backend {to} is not the replication target of group {} (that is {}); list targets with `drover group list-targets {}`",
+                rec.name, rec.replication_target, rec.name
+            )));
+        }
+        let (action, transient) =
+            if failback { ("failback", rs::FAILING_BACK) } else { ("failover", rs::FAILING_OVER) };
+        let snap = self.snapshot(g).await?;
+        let (group, volumes, epoch) = self.begin(snap, transient, Self::new_op(action, &to, r.force)).await?;
+        self.drive_failover(group, volumes, epoch).await
+    }
+
+    async fn drive_failover(
+        &self,
+        mut group: GroupRec,
+        mut volumes: Vec<VolumeRec>,
+        epoch: i64,
+    ) -> ApiResult<pb::ReplicationResult> {
+        let op = group.pending.clone().expect("failover has a pending op");
+        let failback = op.action == "failback";
+        let to = op.target.clone();
+        let from = group.active_backend.clone();
+        let scope = format!("group/{}", group.id);
+        let (timeout, short) = (self.core.config.agent_call_timeout, self.core.config.failed_site_timeout);
+        let outcomes = self
+            .each_volume(&volumes, |v| {
+                let (op_id, scope, from, to) = (op.op_id.clone(), scope.clone(), from.clone(), to.clone());
+                let force = op.force;
+                async move {
+                    // A planned failover demotes the old side first so that nothing is lost.
+                    // A forced (disaster) one does not wait for the failed site at all.
+                    if !force {
+                        let req = apb::DemoteVolumeRequest {
+                            ctx: ctx(format!("{op_id}/{}/demote", v.id), epoch as u64, scope.clone()),
+                            volume_id: v.id.clone(),
+                        };
+                        self.core
+                            .agents
+                            .call(&from, short, true, |mut c| {
+                                let req = req.clone();
+                                async move { c.demote_volume(req).await }
+                            })
+                            .await
+                            .map_err(|s| {
+                                format!(
+                                    "could not demote on {from}: {}; if {from} is down, fail over with --force",
+                                    s.message()
+                                )
+                            })?;
+                    }
+                    let req = apb::PromoteVolumeRequest {
+                        ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
+                        volume_id: v.id.clone(),
+                        force,
+                    };
+                    let resp = self
+                        .core
+                        .agents
+                        .call(&to, timeout, true, |mut c| {
+                            let req = req.clone();
+                            async move { c.promote_volume(req).await }
+                        })
+                        .await
+                        .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
+                    Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
+                }
+            })
+            .await;
+        let failure = Self::summarize(&outcomes);
+        let done = if failback { rs::ENABLED } else { rs::FAILED_OVER };
+        for v in &mut volumes {
+            match outcomes.iter().find(|o| o.volume_id == v.id).map(|o| &o.result) {
+                Some(Ok(_)) => {
+                    v.active_backend = to.clone();
+                    v.replication_status = done.into();
+                }
+                _ => v.replication_status = rs::ERROR.into(),
+            }
+        }
+        let divergence: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.result.as_ref().ok().and_then(|d| d.as_ref()).map(|d| format!("{}@{d}", o.volume_id)))
+            .collect();
+        group.pending = None;
+        group.epoch = epoch as u64;
+        let kind = if op.force { "disaster" } else { "planned" };
+        match &failure {
+            None => {
+                group.replication_status = done.into();
+                group.active_backend = to.clone();
+                let mut detail = format!("{kind} {} from {from} to {to}", op.action);
+                if !divergence.is_empty() {
+                    detail.push_str(&format!("; divergence points: {}", divergence.join(", ")));
+                }
+                group.record(&op.action, detail, epoch as u64);
+            }
+            Some(reason) => {
+                group.replication_status = rs::ERROR.into();
+                group.status_reason =
+                    format!("{} to {to}: {reason}; retry the same command once the cause is fixed", op.action);
+                group.record(&op.action, format!("{kind} {} to {to} failed: {reason}", op.action), epoch as u64);
+            }
+        }
+        self.finish(&group, &volumes, epoch).await?;
+        Ok(Self::result(&group, &outcomes))
+    }
+
+    // ------------------------------------------------------------------ info and resume
+
+    async fn info(&self, r: pb::GetReplicationInfoRequest) -> ApiResult<pb::GroupReplicationInfo> {
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let timeout = self.core.config.probe_timeout;
+        let mut volumes = Vec::new();
+        for id in &g.rec.volume_ids {
+            let vol = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
+            let backend = vol.map(|v| v.rec.active_backend).unwrap_or_else(|| g.rec.active_backend.clone());
+            let req = apb::GetReplicationInfoRequest { volume_id: id.clone() };
+            let info = self
+                .core
+                .agents
+                .call(&backend, timeout, false, |mut c| {
+                    let req = req.clone();
+                    async move { c.get_replication_info(req).await }
+                })
+                .await;
+            volumes.push(match info {
+                Ok(i) => pb::VolumeReplicationInfo {
+                    volume_id: id.clone(),
+                    role: match apb::ReplicationRole::try_from(i.role) {
+                        Ok(apb::ReplicationRole::Primary) => "primary".into(),
+                        Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
+                        _ => String::new(),
+                    },
+                    status: i.status,
+                    last_sync_time_ms: i.last_sync_time_ms,
+                    last_sync_duration_ms: i.last_sync_duration_ms,
+                    last_sync_bytes: i.last_sync_bytes,
+                    recovery_point_id: i.recovery_point_id,
+                    error: i.error,
+                },
+                Err(s) => pb::VolumeReplicationInfo {
+                    volume_id: id.clone(),
+                    status: "error".into(),
+                    error: format!("backend {backend}: {}", s.message()),
+                    ..Default::default()
+                },
+            });
+        }
+        let oldest = volumes.iter().map(|v| v.last_sync_time_ms).min();
+        let rpo_ms = match oldest {
+            Some(t) if t > 0 => (now_ms() - t).max(0),
+            _ => -1,
+        };
+        Ok(pb::GroupReplicationInfo { group: Some(g.rec.to_pb()), volumes, rpo_ms })
+    }
+
+    /// Drives group transitions a previous orchestrator left pending.
+    pub async fn resume(&self) -> ApiResult<usize> {
+        let groups: Vec<_> = self
+            .core
+            .repo
+            .list::<GroupRec>(keys::GROUPS)
+            .await?
+            .into_iter()
+            .filter(|g| g.rec.pending.is_some())
+            .collect();
+        let count = groups.len();
+        for g in groups {
+            let id = g.rec.id.clone();
+            let status = g.rec.replication_status.clone();
+            let op = g.rec.pending.clone().expect("filtered on pending");
+            let result = async {
+                let snap = self.snapshot(g).await?;
+                let (group, volumes, epoch) = self.begin(snap, &status, op.clone()).await?;
+                tracing::info!(group = %id, action = %op.action, op_id = %op.op_id, epoch, "resuming group transition");
+                match op.action.as_str() {
+                    "enable" => self.drive_enable(group, volumes, epoch).await,
+                    "disable" => self.drive_disable(group, volumes, epoch).await,
+                    "failover" | "failback" => self.drive_failover(group, volumes, epoch).await,
+                    other => Err(ApiError::Internal(format!("unknown pending group action {other}"))),
+                }
+            }
+            .await;
+            if let Err(e) = result {
+                tracing::warn!(group = %id, error = %e, "resumed group transition failed");
+            }
+        }
+        Ok(count)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::replication_service_server::ReplicationService for ReplicationApi {
+    async fn enable_replication(
+        &self,
+        req: Request<pb::EnableReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationResult>, Status> {
+        Ok(Response::new(self.enable(req.into_inner()).await?))
+    }
+
+    async fn disable_replication(
+        &self,
+        req: Request<pb::DisableReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationResult>, Status> {
+        Ok(Response::new(self.disable(req.into_inner()).await?))
+    }
+
+    async fn failover_group(
+        &self,
+        req: Request<pb::FailoverGroupRequest>,
+    ) -> Result<Response<pb::ReplicationResult>, Status> {
+        Ok(Response::new(self.failover(req.into_inner()).await?))
+    }
+
+    async fn list_replication_targets(
+        &self,
+        req: Request<pb::ListReplicationTargetsRequest>,
+    ) -> Result<Response<pb::ListReplicationTargetsResponse>, Status> {
+        let r = req.into_inner();
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let mut targets = Vec::new();
+        for b in self.candidates(&g.rec).await? {
+            let regs = self.core.agents.registrations(&b.name).await?;
+            let mut up = false;
+            for a in &regs {
+                if self.core.agents.probe(&a.endpoint, self.core.config.probe_timeout).await.is_ok() {
+                    up = true;
+                    break;
+                }
+            }
+            targets.push(pb::ReplicationTarget {
+                backend: b.name,
+                site: b.site,
+                status: if up { "up" } else { "down" }.into(),
+            });
+        }
+        Ok(Response::new(pb::ListReplicationTargetsResponse { targets }))
+    }
+
+    async fn get_replication_info(
+        &self,
+        req: Request<pb::GetReplicationInfoRequest>,
+    ) -> Result<Response<pb::GroupReplicationInfo>, Status> {
+        Ok(Response::new(self.info(req.into_inner()).await?))
+    }
+}

@@ -1,0 +1,217 @@
+//! Sites, backends and the agent registry.
+
+use std::sync::Arc;
+
+use drover_proto::v1 as pb;
+use drover_store::{Compare, StoreError, Txn, TxnOp};
+use tonic::{Request, Response, Status};
+
+use super::Core;
+use crate::error::{ApiError, ApiResult, raced};
+use crate::model::{AgentRec, BackendRec, SiteRec, keys, now_ms};
+use crate::repo::{Versioned, put, validate_name};
+
+/// `drover.v1.SiteService` and `drover.v1.AgentRegistry`.
+pub struct SiteApi {
+    pub core: Arc<Core>,
+}
+
+/// How many times registration re-reads after losing a race with another registration.
+const REGISTER_ATTEMPTS: usize = 5;
+
+impl SiteApi {
+    async fn backend(&self, name: &str) -> ApiResult<Versioned<BackendRec>> {
+        validate_name("name", name)?;
+        self.core.repo.get::<BackendRec>(&keys::backend(name)).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("backend {name:?} not found; list backends with `drover backend list`"))
+        })
+    }
+
+    /// A backend with its agents' liveness: a live lease (the registration exists) and a
+    /// successful probe.
+    pub async fn describe(&self, b: &BackendRec) -> ApiResult<pb::Backend> {
+        let regs = self.core.agents.registrations(&b.name).await?;
+        let probes = regs.iter().map(|a| self.core.agents.probe(&a.endpoint, self.core.config.probe_timeout));
+        let results = futures::future::join_all(probes).await;
+        let agents: Vec<pb::AgentStatus> = regs
+            .into_iter()
+            .zip(results)
+            .map(|(a, probe)| pb::AgentStatus {
+                agent_id: a.agent_id,
+                endpoint: a.endpoint,
+                liveness: if probe.is_ok() { "up" } else { "down" }.into(),
+                probe_error: probe.err().unwrap_or_default(),
+                driver: a.driver,
+                driver_version: a.driver_version,
+            })
+            .collect();
+        let status = if agents.iter().any(|a| a.liveness == "up") { "up" } else { "down" };
+        Ok(pb::Backend {
+            name: b.name.clone(),
+            site: b.site.clone(),
+            driver: b.driver.clone(),
+            capabilities: b.capabilities.clone(),
+            frozen: b.frozen,
+            agents,
+            status: status.into(),
+        })
+    }
+
+    async fn set_frozen(&self, name: &str, frozen: bool) -> ApiResult<pb::Backend> {
+        let b = self.backend(name).await?;
+        let mut rec = b.rec.clone();
+        rec.frozen = frozen;
+        let txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::backend(name).into_bytes(), b.rev))
+            .and_then(put(&keys::backend(name), &rec));
+        if !self.core.repo.txn(txn).await?.succeeded {
+            return Err(raced(&format!("backend {name}")));
+        }
+        tracing::info!(backend = name, frozen, "backend freeze state changed");
+        self.describe(&rec).await
+    }
+
+    async fn register(&self, r: pb::RegisterAgentRequest) -> ApiResult<pb::RegisterAgentResponse> {
+        validate_name("agent_id", &r.agent_id)?;
+        validate_name("site", &r.site)?;
+        validate_name("backend", &r.backend)?;
+        if !(r.endpoint.starts_with("http://") || r.endpoint.starts_with("https://")) {
+            return Err(ApiError::InvalidArgument(format!(
+                "`endpoint` {:?} must be an http:// or https:// URI",
+                r.endpoint
+            )));
+        }
+        let ttl = self.core.config.agent_lease_ttl.as_secs() as i64;
+        let store = self.core.repo.store();
+        let lease = store.grant_lease(ttl).await?;
+        for _ in 0..REGISTER_ATTEMPTS {
+            let site = self.core.repo.get::<SiteRec>(&keys::site(&r.site)).await?;
+            let backend = self.core.repo.get::<BackendRec>(&keys::backend(&r.backend)).await?;
+            if let Some(b) = &backend
+                && b.rec.site != r.site
+            {
+                let _ = store.revoke_lease(lease).await;
+                return Err(ApiError::FailedPrecondition(format!(
+                    "backend {} belongs to site {}, not {}; fix the agent's `site` setting",
+                    r.backend, b.rec.site, r.site
+                )));
+            }
+            let frozen = backend.as_ref().is_some_and(|b| b.rec.frozen);
+            let rec = BackendRec {
+                name: r.backend.clone(),
+                site: r.site.clone(),
+                driver: r.driver.clone(),
+                capabilities: r.capabilities.clone(),
+                frozen,
+            };
+            let agent = AgentRec {
+                agent_id: r.agent_id.clone(),
+                site: r.site.clone(),
+                backend: r.backend.clone(),
+                endpoint: r.endpoint.clone(),
+                driver: r.driver.clone(),
+                driver_version: r.driver_version.clone(),
+                capabilities: r.capabilities.clone(),
+                registered_at_ms: now_ms(),
+            };
+            let mut txn = Txn::new()
+                .when(Compare::ModRevisionEquals(keys::site(&r.site).into_bytes(), site.as_ref().map_or(0, |s| s.rev)))
+                .when(Compare::ModRevisionEquals(
+                    keys::backend(&r.backend).into_bytes(),
+                    backend.as_ref().map_or(0, |b| b.rev),
+                ))
+                .and_then(put(&keys::backend(&r.backend), &rec))
+                .and_then(TxnOp::put_with_lease(
+                    keys::agent(&r.backend, &r.agent_id).into_bytes(),
+                    serde_json::to_vec(&agent).expect("records serialise"),
+                    lease,
+                ));
+            if site.is_none() {
+                txn = txn
+                    .and_then(put(&keys::site(&r.site), &SiteRec { name: r.site.clone(), description: String::new() }));
+            }
+            if self.core.repo.txn(txn).await?.succeeded {
+                tracing::info!(agent = %r.agent_id, backend = %r.backend, site = %r.site, endpoint = %r.endpoint, lease, "agent registered");
+                return Ok(pb::RegisterAgentResponse { lease_id: lease, ttl_seconds: ttl });
+            }
+        }
+        let _ = store.revoke_lease(lease).await;
+        Err(raced(&format!("backend {}", r.backend)))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::site_service_server::SiteService for SiteApi {
+    async fn create_site(&self, req: Request<pb::CreateSiteRequest>) -> Result<Response<pb::Site>, Status> {
+        let r = req.into_inner();
+        validate_name("name", &r.name)?;
+        let rec = SiteRec { name: r.name.clone(), description: r.description.clone() };
+        let created = self
+            .core
+            .repo
+            .txn(
+                Txn::new()
+                    .when(Compare::Absent(keys::site(&r.name).into_bytes()))
+                    .and_then(put(&keys::site(&r.name), &rec)),
+            )
+            .await?;
+        if !created.succeeded {
+            return Err(ApiError::AlreadyExists(format!("site {} already exists", r.name)).into());
+        }
+        Ok(Response::new(pb::Site { name: rec.name, description: rec.description }))
+    }
+
+    async fn list_sites(&self, _req: Request<pb::ListSitesRequest>) -> Result<Response<pb::ListSitesResponse>, Status> {
+        let sites = self.core.repo.list::<SiteRec>(keys::SITES).await?;
+        Ok(Response::new(pb::ListSitesResponse {
+            sites: sites.into_iter().map(|s| pb::Site { name: s.rec.name, description: s.rec.description }).collect(),
+        }))
+    }
+
+    async fn list_backends(
+        &self,
+        req: Request<pb::ListBackendsRequest>,
+    ) -> Result<Response<pb::ListBackendsResponse>, Status> {
+        let site = req.into_inner().site;
+        let all = self.core.repo.list::<BackendRec>(keys::BACKENDS).await?;
+        let chosen: Vec<_> = all.into_iter().filter(|b| site.is_empty() || b.rec.site == site).collect();
+        let described = futures::future::join_all(chosen.iter().map(|b| self.describe(&b.rec))).await;
+        let backends = described.into_iter().collect::<ApiResult<Vec<_>>>()?;
+        Ok(Response::new(pb::ListBackendsResponse { backends }))
+    }
+
+    async fn get_backend(&self, req: Request<pb::GetBackendRequest>) -> Result<Response<pb::Backend>, Status> {
+        let b = self.backend(&req.into_inner().name).await?;
+        Ok(Response::new(self.describe(&b.rec).await?))
+    }
+
+    async fn freeze_backend(&self, req: Request<pb::FreezeBackendRequest>) -> Result<Response<pb::Backend>, Status> {
+        Ok(Response::new(self.set_frozen(&req.into_inner().name, true).await?))
+    }
+
+    async fn thaw_backend(&self, req: Request<pb::ThawBackendRequest>) -> Result<Response<pb::Backend>, Status> {
+        Ok(Response::new(self.set_frozen(&req.into_inner().name, false).await?))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::agent_registry_server::AgentRegistry for SiteApi {
+    async fn register_agent(
+        &self,
+        req: Request<pb::RegisterAgentRequest>,
+    ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
+        Ok(Response::new(self.register(req.into_inner()).await?))
+    }
+
+    async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        match self.core.repo.store().keep_alive(r.lease_id).await {
+            Ok(ttl) => Ok(Response::new(pb::HeartbeatResponse { ttl_seconds: ttl })),
+            Err(StoreError::LeaseNotFound(_)) => Err(Status::not_found(format!(
+                "registration lease {} of agent {} has expired; register again",
+                r.lease_id, r.agent_id
+            ))),
+            Err(e) => Err(ApiError::from(e).into()),
+        }
+    }
+}

@@ -1,0 +1,393 @@
+//! Volumes: created, extended and deleted through the owning backend's agent.
+//!
+//! Each change is intent first: one transaction records the transient status and the
+//! pending op (its revision is the epoch stamped on the agent call), then the agent is
+//! called with that op_id, then one transaction compares the revision and records the
+//! outcome. A crash in between leaves the pending op in the store for [`VolumeApi::resume`].
+
+use std::sync::Arc;
+
+use drover_proto::agent::v1 as apb;
+use drover_proto::v1 as pb;
+use drover_store::{Compare, Txn, TxnOp};
+use tonic::{Code, Request, Response, Status};
+
+use super::Core;
+use crate::agents::ctx;
+use crate::error::{ApiError, ApiResult, raced};
+use crate::model::{BackendRec, PendingOp, VolumeRec, keys, now_ms, replication_status, volume_status};
+use crate::repo::{Versioned, put, validate_name, validate_size};
+
+/// `drover.v1.VolumeService`.
+pub struct VolumeApi {
+    pub core: Arc<Core>,
+}
+
+/// Errors from an agent that no retry can fix.
+pub fn agent_refused(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::OutOfRange
+    )
+}
+
+/// Maps an agent's status into an API error that names the backend.
+pub fn from_agent(backend: &str, what: &str, s: &Status) -> ApiError {
+    let msg = format!("backend {backend} could not {what}: {}", s.message());
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => ApiError::InvalidArgument(msg),
+        Code::NotFound => ApiError::NotFound(msg),
+        Code::AlreadyExists => ApiError::AlreadyExists(msg),
+        Code::FailedPrecondition | Code::Unimplemented => ApiError::FailedPrecondition(msg),
+        Code::Aborted => ApiError::Aborted(format!("{msg}; retry shortly")),
+        _ => ApiError::Unavailable(format!("{msg}; check the agent with `drover backend show {backend}`")),
+    }
+}
+
+/// Loads a backend that must accept management changes.
+pub async fn writable_backend(core: &Core, name: &str, capability: &str) -> ApiResult<BackendRec> {
+    validate_name("backend", name)?;
+    let b = core.repo.get::<BackendRec>(&keys::backend(name)).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("backend {name:?} not found; list backends with `drover backend list`"))
+    })?;
+    if b.rec.frozen {
+        return Err(ApiError::FailedPrecondition(format!(
+            "backend {name} is frozen: management changes are blocked; thaw it with `drover backend thaw {name}`"
+        )));
+    }
+    if !b.rec.capabilities.iter().any(|c| c == capability) {
+        return Err(ApiError::FailedPrecondition(format!(
+            "backend {name} (driver {}) lacks the `{capability}` capability",
+            b.rec.driver
+        )));
+    }
+    Ok(b.rec)
+}
+
+impl VolumeApi {
+    fn volume_txn(rec: &VolumeRec, expected_rev: i64) -> Txn {
+        Txn::new()
+            .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), expected_rev))
+            .and_then(put(&keys::volume(&rec.id), rec))
+    }
+
+    /// Writes `rec` if the volume is still at `expected_rev`; returns the new revision.
+    async fn save(&self, rec: &VolumeRec, expected_rev: i64) -> ApiResult<i64> {
+        let resp = self.core.repo.txn(Self::volume_txn(rec, expected_rev)).await?;
+        if !resp.succeeded {
+            return Err(raced(&format!("volume {}", rec.id)));
+        }
+        Ok(resp.revision)
+    }
+
+    /// Records a transient status and pending op; returns the epoch.
+    async fn begin(&self, v: &Versioned<VolumeRec>, status: &str, op: PendingOp) -> ApiResult<(VolumeRec, i64)> {
+        let mut rec = v.rec.clone();
+        rec.status = status.to_string();
+        rec.status_reason.clear();
+        rec.pending = Some(op);
+        let epoch = self.save(&rec, v.rev).await?;
+        Ok((rec, epoch))
+    }
+
+    async fn fail(&self, mut rec: VolumeRec, epoch: i64, reason: String) -> ApiResult<()> {
+        rec.status = volume_status::ERROR.into();
+        rec.status_reason = reason;
+        rec.pending = None;
+        self.save(&rec, epoch).await.map(|_| ())
+    }
+
+    async fn create(&self, r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
+        validate_name("name", &r.name)?;
+        validate_name("project", &r.project)?;
+        let size = validate_size("size_bytes", r.size_bytes)?;
+        writable_backend(&self.core, &r.backend, "volume").await?;
+        let id = uuid::Uuid::now_v7().to_string();
+        let rec = VolumeRec {
+            id: id.clone(),
+            name: r.name.clone(),
+            project: r.project.clone(),
+            size_bytes: size,
+            backend: r.backend.clone(),
+            active_backend: r.backend.clone(),
+            group_id: String::new(),
+            status: volume_status::CREATING.into(),
+            replication_status: replication_status::DISABLED.into(),
+            status_reason: String::new(),
+            created_at_ms: now_ms(),
+            pending: Some(PendingOp {
+                op_id: uuid::Uuid::now_v7().to_string(),
+                action: "create".into(),
+                target: r.backend.clone(),
+                force: false,
+                new_size_bytes: size,
+                started_at_ms: now_ms(),
+            }),
+        };
+        let name_key = keys::volume_name(&r.project, &r.name);
+        let txn = Txn::new()
+            .when(Compare::Absent(name_key.clone().into_bytes()))
+            .when(Compare::Absent(keys::volume(&id).into_bytes()))
+            .and_then(TxnOp::put(name_key, id.clone()))
+            .and_then(put(&keys::volume(&id), &rec));
+        let resp = self.core.repo.txn(txn).await?;
+        if !resp.succeeded {
+            return Err(ApiError::AlreadyExists(format!(
+                "volume {} already exists in project {}; pick another name",
+                r.name, r.project
+            )));
+        }
+        tracing::info!(volume = %id, name = %r.name, backend = %r.backend, epoch = resp.revision, "creating volume");
+        self.drive_create(rec, resp.revision).await
+    }
+
+    async fn drive_create(&self, mut rec: VolumeRec, epoch: i64) -> ApiResult<VolumeRec> {
+        let op = rec.pending.clone().expect("create has a pending op");
+        let call = self
+            .core
+            .agents
+            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+                let req = apb::CreateVolumeRequest {
+                    ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
+                    volume_id: rec.id.clone(),
+                    size_bytes: op.new_size_bytes as i64,
+                };
+                async move { c.create_volume(req).await }
+            })
+            .await;
+        match call {
+            Ok(_) => {
+                rec.status = volume_status::AVAILABLE.into();
+                rec.pending = None;
+                self.save(&rec, epoch).await?;
+                Ok(rec)
+            }
+            Err(s) if agent_refused(s.code()) => {
+                // Nothing was created: forget the volume so its name is free again.
+                let txn = Txn::new()
+                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
+                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
+                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+                self.core.repo.txn(txn).await?;
+                Err(from_agent(&rec.backend, &format!("create volume {}", rec.name), &s))
+            }
+            Err(s) => {
+                let err = from_agent(&rec.backend, &format!("create volume {}", rec.name), &s);
+                self.fail(rec.clone(), epoch, format!("{err}; delete the volume and create it again")).await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn delete(&self, r: pb::DeleteVolumeRequest) -> ApiResult<()> {
+        let v = self.core.repo.volume(&r.volume, &r.project).await?;
+        if !v.rec.group_id.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is in group {}; remove it from the group first (`drover group remove-volumes`)",
+                v.rec.name, v.rec.group_id
+            )));
+        }
+        if v.rec.status != volume_status::AVAILABLE && v.rec.status != volume_status::ERROR {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is {}; wait until it is available or error",
+                v.rec.name, v.rec.status
+            )));
+        }
+        writable_backend(&self.core, &v.rec.backend, "volume").await?;
+        let op = PendingOp {
+            op_id: uuid::Uuid::now_v7().to_string(),
+            action: "delete".into(),
+            target: v.rec.backend.clone(),
+            force: false,
+            new_size_bytes: 0,
+            started_at_ms: now_ms(),
+        };
+        let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
+        self.drive_delete(rec, epoch).await
+    }
+
+    async fn drive_delete(&self, rec: VolumeRec, epoch: i64) -> ApiResult<()> {
+        let op = rec.pending.clone().expect("delete has a pending op");
+        let call = self
+            .core
+            .agents
+            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+                let req = apb::DeleteVolumeRequest {
+                    ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
+                    volume_id: rec.id.clone(),
+                };
+                async move { c.delete_volume(req).await }
+            })
+            .await;
+        match call {
+            Ok(_) => {
+                let txn = Txn::new()
+                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
+                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
+                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+                if !self.core.repo.txn(txn).await?.succeeded {
+                    return Err(raced(&format!("volume {}", rec.id)));
+                }
+                tracing::info!(volume = %rec.id, "volume deleted");
+                Ok(())
+            }
+            Err(s) => {
+                let err = from_agent(&rec.backend, &format!("delete volume {}", rec.name), &s);
+                self.fail(rec, epoch, format!("{err}; retry the delete")).await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn extend(&self, r: pb::ExtendVolumeRequest) -> ApiResult<VolumeRec> {
+        let new_size = validate_size("new_size_bytes", r.new_size_bytes)?;
+        let v = self.core.repo.volume(&r.volume, &r.project).await?;
+        if v.rec.status != volume_status::AVAILABLE {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is {}; only an available volume can be extended",
+                v.rec.name, v.rec.status
+            )));
+        }
+        if new_size <= v.rec.size_bytes {
+            return Err(ApiError::InvalidArgument(format!(
+                "`new_size_bytes` {new_size} is not larger than the current size {}; volumes only grow",
+                v.rec.size_bytes
+            )));
+        }
+        if v.rec.replication_status != replication_status::DISABLED
+            && v.rec.replication_status != replication_status::NOT_CAPABLE
+        {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} has replication {}; disable its group's replication before extending it",
+                v.rec.name, v.rec.replication_status
+            )));
+        }
+        writable_backend(&self.core, &v.rec.backend, "extend").await?;
+        let op = PendingOp {
+            op_id: uuid::Uuid::now_v7().to_string(),
+            action: "extend".into(),
+            target: v.rec.backend.clone(),
+            force: false,
+            new_size_bytes: new_size,
+            started_at_ms: now_ms(),
+        };
+        let (rec, epoch) = self.begin(&v, volume_status::EXTENDING, op).await?;
+        self.drive_extend(rec, epoch).await
+    }
+
+    async fn drive_extend(&self, mut rec: VolumeRec, epoch: i64) -> ApiResult<VolumeRec> {
+        let op = rec.pending.clone().expect("extend has a pending op");
+        let call = self
+            .core
+            .agents
+            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+                let req = apb::ExtendVolumeRequest {
+                    ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
+                    volume_id: rec.id.clone(),
+                    new_size_bytes: op.new_size_bytes as i64,
+                };
+                async move { c.extend_volume(req).await }
+            })
+            .await;
+        match call {
+            Ok(info) => {
+                rec.size_bytes = info.size_bytes as u64;
+                rec.status = volume_status::AVAILABLE.into();
+                rec.pending = None;
+                self.save(&rec, epoch).await?;
+                Ok(rec)
+            }
+            Err(s) if agent_refused(s.code()) => {
+                // The backend refused: the volume is as it was.
+                rec.status = volume_status::AVAILABLE.into();
+                rec.pending = None;
+                self.save(&rec, epoch).await?;
+                Err(from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s))
+            }
+            Err(s) => {
+                let err = from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s);
+                self.fail(rec, epoch, format!("{err}; the size is unknown until the extend is retried")).await?;
+                Err(err)
+            }
+        }
+    }
+
+    /// Finishes volume operations a previous orchestrator left pending. Claiming bumps the
+    /// revision, so the resumed calls carry a higher epoch than the dead owner's.
+    pub async fn resume(&self) -> ApiResult<usize> {
+        let pending: Vec<_> = self
+            .core
+            .repo
+            .list::<VolumeRec>(keys::VOLUMES)
+            .await?
+            .into_iter()
+            .filter(|v| v.rec.pending.is_some())
+            .collect();
+        let count = pending.len();
+        for v in pending {
+            let epoch = match self.save(&v.rec, v.rev).await {
+                Ok(epoch) => epoch,
+                Err(e) => {
+                    tracing::warn!(volume = %v.rec.id, error = %e, "could not claim pending volume op");
+                    continue;
+                }
+            };
+            let action = v.rec.pending.as_ref().map(|p| p.action.clone()).unwrap_or_default();
+            tracing::info!(volume = %v.rec.id, action = %action, epoch, "resuming volume operation");
+            let result = match action.as_str() {
+                "create" => self.drive_create(v.rec, epoch).await.map(|_| ()),
+                "delete" => self.drive_delete(v.rec, epoch).await,
+                "extend" => self.drive_extend(v.rec, epoch).await.map(|_| ()),
+                other => Err(ApiError::Internal(format!("unknown pending volume action {other}"))),
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "resumed volume operation failed");
+            }
+        }
+        Ok(count)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::volume_service_server::VolumeService for VolumeApi {
+    async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        Ok(Response::new(self.create(req.into_inner()).await?.to_pb()))
+    }
+
+    async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.core.repo.volume(&r.volume, &r.project).await?.rec.to_pb()))
+    }
+
+    async fn list_volumes(
+        &self,
+        req: Request<pb::ListVolumesRequest>,
+    ) -> Result<Response<pb::ListVolumesResponse>, Status> {
+        let project = req.into_inner().project;
+        let all = self.core.repo.list::<VolumeRec>(keys::VOLUMES).await?;
+        Ok(Response::new(pb::ListVolumesResponse {
+            volumes: all
+                .into_iter()
+                .filter(|v| project.is_empty() || v.rec.project == project)
+                .map(|v| v.rec.to_pb())
+                .collect(),
+        }))
+    }
+
+    async fn delete_volume(
+        &self,
+        req: Request<pb::DeleteVolumeRequest>,
+    ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
+        self.delete(req.into_inner()).await?;
+        Ok(Response::new(pb::DeleteVolumeResponse {}))
+    }
+
+    async fn extend_volume(&self, req: Request<pb::ExtendVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        Ok(Response::new(self.extend(req.into_inner()).await?.to_pb()))
+    }
+}
