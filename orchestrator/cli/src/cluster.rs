@@ -1,0 +1,168 @@
+//! Local clusters of real processes: an orchestrator and agents, each a `drover` child
+//! process on 127.0.0.1 with a free port, logging to a file. Children are killed when
+//! dropped. The drill and the integration tests both use this.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The line a server prints once it serves; the address follows it.
+pub const READY_MARKER: &str = "listening on ";
+
+/// A child process, killed and reaped on drop.
+pub struct Proc {
+    pub name: String,
+    pub log: PathBuf,
+    child: Child,
+}
+
+impl Proc {
+    /// Starts `program args`, with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> std::io::Result<Self> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let child =
+            Command::new(program).args(args).stdin(Stdio::null()).stdout(out.try_clone()?).stderr(out).spawn()?;
+        Ok(Self { name: name.to_string(), log, child })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits until the log holds a line with `needle` written after `from_byte`; returns
+    /// what follows the needle on that line.
+    pub fn wait_for(&mut self, needle: &str, from_byte: usize, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if let Some(pos) = text.get(from_byte..).and_then(|t| t.find(needle)) {
+                let rest = &text[from_byte + pos + needle.len()..];
+                return Ok(rest.lines().next().unwrap_or("").trim().to_string());
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}) before printing {needle:?}; its log:\n{}",
+                    self.name,
+                    tail(&text)
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not print {needle:?} within {timeout:?}; its log:\n{}",
+                    self.name,
+                    tail(&text)
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The whole log so far.
+    pub fn log_text(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Sends SIGKILL and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+/// Finds the `drover` binary: `$DROVER_BIN`, else beside the running executable (or one
+/// directory up, where cargo puts binaries relative to test executables).
+pub fn locate_drover() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("DROVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut dir = exe.parent().map(Path::to_path_buf);
+    for _ in 0..2 {
+        let Some(d) = dir else { break };
+        let candidate = d.join("drover");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+        dir = d.parent().map(Path::to_path_buf);
+    }
+    Err("cannot find the drover binary; build it with `cargo build -p drover-cli` or set DROVER_BIN".into())
+}
+
+/// A running server process and the endpoint it serves.
+pub struct Server {
+    pub proc: Proc,
+    pub endpoint: String,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn start(bin: &Path, name: &str, log: PathBuf, args: Vec<String>) -> Result<Server, String> {
+    let mut proc = Proc::spawn(name, bin, &args, log).map_err(|e| format!("cannot start {name}: {e}"))?;
+    let addr = proc.wait_for(READY_MARKER, 0, START_TIMEOUT)?;
+    Ok(Server { proc, endpoint: format!("http://{addr}") })
+}
+
+/// Starts an orchestrator. `store_args` picks the store, e.g. `--store-path FILE` or
+/// `--store etcd --etcd-endpoints URL --store-prefix /t1/`.
+pub fn start_orchestrator(bin: &Path, dir: &Path, name: &str, store_args: &[String]) -> Result<Server, String> {
+    let mut args = vec!["orchestrator".to_string(), "--listen".into(), "127.0.0.1:0".into()];
+    args.extend(store_args.iter().cloned());
+    start(bin, name, dir.join(format!("{name}.log")), args)
+}
+
+/// Settings for one agent process.
+pub struct AgentSpec<'a> {
+    pub name: &'a str,
+    pub site: &'a str,
+    pub backend: &'a str,
+    pub orchestrator: &'a str,
+    pub extra: Vec<String>,
+}
+
+/// Starts a mock agent that registers with the orchestrator.
+pub fn start_mock_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server, String> {
+    let mut args: Vec<String> = [
+        "agent",
+        "--agent-id",
+        spec.name,
+        "--site",
+        spec.site,
+        "--backend",
+        spec.backend,
+        "--driver",
+        "mock",
+        "--listen",
+        "127.0.0.1:0",
+        "--orchestrator",
+        spec.orchestrator,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.push("--state-dir".into());
+    args.push(dir.join(spec.name).display().to_string());
+    args.extend(spec.extra);
+    start(bin, spec.name, dir.join(format!("{}.log", spec.name)), args)
+}
