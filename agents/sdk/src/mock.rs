@@ -100,7 +100,7 @@ impl MockDriver {
             tokio::time::sleep(latency).await;
         }
         if let Some(p) = self.config.fail.get(op)
-            && rand::random::<f64>() < *p
+            && fastrand::f64() < *p
         {
             return Err(DriverError::Unavailable(format!("mock: injected failure of {op} on {target}")));
         }

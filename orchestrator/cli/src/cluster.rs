@@ -119,8 +119,10 @@ pub struct Server {
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn start(bin: &Path, name: &str, log: PathBuf, args: Vec<String>) -> Result<Server, String> {
+    // A restarted process appends to its old log: look only at what this run writes.
+    let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
     let mut proc = Proc::spawn(name, bin, &args, log).map_err(|e| format!("cannot start {name}: {e}"))?;
-    let addr = proc.wait_for(READY_MARKER, 0, START_TIMEOUT)?;
+    let addr = proc.wait_for(READY_MARKER, from, START_TIMEOUT)?;
     Ok(Server { proc, endpoint: format!("http://{addr}") })
 }
 

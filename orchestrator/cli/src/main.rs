@@ -323,8 +323,8 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     if a.advertise.is_some() {
         cfg.advertise = a.advertise;
     }
-    if a.orchestrator.is_some() {
-        cfg.orchestrator = a.orchestrator;
+    if let Some(o) = a.orchestrator {
+        cfg.orchestrator = (!o.is_empty()).then_some(o);
     }
     if let Some(v) = a.state_dir {
         cfg.state_dir = v;

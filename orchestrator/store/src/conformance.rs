@@ -170,7 +170,8 @@ pub async fn lease_revoke_deletes_bound_keys(store: Arc<dyn KvStore>) {
     store.revoke_lease(lease).await.unwrap();
     assert!(store.get(b"live/a").await.unwrap().is_none(), "bound key must go with its lease");
     assert!(store.get(b"live/b").await.unwrap().is_some(), "unbound key must stay");
-    assert!(matches!(store.keep_alive(lease).await, Err(StoreError::LeaseNotFound(_))));
+    let ka = store.keep_alive(lease).await;
+    assert!(matches!(ka, Err(StoreError::LeaseNotFound(_))), "keepalive of a revoked lease: {ka:?}");
 }
 
 /// A lease nobody keeps alive expires and takes its keys.
@@ -198,7 +199,8 @@ pub async fn keepalive_extends_lease(store: Arc<dyn KvStore>) {
 
 /// Keepalive on, or put with, a lease that does not exist fails.
 pub async fn unknown_lease_is_refused(store: Arc<dyn KvStore>) {
-    assert!(matches!(store.keep_alive(987_654_321).await, Err(StoreError::LeaseNotFound(_))));
+    let ka = store.keep_alive(987_654_321).await;
+    assert!(matches!(ka, Err(StoreError::LeaseNotFound(_))), "{ka:?}");
     let put = store.txn(Txn::new().and_then(TxnOp::put_with_lease(&b"nl"[..], &b"x"[..], 987_654_321))).await;
     assert!(put.is_err(), "a put bound to a missing lease must fail");
     assert!(store.get(b"nl").await.unwrap().is_none());

@@ -33,12 +33,8 @@ fn map_err(e: etcd_client::Error) -> StoreError {
 }
 
 fn lease_err(lease: i64, e: etcd_client::Error) -> StoreError {
-    match &e {
-        etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found") => {
-            StoreError::LeaseNotFound(lease)
-        }
-        _ => map_err(e),
-    }
+    // etcd says so in a gRPC status or, on the keepalive stream, in a keepalive error.
+    if e.to_string().contains("lease not found") { StoreError::LeaseNotFound(lease) } else { map_err(e) }
 }
 
 fn convert_kv(kv: &etcd_client::KeyValue) -> KeyValue {

@@ -1,0 +1,246 @@
+//! Test harness: a real etcd server per test, clusters of real `drover` processes on
+//! loopback ports, and a runner for the `drover` CLI. Everything started here is killed
+//! when its handle drops, and lives in a temporary directory.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_cli::cluster::{AgentSpec, Proc, Server, locate_drover, start_mock_agent, start_orchestrator};
+use drover_proto::v1 as pb;
+use drover_store::{EtcdStore, KvStore, Prefixed};
+
+/// A free TCP port on 127.0.0.1 (bound, then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind a free port").local_addr().expect("local addr").port()
+}
+
+/// A unique key prefix, so tests sharing a store never see each other's keys.
+pub fn fresh_prefix() -> String {
+    format!("/drover-test/{}/", uuid::Uuid::now_v7())
+}
+
+/// A real etcd server (Debian's etcd-server) on loopback ports with a temporary data dir.
+pub struct Etcd {
+    pub endpoint: String,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (client, peer) = (free_port(), free_port());
+        let endpoint = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let args: Vec<String> = [
+            "--name",
+            "n1",
+            "--data-dir",
+            &dir.path().join("data").display().to_string(),
+            "--listen-client-urls",
+            &endpoint,
+            "--advertise-client-urls",
+            &endpoint,
+            "--listen-peer-urls",
+            &peer_url,
+            "--initial-advertise-peer-urls",
+            &peer_url,
+            "--initial-cluster",
+            &format!("n1={peer_url}"),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let etcd = which_etcd();
+        let proc = Proc::spawn("etcd", &etcd, &args, dir.path().join("etcd.log")).unwrap_or_else(|e| {
+            panic!("cannot start {} ({e}); run `cargo xtask test`, which installs etcd-server", etcd.display())
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&endpoint), Duration::from_secs(2)).await
+                && store.put(b"/health", b"ok").await.is_ok()
+            {
+                break;
+            }
+            assert!(Instant::now() < deadline, "etcd did not come up within 30 s; log:\n{}", proc.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self { endpoint, _proc: proc, _dir: dir }
+    }
+
+    /// A client store confined to a fresh prefix.
+    pub async fn store(&self) -> Arc<dyn KvStore> {
+        let raw = EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
+            .await
+            .expect("connect etcd");
+        Arc::new(Prefixed::new(Arc::new(raw), fresh_prefix()))
+    }
+}
+
+fn which_etcd() -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("etcd")).find(|p| p.is_file()))
+        .unwrap_or_else(|| PathBuf::from("/usr/bin/etcd"))
+}
+
+/// Which store a cluster's orchestrator uses.
+pub enum StoreChoice<'a> {
+    /// The embedded store in the cluster's directory.
+    Embedded,
+    /// A running etcd, under a fresh prefix.
+    Etcd(&'a Etcd),
+}
+
+/// An orchestrator and two mock agents (backend-a at site-a, backend-b at site-b), each a
+/// separate `drover` process.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub bin: PathBuf,
+    pub orchestrator: Server,
+    pub agents: Vec<Server>,
+    store_args: Vec<String>,
+}
+
+impl Cluster {
+    /// Starts the cluster and waits until both backends are up.
+    pub async fn start(store: StoreChoice<'_>, agent_extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let bin = locate_drover().expect("drover binary");
+        let store_args: Vec<String> = match store {
+            StoreChoice::Embedded => {
+                vec!["--store-path".into(), dir.path().join("orchestrator.redb").display().to_string()]
+            }
+            StoreChoice::Etcd(etcd) => vec![
+                "--store".into(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                etcd.endpoint.clone(),
+                "--store-prefix".into(),
+                fresh_prefix(),
+            ],
+        };
+        let orchestrator =
+            start_orchestrator(&bin, dir.path(), "orchestrator", &store_args).expect("orchestrator starts");
+        let mut agents = Vec::new();
+        for (site, backend) in [("site-a", "backend-a"), ("site-b", "backend-b")] {
+            let name = format!("agent-{backend}");
+            let extra = agent_extra
+                .iter()
+                .map(|s| s.replace("{dir}", &dir.path().display().to_string()).replace("{backend}", backend))
+                .collect();
+            agents.push(
+                start_mock_agent(
+                    &bin,
+                    dir.path(),
+                    AgentSpec { name: &name, site, backend, orchestrator: &orchestrator.endpoint, extra },
+                )
+                .expect("agent starts"),
+            );
+        }
+        let cluster = Self { dir, bin, orchestrator, agents, store_args };
+        cluster.wait_backends_up().await;
+        cluster
+    }
+
+    /// API clients for the orchestrator.
+    pub async fn clients(&self) -> Clients {
+        Clients::connect(&self.orchestrator.endpoint, Duration::from_secs(60)).await.expect("connect orchestrator")
+    }
+
+    async fn wait_backends_up(&self) {
+        let mut c = self.clients().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list =
+                c.sites.list_backends(pb::ListBackendsRequest::default()).await.expect("list backends").into_inner();
+            if list.backends.iter().filter(|b| b.status == "up").count() == 2 {
+                return;
+            }
+            assert!(Instant::now() < deadline, "backends not up after 30 s: {:?}", list.backends);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGKILLs the orchestrator and starts a new one on the same store (new port).
+    pub async fn restart_orchestrator(&mut self) {
+        self.orchestrator.proc.kill();
+        let name = format!("orchestrator-{}", uuid::Uuid::now_v7());
+        self.orchestrator =
+            start_orchestrator(&self.bin, self.dir.path(), &name, &self.store_args).expect("orchestrator restarts");
+    }
+
+    /// Runs the `drover` CLI against this cluster.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        drover(&self.bin, &self.orchestrator.endpoint, args)
+    }
+
+    /// The cluster's directory.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// Runs the `drover` CLI with an endpoint and returns its output.
+pub fn drover(bin: &Path, endpoint: &str, args: &[&str]) -> Output {
+    std::process::Command::new(bin)
+        .args(["--endpoint", endpoint, "--project", "tests"])
+        .args(args)
+        .output()
+        .expect("run drover")
+}
+
+/// Creates `n` 1 GiB volumes on backend-a and a replication group over them, with
+/// replication enabled to backend-b. Returns the group's id.
+pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
+    let mut vols = Vec::new();
+    for i in 0..n {
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("{name}-v{i}"),
+                project: "tests".into(),
+                size_bytes: 1 << 30,
+                backend: "backend-a".into(),
+            })
+            .await
+            .expect("create volume")
+            .into_inner();
+        vols.push(v.id);
+    }
+    let g = c
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: name.into(),
+            project: "tests".into(),
+            group_type: "replication".into(),
+            backend: "backend-a".into(),
+            volumes: vols,
+        })
+        .await
+        .expect("create group")
+        .into_inner();
+    let r = c
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: g.id.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+        })
+        .await
+        .expect("enable replication")
+        .into_inner();
+    assert_eq!(r.group.expect("group").replication_status, "enabled");
+    g.id
+}
+
+/// Every volume and group record, as JSON, for before/after comparisons.
+pub async fn state_snapshot(c: &mut Clients) -> serde_json::Value {
+    let vols = c.volumes.list_volumes(pb::ListVolumesRequest::default()).await.expect("list volumes").into_inner();
+    let groups = c.groups.list_groups(pb::ListGroupsRequest::default()).await.expect("list groups").into_inner();
+    serde_json::json!({ "volumes": vols, "groups": groups })
+}

@@ -1,0 +1,183 @@
+//! The agent's guarantees, against a real agent process with the mock driver: epoch
+//! fencing, idempotency by op_id (proven by the mock's operation log), and ABORTED for a
+//! second concurrent mutation.
+
+use std::path::Path;
+use std::time::Duration;
+
+use drover_cli::cluster::{AgentSpec, Server, locate_drover, start_mock_agent};
+use drover_proto::agent::v1 as apb;
+use drover_proto::agent::v1::agent_client::AgentClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+fn agent(dir: &Path, extra: &[&str]) -> Server {
+    let bin = locate_drover().unwrap();
+    let oplog = dir.join("oplog.jsonl").display().to_string();
+    let mut args: Vec<String> = vec!["--mock-oplog".into(), oplog];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    start_mock_agent(
+        &bin,
+        dir,
+        AgentSpec { name: "agent", site: "site-a", backend: "backend-a", orchestrator: "", extra: args },
+    )
+    .unwrap()
+}
+
+async fn client(s: &Server) -> AgentClient<Channel> {
+    AgentClient::connect(s.endpoint.clone()).await.unwrap()
+}
+
+fn ctx(op: &str, epoch: u64, scope: &str) -> Option<apb::OpContext> {
+    Some(apb::OpContext { op_id: op.into(), epoch, fence_scope: scope.into() })
+}
+
+fn create(op: &str, epoch: u64, vol: &str) -> apb::CreateVolumeRequest {
+    apb::CreateVolumeRequest {
+        ctx: ctx(op, epoch, &format!("volume/{vol}")),
+        volume_id: vol.into(),
+        size_bytes: 1 << 20,
+    }
+}
+
+fn oplog_count(dir: &Path, op: &str, target: &str) -> usize {
+    let text = std::fs::read_to_string(dir.join("oplog.jsonl")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["op"] == op && e["target"] == target)
+        .count()
+}
+
+#[tokio::test]
+async fn stale_epoch_is_refused_even_after_agent_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    c.create_volume(create("op-1", 10, "v1")).await.expect("epoch 10 admitted");
+    let stale = c
+        .extend_volume(apb::ExtendVolumeRequest {
+            ctx: ctx("op-2", 9, "volume/v1"),
+            volume_id: "v1".into(),
+            new_size_bytes: 2 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert!(
+        stale.message().contains("stale epoch 9") && stale.message().contains("seen epoch 10"),
+        "{}",
+        stale.message()
+    );
+    assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 0, "a fenced call must not reach the driver");
+    // Another scope has its own epoch.
+    c.create_volume(create("op-3", 1, "v2")).await.expect("scope volume/v2 starts fresh");
+
+    // The highest epoch is durable: a restarted agent still refuses the stale owner.
+    server.proc.kill();
+    drop(server);
+    let server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    let stale = c
+        .extend_volume(apb::ExtendVolumeRequest {
+            ctx: ctx("op-4", 5, "volume/v1"),
+            volume_id: "v1".into(),
+            new_size_bytes: 2 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{}", stale.message());
+}
+
+#[tokio::test]
+async fn repeated_op_id_runs_once_and_replays_its_outcome() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    let first = c.create_volume(create("op-create", 3, "v1")).await.unwrap().into_inner();
+    let again = c.create_volume(create("op-create", 3, "v1")).await.unwrap().into_inner();
+    assert_eq!(first, again);
+    assert_eq!(oplog_count(dir.path(), "create_volume", "v1"), 1, "the driver must see the create once");
+
+    // A refused operation's outcome is replayed too, without calling the driver again.
+    let shrink =
+        apb::ExtendVolumeRequest { ctx: ctx("op-shrink", 3, "volume/v1"), volume_id: "v1".into(), new_size_bytes: 512 };
+    let e1 = c.extend_volume(shrink.clone()).await.unwrap_err();
+    let e2 = c.extend_volume(shrink.clone()).await.unwrap_err();
+    assert_eq!((e1.code(), e1.message()), (e2.code(), e2.message()));
+    assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 1);
+
+    // The ledger is durable: after a restart (the mock forgets its volumes), the same
+    // op_id still answers with the recorded outcome and the driver is not called.
+    server.proc.kill();
+    drop(server);
+    let server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    let replayed = c.create_volume(create("op-create", 3, "v1")).await.unwrap().into_inner();
+    assert_eq!(replayed, first);
+    assert_eq!(oplog_count(dir.path(), "create_volume", "v1"), 1);
+    let op = c.get_operation(apb::GetOperationRequest { op_id: "op-create".into() }).await.unwrap().into_inner();
+    assert_eq!(op.state, "succeeded");
+    let unknown = c.get_operation(apb::GetOperationRequest { op_id: "never".into() }).await.unwrap().into_inner();
+    assert_eq!(unknown.state, "unknown");
+}
+
+#[tokio::test]
+async fn second_mutation_on_a_busy_volume_is_aborted() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = agent(dir.path(), &["--mock-latency", "800ms"]);
+    let mut c = client(&server).await;
+    c.create_volume(create("op-0", 1, "v1")).await.unwrap();
+    let mut c2 = c.clone();
+    let slow = tokio::spawn(async move {
+        c2.extend_volume(apb::ExtendVolumeRequest {
+            ctx: ctx("op-a", 1, "volume/v1"),
+            volume_id: "v1".into(),
+            new_size_bytes: 2 << 20,
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = c
+        .extend_volume(apb::ExtendVolumeRequest {
+            ctx: ctx("op-b", 1, "volume/v1"),
+            volume_id: "v1".into(),
+            new_size_bytes: 3 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(busy.code(), Code::Aborted, "{}", busy.message());
+    assert!(busy.message().contains("op-a"), "{}", busy.message());
+    assert_eq!(slow.await.unwrap().unwrap().into_inner().size_bytes, 2 << 20);
+    // Once the first finished, the volume takes mutations again.
+    c.extend_volume(apb::ExtendVolumeRequest {
+        ctx: ctx("op-c", 1, "volume/v1"),
+        volume_id: "v1".into(),
+        new_size_bytes: 3 << 20,
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn mutations_without_a_context_are_invalid() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    let e = c
+        .create_volume(apb::CreateVolumeRequest { ctx: None, volume_id: "v".into(), size_bytes: 1 << 20 })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c.create_volume(create("op", 0, "v")).await.unwrap_err();
+    assert!(e.message().contains("epoch"), "{}", e.message());
+    let e = c
+        .create_volume(apb::CreateVolumeRequest {
+            ctx: ctx("op", 1, "elsewhere"),
+            volume_id: "v".into(),
+            size_bytes: 1 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("fence_scope"), "{}", e.message());
+    assert_eq!(oplog_count(dir.path(), "create_volume", "v"), 0);
+}

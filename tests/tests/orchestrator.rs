@@ -1,0 +1,370 @@
+//! End-to-end tests of the orchestrator with real processes: the orchestrator and two mock
+//! agents as separate `drover` processes, on the embedded store and on a real etcd.
+
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::v1 as pb;
+use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group, state_snapshot};
+use tonic::Code;
+
+/// 32 concurrent failovers of one group: exactly one wins, the rest are refused as being
+/// in the wrong state or having lost the race, and the stored state is consistent.
+async fn concurrent_failovers_have_one_winner(store: StoreChoice<'_>) {
+    let cluster = Cluster::start(store, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "race", 3).await;
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let mut c = c.clone();
+            let group = group.clone();
+            tokio::spawn(async move {
+                c.replication
+                    .failover_group(pb::FailoverGroupRequest {
+                        group,
+                        project: "tests".into(),
+                        target_backend: "backend-b".into(),
+                        force: false,
+                    })
+                    .await
+            })
+        })
+        .collect();
+    let mut wins = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(r) => {
+                wins += 1;
+                assert!(r.get_ref().items.iter().all(|i| i.outcome == "success"), "{:?}", r.get_ref().items);
+            }
+            Err(s) => assert!(
+                matches!(s.code(), Code::FailedPrecondition | Code::Aborted),
+                "losers get FailedPrecondition or Aborted, got {:?}: {}",
+                s.code(),
+                s.message()
+            ),
+        }
+    }
+    assert_eq!(wins, 1, "exactly one failover must win");
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"));
+    assert_eq!(g.history.iter().filter(|e| e.action == "failover").count(), 1, "one failover in the history");
+    for id in &g.volume_ids {
+        let v = c
+            .volumes
+            .get_volume(pb::GetVolumeRequest { volume: id.clone(), project: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((v.active_backend.as_str(), v.replication_status.as_str()), ("backend-b", "failed-over"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn race_32_failovers_embedded() {
+    concurrent_failovers_have_one_winner(StoreChoice::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn race_32_failovers_etcd() {
+    let etcd = Etcd::start().await;
+    concurrent_failovers_have_one_winner(StoreChoice::Etcd(&etcd)).await;
+}
+
+/// SIGKILL the orchestrator and restart it: every acknowledged change is still there.
+async fn restart_loses_nothing(store: StoreChoice<'_>) {
+    let mut cluster = Cluster::start(store, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "keep", 2).await;
+    c.replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: group.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            force: false,
+        })
+        .await
+        .unwrap();
+    c.sites.freeze_backend(pb::FreezeBackendRequest { name: "backend-a".into() }).await.unwrap();
+    let before = state_snapshot(&mut c).await;
+    cluster.restart_orchestrator().await;
+    let mut c = cluster.clients().await;
+    let after = state_snapshot(&mut c).await;
+    assert_eq!(before, after, "state after SIGKILL and restart differs");
+    let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+    assert!(b.frozen, "the freeze survives a restart");
+    // The restarted orchestrator carries on: fail back works.
+    c.sites.thaw_backend(pb::ThawBackendRequest { name: "backend-a".into() }).await.unwrap();
+    let r = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group,
+            project: "tests".into(),
+            target_backend: "default".into(),
+            force: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.group.unwrap().replication_status, "enabled");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_restart_embedded() {
+    restart_loses_nothing(StoreChoice::Embedded).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_restart_etcd() {
+    let etcd = Etcd::start().await;
+    restart_loses_nothing(StoreChoice::Etcd(&etcd)).await;
+}
+
+/// An orchestrator killed in the middle of a failover leaves the intent in the store; the
+/// next one claims it with a higher epoch and finishes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failover_interrupted_by_sigkill_is_resumed() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--mock-latency", "400ms"]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "resume", 2).await;
+    let epoch_before = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .epoch;
+    let mut bg = c.clone();
+    let g2 = group.clone();
+    let call = tokio::spawn(async move {
+        bg.replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: g2,
+                project: "tests".into(),
+                target_backend: "backend-b".into(),
+                force: false,
+            })
+            .await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let g = c
+            .groups
+            .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if g.replication_status == "failing-over" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never saw failing-over: {}", g.replication_status);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.restart_orchestrator().await;
+    assert!(call.await.unwrap().is_err(), "the killed orchestrator cannot have answered");
+    let mut c = cluster.clients().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let g = loop {
+        let g = c
+            .groups
+            .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if g.replication_status != "failing-over" {
+            break g;
+        }
+        assert!(Instant::now() < deadline, "the resumed failover did not finish within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(
+        (g.replication_status.as_str(), g.active_backend.as_str()),
+        ("failed-over", "backend-b"),
+        "{}",
+        g.status_reason
+    );
+    assert!(g.epoch > epoch_before + 1, "the resume claimed a new epoch ({} after {epoch_before})", g.epoch);
+}
+
+async fn expect_err<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, words: &[&str]) {
+    let s = r.expect_err("the request must fail");
+    assert_eq!(s.code(), code, "{}", s.message());
+    for w in words {
+        assert!(s.message().contains(w), "message {:?} does not mention {w:?}", s.message());
+    }
+}
+
+/// Bad requests get a clear error naming the problem, and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "app", 2).await;
+    let before = state_snapshot(&mut c).await;
+    let vol = |name: &str, size: i64| pb::CreateVolumeRequest {
+        name: name.into(),
+        project: "tests".into(),
+        size_bytes: size,
+        backend: "backend-a".into(),
+    };
+
+    expect_err(
+        c.groups.get_group(pb::GetGroupRequest { group: "no-such-group".into(), project: "tests".into() }).await,
+        Code::NotFound,
+        &["no-such-group"],
+    )
+    .await;
+    expect_err(
+        c.replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: "no-such-group".into(),
+                project: "tests".into(),
+                target_backend: "backend-b".into(),
+                force: false,
+            })
+            .await,
+        Code::NotFound,
+        &["no-such-group"],
+    )
+    .await;
+    expect_err(c.volumes.create_volume(vol("", 1 << 30)).await, Code::InvalidArgument, &["name", "empty"]).await;
+    expect_err(c.volumes.create_volume(vol(&"x".repeat(65), 1 << 30)).await, Code::InvalidArgument, &["name", "64"])
+        .await;
+    expect_err(c.volumes.create_volume(vol("zero", 0)).await, Code::InvalidArgument, &["size_bytes", "positive"]).await;
+    expect_err(
+        c.volumes.create_volume(vol("negative", -(1 << 30))).await,
+        Code::InvalidArgument,
+        &["size_bytes", "positive"],
+    )
+    .await;
+    expect_err(
+        c.volumes.create_volume(vol("absurd", i64::MAX - 511)).await,
+        Code::InvalidArgument,
+        &["size_bytes", "64 TiB"],
+    )
+    .await;
+    expect_err(
+        c.replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: group.clone(),
+                project: "tests".into(),
+                target_backend: "backend-a".into(),
+                force: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        &["already active on backend backend-a"],
+    )
+    .await;
+    expect_err(
+        c.replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: group.clone(),
+                project: "tests".into(),
+                target_backend: "default".into(),
+                force: false,
+            })
+            .await,
+        Code::InvalidArgument,
+        &["already active"],
+    )
+    .await;
+    expect_err(
+        c.replication
+            .enable_replication(pb::EnableReplicationRequest {
+                group: group.clone(),
+                project: "tests".into(),
+                target_backend: "backend-b".into(),
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["enabled"],
+    )
+    .await;
+    expect_err(
+        c.groups.delete_group(pb::DeleteGroupRequest { group: group.clone(), project: "tests".into() }).await,
+        Code::FailedPrecondition,
+        &["enabled"],
+    )
+    .await;
+
+    // An API version the server does not speak.
+    let channel = tonic::transport::Endpoint::from_shared(cluster.orchestrator.endpoint.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    fn future_version(mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        r.metadata_mut().insert(drover_proto::API_VERSION_HEADER, "9.0".parse().unwrap());
+        Ok(r)
+    }
+    let mut future = Clients::with_interceptor(channel, future_version);
+    expect_err(
+        future.volumes.create_volume(vol("from-the-future", 1 << 30)).await,
+        Code::InvalidArgument,
+        &["9.0", "1.0"],
+    )
+    .await;
+    let v = future.version.get_version(pb::GetVersionRequest {}).await.unwrap().into_inner();
+    assert_eq!((v.min_api_version.as_str(), v.max_api_version.as_str()), ("1.0", "1.0"));
+
+    assert_eq!(before, state_snapshot(&mut c).await, "refused requests must change nothing");
+}
+
+/// The CLI: JSON output, non-zero exit with the server's message, frozen backends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_drives_the_api() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let ok = |args: &[&str]| {
+        let out = cluster.cli(args);
+        assert!(out.status.success(), "drover {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    ok(&["volume", "create", "db", "--size", "2GiB", "--backend", "backend-a"]);
+    let json: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "volume", "show", "db"])).unwrap();
+    assert_eq!(json["size_bytes"], 2i64 << 30);
+    assert_eq!(json["status"], "available");
+    ok(&["group", "create", "g1", "--type", "consistent-replication", "--backend", "backend-a", "--volume", "db"]);
+    let targets = ok(&["group", "list-targets", "g1"]);
+    assert!(targets.contains("backend-b") && targets.contains("up"), "{targets}");
+    ok(&["group", "enable-replication", "g1"]);
+    let table = ok(&["group", "list"]);
+    assert!(table.lines().next().unwrap().contains("REPLICATION") && table.contains("enabled"), "{table}");
+    ok(&["group", "failover", "g1", "--target", "backend-b"]);
+    let info: serde_json::Value =
+        serde_json::from_str(&ok(&["-o", "json", "group", "replication-info", "g1"])).unwrap();
+    assert_eq!(info["volumes"][0]["role"], "primary", "{info}");
+    assert!(info["rpo_ms"].as_i64().unwrap() >= 0, "{info}");
+
+    let out = cluster.cli(&["group", "failover", "g1", "--target", "backend-b"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already active on backend backend-b"), "{err}");
+
+    ok(&["backend", "freeze", "backend-a"]);
+    let out = cluster.cli(&["volume", "create", "late", "--size", "1GiB", "--backend", "backend-a"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("thaw"), "{}", String::from_utf8_lossy(&out.stderr));
+    ok(&["backend", "thaw", "backend-a"]);
+    ok(&["volume", "create", "late", "--size", "1GiB", "--backend", "backend-a"]);
+    let out = cluster.cli(&["volume", "create", "neg", "--size", "-1GiB", "--backend", "backend-a"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("positive"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A malformed config file stops the orchestrator with the file and line named.
+#[test]
+fn malformed_config_file_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("orchestrator.toml");
+    std::fs::write(&path, "listen = \"127.0.0.1:0\"\n[store\nkind = \"embedded\"\n").unwrap();
+    let bin = drover_cli::cluster::locate_drover().unwrap();
+    let out = std::process::Command::new(bin).args(["orchestrator", "--config"]).arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("orchestrator.toml") && err.contains("line 2"), "{err}");
+}
