@@ -230,6 +230,7 @@ pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
             group: g.id.clone(),
             project: "tests".into(),
             target_backend: "backend-b".into(),
+            sync_interval_seconds: 0,
         })
         .await
         .expect("enable replication")

@@ -25,6 +25,7 @@ async fn concurrent_failovers_have_one_winner(store: StoreChoice<'_>) {
                         project: "tests".into(),
                         target_backend: "backend-b".into(),
                         force: false,
+                        discard_changes_on: String::new(),
                     })
                     .await
             })
@@ -87,6 +88,7 @@ async fn restart_loses_nothing(store: StoreChoice<'_>) {
             project: "tests".into(),
             target_backend: "backend-b".into(),
             force: false,
+            discard_changes_on: String::new(),
         })
         .await
         .unwrap();
@@ -107,6 +109,7 @@ async fn restart_loses_nothing(store: StoreChoice<'_>) {
             project: "tests".into(),
             target_backend: "default".into(),
             force: false,
+            discard_changes_on: String::new(),
         })
         .await
         .unwrap()
@@ -148,6 +151,7 @@ async fn failover_interrupted_by_sigkill_is_resumed() {
                 project: "tests".into(),
                 target_backend: "backend-b".into(),
                 force: false,
+                discard_changes_on: String::new(),
             })
             .await
     });
@@ -226,6 +230,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
                 project: "tests".into(),
                 target_backend: "backend-b".into(),
                 force: false,
+                discard_changes_on: String::new(),
             })
             .await,
         Code::NotFound,
@@ -255,6 +260,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
                 project: "tests".into(),
                 target_backend: "backend-a".into(),
                 force: false,
+                discard_changes_on: String::new(),
             })
             .await,
         Code::InvalidArgument,
@@ -268,6 +274,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
                 project: "tests".into(),
                 target_backend: "default".into(),
                 force: false,
+                discard_changes_on: String::new(),
             })
             .await,
         Code::InvalidArgument,
@@ -280,6 +287,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
                 group: group.clone(),
                 project: "tests".into(),
                 target_backend: "backend-b".into(),
+                sync_interval_seconds: 0,
             })
             .await,
         Code::FailedPrecondition,

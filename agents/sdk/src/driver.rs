@@ -130,6 +130,46 @@ pub struct Connection {
     pub uri: String,
 }
 
+/// The head of a recovery point arriving from the peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApplyHeader {
+    pub group_id: String,
+    pub recovery_point_id: String,
+    /// The point the delta is relative to; empty for a full copy.
+    pub base_recovery_point_id: String,
+    /// Volume id and size of every volume in the point.
+    pub volumes: Vec<(String, u64)>,
+    /// The source stopped writes before this point and demotes after it.
+    pub final_sync: bool,
+    pub source_backend: String,
+    pub created_at_ms: i64,
+}
+
+/// What arrives after the header, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// Bytes at an offset of a volume.
+    Data { volume_id: String, offset: u64, data: Vec<u8> },
+    /// A range that reads as zeroes.
+    Zero { volume_id: String, offset: u64, len: u64 },
+    /// Everything arrived: apply the point atomically.
+    Commit,
+    /// The stream broke: discard what arrived.
+    Broken(String),
+}
+
+/// What a sync did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub recovery_point_id: String,
+    /// Payload bytes shipped (data and zero ranges are counted by what crossed the wire).
+    pub bytes: u64,
+    pub duration_ms: u64,
+    pub created_at_ms: i64,
+    /// Whether this was a full copy rather than a delta.
+    pub full: bool,
+}
+
 /// A storage backend driver.
 ///
 /// Every mutating method must be safe to call again after a crash with the same arguments
@@ -175,4 +215,28 @@ pub trait Driver: Send + Sync + 'static {
     /// Resynchronises a demoted volume from its peer. Returns whether it is in sync.
     async fn resync(&self, volume_id: &str) -> Result<bool, DriverError>;
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError>;
+
+    /// Source side: takes a crash-consistent recovery point of the group's primary volumes
+    /// on this backend and ships it to the peer. With `final_sync`, writes are stopped
+    /// first, and the volumes are demoted once the peer acknowledged the point.
+    async fn sync_group(
+        &self,
+        group_id: &str,
+        final_sync: bool,
+        peer_endpoint: Option<&str>,
+    ) -> Result<SyncReport, DriverError>;
+
+    /// Target side: applies one recovery point atomically: after `Incoming::Commit` every
+    /// volume of the point is at the new point; on anything else none changed.
+    async fn apply_recovery_point(
+        &self,
+        header: ApplyHeader,
+        incoming: tokio::sync::mpsc::Receiver<Incoming>,
+    ) -> Result<u64, DriverError>;
+
+    /// How often each replicated group on this backend should be synced, for the agent's
+    /// scheduler: (group id, interval). Only groups this side is primary for.
+    fn sync_schedule(&self) -> Vec<(String, std::time::Duration)> {
+        Vec::new()
+    }
 }

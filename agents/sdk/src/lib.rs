@@ -18,6 +18,7 @@ pub mod driver;
 pub mod ledger;
 pub mod mock;
 pub mod registration;
+pub mod replica;
 pub mod server;
 
 pub use driver::{Driver, DriverError};

@@ -15,9 +15,10 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use crate::driver::{
-    Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Manageable, Peer, ReplicationState, Role,
-    VolumeState, capability,
+    ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable, Peer,
+    ReplicationState, Role, SyncReport, VolumeState, capability,
 };
+use crate::replica::Shipment;
 
 /// Mock driver settings (the `[mock]` table of the agent config).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -42,13 +43,19 @@ pub struct OpLogEntry {
     pub target: String,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct MockVolume {
     size_bytes: u64,
     role: Option<Role>,
     peer: Option<Peer>,
+    group_id: String,
+    /// Demoted: a secondary that may be resynced.
     demoted: bool,
-    syncs: u64,
+    /// This secondary's primary announced (with a final sync) that it demoted itself.
+    peer_demoted: bool,
+    /// The newest recovery point this volume has (sent as primary, applied as secondary).
+    recovery_point: String,
+    last_sync_ms: i64,
 }
 
 #[derive(Default)]
@@ -167,7 +174,7 @@ impl Driver for MockDriver {
                 )))
             };
         }
-        let v = MockVolume { size_bytes, role: None, peer: None, demoted: false, syncs: 0 };
+        let v = MockVolume { size_bytes, ..MockVolume::default() };
         let view = Self::view(volume_id, &v);
         state.volumes.insert(volume_id.to_string(), v);
         Ok(view)
@@ -265,7 +272,7 @@ impl Driver for MockDriver {
             .unmanaged
             .remove(reference)
             .ok_or_else(|| DriverError::NotFound(format!("no unmanaged volume {reference} on this mock backend")))?;
-        let v = MockVolume { size_bytes: size, role: None, peer: None, demoted: false, syncs: 0 };
+        let v = MockVolume { size_bytes: size, ..MockVolume::default() };
         let view = Self::view(volume_id, &v);
         state.volumes.insert(volume_id.to_string(), v);
         Ok(view)
@@ -287,13 +294,10 @@ impl Driver for MockDriver {
             (_, Some(v)) => v,
             (Role::Secondary, None) => {
                 // The replica is created on the secondary side.
-                state.volumes.entry(spec.volume_id.clone()).or_insert(MockVolume {
-                    size_bytes: spec.size_bytes,
-                    role: None,
-                    peer: None,
-                    demoted: false,
-                    syncs: 0,
-                })
+                state
+                    .volumes
+                    .entry(spec.volume_id.clone())
+                    .or_insert(MockVolume { size_bytes: spec.size_bytes, ..MockVolume::default() })
             }
             (Role::Primary, None) => {
                 return Err(DriverError::NotFound(format!(
@@ -313,6 +317,7 @@ impl Driver for MockDriver {
         }
         vol.role = Some(spec.role);
         vol.peer = Some(spec.peer.clone());
+        vol.group_id = spec.group_id.clone();
         vol.demoted = spec.role == Role::Secondary;
         Ok(())
     }
@@ -344,9 +349,15 @@ impl Driver for MockDriver {
                 Some(Role::Primary) => return Ok(None),
                 Some(Role::Secondary) => {}
             }
+            if !force && !v.peer_demoted {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {volume_id} is a secondary whose primary was not demoted; demote the primary first or promote with force"
+                )));
+            }
             v.role = Some(Role::Primary);
             v.demoted = false;
-            Ok(force.then(|| format!("mock-rp-{}", v.syncs)))
+            v.peer_demoted = false;
+            Ok(force.then(|| v.recovery_point.clone()))
         })
     }
 
@@ -367,28 +378,126 @@ impl Driver for MockDriver {
     async fn resync(&self, volume_id: &str) -> Result<bool, DriverError> {
         self.enter("resync", volume_id).await?;
         self.with_volume(volume_id, |v| {
-            if !v.demoted {
+            if !v.demoted || v.role != Some(Role::Secondary) {
                 return Err(DriverError::FailedPrecondition(format!(
                     "volume {volume_id} is not demoted; demote it before a resync"
                 )));
             }
-            v.syncs += 1;
             Ok(true)
         })
     }
 
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError> {
         self.with_volume(volume_id, |v| {
-            v.syncs += 1;
             Ok(ReplicationState {
                 role: v.role,
                 status: if v.role.is_some() { "healthy".into() } else { String::new() },
-                last_sync_time_ms: now_ms(),
+                last_sync_time_ms: v.last_sync_ms,
                 last_sync_duration_ms: 0,
                 last_sync_bytes: 0,
-                recovery_point_id: format!("mock-rp-{}", v.syncs),
+                recovery_point_id: v.recovery_point.clone(),
                 error: String::new(),
             })
         })
+    }
+
+    async fn sync_group(
+        &self,
+        group_id: &str,
+        final_sync: bool,
+        peer_endpoint: Option<&str>,
+    ) -> Result<SyncReport, DriverError> {
+        self.enter("sync_group", group_id).await?;
+        let started = std::time::Instant::now();
+        let (header, endpoint) = {
+            let state = self.state.lock().expect("mock state poisoned");
+            let members: Vec<(&String, &MockVolume)> =
+                state.volumes.iter().filter(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary)).collect();
+            let Some((_, first)) = members.first() else {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "no primary volume of group {group_id} on this backend"
+                )));
+            };
+            let endpoint = peer_endpoint
+                .map(String::from)
+                .or_else(|| first.peer.as_ref().map(|p| p.endpoint.clone()))
+                .unwrap_or_default();
+            let header = ApplyHeader {
+                group_id: group_id.to_string(),
+                recovery_point_id: uuid::Uuid::now_v7().to_string(),
+                base_recovery_point_id: first.recovery_point.clone(),
+                volumes: members.iter().map(|(id, v)| ((*id).clone(), v.size_bytes)).collect(),
+                final_sync,
+                source_backend: first.peer.as_ref().map(|p| p.backend.clone()).unwrap_or_default(),
+                created_at_ms: now_ms(),
+            };
+            (header, endpoint)
+        };
+        Shipment::open(&endpoint, &header).await?.commit().await?;
+        let mut state = self.state.lock().expect("mock state poisoned");
+        for (id, _) in &header.volumes {
+            if let Some(v) = state.volumes.get_mut(id) {
+                v.recovery_point = header.recovery_point_id.clone();
+                v.last_sync_ms = now_ms();
+                if final_sync {
+                    v.role = Some(Role::Secondary);
+                    v.demoted = true;
+                }
+            }
+        }
+        Ok(SyncReport {
+            recovery_point_id: header.recovery_point_id.clone(),
+            bytes: 0,
+            duration_ms: started.elapsed().as_millis() as u64,
+            created_at_ms: header.created_at_ms,
+            full: header.base_recovery_point_id.is_empty(),
+        })
+    }
+
+    async fn apply_recovery_point(
+        &self,
+        header: ApplyHeader,
+        mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
+    ) -> Result<u64, DriverError> {
+        {
+            let state = self.state.lock().expect("mock state poisoned");
+            for (id, _) in &header.volumes {
+                let v = state
+                    .volumes
+                    .get(id)
+                    .ok_or_else(|| DriverError::NotFound(format!("no replica of volume {id} here")))?;
+                if v.role != Some(Role::Secondary) {
+                    return Err(DriverError::FailedPrecondition(format!(
+                        "volume {id} is not a secondary here; refusing a recovery point from {}",
+                        header.source_backend
+                    )));
+                }
+                if !header.base_recovery_point_id.is_empty() && header.base_recovery_point_id != v.recovery_point {
+                    return Err(DriverError::FailedPrecondition(format!(
+                        "replica of {id} is at recovery point {:?}, not {:?}",
+                        v.recovery_point, header.base_recovery_point_id
+                    )));
+                }
+            }
+        }
+        let mut bytes = 0u64;
+        loop {
+            match incoming.recv().await {
+                Some(Incoming::Data { data, .. }) => bytes += data.len() as u64,
+                Some(Incoming::Zero { .. }) => {}
+                Some(Incoming::Commit) => break,
+                Some(Incoming::Broken(why)) => return Err(DriverError::Unavailable(why)),
+                None => return Err(DriverError::Unavailable("recovery point stream ended before commit".into())),
+            }
+        }
+        let mut state = self.state.lock().expect("mock state poisoned");
+        for (id, _) in &header.volumes {
+            if let Some(v) = state.volumes.get_mut(id) {
+                v.recovery_point = header.recovery_point_id.clone();
+                v.last_sync_ms = now_ms();
+                v.peer_demoted = header.final_sync;
+            }
+        }
+        Ok(bytes)
     }
 }

@@ -456,6 +456,22 @@ impl Agent for AgentService {
         Ok(Response::new(replication_info(r.volume_id, state)))
     }
 
+    async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
+        let r = req.into_inner();
+        require("group_id", &r.group_id)?;
+        let peer = (!r.peer_endpoint.is_empty()).then_some(r.peer_endpoint.as_str());
+        self.guarded(r.ctx, &r.group_id, "sync_group", || async {
+            self.driver.sync_group(&r.group_id, r.r#final, peer).await.map(|rep| pb::SyncGroupResponse {
+                recovery_point_id: rep.recovery_point_id,
+                bytes: rep.bytes as i64,
+                duration_ms: rep.duration_ms as i64,
+                created_at_ms: rep.created_at_ms,
+                full: rep.full,
+            })
+        })
+        .await
+    }
+
     async fn get_operation(
         &self,
         req: Request<pb::GetOperationRequest>,
@@ -499,14 +515,51 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
-    let service = AgentServer::new(AgentService::new(driver, ledger));
+    let service = AgentServer::new(AgentService::new(driver.clone(), ledger));
+    let replica = pb::replica_server::ReplicaServer::new(crate::replica::ReplicaService { driver: driver.clone() })
+        .max_decoding_message_size(64 << 20);
+    tokio::spawn(run_scheduler(driver, shutdown.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)
+            .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
     Ok(RunningAgent { local_addr, handle })
+}
+
+/// Runs each replicated group's periodic sync on the primary side, so the RPO holds even
+/// while no orchestrator is up. The driver serialises syncs of one group.
+async fn run_scheduler(driver: Arc<dyn Driver>, shutdown: tokio_util::sync::CancellationToken) {
+    let mut last: HashMap<String, tokio::time::Instant> = HashMap::new();
+    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
+        }
+        running.retain(|_, h| !h.is_finished());
+        let now = tokio::time::Instant::now();
+        for (group, interval) in driver.sync_schedule() {
+            let due = last.get(&group).is_none_or(|t| now.duration_since(*t) >= interval);
+            if !due || running.contains_key(&group) {
+                continue;
+            }
+            last.insert(group.clone(), now);
+            let d = driver.clone();
+            let g = group.clone();
+            running.insert(
+                group,
+                tokio::spawn(async move {
+                    match d.sync_group(&g, false, None).await {
+                        Ok(r) => tracing::info!(group = %g, rp = %r.recovery_point_id, bytes = r.bytes, ms = r.duration_ms, "periodic sync"),
+                        Err(e) => tracing::warn!(group = %g, error = %e, "periodic sync failed; will retry at the next interval"),
+                    }
+                }),
+            );
+        }
+    }
 }

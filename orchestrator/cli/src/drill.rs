@@ -155,6 +155,7 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
             group: "app".into(),
             project: project.into(),
             target_backend: "backend-b".into(),
+            sync_interval_seconds: 0,
         })
         .await
         .map_err(|s| fail("enable replication", s, &dir))?
@@ -169,6 +170,7 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
             project: project.into(),
             target_backend: "backend-b".into(),
             force: false,
+            discard_changes_on: String::new(),
         })
         .await
         .map_err(|s| fail("failover", s, &dir))?
@@ -183,6 +185,7 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
             project: project.into(),
             target_backend: "default".into(),
             force: false,
+            discard_changes_on: String::new(),
         })
         .await
         .map_err(|s| fail("failback", s, &dir))?

@@ -123,6 +123,24 @@ enum VolumeCmd {
         #[arg(long, allow_hyphen_values = true)]
         size: String,
     },
+    /// Volumes on a backend that Drover does not manage (Cinder's manageable-list).
+    #[command(name = "manageable-list")]
+    ManageableList {
+        #[arg(long)]
+        backend: String,
+    },
+    /// Take over an unmanaged volume (Cinder's manage).
+    Manage {
+        reference: String,
+        #[arg(long)]
+        backend: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// Forget a volume without deleting its data (Cinder's unmanage).
+    Unmanage {
+        volume: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,6 +196,13 @@ enum GroupCmd {
         group: String,
         #[arg(long, default_value = "")]
         target: String,
+        /// Time between recovery points, e.g. 30s (the default) or 5m; at least 1s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+    },
+    /// Take and ship a recovery point now.
+    Sync {
+        group: String,
     },
     #[command(name = "disable-replication")]
     DisableReplication {
@@ -191,6 +216,10 @@ enum GroupCmd {
         /// Disaster failover: do not wait for the current side to demote.
         #[arg(long)]
         force: bool,
+        /// After a disaster failover, fail back even though this backend's changes since
+        /// the divergence point are discarded (recorded in the group's history).
+        #[arg(long, default_value = "")]
+        discard_changes_on: String,
     },
     #[command(name = "list-targets")]
     ListTargets {
@@ -463,6 +492,37 @@ async fn run_client(cli: Cli) -> Result<()> {
                 .into_inner();
             emit(fmt, &v, volume_table);
         }
+        Command::Volume(VolumeCmd::ManageableList { backend }) => {
+            let r = c.volumes.list_manageable_volumes(pb::ListManageableVolumesRequest { backend }).await?.into_inner();
+            emit(fmt, &r, |r| {
+                let mut t = Table::new(&["REFERENCE", "SIZE", "SAFE TO MANAGE", "REASON NOT SAFE"]);
+                for m in &r.volumes {
+                    t.row(vec![
+                        m.reference.clone(),
+                        drover_cli::size::format_size(m.size_bytes),
+                        m.safe_to_manage.to_string(),
+                        m.reason_not_safe.clone(),
+                    ]);
+                }
+                t
+            });
+        }
+        Command::Volume(VolumeCmd::Manage { reference, backend, name }) => {
+            let v = c
+                .volumes
+                .manage_volume(pb::ManageVolumeRequest { backend, reference, name, project })
+                .await?
+                .into_inner();
+            emit(fmt, &v, volume_table);
+        }
+        Command::Volume(VolumeCmd::Unmanage { volume }) => {
+            let r = c.volumes.unmanage_volume(pb::UnmanageVolumeRequest { volume, project }).await?.into_inner();
+            emit(fmt, &r, |r| {
+                let mut t = Table::new(&["UNMANAGED AS"]);
+                t.row(vec![r.reference.clone()]);
+                t
+            });
+        }
         Command::GroupType(cmd) => group_type_cmd(&mut c, fmt, cmd).await?,
         Command::Group(cmd) => group_cmd(&mut c, fmt, &project, cmd).await?,
         Command::Orchestrator(_) | Command::Agent(_) | Command::Drill { .. } => unreachable!("handled in main"),
@@ -551,23 +611,48 @@ async fn group_cmd(c: &mut Clients, fmt: Format, project: &str, cmd: GroupCmd) -
                 .into_inner();
             emit(fmt, &g, output::group_detail);
         }
-        GroupCmd::EnableReplication { group, target } => {
+        GroupCmd::EnableReplication { group, target, interval } => {
+            let sync_interval_seconds = interval.map_or(0, |d| d.as_secs().max(if d.is_zero() { 0 } else { 1 }) as i64);
             let r = c
                 .replication
-                .enable_replication(pb::EnableReplicationRequest { group, project, target_backend: target })
+                .enable_replication(pb::EnableReplicationRequest {
+                    group,
+                    project,
+                    target_backend: target,
+                    sync_interval_seconds,
+                })
                 .await?
                 .into_inner();
             report(fmt, &r)?;
+        }
+        GroupCmd::Sync { group } => {
+            let r = c.replication.sync_group(pb::SyncGroupRequest { group, project }).await?.into_inner();
+            emit(fmt, &r, |r| {
+                let mut t = Table::new(&["RECOVERY POINT", "FULL", "BYTES", "DURATION (ms)"]);
+                t.row(vec![
+                    r.recovery_point_id.clone(),
+                    r.full.to_string(),
+                    r.bytes.to_string(),
+                    r.duration_ms.to_string(),
+                ]);
+                t
+            });
         }
         GroupCmd::DisableReplication { group } => {
             let r =
                 c.replication.disable_replication(pb::DisableReplicationRequest { group, project }).await?.into_inner();
             report(fmt, &r)?;
         }
-        GroupCmd::Failover { group, target, force } => {
+        GroupCmd::Failover { group, target, force, discard_changes_on } => {
             let r = c
                 .replication
-                .failover_group(pb::FailoverGroupRequest { group, project, target_backend: target, force })
+                .failover_group(pb::FailoverGroupRequest {
+                    group,
+                    project,
+                    target_backend: target,
+                    force,
+                    discard_changes_on,
+                })
                 .await?
                 .into_inner();
             report(fmt, &r)?;

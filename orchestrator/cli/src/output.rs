@@ -124,6 +124,8 @@ pub fn group_detail(g: &pb::Group) -> Table {
         ("replication target", g.replication_target.clone()),
         ("replication status", g.replication_status.clone()),
         ("status reason", g.status_reason.clone()),
+        ("sync interval", format!("{} s", g.sync_interval_seconds)),
+        ("divergence point", g.divergence_point.clone()),
         ("epoch", g.epoch.to_string()),
     ] {
         t.row(vec![k.into(), v]);

@@ -64,6 +64,9 @@ pub struct OrchestratorConfig {
     /// Deadline of liveness probes.
     #[serde(with = "humantime_serde")]
     pub probe_timeout: Duration,
+    /// Deadline of a recovery point sync (initial full copies of large volumes take long).
+    #[serde(with = "humantime_serde")]
+    pub sync_timeout: Duration,
     /// How many volumes of one group are driven at once.
     pub volume_parallelism: usize,
 }
@@ -77,6 +80,7 @@ impl Default for OrchestratorConfig {
             agent_call_timeout: Duration::from_secs(30),
             failed_site_timeout: Duration::from_secs(3),
             probe_timeout: Duration::from_secs(2),
+            sync_timeout: Duration::from_secs(30 * 60),
             volume_parallelism: 8,
         }
     }

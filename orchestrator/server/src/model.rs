@@ -159,6 +159,10 @@ pub struct PendingOp {
     #[serde(default)]
     pub new_size_bytes: u64,
     pub started_at_ms: i64,
+    /// Manage: the backend's reference of the volume to take over. Failback: the backend
+    /// whose divergent changes the operator chose to discard.
+    #[serde(default)]
+    pub reference: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -231,6 +235,19 @@ pub struct GroupRec {
     pub created_at_ms: i64,
     #[serde(default)]
     pub pending: Option<PendingOp>,
+    /// Seconds between recovery points.
+    #[serde(default = "default_interval")]
+    pub sync_interval_seconds: i64,
+    /// Set by a disaster failover: the recovery point the two sides diverged at.
+    #[serde(default)]
+    pub divergence_point: String,
+}
+
+/// The default seconds between recovery points.
+pub const DEFAULT_SYNC_INTERVAL_SECONDS: i64 = 30;
+
+fn default_interval() -> i64 {
+    DEFAULT_SYNC_INTERVAL_SECONDS
 }
 
 impl GroupRec {
@@ -258,6 +275,8 @@ impl GroupRec {
                 })
                 .collect(),
             created_at_ms: self.created_at_ms,
+            sync_interval_seconds: self.sync_interval_seconds,
+            divergence_point: self.divergence_point.clone(),
         }
     }
 

@@ -119,6 +119,8 @@ impl GroupApi {
             history: Vec::new(),
             created_at_ms: now_ms(),
             pending: None,
+            sync_interval_seconds: crate::model::DEFAULT_SYNC_INTERVAL_SECONDS,
+            divergence_point: String::new(),
         };
         rec.record("create", format!("created on backend {} with {} volume(s)", r.backend, members.len()), 0);
         let name_key = keys::group_name(&r.project, &r.name);

@@ -148,6 +148,32 @@ impl ReplicationApi {
         }
     }
 
+    /// Asks `backend` to take and ship a recovery point of the group to `peer_endpoint`.
+    async fn sync_call(
+        &self,
+        backend: &str,
+        group_id: &str,
+        op_id: String,
+        epoch: i64,
+        final_sync: bool,
+        peer_endpoint: String,
+    ) -> Result<apb::SyncGroupResponse, String> {
+        let req = apb::SyncGroupRequest {
+            ctx: ctx(op_id, epoch as u64, format!("group/{group_id}")),
+            group_id: group_id.to_string(),
+            r#final: final_sync,
+            peer_endpoint,
+        };
+        self.core
+            .agents
+            .call(backend, self.core.config.sync_timeout, true, |mut c| {
+                let req = req.clone();
+                async move { c.sync_group(req).await }
+            })
+            .await
+            .map_err(|s| format!("{} sync on {backend}: {}", if final_sync { "final" } else { "initial" }, s.message()))
+    }
+
     fn summarize(outcomes: &[Outcome]) -> Option<String> {
         let failed: Vec<String> =
             outcomes.iter().filter_map(|o| o.result.as_ref().err().map(|e| format!("{}: {e}", o.volume_id))).collect();
@@ -167,6 +193,7 @@ impl ReplicationApi {
             force,
             new_size_bytes: 0,
             started_at_ms: now_ms(),
+            reference: String::new(),
         }
     }
 
@@ -245,7 +272,20 @@ impl ReplicationApi {
             )));
         }
         writable_backend(&self.core, &target, "replication").await?;
-        let snap = self.snapshot(g).await?;
+        let interval = match r.sync_interval_seconds {
+            0 => crate::model::DEFAULT_SYNC_INTERVAL_SECONDS,
+            s if s < 1 => {
+                return Err(ApiError::InvalidArgument(format!("`sync_interval_seconds` must be at least 1, got {s}")));
+            }
+            s if s > 86_400 => {
+                return Err(ApiError::InvalidArgument(format!(
+                    "`sync_interval_seconds` {s} is over a day; an RPO that long defeats replication"
+                )));
+            }
+            s => s,
+        };
+        let mut snap = self.snapshot(g).await?;
+        snap.group.rec.sync_interval_seconds = interval;
         let (group, volumes, epoch) = self.begin(snap, rs::ENABLING, Self::new_op("enable", &target, false)).await?;
         self.drive_enable(group, volumes, epoch).await
     }
@@ -262,9 +302,11 @@ impl ReplicationApi {
         let target_ep = self.endpoint(&target).await;
         let timeout = self.core.config.agent_call_timeout;
         let scope = format!("group/{}", group.id);
+        let params: std::collections::HashMap<String, String> =
+            [("sync_interval_ms".to_string(), (group.sync_interval_seconds * 1000).to_string())].into();
         let outcomes = self
             .each_volume(&volumes, |v| {
-                let (op_id, scope) = (op.op_id.clone(), scope.clone());
+                let (op_id, scope, params) = (op.op_id.clone(), scope.clone(), params.clone());
                 let (source, target, source_ep, target_ep) =
                     (source.clone(), target.clone(), source_ep.clone(), target_ep.clone());
                 async move {
@@ -275,7 +317,7 @@ impl ReplicationApi {
                         role: apb::ReplicationRole::Secondary as i32,
                         peer: Some(apb::ReplicationPeer { backend: source.clone(), endpoint: source_ep }),
                         size_bytes: v.size_bytes as i64,
-                        parameters: Default::default(),
+                        parameters: params.clone(),
                     };
                     self.core
                         .agents
@@ -292,7 +334,7 @@ impl ReplicationApi {
                         role: apb::ReplicationRole::Primary as i32,
                         peer: Some(apb::ReplicationPeer { backend: target.clone(), endpoint: target_ep }),
                         size_bytes: v.size_bytes as i64,
-                        parameters: Default::default(),
+                        parameters: params,
                     };
                     self.core
                         .agents
@@ -306,7 +348,23 @@ impl ReplicationApi {
                 }
             })
             .await;
-        let failure = Self::summarize(&outcomes);
+        let mut failure = Self::summarize(&outcomes);
+        let mut synced = String::new();
+        if failure.is_none() {
+            // The initial full copy: when enable returns, the target holds a complete point.
+            match self
+                .sync_call(&source, &group.id, format!("{}/initial-sync", op.op_id), epoch, false, target_ep.clone())
+                .await
+            {
+                Ok(r) => {
+                    synced = format!(
+                        "; initial full copy {} shipped {} bytes in {} ms",
+                        r.recovery_point_id, r.bytes, r.duration_ms
+                    )
+                }
+                Err(e) => failure = Some(e),
+            }
+        }
         for v in &mut volumes {
             let ok = outcomes.iter().any(|o| o.volume_id == v.id && o.result.is_ok());
             v.replication_status = if ok { rs::ENABLED } else { rs::ERROR }.into();
@@ -317,7 +375,11 @@ impl ReplicationApi {
         match &failure {
             None => {
                 group.replication_status = rs::ENABLED.into();
-                group.record("enable-replication", format!("replicating to {target}"), epoch as u64);
+                group.record(
+                    "enable-replication",
+                    format!("replicating to {target} every {} s{synced}", group.sync_interval_seconds),
+                    epoch as u64,
+                );
             }
             Some(reason) => {
                 group.replication_status = rs::ERROR.into();
@@ -476,50 +538,120 @@ impl ReplicationApi {
         let from = group.active_backend.clone();
         let scope = format!("group/{}", group.id);
         let (timeout, short) = (self.core.config.agent_call_timeout, self.core.config.failed_site_timeout);
-        let outcomes = self
-            .each_volume(&volumes, |v| {
-                let (op_id, scope, from, to) = (op.op_id.clone(), scope.clone(), from.clone(), to.clone());
-                let force = op.force;
-                async move {
-                    // A planned failover demotes the old side first so that nothing is lost.
-                    // A forced (disaster) one does not wait for the failed site at all.
-                    if !force {
-                        let req = apb::DemoteVolumeRequest {
-                            ctx: ctx(format!("{op_id}/{}/demote", v.id), epoch as u64, scope.clone()),
+        let diverged = !group.divergence_point.is_empty();
+        let discard = diverged && op.reference == to;
+        let mut notes = Vec::new();
+
+        // Reprotect (failback): the side we return to must be a secondary at a point it
+        // shares with the active side. After a disaster it may have diverged; its changes
+        // are discarded only with the operator's recorded consent.
+        let mut pre_failure: Option<String> = None;
+        if failback && !op.force {
+            let prep = self
+                .each_volume(&volumes, |v| {
+                    let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
+                    async move {
+                        let demote = apb::DemoteVolumeRequest {
+                            ctx: ctx(format!("{op_id}/{}/reprotect-demote", v.id), epoch as u64, scope.clone()),
                             volume_id: v.id.clone(),
                         };
                         self.core
                             .agents
-                            .call(&from, short, true, |mut c| {
-                                let req = req.clone();
+                            .call(&to, timeout, true, |mut c| {
+                                let req = demote.clone();
                                 async move { c.demote_volume(req).await }
                             })
                             .await
-                            .map_err(|s| {
-                                format!(
-                                    "could not demote on {from}: {}; if {from} is down, fail over with --force",
-                                    s.message()
-                                )
-                            })?;
+                            .map_err(|s| format!("reprotect: could not demote on {to}: {}", s.message()))?;
+                        if discard {
+                            let resync = apb::ResyncVolumeRequest {
+                                ctx: ctx(format!("{op_id}/{}/reprotect-resync", v.id), epoch as u64, scope),
+                                volume_id: v.id.clone(),
+                            };
+                            self.core
+                                .agents
+                                .call(&to, timeout, true, |mut c| {
+                                    let req = resync.clone();
+                                    async move { c.resync_volume(req).await }
+                                })
+                                .await
+                                .map_err(|s| format!("reprotect: could not resync on {to}: {}", s.message()))?;
+                        }
+                        Ok(None)
                     }
-                    let req = apb::PromoteVolumeRequest {
-                        ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
-                        volume_id: v.id.clone(),
-                        force,
-                    };
-                    let resp = self
-                        .core
-                        .agents
-                        .call(&to, timeout, true, |mut c| {
-                            let req = req.clone();
-                            async move { c.promote_volume(req).await }
-                        })
-                        .await
-                        .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
-                    Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
-                }
-            })
-            .await;
+                })
+                .await;
+            pre_failure = Self::summarize(&prep);
+            if discard {
+                notes.push(format!(
+                    "operator chose to discard the changes on {to} made after divergence point {}",
+                    group.divergence_point
+                ));
+            }
+        }
+
+        // A planned move ships a final recovery point after stopping writes, so nothing is
+        // lost; the old side demotes itself once the new side has it. A forced (disaster)
+        // move does not touch the failed side at all.
+        if !op.force && pre_failure.is_none() {
+            let to_ep = self.endpoint(&to).await;
+            match self.sync_call(&from, &group.id, format!("{}/final-sync", op.op_id), epoch, true, to_ep).await {
+                Ok(r) => notes.push(format!(
+                    "final sync {} shipped {} bytes in {} ms",
+                    r.recovery_point_id, r.bytes, r.duration_ms
+                )),
+                Err(e) => pre_failure = Some(format!("{e}; if {from} is down, fail over with --force")),
+            }
+        }
+
+        let outcomes = match &pre_failure {
+            Some(reason) => {
+                volumes.iter().map(|v| Outcome { volume_id: v.id.clone(), result: Err(reason.clone()) }).collect()
+            }
+            None => {
+                self.each_volume(&volumes, |v| {
+                    let (op_id, scope, from, to) = (op.op_id.clone(), scope.clone(), from.clone(), to.clone());
+                    let force = op.force;
+                    async move {
+                        if !force {
+                            let req = apb::DemoteVolumeRequest {
+                                ctx: ctx(format!("{op_id}/{}/demote", v.id), epoch as u64, scope.clone()),
+                                volume_id: v.id.clone(),
+                            };
+                            self.core
+                                .agents
+                                .call(&from, short, true, |mut c| {
+                                    let req = req.clone();
+                                    async move { c.demote_volume(req).await }
+                                })
+                                .await
+                                .map_err(|s| {
+                                    format!(
+                                        "could not demote on {from}: {}; if {from} is down, fail over with --force",
+                                        s.message()
+                                    )
+                                })?;
+                        }
+                        let req = apb::PromoteVolumeRequest {
+                            ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
+                            volume_id: v.id.clone(),
+                            force,
+                        };
+                        let resp = self
+                            .core
+                            .agents
+                            .call(&to, timeout, true, |mut c| {
+                                let req = req.clone();
+                                async move { c.promote_volume(req).await }
+                            })
+                            .await
+                            .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
+                        Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
+                    }
+                })
+                .await
+            }
+        };
         let failure = Self::summarize(&outcomes);
         let done = if failback { rs::ENABLED } else { rs::FAILED_OVER };
         for v in &mut volumes {
@@ -531,10 +663,8 @@ impl ReplicationApi {
                 _ => v.replication_status = rs::ERROR.into(),
             }
         }
-        let divergence: Vec<String> = outcomes
-            .iter()
-            .filter_map(|o| o.result.as_ref().ok().and_then(|d| d.as_ref()).map(|d| format!("{}@{d}", o.volume_id)))
-            .collect();
+        let divergence: Vec<String> =
+            outcomes.iter().filter_map(|o| o.result.as_ref().ok().and_then(|d| d.as_ref()).cloned()).collect();
         group.pending = None;
         group.epoch = epoch as u64;
         let kind = if op.force { "disaster" } else { "planned" };
@@ -542,9 +672,18 @@ impl ReplicationApi {
             None => {
                 group.replication_status = done.into();
                 group.active_backend = to.clone();
+                if op.force {
+                    // The side we left was not demoted: it may take writes this side never
+                    // sees. Record where the two histories split.
+                    group.divergence_point = divergence.first().cloned().unwrap_or_else(|| "unknown".into());
+                    notes.push(format!("divergence point {}", group.divergence_point));
+                } else if failback {
+                    group.divergence_point.clear();
+                }
                 let mut detail = format!("{kind} {} from {from} to {to}", op.action);
-                if !divergence.is_empty() {
-                    detail.push_str(&format!("; divergence points: {}", divergence.join(", ")));
+                for n in &notes {
+                    detail.push_str("; ");
+                    detail.push_str(n);
                 }
                 group.record(&op.action, detail, epoch as u64);
             }
@@ -557,6 +696,47 @@ impl ReplicationApi {
         }
         self.finish(&group, &volumes, epoch).await?;
         Ok(Self::result(&group, &outcomes))
+    }
+
+    /// Takes and ships a recovery point now.
+    async fn sync_now(&self, r: pb::SyncGroupRequest) -> ApiResult<pb::SyncGroupResponse> {
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let status = g.rec.replication_status.as_str();
+        if status != rs::ENABLED && status != rs::FAILED_OVER {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} has replication status {status}; a sync needs enabled or failed-over",
+                g.rec.name
+            )));
+        }
+        let active = g.rec.active_backend.clone();
+        let peer = if active == g.rec.primary_backend {
+            g.rec.replication_target.clone()
+        } else {
+            g.rec.primary_backend.clone()
+        };
+        let peer_ep = self.endpoint(&peer).await;
+        let op_id = uuid::Uuid::now_v7().to_string();
+        let req = apb::SyncGroupRequest {
+            ctx: ctx(op_id, g.rev as u64, format!("group/{}", g.rec.id)),
+            group_id: g.rec.id.clone(),
+            r#final: false,
+            peer_endpoint: peer_ep,
+        };
+        let resp = self
+            .core
+            .agents
+            .call(&active, self.core.config.sync_timeout, true, |mut c| {
+                let req = req.clone();
+                async move { c.sync_group(req).await }
+            })
+            .await
+            .map_err(|s| super::volumes::from_agent(&active, &format!("sync group {}", g.rec.name), &s))?;
+        Ok(pb::SyncGroupResponse {
+            recovery_point_id: resp.recovery_point_id,
+            bytes: resp.bytes,
+            duration_ms: resp.duration_ms,
+            full: resp.full,
+        })
     }
 
     // ------------------------------------------------------------------ info and resume
@@ -696,5 +876,9 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         req: Request<pb::GetReplicationInfoRequest>,
     ) -> Result<Response<pb::GroupReplicationInfo>, Status> {
         Ok(Response::new(self.info(req.into_inner()).await?))
+    }
+
+    async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
+        Ok(Response::new(self.sync_now(req.into_inner()).await?))
     }
 }

@@ -127,6 +127,7 @@ impl VolumeApi {
                 force: false,
                 new_size_bytes: size,
                 started_at_ms: now_ms(),
+                reference: String::new(),
             }),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
@@ -206,6 +207,7 @@ impl VolumeApi {
             force: false,
             new_size_bytes: 0,
             started_at_ms: now_ms(),
+            reference: String::new(),
         };
         let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
         self.drive_delete(rec, epoch).await
@@ -275,6 +277,7 @@ impl VolumeApi {
             force: false,
             new_size_bytes: new_size,
             started_at_ms: now_ms(),
+            reference: String::new(),
         };
         let (rec, epoch) = self.begin(&v, volume_status::EXTENDING, op).await?;
         self.drive_extend(rec, epoch).await
@@ -317,6 +320,190 @@ impl VolumeApi {
         }
     }
 
+    async fn list_manageable(&self, backend: &str) -> ApiResult<Vec<pb::ManageableVolume>> {
+        validate_name("backend", backend)?;
+        self.core.repo.get::<BackendRec>(&keys::backend(backend)).await?.ok_or_else(|| {
+            ApiError::NotFound(format!("backend {backend:?} not found; list backends with `drover backend list`"))
+        })?;
+        let list = self
+            .core
+            .agents
+            .call(backend, self.core.config.agent_call_timeout, false, |mut c| async move {
+                c.list_manageable_volumes(apb::ListManageableVolumesRequest {}).await
+            })
+            .await
+            .map_err(|s| from_agent(backend, "list manageable volumes", &s))?;
+        Ok(list
+            .volumes
+            .into_iter()
+            .map(|m| pb::ManageableVolume {
+                reference: m.reference,
+                size_bytes: m.size_bytes,
+                safe_to_manage: m.safe_to_manage,
+                reason_not_safe: m.reason_not_safe,
+            })
+            .collect())
+    }
+
+    async fn manage(&self, r: pb::ManageVolumeRequest) -> ApiResult<VolumeRec> {
+        validate_name("name", &r.name)?;
+        validate_name("project", &r.project)?;
+        if r.reference.trim().is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "`reference` is required; see `drover volume manageable-list`".into(),
+            ));
+        }
+        writable_backend(&self.core, &r.backend, "manage-existing").await?;
+        let candidates = self.list_manageable(&r.backend).await?;
+        let Some(found) = candidates.iter().find(|m| m.reference == r.reference) else {
+            return Err(ApiError::NotFound(format!(
+                "backend {} has no unmanaged volume {:?}; see `drover volume manageable-list --backend {}`",
+                r.backend, r.reference, r.backend
+            )));
+        };
+        if !found.safe_to_manage {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} on backend {} is not safe to manage: {}",
+                r.reference, r.backend, found.reason_not_safe
+            )));
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let rec = VolumeRec {
+            id: id.clone(),
+            name: r.name.clone(),
+            project: r.project.clone(),
+            size_bytes: found.size_bytes as u64,
+            backend: r.backend.clone(),
+            active_backend: r.backend.clone(),
+            group_id: String::new(),
+            status: volume_status::CREATING.into(),
+            replication_status: replication_status::DISABLED.into(),
+            status_reason: String::new(),
+            created_at_ms: now_ms(),
+            pending: Some(PendingOp {
+                op_id: uuid::Uuid::now_v7().to_string(),
+                action: "manage".into(),
+                target: r.backend.clone(),
+                force: false,
+                new_size_bytes: 0,
+                started_at_ms: now_ms(),
+                reference: r.reference.clone(),
+            }),
+        };
+        let name_key = keys::volume_name(&r.project, &r.name);
+        let txn = Txn::new()
+            .when(Compare::Absent(name_key.clone().into_bytes()))
+            .and_then(TxnOp::put(name_key, id.clone()))
+            .and_then(put(&keys::volume(&id), &rec));
+        let resp = self.core.repo.txn(txn).await?;
+        if !resp.succeeded {
+            return Err(ApiError::AlreadyExists(format!(
+                "volume {} already exists in project {}; pick another name",
+                r.name, r.project
+            )));
+        }
+        self.drive_manage(rec, resp.revision).await
+    }
+
+    async fn drive_manage(&self, mut rec: VolumeRec, epoch: i64) -> ApiResult<VolumeRec> {
+        let op = rec.pending.clone().expect("manage has a pending op");
+        let call = self
+            .core
+            .agents
+            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+                let req = apb::ManageVolumeRequest {
+                    ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
+                    reference: op.reference.clone(),
+                    volume_id: rec.id.clone(),
+                };
+                async move { c.manage_volume(req).await }
+            })
+            .await;
+        match call {
+            Ok(info) => {
+                rec.size_bytes = info.size_bytes as u64;
+                rec.status = volume_status::AVAILABLE.into();
+                rec.pending = None;
+                self.save(&rec, epoch).await?;
+                tracing::info!(volume = %rec.id, reference = %op.reference, "volume managed");
+                Ok(rec)
+            }
+            Err(s) if agent_refused(s.code()) => {
+                let txn = Txn::new()
+                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
+                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
+                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+                self.core.repo.txn(txn).await?;
+                Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
+            }
+            Err(s) => {
+                let err = from_agent(&rec.backend, &format!("manage {}", op.reference), &s);
+                self.fail(rec, epoch, format!("{err}; unmanage or delete the volume and retry")).await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn unmanage(&self, r: pb::UnmanageVolumeRequest) -> ApiResult<String> {
+        let v = self.core.repo.volume(&r.volume, &r.project).await?;
+        if !v.rec.group_id.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is in group {}; remove it from the group first",
+                v.rec.name, v.rec.group_id
+            )));
+        }
+        if v.rec.status != volume_status::AVAILABLE {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is {}; only an available volume can be unmanaged",
+                v.rec.name, v.rec.status
+            )));
+        }
+        writable_backend(&self.core, &v.rec.backend, "manage-existing").await?;
+        let op = PendingOp {
+            op_id: uuid::Uuid::now_v7().to_string(),
+            action: "unmanage".into(),
+            target: v.rec.backend.clone(),
+            force: false,
+            new_size_bytes: 0,
+            started_at_ms: now_ms(),
+            reference: String::new(),
+        };
+        let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
+        self.drive_unmanage(rec, epoch).await
+    }
+
+    async fn drive_unmanage(&self, rec: VolumeRec, epoch: i64) -> ApiResult<String> {
+        let op = rec.pending.clone().expect("unmanage has a pending op");
+        let call = self
+            .core
+            .agents
+            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+                let req = apb::UnmanageVolumeRequest {
+                    ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
+                    volume_id: rec.id.clone(),
+                };
+                async move { c.unmanage_volume(req).await }
+            })
+            .await;
+        match call {
+            Ok(_) => {
+                let txn = Txn::new()
+                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
+                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
+                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+                if !self.core.repo.txn(txn).await?.succeeded {
+                    return Err(raced(&format!("volume {}", rec.id)));
+                }
+                Ok(rec.id)
+            }
+            Err(s) => {
+                let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
+                self.fail(rec, epoch, format!("{err}; retry the unmanage")).await?;
+                Err(err)
+            }
+        }
+    }
+
     /// Finishes volume operations a previous orchestrator left pending. Claiming bumps the
     /// revision, so the resumed calls carry a higher epoch than the dead owner's.
     pub async fn resume(&self) -> ApiResult<usize> {
@@ -343,6 +530,8 @@ impl VolumeApi {
                 "create" => self.drive_create(v.rec, epoch).await.map(|_| ()),
                 "delete" => self.drive_delete(v.rec, epoch).await,
                 "extend" => self.drive_extend(v.rec, epoch).await.map(|_| ()),
+                "manage" => self.drive_manage(v.rec, epoch).await.map(|_| ()),
+                "unmanage" => self.drive_unmanage(v.rec, epoch).await.map(|_| ()),
                 other => Err(ApiError::Internal(format!("unknown pending volume action {other}"))),
             };
             if let Err(e) = result {
@@ -389,5 +578,25 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
 
     async fn extend_volume(&self, req: Request<pb::ExtendVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
         Ok(Response::new(self.extend(req.into_inner()).await?.to_pb()))
+    }
+
+    async fn list_manageable_volumes(
+        &self,
+        req: Request<pb::ListManageableVolumesRequest>,
+    ) -> Result<Response<pb::ListManageableVolumesResponse>, Status> {
+        let volumes = self.list_manageable(&req.into_inner().backend).await?;
+        Ok(Response::new(pb::ListManageableVolumesResponse { volumes }))
+    }
+
+    async fn manage_volume(&self, req: Request<pb::ManageVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
+        Ok(Response::new(self.manage(req.into_inner()).await?.to_pb()))
+    }
+
+    async fn unmanage_volume(
+        &self,
+        req: Request<pb::UnmanageVolumeRequest>,
+    ) -> Result<Response<pb::UnmanageVolumeResponse>, Status> {
+        let reference = self.unmanage(req.into_inner()).await?;
+        Ok(Response::new(pb::UnmanageVolumeResponse { reference }))
     }
 }

@@ -1,0 +1,168 @@
+//! The agent-to-agent data path (`drover.agent.v1.Replica`): shipping a recovery point to
+//! the peer, and receiving one into the driver.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_proto::agent::v1 as pb;
+use drover_proto::agent::v1::replica_client::ReplicaClient;
+use drover_proto::agent::v1::replica_message::Kind;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::driver::{ApplyHeader, Driver, DriverError, Incoming};
+
+/// The largest data chunk put in one message.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+/// Deadline for a whole recovery point transfer.
+pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// An outgoing recovery point: send the pieces, then drop the sender after `Commit`.
+pub struct Shipment {
+    tx: mpsc::Sender<pb::ReplicaMessage>,
+    task: tokio::task::JoinHandle<Result<pb::ApplyAck, Status>>,
+}
+
+impl Shipment {
+    /// Opens the stream to the peer and sends the header.
+    pub async fn open(endpoint: &str, header: &ApplyHeader) -> Result<Self, DriverError> {
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(TRANSFER_TIMEOUT)
+            .connect()
+            .await
+            .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
+        let mut client =
+            ReplicaClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        let (tx, rx) = mpsc::channel::<pb::ReplicaMessage>(8);
+        let begin = pb::ApplyBegin {
+            group_id: header.group_id.clone(),
+            recovery_point_id: header.recovery_point_id.clone(),
+            base_recovery_point_id: header.base_recovery_point_id.clone(),
+            volumes: header
+                .volumes
+                .iter()
+                .map(|(id, size)| pb::VolumeHeader { volume_id: id.clone(), size_bytes: *size as i64 })
+                .collect(),
+            r#final: header.final_sync,
+            source_backend: header.source_backend.clone(),
+            created_at_ms: header.created_at_ms,
+        };
+        tx.send(pb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.expect("receiver alive");
+        let task = tokio::spawn(async move {
+            let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+            client.apply_recovery_point(Request::new(stream)).await.map(Response::into_inner)
+        });
+        Ok(Self { tx, task })
+    }
+
+    /// Sends data at an offset of a volume, split into chunks.
+    pub async fn data(&self, volume_id: &str, offset: u64, data: Vec<u8>) -> Result<(), DriverError> {
+        self.send(pb::DeltaChunk { volume_id: volume_id.into(), offset: offset as i64, data, zero_length: 0 }).await
+    }
+
+    /// Sends a range that reads as zeroes.
+    pub async fn zero(&self, volume_id: &str, offset: u64, len: u64) -> Result<(), DriverError> {
+        self.send(pb::DeltaChunk {
+            volume_id: volume_id.into(),
+            offset: offset as i64,
+            data: Vec::new(),
+            zero_length: len as i64,
+        })
+        .await
+    }
+
+    async fn send(&self, chunk: pb::DeltaChunk) -> Result<(), DriverError> {
+        self.tx
+            .send(pb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) })
+            .await
+            .map_err(|_| DriverError::Unavailable("the peer closed the recovery point stream".into()))
+    }
+
+    /// Commits the point and waits for the peer's acknowledgement.
+    pub async fn commit(self) -> Result<pb::ApplyAck, DriverError> {
+        let _ = self.tx.send(pb::ReplicaMessage { kind: Some(Kind::Commit(pb::ApplyCommit {})) }).await;
+        drop(self.tx);
+        let result = self.task.await.map_err(|e| DriverError::Internal(e.to_string()))?;
+        result.map_err(|s| match s.code() {
+            tonic::Code::FailedPrecondition => {
+                DriverError::FailedPrecondition(format!("peer refused the recovery point: {}", s.message()))
+            }
+            tonic::Code::NotFound => DriverError::NotFound(format!("peer: {}", s.message())),
+            _ => DriverError::Unavailable(format!("peer did not apply the recovery point: {}", s.message())),
+        })
+    }
+
+    /// Abandons the transfer: the peer discards what it received.
+    pub fn abort(self) {
+        self.task.abort();
+    }
+}
+
+/// `drover.agent.v1.Replica`: hands incoming recovery points to the driver.
+pub struct ReplicaService {
+    pub driver: Arc<dyn Driver>,
+}
+
+fn header_from(b: pb::ApplyBegin) -> Result<ApplyHeader, Status> {
+    if b.group_id.is_empty() || b.recovery_point_id.is_empty() || b.volumes.is_empty() {
+        return Err(Status::invalid_argument("`begin` needs group_id, recovery_point_id and at least one volume"));
+    }
+    Ok(ApplyHeader {
+        group_id: b.group_id,
+        recovery_point_id: b.recovery_point_id,
+        base_recovery_point_id: b.base_recovery_point_id,
+        volumes: b.volumes.into_iter().map(|v| (v.volume_id, v.size_bytes.max(0) as u64)).collect(),
+        final_sync: b.r#final,
+        source_backend: b.source_backend,
+        created_at_ms: b.created_at_ms,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::replica_server::Replica for ReplicaService {
+    async fn apply_recovery_point(
+        &self,
+        req: Request<Streaming<pb::ReplicaMessage>>,
+    ) -> Result<Response<pb::ApplyAck>, Status> {
+        let mut stream = req.into_inner();
+        let header = match stream.message().await? {
+            Some(pb::ReplicaMessage { kind: Some(Kind::Begin(b)) }) => header_from(b)?,
+            _ => return Err(Status::invalid_argument("a recovery point stream starts with `begin`")),
+        };
+        let rp = header.recovery_point_id.clone();
+        let (tx, rx) = mpsc::channel(8);
+        // Feed the driver from the stream; it applies while the data arrives.
+        let feeder = tokio::spawn(async move {
+            loop {
+                let next = match stream.message().await {
+                    Ok(Some(pb::ReplicaMessage { kind: Some(Kind::Chunk(c)) })) => {
+                        if c.zero_length > 0 {
+                            Incoming::Zero {
+                                volume_id: c.volume_id,
+                                offset: c.offset as u64,
+                                len: c.zero_length as u64,
+                            }
+                        } else {
+                            Incoming::Data { volume_id: c.volume_id, offset: c.offset as u64, data: c.data }
+                        }
+                    }
+                    Ok(Some(pb::ReplicaMessage { kind: Some(Kind::Commit(_)) })) => Incoming::Commit,
+                    Ok(Some(_)) => Incoming::Broken("unexpected message in a recovery point stream".into()),
+                    Ok(None) => Incoming::Broken("the source closed the stream before commit".into()),
+                    Err(s) => Incoming::Broken(format!("stream error: {}", s.message())),
+                };
+                let end = matches!(next, Incoming::Commit | Incoming::Broken(_));
+                if tx.send(next).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let result = self.driver.apply_recovery_point(header, rx).await;
+        feeder.abort();
+        let bytes = result.map_err(|e| e.to_status())?;
+        Ok(Response::new(pb::ApplyAck { recovery_point_id: rp, bytes_received: bytes as i64 }))
+    }
+}
