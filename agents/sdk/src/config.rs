@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::mock::MockConfig;
+use crate::qemu::QemuConfig;
 
 /// Everything an agent needs to start.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -25,9 +26,11 @@ pub struct AgentConfig {
     pub orchestrator: Option<String>,
     /// Where the agent keeps its fencing and idempotency ledger.
     pub state_dir: PathBuf,
-    /// `mock` (control-plane tests only).
+    /// `qemu` (qemu-storage-daemon, the reference backend) or `mock` (control-plane
+    /// tests only).
     pub driver: String,
     pub mock: MockConfig,
+    pub qemu: QemuConfig,
 }
 
 impl Default for AgentConfig {
@@ -42,6 +45,7 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from("/var/lib/drover/agent"),
             driver: String::new(),
             mock: MockConfig::default(),
+            qemu: QemuConfig::default(),
         }
     }
 }
@@ -75,8 +79,15 @@ impl AgentConfig {
                 )));
             }
         }
-        if self.driver != "mock" {
-            return Err(ConfigError::Invalid(format!("unknown driver `{}`; this build has: mock", self.driver)));
+        match self.driver.as_str() {
+            "mock" => {}
+            "qemu" if self.qemu.pool_dir.as_os_str().is_empty() => {
+                return Err(ConfigError::Invalid(
+                    "the qemu driver needs `qemu.pool_dir` (or --pool-dir / DROVER_AGENT_POOL_DIR)".into(),
+                ));
+            }
+            "qemu" => {}
+            other => return Err(ConfigError::Invalid(format!("unknown driver `{other}`; this build has: qemu, mock"))),
         }
         for (op, p) in &self.mock.fail {
             if !(0.0..=1.0).contains(p) {

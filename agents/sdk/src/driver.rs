@@ -91,6 +91,8 @@ pub struct EnableSpec {
     pub role: Role,
     pub peer: Peer,
     pub size_bytes: u64,
+    /// Time between the group's periodic recovery points (parameter `sync_interval_ms`).
+    pub interval_ms: Option<u64>,
 }
 
 /// A point-in-time view of one volume's replication.

@@ -11,12 +11,14 @@
 //!   op_id gets that outcome without touching the driver again;
 //! - **one mutation at a time** per volume or group: a second gets ABORTED.
 //!
-//! [`mock::MockDriver`] is an in-memory driver for control-plane tests and benchmarks.
+//! [`qemu::QemuDriver`] drives qemu-storage-daemon, the reference backend that moves real
+//! data. [`mock::MockDriver`] is an in-memory driver for control-plane tests and benchmarks.
 
 pub mod config;
 pub mod driver;
 pub mod ledger;
 pub mod mock;
+pub mod qemu;
 pub mod registration;
 pub mod replica;
 pub mod server;

@@ -388,6 +388,14 @@ impl Agent for AgentService {
             role,
             peer: Peer { backend: peer.backend, endpoint: peer.endpoint },
             size_bytes: u64::try_from(r.size_bytes).unwrap_or(0),
+            interval_ms: match r.parameters.get("sync_interval_ms") {
+                None => None,
+                Some(v) => Some(v.parse::<u64>().ok().filter(|ms| *ms >= 1000).ok_or_else(|| {
+                    Status::invalid_argument(format!(
+                        "parameter sync_interval_ms = {v:?} must be a whole number of at least 1000"
+                    ))
+                })?),
+            },
         };
         self.guarded(r.ctx, &r.volume_id, "enable_replication", || async {
             self.driver.enable_replication(&spec).await.map(|()| pb::EnableReplicationResponse {})
@@ -544,8 +552,9 @@ async fn run_scheduler(driver: Arc<dyn Driver>, shutdown: tokio_util::sync::Canc
         running.retain(|_, h| !h.is_finished());
         let now = tokio::time::Instant::now();
         for (group, interval) in driver.sync_schedule() {
-            let due = last.get(&group).is_none_or(|t| now.duration_since(*t) >= interval);
-            if !due || running.contains_key(&group) {
+            // A group's first point is taken when replication is enabled; the clock starts now.
+            let since = *last.entry(group.clone()).or_insert(now);
+            if now.duration_since(since) < interval || running.contains_key(&group) {
                 continue;
             }
             last.insert(group.clone(), now);

@@ -68,8 +68,10 @@ impl Proc {
         s
     }
 
-    /// Sends SIGKILL and reaps the process.
+    /// Sends SIGKILL to the process and everything it started, and reaps it.
     pub fn kill(&mut self) {
+        let _ =
+            Command::new("kill").args(["-KILL", "--", &format!("-{}", self.child.id())]).stderr(Stdio::null()).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -272,7 +272,7 @@ struct AgentArgs {
     orchestrator: Option<String>,
     #[arg(long, env = "DROVER_AGENT_STATE_DIR")]
     state_dir: Option<PathBuf>,
-    /// Only `mock` in this build.
+    /// `qemu` (qemu-storage-daemon) or `mock` (control-plane tests only).
     #[arg(long, env = "DROVER_AGENT_DRIVER")]
     driver: Option<String>,
     /// Mock driver: append every driver call to this file.
@@ -281,6 +281,12 @@ struct AgentArgs {
     /// Mock driver: latency added to each call.
     #[arg(long, env = "DROVER_AGENT_MOCK_LATENCY", value_parser = humantime::parse_duration)]
     mock_latency: Option<Duration>,
+    /// Qemu driver: the pool directory holding the volumes.
+    #[arg(long, env = "DROVER_AGENT_POOL_DIR")]
+    pool_dir: Option<PathBuf>,
+    /// Qemu driver: serve NBD exports on this TCP HOST:PORT instead of a unix socket.
+    #[arg(long, env = "DROVER_AGENT_NBD_TCP")]
+    nbd_tcp: Option<String>,
 }
 
 fn init_logging(default: &str) {
@@ -364,12 +370,27 @@ async fn run_agent(a: AgentArgs) -> Result<()> {
     if a.mock_latency.is_some() {
         cfg.mock.latency = a.mock_latency;
     }
+    if let Some(p) = a.pool_dir {
+        cfg.qemu.pool_dir = p;
+    }
+    if a.nbd_tcp.is_some() {
+        cfg.qemu.nbd_tcp = a.nbd_tcp;
+    }
     if cfg.agent_id.is_empty() {
         cfg.agent_id = format!("{}-agent", cfg.backend);
     }
     cfg.validate()?;
     let ledger = drover_agent::ledger::Ledger::open(&cfg.state_dir.join("ledger.redb"))?;
-    let driver: Arc<dyn Driver> = Arc::new(drover_agent::mock::MockDriver::new(cfg.mock.clone()));
+    let driver: Arc<dyn Driver> = match cfg.driver.as_str() {
+        "qemu" => {
+            std::fs::create_dir_all(&cfg.qemu.pool_dir)
+                .with_context(|| format!("cannot create pool {}", cfg.qemu.pool_dir.display()))?;
+            drover_agent::qemu::QemuDriver::start(cfg.qemu.clone(), &cfg.state_dir, &cfg.backend)
+                .await
+                .map_err(|e| anyhow!("starting the qemu driver: {e}"))?
+        }
+        _ => Arc::new(drover_agent::mock::MockDriver::new(cfg.mock.clone())),
+    };
     let listener =
         tokio::net::TcpListener::bind(&cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let token = CancellationToken::new();

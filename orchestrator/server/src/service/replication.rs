@@ -519,10 +519,26 @@ impl ReplicationApi {
                 rec.name, rec.replication_target, rec.name
             )));
         }
+        if failback && !rec.divergence_point.is_empty() && !r.force && r.discard_changes_on != to {
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} diverged at recovery point {} in a disaster failover: backend {to} may hold writes that {} \
+                 never received. Failing back discards them; confirm with `--discard-changes-on {to}` (recorded in the \
+                 group's history)",
+                rec.name, rec.divergence_point, rec.active_backend
+            )));
+        }
+        if !r.discard_changes_on.is_empty() && r.discard_changes_on != to {
+            return Err(ApiError::InvalidArgument(format!(
+                "`discard_changes_on` names {}, but only the backend being failed back to ({to}) can have its changes discarded",
+                r.discard_changes_on
+            )));
+        }
         let (action, transient) =
             if failback { ("failback", rs::FAILING_BACK) } else { ("failover", rs::FAILING_OVER) };
         let snap = self.snapshot(g).await?;
-        let (group, volumes, epoch) = self.begin(snap, transient, Self::new_op(action, &to, r.force)).await?;
+        let mut op = Self::new_op(action, &to, r.force);
+        op.reference = r.discard_changes_on.clone();
+        let (group, volumes, epoch) = self.begin(snap, transient, op).await?;
         self.drive_failover(group, volumes, epoch).await
     }
 
