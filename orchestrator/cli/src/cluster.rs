@@ -139,14 +139,16 @@ pub fn start_orchestrator(bin: &Path, dir: &Path, name: &str, store_args: &[Stri
 /// Settings for one agent process.
 pub struct AgentSpec<'a> {
     pub name: &'a str,
+    /// `qemu` or `mock`. A qemu agent's pool is `<dir>/pool-<name>`.
+    pub driver: &'a str,
     pub site: &'a str,
     pub backend: &'a str,
     pub orchestrator: &'a str,
     pub extra: Vec<String>,
 }
 
-/// Starts a mock agent that registers with the orchestrator.
-pub fn start_mock_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server, String> {
+/// Starts an agent that registers with the orchestrator.
+pub fn start_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server, String> {
     let mut args: Vec<String> = [
         "agent",
         "--agent-id",
@@ -156,7 +158,7 @@ pub fn start_mock_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<S
         "--backend",
         spec.backend,
         "--driver",
-        "mock",
+        spec.driver,
         "--listen",
         "127.0.0.1:0",
         "--orchestrator",
@@ -167,6 +169,26 @@ pub fn start_mock_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<S
     .collect();
     args.push("--state-dir".into());
     args.push(dir.join(spec.name).display().to_string());
+    if spec.driver == "qemu" {
+        args.push("--pool-dir".into());
+        args.push(dir.join(format!("pool-{}", spec.name)).display().to_string());
+    }
     args.extend(spec.extra);
     start(bin, spec.name, dir.join(format!("{}.log", spec.name)), args)
+}
+
+/// Runs `qemu-io` (an NBD client independent of Drover) with commands against `uri`.
+/// Fails when qemu-io fails or a `read -P` finds other data than the pattern.
+pub fn qemu_io(uri: &str, commands: &[String]) -> Result<String, String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.arg(uri).output().map_err(|e| format!("cannot run qemu-io: {e}; install qemu-utils"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() || text.contains("Pattern verification failed") || text.contains("failed") {
+        return Err(format!("qemu-io {commands:?} on {uri}: {}", text.trim()));
+    }
+    Ok(text)
 }

@@ -1,14 +1,18 @@
 //! The local two-site DR drill: an orchestrator on the embedded store, one agent per
-//! site, a replicated group, a failover and a failback. Each step prints the equivalent
-//! `drover` command and how long it took.
+//! site, a replicated group, a planned failover and a failback with reprotect.
+//!
+//! With the qemu driver (the default) it moves real data: it writes known patterns with
+//! `qemu-io` (an NBD client independent of Drover), and after each move reads every
+//! pattern back at the other site with `qemu-io read -P`. Each step prints the equivalent
+//! `drover` command and how long it took; the end prints RPO and bytes shipped.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use drover_proto::v1 as pb;
 
 use crate::client::Clients;
-use crate::cluster::{AgentSpec, Server, locate_drover, start_mock_agent, start_orchestrator};
+use crate::cluster::{AgentSpec, Server, locate_drover, qemu_io, start_agent, start_orchestrator};
 use crate::output;
 
 /// Drill settings.
@@ -17,30 +21,30 @@ pub struct DrillOptions {
     pub workdir: Option<PathBuf>,
     /// How many volumes the group gets.
     pub volumes: usize,
+    /// `qemu` (real data) or `mock` (control plane only).
+    pub driver: String,
 }
 
 struct Steps {
     n: usize,
-    total: usize,
     started: Instant,
+    phases: Vec<(String, u128)>,
 }
 
 impl Steps {
-    fn begin(&mut self, what: &str, cli: &str) -> Instant {
+    fn begin(&mut self, what: &str, cli: &str) -> (Instant, String) {
         self.n += 1;
-        println!("[{}/{}] {what}", self.n, self.total);
+        println!("[{}] {what}", self.n);
         if !cli.is_empty() {
-            println!("      $ {cli}");
+            println!("    $ {cli}");
         }
-        Instant::now()
+        (Instant::now(), what.to_string())
     }
 
-    fn done(&self, t: Instant, note: &str) {
-        println!(
-            "      ok in {} ms{}",
-            t.elapsed().as_millis(),
-            if note.is_empty() { String::new() } else { format!(": {note}") }
-        );
+    fn done(&mut self, (t, what): (Instant, String), note: &str) {
+        let ms = t.elapsed().as_millis();
+        println!("    ok in {ms} ms{}", if note.is_empty() { String::new() } else { format!(": {note}") });
+        self.phases.push((what, ms));
     }
 }
 
@@ -49,8 +53,7 @@ async fn wait_backends_up(c: &mut Clients, names: &[&str], timeout: Duration) ->
     loop {
         let list =
             c.sites.list_backends(pb::ListBackendsRequest::default()).await.map_err(|s| s.message().to_string())?;
-        let up = names.iter().all(|n| list.get_ref().backends.iter().any(|b| b.name == *n && b.status == "up"));
-        if up {
+        if names.iter().all(|n| list.get_ref().backends.iter().any(|b| b.name == *n && b.status == "up")) {
             return Ok(());
         }
         if Instant::now() > deadline {
@@ -60,8 +63,47 @@ async fn wait_backends_up(c: &mut Clients, names: &[&str], timeout: Duration) ->
     }
 }
 
-fn fail(step: &str, s: tonic::Status, logs: &Path) -> String {
-    format!("{step} failed: {} ({:?}); process logs are in {}", s.message(), s.code(), logs.display())
+const PROJECT: &str = "demo";
+
+/// One written region: volume index, pattern byte, offset and length in MiB.
+type Write = (usize, u8, u64, u64);
+
+async fn uri(c: &mut Clients, volume: &str) -> Result<String, String> {
+    let r = c
+        .volumes
+        .attach_volume(pb::AttachVolumeRequest { volume: volume.into(), project: PROJECT.into() })
+        .await
+        .map_err(|s| format!("attach {volume}: {}", s.message()))?;
+    Ok(r.into_inner().uri)
+}
+
+async fn write(c: &mut Clients, names: &[String], writes: &[Write]) -> Result<u64, String> {
+    let mut bytes = 0;
+    for (v, p, off, len) in writes {
+        let u = uri(c, &names[*v]).await?;
+        qemu_io(&u, &[format!("write -P {p:#x} {off}M {len}M")])?;
+        bytes += len << 20;
+    }
+    Ok(bytes)
+}
+
+async fn verify(c: &mut Clients, names: &[String], writes: &[Write]) -> Result<(), String> {
+    for (i, name) in names.iter().enumerate() {
+        let u = uri(c, name).await?;
+        // The newest write to a region wins; regions in this drill do not overlap.
+        let cmds: Vec<String> = writes
+            .iter()
+            .filter(|(v, ..)| *v == i)
+            .map(|(_, p, off, len)| format!("read -P {p:#x} {off}M {len}M"))
+            .chain(std::iter::once("read -P 0 60M 4M".to_string()))
+            .collect();
+        qemu_io(&u, &cmds)?;
+    }
+    Ok(())
+}
+
+fn fail(step: &str, s: tonic::Status, dir: &std::path::Path) -> String {
+    format!("{step} failed: {} ({:?}); process logs are in {}", s.message(), s.code(), dir.display())
 }
 
 /// Runs the drill; returns a message on failure.
@@ -77,10 +119,10 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
             temp.path().to_path_buf()
         }
     };
+    let data = opts.driver == "qemu";
     let bin = locate_drover()?;
-    let project = "demo";
-    let mut steps = Steps { n: 0, total: 9, started: Instant::now() };
-    println!("Drover two-site drill (embedded store, mock agents); work dir {}", dir.display());
+    let mut steps = Steps { n: 0, started: Instant::now(), phases: Vec::new() };
+    println!("Drover two-site drill: embedded store, {} agents; work dir {}", opts.driver, dir.display());
 
     let t = steps.begin(
         "start the orchestrator on the embedded store",
@@ -93,53 +135,52 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
     let mut agents = Vec::new();
     for (site, backend) in [("site-a", "backend-a"), ("site-b", "backend-b")] {
         let t = steps.begin(
-            &format!("start the mock agent of {backend} at {site}"),
-            &format!("drover agent --site {site} --backend {backend} --driver mock --orchestrator {}", orch.endpoint),
+            &format!("start the {} agent of {backend} at {site}", opts.driver),
+            &format!(
+                "drover agent --site {site} --backend {backend} --driver {} --orchestrator {}",
+                opts.driver, orch.endpoint
+            ),
         );
         let name = format!("agent-{backend}");
-        let agent = start_mock_agent(
-            &bin,
-            &dir,
-            AgentSpec { name: &name, site, backend, orchestrator: &orch.endpoint, extra: vec![] },
-        )?;
+        let spec =
+            AgentSpec { name: &name, driver: &opts.driver, site, backend, orchestrator: &orch.endpoint, extra: vec![] };
+        let agent = start_agent(&bin, &dir, spec)?;
         steps.done(t, &agent.endpoint);
         agents.push(agent);
     }
 
-    let mut c = Clients::connect(&orch.endpoint, Duration::from_secs(60)).await?;
+    let mut c = Clients::connect(&orch.endpoint, Duration::from_secs(600)).await?;
     let t = steps.begin("wait until both backends are registered and answer probes", "drover backend list");
     wait_backends_up(&mut c, &["backend-a", "backend-b"], Duration::from_secs(30)).await?;
     steps.done(t, "");
 
     let t = steps.begin(
-        &format!("create {} volumes on backend-a", opts.volumes),
-        "drover volume create app-N --size 1GiB --backend backend-a",
+        &format!("create {} volumes of 64 MiB on backend-a", opts.volumes),
+        "drover volume create app-N --size 64MiB --backend backend-a",
     );
-    let mut names = Vec::new();
-    for i in 0..opts.volumes {
-        let name = format!("app-{i}");
+    let names: Vec<String> = (0..opts.volumes).map(|i| format!("app-{i}")).collect();
+    for name in &names {
         c.volumes
             .create_volume(pb::CreateVolumeRequest {
                 name: name.clone(),
-                project: project.into(),
-                size_bytes: 1 << 30,
+                project: PROJECT.into(),
+                size_bytes: 64 << 20,
                 backend: "backend-a".into(),
             })
             .await
             .map_err(|s| fail("create volume", s, &dir))?;
-        names.push(name);
     }
     steps.done(t, &names.join(", "));
 
     let t = steps.begin(
-        "create group app of type replication",
-        "drover group create app --type replication --backend backend-a --volume app-0 ...",
+        "create group app of type consistent-replication",
+        "drover group create app --type consistent-replication --backend backend-a --volume app-0 ...",
     );
     c.groups
         .create_group(pb::CreateGroupRequest {
             name: "app".into(),
-            project: project.into(),
-            group_type: "replication".into(),
+            project: PROJECT.into(),
+            group_type: "consistent-replication".into(),
             backend: "backend-a".into(),
             volumes: names.clone(),
         })
@@ -147,27 +188,68 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         .map_err(|s| fail("create group", s, &dir))?;
     steps.done(t, "");
 
-    let group = || pb::GetGroupRequest { group: "app".into(), project: project.into() };
-    let t = steps.begin("enable replication to backend-b", "drover group enable-replication app --target backend-b");
+    let mut written: Vec<Write> = Vec::new();
+    if data {
+        let t = steps.begin(
+            "write known patterns at site A with qemu-io",
+            "qemu-io -f raw -c 'write -P 0x10 0 4M' nbd+unix:///VOLUME?socket=...",
+        );
+        let w: Vec<Write> =
+            (0..names.len()).flat_map(|i| [(i, 0x10 + i as u8, 0, 4), (i, 0x20 + i as u8, 32, 1)]).collect();
+        let bytes = write(&mut c, &names, &w).await?;
+        written.extend(w);
+        steps.done(t, &format!("{} MiB", bytes >> 20));
+    }
+
+    let t = steps.begin(
+        "enable replication to backend-b (initial full copy)",
+        "drover group enable-replication app --target backend-b",
+    );
     let r = c
         .replication
         .enable_replication(pb::EnableReplicationRequest {
             group: "app".into(),
-            project: project.into(),
+            project: PROJECT.into(),
             target_backend: "backend-b".into(),
-            sync_interval_seconds: 0,
+            sync_interval_seconds: 30,
         })
         .await
         .map_err(|s| fail("enable replication", s, &dir))?
         .into_inner();
-    steps.done(t, &group_state(&r));
+    let initial = r.group.as_ref().and_then(|g| g.history.last()).map(|e| e.detail.clone()).unwrap_or_default();
+    steps.done(t, &initial);
 
-    let t = steps.begin("fail over to backend-b (planned)", "drover group failover app --target backend-b");
+    let mut shipped = Vec::new();
+    if data {
+        let t = steps.begin("write more at site A, then sync now", "drover group sync app");
+        let w: Vec<Write> = (0..names.len()).map(|i| (i, 0x30 + i as u8, 8, 1)).collect();
+        write(&mut c, &names, &w).await?;
+        written.extend(w);
+        let s = c
+            .replication
+            .sync_group(pb::SyncGroupRequest { group: "app".into(), project: PROJECT.into() })
+            .await
+            .map_err(|s| fail("sync", s, &dir))?
+            .into_inner();
+        shipped.push(("incremental sync".to_string(), s.bytes));
+        steps.done(t, &format!("recovery point {} shipped {} bytes", s.recovery_point_id, s.bytes));
+    }
+    let info = c
+        .replication
+        .get_replication_info(pb::GetReplicationInfoRequest { group: "app".into(), project: PROJECT.into() })
+        .await
+        .map_err(|s| fail("replication info", s, &dir))?
+        .into_inner();
+
+    let t = steps.begin(
+        "fail over to backend-b (planned: final sync, demote, promote)",
+        "drover group failover app --target backend-b",
+    );
     let r = c
         .replication
         .failover_group(pb::FailoverGroupRequest {
             group: "app".into(),
-            project: project.into(),
+            project: PROJECT.into(),
             target_backend: "backend-b".into(),
             force: false,
             discard_changes_on: String::new(),
@@ -175,14 +257,30 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         .await
         .map_err(|s| fail("failover", s, &dir))?
         .into_inner();
-    steps.done(t, &group_state(&r));
+    steps.done(t, &outcome(&r));
 
-    let t = steps.begin("fail back to backend-a", "drover group failover app --target default");
+    if data {
+        let t = steps
+            .begin("verify every pattern at site B with qemu-io read -P", "qemu-io -f raw -c 'read -P 0x10 0 4M' ...");
+        verify(&mut c, &names, &written).await?;
+        steps.done(t, &format!("{} regions match", written.len() + names.len()));
+
+        let t = steps.begin("write at site B", "qemu-io -f raw -c 'write -P 0x40 16M 2M' ...");
+        let w: Vec<Write> = (0..names.len()).map(|i| (i, 0x40 + i as u8, 16, 2)).collect();
+        let bytes = write(&mut c, &names, &w).await?;
+        written.extend(w);
+        steps.done(t, &format!("{} MiB", bytes >> 20));
+    }
+
+    let t = steps.begin(
+        "fail back to backend-a with reprotect (only the delta moves)",
+        "drover group failover app --target default",
+    );
     let r = c
         .replication
         .failover_group(pb::FailoverGroupRequest {
             group: "app".into(),
-            project: project.into(),
+            project: PROJECT.into(),
             target_backend: "default".into(),
             force: false,
             discard_changes_on: String::new(),
@@ -190,12 +288,26 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         .await
         .map_err(|s| fail("failback", s, &dir))?
         .into_inner();
-    steps.done(t, &group_state(&r));
+    steps.done(t, &outcome(&r));
 
-    let g = c.groups.get_group(group()).await.map_err(|s| fail("show group", s, &dir))?.into_inner();
+    if data {
+        let t = steps.begin(
+            "verify every pattern at site A with qemu-io read -P",
+            "qemu-io -f raw -c 'read -P 0x40 16M 2M' ...",
+        );
+        verify(&mut c, &names, &written).await?;
+        steps.done(t, &format!("{} regions match", written.len() + names.len()));
+    }
+
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "app".into(), project: PROJECT.into() })
+        .await
+        .map_err(|s| fail("show group", s, &dir))?
+        .into_inner();
     let vols = c
         .volumes
-        .list_volumes(pb::ListVolumesRequest { project: project.into() })
+        .list_volumes(pb::ListVolumesRequest { project: PROJECT.into() })
         .await
         .map_err(|s| fail("list volumes", s, &dir))?
         .into_inner()
@@ -207,6 +319,20 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
     println!("\nGroup history:");
     for e in &g.history {
         println!("  epoch {:>4}  {:<20} {}", e.epoch, e.action, e.detail);
+    }
+    println!(
+        "\nRPO before the failover: {}",
+        if info.rpo_ms < 0 { "unknown".to_string() } else { format!("{} ms", info.rpo_ms) }
+    );
+    for e in g.history.iter().filter(|e| e.detail.contains("shipped")) {
+        println!("Bytes shipped, {}: {}", e.action, e.detail.split("; ").find(|d| d.contains("shipped")).unwrap_or(""));
+    }
+    for (what, b) in &shipped {
+        println!("Bytes shipped, {what}: {b}");
+    }
+    println!("\nTime per phase:");
+    for (what, ms) in &steps.phases {
+        println!("  {ms:>7} ms  {what}");
     }
     let healthy = g.replication_status == "enabled"
         && g.active_backend == "backend-a"
@@ -226,12 +352,16 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
     Ok(())
 }
 
-fn group_state(r: &pb::ReplicationResult) -> String {
+fn outcome(r: &pb::ReplicationResult) -> String {
     let ok = r.items.iter().filter(|i| i.outcome == "success").count();
+    let detail = r.group.as_ref().and_then(|g| g.history.last()).map(|e| e.detail.clone()).unwrap_or_default();
     match &r.group {
-        Some(g) => {
-            format!("group {} on {}, {ok}/{} volumes succeeded", g.replication_status, g.active_backend, r.items.len())
-        }
+        Some(g) => format!(
+            "group {} on {}, {ok}/{} volumes succeeded; {detail}",
+            g.replication_status,
+            g.active_backend,
+            r.items.len()
+        ),
         None => String::new(),
     }
 }

@@ -69,6 +69,9 @@ enum Command {
         /// Volumes in the drill's group.
         #[arg(long, default_value_t = 3)]
         volumes: usize,
+        /// `qemu` (real data, verified with qemu-io) or `mock` (control plane only).
+        #[arg(long, default_value = "qemu", value_parser = ["qemu", "mock"])]
+        driver: String,
     },
 }
 
@@ -122,6 +125,10 @@ enum VolumeCmd {
         /// The new size, e.g. 20GiB.
         #[arg(long, allow_hyphen_values = true)]
         size: String,
+    },
+    /// Where to attach a volume now: e.g. an NBD URI for qemu-io or qemu.
+    Attach {
+        volume: String,
     },
     /// Volumes on a backend that Drover does not manage (Cinder's manageable-list).
     #[command(name = "manageable-list")]
@@ -513,6 +520,14 @@ async fn run_client(cli: Cli) -> Result<()> {
                 .into_inner();
             emit(fmt, &v, volume_table);
         }
+        Command::Volume(VolumeCmd::Attach { volume }) => {
+            let r = c.volumes.attach_volume(pb::AttachVolumeRequest { volume, project }).await?.into_inner();
+            emit(fmt, &r, |r| {
+                let mut t = Table::new(&["BACKEND", "TYPE", "URI"]);
+                t.row(vec![r.backend.clone(), r.driver_volume_type.clone(), r.uri.clone()]);
+                t
+            });
+        }
         Command::Volume(VolumeCmd::ManageableList { backend }) => {
             let r = c.volumes.list_manageable_volumes(pb::ListManageableVolumesRequest { backend }).await?.into_inner();
             emit(fmt, &r, |r| {
@@ -727,9 +742,11 @@ async fn main() -> ExitCode {
             init_logging("info");
             run_agent(a).await
         }
-        Command::Drill { workdir, volumes } => {
+        Command::Drill { workdir, volumes, driver } => {
             init_logging("warn");
-            drover_cli::drill::run(drover_cli::drill::DrillOptions { workdir, volumes }).await.map_err(|e| anyhow!(e))
+            drover_cli::drill::run(drover_cli::drill::DrillOptions { workdir, volumes, driver })
+                .await
+                .map_err(|e| anyhow!(e))
         }
         _ => {
             init_logging("warn");

@@ -580,6 +580,41 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         Ok(Response::new(self.extend(req.into_inner()).await?.to_pb()))
     }
 
+    async fn attach_volume(
+        &self,
+        req: Request<pb::AttachVolumeRequest>,
+    ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
+        let r = req.into_inner();
+        let v = self.core.repo.volume(&r.volume, &r.project).await?;
+        if v.rec.status != volume_status::AVAILABLE {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is {}; only an available volume can be attached",
+                v.rec.name, v.rec.status
+            ))
+            .into());
+        }
+        let backend = v.rec.active_backend.clone();
+        let op_id = uuid::Uuid::now_v7().to_string();
+        let req = apb::AttachVolumeRequest {
+            ctx: ctx(op_id, v.rev as u64, format!("volume/{}", v.rec.id)),
+            volume_id: v.rec.id.clone(),
+        };
+        let conn = self
+            .core
+            .agents
+            .call(&backend, self.core.config.agent_call_timeout, true, |mut c| {
+                let req = req.clone();
+                async move { c.attach_volume(req).await }
+            })
+            .await
+            .map_err(|s| from_agent(&backend, &format!("attach volume {}", v.rec.name), &s))?;
+        Ok(Response::new(pb::AttachVolumeResponse {
+            backend,
+            driver_volume_type: conn.driver_volume_type,
+            uri: conn.uri,
+        }))
+    }
+
     async fn list_manageable_volumes(
         &self,
         req: Request<pb::ListManageableVolumesRequest>,
