@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
-use drover_cli::cluster::{AgentSpec, Proc, Server, locate_drover, start_mock_agent, start_orchestrator};
+use drover_cli::cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator};
 use drover_proto::v1 as pb;
 use drover_store::{EtcdStore, KvStore, Prefixed};
 
@@ -107,8 +107,13 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the cluster and waits until both backends are up.
+    /// Starts the cluster with mock agents and waits until both backends are up.
     pub async fn start(store: StoreChoice<'_>, agent_extra: &[&str]) -> Self {
+        Self::start_with(store, "mock", agent_extra).await
+    }
+
+    /// Starts the cluster with `driver` agents (`qemu` or `mock`).
+    pub async fn start_with(store: StoreChoice<'_>, driver: &str, agent_extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bin = locate_drover().expect("drover binary");
         let store_args: Vec<String> = match store {
@@ -134,10 +139,10 @@ impl Cluster {
                 .map(|s| s.replace("{dir}", &dir.path().display().to_string()).replace("{backend}", backend))
                 .collect();
             agents.push(
-                start_mock_agent(
+                start_agent(
                     &bin,
                     dir.path(),
-                    AgentSpec { name: &name, site, backend, orchestrator: &orchestrator.endpoint, extra },
+                    AgentSpec { name: &name, driver, site, backend, orchestrator: &orchestrator.endpoint, extra },
                 )
                 .expect("agent starts"),
             );
@@ -177,6 +182,20 @@ impl Cluster {
     /// Runs the `drover` CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
         drover(&self.bin, &self.orchestrator.endpoint, args)
+    }
+
+    /// Starts agent `i` (0: backend-a, 1: backend-b) again after it was killed.
+    pub fn restart_agent(&mut self, i: usize, driver: &str) {
+        let (site, backend) = [("site-a", "backend-a"), ("site-b", "backend-b")][i];
+        let name = format!("agent-{backend}");
+        let spec =
+            AgentSpec { name: &name, driver, site, backend, orchestrator: &self.orchestrator.endpoint, extra: vec![] };
+        self.agents[i] = start_agent(&self.bin, self.dir.path(), spec).expect("agent restarts");
+    }
+
+    /// The state directory of agent `i`.
+    pub fn agent_dir(&self, i: usize) -> PathBuf {
+        self.dir.path().join(["agent-backend-a", "agent-backend-b"][i])
     }
 
     /// The cluster's directory.

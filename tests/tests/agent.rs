@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use drover_cli::cluster::{AgentSpec, Server, locate_drover, start_mock_agent};
+use drover_cli::cluster::{AgentSpec, Server, locate_drover, start_agent};
 use drover_proto::agent::v1 as apb;
 use drover_proto::agent::v1::agent_client::AgentClient;
 use tonic::Code;
@@ -16,10 +16,17 @@ fn agent(dir: &Path, extra: &[&str]) -> Server {
     let oplog = dir.join("oplog.jsonl").display().to_string();
     let mut args: Vec<String> = vec!["--mock-oplog".into(), oplog];
     args.extend(extra.iter().map(|s| s.to_string()));
-    start_mock_agent(
+    start_agent(
         &bin,
         dir,
-        AgentSpec { name: "agent", site: "site-a", backend: "backend-a", orchestrator: "", extra: args },
+        AgentSpec {
+            name: "agent",
+            driver: "mock",
+            site: "site-a",
+            backend: "backend-a",
+            orchestrator: "",
+            extra: args,
+        },
     )
     .unwrap()
 }

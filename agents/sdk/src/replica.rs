@@ -95,9 +95,20 @@ impl Shipment {
         })
     }
 
-    /// Abandons the transfer: the peer discards what it received.
-    pub fn abort(self) {
-        self.task.abort();
+    /// Abandons the transfer after `e`: the peer discards what it received. When the peer
+    /// ended the stream itself, its reason is the better error.
+    pub async fn fail(self, e: DriverError) -> DriverError {
+        drop(self.tx);
+        let peer = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        match peer {
+            Ok(Ok(Err(s))) if s.code() == tonic::Code::FailedPrecondition => {
+                DriverError::FailedPrecondition(format!("peer refused the recovery point: {}", s.message()))
+            }
+            Ok(Ok(Err(s))) if s.code() != tonic::Code::Cancelled => {
+                DriverError::Unavailable(format!("peer ended the transfer: {}", s.message()))
+            }
+            _ => e,
+        }
     }
 }
 

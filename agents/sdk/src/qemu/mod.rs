@@ -554,10 +554,7 @@ impl QemuDriver {
             for (id, v) in ids.iter().zip(&vols) {
                 match self.ship_volume(&ship, id, v, v.layers.len() - 2, full).await {
                     Ok(b) => bytes.push(b),
-                    Err(e) => {
-                        ship.abort();
-                        return Err(e);
-                    }
+                    Err(e) => return Err(ship.fail(e).await),
                 }
             }
             ship.commit().await?;
@@ -589,35 +586,49 @@ impl QemuDriver {
             }
         };
 
-        // 4. The peer holds the point: fold the frozen layers into the acknowledged one.
+        // 4. The peer holds the point. Record that first, so that housekeeping trouble
+        //    below never makes the next sync start from an older base than the peer has.
         let total: u64 = per_volume.iter().sum();
-        for ((id, v), bytes) in ids.iter().zip(&vols).zip(per_volume) {
+        let elapsed = started.elapsed().as_millis() as u64;
+        self.update(|st| {
+            for (id, bytes) in ids.iter().zip(&per_volume) {
+                let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                let n = sv.layers.len();
+                let frozen = &mut sv.layers[n - 2];
+                frozen.acked = true;
+                sv.last =
+                    SyncStats { rp_created_ms: created, duration_ms: elapsed, bytes: *bytes, error: String::new() };
+            }
+            Ok(())
+        })
+        .await?;
+        //    Then fold everything below the active layer into the bottom one: the chain is
+        //    two layers again, the bottom holding the point the peer has.
+        for (id, v) in ids.iter().zip(&vols) {
             let frozen = v.layers.len() - 2;
-            let base = v.acked_index().filter(|_| !full).unwrap_or(0);
-            if frozen > base {
+            if frozen > 0 {
                 let job = format!("c{}", v.index);
                 self.daemon()
                     .qmp(
                         "block-commit",
                         json!({"job-id": job, "device": node(v, v.top().seq), "top-node": node(v, v.layers[frozen].seq),
-                               "base-node": node(v, v.layers[base].seq), "auto-dismiss": false}),
+                               "base-node": node(v, v.layers[0].seq), "auto-dismiss": false}),
                     )
                     .await?;
                 self.wait_job(&job).await?;
-                for l in &v.layers[base + 1..=frozen] {
+                // Top down: a node still serves as the backing of the one above it.
+                for l in v.layers[1..=frozen].iter().rev() {
                     self.daemon().qmp_lenient("blockdev-del", json!({"node-name": node(v, l.seq)})).await?;
                 }
             }
-            let dropped: Vec<u32> = v.layers[base + 1..=frozen].iter().map(|l| l.seq).collect();
-            let elapsed = started.elapsed().as_millis() as u64;
+            let dropped: Vec<u32> = v.layers[1..=frozen].iter().map(|l| l.seq).collect();
             self.update(|st| {
                 let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
                 sv.layers.retain(|l| !dropped.contains(&l.seq));
-                let b = &mut sv.layers[base];
+                let b = &mut sv.layers[0];
                 b.rp = Some(rp_id.clone());
                 b.acked = true;
                 b.rp_created_ms = created;
-                sv.last = SyncStats { rp_created_ms: created, duration_ms: elapsed, bytes, error: String::new() };
                 Ok(())
             })
             .await?;
@@ -693,7 +704,11 @@ impl QemuDriver {
                         header.base_recovery_point_id
                     )));
                 };
-                if i + 1 != v.layers.len() && !v.discard_allowed {
+                // Points received after the base (acknowledged, from this pair's common
+                // history) are superseded by a delta relative to the base: dropping them loses
+                // nothing. Local changes are another matter: they go only with consent.
+                let only_received = v.layers[i + 1..].iter().all(|l| l.rp.is_some() && l.acked);
+                if i + 1 != v.layers.len() && !only_received && !v.discard_allowed {
                     return Err(DriverError::FailedPrecondition(format!(
                         "volume {id} holds changes after recovery point {}; resync (failback with --discard-changes-on) first",
                         header.base_recovery_point_id

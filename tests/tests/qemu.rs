@@ -1,0 +1,509 @@
+//! Real replication: an orchestrator on a real etcd, two qemu agents (each with its own
+//! qemu-storage-daemon) as separate processes, and qemu-io / qemu-img as the independent
+//! clients that write and verify the data.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_cli::cluster::qemu_io;
+use drover_proto::v1 as pb;
+use drover_tests::{Cluster, Etcd, StoreChoice};
+
+const MIB: u64 = 1 << 20;
+const CLUSTER: u64 = 64 << 10;
+
+async fn uri(c: &mut Clients, volume: &str) -> String {
+    c.volumes
+        .attach_volume(pb::AttachVolumeRequest { volume: volume.into(), project: "tests".into() })
+        .await
+        .expect("attach")
+        .into_inner()
+        .uri
+}
+
+fn io(uri: &str, cmds: &[&str]) {
+    qemu_io(uri, &cmds.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// Creates `n` volumes of `size` on backend-a and a consistent-replication group of them.
+async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> {
+    let mut vols = Vec::new();
+    for i in 0..n {
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("{name}-{i}"),
+                project: "tests".into(),
+                size_bytes: size as i64,
+                backend: "backend-a".into(),
+            })
+            .await
+            .expect("create volume")
+            .into_inner();
+        vols.push(v.name);
+    }
+    c.groups
+        .create_group(pb::CreateGroupRequest {
+            name: name.into(),
+            project: "tests".into(),
+            group_type: "consistent-replication".into(),
+            backend: "backend-a".into(),
+            volumes: vols.clone(),
+        })
+        .await
+        .expect("create group");
+    vols
+}
+
+async fn enable(c: &mut Clients, group: &str, interval_s: i64) -> pb::ReplicationResult {
+    c.replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: group.into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: interval_s,
+        })
+        .await
+        .expect("enable replication")
+        .into_inner()
+}
+
+async fn failover(
+    c: &mut Clients,
+    group: &str,
+    target: &str,
+    force: bool,
+) -> Result<pb::ReplicationResult, tonic::Status> {
+    c.replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: group.into(),
+            project: "tests".into(),
+            target_backend: target.into(),
+            force,
+            discard_changes_on: String::new(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+fn assert_all_succeeded(r: &pb::ReplicationResult) {
+    let g = r.group.as_ref().expect("group");
+    assert!(r.items.iter().all(|i| i.outcome == "success"), "{:?}; {}", r.items, g.status_reason);
+}
+
+/// (a) Known patterns written at site A are at site B after a planned failover, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn planned_failover_moves_every_byte() {
+    let etcd = Etcd::start().await;
+    let cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "pf", 3, 64 * MIB).await;
+    for (i, v) in vols.iter().enumerate() {
+        let u = uri(&mut c, v).await;
+        io(&u, &[&format!("write -P {:#x} 0 4M", 0x10 + i), &format!("write -P {:#x} 20M 1M", 0x20 + i)]);
+    }
+    let r = enable(&mut c, "pf", 3600).await;
+    assert_eq!(r.group.unwrap().replication_status, "enabled");
+    // Written after the initial copy: travels as a delta with the final sync.
+    for (i, v) in vols.iter().enumerate() {
+        let u = uri(&mut c, v).await;
+        io(&u, &[&format!("write -P {:#x} 40M 512k", 0x30 + i), "write -z 0 64k"]);
+    }
+    let r = failover(&mut c, "pf", "backend-b", false).await.expect("planned failover");
+    assert_all_succeeded(&r);
+    assert_eq!(r.group.as_ref().unwrap().active_backend, "backend-b");
+    for (i, v) in vols.iter().enumerate() {
+        let u = uri(&mut c, v).await;
+        assert!(u.contains("agent-backend-b"), "volume must be served at site B now: {u}");
+        io(
+            &u,
+            &[
+                "read -P 0 0 64k",
+                &format!("read -P {:#x} 64k 4032k", 0x10 + i),
+                &format!("read -P {:#x} 20M 1M", 0x20 + i),
+                &format!("read -P {:#x} 40M 512k", 0x30 + i),
+                "read -P 0 41M 23M",
+            ],
+        );
+        // Writable at B after promotion.
+        io(&u, &["write -P 0x77 60M 64k", "read -P 0x77 60M 64k"]);
+    }
+}
+
+/// Parses "shipped N bytes" out of the newest history event of an action.
+fn shipped(g: &pb::Group, action: &str) -> u64 {
+    let e = g.history.iter().rev().find(|e| e.action == action).expect("history event");
+    let after = e.detail.split("shipped ").nth(1).expect("shipped in the detail");
+    after.split(' ').next().unwrap().parse().expect("a byte count")
+}
+
+/// Bytes covered by the clusters a write of `len` bytes at `off` touches.
+fn cluster_bytes(off: u64, len: u64) -> u64 {
+    let first = off / CLUSTER;
+    let last = (off + len).div_ceil(CLUSTER);
+    (last - first) * CLUSTER
+}
+
+/// (c) A failback with reprotect ships only what changed at site B, and site A then holds
+/// all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_ships_only_the_delta() {
+    let etcd = Etcd::start().await;
+    let cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "fb", 2, 64 * MIB).await;
+    for v in &vols {
+        let u = uri(&mut c, v).await;
+        io(&u, &["write -P 0x11 0 16M"]);
+    }
+    enable(&mut c, "fb", 3600).await;
+    assert_all_succeeded(&failover(&mut c, "fb", "backend-b", false).await.unwrap());
+
+    // Changes at B: aligned, unaligned and a zeroed range.
+    let writes: [(u64, u64); 3] = [(16 * MIB, 2 * MIB), (40 * MIB + 1000, 100_000), (4 * MIB + 5, 3)];
+    let mut changed = 0;
+    for v in &vols {
+        let u = uri(&mut c, v).await;
+        for (off, len) in writes {
+            io(&u, &[&format!("write -P 0x5b {off} {len}")]);
+            changed += cluster_bytes(off, len);
+        }
+        io(&u, &["write -z 8M 128k"]);
+    }
+    let r = failover(&mut c, "fb", "default", false).await.expect("failback");
+    assert_all_succeeded(&r);
+    let g = r.group.unwrap();
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"));
+    let bytes = shipped(&g, "failback");
+    // Payload bytes only; protobuf framing adds at most 32 bytes per chunk of up to 1 MiB
+    // and is not counted. The bound: 1.2 x the changed bytes rounded up to clusters.
+    let bound = changed * 12 / 10;
+    println!("failback shipped {bytes} bytes for {changed} changed bytes (rounded to clusters); bound {bound}");
+    assert!(bytes <= bound, "failback shipped {bytes} bytes, more than 1.2 x {changed}");
+    assert!(bytes >= 2 * 2 * MIB, "the 2 MiB writes of both volumes must have been shipped ({bytes})");
+    for v in &vols {
+        let u = uri(&mut c, v).await;
+        assert!(u.contains("agent-backend-a"), "{u}");
+        io(
+            &u,
+            &[
+                "read -P 0x11 0 4194309",
+                "read -P 0x5b 4194309 3",
+                "read -P 0x11 4194312 4194296",
+                "read -P 0 8M 128k",
+                "read -P 0x5b 16M 2M",
+                &format!("read -P 0x5b {} 100000", 40 * MIB + 1000),
+            ],
+        );
+    }
+}
+
+/// One write of the continuous writer: which volume and 64 KiB slot, with what pattern.
+#[derive(Clone, Copy, Debug)]
+struct Logged {
+    vol: usize,
+    slot: u64,
+    pattern: u8,
+    done_at: Option<Instant>,
+}
+
+const SLOTS: u64 = 32;
+
+/// (b) While writes run to a group of 3 volumes, SIGKILL the source agent and its
+/// qemu-storage-daemon, then fail over as a disaster. Site B holds one complete earlier
+/// recovery point: every volume at the same point of the write sequence, no torn slot, and
+/// the point no older than 2 x the interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaster_failover_lands_on_one_consistent_point() {
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "dr", 3, 8 * MIB).await;
+    let interval = Duration::from_secs(1);
+    enable(&mut c, "dr", interval.as_secs() as i64).await;
+    let mut uris = Vec::new();
+    for v in &vols {
+        uris.push(uri(&mut c, v).await);
+    }
+    // The writer records each write before issuing it and when it completed. A write is
+    // issued only after the previous one completed, so any instant splits the sequence
+    // into a prefix that happened and a suffix that did not.
+    let log = Arc::new(std::sync::Mutex::new(Vec::<Logged>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (log, stop, uris) = (log.clone(), stop.clone(), uris.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::SeqCst) {
+                let entry = Logged {
+                    vol: (i % 3) as usize,
+                    slot: (i / 3) % SLOTS,
+                    pattern: (i % 250 + 1) as u8,
+                    done_at: None,
+                };
+                log.lock().unwrap().push(entry);
+                let cmd = format!("write -P {} {} 64k", entry.pattern, entry.slot * CLUSTER);
+                if qemu_io(&uris[entry.vol], &[cmd]).is_err() {
+                    return;
+                }
+                log.lock().unwrap().last_mut().unwrap().done_at = Some(Instant::now());
+                i += 1;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    cluster.agents[0].proc.kill();
+    let killed_at = Instant::now();
+    stop.store(true, Ordering::SeqCst);
+    writer.join().unwrap();
+    let r = failover(&mut c, "dr", "backend-b", true).await.expect("disaster failover");
+    assert_all_succeeded(&r);
+    let g = r.group.unwrap();
+    assert!(!g.divergence_point.is_empty(), "a disaster failover records the divergence point");
+
+    // Read every volume at site B with qemu-img, an independent reader.
+    let mut actual: Vec<Vec<u8>> = Vec::new();
+    for (i, v) in vols.iter().enumerate() {
+        let u = uri(&mut c, v).await;
+        let raw = cluster.path().join(format!("b{i}.raw"));
+        let out = std::process::Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", "raw", &u])
+            .arg(&raw)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
+        let data = std::fs::read(&raw).unwrap();
+        let mut slots = Vec::new();
+        for s in 0..SLOTS {
+            let chunk = &data[(s * CLUSTER) as usize..((s + 1) * CLUSTER) as usize];
+            assert!(chunk.iter().all(|b| *b == chunk[0]), "volume {i} slot {s} is torn");
+            slots.push(chunk[0]);
+        }
+        actual.push(slots);
+    }
+    let log = log.lock().unwrap().clone();
+    assert!(log.len() > 30, "the writer made only {} writes", log.len());
+    // The recovery point is the state after the first k writes, for one k.
+    let mut state = vec![vec![0u8; SLOTS as usize]; 3];
+    let mut matches = Vec::new();
+    for k in 0..=log.len() {
+        if k > 0 {
+            let w = log[k - 1];
+            state[w.vol][w.slot as usize] = w.pattern;
+        }
+        if state == actual {
+            matches.push(k);
+        }
+    }
+    let k = *matches
+        .last()
+        .unwrap_or_else(|| panic!("site B matches no prefix of the write sequence: not crash-consistent"));
+    assert!(k > 0, "site B holds no write at all");
+    let point_after = log[k - 1].done_at.expect("a write inside the point completed");
+    let age = killed_at.duration_since(point_after);
+    println!("site B holds the first {k} of {} writes; the point is at most {age:?} old at the kill", log.len());
+    assert!(age <= interval * 2, "recovery point is {age:?} old, more than 2 x {interval:?}");
+}
+
+fn replica_top(agent_dir: &Path, volume_id: &str) -> std::path::PathBuf {
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent_dir.join("qemu/state.json")).unwrap()).unwrap();
+    let seq = state["volumes"][volume_id]["layers"].as_array().unwrap().last().unwrap()["seq"].as_u64().unwrap();
+    let pool = agent_dir.parent().unwrap().join("pool-agent-backend-b");
+    pool.join("volumes").join(volume_id).join(format!("L{seq}.qcow2"))
+}
+
+/// (d) SIGKILL the target agent in the middle of a transfer: the previous point stays
+/// intact, and the next sync completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_crash_mid_transfer_keeps_the_previous_point() {
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "mt", 1, 512 * MIB).await;
+    let id = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { volume: vols[0].clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let u = uri(&mut c, &vols[0]).await;
+    io(&u, &["write -P 0x11 0 1M"]);
+    enable(&mut c, "mt", 3600).await;
+    io(&u, &["write -P 0x22 8M 400M"]);
+
+    let mut bg = c.clone();
+    let sync = tokio::spawn(async move {
+        bg.replication.sync_group(pb::SyncGroupRequest { group: "mt".into(), project: "tests".into() }).await
+    });
+    let vol_dir = cluster.path().join("pool-agent-backend-b/volumes").join(&id);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let partial = std::fs::read_dir(&vol_dir)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"));
+        if partial {
+            break;
+        }
+        assert!(!sync.is_finished(), "the sync finished before the test could interrupt it");
+        assert!(Instant::now() < deadline, "no transfer started within 60 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cluster.agents[1].proc.kill();
+    assert!(sync.await.unwrap().is_err(), "a sync whose target died cannot succeed");
+
+    // The previous point, read offline with qemu-io straight from the replica files.
+    let top = replica_top(&cluster.agent_dir(1), &id);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-U", "-f", "qcow2", "-c", "read -P 0x11 0 1M", "-c", "read -P 0 8M 1M"])
+        .arg(&top)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && !text.contains("failed"), "previous point damaged: {text}");
+
+    cluster.restart_agent(1, "qemu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let done = loop {
+        match c.replication.sync_group(pb::SyncGroupRequest { group: "mt".into(), project: "tests".into() }).await {
+            Ok(r) => break r.into_inner(),
+            Err(e) if Instant::now() < deadline => {
+                println!("retrying sync after the restart: {}", e.message());
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => panic!("the next sync did not complete: {}", e.message()),
+        }
+    };
+    assert!(done.bytes >= (400 * MIB) as i64, "the interrupted data must travel again ({} bytes)", done.bytes);
+    assert_all_succeeded(&failover(&mut c, "mt", "backend-b", false).await.unwrap());
+    let u = uri(&mut c, &vols[0]).await;
+    io(&u, &["read -P 0x11 0 1M", "read -P 0x22 8M 400M"]);
+}
+
+/// (e) A qcow2 image created with qemu-img in the pool is listed as manageable, managing
+/// it works, and unmanaging hands it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manageable_volumes_are_listed_managed_and_unmanaged() {
+    let etcd = Etcd::start().await;
+    let cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let pool = cluster.path().join("pool-agent-backend-a");
+    let legacy = pool.join("legacy.qcow2");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(args[0]).args(&args[1..]).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", legacy.to_str().unwrap(), "32M"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1M", legacy.to_str().unwrap()]);
+    let child = pool.join("child.qcow2");
+    run(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        legacy.to_str().unwrap(),
+        "-F",
+        "qcow2",
+        child.to_str().unwrap(),
+    ]);
+
+    let list = c
+        .volumes
+        .list_manageable_volumes(pb::ListManageableVolumesRequest { backend: "backend-a".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let by: HashMap<_, _> = list.volumes.iter().map(|m| (m.reference.as_str(), m)).collect();
+    let l = by.get("legacy").expect("legacy listed");
+    assert!(l.safe_to_manage && l.size_bytes == (32 * MIB) as i64, "{l:?}");
+    let ch = by.get("child").expect("child listed");
+    assert!(!ch.safe_to_manage && ch.reason_not_safe.contains("backing"), "{ch:?}");
+
+    let err = c
+        .volumes
+        .manage_volume(pb::ManageVolumeRequest {
+            backend: "backend-a".into(),
+            reference: "child".into(),
+            name: "c".into(),
+            project: "tests".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
+
+    let v = c
+        .volumes
+        .manage_volume(pb::ManageVolumeRequest {
+            backend: "backend-a".into(),
+            reference: "legacy".into(),
+            name: "legacy".into(),
+            project: "tests".into(),
+        })
+        .await
+        .expect("manage")
+        .into_inner();
+    assert_eq!((v.status.as_str(), v.size_bytes), ("available", (32 * MIB) as i64));
+    let u = uri(&mut c, "legacy").await;
+    io(&u, &["read -P 0x5a 0 1M", "read -P 0 1M 31M", "write -P 0x5b 2M 1M"]);
+
+    let r = c
+        .volumes
+        .unmanage_volume(pb::UnmanageVolumeRequest { volume: "legacy".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let back = pool.join(format!("{}.qcow2", r.reference));
+    run(&[
+        "qemu-io",
+        "-r",
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 0x5a 0 1M",
+        "-c",
+        "read -P 0x5b 2M 1M",
+        back.to_str().unwrap(),
+    ]);
+    assert!(
+        c.volumes.get_volume(pb::GetVolumeRequest { volume: "legacy".into(), project: "tests".into() }).await.is_err()
+    );
+}
+
+/// If qemu-storage-daemon dies, the agent starts it again and its exports come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarts_a_dead_daemon() {
+    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    c.volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "d".into(),
+            project: "tests".into(),
+            size_bytes: (16 * MIB) as i64,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap();
+    let u = uri(&mut c, "d").await;
+    io(&u, &["write -P 0x66 0 1M"]);
+    let pidfile = cluster.agent_dir(0).join("qemu/qsd.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    assert!(std::process::Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let new_pid = std::fs::read_to_string(&pidfile).unwrap_or_default().trim().to_string();
+        if !new_pid.is_empty() && new_pid != pid && qemu_io(&u, &["read -P 0x66 0 1M".to_string()]).is_ok() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the export did not come back within 20 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
