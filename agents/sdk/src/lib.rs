@@ -15,6 +15,7 @@
 //! data. [`mock::MockDriver`] is an in-memory driver for control-plane tests and benchmarks.
 
 pub mod config;
+pub mod conformance;
 pub mod driver;
 pub mod ledger;
 pub mod mock;

@@ -981,7 +981,15 @@ impl Driver for QemuDriver {
                 "volume {volume_id} is replicated; disable replication to extend it"
             )));
         }
-        self.daemon().qmp("block_resize", json!({"node-name": node(&v, v.top().seq), "size": new_size_bytes})).await?;
+        // An NBD export does not share the resize permission: take the export down for the
+        // resize (clients reconnect), then bring it back at the new size.
+        self.unexport(&v).await?;
+        let resized = self
+            .daemon()
+            .qmp("block_resize", json!({"node-name": node(&v, v.top().seq), "size": new_size_bytes}))
+            .await;
+        self.export(volume_id, &v).await?;
+        resized?;
         let v = self
             .update(|st| {
                 let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;

@@ -1,0 +1,328 @@
+//! The conformance suite every [`Driver`] must pass, through the agent's gRPC service:
+//! idempotency by op_id, stale epochs, ABORTED for concurrent mutations of one volume,
+//! the error codes, and the promote/demote/resync rules of csi-addons replication.
+//!
+//! A test crate builds a [`Pair`] (two agents of the same driver, as primary and
+//! secondary sides) and calls [`run_all`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use drover_proto::agent::v1 as pb;
+use drover_proto::agent::v1::agent_client::AgentClient;
+use tokio::sync::Semaphore;
+use tonic::Code;
+use tonic::transport::Channel;
+
+use crate::driver::{
+    ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
+    ReplicationState, SyncReport, VolumeState,
+};
+
+/// Two agents of one driver kind: the suite's primary and secondary sides.
+pub struct Pair {
+    pub primary: AgentClient<Channel>,
+    pub primary_endpoint: String,
+    pub secondary: AgentClient<Channel>,
+    pub secondary_endpoint: String,
+    /// Opens and closes the primary's gate (see [`Gated`]).
+    pub gate: Arc<Gate>,
+}
+
+/// Holds `extend_volume` calls at a gate the test controls, to make "an operation is in
+/// flight" a fact rather than a race.
+pub struct Gate {
+    entered: Semaphore,
+    open: Semaphore,
+}
+
+impl Gate {
+    /// A closed gate.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { entered: Semaphore::new(0), open: Semaphore::new(0) })
+    }
+
+    /// Lets one held call through.
+    pub fn release_one(&self) {
+        self.open.add_permits(1);
+    }
+
+    /// Waits until a call is held at the gate.
+    pub async fn wait_entered(&self) {
+        self.entered.acquire().await.expect("gate open").forget();
+    }
+}
+
+/// A driver whose `extend_volume` waits at a [`Gate`]; everything else passes through.
+pub struct Gated {
+    pub inner: Arc<dyn Driver>,
+    pub gate: Arc<Gate>,
+}
+
+#[async_trait]
+impl Driver for Gated {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn version(&self) -> &str {
+        self.inner.version()
+    }
+    fn capabilities(&self) -> Vec<String> {
+        self.inner.capabilities()
+    }
+    async fn probe(&self) -> Result<(), DriverError> {
+        self.inner.probe().await
+    }
+    async fn create_volume(&self, id: &str, size: u64) -> Result<VolumeState, DriverError> {
+        self.inner.create_volume(id, size).await
+    }
+    async fn delete_volume(&self, id: &str) -> Result<(), DriverError> {
+        self.inner.delete_volume(id).await
+    }
+    async fn extend_volume(&self, id: &str, size: u64) -> Result<VolumeState, DriverError> {
+        self.gate.entered.add_permits(1);
+        self.gate.open.acquire().await.expect("gate").forget();
+        self.inner.extend_volume(id, size).await
+    }
+    async fn get_volume(&self, id: &str) -> Result<VolumeState, DriverError> {
+        self.inner.get_volume(id).await
+    }
+    async fn create_group_snapshot(&self, s: &str, v: &[String]) -> Result<GroupSnapshotInfo, DriverError> {
+        self.inner.create_group_snapshot(s, v).await
+    }
+    async fn delete_snapshot(&self, s: &str) -> Result<(), DriverError> {
+        self.inner.delete_snapshot(s).await
+    }
+    async fn attach_volume(&self, id: &str) -> Result<Connection, DriverError> {
+        self.inner.attach_volume(id).await
+    }
+    async fn detach_volume(&self, id: &str) -> Result<(), DriverError> {
+        self.inner.detach_volume(id).await
+    }
+    async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError> {
+        self.inner.list_manageable().await
+    }
+    async fn manage_volume(&self, r: &str, id: &str) -> Result<VolumeState, DriverError> {
+        self.inner.manage_volume(r, id).await
+    }
+    async fn unmanage_volume(&self, id: &str) -> Result<(), DriverError> {
+        self.inner.unmanage_volume(id).await
+    }
+    async fn enable_replication(&self, spec: &EnableSpec) -> Result<(), DriverError> {
+        self.inner.enable_replication(spec).await
+    }
+    async fn disable_replication(&self, id: &str) -> Result<(), DriverError> {
+        self.inner.disable_replication(id).await
+    }
+    async fn promote(&self, id: &str, force: bool) -> Result<Option<String>, DriverError> {
+        self.inner.promote(id, force).await
+    }
+    async fn demote(&self, id: &str) -> Result<(), DriverError> {
+        self.inner.demote(id).await
+    }
+    async fn resync(&self, id: &str) -> Result<bool, DriverError> {
+        self.inner.resync(id).await
+    }
+    async fn replication_info(&self, id: &str) -> Result<ReplicationState, DriverError> {
+        self.inner.replication_info(id).await
+    }
+    async fn sync_group(&self, g: &str, f: bool, p: Option<&str>) -> Result<SyncReport, DriverError> {
+        self.inner.sync_group(g, f, p).await
+    }
+    async fn apply_recovery_point(
+        &self,
+        h: ApplyHeader,
+        i: tokio::sync::mpsc::Receiver<Incoming>,
+    ) -> Result<u64, DriverError> {
+        self.inner.apply_recovery_point(h, i).await
+    }
+    fn sync_schedule(&self) -> Vec<(String, Duration)> {
+        self.inner.sync_schedule()
+    }
+}
+
+fn ctx(op: &str, epoch: u64, scope: &str) -> Option<pb::OpContext> {
+    Some(pb::OpContext { op_id: op.into(), epoch, fence_scope: scope.into() })
+}
+
+fn vctx(op: &str, epoch: u64, vol: &str) -> Option<pb::OpContext> {
+    ctx(op, epoch, &format!("volume/{vol}"))
+}
+
+fn create(op: &str, vol: &str, size: i64) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest { ctx: vctx(op, 1, vol), volume_id: vol.into(), size_bytes: size }
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    r: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+    what: &str,
+) -> tonic::Status {
+    let s = r.expect_err(what);
+    assert_eq!(s.code(), code, "{what}: {}", s.message());
+    s
+}
+
+/// Runs every case against one pair.
+pub async fn run_all(pair: &mut Pair) {
+    idempotent_by_op_id(pair).await;
+    stale_epoch_is_refused(pair).await;
+    concurrent_mutation_is_aborted(pair).await;
+    error_codes(pair).await;
+    promote_demote_resync_rules(pair).await;
+}
+
+/// A repeated op_id returns the first outcome, even with other arguments: the operation is
+/// not run again.
+pub async fn idempotent_by_op_id(pair: &mut Pair) {
+    let c = &mut pair.primary;
+    let first = c.create_volume(create("idem-1", "idem", 1 << 20)).await.expect("create").into_inner();
+    let again = c.create_volume(create("idem-1", "idem", 2 << 20)).await.expect("repeat").into_inner();
+    assert_eq!(first, again, "a repeated op_id must answer with the first outcome");
+    let v = c.get_volume(pb::GetVolumeRequest { volume_id: "idem".into() }).await.unwrap().into_inner();
+    assert_eq!(v.size_bytes, 1 << 20, "the repeated op_id must not have run");
+}
+
+/// An epoch lower than one already seen for the scope is refused.
+pub async fn stale_epoch_is_refused(pair: &mut Pair) {
+    let c = &mut pair.primary;
+    c.create_volume(pb::CreateVolumeRequest {
+        ctx: vctx("fence-1", 10, "fence"),
+        volume_id: "fence".into(),
+        size_bytes: 1 << 20,
+    })
+    .await
+    .expect("epoch 10");
+    let s = expect_code(
+        c.delete_volume(pb::DeleteVolumeRequest { ctx: vctx("fence-2", 9, "fence"), volume_id: "fence".into() }).await,
+        Code::FailedPrecondition,
+        "epoch 9 after 10",
+    );
+    assert!(s.message().contains("stale epoch"), "{}", s.message());
+    c.get_volume(pb::GetVolumeRequest { volume_id: "fence".into() }).await.expect("the fenced delete did nothing");
+}
+
+/// A second mutation of a volume with one in flight gets ABORTED.
+pub async fn concurrent_mutation_is_aborted(pair: &mut Pair) {
+    let mut c = pair.primary.clone();
+    c.create_volume(create("busy-0", "busy", 1 << 20)).await.expect("create");
+    let mut bg = c.clone();
+    let held = tokio::spawn(async move {
+        bg.extend_volume(pb::ExtendVolumeRequest {
+            ctx: vctx("busy-1", 1, "busy"),
+            volume_id: "busy".into(),
+            new_size_bytes: 2 << 20,
+        })
+        .await
+    });
+    pair.gate.wait_entered().await;
+    let s = expect_code(
+        c.extend_volume(pb::ExtendVolumeRequest {
+            ctx: vctx("busy-2", 1, "busy"),
+            volume_id: "busy".into(),
+            new_size_bytes: 3 << 20,
+        })
+        .await,
+        Code::Aborted,
+        "a second mutation while one is in flight",
+    );
+    assert!(s.message().contains("busy-1"), "{}", s.message());
+    pair.gate.release_one();
+    assert_eq!(held.await.unwrap().expect("the first extend").into_inner().size_bytes, 2 << 20);
+}
+
+/// The error codes callers rely on.
+pub async fn error_codes(pair: &mut Pair) {
+    let c = &mut pair.primary;
+    expect_code(
+        c.get_volume(pb::GetVolumeRequest { volume_id: "nope".into() }).await,
+        Code::NotFound,
+        "unknown volume",
+    );
+    expect_code(c.create_volume(create("err-1", "zero", 0)).await, Code::InvalidArgument, "size 0");
+    expect_code(c.create_volume(create("err-2", "neg", -4096)).await, Code::InvalidArgument, "negative size");
+    c.create_volume(create("err-3", "errs", 2 << 20)).await.expect("create");
+    pair.gate.release_one();
+    expect_code(
+        c.extend_volume(pb::ExtendVolumeRequest {
+            ctx: vctx("err-4", 1, "errs"),
+            volume_id: "errs".into(),
+            new_size_bytes: 1 << 20,
+        })
+        .await,
+        Code::InvalidArgument,
+        "shrinking",
+    );
+    expect_code(
+        c.promote_volume(pb::PromoteVolumeRequest {
+            ctx: vctx("err-5", 1, "errs"),
+            volume_id: "errs".into(),
+            force: false,
+        })
+        .await,
+        Code::FailedPrecondition,
+        "promoting a volume that is not replicated",
+    );
+    expect_code(
+        c.create_volume(pb::CreateVolumeRequest { ctx: None, volume_id: "noctx".into(), size_bytes: 1 << 20 }).await,
+        Code::InvalidArgument,
+        "a mutation without a context",
+    );
+}
+
+/// Promote of a healthy secondary without force is refused; resync of a volume that is
+/// not demoted is refused; after a final sync the secondary promotes without force.
+pub async fn promote_demote_resync_rules(pair: &mut Pair) {
+    let (p, s) = (&mut pair.primary, &mut pair.secondary);
+    let gctx = |op: &str| ctx(op, 1, "group/rules");
+    p.create_volume(create("rules-0", "rules", 4 << 20)).await.expect("create");
+    let enable =
+        |role: pb::ReplicationRole, peer_backend: &str, peer_endpoint: &str, op: &str| pb::EnableReplicationRequest {
+            ctx: gctx(op),
+            volume_id: "rules".into(),
+            group_id: "rules".into(),
+            role: role as i32,
+            peer: Some(pb::ReplicationPeer { backend: peer_backend.into(), endpoint: peer_endpoint.into() }),
+            size_bytes: 4 << 20,
+            parameters: [("sync_interval_ms".to_string(), "3600000".to_string())].into(),
+        };
+    s.enable_replication(enable(pb::ReplicationRole::Secondary, "conf-a", &pair.primary_endpoint, "rules-1"))
+        .await
+        .expect("secondary");
+    p.enable_replication(enable(pb::ReplicationRole::Primary, "conf-b", &pair.secondary_endpoint, "rules-2"))
+        .await
+        .expect("primary");
+    let sync = |op: &str, fin: bool| pb::SyncGroupRequest {
+        ctx: gctx(op),
+        group_id: "rules".into(),
+        r#final: fin,
+        peer_endpoint: String::new(),
+    };
+    p.sync_group(sync("rules-3", false)).await.expect("initial sync");
+    let info =
+        s.get_replication_info(pb::GetReplicationInfoRequest { volume_id: "rules".into() }).await.unwrap().into_inner();
+    assert!(!info.recovery_point_id.is_empty(), "the secondary holds a recovery point: {info:?}");
+
+    let promote = |op: &str, force: bool| pb::PromoteVolumeRequest { ctx: gctx(op), volume_id: "rules".into(), force };
+    let e = expect_code(
+        s.promote_volume(promote("rules-4", false)).await,
+        Code::FailedPrecondition,
+        "promote a healthy secondary without force",
+    );
+    assert!(e.message().contains("force"), "{}", e.message());
+    expect_code(
+        p.resync_volume(pb::ResyncVolumeRequest { ctx: gctx("rules-5"), volume_id: "rules".into() }).await,
+        Code::FailedPrecondition,
+        "resync of a volume that is not demoted",
+    );
+
+    p.sync_group(sync("rules-6", true)).await.expect("final sync");
+    s.promote_volume(promote("rules-7", false)).await.expect("promote after the primary demoted itself");
+    let info =
+        p.get_replication_info(pb::GetReplicationInfoRequest { volume_id: "rules".into() }).await.unwrap().into_inner();
+    assert_eq!(info.role, pb::ReplicationRole::Secondary as i32, "the old primary is a secondary now");
+    p.resync_volume(pb::ResyncVolumeRequest { ctx: gctx("rules-8"), volume_id: "rules".into() })
+        .await
+        .expect("resync of a demoted volume");
+}
