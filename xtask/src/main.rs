@@ -5,7 +5,8 @@
 //! - a protoc for etcd-client's build script: `.tools/bin/protox` (the path
 //!   `.cargo/config.toml` points PROTOC at), either a link to the system protoc or the
 //!   pure-Rust protox installed with cargo;
-//! - for tests, an etcd server: Debian's `etcd-server`, installed with apt-get if missing.
+//! - for tests, an etcd server: Debian's `etcd-server`, installed with apt-get if missing;
+//! - for the drill and tests, qemu-storage-daemon, qemu-img and qemu-io (`qemu-utils`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -61,7 +62,15 @@ fn ensure_etcd() -> Result<(), String> {
     if which("etcd").is_some() {
         return Ok(());
     }
-    eprintln!("xtask: etcd is missing; installing Debian's etcd-server");
+    apt_install("etcd-server")?;
+    if which("etcd").is_none() {
+        return Err("etcd-server installed but no etcd on PATH; check /usr/bin/etcd".into());
+    }
+    Ok(())
+}
+
+fn apt_install(package: &str) -> Result<(), String> {
+    eprintln!("xtask: installing Debian's {package}");
     let as_root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
     let apt = |args: &[&str]| {
         let mut c = if as_root { Command::new("apt-get") } else { Command::new("sudo") };
@@ -72,21 +81,27 @@ fn ensure_etcd() -> Result<(), String> {
         c
     };
     run(&mut apt(&["update", "-qq"]))?;
-    run(&mut apt(&["install", "-y", "-qq", "etcd-server"]))?;
-    if which("etcd").is_none() {
-        return Err("etcd-server installed but no etcd on PATH; check /usr/bin/etcd".into());
+    run(&mut apt(&["install", "-y", "-qq", package]))
+}
+
+/// Makes qemu-storage-daemon, qemu-img and qemu-io available (Debian's qemu-utils).
+fn ensure_qemu() -> Result<(), String> {
+    if ["qemu-storage-daemon", "qemu-img", "qemu-io"].iter().all(|p| which(p).is_some()) {
+        return Ok(());
     }
-    Ok(())
+    apt_install("qemu-utils")
 }
 
 fn demo(extra: &[String]) -> Result<(), String> {
     ensure_protoc()?;
+    ensure_qemu()?;
     run(cargo().args(["run", "--quiet", "-p", "drover-cli", "--bin", "drover", "--", "drill"]).args(extra))
 }
 
 fn test(extra: &[String]) -> Result<(), String> {
     ensure_protoc()?;
     ensure_etcd()?;
+    ensure_qemu()?;
     // Integration tests start the drover binary as separate processes.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace"]).args(extra))

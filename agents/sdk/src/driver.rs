@@ -170,6 +170,8 @@ pub struct SyncReport {
     pub created_at_ms: i64,
     /// Whether this was a full copy rather than a delta.
     pub full: bool,
+    /// How long writes were held while the group's volumes froze together.
+    pub snapshot_pause_us: u64,
 }
 
 /// A storage backend driver.

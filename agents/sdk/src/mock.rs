@@ -451,6 +451,7 @@ impl Driver for MockDriver {
             duration_ms: started.elapsed().as_millis() as u64,
             created_at_ms: header.created_at_ms,
             full: header.base_recovery_point_id.is_empty(),
+            snapshot_pause_us: 0,
         })
     }
 

@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::driver::{ApplyHeader, Driver, DriverError, Incoming};
 
 /// The largest data chunk put in one message.
-pub const CHUNK_BYTES: usize = 1 << 20;
+pub const CHUNK_BYTES: usize = 4 << 20;
 
 /// Deadline for a whole recovery point transfer.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -36,7 +36,7 @@ impl Shipment {
             .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
         let mut client =
             ReplicaClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
-        let (tx, rx) = mpsc::channel::<pb::ReplicaMessage>(8);
+        let (tx, rx) = mpsc::channel::<pb::ReplicaMessage>(4);
         let begin = pb::ApplyBegin {
             group_id: header.group_id.clone(),
             recovery_point_id: header.recovery_point_id.clone(),

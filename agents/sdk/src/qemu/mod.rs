@@ -422,24 +422,51 @@ impl QemuDriver {
                 json!({"type": "nbd", "id": rid, "node-name": node(v, frozen_seq), "name": export, "writable": false}),
             )
             .await?;
+        // Reading from the daemon and sending to the peer overlap: a reader fills a small
+        // queue of chunks while the sender drains it.
         let result = async {
             let mut client = NbdClient::connect(self.daemon().nbd(), &export).await.map_err(nbd_err)?;
-            let mut bytes = 0u64;
-            for e in extents.iter().filter(|e| e.depth < changed_depth) {
-                if e.data {
-                    let mut off = e.start;
-                    while off < e.start + e.length {
-                        let n = (e.start + e.length - off).min(CHUNK_BYTES as u64) as u32;
-                        let data = client.read(off, n).await.map_err(nbd_err)?;
-                        ship.data(id, off, data).await?;
-                        bytes += u64::from(n);
-                        off += u64::from(n);
+            let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Option<Vec<u8>>, u64)>(4);
+            let reader = async {
+                for e in extents.iter().filter(|e| e.depth < changed_depth) {
+                    if e.data {
+                        let mut off = e.start;
+                        while off < e.start + e.length {
+                            let n = (e.start + e.length - off).min(CHUNK_BYTES as u64) as u32;
+                            let data = client.read(off, n).await.map_err(nbd_err)?;
+                            if tx.send((off, Some(data), 0)).await.is_err() {
+                                return Ok(());
+                            }
+                            off += u64::from(n);
+                        }
+                    } else if e.zero && e.present && !full {
+                        // Zeroed in the delta: it must hide what the peer's base holds there.
+                        if tx.send((e.start, None, e.length)).await.is_err() {
+                            return Ok(());
+                        }
                     }
-                } else if e.zero && e.present && !full {
-                    // Zeroed in the delta: it must hide what the peer's base holds there.
-                    ship.zero(id, e.start, e.length).await?;
                 }
-            }
+                drop(tx);
+                Ok::<(), DriverError>(())
+            };
+            let sender = async {
+                // Owned here, so that a failed send closes the queue and stops the reader.
+                let mut rx = rx;
+                let mut bytes = 0u64;
+                while let Some((off, data, len)) = rx.recv().await {
+                    match data {
+                        Some(d) => {
+                            bytes += d.len() as u64;
+                            ship.data(id, off, d).await?;
+                        }
+                        None => ship.zero(id, off, len).await?,
+                    }
+                }
+                Ok::<u64, DriverError>(bytes)
+            };
+            let (read, sent) = tokio::join!(reader, sender);
+            read?;
+            let bytes = sent?;
             client.disconnect().await;
             Ok::<u64, DriverError>(bytes)
         }
@@ -535,7 +562,10 @@ impl QemuDriver {
                 json!({"type": "blockdev-snapshot", "data": {"node": node(v, v.top().seq), "overlay": node(v, *seq)}}),
             );
         }
+        let frozen_at = Instant::now();
         self.daemon().qmp("transaction", json!({"actions": actions})).await?;
+        let snapshot_pause_us = frozen_at.elapsed().as_micros() as u64;
+        tracing::debug!(group = group_id, snapshot_pause_us, volumes = ids.len(), "group frozen");
 
         // 3. Ship the delta (or everything, without a common point).
         let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
@@ -661,6 +691,7 @@ impl QemuDriver {
             duration_ms: started.elapsed().as_millis() as u64,
             created_at_ms: created,
             full,
+            snapshot_pause_us,
         })
     }
 
