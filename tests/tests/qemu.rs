@@ -108,6 +108,13 @@ async fn planned_failover_moves_every_byte() {
     }
     let r = enable(&mut c, "pf", 3600).await;
     assert_eq!(r.group.unwrap().replication_status, "enabled");
+    let shown = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "pf".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(shown.rpo_ms >= 0, "a group with a complete recovery point reports its RPO: {}", shown.rpo_ms);
     // Written after the initial copy: travels as a delta with the final sync.
     for (i, v) in vols.iter().enumerate() {
         let u = uri(&mut c, v).await;

@@ -126,6 +126,7 @@ pub fn group_detail(g: &pb::Group) -> Table {
         ("status reason", g.status_reason.clone()),
         ("sync interval", format!("{} s", g.sync_interval_seconds)),
         ("divergence point", g.divergence_point.clone()),
+        ("rpo", if g.rpo_ms < 0 { "unknown".into() } else { format!("{} ms", g.rpo_ms) }),
         ("epoch", g.epoch.to_string()),
     ] {
         t.row(vec![k.into(), v]);

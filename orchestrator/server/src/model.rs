@@ -277,6 +277,7 @@ impl GroupRec {
             created_at_ms: self.created_at_ms,
             sync_interval_seconds: self.sync_interval_seconds,
             divergence_point: self.divergence_point.clone(),
+            rpo_ms: -1,
         }
     }
 

@@ -269,7 +269,14 @@ impl pb::group_service_server::GroupService for GroupApi {
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::Group>, Status> {
         let r = req.into_inner();
-        Ok(Response::new(self.core.repo.group(&r.group, &r.project).await?.rec.to_pb()))
+        let g = self.core.repo.group(&r.group, &r.project).await?.rec;
+        let mut out = g.to_pb();
+        let s = g.replication_status.as_str();
+        if s == replication_status::ENABLED || s == replication_status::FAILED_OVER {
+            let infos = super::replication::volume_infos(&self.core, &g).await?;
+            out.rpo_ms = super::replication::rpo_ms(&infos);
+        }
+        Ok(Response::new(out))
     }
 
     async fn list_groups(

@@ -759,48 +759,8 @@ impl ReplicationApi {
 
     async fn info(&self, r: pb::GetReplicationInfoRequest) -> ApiResult<pb::GroupReplicationInfo> {
         let g = self.core.repo.group(&r.group, &r.project).await?;
-        let timeout = self.core.config.probe_timeout;
-        let mut volumes = Vec::new();
-        for id in &g.rec.volume_ids {
-            let vol = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
-            let backend = vol.map(|v| v.rec.active_backend).unwrap_or_else(|| g.rec.active_backend.clone());
-            let req = apb::GetReplicationInfoRequest { volume_id: id.clone() };
-            let info = self
-                .core
-                .agents
-                .call(&backend, timeout, false, |mut c| {
-                    let req = req.clone();
-                    async move { c.get_replication_info(req).await }
-                })
-                .await;
-            volumes.push(match info {
-                Ok(i) => pb::VolumeReplicationInfo {
-                    volume_id: id.clone(),
-                    role: match apb::ReplicationRole::try_from(i.role) {
-                        Ok(apb::ReplicationRole::Primary) => "primary".into(),
-                        Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
-                        _ => String::new(),
-                    },
-                    status: i.status,
-                    last_sync_time_ms: i.last_sync_time_ms,
-                    last_sync_duration_ms: i.last_sync_duration_ms,
-                    last_sync_bytes: i.last_sync_bytes,
-                    recovery_point_id: i.recovery_point_id,
-                    error: i.error,
-                },
-                Err(s) => pb::VolumeReplicationInfo {
-                    volume_id: id.clone(),
-                    status: "error".into(),
-                    error: format!("backend {backend}: {}", s.message()),
-                    ..Default::default()
-                },
-            });
-        }
-        let oldest = volumes.iter().map(|v| v.last_sync_time_ms).min();
-        let rpo_ms = match oldest {
-            Some(t) if t > 0 => (now_ms() - t).max(0),
-            _ => -1,
-        };
+        let volumes = volume_infos(&self.core, &g.rec).await?;
+        let rpo_ms = rpo_ms(&volumes);
         Ok(pb::GroupReplicationInfo { group: Some(g.rec.to_pb()), volumes, rpo_ms })
     }
 
@@ -896,5 +856,58 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
 
     async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
         Ok(Response::new(self.sync_now(req.into_inner()).await?))
+    }
+}
+
+/// Each volume's replication state, asked of the agent serving it now (all at once, each
+/// with the probe deadline, so a dead site costs one deadline, not one per volume).
+pub async fn volume_infos(core: &Core, g: &GroupRec) -> ApiResult<Vec<pb::VolumeReplicationInfo>> {
+    let timeout = core.config.probe_timeout;
+    let mut asks = Vec::new();
+    for id in &g.volume_ids {
+        let vol = core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
+        let backend = vol.map(|v| v.rec.active_backend).unwrap_or_else(|| g.active_backend.clone());
+        asks.push(async move {
+            let req = apb::GetReplicationInfoRequest { volume_id: id.clone() };
+            let info = core
+                .agents
+                .call(&backend, timeout, false, |mut c| {
+                    let req = req.clone();
+                    async move { c.get_replication_info(req).await }
+                })
+                .await;
+            match info {
+                Ok(i) => pb::VolumeReplicationInfo {
+                    volume_id: id.clone(),
+                    role: match apb::ReplicationRole::try_from(i.role) {
+                        Ok(apb::ReplicationRole::Primary) => "primary".into(),
+                        Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
+                        _ => String::new(),
+                    },
+                    status: i.status,
+                    last_sync_time_ms: i.last_sync_time_ms,
+                    last_sync_duration_ms: i.last_sync_duration_ms,
+                    last_sync_bytes: i.last_sync_bytes,
+                    recovery_point_id: i.recovery_point_id,
+                    error: i.error,
+                },
+                Err(s) => pb::VolumeReplicationInfo {
+                    volume_id: id.clone(),
+                    status: "error".into(),
+                    error: format!("backend {backend}: {}", s.message()),
+                    ..Default::default()
+                },
+            }
+        });
+    }
+    Ok(futures::future::join_all(asks).await)
+}
+
+/// The RPO: the age of the newest recovery point complete on every volume; -1 when a
+/// volume has none or could not be asked.
+pub fn rpo_ms(volumes: &[pb::VolumeReplicationInfo]) -> i64 {
+    match volumes.iter().map(|v| v.last_sync_time_ms).min() {
+        Some(t) if t > 0 => (now_ms() - t).max(0),
+        _ => -1,
     }
 }
