@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use drover_proto::agent::v1 as pb;
 use drover_proto::agent::v1::agent_server::{Agent, AgentServer};
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument;
 
 use crate::driver::{Driver, DriverError, EnableSpec, Peer, ReplicationState, Role, VolumeState};
 use crate::ledger::{Ledger, Outcome};
@@ -130,7 +131,15 @@ impl AgentService {
     {
         let ctx = validate_ctx(ctx)?;
         let span = tracing::info_span!("mutation", op, target, op_id = %ctx.op_id, epoch = ctx.epoch, scope = %ctx.fence_scope);
-        let _enter = span.enter();
+        self.guarded_in_span(ctx, target, f).instrument(span).await
+    }
+
+    async fn guarded_in_span<M, F, Fut>(&self, ctx: pb::OpContext, target: &str, f: F) -> Result<Response<M>, Status>
+    where
+        M: prost::Message + Default,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<M, DriverError>>,
+    {
         let ledger = self.ledger.clone();
         let (scope, epoch) = (ctx.fence_scope.clone(), ctx.epoch);
         let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))

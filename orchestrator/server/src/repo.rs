@@ -63,40 +63,34 @@ impl Repo {
 
     /// Resolves a volume by id, or by name within a project.
     pub async fn volume(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<VolumeRec>> {
-        require("volume", id_or_name)?;
-        if let Some(v) = self.get::<VolumeRec>(&keys::volume(id_or_name)).await? {
-            return Ok(v);
-        }
-        if !project.is_empty()
-            && let Some(id) = self.store.get(keys::volume_name(project, id_or_name).as_bytes()).await?
-        {
-            let id = String::from_utf8_lossy(&id.value).into_owned();
-            if let Some(v) = self.get::<VolumeRec>(&keys::volume(&id)).await? {
-                return Ok(v);
-            }
-        }
-        Err(ApiError::NotFound(format!(
-            "volume {id_or_name:?} not found{}; list volumes with `drover volume list`",
-            if project.is_empty() { String::new() } else { format!(" in project {project}") }
-        )))
+        self.resolve("volume", id_or_name, project, keys::volume, keys::volume_name).await
     }
 
     /// Resolves a group by id, or by name within a project.
     pub async fn group(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<GroupRec>> {
-        require("group", id_or_name)?;
-        if let Some(g) = self.get::<GroupRec>(&keys::group(id_or_name)).await? {
-            return Ok(g);
+        self.resolve("group", id_or_name, project, keys::group, keys::group_name).await
+    }
+
+    async fn resolve<T: DeserializeOwned>(
+        &self,
+        kind: &str,
+        id_or_name: &str,
+        project: &str,
+        record_key: fn(&str) -> String,
+        name_key: fn(&str, &str) -> String,
+    ) -> ApiResult<Versioned<T>> {
+        require(kind, id_or_name)?;
+        if let Some(v) = self.get::<T>(&record_key(id_or_name)).await? {
+            return Ok(v);
         }
         if !project.is_empty()
-            && let Some(id) = self.store.get(keys::group_name(project, id_or_name).as_bytes()).await?
+            && let Some(id) = self.store.get(name_key(project, id_or_name).as_bytes()).await?
+            && let Some(v) = self.get::<T>(&record_key(&String::from_utf8_lossy(&id.value))).await?
         {
-            let id = String::from_utf8_lossy(&id.value).into_owned();
-            if let Some(g) = self.get::<GroupRec>(&keys::group(&id)).await? {
-                return Ok(g);
-            }
+            return Ok(v);
         }
         Err(ApiError::NotFound(format!(
-            "group {id_or_name:?} not found{}; list groups with `drover group list`",
+            "{kind} {id_or_name:?} not found{}; list them with `drover {kind} list`",
             if project.is_empty() { String::new() } else { format!(" in project {project}") }
         )))
     }

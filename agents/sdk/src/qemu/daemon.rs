@@ -25,6 +25,9 @@ pub struct DaemonPaths {
     pub log: PathBuf,
 }
 
+/// Deadline of one QMP command.
+const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Called after every (re)start to rebuild nodes and exports.
 pub type Restore = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
@@ -140,12 +143,20 @@ impl Daemon {
         let qmp = guard
             .as_mut()
             .ok_or_else(|| DriverError::Unavailable("qemu-storage-daemon is restarting; retry shortly".into()))?;
-        match qmp.execute(command, args).await {
-            Ok(v) => Ok(v),
-            Err(e @ QmpError::Command { .. }) => Err(qmp_err(e)),
-            Err(e) => {
+        // Every QMP command used here returns promptly (block jobs are polled, not
+        // awaited); a daemon that does not answer in time is treated as gone.
+        match tokio::time::timeout(QMP_TIMEOUT, qmp.execute(command, args)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e @ QmpError::Command { .. })) => Err(qmp_err(e)),
+            Ok(Err(e)) => {
                 *guard = None;
                 Err(qmp_err(e))
+            }
+            Err(_) => {
+                *guard = None;
+                Err(DriverError::Unavailable(format!(
+                    "qemu-storage-daemon did not answer {command} within {QMP_TIMEOUT:?}; check its log"
+                )))
             }
         }
     }

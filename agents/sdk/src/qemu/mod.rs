@@ -76,6 +76,13 @@ struct Layer {
     rp_created_ms: i64,
 }
 
+impl Layer {
+    /// An empty, active layer.
+    fn fresh() -> Self {
+        Self { seq: 0, rp: None, acked: false, rp_created_ms: 0 }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct PeerRec {
     backend: String,
@@ -114,6 +121,23 @@ struct Vol {
 }
 
 impl Vol {
+    /// A volume not (yet) replicated, or a fresh replica when `role` is secondary.
+    fn new(index: u32, size_bytes: u64, layers: Vec<Layer>, role: Option<Role>) -> Self {
+        Self {
+            index,
+            size_bytes,
+            layers,
+            role,
+            group_id: String::new(),
+            peer: None,
+            interval_ms: 0,
+            demoted: role == Some(Role::Secondary),
+            peer_demoted: false,
+            discard_allowed: false,
+            last: SyncStats::default(),
+        }
+    }
+
     fn top(&self) -> &Layer {
         self.layers.last().expect("a volume has at least one layer")
     }
@@ -254,15 +278,12 @@ impl QemuDriver {
 
     /// Applies `f` to the state and writes it durably.
     async fn update<T>(&self, f: impl FnOnce(&mut State) -> Result<T, DriverError>) -> Result<T, DriverError> {
+        // Writers are serialised by the persist lock, so the clone below is the newest
+        // state; memory takes the new state only once the disk has it.
         let _serial = self.persist_lock.lock().await;
-        let (out, bytes) = {
-            let mut st = self.state.lock().expect("state poisoned");
-            let mut next = st.clone();
-            let out = f(&mut next)?;
-            let bytes = serde_json::to_vec_pretty(&next).expect("state serialises");
-            *st = next;
-            (out, bytes)
-        };
+        let mut next = self.snapshot_state();
+        let out = f(&mut next)?;
+        let bytes = serde_json::to_vec_pretty(&next).expect("state serialises");
         let tmp = self.state_file.with_extension("json.tmp");
         let path = self.state_file.clone();
         tokio::task::spawn_blocking(move || -> Result<(), DriverError> {
@@ -275,6 +296,7 @@ impl QemuDriver {
         })
         .await
         .map_err(|e| DriverError::Internal(e.to_string()))??;
+        *self.state.lock().expect("state poisoned") = next;
         Ok(out)
     }
 
@@ -960,19 +982,7 @@ impl Driver for QemuDriver {
         image::create(&self.layer_path(volume_id, 0), size_bytes, None).await?;
         let v = self
             .update(|st| {
-                let v = Vol {
-                    index: st.next_index,
-                    size_bytes,
-                    layers: vec![Layer { seq: 0, rp: None, acked: false, rp_created_ms: 0 }],
-                    role: None,
-                    group_id: String::new(),
-                    peer: None,
-                    interval_ms: 0,
-                    demoted: false,
-                    peer_demoted: false,
-                    discard_allowed: false,
-                    last: SyncStats::default(),
-                };
+                let v = Vol::new(st.next_index, size_bytes, vec![Layer::fresh()], None);
                 st.next_index += 1;
                 st.volumes.insert(volume_id.to_string(), v.clone());
                 Ok(v)
@@ -1123,19 +1133,7 @@ impl Driver for QemuDriver {
         fsync_dir(&self.pool)?;
         let v = self
             .update(|st| {
-                let v = Vol {
-                    index: st.next_index,
-                    size_bytes: m.size_bytes,
-                    layers: vec![Layer { seq: 0, rp: None, acked: false, rp_created_ms: 0 }],
-                    role: None,
-                    group_id: String::new(),
-                    peer: None,
-                    interval_ms: 0,
-                    demoted: false,
-                    peer_demoted: false,
-                    discard_allowed: false,
-                    last: SyncStats::default(),
-                };
+                let v = Vol::new(st.next_index, m.size_bytes, vec![Layer::fresh()], None);
                 st.next_index += 1;
                 st.volumes.insert(volume_id.to_string(), v.clone());
                 Ok(v)
@@ -1194,19 +1192,10 @@ impl Driver for QemuDriver {
             (Role::Secondary, Err(_)) => {
                 std::fs::create_dir_all(self.vol_dir(&spec.volume_id)).map_err(|e| io("replica dir", e))?;
                 self.update(|st| {
-                    let v = Vol {
-                        index: st.next_index,
-                        size_bytes: spec.size_bytes,
-                        layers: Vec::new(),
-                        role: Some(Role::Secondary),
-                        group_id: spec.group_id.clone(),
-                        peer: Some(peer),
-                        interval_ms: spec.interval_ms.unwrap_or(interval_ms),
-                        demoted: true,
-                        peer_demoted: false,
-                        discard_allowed: false,
-                        last: SyncStats::default(),
-                    };
+                    let mut v = Vol::new(st.next_index, spec.size_bytes, Vec::new(), Some(Role::Secondary));
+                    v.group_id = spec.group_id.clone();
+                    v.peer = Some(peer);
+                    v.interval_ms = spec.interval_ms.unwrap_or(interval_ms);
                     st.next_index += 1;
                     st.volumes.insert(spec.volume_id.clone(), v);
                     Ok(())

@@ -95,6 +95,15 @@ impl VolumeApi {
         Ok((rec, epoch))
     }
 
+    /// Removes the volume and its name if it is still at `epoch`; returns whether it did.
+    async fn forget(&self, rec: &VolumeRec, epoch: i64) -> ApiResult<bool> {
+        let txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
+            .and_then(TxnOp::delete(keys::volume(&rec.id)))
+            .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+        Ok(self.core.repo.txn(txn).await?.succeeded)
+    }
+
     async fn fail(&self, mut rec: VolumeRec, epoch: i64, reason: String) -> ApiResult<()> {
         rec.status = volume_status::ERROR.into();
         rec.status_reason = reason;
@@ -170,11 +179,7 @@ impl VolumeApi {
             }
             Err(s) if agent_refused(s.code()) => {
                 // Nothing was created: forget the volume so its name is free again.
-                let txn = Txn::new()
-                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
-                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
-                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
-                self.core.repo.txn(txn).await?;
+                self.forget(&rec, epoch).await?;
                 Err(from_agent(&rec.backend, &format!("create volume {}", rec.name), &s))
             }
             Err(s) => {
@@ -228,11 +233,7 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                let txn = Txn::new()
-                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
-                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
-                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
-                if !self.core.repo.txn(txn).await?.succeeded {
+                if !self.forget(&rec, epoch).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 tracing::info!(volume = %rec.id, "volume deleted");
@@ -429,11 +430,7 @@ impl VolumeApi {
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
-                let txn = Txn::new()
-                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
-                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
-                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
-                self.core.repo.txn(txn).await?;
+                self.forget(&rec, epoch).await?;
                 Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
             }
             Err(s) => {
@@ -487,11 +484,7 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                let txn = Txn::new()
-                    .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
-                    .and_then(TxnOp::delete(keys::volume(&rec.id)))
-                    .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
-                if !self.core.repo.txn(txn).await?.succeeded {
+                if !self.forget(&rec, epoch).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 Ok(rec.id)
