@@ -514,3 +514,30 @@ async fn agent_restarts_a_dead_daemon() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// With `--nbd-tcp`, exports are served on TCP and attach URIs say so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_nbd_exports_attach() {
+    use drover_cli::cluster::{AgentSpec, locate_drover, start_agent};
+    use drover_proto::agent::v1 as apb;
+    let dir = tempfile::tempdir().unwrap();
+    let port = drover_tests::free_port();
+    let spec = AgentSpec {
+        name: "tcp",
+        driver: "qemu",
+        site: "site-a",
+        backend: "backend-a",
+        orchestrator: "",
+        extra: vec!["--nbd-tcp".into(), format!("127.0.0.1:{port}")],
+    };
+    let agent = start_agent(&locate_drover().unwrap(), dir.path(), spec).unwrap();
+    let mut c = apb::agent_client::AgentClient::connect(agent.endpoint.clone()).await.unwrap();
+    let ctx = |op: &str| Some(apb::OpContext { op_id: op.into(), epoch: 1, fence_scope: "volume/t".into() });
+    c.create_volume(apb::CreateVolumeRequest { ctx: ctx("c"), volume_id: "t".into(), size_bytes: (8 * MIB) as i64 })
+        .await
+        .unwrap();
+    let conn =
+        c.attach_volume(apb::AttachVolumeRequest { ctx: ctx("a"), volume_id: "t".into() }).await.unwrap().into_inner();
+    assert_eq!(conn.uri, format!("nbd://127.0.0.1:{port}/t"));
+    io(&conn.uri, &["write -P 0x3c 1M 1M", "read -P 0x3c 1M 1M", "read -P 0 0 1M"]);
+}
