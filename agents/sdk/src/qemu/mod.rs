@@ -475,11 +475,23 @@ impl QemuDriver {
                 // Owned here, so that a failed send closes the queue and stops the reader.
                 let mut rx = rx;
                 let mut bytes = 0u64;
+                let total: u64 = extents.iter().filter(|e| e.depth < changed_depth && e.data).map(|e| e.length).sum();
+                let mut reported = 0u64;
                 while let Some((off, data, len)) = rx.recv().await {
                     match data {
                         Some(d) => {
                             bytes += d.len() as u64;
                             ship.data(id, off, d).await?;
+                            // Progress of long transfers, every 256 MiB.
+                            if bytes - reported >= 256 << 20 {
+                                reported = bytes;
+                                tracing::info!(
+                                    volume = id,
+                                    shipped = bytes,
+                                    of = total,
+                                    "recovery point transfer progress"
+                                );
+                            }
                         }
                         None => ship.zero(id, off, len).await?,
                     }
