@@ -541,3 +541,58 @@ async fn tcp_nbd_exports_attach() {
     assert_eq!(conn.uri, format!("nbd://127.0.0.1:{port}/t"));
     io(&conn.uri, &["write -P 0x3c 1M 1M", "read -P 0x3c 1M 1M", "read -P 0 0 1M"]);
 }
+
+/// After a disaster failover the old primary may hold writes the new one never got.
+/// Failing back needs the operator's recorded consent to discard them; then site A holds
+/// exactly site B's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "sb", 1, 16 * MIB).await;
+    enable(&mut c, "sb", 3600).await;
+    let u = uri(&mut c, &vols[0]).await;
+    io(&u, &["write -P 0x11 0 1M"]);
+    c.replication.sync_group(pb::SyncGroupRequest { group: "sb".into(), project: "tests".into() }).await.expect("sync");
+    io(&u, &["write -P 0x12 2M 1M"]); // never reaches site B
+    cluster.agents[0].proc.kill();
+    assert_all_succeeded(&failover(&mut c, "sb", "backend-b", true).await.expect("disaster failover"));
+    let u = uri(&mut c, &vols[0]).await;
+    io(&u, &["read -P 0x11 0 1M", "read -P 0 2M 1M", "write -P 0x13 4M 1M"]);
+
+    cluster.restart_agent(0, "qemu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+        if b.status == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend-a did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = failover(&mut c, "sb", "default", false).await.expect_err("failback without consent");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+    assert!(refused.message().contains("--discard-changes-on backend-a"), "{}", refused.message());
+
+    let r = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: "sb".into(),
+            project: "tests".into(),
+            target_backend: "default".into(),
+            force: false,
+            discard_changes_on: "backend-a".into(),
+        })
+        .await
+        .expect("failback with consent")
+        .into_inner();
+    assert_all_succeeded(&r);
+    let g = r.group.unwrap();
+    assert_eq!((g.active_backend.as_str(), g.divergence_point.as_str()), ("backend-a", ""));
+    let event = g.history.last().unwrap();
+    assert!(event.detail.contains("operator chose to discard the changes on backend-a"), "{}", event.detail);
+    let u = uri(&mut c, &vols[0]).await;
+    assert!(u.contains("agent-backend-a"), "{u}");
+    io(&u, &["read -P 0x11 0 1M", "read -P 0 2M 1M", "read -P 0x13 4M 1M"]);
+}
