@@ -15,6 +15,9 @@ use crate::driver::{ApplyHeader, Driver, DriverError, Incoming};
 /// The largest data chunk put in one message.
 pub const CHUNK_BYTES: usize = 4 << 20;
 
+/// HTTP/2 flow-control window of the replica stream.
+pub const WINDOW_BYTES: u32 = 32 << 20;
+
 /// Deadline for a whole recovery point transfer.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
 
@@ -31,6 +34,9 @@ impl Shipment {
             .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .timeout(TRANSFER_TIMEOUT)
+            // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.
+            .initial_stream_window_size(Some(WINDOW_BYTES))
+            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
             .connect()
             .await
             .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;

@@ -539,6 +539,8 @@ pub async fn serve(
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(
         tonic::transport::Server::builder()
+            .initial_stream_window_size(Some(crate::replica::WINDOW_BYTES))
+            .initial_connection_window_size(Some(2 * crate::replica::WINDOW_BYTES))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(service)

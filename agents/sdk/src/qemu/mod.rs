@@ -55,6 +55,11 @@ use crate::driver::{
 use crate::replica::{CHUNK_BYTES, Shipment};
 use daemon::{Daemon, DaemonPaths};
 
+/// NBD reads a source keeps in flight while shipping.
+const READ_DEPTH: usize = 4;
+/// NBD writes a target keeps in flight while applying.
+const WRITE_DEPTH: usize = 4;
+
 /// Qemu driver settings (the `[qemu]` table of the agent config).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -452,14 +457,21 @@ impl QemuDriver {
             let reader = async {
                 for e in extents.iter().filter(|e| e.depth < changed_depth) {
                     if e.data {
+                        // Up to READ_DEPTH chunks in flight on the NBD connection at once.
                         let mut off = e.start;
                         while off < e.start + e.length {
-                            let n = (e.start + e.length - off).min(CHUNK_BYTES as u64) as u32;
-                            let data = client.read(off, n).await.map_err(nbd_err)?;
-                            if tx.send((off, Some(data), 0)).await.is_err() {
-                                return Ok(());
+                            let mut batch = Vec::new();
+                            while off < e.start + e.length && batch.len() < READ_DEPTH {
+                                let n = (e.start + e.length - off).min(CHUNK_BYTES as u64) as u32;
+                                batch.push((off, n));
+                                off += u64::from(n);
                             }
-                            off += u64::from(n);
+                            let datas = client.read_many(&batch).await.map_err(nbd_err)?;
+                            for ((o, _), data) in batch.iter().zip(datas) {
+                                if tx.send((*o, Some(data), 0)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
                         }
                     } else if e.zero && e.present && !full {
                         // Zeroed in the delta: it must hide what the peer's base holds there.
@@ -837,7 +849,7 @@ impl QemuDriver {
                 match op {
                     (offset, Some(data), _) => {
                         bytes += data.len() as u64;
-                        client.write(offset, &data).await.map_err(nbd_err)?;
+                        client.write_pipelined(offset, &data, WRITE_DEPTH).await.map_err(nbd_err)?;
                     }
                     (offset, None, len) => client.write_zeroes(offset, len).await.map_err(nbd_err)?,
                 }

@@ -59,6 +59,8 @@ pub struct NbdClient {
     size: u64,
     flags: u16,
     handle: u64,
+    /// Handles of writes sent but not yet answered.
+    in_flight: Vec<u64>,
 }
 
 impl NbdClient {
@@ -113,7 +115,7 @@ impl NbdClient {
             }
         }
         let size = size.ok_or_else(|| NbdError::Protocol("server sent no export size".into()))?;
-        Ok(Self { sock, size, flags, handle: 0 })
+        Ok(Self { sock, size, flags, handle: 0, in_flight: Vec::new() })
     }
 
     /// The export's size in bytes.
@@ -149,8 +151,73 @@ impl NbdClient {
         Ok(())
     }
 
+    /// Reads a reply header; returns its handle. Replies may come in any order.
+    async fn any_reply(&mut self, what: &'static str) -> Result<u64, NbdError> {
+        if self.sock.read_u32().await? != SIMPLE_REPLY_MAGIC {
+            return Err(NbdError::Protocol("bad reply magic".into()));
+        }
+        let errno = self.sock.read_u32().await?;
+        let handle = self.sock.read_u64().await?;
+        if errno != 0 {
+            return Err(NbdError::Server { errno, what });
+        }
+        Ok(handle)
+    }
+
+    /// Reads several ranges with all requests in flight at once; returns the data in the
+    /// order asked.
+    pub async fn read_many(&mut self, ranges: &[(u64, u32)]) -> Result<Vec<Vec<u8>>, NbdError> {
+        self.settle().await?;
+        let mut handles = Vec::with_capacity(ranges.len());
+        for (off, len) in ranges {
+            handles.push(self.request(CMD_READ, *off, *len, &[]).await?);
+        }
+        let mut out: Vec<Option<Vec<u8>>> = vec![None; ranges.len()];
+        for _ in 0..ranges.len() {
+            let h = self.any_reply("read").await?;
+            let i = handles
+                .iter()
+                .position(|x| *x == h)
+                .ok_or_else(|| NbdError::Protocol("reply for an unknown read".into()))?;
+            let mut buf = vec![0u8; ranges[i].1 as usize];
+            self.sock.read_exact(&mut buf).await?;
+            out[i] = Some(buf);
+        }
+        Ok(out.into_iter().map(|b| b.expect("every read answered")).collect())
+    }
+
+    /// Sends a write without waiting for its answer; at most `depth` stay unanswered.
+    pub async fn write_pipelined(&mut self, offset: u64, data: &[u8], depth: usize) -> Result<(), NbdError> {
+        let h = self.request(CMD_WRITE, offset, data.len() as u32, data).await?;
+        self.in_flight.push(h);
+        while self.in_flight.len() > depth {
+            self.reap_one().await?;
+        }
+        Ok(())
+    }
+
+    async fn reap_one(&mut self) -> Result<(), NbdError> {
+        let h = self.any_reply("write").await?;
+        let i = self
+            .in_flight
+            .iter()
+            .position(|x| *x == h)
+            .ok_or_else(|| NbdError::Protocol("reply for an unknown write".into()))?;
+        self.in_flight.swap_remove(i);
+        Ok(())
+    }
+
+    /// Waits for every pipelined write's answer.
+    pub async fn settle(&mut self) -> Result<(), NbdError> {
+        while !self.in_flight.is_empty() {
+            self.reap_one().await?;
+        }
+        Ok(())
+    }
+
     /// Reads `len` bytes at `offset`.
     pub async fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, NbdError> {
+        self.settle().await?;
         let h = self.request(CMD_READ, offset, len, &[]).await?;
         self.reply(h, "read").await?;
         let mut buf = vec![0u8; len as usize];
@@ -160,12 +227,14 @@ impl NbdClient {
 
     /// Writes `data` at `offset`.
     pub async fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), NbdError> {
+        self.settle().await?;
         let h = self.request(CMD_WRITE, offset, data.len() as u32, data).await?;
         self.reply(h, "write").await
     }
 
     /// Makes a range read as zeroes.
     pub async fn write_zeroes(&mut self, offset: u64, len: u64) -> Result<(), NbdError> {
+        self.settle().await?;
         let mut done = 0u64;
         while done < len {
             let n = (len - done).min(1 << 30) as u32;
@@ -185,6 +254,7 @@ impl NbdClient {
 
     /// Flushes written data to stable storage.
     pub async fn flush(&mut self) -> Result<(), NbdError> {
+        self.settle().await?;
         let h = self.request(CMD_FLUSH, 0, 0, &[]).await?;
         self.reply(h, "flush").await
     }
