@@ -245,18 +245,7 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         "fail over to backend-b (planned: final sync, demote, promote)",
         "drover group failover app --target backend-b",
     );
-    let r = c
-        .replication
-        .failover_group(pb::FailoverGroupRequest {
-            group: "app".into(),
-            project: PROJECT.into(),
-            target_backend: "backend-b".into(),
-            force: false,
-            discard_changes_on: String::new(),
-        })
-        .await
-        .map_err(|s| fail("failover", s, &dir))?
-        .into_inner();
+    let r = planned_move(&mut c, "backend-b").await.map_err(|s| fail("failover", s, &dir))?;
     steps.done(t, &outcome(&r));
 
     if data {
@@ -276,18 +265,7 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         "fail back to backend-a with reprotect (only the delta moves)",
         "drover group failover app --target default",
     );
-    let r = c
-        .replication
-        .failover_group(pb::FailoverGroupRequest {
-            group: "app".into(),
-            project: PROJECT.into(),
-            target_backend: "default".into(),
-            force: false,
-            discard_changes_on: String::new(),
-        })
-        .await
-        .map_err(|s| fail("failback", s, &dir))?
-        .into_inner();
+    let r = planned_move(&mut c, "default").await.map_err(|s| fail("failback", s, &dir))?;
     steps.done(t, &outcome(&r));
 
     if data {
@@ -350,6 +328,18 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
     drop(agents);
     drop(orch);
     Ok(())
+}
+
+/// A planned failover of the drill's group to `target` (`default`: back to the primary).
+async fn planned_move(c: &mut Clients, target: &str) -> Result<pb::ReplicationResult, tonic::Status> {
+    let req = pb::FailoverGroupRequest {
+        group: "app".into(),
+        project: PROJECT.into(),
+        target_backend: target.into(),
+        force: false,
+        discard_changes_on: String::new(),
+    };
+    c.replication.failover_group(req).await.map(tonic::Response::into_inner)
 }
 
 fn outcome(r: &pb::ReplicationResult) -> String {
