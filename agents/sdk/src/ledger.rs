@@ -12,6 +12,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("epochs");
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("ops");
+/// Insertion order of op records, so the oldest can be dropped.
+const OPS_ORDER: TableDefinition<u64, &str> = TableDefinition::new("ops_order");
+
+/// How many op outcomes the ledger keeps. A retry comes within minutes of its first
+/// attempt; a hundred thousand newer operations later, an op_id is history.
+pub const OPS_KEPT: u64 = 100_000;
 
 /// A recorded terminal outcome of an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +80,7 @@ impl Ledger {
         let w = db.begin_write().map_err(err)?;
         w.open_table(EPOCHS).map_err(err)?;
         w.open_table(OPS).map_err(err)?;
+        w.open_table(OPS_ORDER).map_err(err)?;
         w.commit().map_err(err)?;
         Ok(Self { db: Arc::new(db) })
     }
@@ -119,8 +126,27 @@ impl Ledger {
 
     /// Records the terminal outcome of an op_id.
     pub fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), LedgerError> {
+        self.record_keeping(op_id, outcome, OPS_KEPT)
+    }
+
+    /// Records an outcome and drops the oldest records beyond `keep`.
+    fn record_keeping(&self, op_id: &str, outcome: &Outcome, keep: u64) -> Result<(), LedgerError> {
         let w = self.db.begin_write().map_err(err)?;
-        w.open_table(OPS).map_err(err)?.insert(op_id, outcome.encode().as_slice()).map_err(err)?;
+        {
+            let mut ops = w.open_table(OPS).map_err(err)?;
+            let mut order = w.open_table(OPS_ORDER).map_err(err)?;
+            if ops.insert(op_id, outcome.encode().as_slice()).map_err(err)?.is_none() {
+                let next = order.last().map_err(err)?.map_or(0, |(k, _)| k.value() + 1);
+                order.insert(next, op_id).map_err(err)?;
+                if next >= keep {
+                    let oldest = order.first().map_err(err)?.map(|(k, v)| (k.value(), v.value().to_string()));
+                    if let Some((seq, old)) = oldest {
+                        order.remove(seq).map_err(err)?;
+                        ops.remove(old.as_str()).map_err(err)?;
+                    }
+                }
+            }
+        }
         w.commit().map_err(err)?;
         Ok(())
     }
@@ -145,6 +171,21 @@ mod tests {
         let ledger = Ledger::open(&path).unwrap();
         assert_eq!(ledger.highest_epoch("group/g1").unwrap(), 10);
         assert!(ledger.admit_epoch("group/g1", 5).unwrap().is_err());
+    }
+
+    #[test]
+    fn oldest_outcomes_are_dropped_beyond_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = Ledger::open(&dir.path().join("l.redb")).unwrap();
+        let o = Outcome { code: 0, message: String::new(), response: vec![] };
+        for i in 0..5 {
+            ledger.record_keeping(&format!("op-{i}"), &o, 3).unwrap();
+        }
+        assert_eq!(ledger.outcome("op-0").unwrap(), None);
+        assert_eq!(ledger.outcome("op-1").unwrap(), None);
+        for i in 2..5 {
+            assert!(ledger.outcome(&format!("op-{i}")).unwrap().is_some(), "op-{i} kept");
+        }
     }
 
     #[test]

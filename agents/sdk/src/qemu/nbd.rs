@@ -21,6 +21,17 @@ impl NbdAddr {
     }
 }
 
+/// Deadline of one NBD request or reply: a daemon that stops answering fails the
+/// operation instead of hanging it (and with it the volume's in-flight claim).
+const IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn timed<T>(fut: impl std::future::Future<Output = std::io::Result<T>>) -> Result<T, NbdError> {
+    match tokio::time::timeout(IO_TIMEOUT, fut).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(NbdError::Protocol(format!("no progress within {IO_TIMEOUT:?}"))),
+    }
+}
+
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + Sync {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + Sync> Io for T {}
 
@@ -133,12 +144,12 @@ impl NbdClient {
         head.extend_from_slice(&offset.to_be_bytes());
         head.extend_from_slice(&len.to_be_bytes());
         head.extend_from_slice(payload);
-        self.sock.write_all(&head).await?;
+        timed(self.sock.write_all(&head)).await?;
         Ok(self.handle)
     }
 
     async fn reply(&mut self, handle: u64, what: &'static str) -> Result<(), NbdError> {
-        if self.sock.read_u32().await? != SIMPLE_REPLY_MAGIC {
+        if timed(self.sock.read_u32()).await? != SIMPLE_REPLY_MAGIC {
             return Err(NbdError::Protocol("bad reply magic".into()));
         }
         let errno = self.sock.read_u32().await?;
@@ -153,7 +164,7 @@ impl NbdClient {
 
     /// Reads a reply header; returns its handle. Replies may come in any order.
     async fn any_reply(&mut self, what: &'static str) -> Result<u64, NbdError> {
-        if self.sock.read_u32().await? != SIMPLE_REPLY_MAGIC {
+        if timed(self.sock.read_u32()).await? != SIMPLE_REPLY_MAGIC {
             return Err(NbdError::Protocol("bad reply magic".into()));
         }
         let errno = self.sock.read_u32().await?;
@@ -180,7 +191,7 @@ impl NbdClient {
                 .position(|x| *x == h)
                 .ok_or_else(|| NbdError::Protocol("reply for an unknown read".into()))?;
             let mut buf = vec![0u8; ranges[i].1 as usize];
-            self.sock.read_exact(&mut buf).await?;
+            timed(self.sock.read_exact(&mut buf)).await?;
             out[i] = Some(buf);
         }
         Ok(out.into_iter().map(|b| b.expect("every read answered")).collect())
@@ -221,7 +232,7 @@ impl NbdClient {
         let h = self.request(CMD_READ, offset, len, &[]).await?;
         self.reply(h, "read").await?;
         let mut buf = vec![0u8; len as usize];
-        self.sock.read_exact(&mut buf).await?;
+        timed(self.sock.read_exact(&mut buf)).await?;
         Ok(buf)
     }
 
