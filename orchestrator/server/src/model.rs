@@ -165,6 +165,21 @@ pub struct PendingOp {
     pub reference: String,
 }
 
+impl PendingOp {
+    /// A new operation with a fresh op_id; callers set the fields their action uses.
+    pub fn new(action: &str, target: &str) -> Self {
+        Self {
+            op_id: uuid::Uuid::now_v7().to_string(),
+            action: action.into(),
+            target: target.into(),
+            force: false,
+            new_size_bytes: 0,
+            started_at_ms: now_ms(),
+            reference: String::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VolumeRec {
     pub id: String,

@@ -955,6 +955,33 @@ impl QemuDriver {
         }
     }
 
+    /// Records a new volume whose single layer `L0.qcow2` is in place, and exports it.
+    async fn add_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError> {
+        let v = self
+            .update(|st| {
+                let v = Vol::new(st.next_index, size_bytes, vec![Layer::fresh()], None);
+                st.next_index += 1;
+                st.volumes.insert(volume_id.to_string(), v.clone());
+                Ok(v)
+            })
+            .await?;
+        self.open_chain(volume_id, &v).await?;
+        Ok(Self::view(volume_id, &v))
+    }
+
+    /// Takes an unreplicated volume out of the daemon before it is deleted or handed
+    /// back; `None` when it does not exist (already gone).
+    async fn close_unreplicated(&self, volume_id: &str) -> Result<Option<Vol>, DriverError> {
+        let Ok(v) = self.vol(volume_id) else { return Ok(None) };
+        if v.role.is_some() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is replicated; disable replication first"
+            )));
+        }
+        self.close_chain(&v).await?;
+        Ok(Some(v))
+    }
+
     fn view(id: &str, v: &Vol) -> VolumeState {
         VolumeState { volume_id: id.to_string(), size_bytes: v.size_bytes, role: v.role }
     }
@@ -1004,26 +1031,13 @@ impl Driver for QemuDriver {
         }
         std::fs::create_dir_all(self.vol_dir(volume_id)).map_err(|e| io("volume dir", e))?;
         image::create(&self.layer_path(volume_id, 0), size_bytes, None).await?;
-        let v = self
-            .update(|st| {
-                let v = Vol::new(st.next_index, size_bytes, vec![Layer::fresh()], None);
-                st.next_index += 1;
-                st.volumes.insert(volume_id.to_string(), v.clone());
-                Ok(v)
-            })
-            .await?;
-        self.open_chain(volume_id, &v).await?;
-        Ok(Self::view(volume_id, &v))
+        self.add_volume(volume_id, size_bytes).await
     }
 
     async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError> {
-        let Ok(v) = self.vol(volume_id) else { return Ok(()) };
-        if v.role.is_some() {
-            return Err(DriverError::FailedPrecondition(format!(
-                "volume {volume_id} is replicated; disable replication first"
-            )));
+        if self.close_unreplicated(volume_id).await?.is_none() {
+            return Ok(());
         }
-        self.close_chain(&v).await?;
         self.update(|st| {
             st.volumes.remove(volume_id);
             Ok(())
@@ -1155,26 +1169,11 @@ impl Driver for QemuDriver {
         std::fs::create_dir_all(self.vol_dir(volume_id)).map_err(|e| io("volume dir", e))?;
         std::fs::rename(&src, self.layer_path(volume_id, 0)).map_err(|e| io("moving the image into the pool", e))?;
         fsync_dir(&self.pool)?;
-        let v = self
-            .update(|st| {
-                let v = Vol::new(st.next_index, m.size_bytes, vec![Layer::fresh()], None);
-                st.next_index += 1;
-                st.volumes.insert(volume_id.to_string(), v.clone());
-                Ok(v)
-            })
-            .await?;
-        self.open_chain(volume_id, &v).await?;
-        Ok(Self::view(volume_id, &v))
+        self.add_volume(volume_id, m.size_bytes).await
     }
 
     async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
-        let Ok(v) = self.vol(volume_id) else { return Ok(()) };
-        if v.role.is_some() {
-            return Err(DriverError::FailedPrecondition(format!(
-                "volume {volume_id} is replicated; disable replication first"
-            )));
-        }
-        self.close_chain(&v).await?;
+        let Some(v) = self.close_unreplicated(volume_id).await? else { return Ok(()) };
         // Flatten into the bottom layer so the file stands alone.
         for l in v.layers.iter().skip(1).rev() {
             image::commit(&self.layer_path(volume_id, l.seq)).await?;

@@ -186,15 +186,7 @@ impl ReplicationApi {
     }
 
     fn new_op(action: &str, target: &str, force: bool) -> PendingOp {
-        PendingOp {
-            op_id: uuid::Uuid::now_v7().to_string(),
-            action: action.into(),
-            target: target.into(),
-            force,
-            new_size_bytes: 0,
-            started_at_ms: now_ms(),
-            reference: String::new(),
-        }
+        PendingOp { force, ..PendingOp::new(action, target) }
     }
 
     /// Backends that can hold this group's replicas: at another site, replication-capable.

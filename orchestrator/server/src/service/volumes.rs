@@ -49,6 +49,17 @@ pub fn from_agent(backend: &str, what: &str, s: &Status) -> ApiError {
     }
 }
 
+/// A volume that belongs to a group is changed through its group.
+fn require_ungrouped(v: &VolumeRec) -> ApiResult<()> {
+    if v.group_id.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::FailedPrecondition(format!(
+        "volume {} is in group {}; remove it from the group first (`drover group remove-volumes`)",
+        v.name, v.group_id
+    )))
+}
+
 /// Loads a backend that must accept management changes.
 pub async fn writable_backend(core: &Core, name: &str, capability: &str) -> ApiResult<BackendRec> {
     validate_name("backend", name)?;
@@ -129,15 +140,7 @@ impl VolumeApi {
             replication_status: replication_status::DISABLED.into(),
             status_reason: String::new(),
             created_at_ms: now_ms(),
-            pending: Some(PendingOp {
-                op_id: uuid::Uuid::now_v7().to_string(),
-                action: "create".into(),
-                target: r.backend.clone(),
-                force: false,
-                new_size_bytes: size,
-                started_at_ms: now_ms(),
-                reference: String::new(),
-            }),
+            pending: Some(PendingOp { new_size_bytes: size, ..PendingOp::new("create", &r.backend) }),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
         let txn = Txn::new()
@@ -192,12 +195,7 @@ impl VolumeApi {
 
     async fn delete(&self, r: pb::DeleteVolumeRequest) -> ApiResult<()> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
-        if !v.rec.group_id.is_empty() {
-            return Err(ApiError::FailedPrecondition(format!(
-                "volume {} is in group {}; remove it from the group first (`drover group remove-volumes`)",
-                v.rec.name, v.rec.group_id
-            )));
-        }
+        require_ungrouped(&v.rec)?;
         if v.rec.status != volume_status::AVAILABLE && v.rec.status != volume_status::ERROR {
             return Err(ApiError::FailedPrecondition(format!(
                 "volume {} is {}; wait until it is available or error",
@@ -205,15 +203,7 @@ impl VolumeApi {
             )));
         }
         writable_backend(&self.core, &v.rec.backend, "volume").await?;
-        let op = PendingOp {
-            op_id: uuid::Uuid::now_v7().to_string(),
-            action: "delete".into(),
-            target: v.rec.backend.clone(),
-            force: false,
-            new_size_bytes: 0,
-            started_at_ms: now_ms(),
-            reference: String::new(),
-        };
+        let op = PendingOp::new("delete", &v.rec.backend);
         let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
         self.drive_delete(rec, epoch).await
     }
@@ -271,15 +261,7 @@ impl VolumeApi {
             )));
         }
         writable_backend(&self.core, &v.rec.backend, "extend").await?;
-        let op = PendingOp {
-            op_id: uuid::Uuid::now_v7().to_string(),
-            action: "extend".into(),
-            target: v.rec.backend.clone(),
-            force: false,
-            new_size_bytes: new_size,
-            started_at_ms: now_ms(),
-            reference: String::new(),
-        };
+        let op = PendingOp { new_size_bytes: new_size, ..PendingOp::new("extend", &v.rec.backend) };
         let (rec, epoch) = self.begin(&v, volume_status::EXTENDING, op).await?;
         self.drive_extend(rec, epoch).await
     }
@@ -381,15 +363,7 @@ impl VolumeApi {
             replication_status: replication_status::DISABLED.into(),
             status_reason: String::new(),
             created_at_ms: now_ms(),
-            pending: Some(PendingOp {
-                op_id: uuid::Uuid::now_v7().to_string(),
-                action: "manage".into(),
-                target: r.backend.clone(),
-                force: false,
-                new_size_bytes: 0,
-                started_at_ms: now_ms(),
-                reference: r.reference.clone(),
-            }),
+            pending: Some(PendingOp { reference: r.reference.clone(), ..PendingOp::new("manage", &r.backend) }),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
         let txn = Txn::new()
@@ -443,12 +417,7 @@ impl VolumeApi {
 
     async fn unmanage(&self, r: pb::UnmanageVolumeRequest) -> ApiResult<String> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
-        if !v.rec.group_id.is_empty() {
-            return Err(ApiError::FailedPrecondition(format!(
-                "volume {} is in group {}; remove it from the group first",
-                v.rec.name, v.rec.group_id
-            )));
-        }
+        require_ungrouped(&v.rec)?;
         if v.rec.status != volume_status::AVAILABLE {
             return Err(ApiError::FailedPrecondition(format!(
                 "volume {} is {}; only an available volume can be unmanaged",
@@ -456,15 +425,7 @@ impl VolumeApi {
             )));
         }
         writable_backend(&self.core, &v.rec.backend, "manage-existing").await?;
-        let op = PendingOp {
-            op_id: uuid::Uuid::now_v7().to_string(),
-            action: "unmanage".into(),
-            target: v.rec.backend.clone(),
-            force: false,
-            new_size_bytes: 0,
-            started_at_ms: now_ms(),
-            reference: String::new(),
-        };
+        let op = PendingOp::new("unmanage", &v.rec.backend);
         let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
         self.drive_unmanage(rec, epoch).await
     }
