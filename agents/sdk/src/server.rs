@@ -114,9 +114,9 @@ impl AgentService {
 
     /// Runs one mutation under fencing, idempotency and the one-at-a-time rule.
     ///
-    /// Order matters: the epoch is checked (and raised) first, so a stale owner learns it
-    /// is stale even for an op it already ran; then a recorded outcome is replayed; only
-    /// then is the target claimed and the driver called.
+    /// Order matters: the target is claimed first (a second mutation gets ABORTED); then
+    /// the epoch is checked and raised, so a stale owner learns it is stale even for an op
+    /// it already ran; then a recorded outcome is replayed; only then is the driver called.
     async fn guarded<M, F, Fut>(
         &self,
         ctx: Option<pb::OpContext>,
@@ -140,6 +140,19 @@ impl AgentService {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<M, DriverError>>,
     {
+        // The claim comes first: admitting the epoch and running under it are then one
+        // step for this target, so a stale caller admitted earlier can never run after a
+        // newer owner's call on the same volume or group.
+        let _claim = {
+            let mut map = self.in_flight.lock().expect("in-flight map poisoned");
+            if let Some(running) = map.get(target) {
+                return Err(Status::aborted(format!(
+                    "{target} has operation {running} in flight; retry after it finishes"
+                )));
+            }
+            map.insert(target.to_string(), ctx.op_id.clone());
+            Claim { map: self.in_flight.clone(), target: target.to_string() }
+        };
         let ledger = self.ledger.clone();
         let (scope, epoch) = (ctx.fence_scope.clone(), ctx.epoch);
         let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
@@ -154,20 +167,6 @@ impl AgentService {
         }
         if let Some(outcome) = self.recorded(&ctx.op_id).await? {
             tracing::debug!("replaying recorded outcome");
-            return replay(outcome);
-        }
-        let _claim = {
-            let mut map = self.in_flight.lock().expect("in-flight map poisoned");
-            if let Some(running) = map.get(target) {
-                return Err(Status::aborted(format!(
-                    "{target} has operation {running} in flight; retry after it finishes"
-                )));
-            }
-            map.insert(target.to_string(), ctx.op_id.clone());
-            Claim { map: self.in_flight.clone(), target: target.to_string() }
-        };
-        // The same op_id may have finished between the first look and the claim.
-        if let Some(outcome) = self.recorded(&ctx.op_id).await? {
             return replay(outcome);
         }
         let result = f().await;
