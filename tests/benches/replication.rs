@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use drover_agent::driver::{Driver, EnableSpec, Peer, Role};
 use drover_agent::ledger::Ledger;
-use drover_agent::qemu::{NbdAddr, NbdClient, QemuConfig, QemuDriver};
+use drover_agent_qemu::{NbdAddr, NbdClient, QemuConfig, QemuDriver};
 use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1 << 20;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
-use drover_cli::cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator};
+pub mod cluster;
+
+use cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator};
 use drover_proto::v1 as pb;
 use drover_store::{EtcdStore, KvStore, Prefixed};
 
@@ -206,9 +208,10 @@ impl Cluster {
 
 /// Runs the `drover` CLI with an endpoint and returns its output.
 pub fn drover(bin: &Path, endpoint: &str, args: &[&str]) -> Output {
+    // Client flags follow the resource word (`drover volume list --endpoint …`).
     std::process::Command::new(bin)
-        .args(["--endpoint", endpoint, "--project", "tests"])
         .args(args)
+        .args(["--endpoint", endpoint, "--project", "tests"])
         .output()
         .expect("run drover")
 }

@@ -5,16 +5,16 @@
 use std::path::Path;
 use std::time::Duration;
 
-use drover_cli::cluster::{AgentSpec, Server, locate_drover, start_agent};
 use drover_proto::agent::v1 as apb;
 use drover_proto::agent::v1::agent_client::AgentClient;
+use drover_tests::cluster::{AgentSpec, Server, locate_drover, start_agent};
 use tonic::Code;
 use tonic::transport::Channel;
 
 fn agent(dir: &Path, extra: &[&str]) -> Server {
     let bin = locate_drover().unwrap();
     let oplog = dir.join("oplog.jsonl").display().to_string();
-    let mut args: Vec<String> = vec!["--mock-oplog".into(), oplog];
+    let mut args: Vec<String> = vec!["--set".into(), format!("mock.oplog={oplog}")];
     args.extend(extra.iter().map(|s| s.to_string()));
     start_agent(
         &bin,
@@ -131,7 +131,7 @@ async fn repeated_op_id_runs_once_and_replays_its_outcome() {
 #[tokio::test]
 async fn second_mutation_on_a_busy_volume_is_aborted() {
     let dir = tempfile::tempdir().unwrap();
-    let server = agent(dir.path(), &["--mock-latency", "800ms"]);
+    let server = agent(dir.path(), &["--set", "mock.latency=800ms"]);
     let mut c = client(&server).await;
     c.create_volume(create("op-0", 1, "v1")).await.unwrap();
     let mut c2 = c.clone();
@@ -143,7 +143,18 @@ async fn second_mutation_on_a_busy_volume_is_aborted() {
         })
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Send the second call only once the agent says the first is running, so the order
+    // does not depend on timing.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let op = c.get_operation(apb::GetOperationRequest { op_id: "op-a".into() }).await.unwrap().into_inner();
+        if op.state == "running" {
+            break;
+        }
+        assert!(op.state == "unknown", "op-a ended before the second call was sent: {op:?}");
+        assert!(std::time::Instant::now() < deadline, "op-a never started");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let busy = c
         .extend_volume(apb::ExtendVolumeRequest {
             ctx: ctx("op-b", 1, "volume/v1"),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use drover_agent::conformance::{Gate, Gated, Pair, run_all};
 use drover_agent::driver::Driver;
 use drover_agent::ledger::Ledger;
-use drover_agent::mock::{MockConfig, MockDriver};
-use drover_agent::qemu::{QemuConfig, QemuDriver};
+use drover_agent_mock::{MockConfig, MockDriver};
+use drover_agent_qemu::{QemuConfig, QemuDriver};
 use drover_proto::agent::v1::agent_client::AgentClient;
 use tokio_util::sync::CancellationToken;
 

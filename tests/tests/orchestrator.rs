@@ -132,7 +132,7 @@ async fn sigkill_restart_etcd() {
 /// next one claims it with a higher epoch and finishes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_interrupted_by_sigkill_is_resumed() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--mock-latency", "400ms"]).await;
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.latency=400ms"]).await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "resume", 2).await;
     let epoch_before = c
@@ -291,13 +291,15 @@ async fn bad_input_is_refused_and_changes_nothing() {
             })
             .await,
         Code::FailedPrecondition,
-        &["enabled"],
+        // The current state as the message states it; the fixed text ("can be enabled
+        // only when …") must not be what satisfies this.
+        &["has replication status enabled;"],
     )
     .await;
     expect_err(
         c.groups.delete_group(pb::DeleteGroupRequest { group: group.clone(), project: "tests".into() }).await,
         Code::FailedPrecondition,
-        &["enabled"],
+        &["has replication status enabled;"],
     )
     .await;
 
@@ -334,7 +336,7 @@ async fn cli_drives_the_api() {
         String::from_utf8(out.stdout).unwrap()
     };
     ok(&["volume", "create", "db", "--size", "2GiB", "--backend", "backend-a"]);
-    let json: serde_json::Value = serde_json::from_str(&ok(&["-o", "json", "volume", "show", "db"])).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&ok(&["volume", "show", "db", "-o", "json"])).unwrap();
     assert_eq!(json["size_bytes"], 2i64 << 30);
     assert_eq!(json["status"], "available");
     ok(&["group", "create", "g1", "--type", "consistent-replication", "--backend", "backend-a", "--volume", "db"]);
@@ -345,7 +347,7 @@ async fn cli_drives_the_api() {
     assert!(table.lines().next().unwrap().contains("REPLICATION") && table.contains("enabled"), "{table}");
     ok(&["group", "failover", "g1", "--target", "backend-b"]);
     let info: serde_json::Value =
-        serde_json::from_str(&ok(&["-o", "json", "group", "replication-info", "g1"])).unwrap();
+        serde_json::from_str(&ok(&["group", "replication-info", "g1", "-o", "json"])).unwrap();
     assert_eq!(info["volumes"][0]["role"], "primary", "{info}");
     assert!(info["rpo_ms"].as_i64().unwrap() >= 0, "{info}");
 
@@ -370,7 +372,7 @@ fn malformed_config_file_is_reported() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("orchestrator.toml");
     std::fs::write(&path, "listen = \"127.0.0.1:0\"\n[store\nkind = \"embedded\"\n").unwrap();
-    let bin = drover_cli::cluster::locate_drover().unwrap();
+    let bin = drover_tests::cluster::locate_drover().unwrap();
     let out = std::process::Command::new(bin).args(["orchestrator", "--config"]).arg(&path).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);

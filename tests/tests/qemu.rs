@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
-use drover_cli::cluster::qemu_io;
 use drover_proto::v1 as pb;
+use drover_tests::cluster::qemu_io;
 use drover_tests::{Cluster, Etcd, StoreChoice};
 
 const MIB: u64 = 1 << 20;
@@ -518,8 +518,8 @@ async fn agent_restarts_a_dead_daemon() {
 /// With `--nbd-tcp`, exports are served on TCP and attach URIs say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_nbd_exports_attach() {
-    use drover_cli::cluster::{AgentSpec, locate_drover, start_agent};
     use drover_proto::agent::v1 as apb;
+    use drover_tests::cluster::{AgentSpec, locate_drover, start_agent};
     let dir = tempfile::tempdir().unwrap();
     let port = drover_tests::free_port();
     let spec = AgentSpec {
@@ -528,7 +528,7 @@ async fn tcp_nbd_exports_attach() {
         site: "site-a",
         backend: "backend-a",
         orchestrator: "",
-        extra: vec!["--nbd-tcp".into(), format!("127.0.0.1:{port}")],
+        extra: vec!["--set".into(), format!("qemu.nbd_tcp=127.0.0.1:{port}")],
     };
     let agent = start_agent(&locate_drover().unwrap(), dir.path(), spec).unwrap();
     let mut c = apb::agent_client::AgentClient::connect(agent.endpoint.clone()).await.unwrap();

@@ -102,9 +102,28 @@ fn test(extra: &[String]) -> Result<(), String> {
     ensure_protoc()?;
     ensure_etcd()?;
     ensure_qemu()?;
+    release_has_no_test_code()?;
     // Integration tests start the drover binary as separate processes.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     run(cargo().args(["test", "--workspace"]).args(extra))
+}
+
+/// The `drover` binary must not carry the conformance suites or test drivers: they sit
+/// behind each crate's `testing` feature, which only the test crate turns on.
+fn release_has_no_test_code() -> Result<(), String> {
+    let out = cargo()
+        .args(["tree", "-e", "features", "-p", "drover-cli", "--prefix", "none"])
+        .output()
+        .map_err(|e| format!("cannot run cargo tree: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("cargo tree failed: {}", String::from_utf8_lossy(&out.stderr)));
+    }
+    let tree = String::from_utf8_lossy(&out.stdout);
+    if let Some(line) = tree.lines().find(|l| l.contains("feature \"testing\"")) {
+        return Err(format!("the drover binary enables a `testing` feature ({line}); test code must stay out of it"));
+    }
+    eprintln!("xtask: the drover binary carries no `testing` feature");
+    Ok(())
 }
 
 fn ci() -> Result<(), String> {

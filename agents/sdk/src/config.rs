@@ -1,18 +1,22 @@
-//! Agent configuration: a TOML file, then `DROVER_AGENT_*` environment variables and
-//! command-line flags on top (the CLI applies those). See `config/agent.example.toml`.
+//! The settings every agent has, whatever its backend. Each backend reads its own table
+//! (`[qemu]`, `[mock]`, …) through [`drover_config::Layered::section`]. Layers: defaults <
+//! file < `DROVER_AGENT_*` environment (nested keys joined with `__`) < flags. See
+//! `config/agent.example.toml`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mock::MockConfig;
-use crate::qemu::QemuConfig;
+pub use drover_config::ConfigError;
 
-/// Everything an agent needs to start.
+/// The environment prefix of agent settings: `DROVER_AGENT_SITE`, `DROVER_AGENT_QEMU__POOL_DIR`.
+pub const ENV_PREFIX: &str = "DROVER_AGENT_";
+
+/// Everything an agent needs to start, apart from its backend's own table.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(default)]
 pub struct AgentConfig {
-    /// Unique id of this agent process within its backend.
+    /// Unique id of this agent process within its backend; `<backend>-agent` when empty.
     pub agent_id: String,
     /// The failure domain this agent's backend is in.
     pub site: String,
@@ -22,15 +26,12 @@ pub struct AgentConfig {
     pub listen: String,
     /// Endpoint the orchestrator should dial; defaults to `http://<bound address>`.
     pub advertise: Option<String>,
-    /// Orchestrator endpoint to register with; the agent only serves when unset.
+    /// Orchestrator endpoint to register with; the agent only serves when unset or empty.
     pub orchestrator: Option<String>,
-    /// Where the agent keeps its fencing and idempotency ledger.
+    /// Where the agent keeps its fencing and idempotency ledger (and its driver's state).
     pub state_dir: PathBuf,
-    /// `qemu` (qemu-storage-daemon, the reference backend) or `mock` (control-plane
-    /// tests only).
+    /// The backend driver, by name (`qemu`, `mock`, …): its table holds its settings.
     pub driver: String,
-    pub mock: MockConfig,
-    pub qemu: QemuConfig,
 }
 
 impl Default for AgentConfig {
@@ -44,55 +45,39 @@ impl Default for AgentConfig {
             orchestrator: None,
             state_dir: PathBuf::from("/var/lib/drover/agent"),
             driver: String::new(),
-            mock: MockConfig::default(),
-            qemu: QemuConfig::default(),
         }
     }
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is malformed: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid agent config: {0}")]
-    Invalid(String),
-}
-
 impl AgentConfig {
-    /// Reads a TOML config file.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
-    }
-
-    /// Checks that the required fields are set and meaningful.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    /// Checks that the required fields are set and that the driver is one this build has.
+    pub fn validate(&mut self, drivers: &[&str]) -> Result<(), ConfigError> {
         for (field, value) in [("site", &self.site), ("backend", &self.backend), ("driver", &self.driver)] {
             if value.trim().is_empty() {
                 return Err(ConfigError::Invalid(format!(
-                    "`{field}` is required (config file, DROVER_AGENT_{}, or --{field})",
+                    "`{field}` is required (config file, {ENV_PREFIX}{}, or --{field})",
                     field.to_uppercase()
                 )));
             }
         }
-        match self.driver.as_str() {
-            "mock" => {}
-            "qemu" if self.qemu.pool_dir.as_os_str().is_empty() => {
-                return Err(ConfigError::Invalid(
-                    "the qemu driver needs `qemu.pool_dir` (or --pool-dir / DROVER_AGENT_POOL_DIR)".into(),
-                ));
-            }
-            "qemu" => {}
-            other => return Err(ConfigError::Invalid(format!("unknown driver `{other}`; this build has: qemu, mock"))),
+        if !drivers.contains(&self.driver.as_str()) {
+            return Err(ConfigError::Invalid(format!(
+                "unknown driver `{}`; this build has: {}",
+                self.driver,
+                drivers.join(", ")
+            )));
         }
-        for (op, p) in &self.mock.fail {
-            if !(0.0..=1.0).contains(p) {
-                return Err(ConfigError::Invalid(format!("mock.fail.{op} = {p} is not a probability in [0, 1]")));
-            }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid(format!(
+                "`listen` = {:?} is not an address like 127.0.0.1:7800",
+                self.listen
+            )));
+        }
+        if self.agent_id.is_empty() {
+            self.agent_id = format!("{}-agent", self.backend);
+        }
+        if self.orchestrator.as_deref() == Some("") {
+            self.orchestrator = None;
         }
         Ok(())
     }

@@ -1,25 +1,27 @@
-//! The Drover agent.
+//! The Drover agent contract, shared by every backend.
 //!
 //! An agent drives one storage backend through a [`Driver`] and serves `drover.agent.v1`.
-//! The [`server`] wraps every mutating driver call in the guarantees the orchestrator
-//! relies on (DESIGN.md, invariant 3):
+//! This crate holds everything that is the same for every backend:
 //!
-//! - **fencing**: each call carries an epoch for a fence scope (a group or a volume); the
-//!   highest epoch seen per scope is persisted in the [`ledger`], and lower ones are
-//!   refused with FailedPrecondition "stale epoch";
-//! - **idempotency**: the terminal outcome of each op_id is persisted, and a repeated
-//!   op_id gets that outcome without touching the driver again;
-//! - **one mutation at a time** per volume or group: a second gets ABORTED.
+//! - [`driver`]: the `Driver` trait and its types: what a backend must do;
+//! - [`server`]: the gRPC server, whose guard wraps every mutating driver call in the
+//!   guarantees the orchestrator relies on (DESIGN.md, invariant 3): fencing by epoch per
+//!   group or volume, idempotency by op_id (outcomes persisted in the [`ledger`]), and
+//!   one mutation at a time per volume or group (a second gets ABORTED);
+//! - [`replica`]: the agent-to-agent stream that carries recovery points;
+//! - [`registration`]: heartbeats to the orchestrator;
+//! - [`config`] and [`launch`]: the settings common to every agent, and starting one.
 //!
-//! [`qemu::QemuDriver`] drives qemu-storage-daemon, the reference backend that moves real
-//! data. [`mock::MockDriver`] is an in-memory driver for control-plane tests and benchmarks.
+//! Backends live in their own crates (`drover-agent-qemu`, `drover-agent-mock`, …) and
+//! implement [`launch::Backend`]; the `drover` binary lists them in one place. With the
+//! `testing` feature, [`conformance`] is the suite every driver must pass.
 
 pub mod config;
+#[cfg(feature = "testing")]
 pub mod conformance;
 pub mod driver;
+pub mod launch;
 pub mod ledger;
-pub mod mock;
-pub mod qemu;
 pub mod registration;
 pub mod replica;
 pub mod server;

@@ -7,22 +7,45 @@
 //! `drover` command and how long it took; the end prints RPO and bytes shipped.
 
 use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use drover_config::Sources;
 use drover_proto::v1 as pb;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::Clients;
-use crate::cluster::{AgentSpec, Server, locate_drover, qemu_io, start_agent, start_orchestrator};
 use crate::output;
+use crate::servers::BACKENDS;
 
-/// Drill settings.
-pub struct DrillOptions {
-    /// Where processes keep state and logs; a temporary directory when `None`.
+/// `drover drill` settings.
+#[derive(clap::Args)]
+pub struct DrillArgs {
+    /// Keep state (store, ledgers, pools) here instead of a temporary directory.
+    #[arg(long)]
     pub workdir: Option<PathBuf>,
-    /// How many volumes the group gets.
+    /// Volumes in the drill's group.
+    #[arg(long, default_value_t = 3)]
     pub volumes: usize,
-    /// `qemu` (real data) or `mock` (control plane only).
+    /// `qemu` (real data, verified with qemu-io) or `mock` (control plane only).
+    #[arg(long, default_value = "qemu", value_parser = ["qemu", "mock"])]
     pub driver: String,
+}
+
+/// Runs `qemu-io` (an NBD client independent of Drover) with commands against `uri`.
+/// Fails when qemu-io fails or a `read -P` finds other data than the pattern.
+pub fn qemu_io(uri: &str, commands: &[String]) -> Result<String, String> {
+    let mut cmd = Command::new("qemu-io");
+    cmd.args(["-f", "raw"]);
+    for c in commands {
+        cmd.arg("-c").arg(c);
+    }
+    let out = cmd.arg(uri).output().map_err(|e| format!("cannot run qemu-io: {e}; install qemu-utils"))?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    if !out.status.success() || text.contains("Pattern verification failed") || text.contains("failed") {
+        return Err(format!("qemu-io {commands:?} on {uri}: {}", text.trim()));
+    }
+    Ok(text)
 }
 
 struct Steps {
@@ -103,11 +126,11 @@ async fn verify(c: &mut Clients, names: &[String], writes: &[Write]) -> Result<(
 }
 
 fn fail(step: &str, s: tonic::Status, dir: &std::path::Path) -> String {
-    format!("{step} failed: {} ({:?}); process logs are in {}", s.message(), s.code(), dir.display())
+    format!("{step} failed: {} ({:?}); state is in {}", s.message(), s.code(), dir.display())
 }
 
 /// Runs the drill; returns a message on failure.
-pub async fn run(opts: DrillOptions) -> Result<(), String> {
+pub async fn run(opts: DrillArgs) -> Result<(), String> {
     let temp;
     let dir = match &opts.workdir {
         Some(d) => {
@@ -120,7 +143,6 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         }
     };
     let data = opts.driver == "qemu";
-    let bin = locate_drover()?;
     let mut steps = Steps { n: 0, started: Instant::now(), phases: Vec::new() };
     println!("Drover two-site drill: embedded store, {} agents; work dir {}", opts.driver, dir.display());
 
@@ -128,9 +150,21 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         "start the orchestrator on the embedded store",
         "drover orchestrator --store-path DIR/orchestrator.redb",
     );
+    // The servers run in this process, through the same launchers as `drover
+    // orchestrator` and `drover agent`, and stop when the drill ends (the guard cancels
+    // them on every path out, errors included). The environment is not read: a drill must
+    // not pick up a production orchestrator's DROVER_* settings.
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
     let store = dir.join("orchestrator.redb").display().to_string();
-    let orch: Server = start_orchestrator(&bin, &dir, "orchestrator", &["--store-path".into(), store])?;
-    steps.done(t, &orch.endpoint);
+    let orch = drover_orchestrator::launch::start(
+        &Sources::default().flag("listen", Some("127.0.0.1:0")).flag("store.path", Some(store)),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| format!("starting the orchestrator: {e}"))?;
+    let orch_endpoint = format!("http://{}", orch.local_addr);
+    steps.done(t, &orch_endpoint);
 
     let mut agents = Vec::new();
     for (site, backend) in [("site-a", "backend-a"), ("site-b", "backend-b")] {
@@ -138,18 +172,26 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
             &format!("start the {} agent of {backend} at {site}", opts.driver),
             &format!(
                 "drover agent --site {site} --backend {backend} --driver {} --orchestrator {}",
-                opts.driver, orch.endpoint
+                opts.driver, orch_endpoint
             ),
         );
-        let name = format!("agent-{backend}");
-        let spec =
-            AgentSpec { name: &name, driver: &opts.driver, site, backend, orchestrator: &orch.endpoint, extra: vec![] };
-        let agent = start_agent(&bin, &dir, spec)?;
-        steps.done(t, &agent.endpoint);
+        let mut sources = Sources::default()
+            .flag("site", Some(site))
+            .flag("backend", Some(backend))
+            .flag("driver", Some(&opts.driver))
+            .flag("orchestrator", Some(&orch_endpoint))
+            .flag("state_dir", Some(dir.join(format!("agent-{backend}")).display()));
+        if opts.driver == "qemu" {
+            sources = sources.flag("qemu.pool_dir", Some(dir.join(format!("pool-{backend}")).display()));
+        }
+        let agent = drover_agent::launch::start(BACKENDS, &sources, shutdown.clone())
+            .await
+            .map_err(|e| format!("starting the agent of {backend}: {e}"))?;
+        steps.done(t, &format!("http://{}", agent.local_addr));
         agents.push(agent);
     }
 
-    let mut c = Clients::connect(&orch.endpoint, Duration::from_secs(600)).await?;
+    let mut c = Clients::connect(&orch_endpoint, Duration::from_secs(600)).await?;
     let t = steps.begin("wait until both backends are registered and answer probes", "drover backend list");
     wait_backends_up(&mut c, &["backend-a", "backend-b"], Duration::from_secs(30)).await?;
     steps.done(t, "");
@@ -325,8 +367,11 @@ pub async fn run(opts: DrillOptions) -> Result<(), String> {
         "\nDrill passed in {} ms: group app replicating from backend-a to backend-b again.",
         steps.started.elapsed().as_millis()
     );
-    drop(agents);
-    drop(orch);
+    shutdown.cancel();
+    for agent in agents {
+        let _ = agent.handle.await;
+    }
+    let _ = orch.handle.await;
     Ok(())
 }
 

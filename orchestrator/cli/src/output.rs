@@ -12,25 +12,38 @@ pub enum Format {
     Json,
 }
 
-/// A table with aligned columns.
+/// A table with aligned columns, and footer lines printed after it.
 pub struct Table {
     headers: Vec<&'static str>,
     rows: Vec<Vec<String>>,
+    footer: Vec<String>,
 }
 
 impl Table {
+    /// An empty table with these column headers.
     pub fn new(headers: &[&'static str]) -> Self {
-        Self { headers: headers.to_vec(), rows: Vec::new() }
+        Self { headers: headers.to_vec(), rows: Vec::new(), footer: Vec::new() }
     }
 
+    /// Adds a row; missing cells print empty.
     pub fn row(&mut self, cells: Vec<String>) {
         self.rows.push(cells);
+    }
+
+    /// Adds a line printed below the table (a summary such as the RPO).
+    pub fn footer(&mut self, line: String) {
+        self.footer.push(line);
     }
 
     /// Renders the table; an empty one says so.
     pub fn render(&self) -> String {
         if self.rows.is_empty() {
-            return "(none)\n".into();
+            let mut out = String::from("(none)\n");
+            for f in &self.footer {
+                out.push_str(f);
+                out.push('\n');
+            }
+            return out;
         }
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
         for row in &self.rows {
@@ -38,13 +51,26 @@ impl Table {
                 *w = (*w).max(cell.chars().count());
             }
         }
+        // Padding by hand: `format!("{c:<w$}")` panics for widths over 65,535.
         let line = |cells: Vec<String>| {
-            let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
-            padded.join("  ").trim_end().to_string() + "\n"
+            let mut out = String::new();
+            for (i, w) in widths.iter().enumerate() {
+                let cell = cells.get(i).map(String::as_str).unwrap_or("");
+                if i > 0 {
+                    out.push_str("  ");
+                }
+                out.push_str(cell);
+                out.extend(std::iter::repeat_n(' ', w.saturating_sub(cell.chars().count())));
+            }
+            out.trim_end().to_string() + "\n"
         };
         let mut out = line(self.headers.iter().map(|h| h.to_string()).collect());
         for row in &self.rows {
             out.push_str(&line(row.clone()));
+        }
+        for f in &self.footer {
+            out.push_str(f);
+            out.push('\n');
         }
         out
     }
@@ -56,6 +82,15 @@ pub fn emit<T: Serialize>(format: Format, value: &T, table: impl FnOnce(&T) -> T
         Format::Json => println!("{}", serde_json::to_string_pretty(value).expect("API messages serialise")),
         Format::Table => print!("{}", table(value).render()),
     }
+}
+
+/// A time in milliseconds since the epoch as RFC 3339 (UTC); "never" for 0 or less.
+pub fn timestamp(ms: i64) -> String {
+    if ms <= 0 {
+        return "never".into();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn short(id: &str) -> String {
@@ -132,7 +167,10 @@ pub fn group_detail(g: &pb::Group) -> Table {
         t.row(vec![k.into(), v]);
     }
     for e in &g.history {
-        t.row(vec![format!("history @{}", e.at_ms), format!("{}: {} (epoch {})", e.action, e.detail, e.epoch)]);
+        t.row(vec![
+            format!("history {}", timestamp(e.at_ms)),
+            format!("{}: {} (epoch {})", e.action, e.detail, e.epoch),
+        ]);
     }
     t
 }
@@ -170,29 +208,25 @@ pub fn backends(list: &[pb::Backend]) -> Table {
 }
 
 pub fn replication_info(i: &pb::GroupReplicationInfo) -> Table {
-    let mut t = Table::new(&[
-        "VOLUME",
-        "ROLE",
-        "STATUS",
-        "LAST SYNC (ms)",
-        "DURATION (ms)",
-        "BYTES",
-        "RECOVERY POINT",
-        "ERROR",
-    ]);
+    let mut t =
+        Table::new(&["VOLUME", "ROLE", "STATUS", "LAST SYNC", "DURATION (ms)", "BYTES", "RECOVERY POINT", "ERROR"]);
     for v in &i.volumes {
         t.row(vec![
             v.volume_id.clone(),
             v.role.clone(),
             v.status.clone(),
-            v.last_sync_time_ms.to_string(),
+            timestamp(v.last_sync_time_ms),
             v.last_sync_duration_ms.to_string(),
             v.last_sync_bytes.to_string(),
             v.recovery_point_id.clone(),
             v.error.clone(),
         ]);
     }
-    t.row(vec!["RPO".into(), String::new(), if i.rpo_ms < 0 { "unknown".into() } else { format!("{} ms", i.rpo_ms) }]);
+    t.footer(if i.rpo_ms < 0 {
+        "RPO: unknown (a volume has no complete recovery point yet, or its agent did not answer)".into()
+    } else {
+        format!("RPO: {} ms", i.rpo_ms)
+    });
     t
 }
 
@@ -206,5 +240,40 @@ mod tests {
         assert_eq!(t.render(), "(none)\n");
         t.row(vec!["wide-cell".into(), "x".into()]);
         assert_eq!(t.render(), "A          LONGER\nwide-cell  x\n");
+    }
+
+    #[test]
+    fn cells_wider_than_a_format_width_do_not_panic() {
+        let mut t = Table::new(&["NAME", "SPECS"]);
+        let wide = "k=".to_string() + &"v".repeat(70_000);
+        t.row(vec!["a".into(), wide.clone()]);
+        t.row(vec!["bb".into(), "x".into()]);
+        let out = t.render();
+        assert!(out.contains(&wide));
+        assert!(out.lines().nth(2).unwrap().starts_with("bb    x"), "narrow rows stay aligned");
+    }
+
+    #[test]
+    fn times_print_as_rfc3339() {
+        assert_eq!(timestamp(1_764_355_200_123), "2025-11-28T18:40:00.123Z");
+        assert_eq!(timestamp(0), "never");
+    }
+
+    #[test]
+    fn replication_info_puts_the_rpo_on_its_own_line() {
+        let info = pb::GroupReplicationInfo {
+            group: None,
+            volumes: vec![pb::VolumeReplicationInfo {
+                volume_id: "v1".into(),
+                status: "error".into(),
+                error: "backend b: no answer".into(),
+                ..Default::default()
+            }],
+            rpo_ms: 1500,
+        };
+        let out = replication_info(&info).render();
+        let rpo = out.lines().find(|l| l.contains("RPO")).unwrap();
+        assert_eq!(rpo, "RPO: 1500 ms");
+        assert!(out.lines().any(|l| l.starts_with("v1") && l.ends_with("backend b: no answer")), "{out}");
     }
 }

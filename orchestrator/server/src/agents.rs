@@ -12,6 +12,7 @@ use drover_proto::agent::v1::agent_client::AgentClient;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+use crate::config::OrchestratorConfig;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{AgentRec, keys};
 use crate::repo::Repo;
@@ -19,7 +20,21 @@ use crate::repo::Repo;
 /// Dials and calls agents.
 pub struct AgentPool {
     repo: Repo,
+    config: OrchestratorConfig,
     channels: Mutex<HashMap<String, Channel>>,
+}
+
+/// Which of a backend's deadlines a call gets (each may be set per backend).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deadline {
+    /// An ordinary call.
+    Call,
+    /// A call to the side a group is failing away from.
+    FailedSite,
+    /// A liveness or information probe.
+    Probe,
+    /// A recovery point sync.
+    Sync,
 }
 
 /// Whether a call may be retried as it is: only calls carrying an op_id, and only on
@@ -34,8 +49,19 @@ pub fn ctx(op_id: String, epoch: u64, fence_scope: String) -> Option<apb::OpCont
 }
 
 impl AgentPool {
-    pub fn new(repo: Repo) -> Self {
-        Self { repo, channels: Mutex::new(HashMap::new()) }
+    pub fn new(repo: Repo, config: OrchestratorConfig) -> Self {
+        Self { repo, config, channels: Mutex::new(HashMap::new()) }
+    }
+
+    /// The deadline of a call of `kind` to `backend`.
+    pub fn deadline(&self, backend: &str, kind: Deadline) -> Duration {
+        let s = self.config.backend(backend);
+        match kind {
+            Deadline::Call => s.agent_call_timeout,
+            Deadline::FailedSite => s.failed_site_timeout,
+            Deadline::Probe => s.probe_timeout,
+            Deadline::Sync => s.sync_timeout,
+        }
     }
 
     /// The live registrations of a backend's agents (their leases are current).
@@ -77,11 +103,12 @@ impl AgentPool {
     /// Calls a backend's agents: the first registered agent that answers serves the call.
     /// Idempotent calls (with an op_id) are retried up to three times with jitter on
     /// transient failures; others are tried once per agent.
-    pub async fn call<T, F, Fut>(&self, backend: &str, timeout: Duration, idempotent: bool, f: F) -> Result<T, Status>
+    pub async fn call<T, F, Fut>(&self, backend: &str, kind: Deadline, idempotent: bool, f: F) -> Result<T, Status>
     where
         F: Fn(AgentClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        let timeout = self.deadline(backend, kind);
         let agents = self.registrations(backend).await.map_err(Status::from)?;
         if agents.is_empty() {
             return Err(Status::unavailable(format!(

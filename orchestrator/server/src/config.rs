@@ -1,6 +1,9 @@
-//! Orchestrator configuration: a TOML file, then `DROVER_*` environment variables, then
-//! command-line flags (the CLI applies the last two). See `config/orchestrator.example.toml`.
+//! Orchestrator configuration: defaults < a TOML file < `DROVER_*` environment variables
+//! (nested keys joined with `__`) < flags, merged by `drover-config`. Per-backend settings
+//! live in `[defaults]` and may be overridden in `[backends.<name>]`. See
+//! `config/orchestrator.example.toml`.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,6 +17,16 @@ pub enum StoreKind {
     Embedded,
     /// An etcd cluster (production and HA).
     Etcd,
+}
+
+impl StoreKind {
+    /// The lowercase name used in config files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StoreKind::Embedded => "embedded",
+            StoreKind::Etcd => "etcd",
+        }
+    }
 }
 
 /// Store settings.
@@ -44,16 +57,11 @@ impl Default for StoreConfig {
     }
 }
 
-/// Everything the orchestrator needs to start.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// Settings that may differ per backend: `[defaults]` holds them for every backend, and
+/// `[backends.<name>]` overrides any of them for one backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct OrchestratorConfig {
-    /// Address to serve drover.v1 on; port 0 picks a free one.
-    pub listen: String,
-    pub store: StoreConfig,
-    /// TTL of an agent's registration lease.
-    #[serde(with = "humantime_serde")]
-    pub agent_lease_ttl: Duration,
+pub struct BackendSettings {
     /// Deadline of ordinary agent calls.
     #[serde(with = "humantime_serde")]
     pub agent_call_timeout: Duration,
@@ -67,8 +75,49 @@ pub struct OrchestratorConfig {
     /// Deadline of a recovery point sync (initial full copies of large volumes take long).
     #[serde(with = "humantime_serde")]
     pub sync_timeout: Duration,
+}
+
+impl Default for BackendSettings {
+    fn default() -> Self {
+        Self {
+            agent_call_timeout: Duration::from_secs(30),
+            failed_site_timeout: Duration::from_secs(3),
+            probe_timeout: Duration::from_secs(2),
+            sync_timeout: Duration::from_secs(30 * 60),
+        }
+    }
+}
+
+/// One backend's overrides of [`BackendSettings`]; unset fields inherit `[defaults]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackendOverrides {
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub agent_call_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub failed_site_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub probe_timeout: Option<Duration>,
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub sync_timeout: Option<Duration>,
+}
+
+/// Everything the orchestrator needs to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct OrchestratorConfig {
+    /// Address to serve drover.v1 on; port 0 picks a free one.
+    pub listen: String,
+    pub store: StoreConfig,
+    /// TTL of an agent's registration lease.
+    #[serde(with = "humantime_serde")]
+    pub agent_lease_ttl: Duration,
     /// How many volumes of one group are driven at once.
     pub volume_parallelism: usize,
+    /// Per-backend settings every backend inherits.
+    pub defaults: BackendSettings,
+    /// Per-backend overrides of `defaults`, by backend name.
+    pub backends: BTreeMap<String, BackendOverrides>,
 }
 
 impl Default for OrchestratorConfig {
@@ -77,32 +126,43 @@ impl Default for OrchestratorConfig {
             listen: "127.0.0.1:7700".into(),
             store: StoreConfig::default(),
             agent_lease_ttl: Duration::from_secs(10),
-            agent_call_timeout: Duration::from_secs(30),
-            failed_site_timeout: Duration::from_secs(3),
-            probe_timeout: Duration::from_secs(2),
-            sync_timeout: Duration::from_secs(30 * 60),
             volume_parallelism: 8,
+            defaults: BackendSettings::default(),
+            backends: BTreeMap::new(),
         }
     }
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path} is malformed: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("invalid orchestrator config: {0}")]
-    Invalid(String),
-}
+/// The environment prefix of orchestrator settings: `DROVER_LISTEN`, `DROVER_STORE__KIND`.
+pub const ENV_PREFIX: &str = "DROVER_";
+
+pub use drover_config::ConfigError;
 
 impl OrchestratorConfig {
-    /// Reads a TOML config file; unknown keys are errors, so typos do not pass silently.
+    /// Reads the layers (defaults < file < environment < flags) and validates the result.
+    pub fn load(sources: &drover_config::Sources) -> Result<(Self, drover_config::Layered), ConfigError> {
+        let layered = drover_config::Layered::load::<Self>(sources, &[])?;
+        let config: Self = layered.extract()?;
+        config.validate()?;
+        Ok((config, layered))
+    }
+
+    /// Reads a TOML file alone (defaults below it); unknown keys are errors.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.to_path_buf(), message: e.to_string() })
+        let sources = drover_config::Sources { file: Some(path.to_path_buf()), ..Default::default() };
+        Ok(Self::load(&sources)?.0)
+    }
+
+    /// The settings of one backend: its overrides over `[defaults]`.
+    pub fn backend(&self, name: &str) -> BackendSettings {
+        let mut s = self.defaults.clone();
+        if let Some(o) = self.backends.get(name) {
+            s.agent_call_timeout = o.agent_call_timeout.unwrap_or(s.agent_call_timeout);
+            s.failed_site_timeout = o.failed_site_timeout.unwrap_or(s.failed_site_timeout);
+            s.probe_timeout = o.probe_timeout.unwrap_or(s.probe_timeout);
+            s.sync_timeout = o.sync_timeout.unwrap_or(s.sync_timeout);
+        }
+        s
     }
 
     /// Checks values that parse but make no sense.
@@ -127,6 +187,20 @@ impl OrchestratorConfig {
         }
         if self.volume_parallelism == 0 {
             return Err(ConfigError::Invalid("`volume_parallelism` must be at least 1".into()));
+        }
+        for name in std::iter::once("defaults").chain(self.backends.keys().map(String::as_str)) {
+            let s = if name == "defaults" { self.defaults.clone() } else { self.backend(name) };
+            for (key, d) in [
+                ("agent_call_timeout", s.agent_call_timeout),
+                ("failed_site_timeout", s.failed_site_timeout),
+                ("probe_timeout", s.probe_timeout),
+                ("sync_timeout", s.sync_timeout),
+            ] {
+                if d.is_zero() {
+                    let table = if name == "defaults" { "defaults".to_string() } else { format!("backends.{name}") };
+                    return Err(ConfigError::Invalid(format!("`{table}.{key}` must be longer than 0s")));
+                }
+            }
         }
         Ok(())
     }
@@ -157,5 +231,49 @@ mod tests {
         std::fs::write(&path, "[store]\nkind = \"etcd\"\ntimeout = \"2s\"\n").unwrap();
         let cfg = OrchestratorConfig::from_file(&path).unwrap();
         assert_eq!((cfg.store.kind, cfg.store.timeout), (StoreKind::Etcd, Duration::from_secs(2)));
+    }
+}
+
+#[cfg(test)]
+mod layering_tests {
+    use super::*;
+
+    #[test]
+    fn backend_tables_inherit_defaults_and_override_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.toml");
+        std::fs::write(
+            &path,
+            "[defaults]\nagent_call_timeout = \"40s\"\nprobe_timeout = \"1s\"\n\
+             [backends.slow]\nagent_call_timeout = \"2m\"\n",
+        )
+        .unwrap();
+        let cfg = OrchestratorConfig::from_file(&path).unwrap();
+        let slow = cfg.backend("slow");
+        assert_eq!(slow.agent_call_timeout, Duration::from_secs(120));
+        assert_eq!(slow.probe_timeout, Duration::from_secs(1), "unset keys inherit [defaults]");
+        assert_eq!(cfg.backend("other").agent_call_timeout, Duration::from_secs(40));
+        assert_eq!(cfg.backend("other").sync_timeout, BackendSettings::default().sync_timeout);
+
+        std::fs::write(&path, "[backends.slow]\nagent_call_timout = \"2m\"\n").unwrap();
+        let err = OrchestratorConfig::from_file(&path).unwrap_err().to_string();
+        assert!(err.contains("agent_call_timout"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_say_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("o.toml");
+        std::fs::write(&path, "[store]\nkind = \"embedded\"\n").unwrap();
+        let sources = drover_config::Sources { file: Some(path), ..Default::default() }
+            .with_sets(&["store.kind=etcd".into(), "defaults.probe_timeout=5s".into()])
+            .unwrap();
+        let (cfg, layered) = OrchestratorConfig::load(&sources).unwrap();
+        assert_eq!(cfg.store.kind, StoreKind::Etcd);
+        assert_eq!(cfg.defaults.probe_timeout, Duration::from_secs(5));
+        assert_eq!(layered.origin("store.kind"), "flag");
+        assert_eq!(layered.origin("listen"), "default");
+        let bad = drover_config::Sources::default().with_sets(&["store.kind".into()]).unwrap_err();
+        assert!(bad.to_string().contains("KEY=VALUE"), "{bad}");
     }
 }

@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod config;
 pub mod error;
+pub mod launch;
 pub mod model;
 pub mod repo;
 pub mod service;

@@ -3,7 +3,7 @@
 //! The orchestrator holds the store as `Arc<dyn KvStore>`. Two implementations exist:
 //! [`EtcdStore`] for production and HA, and [`EmbeddedStore`], a durable single-node store
 //! on redb with the same revision semantics. [`Prefixed`] confines a store to a key prefix,
-//! and [`conformance`] is the suite both implementations must pass.
+//! and `conformance` (feature `testing`) is the suite both implementations must pass.
 //!
 //! Semantics follow etcd: every committed write bumps one store-wide revision; a key
 //! carries the revision that created it and the one that last modified it; a transaction
@@ -13,6 +13,7 @@ mod embedded;
 mod etcd;
 mod prefixed;
 
+#[cfg(feature = "testing")]
 pub mod conformance;
 
 use std::pin::Pin;

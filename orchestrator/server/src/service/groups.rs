@@ -9,7 +9,7 @@ use drover_store::{Compare, Txn, TxnOp};
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use super::volumes::writable_backend;
+use super::shared::{group_type, writable_backend};
 use crate::error::{ApiError, ApiResult, raced};
 use crate::model::{GroupRec, GroupTypeRec, VolumeRec, keys, now_ms, replication_status, volume_status};
 use crate::repo::{Versioned, put, validate_name};
@@ -30,19 +30,6 @@ pub async fn seed_group_types(core: &Core) -> ApiResult<()> {
         core.repo.txn(Txn::new().when(Compare::Absent(key.clone().into_bytes())).and_then(put(&key, &t))).await?;
     }
     Ok(())
-}
-
-/// Loads a group type by name.
-pub async fn group_type(core: &Core, name: &str) -> ApiResult<GroupTypeRec> {
-    validate_name("group_type", name)?;
-    Ok(core
-        .repo
-        .get::<GroupTypeRec>(&keys::group_type(name))
-        .await?
-        .ok_or_else(|| {
-            ApiError::NotFound(format!("group type {name:?} not found; list them with `drover group-type list`"))
-        })?
-        .rec)
 }
 
 impl GroupApi {
@@ -273,8 +260,8 @@ impl pb::group_service_server::GroupService for GroupApi {
         let mut out = g.to_pb();
         let s = g.replication_status.as_str();
         if s == replication_status::ENABLED || s == replication_status::FAILED_OVER {
-            let infos = super::replication::volume_infos(&self.core, &g).await?;
-            out.rpo_ms = super::replication::rpo_ms(&infos);
+            let infos = super::shared::volume_infos(&self.core, &g).await?;
+            out.rpo_ms = super::shared::rpo_ms(&infos);
         }
         Ok(Response::new(out))
     }

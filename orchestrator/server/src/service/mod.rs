@@ -2,6 +2,7 @@
 
 pub mod groups;
 pub mod replication;
+pub mod shared;
 pub mod sites;
 pub mod version;
 pub mod volumes;
@@ -21,6 +22,6 @@ pub struct Core {
 
 impl Core {
     pub fn new(repo: Repo, config: OrchestratorConfig) -> Arc<Self> {
-        Arc::new(Self { agents: AgentPool::new(repo.clone()), repo, config })
+        Arc::new(Self { agents: AgentPool::new(repo.clone(), config.clone()), repo, config })
     }
 }

@@ -26,11 +26,11 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::Core;
-use super::groups::group_type;
-use super::volumes::writable_backend;
-use crate::agents::ctx;
+use super::shared::writable_backend;
+use super::shared::{group_type, rpo_ms, volume_infos};
+use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult, raced};
-use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, now_ms, replication_status as rs};
+use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
 use crate::repo::{Versioned, put};
 
 /// `drover.v1.ReplicationService`.
@@ -166,7 +166,7 @@ impl ReplicationApi {
         };
         self.core
             .agents
-            .call(backend, self.core.config.sync_timeout, true, |mut c| {
+            .call(backend, Deadline::Sync, true, |mut c| {
                 let req = req.clone();
                 async move { c.sync_group(req).await }
             })
@@ -292,7 +292,7 @@ impl ReplicationApi {
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
         let source_ep = self.endpoint(&source).await;
         let target_ep = self.endpoint(&target).await;
-        let timeout = self.core.config.agent_call_timeout;
+        let timeout = Deadline::Call;
         let scope = format!("group/{}", group.id);
         let params: std::collections::HashMap<String, String> =
             [("sync_interval_ms".to_string(), (group.sync_interval_seconds * 1000).to_string())].into();
@@ -418,7 +418,7 @@ impl ReplicationApi {
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("disable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
-        let timeout = self.core.config.agent_call_timeout;
+        let timeout = Deadline::Call;
         let scope = format!("group/{}", group.id);
         let outcomes = self
             .each_volume(&volumes, |v| {
@@ -545,7 +545,7 @@ impl ReplicationApi {
         let to = op.target.clone();
         let from = group.active_backend.clone();
         let scope = format!("group/{}", group.id);
-        let (timeout, short) = (self.core.config.agent_call_timeout, self.core.config.failed_site_timeout);
+        let (timeout, short) = (Deadline::Call, Deadline::FailedSite);
         let diverged = !group.divergence_point.is_empty();
         let discard = diverged && op.reference == to;
         let mut notes = Vec::new();
@@ -733,12 +733,12 @@ impl ReplicationApi {
         let resp = self
             .core
             .agents
-            .call(&active, self.core.config.sync_timeout, true, |mut c| {
+            .call(&active, Deadline::Sync, true, |mut c| {
                 let req = req.clone();
                 async move { c.sync_group(req).await }
             })
             .await
-            .map_err(|s| super::volumes::from_agent(&active, &format!("sync group {}", g.rec.name), &s))?;
+            .map_err(|s| super::shared::from_agent(&active, &format!("sync group {}", g.rec.name), &s))?;
         Ok(pb::SyncGroupResponse {
             recovery_point_id: resp.recovery_point_id,
             bytes: resp.bytes,
@@ -825,7 +825,13 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
             let regs = self.core.agents.registrations(&b.name).await?;
             let mut up = false;
             for a in &regs {
-                if self.core.agents.probe(&a.endpoint, self.core.config.probe_timeout).await.is_ok() {
+                if self
+                    .core
+                    .agents
+                    .probe(&a.endpoint, self.core.agents.deadline(&b.name, crate::agents::Deadline::Probe))
+                    .await
+                    .is_ok()
+                {
                     up = true;
                     break;
                 }
@@ -848,58 +854,5 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
 
     async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
         Ok(Response::new(self.sync_now(req.into_inner()).await?))
-    }
-}
-
-/// Each volume's replication state, asked of the agent serving it now (all at once, each
-/// with the probe deadline, so a dead site costs one deadline, not one per volume).
-pub async fn volume_infos(core: &Core, g: &GroupRec) -> ApiResult<Vec<pb::VolumeReplicationInfo>> {
-    let timeout = core.config.probe_timeout;
-    let mut asks = Vec::new();
-    for id in &g.volume_ids {
-        let vol = core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
-        let backend = vol.map(|v| v.rec.active_backend).unwrap_or_else(|| g.active_backend.clone());
-        asks.push(async move {
-            let req = apb::GetReplicationInfoRequest { volume_id: id.clone() };
-            let info = core
-                .agents
-                .call(&backend, timeout, false, |mut c| {
-                    let req = req.clone();
-                    async move { c.get_replication_info(req).await }
-                })
-                .await;
-            match info {
-                Ok(i) => pb::VolumeReplicationInfo {
-                    volume_id: id.clone(),
-                    role: match apb::ReplicationRole::try_from(i.role) {
-                        Ok(apb::ReplicationRole::Primary) => "primary".into(),
-                        Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
-                        _ => String::new(),
-                    },
-                    status: i.status,
-                    last_sync_time_ms: i.last_sync_time_ms,
-                    last_sync_duration_ms: i.last_sync_duration_ms,
-                    last_sync_bytes: i.last_sync_bytes,
-                    recovery_point_id: i.recovery_point_id,
-                    error: i.error,
-                },
-                Err(s) => pb::VolumeReplicationInfo {
-                    volume_id: id.clone(),
-                    status: "error".into(),
-                    error: format!("backend {backend}: {}", s.message()),
-                    ..Default::default()
-                },
-            }
-        });
-    }
-    Ok(futures::future::join_all(asks).await)
-}
-
-/// The RPO: the age of the newest recovery point complete on every volume; -1 when a
-/// volume has none or could not be asked.
-pub fn rpo_ms(volumes: &[pb::VolumeReplicationInfo]) -> i64 {
-    match volumes.iter().map(|v| v.last_sync_time_ms).min() {
-        Some(t) if t > 0 => (now_ms() - t).max(0),
-        _ => -1,
     }
 }

@@ -31,7 +31,9 @@ impl SiteApi {
     /// successful probe.
     pub async fn describe(&self, b: &BackendRec) -> ApiResult<pb::Backend> {
         let regs = self.core.agents.registrations(&b.name).await?;
-        let probes = regs.iter().map(|a| self.core.agents.probe(&a.endpoint, self.core.config.probe_timeout));
+        let probes = regs.iter().map(|a| {
+            self.core.agents.probe(&a.endpoint, self.core.agents.deadline(&b.name, crate::agents::Deadline::Probe))
+        });
         let results = futures::future::join_all(probes).await;
         let agents: Vec<pb::AgentStatus> = regs
             .into_iter()

@@ -10,10 +10,11 @@ use std::sync::Arc;
 use drover_proto::agent::v1 as apb;
 use drover_proto::v1 as pb;
 use drover_store::{Compare, Txn, TxnOp};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 
 use super::Core;
-use crate::agents::ctx;
+use super::shared::{agent_refused, from_agent, writable_backend};
+use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult, raced};
 use crate::model::{BackendRec, PendingOp, VolumeRec, keys, now_ms, replication_status, volume_status};
 use crate::repo::{Versioned, put, validate_name, validate_size};
@@ -21,32 +22,6 @@ use crate::repo::{Versioned, put, validate_name, validate_size};
 /// `drover.v1.VolumeService`.
 pub struct VolumeApi {
     pub core: Arc<Core>,
-}
-
-/// Errors from an agent that no retry can fix.
-pub fn agent_refused(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::Unimplemented
-            | Code::OutOfRange
-    )
-}
-
-/// Maps an agent's status into an API error that names the backend.
-pub fn from_agent(backend: &str, what: &str, s: &Status) -> ApiError {
-    let msg = format!("backend {backend} could not {what}: {}", s.message());
-    match s.code() {
-        Code::InvalidArgument | Code::OutOfRange => ApiError::InvalidArgument(msg),
-        Code::NotFound => ApiError::NotFound(msg),
-        Code::AlreadyExists => ApiError::AlreadyExists(msg),
-        Code::FailedPrecondition | Code::Unimplemented => ApiError::FailedPrecondition(msg),
-        Code::Aborted => ApiError::Aborted(format!("{msg}; retry shortly")),
-        _ => ApiError::Unavailable(format!("{msg}; check the agent with `drover backend show {backend}`")),
-    }
 }
 
 /// A volume that belongs to a group is changed through its group.
@@ -58,26 +33,6 @@ fn require_ungrouped(v: &VolumeRec) -> ApiResult<()> {
         "volume {} is in group {}; remove it from the group first (`drover group remove-volumes`)",
         v.name, v.group_id
     )))
-}
-
-/// Loads a backend that must accept management changes.
-pub async fn writable_backend(core: &Core, name: &str, capability: &str) -> ApiResult<BackendRec> {
-    validate_name("backend", name)?;
-    let b = core.repo.get::<BackendRec>(&keys::backend(name)).await?.ok_or_else(|| {
-        ApiError::NotFound(format!("backend {name:?} not found; list backends with `drover backend list`"))
-    })?;
-    if b.rec.frozen {
-        return Err(ApiError::FailedPrecondition(format!(
-            "backend {name} is frozen: management changes are blocked; thaw it with `drover backend thaw {name}`"
-        )));
-    }
-    if !b.rec.capabilities.iter().any(|c| c == capability) {
-        return Err(ApiError::FailedPrecondition(format!(
-            "backend {name} (driver {}) lacks the `{capability}` capability",
-            b.rec.driver
-        )));
-    }
-    Ok(b.rec)
 }
 
 impl VolumeApi {
@@ -164,7 +119,7 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+            .call(&rec.backend, Deadline::Call, true, |mut c| {
                 let req = apb::CreateVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
@@ -213,7 +168,7 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+            .call(&rec.backend, Deadline::Call, true, |mut c| {
                 let req = apb::DeleteVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
@@ -271,7 +226,7 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+            .call(&rec.backend, Deadline::Call, true, |mut c| {
                 let req = apb::ExtendVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
@@ -311,7 +266,7 @@ impl VolumeApi {
         let list = self
             .core
             .agents
-            .call(backend, self.core.config.agent_call_timeout, false, |mut c| async move {
+            .call(backend, Deadline::Call, false, |mut c| async move {
                 c.list_manageable_volumes(apb::ListManageableVolumesRequest {}).await
             })
             .await
@@ -385,7 +340,7 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+            .call(&rec.backend, Deadline::Call, true, |mut c| {
                 let req = apb::ManageVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     reference: op.reference.clone(),
@@ -435,7 +390,7 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, self.core.config.agent_call_timeout, true, |mut c| {
+            .call(&rec.backend, Deadline::Call, true, |mut c| {
                 let req = apb::UnmanageVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
@@ -556,7 +511,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let conn = self
             .core
             .agents
-            .call(&backend, self.core.config.agent_call_timeout, true, |mut c| {
+            .call(&backend, Deadline::Call, true, |mut c| {
                 let req = req.clone();
                 async move { c.attach_volume(req).await }
             })

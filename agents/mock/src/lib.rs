@@ -14,11 +14,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
-use crate::driver::{
+use drover_agent::driver::{
     ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable, Peer,
     ReplicationState, Role, SyncReport, VolumeState, capability,
 };
-use crate::replica::Shipment;
+use drover_agent::replica::Shipment;
 
 /// Mock driver settings (the `[mock]` table of the agent config).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -500,5 +500,32 @@ impl Driver for MockDriver {
             }
         }
         Ok(bytes)
+    }
+}
+
+/// The mock backend, for the list of backends the `drover` binary can drive.
+pub struct MockBackend;
+
+#[async_trait]
+impl drover_agent::launch::Backend for MockBackend {
+    fn name(&self) -> &'static str {
+        "mock"
+    }
+
+    async fn open(
+        &self,
+        config: &drover_config::Layered,
+        _common: &drover_agent::config::AgentConfig,
+    ) -> Result<std::sync::Arc<dyn Driver>, drover_agent::launch::LaunchError> {
+        let mock: MockConfig = config.section("mock")?;
+        for (op, p) in &mock.fail {
+            if !(0.0..=1.0).contains(p) {
+                return Err(drover_config::ConfigError::Invalid(format!(
+                    "mock.fail.{op} = {p} is not a probability in [0, 1]"
+                ))
+                .into());
+            }
+        }
+        Ok(std::sync::Arc::new(MockDriver::new(mock)))
     }
 }

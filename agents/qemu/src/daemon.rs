@@ -13,7 +13,7 @@ use tokio::sync::Mutex;
 
 use super::nbd::NbdAddr;
 use super::qmp::{Qmp, QmpError};
-use crate::driver::DriverError;
+use drover_agent::driver::DriverError;
 
 /// What the daemon needs to know about its environment.
 #[derive(Debug, Clone)]

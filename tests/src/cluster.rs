@@ -1,6 +1,6 @@
 //! Local clusters of real processes: an orchestrator and agents, each a `drover` child
 //! process on 127.0.0.1 with a free port, logging to a file. Children are killed when
-//! dropped. The drill and the integration tests both use this.
+//! dropped.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The line a server prints once it serves; the address follows it.
-pub const READY_MARKER: &str = "listening on ";
+pub use drover_cli::servers::READY_MARKER;
 
 /// A child process, killed and reaped on drop.
 pub struct Proc {
@@ -196,25 +196,12 @@ pub fn start_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server
     args.push("--state-dir".into());
     args.push(dir.join(spec.name).display().to_string());
     if spec.driver == "qemu" {
-        args.push("--pool-dir".into());
-        args.push(dir.join(format!("pool-{}", spec.name)).display().to_string());
+        args.push("--set".into());
+        args.push(format!("qemu.pool_dir={}", dir.join(format!("pool-{}", spec.name)).display()));
     }
     args.extend(spec.extra);
     start(bin, spec.name, dir.join(format!("{}.log", spec.name)), args)
 }
 
-/// Runs `qemu-io` (an NBD client independent of Drover) with commands against `uri`.
-/// Fails when qemu-io fails or a `read -P` finds other data than the pattern.
-pub fn qemu_io(uri: &str, commands: &[String]) -> Result<String, String> {
-    let mut cmd = Command::new("qemu-io");
-    cmd.args(["-f", "raw"]);
-    for c in commands {
-        cmd.arg("-c").arg(c);
-    }
-    let out = cmd.arg(uri).output().map_err(|e| format!("cannot run qemu-io: {e}; install qemu-utils"))?;
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    if !out.status.success() || text.contains("Pattern verification failed") || text.contains("failed") {
-        return Err(format!("qemu-io {commands:?} on {uri}: {}", text.trim()));
-    }
-    Ok(text)
-}
+/// Runs `qemu-io` (an NBD client independent of Drover) against a URI: the drill's helper.
+pub use drover_cli::drill::qemu_io;

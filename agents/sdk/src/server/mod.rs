@@ -1,18 +1,23 @@
-//! The agent's gRPC service: every mutation goes through [`AgentService::guarded`], which
-//! fences by epoch, deduplicates by op_id and admits one mutation per volume or group.
+//! The agent's gRPC server: `drover.agent.v1.Agent` and `Replica`, health and reflection.
+//! Every mutation goes through [`AgentService::guarded`] (see [`guard`]), which fences by
+//! epoch, deduplicates by op_id and admits one mutation per volume or group.
+
+mod convert;
+mod guard;
+mod scheduler;
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use drover_proto::agent::v1 as pb;
 use drover_proto::agent::v1::agent_server::{Agent, AgentServer};
-use tonic::{Code, Request, Response, Status};
-use tracing::Instrument;
+use tonic::{Request, Response, Status};
 
-use crate::driver::{Driver, DriverError, EnableSpec, Peer, ReplicationState, Role, VolumeState};
-use crate::ledger::{Ledger, Outcome};
+use crate::driver::{Driver, EnableSpec, Peer, Role};
+use crate::ledger::Ledger;
+use convert::{driver_err, replication_info, require, size, volume_info};
+use scheduler::run_scheduler;
 
 /// The agent's implementation of `drover.agent.v1.Agent`.
 pub struct AgentService {
@@ -20,203 +25,6 @@ pub struct AgentService {
     ledger: Ledger,
     /// Volume or group id to the op_id of the mutation running on it.
     in_flight: Arc<Mutex<HashMap<String, String>>>,
-}
-
-/// Releases an in-flight claim when the operation ends, however it ends.
-struct Claim {
-    map: Arc<Mutex<HashMap<String, String>>>,
-    target: String,
-}
-
-impl Drop for Claim {
-    fn drop(&mut self) {
-        self.map.lock().expect("in-flight map poisoned").remove(&self.target);
-    }
-}
-
-fn ledger_status(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
-
-/// Errors worth remembering for an op_id: retrying them cannot succeed. Transient ones
-/// (Unavailable, Internal) are not recorded, so a retry runs the operation again.
-fn is_terminal(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition | Code::Unimplemented
-    )
-}
-
-fn require(field: &str, value: &str) -> Result<(), Status> {
-    if value.trim().is_empty() {
-        return Err(Status::invalid_argument(format!("`{field}` is required")));
-    }
-    Ok(())
-}
-
-fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, Status> {
-    let ctx =
-        ctx.ok_or_else(|| Status::invalid_argument("`ctx` (op_id, epoch, fence_scope) is required on every mutation"))?;
-    require("ctx.op_id", &ctx.op_id)?;
-    if ctx.epoch == 0 {
-        return Err(Status::invalid_argument("`ctx.epoch` must be positive"));
-    }
-    if !(ctx.fence_scope.starts_with("group/") || ctx.fence_scope.starts_with("volume/")) || ctx.fence_scope.len() < 7 {
-        return Err(Status::invalid_argument(format!(
-            "`ctx.fence_scope` must be group/<id> or volume/<id>, got {:?}",
-            ctx.fence_scope
-        )));
-    }
-    Ok(ctx)
-}
-
-fn size(field: &str, v: i64) -> Result<u64, Status> {
-    u64::try_from(v)
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| Status::invalid_argument(format!("`{field}` must be positive, got {v}")))
-}
-
-fn volume_info(v: VolumeState) -> pb::VolumeInfo {
-    pb::VolumeInfo {
-        volume_id: v.volume_id,
-        size_bytes: v.size_bytes as i64,
-        replication_role: v.role.map(|r| r.as_str().to_string()).unwrap_or_default(),
-    }
-}
-
-fn role_to_pb(role: Option<Role>) -> i32 {
-    match role {
-        None => pb::ReplicationRole::Unspecified as i32,
-        Some(Role::Primary) => pb::ReplicationRole::Primary as i32,
-        Some(Role::Secondary) => pb::ReplicationRole::Secondary as i32,
-    }
-}
-
-fn replication_info(volume_id: String, s: ReplicationState) -> pb::ReplicationInfo {
-    pb::ReplicationInfo {
-        volume_id,
-        role: role_to_pb(s.role),
-        status: s.status,
-        last_sync_time_ms: s.last_sync_time_ms,
-        last_sync_duration_ms: s.last_sync_duration_ms,
-        last_sync_bytes: s.last_sync_bytes,
-        recovery_point_id: s.recovery_point_id,
-        error: s.error,
-    }
-}
-
-impl AgentService {
-    /// A service over `driver`, with its ledger.
-    pub fn new(driver: Arc<dyn Driver>, ledger: Ledger) -> Self {
-        Self { driver, ledger, in_flight: Arc::new(Mutex::new(HashMap::new())) }
-    }
-
-    /// Runs one mutation under fencing, idempotency and the one-at-a-time rule.
-    ///
-    /// Order matters: the target is claimed first (a second mutation gets ABORTED); then
-    /// the epoch is checked and raised, so a stale owner learns it is stale even for an op
-    /// it already ran; then a recorded outcome is replayed; only then is the driver called.
-    async fn guarded<M, F, Fut>(
-        &self,
-        ctx: Option<pb::OpContext>,
-        target: &str,
-        op: &str,
-        f: F,
-    ) -> Result<Response<M>, Status>
-    where
-        M: prost::Message + Default,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<M, DriverError>>,
-    {
-        let ctx = validate_ctx(ctx)?;
-        let span = tracing::info_span!("mutation", op, target, op_id = %ctx.op_id, epoch = ctx.epoch, scope = %ctx.fence_scope);
-        self.guarded_in_span(ctx, target, f).instrument(span).await
-    }
-
-    async fn guarded_in_span<M, F, Fut>(&self, ctx: pb::OpContext, target: &str, f: F) -> Result<Response<M>, Status>
-    where
-        M: prost::Message + Default,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<M, DriverError>>,
-    {
-        // The claim comes first: admitting the epoch and running under it are then one
-        // step for this target, so a stale caller admitted earlier can never run after a
-        // newer owner's call on the same volume or group.
-        let _claim = {
-            let mut map = self.in_flight.lock().expect("in-flight map poisoned");
-            if let Some(running) = map.get(target) {
-                return Err(Status::aborted(format!(
-                    "{target} has operation {running} in flight; retry after it finishes"
-                )));
-            }
-            map.insert(target.to_string(), ctx.op_id.clone());
-            Claim { map: self.in_flight.clone(), target: target.to_string() }
-        };
-        let ledger = self.ledger.clone();
-        let (scope, epoch) = (ctx.fence_scope.clone(), ctx.epoch);
-        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
-            .await
-            .map_err(ledger_status)?
-            .map_err(ledger_status)?;
-        if let Err(stale) = verdict {
-            return Err(Status::failed_precondition(format!(
-                "stale epoch {} for {}: this agent has seen epoch {}; the caller no longer owns this operation",
-                stale.presented, stale.scope, stale.highest
-            )));
-        }
-        if let Some(outcome) = self.recorded(&ctx.op_id).await? {
-            tracing::debug!("replaying recorded outcome");
-            return replay(outcome);
-        }
-        let result = f().await;
-        let outcome = match &result {
-            Ok(resp) => Some(Outcome { code: 0, message: String::new(), response: resp.encode_to_vec() }),
-            Err(e) => {
-                let status = e.to_status();
-                is_terminal(status.code()).then(|| Outcome {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
-                    response: Vec::new(),
-                })
-            }
-        };
-        if let Some(outcome) = outcome {
-            let ledger = self.ledger.clone();
-            let op_id = ctx.op_id.clone();
-            tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome))
-                .await
-                .map_err(ledger_status)?
-                .map_err(ledger_status)?;
-        }
-        match result {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(e) => {
-                tracing::warn!(error = %e, "driver call failed");
-                Err(e.to_status())
-            }
-        }
-    }
-
-    async fn recorded(&self, op_id: &str) -> Result<Option<Outcome>, Status> {
-        let ledger = self.ledger.clone();
-        let op_id = op_id.to_string();
-        tokio::task::spawn_blocking(move || ledger.outcome(&op_id)).await.map_err(ledger_status)?.map_err(ledger_status)
-    }
-}
-
-fn replay<M: prost::Message + Default>(outcome: Outcome) -> Result<Response<M>, Status> {
-    if outcome.code == 0 {
-        M::decode(outcome.response.as_slice())
-            .map(Response::new)
-            .map_err(|e| Status::internal(format!("recorded response is corrupt: {e}")))
-    } else {
-        Err(Status::new(Code::from_i32(outcome.code), outcome.message))
-    }
-}
-
-fn driver_err(e: DriverError) -> Status {
-    e.to_status()
 }
 
 #[tonic::async_trait]
@@ -547,38 +355,4 @@ pub async fn serve(
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
     Ok(RunningAgent { local_addr, handle })
-}
-
-/// Runs each replicated group's periodic sync on the primary side, so the RPO holds even
-/// while no orchestrator is up. The driver serialises syncs of one group.
-async fn run_scheduler(driver: Arc<dyn Driver>, shutdown: tokio_util::sync::CancellationToken) {
-    let mut last: HashMap<String, tokio::time::Instant> = HashMap::new();
-    let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => {}
-        }
-        running.retain(|_, h| !h.is_finished());
-        let now = tokio::time::Instant::now();
-        for (group, interval) in driver.sync_schedule() {
-            // A group's first point is taken when replication is enabled; the clock starts now.
-            let since = *last.entry(group.clone()).or_insert(now);
-            if now.duration_since(since) < interval || running.contains_key(&group) {
-                continue;
-            }
-            last.insert(group.clone(), now);
-            let d = driver.clone();
-            let g = group.clone();
-            running.insert(
-                group,
-                tokio::spawn(async move {
-                    match d.sync_group(&g, false, None).await {
-                        Ok(r) => tracing::info!(group = %g, rp = %r.recovery_point_id, bytes = r.bytes, ms = r.duration_ms, "periodic sync"),
-                        Err(e) => tracing::warn!(group = %g, error = %e, "periodic sync failed; will retry at the next interval"),
-                    }
-                }),
-            );
-        }
-    }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 use tokio::process::Command;
 
-use crate::driver::DriverError;
+use drover_agent::driver::DriverError;
 
 /// One extent of `qemu-img map --output=json`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

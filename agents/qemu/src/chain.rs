@@ -1,0 +1,101 @@
+//! Block-graph plumbing: opening a volume's chain of qcow2 layers in the daemon,
+//! exporting it over NBD, closing it, restoring everything after a daemon restart, block
+//! jobs, and keeping replica chains short.
+
+use super::*;
+
+impl QemuDriver {
+    /// Opens a volume's chain in the daemon and, when it serves writes, exports it.
+    pub(crate) async fn open_chain(&self, id: &str, v: &Vol) -> Result<(), DriverError> {
+        let d = self.daemon();
+        let mut below: Option<String> = None;
+        for l in &v.layers {
+            let backing = below.as_deref().map_or(commands::Backing::None, commands::Backing::Node);
+            d.add_qcow2(&node(v, l.seq), &self.layer_path(id, l.seq), backing, true).await?;
+            below = Some(node(v, l.seq));
+        }
+        if v.writable() {
+            self.export(id, v).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn export(&self, id: &str, v: &Vol) -> Result<(), DriverError> {
+        self.daemon().add_export(&export_id(v), &node(v, v.top().seq), id, true).await
+    }
+
+    pub(crate) async fn unexport(&self, v: &Vol) -> Result<(), DriverError> {
+        self.daemon().remove_export(&export_id(v)).await?;
+        // The export goes away asynchronously; wait until its node is free.
+        for _ in 0..100 {
+            if !self.daemon().export_ids().await?.contains(&export_id(v)) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Err(DriverError::Unavailable(format!("export of volume index {} did not go away", v.index)))
+    }
+
+    /// Removes a volume's exports and nodes from the daemon (files stay).
+    pub(crate) async fn close_chain(&self, v: &Vol) -> Result<(), DriverError> {
+        self.unexport(v).await?;
+        for l in v.layers.iter().rev() {
+            self.daemon().remove_node(&node(v, l.seq)).await?;
+        }
+        Ok(())
+    }
+
+    /// Re-creates nodes and exports after a (re)start of the daemon.
+    pub(crate) async fn restore(&self) {
+        let st = self.snapshot_state();
+        for (id, v) in &st.volumes {
+            if v.role == Some(Role::Secondary) || v.layers.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.open_chain(id, v).await {
+                tracing::error!(volume = %id, error = %e, "cannot restore volume in qemu-storage-daemon");
+            }
+        }
+    }
+
+    /// Runs a block job to its end and reports its error, if any.
+    pub(crate) async fn wait_job(&self, job: &str) -> Result<(), DriverError> {
+        loop {
+            let Some(j) = self.daemon().job(job).await? else {
+                return Ok(());
+            };
+            if j.status == "concluded" {
+                self.daemon().dismiss_job(job).await?;
+                if let Some(err) = j.error {
+                    return Err(DriverError::Internal(format!("block job {job} failed: {err}")));
+                }
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Keeps a replica chain at two layers: merges the oldest point above the base into
+    /// the base. Every step leaves the newest point readable.
+    pub(crate) async fn shorten_replica(&self, id: &str) -> Result<(), DriverError> {
+        loop {
+            let v = self.vol(id)?;
+            if v.layers.len() <= 2 || v.role != Some(Role::Secondary) {
+                return Ok(());
+            }
+            let (base, mid, above) = (v.layers[0].seq, v.layers[1].seq, v.layers[2].seq);
+            image::commit(&self.layer_path(id, mid)).await?;
+            image::rebase_unsafe(&self.layer_path(id, above), &self.layer_path(id, base)).await?;
+            let mid_layer = v.layers[1].clone();
+            self.update(|st| {
+                let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                sv.layers[0].rp = mid_layer.rp.clone();
+                sv.layers[0].rp_created_ms = mid_layer.rp_created_ms;
+                sv.layers.retain(|l| l.seq != mid);
+                Ok(())
+            })
+            .await?;
+            let _ = std::fs::remove_file(self.layer_path(id, mid));
+        }
+    }
+}

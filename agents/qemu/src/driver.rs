@@ -1,0 +1,417 @@
+//! The `Driver` implementation: each method checks the volume's role and state, then uses
+//! the chain, source and target plumbing.
+
+use super::*;
+
+#[async_trait]
+impl Driver for QemuDriver {
+    fn name(&self) -> &str {
+        "qemu"
+    }
+
+    fn version(&self) -> &str {
+        env!("CARGO_PKG_VERSION")
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        [
+            capability::VOLUME,
+            capability::EXTEND,
+            capability::REPLICATION,
+            capability::MANAGE_EXISTING,
+            capability::ATTACH,
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    async fn probe(&self) -> Result<(), DriverError> {
+        self.daemon().ping().await
+    }
+
+    async fn create_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError> {
+        if let Ok(v) = self.vol(volume_id) {
+            return if v.size_bytes == size_bytes {
+                Ok(Self::view(volume_id, &v))
+            } else {
+                Err(DriverError::AlreadyExists(format!(
+                    "volume {volume_id} already exists with {} bytes",
+                    v.size_bytes
+                )))
+            };
+        }
+        std::fs::create_dir_all(self.vol_dir(volume_id)).map_err(|e| io("volume dir", e))?;
+        image::create(&self.layer_path(volume_id, 0), size_bytes, None).await?;
+        self.add_volume(volume_id, size_bytes).await
+    }
+
+    async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        if self.close_unreplicated(volume_id).await?.is_none() {
+            return Ok(());
+        }
+        self.update(|st| {
+            st.volumes.remove(volume_id);
+            Ok(())
+        })
+        .await?;
+        let _ = std::fs::remove_dir_all(self.vol_dir(volume_id));
+        Ok(())
+    }
+
+    async fn extend_volume(&self, volume_id: &str, new_size_bytes: u64) -> Result<VolumeState, DriverError> {
+        let v = self.vol(volume_id)?;
+        if new_size_bytes < v.size_bytes {
+            return Err(DriverError::InvalidArgument(format!(
+                "new size {new_size_bytes} is smaller than the current {}; volumes only grow",
+                v.size_bytes
+            )));
+        }
+        if v.role.is_some() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is replicated; disable replication to extend it"
+            )));
+        }
+        // An NBD export does not share the resize permission: take the export down for the
+        // resize (clients reconnect), then bring it back at the new size.
+        self.unexport(&v).await?;
+        let resized = self.daemon().resize(&node(&v, v.top().seq), new_size_bytes).await;
+        self.export(volume_id, &v).await?;
+        resized?;
+        let v = self
+            .update(|st| {
+                let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;
+                sv.size_bytes = new_size_bytes;
+                Ok(sv.clone())
+            })
+            .await?;
+        Ok(Self::view(volume_id, &v))
+    }
+
+    async fn get_volume(&self, volume_id: &str) -> Result<VolumeState, DriverError> {
+        self.vol(volume_id).map(|v| Self::view(volume_id, &v))
+    }
+
+    async fn create_group_snapshot(
+        &self,
+        _snapshot_id: &str,
+        _volume_ids: &[String],
+    ) -> Result<GroupSnapshotInfo, DriverError> {
+        Err(DriverError::Unsupported(
+            "the qemu backend takes crash-consistent group snapshots only as replication recovery points".into(),
+        ))
+    }
+
+    async fn delete_snapshot(&self, _snapshot_id: &str) -> Result<(), DriverError> {
+        Err(DriverError::Unsupported("the qemu backend has no user snapshots".into()))
+    }
+
+    async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError> {
+        let v = self.vol(volume_id)?;
+        if !v.writable() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is a secondary replica here; promote it first"
+            )));
+        }
+        Ok(Connection { driver_volume_type: "nbd".into(), uri: self.daemon().nbd().uri(volume_id) })
+    }
+
+    async fn detach_volume(&self, _volume_id: &str) -> Result<(), DriverError> {
+        Ok(())
+    }
+
+    async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError> {
+        let mut out = Vec::new();
+        let entries = std::fs::read_dir(&self.pool).map_err(|e| io("pool listing", e))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("qcow2") || !path.is_file() {
+                continue;
+            }
+            let reference = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+            let shared = image::info(&path, true).await;
+            let (size, mut reason) = match &shared {
+                Ok(i) if i["format"] != "qcow2" => (0, format!("format is {}, not qcow2", i["format"])),
+                Ok(i) if i.get("backing-filename").is_some() => {
+                    (i["virtual-size"].as_u64().unwrap_or(0), "it has a backing file; flatten it first".to_string())
+                }
+                Ok(i) => (i["virtual-size"].as_u64().unwrap_or(0), String::new()),
+                Err(e) => (0, format!("unreadable: {e}")),
+            };
+            if reason.is_empty() && image::info(&path, false).await.is_err() {
+                reason = "it is in use by another process".into();
+            }
+            out.push(Manageable {
+                reference,
+                size_bytes: size,
+                safe_to_manage: reason.is_empty(),
+                reason_not_safe: reason,
+            });
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError> {
+        if let Ok(v) = self.vol(volume_id) {
+            return Ok(Self::view(volume_id, &v));
+        }
+        if reference.contains('/') || reference.starts_with('.') {
+            return Err(DriverError::InvalidArgument(format!(
+                "reference {reference:?} is not a file name in the pool"
+            )));
+        }
+        let src = self.pool.join(format!("{reference}.qcow2"));
+        let found = self.list_manageable().await?.into_iter().find(|m| m.reference == reference);
+        let Some(m) = found else {
+            return Err(DriverError::NotFound(format!(
+                "no unmanaged volume {reference} in pool {}",
+                self.pool.display()
+            )));
+        };
+        if !m.safe_to_manage {
+            return Err(DriverError::FailedPrecondition(format!(
+                "{reference} is not safe to manage: {}",
+                m.reason_not_safe
+            )));
+        }
+        std::fs::create_dir_all(self.vol_dir(volume_id)).map_err(|e| io("volume dir", e))?;
+        std::fs::rename(&src, self.layer_path(volume_id, 0)).map_err(|e| io("moving the image into the pool", e))?;
+        fsync_dir(&self.pool)?;
+        self.add_volume(volume_id, m.size_bytes).await
+    }
+
+    async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        let Some(v) = self.close_unreplicated(volume_id).await? else { return Ok(()) };
+        // Flatten into the bottom layer so the file stands alone.
+        for l in v.layers.iter().skip(1).rev() {
+            image::commit(&self.layer_path(volume_id, l.seq)).await?;
+        }
+        let dest = self.pool.join(format!("{volume_id}.qcow2"));
+        std::fs::rename(self.layer_path(volume_id, v.layers[0].seq), &dest)
+            .map_err(|e| io("moving the image out", e))?;
+        self.update(|st| {
+            st.volumes.remove(volume_id);
+            Ok(())
+        })
+        .await?;
+        let _ = std::fs::remove_dir_all(self.vol_dir(volume_id));
+        Ok(())
+    }
+
+    async fn enable_replication(&self, spec: &EnableSpec) -> Result<(), DriverError> {
+        let interval_ms = 30_000;
+        let peer = PeerRec { backend: spec.peer.backend.clone(), endpoint: spec.peer.endpoint.clone() };
+        match (spec.role, self.vol(&spec.volume_id)) {
+            (Role::Primary, Err(_)) => Err(not_found(&spec.volume_id)),
+            (role, Ok(v)) if v.role.is_some() && v.role != Some(role) => Err(DriverError::FailedPrecondition(format!(
+                "volume {} is already replicated as {}",
+                spec.volume_id,
+                v.role.map_or("", Role::as_str)
+            ))),
+            (Role::Primary, Ok(_)) => {
+                self.update(|st| {
+                    let v = st.volumes.get_mut(&spec.volume_id).ok_or_else(|| not_found(&spec.volume_id))?;
+                    v.role = Some(Role::Primary);
+                    v.group_id = spec.group_id.clone();
+                    v.peer = Some(peer);
+                    v.interval_ms = spec.interval_ms.unwrap_or(interval_ms);
+                    Ok(())
+                })
+                .await
+            }
+            (Role::Secondary, Ok(_)) => Ok(()),
+            (Role::Secondary, Err(_)) => {
+                std::fs::create_dir_all(self.vol_dir(&spec.volume_id)).map_err(|e| io("replica dir", e))?;
+                self.update(|st| {
+                    let mut v = Vol::new(st.next_index, spec.size_bytes, Vec::new(), Some(Role::Secondary));
+                    v.group_id = spec.group_id.clone();
+                    v.peer = Some(peer);
+                    v.interval_ms = spec.interval_ms.unwrap_or(interval_ms);
+                    st.next_index += 1;
+                    st.volumes.insert(spec.volume_id.clone(), v);
+                    Ok(())
+                })
+                .await
+            }
+        }
+    }
+
+    async fn disable_replication(&self, volume_id: &str) -> Result<(), DriverError> {
+        let _g = self.lock_for(volume_id).await;
+        let Ok(v) = self.vol(volume_id) else { return Ok(()) };
+        match v.role {
+            None => Ok(()),
+            Some(Role::Primary) => {
+                self.update(|st| {
+                    let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;
+                    sv.role = None;
+                    sv.peer = None;
+                    sv.group_id.clear();
+                    for l in &mut sv.layers {
+                        l.acked = false;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Some(Role::Secondary) => {
+                self.update(|st| {
+                    st.volumes.remove(volume_id);
+                    Ok(())
+                })
+                .await?;
+                let _ = std::fs::remove_dir_all(self.vol_dir(volume_id));
+                Ok(())
+            }
+        }
+    }
+
+    async fn promote(&self, volume_id: &str, force: bool) -> Result<Option<String>, DriverError> {
+        let _g = self.lock_for(volume_id).await;
+        let v = self.vol(volume_id)?;
+        match v.role {
+            None => {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {volume_id} is not replicated; enable replication first"
+                )));
+            }
+            Some(Role::Primary) => return Ok(None),
+            Some(Role::Secondary) => {}
+        }
+        let Some(top) = v.layers.last().cloned() else {
+            return Err(DriverError::FailedPrecondition(format!(
+                "replica of {volume_id} has no complete recovery point yet; wait for the initial sync"
+            )));
+        };
+        if !force && !v.peer_demoted {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is a healthy secondary whose primary was not demoted; fail over as planned (final sync) or promote with force"
+            )));
+        }
+        let seq = top.seq + 1;
+        image::create(&self.layer_path(volume_id, seq), v.size_bytes, Some(&self.layer_path(volume_id, top.seq)))
+            .await?;
+        let v = self
+            .update(|st| {
+                let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;
+                // Every point of a replica came from the peer, so the peer holds it.
+                for l in &mut sv.layers {
+                    l.acked = l.rp.is_some();
+                }
+                sv.layers.push(Layer { seq, rp: None, acked: false, rp_created_ms: 0 });
+                sv.role = Some(Role::Primary);
+                sv.demoted = false;
+                sv.peer_demoted = false;
+                sv.discard_allowed = false;
+                Ok(sv.clone())
+            })
+            .await?;
+        self.open_chain(volume_id, &v).await?;
+        Ok(force.then(|| top.rp.clone().unwrap_or_default()))
+    }
+
+    async fn demote(&self, volume_id: &str) -> Result<(), DriverError> {
+        let _g = self.lock_for(volume_id).await;
+        let v = self.vol(volume_id)?;
+        match v.role {
+            None => {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {volume_id} is not replicated; enable replication first"
+                )));
+            }
+            Some(Role::Secondary) => return Ok(()),
+            Some(Role::Primary) => {}
+        }
+        self.close_chain(&v).await?;
+        // An active layer with nothing in it carries no changes: drop it. Anything else
+        // stays, unsynced, until an operator chooses to discard it (resync).
+        let active = v.top().seq;
+        let changed = image::map(&self.layer_path(volume_id, active)).await?.iter().any(|e| e.depth == 0 && e.present);
+        self.update(|st| {
+            let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;
+            if !changed {
+                sv.layers.retain(|l| l.seq != active);
+            }
+            sv.role = Some(Role::Secondary);
+            sv.demoted = true;
+            sv.peer_demoted = false;
+            Ok(())
+        })
+        .await?;
+        if !changed {
+            let _ = std::fs::remove_file(self.layer_path(volume_id, active));
+        }
+        Ok(())
+    }
+
+    async fn resync(&self, volume_id: &str) -> Result<bool, DriverError> {
+        let v = self.vol(volume_id)?;
+        if v.role != Some(Role::Secondary) || !v.demoted {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is not demoted; demote it before a resync"
+            )));
+        }
+        self.update(|st| {
+            let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;
+            sv.discard_allowed = true;
+            Ok(())
+        })
+        .await?;
+        Ok(true)
+    }
+
+    async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError> {
+        let v = self.vol(volume_id)?;
+        let rp = match v.role {
+            Some(Role::Secondary) => v.layers.last().and_then(|l| l.rp.clone()),
+            _ => v.acked_index().and_then(|i| v.layers[i].rp.clone()),
+        };
+        let status = match (&v.role, v.last.error.is_empty()) {
+            (None, _) => String::new(),
+            (_, true) => "healthy".into(),
+            (_, false) if rp.is_some() => "degraded".into(),
+            (_, false) => "error".into(),
+        };
+        Ok(ReplicationState {
+            role: v.role,
+            status,
+            last_sync_time_ms: v.last.rp_created_ms,
+            last_sync_duration_ms: v.last.duration_ms as i64,
+            last_sync_bytes: v.last.bytes as i64,
+            recovery_point_id: rp.unwrap_or_default(),
+            error: v.last.error.clone(),
+        })
+    }
+
+    async fn sync_group(
+        &self,
+        group_id: &str,
+        final_sync: bool,
+        peer_endpoint: Option<&str>,
+    ) -> Result<SyncReport, DriverError> {
+        let lock = self.group_lock(group_id);
+        let _g = lock.lock().await;
+        self.do_sync(group_id, final_sync, peer_endpoint).await
+    }
+
+    async fn apply_recovery_point(
+        &self,
+        header: ApplyHeader,
+        mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
+    ) -> Result<u64, DriverError> {
+        let lock = self.group_lock(&header.group_id);
+        let _g = lock.lock().await;
+        self.do_apply(&header, &mut incoming).await
+    }
+
+    fn sync_schedule(&self) -> Vec<(String, Duration)> {
+        let st = self.state.lock().expect("state poisoned");
+        let mut out: BTreeMap<String, Duration> = BTreeMap::new();
+        for v in st.volumes.values() {
+            if v.role == Some(Role::Primary) && !v.demoted && v.peer.is_some() && !v.group_id.is_empty() {
+                out.insert(v.group_id.clone(), Duration::from_millis(v.interval_ms.max(1000)));
+            }
+        }
+        out.into_iter().collect()
+    }
+}

@@ -1,0 +1,255 @@
+//! The qemu driver: volumes are qcow2 chains served by a supervised qemu-storage-daemon.
+//!
+//! # Layout
+//!
+//! A managed volume lives in `<pool>/volumes/<id>/` as a chain of layers `L<n>.qcow2`.
+//! Anything else ending in `.qcow2` at the top of the pool is a manageable volume. The
+//! driver's state (every volume's chain, role and sync record) is one JSON file, replaced
+//! atomically (write, fsync, rename, fsync directory) on every change, so a group's
+//! volumes always switch recovery points together.
+//!
+//! # Replication
+//!
+//! On the primary, the top layer is the active overlay that the writable NBD export
+//! writes into, and the layer below it holds the last recovery point the peer
+//! acknowledged. A sync:
+//!
+//! 1. creates an empty overlay per volume and records it (intent first: an empty overlay
+//!    on top changes nothing if the next step never happens);
+//! 2. in one QMP `transaction` of `blockdev-snapshot` actions, makes every volume's
+//!    overlay the new active layer: the old active layers freeze at one instant, which is
+//!    the crash-consistent recovery point;
+//! 3. ships, per volume, exactly the clusters allocated in the frozen layers above the
+//!    acknowledged one (`qemu-img map`, depth below that layer), read through a read-only
+//!    NBD export of the frozen node, to the peer agent over gRPC;
+//! 4. after the peer's acknowledgement, block-commits the frozen layers into the
+//!    acknowledged one, so the chain is two layers again.
+//!
+//! On the secondary, a recovery point is written into a new `*.partial` overlay on top of
+//! the base point it is relative to (through a writable NBD export of that overlay),
+//! flushed, fsynced and renamed; then one state write switches every volume of the group
+//! to it. A crash before that write leaves the previous point as it was. Old replica
+//! layers are merged offline (`qemu-img commit` and an unsafe rebase onto identical
+//! data) so replica chains stay at most two layers long.
+
+mod chain;
+mod commands;
+mod daemon;
+mod driver;
+mod image;
+mod nbd;
+mod qmp;
+mod source;
+mod state;
+mod target;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use nbd::{NbdAddr, NbdClient};
+
+use daemon::{Daemon, DaemonPaths};
+use drover_agent::driver::{
+    ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
+    ReplicationState, Role, SyncReport, VolumeState, capability,
+};
+use drover_agent::replica::{CHUNK_BYTES, Shipment};
+
+/// NBD reads a source keeps in flight while shipping.
+const READ_DEPTH: usize = 4;
+/// NBD writes a target keeps in flight while applying.
+const WRITE_DEPTH: usize = 4;
+
+/// Qemu driver settings (the `[qemu]` table of the agent config).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct QemuConfig {
+    /// Where volumes live; unmanaged `*.qcow2` files at its top are manageable.
+    pub pool_dir: PathBuf,
+    /// Serve NBD exports on this TCP address (HOST:PORT) instead of a unix socket.
+    pub nbd_tcp: Option<String>,
+}
+
+use state::{Layer, PeerRec, State, SyncStats, Vol};
+
+/// The qemu-storage-daemon driver.
+pub struct QemuDriver {
+    pool: PathBuf,
+    state_file: PathBuf,
+    backend: String,
+    state: Mutex<State>,
+    persist_lock: tokio::sync::Mutex<()>,
+    group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    daemon: OnceLock<Arc<Daemon>>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn io(what: &str, e: std::io::Error) -> DriverError {
+    DriverError::Internal(format!("{what}: {e}"))
+}
+
+fn node(v: &Vol, seq: u32) -> String {
+    format!("v{}l{seq}", v.index)
+}
+
+fn export_id(v: &Vol) -> String {
+    format!("e{}", v.index)
+}
+
+fn nbd_err(e: nbd::NbdError) -> DriverError {
+    DriverError::Unavailable(format!("NBD: {e}"))
+}
+
+fn not_found(id: &str) -> DriverError {
+    DriverError::NotFound(format!("volume {id} does not exist on this qemu backend"))
+}
+
+fn fsync_dir(dir: &Path) -> Result<(), DriverError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io("fsync of a directory", e))
+}
+
+impl QemuDriver {
+    /// Opens the pool and state, starts (or takes over) the daemon and restores every
+    /// writable volume's nodes and exports.
+    pub async fn start(config: QemuConfig, state_dir: &Path, backend: &str) -> Result<Arc<Self>, DriverError> {
+        if config.pool_dir.as_os_str().is_empty() {
+            return Err(DriverError::InvalidArgument("`qemu.pool_dir` is required".into()));
+        }
+        let qdir = state_dir.join("qemu");
+        for d in [&config.pool_dir.join("volumes"), &qdir] {
+            std::fs::create_dir_all(d).map_err(|e| io(&format!("cannot create {}", d.display()), e))?;
+        }
+        let state_file = qdir.join("state.json");
+        let state: State = match std::fs::read(&state_file) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| DriverError::Internal(format!("{} is corrupt: {e}", state_file.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
+            Err(e) => return Err(io("cannot read the driver state", e)),
+        };
+        let driver = Arc::new(Self {
+            pool: config.pool_dir.canonicalize().map_err(|e| io("pool_dir", e))?,
+            state_file,
+            backend: backend.to_string(),
+            state: Mutex::new(state),
+            persist_lock: tokio::sync::Mutex::new(()),
+            group_locks: Mutex::new(HashMap::new()),
+            daemon: OnceLock::new(),
+        });
+        driver.collect_garbage();
+        let nbd = match &config.nbd_tcp {
+            Some(addr) => NbdAddr::Tcp(addr.clone()),
+            None => NbdAddr::Unix(qdir.join("nbd.sock")),
+        };
+        let paths = DaemonPaths {
+            qmp_socket: qdir.join("qmp.sock"),
+            nbd,
+            pidfile: qdir.join("qsd.pid"),
+            log: qdir.join("qemu-storage-daemon.log"),
+        };
+        let weak = Arc::downgrade(&driver);
+        let restore: daemon::Restore = Arc::new(move || {
+            let weak = weak.clone();
+            Box::pin(async move {
+                if let Some(d) = weak.upgrade() {
+                    d.restore().await;
+                }
+            })
+        });
+        let daemon = Daemon::start(paths, restore).await?;
+        let _ = driver.daemon.set(daemon);
+        driver.restore().await;
+        Ok(driver)
+    }
+
+    fn daemon(&self) -> &Daemon {
+        self.daemon.get().expect("daemon started")
+    }
+
+    /// The daemon's pid, for tests that kill it.
+    pub fn daemon_pid(&self) -> Option<u32> {
+        self.daemon.get().and_then(|d| d.pid())
+    }
+
+    fn vol_dir(&self, id: &str) -> PathBuf {
+        self.pool.join("volumes").join(id)
+    }
+
+    fn layer_path(&self, id: &str, seq: u32) -> PathBuf {
+        self.vol_dir(id).join(format!("L{seq}.qcow2"))
+    }
+
+    /// Records a new volume whose single layer `L0.qcow2` is in place, and exports it.
+    pub(crate) async fn add_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError> {
+        let v = self
+            .update(|st| {
+                let v = Vol::new(st.next_index, size_bytes, vec![Layer::fresh()], None);
+                st.next_index += 1;
+                st.volumes.insert(volume_id.to_string(), v.clone());
+                Ok(v)
+            })
+            .await?;
+        self.open_chain(volume_id, &v).await?;
+        Ok(Self::view(volume_id, &v))
+    }
+
+    /// Takes an unreplicated volume out of the daemon before it is deleted or handed
+    /// back; `None` when it does not exist (already gone).
+    pub(crate) async fn close_unreplicated(&self, volume_id: &str) -> Result<Option<Vol>, DriverError> {
+        let Ok(v) = self.vol(volume_id) else { return Ok(None) };
+        if v.role.is_some() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is replicated; disable replication first"
+            )));
+        }
+        self.close_chain(&v).await?;
+        Ok(Some(v))
+    }
+
+    pub(crate) fn view(id: &str, v: &Vol) -> VolumeState {
+        VolumeState { volume_id: id.to_string(), size_bytes: v.size_bytes, role: v.role }
+    }
+
+    pub(crate) async fn lock_for(&self, id: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        let group = self.vol(id).ok().map(|v| v.group_id).filter(|g| !g.is_empty())?;
+        Some(self.group_lock(&group).lock_owned().await)
+    }
+}
+
+/// The qemu backend, for the list of backends the `drover` binary can drive.
+pub struct QemuBackend;
+
+#[async_trait]
+impl drover_agent::launch::Backend for QemuBackend {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    async fn open(
+        &self,
+        config: &drover_config::Layered,
+        common: &drover_agent::config::AgentConfig,
+    ) -> Result<Arc<dyn Driver>, drover_agent::launch::LaunchError> {
+        use drover_agent::launch::LaunchError;
+        let qemu: QemuConfig = config.section("qemu")?;
+        if qemu.pool_dir.as_os_str().is_empty() {
+            return Err(drover_config::ConfigError::Invalid(
+                "the qemu driver needs `qemu.pool_dir` (--pool-dir, or DROVER_AGENT_QEMU__POOL_DIR)".into(),
+            )
+            .into());
+        }
+        let failed = |message: String| LaunchError::Driver { driver: "qemu".into(), message };
+        std::fs::create_dir_all(&qemu.pool_dir)
+            .map_err(|e| failed(format!("cannot create the pool {}: {e}", qemu.pool_dir.display())))?;
+        let driver =
+            QemuDriver::start(qemu, &common.state_dir, &common.backend).await.map_err(|e| failed(e.to_string()))?;
+        Ok(driver)
+    }
+}

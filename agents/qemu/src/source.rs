@@ -1,0 +1,315 @@
+//! The source side of a sync: freeze every volume of a group at one instant, ship the
+//! clusters allocated since the point the peer holds, and fold the frozen layers once the
+//! peer acknowledged them.
+
+use super::*;
+
+impl QemuDriver {
+    /// Reads the listed extents of a frozen node and ships them.
+    pub(crate) async fn ship_volume(
+        &self,
+        ship: &Shipment,
+        id: &str,
+        v: &Vol,
+        frozen: usize,
+        full: bool,
+    ) -> Result<u64, DriverError> {
+        let acked = v.acked_index();
+        let frozen_seq = v.layers[frozen].seq;
+        // Depth counts down from the frozen layer: everything above the acknowledged layer
+        // changed since the peer's point.
+        let changed_depth = match (full, acked) {
+            (false, Some(a)) => (frozen - a) as u32,
+            _ => u32::MAX,
+        };
+        let extents = image::map(&self.layer_path(id, frozen_seq)).await?;
+        let export = format!("rp-{id}");
+        let rid = format!("r{}", v.index);
+        self.daemon().add_export(&rid, &node(v, frozen_seq), &export, false).await?;
+        // Reading from the daemon and sending to the peer overlap: a reader fills a small
+        // queue of chunks while the sender drains it.
+        let result = async {
+            let mut client = NbdClient::connect(self.daemon().nbd(), &export).await.map_err(nbd_err)?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<(u64, Option<Vec<u8>>, u64)>(4);
+            let reader = async {
+                for e in extents.iter().filter(|e| e.depth < changed_depth) {
+                    if e.data {
+                        // Up to READ_DEPTH chunks in flight on the NBD connection at once.
+                        let mut off = e.start;
+                        while off < e.start + e.length {
+                            let mut batch = Vec::new();
+                            while off < e.start + e.length && batch.len() < READ_DEPTH {
+                                let n = (e.start + e.length - off).min(CHUNK_BYTES as u64) as u32;
+                                batch.push((off, n));
+                                off += u64::from(n);
+                            }
+                            let datas = client.read_many(&batch).await.map_err(nbd_err)?;
+                            for ((o, _), data) in batch.iter().zip(datas) {
+                                if tx.send((*o, Some(data), 0)).await.is_err() {
+                                    return Ok(());
+                                }
+                            }
+                        }
+                    } else if e.zero && e.present && !full {
+                        // Zeroed in the delta: it must hide what the peer's base holds there.
+                        if tx.send((e.start, None, e.length)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                }
+                drop(tx);
+                Ok::<(), DriverError>(())
+            };
+            let sender = async {
+                // Owned here, so that a failed send closes the queue and stops the reader.
+                let mut rx = rx;
+                let mut bytes = 0u64;
+                let total: u64 = extents.iter().filter(|e| e.depth < changed_depth && e.data).map(|e| e.length).sum();
+                let mut reported = 0u64;
+                while let Some((off, data, len)) = rx.recv().await {
+                    match data {
+                        Some(d) => {
+                            bytes += d.len() as u64;
+                            ship.data(id, off, d).await?;
+                            // Progress of long transfers, every 256 MiB.
+                            if bytes - reported >= 256 << 20 {
+                                reported = bytes;
+                                tracing::info!(
+                                    volume = id,
+                                    shipped = bytes,
+                                    of = total,
+                                    "recovery point transfer progress"
+                                );
+                            }
+                        }
+                        None => ship.zero(id, off, len).await?,
+                    }
+                }
+                Ok::<u64, DriverError>(bytes)
+            };
+            let (read, sent) = tokio::join!(reader, sender);
+            read?;
+            let bytes = sent?;
+            client.disconnect().await;
+            Ok::<u64, DriverError>(bytes)
+        }
+        .await;
+        self.daemon().remove_export(&rid).await?;
+        result
+    }
+
+    pub(crate) async fn do_sync(
+        &self,
+        group_id: &str,
+        final_sync: bool,
+        peer_endpoint: Option<&str>,
+    ) -> Result<SyncReport, DriverError> {
+        let started = Instant::now();
+        let (ids, endpoint) = {
+            let st = self.state.lock().expect("state poisoned");
+            let ids: Vec<String> = st
+                .volumes
+                .iter()
+                .filter(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary) && !v.demoted)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let endpoint = peer_endpoint
+                .map(String::from)
+                .or_else(|| ids.first().and_then(|id| st.volumes[id].peer.as_ref().map(|p| p.endpoint.clone())))
+                .unwrap_or_default();
+            (ids, endpoint)
+        };
+        if ids.is_empty() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "no primary volume of group {group_id} on this backend; sync runs on the active side"
+            )));
+        }
+        if let Some(ep) = peer_endpoint {
+            self.update(|st| {
+                for id in &ids {
+                    if let Some(p) = st.volumes.get_mut(id).and_then(|v| v.peer.as_mut()) {
+                        p.endpoint = ep.to_string();
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        if final_sync {
+            // Stop writes: the final point must hold everything the volumes ever acknowledged.
+            for id in &ids {
+                self.unexport(&self.vol(id)?).await?;
+            }
+        }
+        let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
+        let bases: Vec<Option<String>> =
+            vols.iter().map(|v| v.acked_index().and_then(|i| v.layers[i].rp.clone())).collect();
+        let base_rp = match bases.first() {
+            Some(Some(b)) if bases.iter().all(|x| x.as_deref() == Some(b.as_str())) => b.clone(),
+            _ => String::new(),
+        };
+        let full = base_rp.is_empty();
+        let rp_id = uuid::Uuid::now_v7().to_string();
+        let created = now_ms();
+
+        // 1. Empty overlays, recorded before the snapshot (intent first).
+        let mut new_seqs = Vec::new();
+        for (id, v) in ids.iter().zip(&vols) {
+            let seq = v.top().seq + 1;
+            image::create(&self.layer_path(id, seq), v.size_bytes, Some(&self.layer_path(id, v.top().seq))).await?;
+            new_seqs.push(seq);
+        }
+        self.update(|st| {
+            for (id, seq) in ids.iter().zip(&new_seqs) {
+                let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                let top = v.layers.last_mut().expect("layers");
+                top.rp = Some(rp_id.clone());
+                top.rp_created_ms = created;
+                v.layers.push(Layer { seq: *seq, rp: None, acked: false, rp_created_ms: 0 });
+            }
+            Ok(())
+        })
+        .await?;
+
+        // 2. One transaction freezes every volume at the same instant.
+        let mut pairs = Vec::new();
+        for ((id, v), seq) in ids.iter().zip(&vols).zip(&new_seqs) {
+            self.daemon().add_qcow2(&node(v, *seq), &self.layer_path(id, *seq), commands::Backing::None, false).await?;
+            pairs.push((node(v, v.top().seq), node(v, *seq)));
+        }
+        let snapshots: Vec<commands::Snapshot> =
+            pairs.iter().map(|(n, o)| commands::Snapshot { node: n, overlay: o }).collect();
+        let frozen_at = Instant::now();
+        self.daemon().snapshot_all(&snapshots).await?;
+        let snapshot_pause_us = frozen_at.elapsed().as_micros() as u64;
+        tracing::debug!(group = group_id, snapshot_pause_us, volumes = ids.len(), "group frozen");
+
+        // 3. Ship the delta (or everything, without a common point).
+        let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
+        let header = ApplyHeader {
+            group_id: group_id.to_string(),
+            recovery_point_id: rp_id.clone(),
+            base_recovery_point_id: base_rp.clone(),
+            volumes: ids.iter().zip(&vols).map(|(id, v)| (id.clone(), v.size_bytes)).collect(),
+            final_sync,
+            source_backend: self.backend.clone(),
+            created_at_ms: created,
+        };
+        let shipped = async {
+            let ship = Shipment::open(&endpoint, &header).await?;
+            let mut bytes = Vec::new();
+            for (id, v) in ids.iter().zip(&vols) {
+                match self.ship_volume(&ship, id, v, v.layers.len() - 2, full).await {
+                    Ok(b) => bytes.push(b),
+                    Err(e) => return Err(ship.fail(e).await),
+                }
+            }
+            ship.commit().await?;
+            Ok::<Vec<u64>, DriverError>(bytes)
+        }
+        .await;
+        let per_volume = match shipped {
+            Ok(b) => b,
+            Err(e) => {
+                let msg = e.to_string();
+                let _ = self
+                    .update(|st| {
+                        for id in &ids {
+                            if let Some(v) = st.volumes.get_mut(id) {
+                                v.last.error = msg.clone();
+                            }
+                        }
+                        Ok(())
+                    })
+                    .await;
+                if final_sync {
+                    // Writes resume until a planned failover can finish.
+                    for id in &ids {
+                        let v = self.vol(id)?;
+                        let _ = self.export(id, &v).await;
+                    }
+                }
+                return Err(e);
+            }
+        };
+
+        // 4. The peer holds the point. Record that first, so that housekeeping trouble
+        //    below never makes the next sync start from an older base than the peer has.
+        let total: u64 = per_volume.iter().sum();
+        let elapsed = started.elapsed().as_millis() as u64;
+        self.update(|st| {
+            for (id, bytes) in ids.iter().zip(&per_volume) {
+                let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                let n = sv.layers.len();
+                let frozen = &mut sv.layers[n - 2];
+                frozen.acked = true;
+                sv.last =
+                    SyncStats { rp_created_ms: created, duration_ms: elapsed, bytes: *bytes, error: String::new() };
+            }
+            Ok(())
+        })
+        .await?;
+        //    Then fold everything below the active layer into the bottom one: the chain is
+        //    two layers again, the bottom holding the point the peer has.
+        for (id, v) in ids.iter().zip(&vols) {
+            let frozen = v.layers.len() - 2;
+            if frozen > 0 {
+                let job = format!("c{}", v.index);
+                self.daemon()
+                    .start_commit(
+                        &job,
+                        &node(v, v.top().seq),
+                        &node(v, v.layers[frozen].seq),
+                        &node(v, v.layers[0].seq),
+                    )
+                    .await?;
+                self.wait_job(&job).await?;
+                // Top down: a node still serves as the backing of the one above it.
+                for l in v.layers[1..=frozen].iter().rev() {
+                    self.daemon().remove_node(&node(v, l.seq)).await?;
+                }
+            }
+            let dropped: Vec<u32> = v.layers[1..=frozen].iter().map(|l| l.seq).collect();
+            self.update(|st| {
+                let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                sv.layers.retain(|l| !dropped.contains(&l.seq));
+                let b = &mut sv.layers[0];
+                b.rp = Some(rp_id.clone());
+                b.acked = true;
+                b.rp_created_ms = created;
+                Ok(())
+            })
+            .await?;
+            for seq in dropped {
+                let _ = std::fs::remove_file(self.layer_path(id, seq));
+            }
+        }
+
+        // 5. A final sync ends with this side demoted to a clean secondary at the point.
+        if final_sync {
+            for id in &ids {
+                let v = self.vol(id)?;
+                self.close_chain(&v).await?;
+                let active = v.top().seq;
+                self.update(|st| {
+                    let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                    sv.layers.retain(|l| l.seq != active);
+                    sv.role = Some(Role::Secondary);
+                    sv.demoted = true;
+                    sv.peer_demoted = false;
+                    Ok(())
+                })
+                .await?;
+                let _ = std::fs::remove_file(self.layer_path(id, active));
+            }
+        }
+        Ok(SyncReport {
+            recovery_point_id: rp_id,
+            bytes: total,
+            duration_ms: started.elapsed().as_millis() as u64,
+            created_at_ms: created,
+            full,
+            snapshot_pause_us,
+        })
+    }
+}

@@ -1,0 +1,168 @@
+//! `drover group`: groups, their volumes, and their replication: enable, sync, failover,
+//! failback, disable, targets and info.
+
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use clap::Subcommand;
+use drover_proto::v1 as pb;
+
+use super::{Ctx, deleted};
+use crate::output::{self, Format, Table, emit};
+
+/// `drover group …`
+#[derive(Subcommand)]
+pub enum GroupCmd {
+    /// Create a group of volumes of one backend.
+    Create {
+        name: String,
+        #[arg(long = "type")]
+        group_type: String,
+        #[arg(long)]
+        backend: String,
+        /// A volume (id or name) to include; repeat for more.
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+    },
+    /// List the project's groups.
+    List {
+        /// Groups of every project.
+        #[arg(long)]
+        all_projects: bool,
+    },
+    /// Show one group, its RPO and its history.
+    Show { group: String },
+    /// Delete a group (its volumes stay).
+    Delete { group: String },
+    /// Add volumes to a group.
+    #[command(name = "add-volumes")]
+    AddVolumes { group: String, volumes: Vec<String> },
+    /// Remove volumes from a group.
+    #[command(name = "remove-volumes")]
+    RemoveVolumes { group: String, volumes: Vec<String> },
+    /// Start replicating a group to a backend at another site.
+    #[command(name = "enable-replication")]
+    EnableReplication {
+        group: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        /// Time between recovery points, e.g. 30s (the default) or 5m; at least 1s.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<Duration>,
+    },
+    /// Take and ship a recovery point now.
+    Sync { group: String },
+    /// Stop replicating a group.
+    #[command(name = "disable-replication")]
+    DisableReplication { group: String },
+    /// Fail over to the replication target, or back with `--target default`.
+    Failover {
+        group: String,
+        #[arg(long)]
+        target: String,
+        /// Disaster failover: do not wait for the current side to demote.
+        #[arg(long)]
+        force: bool,
+        /// After a disaster failover, fail back even though this backend's changes since
+        /// the divergence point are discarded (recorded in the group's history).
+        #[arg(long, default_value = "")]
+        discard_changes_on: String,
+    },
+    /// Backends this group can replicate to, with their liveness.
+    #[command(name = "list-targets")]
+    ListTargets { group: String },
+    /// Each volume's replication state and the group's RPO.
+    #[command(name = "replication-info")]
+    ReplicationInfo { group: String },
+}
+
+/// Runs one group command.
+pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
+    let (fmt, project) = (ctx.fmt, ctx.project.clone());
+    let (groups, replication) = (&mut ctx.api.groups, &mut ctx.api.replication);
+    match cmd {
+        GroupCmd::Create { name, group_type, backend, volumes } => {
+            let g = groups.create_group(pb::CreateGroupRequest { name, project, group_type, backend, volumes }).await?;
+            emit(fmt, g.get_ref(), output::group_detail);
+        }
+        GroupCmd::List { all_projects } => {
+            let project = if all_projects { String::new() } else { project };
+            let r = groups.list_groups(pb::ListGroupsRequest { project }).await?.into_inner();
+            emit(fmt, &r, |r| output::groups(&r.groups));
+        }
+        GroupCmd::Show { group } => {
+            let g = groups.get_group(pb::GetGroupRequest { group, project }).await?;
+            emit(fmt, g.get_ref(), output::group_detail);
+        }
+        GroupCmd::Delete { group } => {
+            groups.delete_group(pb::DeleteGroupRequest { group: group.clone(), project }).await?;
+            deleted(fmt, "group", &group);
+        }
+        GroupCmd::AddVolumes { group, volumes } => {
+            let req = pb::UpdateGroupRequest { group, project, add_volumes: volumes, remove_volumes: vec![] };
+            let g = groups.update_group(req).await?;
+            emit(fmt, g.get_ref(), output::group_detail);
+        }
+        GroupCmd::RemoveVolumes { group, volumes } => {
+            let req = pb::UpdateGroupRequest { group, project, add_volumes: vec![], remove_volumes: volumes };
+            let g = groups.update_group(req).await?;
+            emit(fmt, g.get_ref(), output::group_detail);
+        }
+        GroupCmd::EnableReplication { group, target, interval } => {
+            let sync_interval_seconds = interval.map_or(0, |d| d.as_secs().max(if d.is_zero() { 0 } else { 1 }) as i64);
+            let req = pb::EnableReplicationRequest { group, project, target_backend: target, sync_interval_seconds };
+            let r = replication.enable_replication(req).await?.into_inner();
+            report(fmt, &r)?;
+        }
+        GroupCmd::Sync { group } => {
+            let r = replication.sync_group(pb::SyncGroupRequest { group, project }).await?.into_inner();
+            emit(fmt, &r, |r| {
+                let mut t = Table::new(&["RECOVERY POINT", "FULL", "BYTES", "DURATION (ms)"]);
+                t.row(vec![
+                    r.recovery_point_id.clone(),
+                    r.full.to_string(),
+                    r.bytes.to_string(),
+                    r.duration_ms.to_string(),
+                ]);
+                t
+            });
+        }
+        GroupCmd::DisableReplication { group } => {
+            let r = replication.disable_replication(pb::DisableReplicationRequest { group, project }).await?;
+            report(fmt, r.get_ref())?;
+        }
+        GroupCmd::Failover { group, target, force, discard_changes_on } => {
+            let req = pb::FailoverGroupRequest { group, project, target_backend: target, force, discard_changes_on };
+            let r = replication.failover_group(req).await?.into_inner();
+            report(fmt, &r)?;
+        }
+        GroupCmd::ListTargets { group } => {
+            let req = pb::ListReplicationTargetsRequest { group, project };
+            let r = replication.list_replication_targets(req).await?.into_inner();
+            emit(fmt, &r, |r| {
+                let mut t = Table::new(&["BACKEND", "SITE", "STATUS"]);
+                for x in &r.targets {
+                    t.row(vec![x.backend.clone(), x.site.clone(), x.status.clone()]);
+                }
+                t
+            });
+        }
+        GroupCmd::ReplicationInfo { group } => {
+            let req = pb::GetReplicationInfoRequest { group, project };
+            let r = replication.get_replication_info(req).await?.into_inner();
+            emit(fmt, &r, output::replication_info);
+        }
+    }
+    Ok(())
+}
+
+/// Prints a group operation's per-volume outcomes; fails the command when any failed.
+fn report(fmt: Format, r: &pb::ReplicationResult) -> Result<()> {
+    emit(fmt, r, output::replication_result);
+    let failed = r.items.iter().filter(|i| i.outcome != "success").count();
+    if failed > 0 {
+        let reason = r.group.as_ref().map(|g| g.status_reason.clone()).unwrap_or_default();
+        bail!("{failed} of {} volume(s) did not succeed: {reason}", r.items.len());
+    }
+    Ok(())
+}

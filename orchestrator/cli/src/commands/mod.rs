@@ -1,0 +1,74 @@
+//! Client commands, one module per resource. Each turns its arguments into drover.v1
+//! requests and prints the answers as a table or JSON.
+
+pub mod backend;
+pub mod group;
+pub mod group_type;
+pub mod site;
+pub mod volume;
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow};
+use clap::Args;
+use drover_proto::v1 as pb;
+
+use crate::client::Clients;
+use crate::output::{Format, Table, emit};
+
+/// Flags every client command takes (before or after its subcommand).
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Orchestrator endpoint.
+    #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    pub endpoint: String,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    pub output: Format,
+    /// Project (tenant) that owns the volumes and groups.
+    #[arg(long, global = true, env = "DROVER_PROJECT", default_value = "admin")]
+    pub project: String,
+    /// Deadline of each API call, e.g. 30s or 5m.
+    #[arg(long, global = true, env = "DROVER_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// What a client command needs: the API clients, the output format and the project.
+pub struct Ctx {
+    pub api: Clients,
+    pub fmt: Format,
+    pub project: String,
+}
+
+impl Ctx {
+    /// Connects to the orchestrator named by `args`.
+    pub async fn connect(args: &ClientArgs) -> Result<Self> {
+        let api = Clients::connect(&args.endpoint, args.timeout).await.map_err(|e| anyhow!(e))?;
+        Ok(Self { api, fmt: args.output, project: args.project.clone() })
+    }
+}
+
+/// `drover version`.
+pub async fn version(ctx: &mut Ctx) -> Result<()> {
+    let v = ctx.api.version.get_version(pb::GetVersionRequest {}).await?.into_inner();
+    emit(ctx.fmt, &v, |v| {
+        let mut t = Table::new(&["CLIENT", "SERVER", "API (SERVER)", "API (CLIENT)"]);
+        t.row(vec![
+            env!("CARGO_PKG_VERSION").into(),
+            v.server_version.clone(),
+            format!("{} to {}", v.min_api_version, v.max_api_version),
+            drover_proto::API_VERSION.into(),
+        ]);
+        t
+    });
+    Ok(())
+}
+
+/// Prints a one-column table naming what was deleted, or its JSON.
+pub fn deleted(fmt: Format, what: &str, id: &str) {
+    emit(fmt, &serde_json::json!({ "deleted": id }), |_| {
+        let mut t = Table::new(&["DELETED"]);
+        t.row(vec![format!("{what} {id}")]);
+        t
+    });
+}

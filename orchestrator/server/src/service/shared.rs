@@ -1,0 +1,125 @@
+//! Helpers several services use: loading a writable backend or a group type, mapping an
+//! agent's error into an API error, and a group's replication info and RPO. They live
+//! here, below the services, so no service imports another.
+
+use drover_proto::agent::v1 as apb;
+use drover_proto::v1 as pb;
+use tonic::{Code, Status};
+
+use super::Core;
+use crate::agents::Deadline;
+use crate::error::{ApiError, ApiResult};
+use crate::model::{BackendRec, GroupRec, GroupTypeRec, VolumeRec, keys, now_ms};
+use crate::repo::validate_name;
+
+/// Errors from an agent that no retry can fix.
+pub fn agent_refused(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::FailedPrecondition
+            | Code::Unimplemented
+            | Code::OutOfRange
+    )
+}
+
+/// Maps an agent's status into an API error that names the backend.
+pub fn from_agent(backend: &str, what: &str, s: &Status) -> ApiError {
+    let msg = format!("backend {backend} could not {what}: {}", s.message());
+    match s.code() {
+        Code::InvalidArgument | Code::OutOfRange => ApiError::InvalidArgument(msg),
+        Code::NotFound => ApiError::NotFound(msg),
+        Code::AlreadyExists => ApiError::AlreadyExists(msg),
+        Code::FailedPrecondition | Code::Unimplemented => ApiError::FailedPrecondition(msg),
+        Code::Aborted => ApiError::Aborted(format!("{msg}; retry shortly")),
+        _ => ApiError::Unavailable(format!("{msg}; check the agent with `drover backend show {backend}`")),
+    }
+}
+
+/// Loads a backend that must accept management changes.
+pub async fn writable_backend(core: &Core, name: &str, capability: &str) -> ApiResult<BackendRec> {
+    validate_name("backend", name)?;
+    let b = core.repo.get::<BackendRec>(&keys::backend(name)).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("backend {name:?} not found; list backends with `drover backend list`"))
+    })?;
+    if b.rec.frozen {
+        return Err(ApiError::FailedPrecondition(format!(
+            "backend {name} is frozen: management changes are blocked; thaw it with `drover backend thaw {name}`"
+        )));
+    }
+    if !b.rec.capabilities.iter().any(|c| c == capability) {
+        return Err(ApiError::FailedPrecondition(format!(
+            "backend {name} (driver {}) lacks the `{capability}` capability",
+            b.rec.driver
+        )));
+    }
+    Ok(b.rec)
+}
+
+/// Loads a group type by name.
+pub async fn group_type(core: &Core, name: &str) -> ApiResult<GroupTypeRec> {
+    validate_name("group_type", name)?;
+    Ok(core
+        .repo
+        .get::<GroupTypeRec>(&keys::group_type(name))
+        .await?
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("group type {name:?} not found; list them with `drover group-type list`"))
+        })?
+        .rec)
+}
+
+/// Each volume's replication state, asked of the agent serving it now (all at once, each
+/// with the probe deadline, so a dead site costs one deadline, not one per volume).
+pub async fn volume_infos(core: &Core, g: &GroupRec) -> ApiResult<Vec<pb::VolumeReplicationInfo>> {
+    let timeout = Deadline::Probe;
+    let mut asks = Vec::new();
+    for id in &g.volume_ids {
+        let vol = core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
+        let backend = vol.map(|v| v.rec.active_backend).unwrap_or_else(|| g.active_backend.clone());
+        asks.push(async move {
+            let req = apb::GetReplicationInfoRequest { volume_id: id.clone() };
+            let info = core
+                .agents
+                .call(&backend, timeout, false, |mut c| {
+                    let req = req.clone();
+                    async move { c.get_replication_info(req).await }
+                })
+                .await;
+            match info {
+                Ok(i) => pb::VolumeReplicationInfo {
+                    volume_id: id.clone(),
+                    role: match apb::ReplicationRole::try_from(i.role) {
+                        Ok(apb::ReplicationRole::Primary) => "primary".into(),
+                        Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
+                        _ => String::new(),
+                    },
+                    status: i.status,
+                    last_sync_time_ms: i.last_sync_time_ms,
+                    last_sync_duration_ms: i.last_sync_duration_ms,
+                    last_sync_bytes: i.last_sync_bytes,
+                    recovery_point_id: i.recovery_point_id,
+                    error: i.error,
+                },
+                Err(s) => pb::VolumeReplicationInfo {
+                    volume_id: id.clone(),
+                    status: "error".into(),
+                    error: format!("backend {backend}: {}", s.message()),
+                    ..Default::default()
+                },
+            }
+        });
+    }
+    Ok(futures::future::join_all(asks).await)
+}
+
+/// The RPO: the age of the newest recovery point complete on every volume; -1 when a
+/// volume has none or could not be asked.
+pub fn rpo_ms(volumes: &[pb::VolumeReplicationInfo]) -> i64 {
+    match volumes.iter().map(|v| v.last_sync_time_ms).min() {
+        Some(t) if t > 0 => (now_ms() - t).max(0),
+        _ => -1,
+    }
+}
