@@ -165,6 +165,34 @@ fn expect_code<T: std::fmt::Debug>(
 }
 
 /// Runs every case against one pair.
+/// Serves `primary` (behind a [`Gated`] wrapper) and `secondary` through real agent
+/// servers on loopback ports, each with its ledger in a subdirectory of `dir`, and runs
+/// the whole suite against them. Every backend crate calls this from its tests.
+pub async fn run_against(primary: Arc<dyn Driver>, secondary: Arc<dyn Driver>, dir: &std::path::Path) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let gate = Gate::new();
+    let gated: Arc<dyn Driver> = Arc::new(Gated { inner: primary, gate: gate.clone() });
+    let mut endpoints = Vec::new();
+    for (side, driver) in [("primary", gated), ("secondary", secondary)] {
+        let ledger_dir = dir.join(format!("ledger-{side}"));
+        std::fs::create_dir_all(&ledger_dir).expect("ledger dir");
+        let ledger = crate::ledger::Ledger::open(&ledger_dir.join("ledger.redb")).expect("ledger opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let running = crate::server::serve(driver, ledger, listener, shutdown.clone()).await.expect("agent serves");
+        endpoints.push(format!("http://{}", running.local_addr));
+    }
+    let mut pair = Pair {
+        primary: AgentClient::connect(endpoints[0].clone()).await.expect("primary answers"),
+        primary_endpoint: endpoints[0].clone(),
+        secondary: AgentClient::connect(endpoints[1].clone()).await.expect("secondary answers"),
+        secondary_endpoint: endpoints[1].clone(),
+        gate,
+    };
+    run_all(&mut pair).await;
+}
+
+/// Runs every case against a pair.
 pub async fn run_all(pair: &mut Pair) {
     idempotent_by_op_id(pair).await;
     stale_epoch_is_refused(pair).await;
