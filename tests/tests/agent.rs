@@ -199,3 +199,104 @@ async fn mutations_without_a_context_are_invalid() {
     assert!(e.message().contains("fence_scope"), "{}", e.message());
     assert_eq!(oplog_count(dir.path(), "create_volume", "v"), 0);
 }
+
+fn oplog_ids(dir: &Path, op: &str) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("oplog.jsonl")).unwrap_or_default();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every op log line is whole JSON"))
+        .filter(|e| e["op"] == op)
+        .map(|e| e["op_id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+async fn op_state(c: &mut AgentClient<Channel>, op: &str) -> apb::OperationRecord {
+    c.get_operation(apb::GetOperationRequest { op_id: op.into() }).await.unwrap().into_inner()
+}
+
+async fn wait_op_state(c: &mut AgentClient<Channel>, op: &str, state: &str) -> apb::OperationRecord {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let rec = op_state(c, op).await;
+        if rec.state == state {
+            return rec;
+        }
+        assert!(std::time::Instant::now() < deadline, "{op} never reached {state}: {rec:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_mutation_whose_caller_left_finishes_and_is_not_run_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = agent(dir.path(), &["--set", "mock.latency=600ms"]);
+    let mut c = client(&server).await;
+    // The caller gives up long before the driver is done.
+    let mut req = tonic::Request::new(create("op-left", 1, "v1"));
+    req.set_timeout(Duration::from_millis(50));
+    let gone = c.create_volume(req).await.unwrap_err();
+    assert!(matches!(gone.code(), Code::DeadlineExceeded | Code::Cancelled), "{gone:?}");
+    // The agent finishes anyway, and says so.
+    assert_eq!(op_state(&mut c, "op-left").await.state, "running");
+    wait_op_state(&mut c, "op-left", "succeeded").await;
+    // A retry with the same op_id gets the recorded answer; the driver ran once.
+    let v = c.create_volume(create("op-left", 1, "v1")).await.unwrap().into_inner();
+    assert_eq!(v.size_bytes, 1 << 20);
+    assert_eq!(oplog_ids(dir.path(), "create_volume"), vec!["op-left".to_string()]);
+}
+
+#[tokio::test]
+async fn a_repeated_op_id_while_it_runs_joins_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = agent(dir.path(), &["--set", "mock.latency=400ms"]);
+    let c = client(&server).await;
+    let calls = (0..3).map(|_| {
+        let mut c = c.clone();
+        tokio::spawn(async move { c.create_volume(create("op-twice", 1, "v1")).await })
+    });
+    for call in futures_join(calls).await {
+        assert_eq!(call.unwrap().into_inner().size_bytes, 1 << 20, "every caller of one op_id gets its outcome");
+    }
+    assert_eq!(oplog_ids(dir.path(), "create_volume"), vec!["op-twice".to_string()]);
+}
+
+async fn futures_join<T>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
+#[tokio::test]
+async fn an_op_interrupted_by_an_agent_kill_is_never_run_again_under_its_op_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = agent(dir.path(), &["--set", "mock.latency=2s"]);
+    let mut c = client(&server).await;
+    c.create_volume(create("op-0", 1, "v0")).await.unwrap();
+    let mut c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.create_volume(create("op-cut", 1, "v1")).await });
+    wait_op_state(&mut c, "op-cut", "running").await;
+    server.proc.kill();
+    assert!(pending.await.unwrap().is_err());
+    drop(server);
+
+    let server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    // The mock keeps its state across the restart.
+    assert_eq!(
+        c.get_volume(apb::GetVolumeRequest { volume_id: "v0".into() }).await.unwrap().into_inner().size_bytes,
+        1 << 20
+    );
+    let refused = c.create_volume(create("op-cut", 1, "v1")).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{}", refused.message());
+    assert!(
+        refused.message().contains("interrupted") && refused.message().contains("new op_id"),
+        "{}",
+        refused.message()
+    );
+    let rec = op_state(&mut c, "op-cut").await;
+    assert_eq!((rec.state.as_str(), rec.code), ("failed", Code::Unavailable as i32));
+    assert_eq!(oplog_ids(dir.path(), "create_volume"), vec!["op-0".to_string(), "op-cut".to_string()]);
+    // The caller's retry under a new op_id runs.
+    c.create_volume(create("op-cut#2", 1, "v1")).await.unwrap();
+}

@@ -36,14 +36,26 @@ pub struct MockConfig {
     pub oplog: Option<PathBuf>,
 }
 
-/// One driver call, as logged.
+/// One driver call, as logged: one JSON line each, written with a single `write` so
+/// concurrent calls (and several agents sharing a file) never interleave.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OpLogEntry {
+    /// The driver operation, e.g. `promote`.
     pub op: String,
+    /// The volume, group or snapshot it acted on.
     pub target: String,
+    /// The agent op_id it ran under; empty outside a guarded mutation (probes, periodic syncs).
+    #[serde(default)]
+    pub op_id: String,
+    /// The epoch it was admitted at (0 outside a guarded mutation).
+    #[serde(default)]
+    pub epoch: u64,
+    /// When the driver was entered, in milliseconds since the epoch.
+    #[serde(default)]
+    pub at_ms: i64,
 }
 
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct MockVolume {
     size_bytes: u64,
     role: Option<Role>,
@@ -58,7 +70,7 @@ struct MockVolume {
     last_sync_ms: i64,
 }
 
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct State {
     volumes: HashMap<String, MockVolume>,
     snapshots: HashMap<String, GroupSnapshotInfo>,
@@ -69,7 +81,43 @@ struct State {
 pub struct MockDriver {
     config: MockConfig,
     state: Mutex<State>,
+    /// Where the state is kept across restarts, if anywhere.
+    state_file: Option<PathBuf>,
     log: Mutex<Vec<OpLogEntry>>,
+}
+
+/// The state under its lock; written to the state file when released, so a restarted
+/// mock agent still has its volumes.
+struct Locked<'a> {
+    state: std::sync::MutexGuard<'a, State>,
+    file: Option<&'a std::path::Path>,
+}
+
+impl std::ops::Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.state
+    }
+}
+
+impl std::ops::DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.state
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        let Some(path) = self.file else { return };
+        let tmp = path.with_extension("json.tmp");
+        let written = serde_json::to_vec(&*self.state)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| std::fs::write(&tmp, bytes))
+            .and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "mock state write failed");
+        }
+    }
 }
 
 fn now_ms() -> i64 {
@@ -80,7 +128,32 @@ impl MockDriver {
     /// A mock backend with the given settings.
     pub fn new(config: MockConfig) -> Self {
         let state = State { unmanaged: config.unmanaged.clone(), ..State::default() };
-        Self { config, state: Mutex::new(state), log: Mutex::new(Vec::new()) }
+        Self { config, state: Mutex::new(state), state_file: None, log: Mutex::new(Vec::new()) }
+    }
+
+    /// A mock backend that keeps its volumes in `file` (read back at start), so a
+    /// restarted agent still has them.
+    pub fn with_state_file(config: MockConfig, file: PathBuf) -> Result<Self, DriverError> {
+        let mut driver = Self::new(config);
+        match std::fs::read(&file) {
+            Ok(bytes) => {
+                let state: State = serde_json::from_slice(&bytes).map_err(|e| {
+                    DriverError::Internal(format!(
+                        "mock state {} is corrupt: {e}; delete it to start empty",
+                        file.display()
+                    ))
+                })?;
+                driver.state = Mutex::new(state);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DriverError::Internal(format!("cannot read mock state {}: {e}", file.display()))),
+        }
+        driver.state_file = Some(file);
+        Ok(driver)
+    }
+
+    fn lock(&self) -> Locked<'_> {
+        Locked { state: self.state.lock().expect("mock state poisoned"), file: self.state_file.as_deref() }
     }
 
     /// Every driver call so far, in order.
@@ -90,14 +163,23 @@ impl MockDriver {
 
     /// Logs the call, waits the configured latency and applies failure injection.
     async fn enter(&self, op: &str, target: &str) -> Result<(), DriverError> {
-        let entry = OpLogEntry { op: op.to_string(), target: target.to_string() };
+        let op_ctx = drover_agent::driver::current_op();
+        let entry = OpLogEntry {
+            op: op.to_string(),
+            target: target.to_string(),
+            op_id: op_ctx.as_ref().map(|o| o.op_id.clone()).unwrap_or_default(),
+            epoch: op_ctx.map_or(0, |o| o.epoch),
+            at_ms: now_ms(),
+        };
         if let Some(path) = &self.config.oplog {
-            let line = serde_json::to_string(&entry).expect("log entry serialises");
+            let mut line = serde_json::to_string(&entry).expect("log entry serialises");
+            line.push('\n');
+            // One write of the whole line to an O_APPEND file: lines never interleave.
             let written = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(path)
-                .and_then(|mut f| writeln!(f, "{line}"));
+                .and_then(|mut f| f.write_all(line.as_bytes()));
             if let Err(e) = written {
                 tracing::warn!(path = %path.display(), error = %e, "mock op log append failed");
             }
@@ -119,7 +201,7 @@ impl MockDriver {
         volume_id: &str,
         f: impl FnOnce(&mut MockVolume) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         let vol = state
             .volumes
             .get_mut(volume_id)
@@ -162,7 +244,7 @@ impl Driver for MockDriver {
 
     async fn create_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError> {
         self.enter("create_volume", volume_id).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         if let Some(v) = state.volumes.get(volume_id) {
             // A retry after a lost answer: the same volume is fine, a different one is not.
             return if v.size_bytes == size_bytes {
@@ -182,7 +264,7 @@ impl Driver for MockDriver {
 
     async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError> {
         self.enter("delete_volume", volume_id).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         if let Some(v) = state.volumes.get(volume_id)
             && v.role.is_some()
         {
@@ -219,7 +301,7 @@ impl Driver for MockDriver {
         volume_ids: &[String],
     ) -> Result<GroupSnapshotInfo, DriverError> {
         self.enter("create_group_snapshot", snapshot_id).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         if let Some(missing) = volume_ids.iter().find(|id| !state.volumes.contains_key(*id)) {
             return Err(DriverError::NotFound(format!("volume {missing} does not exist on this mock backend")));
         }
@@ -234,7 +316,7 @@ impl Driver for MockDriver {
 
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), DriverError> {
         self.enter("delete_snapshot", snapshot_id).await?;
-        self.state.lock().expect("mock state poisoned").snapshots.remove(snapshot_id);
+        self.lock().snapshots.remove(snapshot_id);
         Ok(())
     }
 
@@ -250,7 +332,7 @@ impl Driver for MockDriver {
     }
 
     async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError> {
-        let state = self.state.lock().expect("mock state poisoned");
+        let state = self.lock();
         let mut out: Vec<_> = state
             .unmanaged
             .iter()
@@ -267,7 +349,7 @@ impl Driver for MockDriver {
 
     async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError> {
         self.enter("manage_volume", reference).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         let size = state
             .unmanaged
             .remove(reference)
@@ -280,7 +362,7 @@ impl Driver for MockDriver {
 
     async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
         self.enter("unmanage_volume", volume_id).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         if let Some(v) = state.volumes.remove(volume_id) {
             state.unmanaged.insert(volume_id.to_string(), v.size_bytes);
         }
@@ -289,7 +371,7 @@ impl Driver for MockDriver {
 
     async fn enable_replication(&self, spec: &EnableSpec) -> Result<(), DriverError> {
         self.enter("enable_replication", &spec.volume_id).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         let vol = match (spec.role, state.volumes.get_mut(&spec.volume_id)) {
             (_, Some(v)) => v,
             (Role::Secondary, None) => {
@@ -324,7 +406,7 @@ impl Driver for MockDriver {
 
     async fn disable_replication(&self, volume_id: &str) -> Result<(), DriverError> {
         self.enter("disable_replication", volume_id).await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         let Some(v) = state.volumes.get_mut(volume_id) else { return Ok(()) };
         if v.role == Some(Role::Secondary) {
             // The replica goes away with replication, as a Cinder target's would.
@@ -410,7 +492,7 @@ impl Driver for MockDriver {
         self.enter("sync_group", group_id).await?;
         let started = std::time::Instant::now();
         let (header, endpoint) = {
-            let state = self.state.lock().expect("mock state poisoned");
+            let state = self.lock();
             let members: Vec<(&String, &MockVolume)> =
                 state.volumes.iter().filter(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary)).collect();
             let Some((_, first)) = members.first() else {
@@ -434,7 +516,7 @@ impl Driver for MockDriver {
             (header, endpoint)
         };
         Shipment::open(&endpoint, &header).await?.commit().await?;
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         for (id, _) in &header.volumes {
             if let Some(v) = state.volumes.get_mut(id) {
                 v.recovery_point = header.recovery_point_id.clone();
@@ -461,7 +543,7 @@ impl Driver for MockDriver {
         mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
     ) -> Result<u64, DriverError> {
         {
-            let state = self.state.lock().expect("mock state poisoned");
+            let state = self.lock();
             for (id, _) in &header.volumes {
                 let v = state
                     .volumes
@@ -491,7 +573,7 @@ impl Driver for MockDriver {
                 None => return Err(DriverError::Unavailable("recovery point stream ended before commit".into())),
             }
         }
-        let mut state = self.state.lock().expect("mock state poisoned");
+        let mut state = self.lock();
         for (id, _) in &header.volumes {
             if let Some(v) = state.volumes.get_mut(id) {
                 v.recovery_point = header.recovery_point_id.clone();
@@ -515,7 +597,7 @@ impl drover_agent::launch::Backend for MockBackend {
     async fn open(
         &self,
         config: &drover_config::Layered,
-        _common: &drover_agent::config::AgentConfig,
+        common: &drover_agent::config::AgentConfig,
     ) -> Result<std::sync::Arc<dyn Driver>, drover_agent::launch::LaunchError> {
         let mock: MockConfig = config.section("mock")?;
         for (op, p) in &mock.fail {
@@ -526,6 +608,8 @@ impl drover_agent::launch::Backend for MockBackend {
                 .into());
             }
         }
-        Ok(std::sync::Arc::new(MockDriver::new(mock)))
+        let driver = MockDriver::with_state_file(mock, common.state_dir.join("mock-state.json"))
+            .map_err(|e| drover_agent::launch::LaunchError::Driver { driver: "mock".into(), message: e.to_string() })?;
+        Ok(std::sync::Arc::new(driver))
     }
 }

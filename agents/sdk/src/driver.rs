@@ -77,7 +77,7 @@ pub struct VolumeState {
 }
 
 /// Where to reach the other side of a replication pair.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Peer {
     pub backend: String,
     pub endpoint: String,
@@ -118,7 +118,7 @@ pub struct Manageable {
 }
 
 /// A crash-consistent snapshot of several volumes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct GroupSnapshotInfo {
     pub snapshot_id: String,
     pub volume_ids: Vec<String>,
@@ -172,6 +172,31 @@ pub struct SyncReport {
     pub full: bool,
     /// How long writes were held while the group's volumes froze together.
     pub snapshot_pause_us: u64,
+}
+
+/// The agent operation a driver call belongs to: its op_id, epoch and fence scope. The
+/// agent's guard sets it around every mutating driver call, so a driver can log or tag
+/// its work without the trait carrying it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OpInfo {
+    pub op_id: String,
+    pub epoch: u64,
+    pub scope: String,
+}
+
+tokio::task_local! {
+    static CURRENT_OP: OpInfo;
+}
+
+/// The operation the running driver call belongs to; `None` outside a guarded mutation
+/// (probes, reads, the periodic sync scheduler).
+pub fn current_op() -> Option<OpInfo> {
+    CURRENT_OP.try_with(Clone::clone).ok()
+}
+
+/// Runs `fut` as part of operation `op` (see [`current_op`]).
+pub async fn in_op<F: std::future::Future>(op: OpInfo, fut: F) -> F::Output {
+    CURRENT_OP.scope(op, fut).await
 }
 
 /// A storage backend driver.

@@ -12,6 +12,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
 const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("epochs");
 const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("ops");
+/// Operations admitted and handed to the driver whose outcome is not recorded yet. An
+/// entry that survives a restart marks an operation the crash interrupted.
+const STARTED: TableDefinition<&str, u64> = TableDefinition::new("started");
 /// Insertion order of op records, so the oldest can be dropped.
 const OPS_ORDER: TableDefinition<u64, &str> = TableDefinition::new("ops_order");
 
@@ -45,6 +48,20 @@ impl Outcome {
         let message = String::from_utf8(bytes.get(8..8 + len)?.to_vec()).ok()?;
         Some(Self { code, message, response: bytes[8 + len..].to_vec() })
     }
+}
+
+/// What the ledger says about a mutation about to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Admission {
+    /// New: it is marked started; run it and record its outcome.
+    Run,
+    /// It finished before: answer with its outcome, do not run it again.
+    Replay(Outcome),
+    /// It was started by an earlier run of this agent that died before recording the
+    /// outcome. Its effects are unknown here; it must not run again under this op_id.
+    Interrupted,
+    /// The epoch is older than one this agent has admitted for the scope.
+    Stale(StaleEpoch),
 }
 
 /// Why a call was fenced off.
@@ -81,8 +98,52 @@ impl Ledger {
         w.open_table(EPOCHS).map_err(err)?;
         w.open_table(OPS).map_err(err)?;
         w.open_table(OPS_ORDER).map_err(err)?;
+        w.open_table(STARTED).map_err(err)?;
         w.commit().map_err(err)?;
         Ok(Self { db: Arc::new(db) })
+    }
+
+    /// One durable step before a mutation runs: checks the epoch for `scope` (raising the
+    /// highest seen), then looks the op_id up. Only [`Admission::Run`] marks the op as
+    /// started; the caller must [`Ledger::record`] its outcome, which clears the mark.
+    pub fn admit(&self, scope: &str, epoch: u64, op_id: &str) -> Result<Admission, LedgerError> {
+        let w = self.db.begin_write().map_err(err)?;
+        let verdict = {
+            let mut epochs = w.open_table(EPOCHS).map_err(err)?;
+            let highest = epochs.get(scope).map_err(err)?.map_or(0, |v| v.value());
+            if epoch < highest {
+                Admission::Stale(StaleEpoch { scope: scope.to_string(), presented: epoch, highest })
+            } else {
+                if epoch > highest {
+                    epochs.insert(scope, epoch).map_err(err)?;
+                }
+                let ops = w.open_table(OPS).map_err(err)?;
+                let recorded = match ops.get(op_id).map_err(err)? {
+                    Some(v) => Some(
+                        Outcome::decode(v.value()).ok_or_else(|| err(format!("record of op {op_id} is corrupt")))?,
+                    ),
+                    None => None,
+                };
+                let mut started = w.open_table(STARTED).map_err(err)?;
+                match recorded {
+                    Some(outcome) => Admission::Replay(outcome),
+                    None if started.get(op_id).map_err(err)?.is_some() => Admission::Interrupted,
+                    None => {
+                        started.insert(op_id, epoch).map_err(err)?;
+                        Admission::Run
+                    }
+                }
+            }
+        };
+        w.commit().map_err(err)?;
+        Ok(verdict)
+    }
+
+    /// Whether an op was started and never recorded (an agent crash interrupted it).
+    pub fn was_interrupted(&self, op_id: &str) -> Result<bool, LedgerError> {
+        let r = self.db.begin_read().map_err(err)?;
+        let table = r.open_table(STARTED).map_err(err)?;
+        Ok(table.get(op_id).map_err(err)?.is_some())
     }
 
     /// Admits `epoch` for `scope` if it is at least the highest seen, persisting it as the
@@ -133,6 +194,7 @@ impl Ledger {
     fn record_keeping(&self, op_id: &str, outcome: &Outcome, keep: u64) -> Result<(), LedgerError> {
         let w = self.db.begin_write().map_err(err)?;
         {
+            w.open_table(STARTED).map_err(err)?.remove(op_id).map_err(err)?;
             let mut ops = w.open_table(OPS).map_err(err)?;
             let mut order = w.open_table(OPS_ORDER).map_err(err)?;
             if ops.insert(op_id, outcome.encode().as_slice()).map_err(err)?.is_none() {
@@ -155,6 +217,29 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn admission_runs_once_replays_after_and_knows_an_interrupted_op() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.redb");
+        {
+            let ledger = Ledger::open(&path).unwrap();
+            assert_eq!(ledger.admit("volume/v1", 5, "op-1").unwrap(), Admission::Run);
+            let done = Outcome { code: 0, message: String::new(), response: vec![1, 2] };
+            ledger.record("op-1", &done).unwrap();
+            assert_eq!(ledger.admit("volume/v1", 5, "op-1").unwrap(), Admission::Replay(done));
+            assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Run);
+            assert!(matches!(ledger.admit("volume/v1", 5, "op-3").unwrap(), Admission::Stale(_)));
+            // op-2 never records: the agent "crashes" here.
+        }
+        let ledger = Ledger::open(&path).unwrap();
+        assert!(ledger.was_interrupted("op-2").unwrap());
+        assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Interrupted);
+        let failed = Outcome { code: 14, message: "interrupted".into(), response: vec![] };
+        ledger.record("op-2", &failed).unwrap();
+        assert!(!ledger.was_interrupted("op-2").unwrap());
+        assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Replay(failed));
+    }
 
     #[test]
     fn epochs_only_grow_and_survive_reopen() {

@@ -1,22 +1,34 @@
-//! The guard around every mutation: claim the target, admit the epoch, replay a recorded
-//! outcome, run the driver, record the outcome (DESIGN.md, invariant 3).
+//! The guard around every mutation: claim the target, admit the epoch and mark the op
+//! started, replay a recorded outcome, run the driver to the end in its own task, record
+//! the outcome (DESIGN.md, invariant 3; "agents finish what they start").
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use drover_proto::agent::v1 as pb;
+use tokio::sync::watch;
 use tonic::{Code, Response, Status};
 use tracing::Instrument;
 
 use super::AgentService;
 use super::convert::require;
-use crate::driver::{Driver, DriverError};
-use crate::ledger::{Ledger, Outcome};
+use crate::driver::{Driver, DriverError, OpInfo, in_op};
+use crate::ledger::{Admission, Ledger, Outcome};
+
+/// A mutation running on a target: its op_id and where its outcome will appear.
+#[derive(Clone)]
+pub(super) struct Running {
+    pub(super) op_id: String,
+    done: watch::Receiver<Option<Outcome>>,
+}
+
+/// Target (volume or group id) to the mutation running on it.
+pub(super) type InFlight = Arc<Mutex<HashMap<String, Running>>>;
 
 /// Releases an in-flight claim when the operation ends, however it ends.
 struct Claim {
-    map: Arc<Mutex<HashMap<String, String>>>,
+    map: InFlight,
     target: String,
 }
 
@@ -28,15 +40,6 @@ impl Drop for Claim {
 
 pub(super) fn ledger_status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
-}
-
-/// Errors worth remembering for an op_id: retrying them cannot succeed. Transient ones
-/// (Unavailable, Internal) are not recorded, so a retry runs the operation again.
-pub(super) fn is_terminal(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument | Code::NotFound | Code::AlreadyExists | Code::FailedPrecondition | Code::Unimplemented
-    )
 }
 
 pub(super) fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, Status> {
@@ -61,11 +64,19 @@ impl AgentService {
         Self { driver, ledger, in_flight: Arc::new(Mutex::new(HashMap::new())) }
     }
 
-    /// Runs one mutation under fencing, idempotency and the one-at-a-time rule.
+    /// Runs one mutation under fencing, idempotency and the one-at-a-time rule, to the
+    /// end whether or not the caller stays.
     ///
-    /// Order matters: the target is claimed first (a second mutation gets ABORTED); then
-    /// the epoch is checked and raised, so a stale owner learns it is stale even for an op
-    /// it already ran; then a recorded outcome is replayed; only then is the driver called.
+    /// Order matters:
+    /// 1. The target is claimed first. The same op_id already running joins it and gets
+    ///    its outcome; another op gets ABORTED. Admitting the epoch and running under it
+    ///    are then one step for this target, so a stale caller admitted earlier can never
+    ///    run after a newer owner's call on the same volume or group.
+    /// 2. One ledger write admits the epoch and marks the op started, or finds it
+    ///    recorded (replayed, never run again) or interrupted by an agent crash (refused
+    ///    under this op_id, since what it did is unknown; the caller retries with a new one).
+    /// 3. The driver runs in a task of its own, which records the outcome (success or
+    ///    failure) before it releases the target; the caller only waits for that outcome.
     pub(super) async fn guarded<M, F, Fut>(
         &self,
         ctx: Option<pb::OpContext>,
@@ -74,82 +85,120 @@ impl AgentService {
         f: F,
     ) -> Result<Response<M>, Status>
     where
-        M: prost::Message + Default,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<M, DriverError>>,
+        M: prost::Message + Default + 'static,
+        F: FnOnce(Arc<dyn Driver>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<M, DriverError>> + Send + 'static,
     {
         let ctx = validate_ctx(ctx)?;
         let span = tracing::info_span!("mutation", op, target, op_id = %ctx.op_id, epoch = ctx.epoch, scope = %ctx.fence_scope);
         self.guarded_in_span(ctx, target, f).instrument(span).await
     }
 
-    pub(super) async fn guarded_in_span<M, F, Fut>(
-        &self,
-        ctx: pb::OpContext,
-        target: &str,
-        f: F,
-    ) -> Result<Response<M>, Status>
+    async fn guarded_in_span<M, F, Fut>(&self, ctx: pb::OpContext, target: &str, f: F) -> Result<Response<M>, Status>
     where
-        M: prost::Message + Default,
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<M, DriverError>>,
+        M: prost::Message + Default + 'static,
+        F: FnOnce(Arc<dyn Driver>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<M, DriverError>> + Send + 'static,
     {
-        // The claim comes first: admitting the epoch and running under it are then one
-        // step for this target, so a stale caller admitted earlier can never run after a
-        // newer owner's call on the same volume or group.
-        let _claim = {
+        enum Claimed {
+            Join(watch::Receiver<Option<Outcome>>),
+            Busy(String),
+            Mine(watch::Sender<Option<Outcome>>),
+        }
+        let claimed = {
             let mut map = self.in_flight.lock().expect("in-flight map poisoned");
-            if let Some(running) = map.get(target) {
-                return Err(Status::aborted(format!(
-                    "{target} has operation {running} in flight; retry after it finishes"
-                )));
+            match map.get(target) {
+                Some(running) if running.op_id == ctx.op_id => Claimed::Join(running.done.clone()),
+                Some(running) => Claimed::Busy(running.op_id.clone()),
+                None => {
+                    let (tx, done) = watch::channel(None);
+                    map.insert(target.to_string(), Running { op_id: ctx.op_id.clone(), done });
+                    Claimed::Mine(tx)
+                }
             }
-            map.insert(target.to_string(), ctx.op_id.clone());
-            Claim { map: self.in_flight.clone(), target: target.to_string() }
         };
+        let tx = match claimed {
+            Claimed::Join(done) => {
+                tracing::debug!("joining the running operation with this op_id");
+                return outcome_of(done).await;
+            }
+            Claimed::Busy(op) => {
+                return Err(Status::aborted(format!("{target} has operation {op} in flight; retry after it finishes")));
+            }
+            Claimed::Mine(tx) => tx,
+        };
+        let claim = Claim { map: self.in_flight.clone(), target: target.to_string() };
         let ledger = self.ledger.clone();
-        let (scope, epoch) = (ctx.fence_scope.clone(), ctx.epoch);
-        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
+        let (scope, epoch, op_id) = (ctx.fence_scope.clone(), ctx.epoch, ctx.op_id.clone());
+        let admission = tokio::task::spawn_blocking(move || ledger.admit(&scope, epoch, &op_id))
             .await
             .map_err(ledger_status)?
             .map_err(ledger_status)?;
-        if let Err(stale) = verdict {
-            return Err(Status::failed_precondition(format!(
-                "stale epoch {} for {}: this agent has seen epoch {}; the caller no longer owns this operation",
-                stale.presented, stale.scope, stale.highest
-            )));
-        }
-        if let Some(outcome) = self.recorded(&ctx.op_id).await? {
-            tracing::debug!("replaying recorded outcome");
-            return replay(outcome);
-        }
-        let result = f().await;
-        let outcome = match &result {
-            Ok(resp) => Some(Outcome { code: 0, message: String::new(), response: resp.encode_to_vec() }),
-            Err(e) => {
-                let status = e.to_status();
-                is_terminal(status.code()).then(|| Outcome {
-                    code: status.code() as i32,
-                    message: status.message().to_string(),
+        match admission {
+            Admission::Stale(stale) => {
+                return Err(Status::failed_precondition(format!(
+                    "stale epoch {} for {}: this agent has seen epoch {}; the caller no longer owns this operation",
+                    stale.presented, stale.scope, stale.highest
+                )));
+            }
+            Admission::Replay(outcome) => {
+                tracing::debug!("replaying recorded outcome");
+                return replay(outcome);
+            }
+            Admission::Interrupted => {
+                let outcome = Outcome {
+                    code: Code::Unavailable as i32,
+                    message: format!(
+                        "operation {} was interrupted by a restart of this agent before it finished; what it did \
+                         is unknown here, so it is not run again under this op_id: retry with a new op_id",
+                        ctx.op_id
+                    ),
                     response: Vec::new(),
-                })
+                };
+                self.record(&ctx.op_id, &outcome).await?;
+                tracing::warn!("refusing an operation an agent restart interrupted");
+                return replay(outcome);
             }
-        };
-        if let Some(outcome) = outcome {
-            let ledger = self.ledger.clone();
-            let op_id = ctx.op_id.clone();
-            tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome))
-                .await
-                .map_err(ledger_status)?
-                .map_err(ledger_status)?;
+            Admission::Run => {}
         }
-        match result {
-            Ok(resp) => Ok(Response::new(resp)),
-            Err(e) => {
-                tracing::warn!(error = %e, "driver call failed");
-                Err(e.to_status())
+        let (driver, ledger, op_id) = (self.driver.clone(), self.ledger.clone(), ctx.op_id.clone());
+        let info = OpInfo { op_id: ctx.op_id.clone(), epoch: ctx.epoch, scope: ctx.fence_scope.clone() };
+        let done = tx.subscribe();
+        tokio::spawn(
+            async move {
+                let _claim = claim;
+                let outcome = match in_op(info, f(driver)).await {
+                    Ok(resp) => Outcome { code: 0, message: String::new(), response: resp.encode_to_vec() },
+                    Err(e) => {
+                        tracing::warn!(error = %e, "driver call failed");
+                        let status = e.to_status();
+                        Outcome { code: status.code() as i32, message: status.message().to_string(), response: Vec::new() }
+                    }
+                };
+                // Recorded before the target is released, so a repeat of this op_id finds
+                // either the running op (and joins it) or its record.
+                let recorded = {
+                    let outcome = outcome.clone();
+                    tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome)).await
+                };
+                match recorded {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => tracing::error!(error = %e, "could not record the outcome; a retry will be refused as interrupted"),
+                    Err(e) => tracing::error!(error = %e, "could not record the outcome"),
+                }
+                let _ = tx.send(Some(outcome));
             }
-        }
+            .in_current_span(),
+        );
+        outcome_of(done).await
+    }
+
+    async fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), Status> {
+        let (ledger, op_id, outcome) = (self.ledger.clone(), op_id.to_string(), outcome.clone());
+        tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome))
+            .await
+            .map_err(ledger_status)?
+            .map_err(ledger_status)
     }
 
     pub(super) async fn recorded(&self, op_id: &str) -> Result<Option<Outcome>, Status> {
@@ -157,6 +206,19 @@ impl AgentService {
         let op_id = op_id.to_string();
         tokio::task::spawn_blocking(move || ledger.outcome(&op_id)).await.map_err(ledger_status)?.map_err(ledger_status)
     }
+}
+
+/// Waits for a running operation's outcome.
+async fn outcome_of<M: prost::Message + Default>(
+    mut done: watch::Receiver<Option<Outcome>>,
+) -> Result<Response<M>, Status> {
+    let outcome = done
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| Status::internal("the operation's task ended without an outcome; ask GetOperation"))?
+        .clone()
+        .expect("waited for Some");
+    replay(outcome)
 }
 
 pub(super) fn replay<M: prost::Message + Default>(outcome: Outcome) -> Result<Response<M>, Status> {

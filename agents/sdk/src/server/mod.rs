@@ -6,9 +6,8 @@ mod convert;
 mod guard;
 mod scheduler;
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use drover_proto::agent::v1 as pb;
 use drover_proto::agent::v1::agent_server::{Agent, AgentServer};
@@ -24,7 +23,7 @@ pub struct AgentService {
     driver: Arc<dyn Driver>,
     ledger: Ledger,
     /// Volume or group id to the op_id of the mutation running on it.
-    in_flight: Arc<Mutex<HashMap<String, String>>>,
+    in_flight: guard::InFlight,
 }
 
 #[tonic::async_trait]
@@ -49,11 +48,12 @@ impl Agent for AgentService {
     }
 
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
         let bytes = size("size_bytes", r.size_bytes)?;
-        self.guarded(r.ctx, &r.volume_id, "create_volume", || async {
-            self.driver.create_volume(&r.volume_id, bytes).await.map(volume_info)
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "create_volume", move |d| async move {
+            d.create_volume(&r.volume_id, bytes).await.map(volume_info)
         })
         .await
     }
@@ -62,20 +62,22 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "delete_volume", || async {
-            self.driver.delete_volume(&r.volume_id).await.map(|()| pb::DeleteVolumeResponse {})
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "delete_volume", move |d| async move {
+            d.delete_volume(&r.volume_id).await.map(|()| pb::DeleteVolumeResponse {})
         })
         .await
     }
 
     async fn extend_volume(&self, req: Request<pb::ExtendVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
         let bytes = size("new_size_bytes", r.new_size_bytes)?;
-        self.guarded(r.ctx, &r.volume_id, "extend_volume", || async {
-            self.driver.extend_volume(&r.volume_id, bytes).await.map(volume_info)
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "extend_volume", move |d| async move {
+            d.extend_volume(&r.volume_id, bytes).await.map(volume_info)
         })
         .await
     }
@@ -90,14 +92,15 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::CreateGroupSnapshotRequest>,
     ) -> Result<Response<pb::GroupSnapshot>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("group_id", &r.group_id)?;
         require("snapshot_id", &r.snapshot_id)?;
         if r.volume_ids.is_empty() {
             return Err(Status::invalid_argument("`volume_ids` must name at least one volume"));
         }
-        self.guarded(r.ctx, &r.group_id, "create_group_snapshot", || async {
-            self.driver.create_group_snapshot(&r.snapshot_id, &r.volume_ids).await.map(|s| pb::GroupSnapshot {
+        let (ctx, target) = (r.ctx.take(), r.group_id.clone());
+        self.guarded(ctx, &target, "create_group_snapshot", move |d| async move {
+            d.create_group_snapshot(&r.snapshot_id, &r.volume_ids).await.map(|s| pb::GroupSnapshot {
                 snapshot_id: s.snapshot_id,
                 volume_ids: s.volume_ids,
                 created_at_ms: s.created_at_ms,
@@ -110,10 +113,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("snapshot_id", &r.snapshot_id)?;
-        self.guarded(r.ctx, &r.snapshot_id, "delete_snapshot", || async {
-            self.driver.delete_snapshot(&r.snapshot_id).await.map(|()| pb::DeleteSnapshotResponse {})
+        let (ctx, target) = (r.ctx.take(), r.snapshot_id.clone());
+        self.guarded(ctx, &target, "delete_snapshot", move |d| async move {
+            d.delete_snapshot(&r.snapshot_id).await.map(|()| pb::DeleteSnapshotResponse {})
         })
         .await
     }
@@ -122,11 +126,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::ConnectionInfo>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "attach_volume", || async {
-            self.driver
-                .attach_volume(&r.volume_id)
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "attach_volume", move |d| async move {
+            d.attach_volume(&r.volume_id)
                 .await
                 .map(|c| pb::ConnectionInfo { driver_volume_type: c.driver_volume_type, uri: c.uri })
         })
@@ -137,10 +141,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DetachVolumeRequest>,
     ) -> Result<Response<pb::DetachVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "detach_volume", || async {
-            self.driver.detach_volume(&r.volume_id).await.map(|()| pb::DetachVolumeResponse {})
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "detach_volume", move |d| async move {
+            d.detach_volume(&r.volume_id).await.map(|()| pb::DetachVolumeResponse {})
         })
         .await
     }
@@ -164,11 +169,12 @@ impl Agent for AgentService {
     }
 
     async fn manage_volume(&self, req: Request<pb::ManageVolumeRequest>) -> Result<Response<pb::VolumeInfo>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("reference", &r.reference)?;
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "manage_volume", || async {
-            self.driver.manage_volume(&r.reference, &r.volume_id).await.map(volume_info)
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "manage_volume", move |d| async move {
+            d.manage_volume(&r.reference, &r.volume_id).await.map(volume_info)
         })
         .await
     }
@@ -177,10 +183,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::UnmanageVolumeRequest>,
     ) -> Result<Response<pb::UnmanageVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "unmanage_volume", || async {
-            self.driver.unmanage_volume(&r.volume_id).await.map(|()| pb::UnmanageVolumeResponse {})
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "unmanage_volume", move |d| async move {
+            d.unmanage_volume(&r.volume_id).await.map(|()| pb::UnmanageVolumeResponse {})
         })
         .await
     }
@@ -189,7 +196,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::EnableReplicationRequest>,
     ) -> Result<Response<pb::EnableReplicationResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
         let role = match pb::ReplicationRole::try_from(r.role) {
             Ok(pb::ReplicationRole::Primary) => Role::Primary,
@@ -213,8 +220,9 @@ impl Agent for AgentService {
                 })?),
             },
         };
-        self.guarded(r.ctx, &r.volume_id, "enable_replication", || async {
-            self.driver.enable_replication(&spec).await.map(|()| pb::EnableReplicationResponse {})
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "enable_replication", move |d| async move {
+            d.enable_replication(&spec).await.map(|()| pb::EnableReplicationResponse {})
         })
         .await
     }
@@ -223,10 +231,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DisableReplicationRequest>,
     ) -> Result<Response<pb::DisableReplicationResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "disable_replication", || async {
-            self.driver.disable_replication(&r.volume_id).await.map(|()| pb::DisableReplicationResponse {})
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "disable_replication", move |d| async move {
+            d.disable_replication(&r.volume_id).await.map(|()| pb::DisableReplicationResponse {})
         })
         .await
     }
@@ -235,11 +244,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::PromoteVolumeRequest>,
     ) -> Result<Response<pb::PromoteVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "promote", || async {
-            self.driver
-                .promote(&r.volume_id, r.force)
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "promote", move |d| async move {
+            d.promote(&r.volume_id, r.force)
                 .await
                 .map(|d| pb::PromoteVolumeResponse { divergence_point: d.unwrap_or_default() })
         })
@@ -250,10 +259,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::DemoteVolumeRequest>,
     ) -> Result<Response<pb::DemoteVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "demote", || async {
-            self.driver.demote(&r.volume_id).await.map(|()| pb::DemoteVolumeResponse {})
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "demote", move |d| async move {
+            d.demote(&r.volume_id).await.map(|()| pb::DemoteVolumeResponse {})
         })
         .await
     }
@@ -262,10 +272,11 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::ResyncVolumeRequest>,
     ) -> Result<Response<pb::ResyncVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("volume_id", &r.volume_id)?;
-        self.guarded(r.ctx, &r.volume_id, "resync", || async {
-            self.driver.resync(&r.volume_id).await.map(|ready| pb::ResyncVolumeResponse { ready })
+        let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        self.guarded(ctx, &target, "resync", move |d| async move {
+            d.resync(&r.volume_id).await.map(|ready| pb::ResyncVolumeResponse { ready })
         })
         .await
     }
@@ -281,11 +292,12 @@ impl Agent for AgentService {
     }
 
     async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         require("group_id", &r.group_id)?;
-        let peer = (!r.peer_endpoint.is_empty()).then_some(r.peer_endpoint.as_str());
-        self.guarded(r.ctx, &r.group_id, "sync_group", || async {
-            self.driver.sync_group(&r.group_id, r.r#final, peer).await.map(|rep| pb::SyncGroupResponse {
+        let (ctx, target) = (r.ctx.take(), r.group_id.clone());
+        self.guarded(ctx, &target, "sync_group", move |d| async move {
+            let peer = (!r.peer_endpoint.is_empty()).then_some(r.peer_endpoint.as_str());
+            d.sync_group(&r.group_id, r.r#final, peer).await.map(|rep| pb::SyncGroupResponse {
                 recovery_point_id: rep.recovery_point_id,
                 bytes: rep.bytes as i64,
                 duration_ms: rep.duration_ms as i64,
@@ -302,7 +314,7 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::OperationRecord>, Status> {
         let r = req.into_inner();
         require("op_id", &r.op_id)?;
-        let running = self.in_flight.lock().expect("in-flight map poisoned").values().any(|op| *op == r.op_id);
+        let running = self.in_flight.lock().expect("in-flight map poisoned").values().any(|op| op.op_id == r.op_id);
         let record = match self.recorded(&r.op_id).await? {
             Some(o) if o.code == 0 => {
                 pb::OperationRecord { op_id: r.op_id, state: "succeeded".into(), code: 0, message: String::new() }
