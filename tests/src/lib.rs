@@ -116,6 +116,16 @@ impl Cluster {
 
     /// Starts the cluster with `driver` agents (`qemu` or `mock`).
     pub async fn start_with(store: StoreChoice<'_>, driver: &str, agent_extra: &[&str]) -> Self {
+        Self::start_custom(store, driver, agent_extra, &[]).await
+    }
+
+    /// Starts the cluster with extra orchestrator flags too (kept across restarts).
+    pub async fn start_custom(
+        store: StoreChoice<'_>,
+        driver: &str,
+        agent_extra: &[&str],
+        orchestrator_extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bin = locate_drover().expect("drover binary");
         let store_args: Vec<String> = match store {
@@ -131,6 +141,8 @@ impl Cluster {
                 fresh_prefix(),
             ],
         };
+        let store_args: Vec<String> =
+            store_args.into_iter().chain(orchestrator_extra.iter().map(|s| s.to_string())).collect();
         let orchestrator =
             start_orchestrator(&bin, dir.path(), "orchestrator", &store_args).expect("orchestrator starts");
         let mut agents = Vec::new();

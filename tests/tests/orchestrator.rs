@@ -378,3 +378,44 @@ fn malformed_config_file_is_reported() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("orchestrator.toml") && err.contains("line 2"), "{err}");
 }
+
+/// Op log entries of one driver op, as (op_id, target).
+fn oplog(path: &std::path::Path, op: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("whole JSON lines"))
+        .filter(|e| e["op"] == op)
+        .map(|e| (e["op_id"].as_str().unwrap().to_string(), e["target"].as_str().unwrap().to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_call_that_times_out_after_the_work_is_asked_about_not_run_again() {
+    // Agent calls time out after 300 ms; the mock takes 900 ms per call.
+    let cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.latency=900ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"],
+        &["--set", "defaults.agent_call_timeout=300ms"],
+    )
+    .await;
+    let mut c = cluster.clients().await;
+    let v = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "slow".into(),
+            project: "tests".into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+        })
+        .await
+        .expect("the create completes although every agent call times out")
+        .into_inner();
+    assert_eq!(v.status, "available");
+    let log = oplog(&cluster.path().join("oplog-backend-a.jsonl"), "create_volume");
+    assert_eq!(log.len(), 1, "the driver ran once: {log:?}");
+    assert_eq!(log[0].1, v.id);
+    let orch_log = std::fs::read_to_string(&cluster.orchestrator.proc.log).unwrap();
+    assert!(orch_log.contains("outcome unknown; asking the agent"), "the orchestrator asked GetOperation");
+}

@@ -37,10 +37,82 @@ pub enum Deadline {
     Sync,
 }
 
-/// Whether a call may be retried as it is: only calls carrying an op_id, and only on
-/// failures that say nothing was decided.
+/// What a failed agent call means for the caller: the one classifier every agent call
+/// goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// The agent decided: retrying the same request cannot succeed.
+    Terminal,
+    /// Nothing happened (a read, or a mutation the agent reports failed transiently):
+    /// trying again may succeed.
+    Retryable,
+    /// The call may or may not have taken effect (deadline, lost connection, the target
+    /// busy, an agent error): for a mutation, ask the agent before doing anything else.
+    Unknown,
+}
+
+/// Classifies a failed call. Only the agent's considered refusals are terminal; anything
+/// else leaves a mutation's outcome unknown until the agent is asked.
+pub fn classify(status: &Status) -> Failure {
+    match status.code() {
+        Code::InvalidArgument
+        | Code::NotFound
+        | Code::AlreadyExists
+        | Code::FailedPrecondition
+        | Code::Unimplemented
+        | Code::OutOfRange
+        | Code::PermissionDenied
+        | Code::Unauthenticated => Failure::Terminal,
+        _ => Failure::Unknown,
+    }
+}
+
 fn retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Unknown)
+    classify(status) != Failure::Terminal
+}
+
+/// A mutating agent request: it carries an op context whose op_id the pool may suffix
+/// (`#2`, `#3`, …) to retry after the agent recorded a transient failure.
+pub trait Mutation: Clone + Send + 'static {
+    /// The request's op context.
+    fn ctx_mut(&mut self) -> &mut Option<apb::OpContext>;
+}
+
+macro_rules! mutations {
+    ($($t:ty),* $(,)?) => {
+        $(impl Mutation for $t {
+            fn ctx_mut(&mut self) -> &mut Option<apb::OpContext> {
+                &mut self.ctx
+            }
+        })*
+    };
+}
+
+mutations!(
+    apb::CreateVolumeRequest,
+    apb::DeleteVolumeRequest,
+    apb::ExtendVolumeRequest,
+    apb::CreateGroupSnapshotRequest,
+    apb::DeleteSnapshotRequest,
+    apb::AttachVolumeRequest,
+    apb::DetachVolumeRequest,
+    apb::ManageVolumeRequest,
+    apb::UnmanageVolumeRequest,
+    apb::EnableReplicationRequest,
+    apb::DisableReplicationRequest,
+    apb::PromoteVolumeRequest,
+    apb::DemoteVolumeRequest,
+    apb::ResyncVolumeRequest,
+    apb::SyncGroupRequest,
+);
+
+/// How many times a mutation is tried under new op_ids after the agent recorded a
+/// transient failure.
+const MAX_ATTEMPTS: u32 = 4;
+
+/// The op_id of attempt `n` (1-based) of an operation: the base id, then `base#n`.
+pub fn attempt_op_id(base: &str, n: u32) -> String {
+    if n <= 1 { base.to_string() } else { format!("{base}#{n}") }
 }
 
 /// An op context for one agent call.
@@ -97,6 +169,143 @@ impl AgentPool {
             Ok(Err(s)) => Err(s.message().to_string()),
             Ok(Ok(r)) if r.get_ref().ready => Ok(()),
             Ok(Ok(r)) => Err(r.into_inner().detail),
+        }
+    }
+
+    /// Runs one mutation on a backend's agent and returns its outcome, never running it
+    /// twice (DESIGN.md: "honest about the unknown").
+    ///
+    /// - A success or a terminal refusal is the answer.
+    /// - Any other failure leaves the outcome unknown, so the agent is asked
+    ///   (`GetOperation`) before anything else: `running` is waited for; `succeeded` is
+    ///   fetched by sending the same op_id again (the agent replays it); `failed` with a
+    ///   transient code is tried again under the next op_id (`base#2`, …, at most
+    ///   [`MAX_ATTEMPTS`]); `unknown` means the agent never started it, so the same op_id
+    ///   is sent again.
+    /// - An agent that cannot be asked leaves the outcome unknown: the error says so, and
+    ///   the caller (a procedure) resumes later with the same op_id.
+    ///
+    /// Walking the attempts is deterministic, so a resumed procedure finds every earlier
+    /// attempt's record on the agent and continues where the last one ended.
+    pub async fn mutate<R, T, F, Fut>(&self, backend: &str, kind: Deadline, req: R, f: F) -> Result<T, Status>
+    where
+        R: Mutation,
+        F: Fn(AgentClient<Channel>, R) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let timeout = self.deadline(backend, kind);
+        let base = req.clone().ctx_mut().as_ref().map(|c| c.op_id.clone()).unwrap_or_default();
+        let mut attempt = 1;
+        let mut unreachable = 0u32;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let op_id = attempt_op_id(&base, attempt);
+            let mut req = req.clone();
+            if let Some(ctx) = req.ctx_mut() {
+                ctx.op_id = op_id.clone();
+            }
+            let agent = self.first_agent(backend).await?;
+            let client = self.client(&agent.endpoint, timeout).map_err(Status::from)?;
+            let answer = match tokio::time::timeout(timeout, f(client, req)).await {
+                Ok(r) => r.map(tonic::Response::into_inner),
+                Err(_) => Err(Status::deadline_exceeded(format!(
+                    "agent {} of backend {backend} did not answer within {timeout:?}",
+                    agent.agent_id
+                ))),
+            };
+            let failed = match answer {
+                Ok(v) => return Ok(v),
+                Err(s) if classify(&s) == Failure::Terminal => return Err(s),
+                Err(s) => s,
+            };
+            tracing::info!(backend, op_id, code = ?failed.code(), error = failed.message(), "outcome unknown; asking the agent");
+            match self.ask(&agent.endpoint, &op_id, timeout).await {
+                Ok(rec) => {
+                    unreachable = 0;
+                    match rec.state.as_str() {
+                        // Fetch the recorded answer by sending the same op_id again.
+                        "succeeded" => continue,
+                        "failed" => {
+                            let status = Status::new(Code::from_i32(rec.code), rec.message);
+                            if classify(&status) == Failure::Terminal {
+                                return Err(status);
+                            }
+                            if attempt >= MAX_ATTEMPTS {
+                                return Err(Status::new(
+                                    status.code(),
+                                    format!("{} (after {attempt} attempts of operation {base})", status.message()),
+                                ));
+                            }
+                            attempt += 1;
+                            continue;
+                        }
+                        "running" => {
+                            self.wait_finished(&agent.endpoint, &op_id, timeout).await?;
+                            continue;
+                        }
+                        // Never started (or the target was busy with another op): send the
+                        // same op_id again after a pause.
+                        _ => {}
+                    }
+                }
+                Err(e) => {
+                    unreachable += 1;
+                    if unreachable >= 4 {
+                        return Err(Status::unavailable(format!(
+                            "the outcome of operation {op_id} on backend {backend} is unknown: its agent could not be \
+                             asked ({}); first error: {}",
+                            e.message(),
+                            failed.message()
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(backoff + Duration::from_millis(fastrand::u64(0..50))).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// The agent that serves a backend's mutations: its first live registration (by
+    /// agent id), so an op and the question about it reach the same ledger.
+    async fn first_agent(&self, backend: &str) -> Result<AgentRec, Status> {
+        let mut agents = self.registrations(backend).await.map_err(Status::from)?;
+        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+        agents.into_iter().next().ok_or_else(|| {
+            Status::unavailable(format!(
+                "backend {backend} has no live agent; start its agent, or check `drover backend show {backend}`"
+            ))
+        })
+    }
+
+    /// Asks an agent what became of an op.
+    async fn ask(&self, endpoint: &str, op_id: &str, timeout: Duration) -> Result<apb::OperationRecord, Status> {
+        let probe = timeout.min(Duration::from_secs(5));
+        let mut client = self.client(endpoint, probe).map_err(Status::from)?;
+        let req = apb::GetOperationRequest { op_id: op_id.to_string() };
+        match tokio::time::timeout(probe, client.get_operation(req)).await {
+            Ok(r) => r.map(tonic::Response::into_inner),
+            Err(_) => Err(Status::deadline_exceeded(format!("GetOperation {op_id} had no answer within {probe:?}"))),
+        }
+    }
+
+    /// Waits until the agent no longer reports the op as running (bounded by twice the
+    /// call's deadline).
+    async fn wait_finished(&self, endpoint: &str, op_id: &str, timeout: Duration) -> Result<(), Status> {
+        let deadline = tokio::time::Instant::now() + timeout * 2;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let rec = self.ask(endpoint, op_id, timeout).await?;
+            if rec.state != "running" {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(Status::deadline_exceeded(format!(
+                    "operation {op_id} is still running on its agent after {:?}; it will be asked again on resume",
+                    timeout * 2
+                )));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(1));
         }
     }
 

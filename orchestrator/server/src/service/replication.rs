@@ -166,10 +166,7 @@ impl ReplicationApi {
         };
         self.core
             .agents
-            .call(backend, Deadline::Sync, true, |mut c| {
-                let req = req.clone();
-                async move { c.sync_group(req).await }
-            })
+            .mutate(backend, Deadline::Sync, req.clone(), |mut c, req| async move { c.sync_group(req).await })
             .await
             .map_err(|s| format!("{} sync on {backend}: {}", if final_sync { "final" } else { "initial" }, s.message()))
     }
@@ -313,9 +310,8 @@ impl ReplicationApi {
                     };
                     self.core
                         .agents
-                        .call(&target, timeout, true, |mut c| {
-                            let req = secondary.clone();
-                            async move { c.enable_replication(req).await }
+                        .mutate(&target, timeout, secondary.clone(), |mut c, req| async move {
+                            c.enable_replication(req).await
                         })
                         .await
                         .map_err(|s| format!("replica on {target}: {}", s.message()))?;
@@ -330,9 +326,8 @@ impl ReplicationApi {
                     };
                     self.core
                         .agents
-                        .call(&source, timeout, true, |mut c| {
-                            let req = primary.clone();
-                            async move { c.enable_replication(req).await }
+                        .mutate(&source, timeout, primary.clone(), |mut c, req| async move {
+                            c.enable_replication(req).await
                         })
                         .await
                         .map_err(|s| format!("source on {source}: {}", s.message()))?;
@@ -434,9 +429,8 @@ impl ReplicationApi {
                         };
                         self.core
                             .agents
-                            .call(backend, timeout, true, |mut c| {
-                                let req = req.clone();
-                                async move { c.disable_replication(req).await }
+                            .mutate(backend, timeout, req.clone(), |mut c, req| async move {
+                                c.disable_replication(req).await
                             })
                             .await
                             .map_err(|s| format!("{side} on {backend}: {}", s.message()))?;
@@ -565,10 +559,12 @@ impl ReplicationApi {
                         };
                         self.core
                             .agents
-                            .call(&to, timeout, true, |mut c| {
-                                let req = demote.clone();
-                                async move { c.demote_volume(req).await }
-                            })
+                            .mutate(
+                                &to,
+                                timeout,
+                                demote.clone(),
+                                |mut c, req| async move { c.demote_volume(req).await },
+                            )
                             .await
                             .map_err(|s| format!("reprotect: could not demote on {to}: {}", s.message()))?;
                         if discard {
@@ -578,10 +574,12 @@ impl ReplicationApi {
                             };
                             self.core
                                 .agents
-                                .call(&to, timeout, true, |mut c| {
-                                    let req = resync.clone();
-                                    async move { c.resync_volume(req).await }
-                                })
+                                .mutate(
+                                    &to,
+                                    timeout,
+                                    resync.clone(),
+                                    |mut c, req| async move { c.resync_volume(req).await },
+                                )
                                 .await
                                 .map_err(|s| format!("reprotect: could not resync on {to}: {}", s.message()))?;
                         }
@@ -628,10 +626,12 @@ impl ReplicationApi {
                             };
                             self.core
                                 .agents
-                                .call(&from, short, true, |mut c| {
-                                    let req = req.clone();
-                                    async move { c.demote_volume(req).await }
-                                })
+                                .mutate(
+                                    &from,
+                                    short,
+                                    req.clone(),
+                                    |mut c, req| async move { c.demote_volume(req).await },
+                                )
                                 .await
                                 .map_err(|s| {
                                     format!(
@@ -648,10 +648,7 @@ impl ReplicationApi {
                         let resp = self
                             .core
                             .agents
-                            .call(&to, timeout, true, |mut c| {
-                                let req = req.clone();
-                                async move { c.promote_volume(req).await }
-                            })
+                            .mutate(&to, timeout, req.clone(), |mut c, req| async move { c.promote_volume(req).await })
                             .await
                             .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
                         Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
@@ -733,10 +730,7 @@ impl ReplicationApi {
         let resp = self
             .core
             .agents
-            .call(&active, Deadline::Sync, true, |mut c| {
-                let req = req.clone();
-                async move { c.sync_group(req).await }
-            })
+            .mutate(&active, Deadline::Sync, req.clone(), |mut c, req| async move { c.sync_group(req).await })
             .await
             .map_err(|s| super::shared::from_agent(&active, &format!("sync group {}", g.rec.name), &s))?;
         Ok(pb::SyncGroupResponse {

@@ -119,14 +119,16 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, Deadline::Call, true, |mut c| {
-                let req = apb::CreateVolumeRequest {
+            .mutate(
+                &rec.backend,
+                Deadline::Call,
+                apb::CreateVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
                     size_bytes: op.new_size_bytes as i64,
-                };
-                async move { c.create_volume(req).await }
-            })
+                },
+                |mut c, req| async move { c.create_volume(req).await },
+            )
             .await;
         match call {
             Ok(_) => {
@@ -168,13 +170,15 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, Deadline::Call, true, |mut c| {
-                let req = apb::DeleteVolumeRequest {
+            .mutate(
+                &rec.backend,
+                Deadline::Call,
+                apb::DeleteVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
-                };
-                async move { c.delete_volume(req).await }
-            })
+                },
+                |mut c, req| async move { c.delete_volume(req).await },
+            )
             .await;
         match call {
             Ok(_) => {
@@ -226,14 +230,16 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, Deadline::Call, true, |mut c| {
-                let req = apb::ExtendVolumeRequest {
+            .mutate(
+                &rec.backend,
+                Deadline::Call,
+                apb::ExtendVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
                     new_size_bytes: op.new_size_bytes as i64,
-                };
-                async move { c.extend_volume(req).await }
-            })
+                },
+                |mut c, req| async move { c.extend_volume(req).await },
+            )
             .await;
         match call {
             Ok(info) => {
@@ -340,14 +346,16 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, Deadline::Call, true, |mut c| {
-                let req = apb::ManageVolumeRequest {
+            .mutate(
+                &rec.backend,
+                Deadline::Call,
+                apb::ManageVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     reference: op.reference.clone(),
                     volume_id: rec.id.clone(),
-                };
-                async move { c.manage_volume(req).await }
-            })
+                },
+                |mut c, req| async move { c.manage_volume(req).await },
+            )
             .await;
         match call {
             Ok(info) => {
@@ -390,13 +398,15 @@ impl VolumeApi {
         let call = self
             .core
             .agents
-            .call(&rec.backend, Deadline::Call, true, |mut c| {
-                let req = apb::UnmanageVolumeRequest {
+            .mutate(
+                &rec.backend,
+                Deadline::Call,
+                apb::UnmanageVolumeRequest {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
-                };
-                async move { c.unmanage_volume(req).await }
-            })
+                },
+                |mut c, req| async move { c.unmanage_volume(req).await },
+            )
             .await;
         match call {
             Ok(_) => {
@@ -511,10 +521,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let conn = self
             .core
             .agents
-            .call(&backend, Deadline::Call, true, |mut c| {
-                let req = req.clone();
-                async move { c.attach_volume(req).await }
-            })
+            .mutate(&backend, Deadline::Call, req.clone(), |mut c, req| async move { c.attach_volume(req).await })
             .await
             .map_err(|s| from_agent(&backend, &format!("attach volume {}", v.rec.name), &s))?;
         Ok(Response::new(pb::AttachVolumeResponse {
