@@ -1,0 +1,84 @@
+//! The procedure engine: every operation that changes more than one record or calls an
+//! agent runs as a [`Procedure`], persisted in the store and detached from the request
+//! that asked for it (DESIGN.md, "Procedures").
+//!
+//! - **Detached.** [`Manager::submit`] writes the execution and returns its id at once;
+//!   the procedure runs in a task of the manager, whether or not the client stays.
+//! - **Owned.** Each execution has one owner at a time: the key
+//!   `execution-owners/<id>`, bound to the owning orchestrator's lease. The revision of
+//!   that claim is the execution's epoch, stamped on agent calls so a stale owner is
+//!   refused; every write of the execution compares the claim, so a stale owner's write
+//!   fails too.
+//! - **Locked.** A procedure declares lock keys (`group/<id>`, …); submitting one whose
+//!   key is held fails with the holder's execution id. Locks live until the execution
+//!   ends, across owners.
+//! - **Resumable.** Unfinished executions are indexed under `executions-pending/`. Every
+//!   manager scans that index at start, every second, and at once when an owner key is
+//!   deleted (a lease expired); any manager claims an unowned execution and resumes it
+//!   from its persisted state. A store outage stops nothing for good: writes are retried
+//!   until they land or the claim is gone.
+//! - **Cancellable** at step boundaries; **observable** through [`Manager::watch`].
+//!
+//! [`Procedure::execute`] runs one step and must be idempotent: after a crash between a
+//! step and its persist, the step runs again.
+
+mod manager;
+mod record;
+
+pub use manager::{Manager, ManagerConfig, SubmitError};
+pub use record::{ExecutionRec, ExecutionStatus, StepRec, keys};
+
+use async_trait::async_trait;
+
+/// What one call of [`Procedure::execute`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Status {
+    /// A step finished; persist the state and call again. `note` says what the step did
+    /// (shown in the execution's step list).
+    Executing { note: String },
+    /// The procedure is done; `output` is its result for whoever waits on it.
+    Done { output: serde_json::Value },
+}
+
+/// Why a step did not finish.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProcedureError {
+    /// Transient (the store or an agent could not be reached, an outcome is unknown):
+    /// the same step runs again after a pause.
+    #[error("{0}")]
+    Retry(String),
+    /// Terminal: the execution fails with this message.
+    #[error("{0}")]
+    Fail(String),
+}
+
+/// What a running step may know and use.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The execution's id.
+    pub execution_id: String,
+    /// The owner's epoch: the revision of its claim. Stamp it on agent calls.
+    pub epoch: i64,
+    /// Fires when the owner loses its claim or shuts down: stop at the next await.
+    pub cancelled: tokio_util::sync::CancellationToken,
+}
+
+/// A typed state machine whose state survives crashes.
+#[async_trait]
+pub trait Procedure: Send + Sync {
+    /// The type's stable name; the manager rebuilds the procedure from it on resume.
+    fn kind(&self) -> &'static str;
+    /// A one-line description for listings, e.g. "failover of group g1 to backend-b".
+    fn summary(&self) -> String;
+    /// The store keys it needs for itself (`group/<id>`, `volume/<id>`, `backend/<name>`).
+    fn locks(&self) -> Vec<String>;
+    /// The name of the step the next [`Procedure::execute`] runs.
+    fn step(&self) -> String;
+    /// The state to persist; [`Loader`]s rebuild the procedure from it.
+    fn dump(&self) -> serde_json::Value;
+    /// Runs the next step. Idempotent: it may run again after a crash.
+    async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError>;
+}
+
+/// Rebuilds a procedure of one kind from its persisted state.
+pub type Loader = Box<dyn Fn(serde_json::Value) -> Result<Box<dyn Procedure>, String> + Send + Sync>;

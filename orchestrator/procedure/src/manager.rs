@@ -1,0 +1,775 @@
+//! The manager: submits, owns, runs, resumes and cancels executions (see the crate doc).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use drover_store::{Compare, KvStore, StoreError, Txn, TxnOp};
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+
+use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, now_ms};
+use crate::{Context, Loader, Procedure, ProcedureError, Status};
+
+/// Manager settings.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// This orchestrator's id, written into owner claims.
+    pub owner_id: String,
+    /// TTL of the owner lease: how long after an owner dies another resumes its work.
+    pub lease_ttl: Duration,
+    /// How often unowned executions are looked for, besides owner-deletion events.
+    pub scan_interval: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            owner_id: format!("orchestrator-{}", uuid::Uuid::now_v7()),
+            lease_ttl: Duration::from_secs(10),
+            scan_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why a submit or cancel was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// Another execution holds a key this one needs.
+    #[error("{key} is held by execution {holder}; wait for it (`drover execution watch {holder}`) or cancel it")]
+    Locked { key: String, holder: String },
+    #[error("execution {0} not found; list executions with `drover execution list`")]
+    NotFound(String),
+    #[error("execution {id} already ended ({status}); nothing to cancel")]
+    Ended { id: String, status: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Runs procedures for one orchestrator, and resumes those other owners left.
+pub struct Manager {
+    store: Arc<dyn KvStore>,
+    config: ManagerConfig,
+    loaders: RwLock<HashMap<String, Loader>>,
+    lease: tokio::sync::Mutex<Option<i64>>,
+    /// Executions running here: their run number (to tell runs apart) and stop token.
+    running: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    runs: std::sync::atomic::AtomicU64,
+    shutdown: CancellationToken,
+    wake: tokio::sync::Notify,
+}
+
+fn encode(rec: &ExecutionRec) -> Vec<u8> {
+    serde_json::to_vec(rec).expect("execution records serialise")
+}
+
+fn decode(bytes: &[u8]) -> Result<ExecutionRec, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Internal(format!("unreadable execution record: {e}")))
+}
+
+/// Waits `d`, or less if `token` fires; returns whether it fired.
+async fn pause(d: Duration, token: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = token.cancelled() => true,
+        _ = tokio::time::sleep(d) => false,
+    }
+}
+
+impl Manager {
+    /// A manager on `store`. Register loaders, then [`Manager::start`] it.
+    pub fn new(store: Arc<dyn KvStore>, config: ManagerConfig, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            config,
+            loaders: RwLock::new(HashMap::new()),
+            lease: tokio::sync::Mutex::new(None),
+            running: Mutex::new(HashMap::new()),
+            runs: std::sync::atomic::AtomicU64::new(0),
+            shutdown,
+            wake: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// This manager's owner id.
+    pub fn owner_id(&self) -> &str {
+        &self.config.owner_id
+    }
+
+    /// Teaches the manager to rebuild procedures of `kind` on resume.
+    pub fn register(&self, kind: &str, loader: Loader) {
+        self.loaders.write().expect("loaders poisoned").insert(kind.to_string(), loader);
+    }
+
+    /// Starts the lease keeper and the recovery loop (which resumes unowned executions
+    /// at once, then whenever an owner's claim disappears, and every scan interval).
+    pub fn start(self: &Arc<Self>) {
+        tokio::spawn(self.clone().keep_lease());
+        tokio::spawn(self.clone().recover());
+        tokio::spawn(self.clone().watch_owners());
+    }
+
+    async fn lease(&self) -> Result<i64, StoreError> {
+        let mut lease = self.lease.lock().await;
+        if let Some(l) = *lease {
+            return Ok(l);
+        }
+        let l = self.store.grant_lease(self.config.lease_ttl.as_secs().max(1) as i64).await?;
+        tracing::info!(lease = l, owner = %self.config.owner_id, "owner lease granted");
+        *lease = Some(l);
+        Ok(l)
+    }
+
+    /// Stops every local run: their claims are gone (or about to be).
+    fn drop_runs(&self, why: &str) {
+        let mut running = self.running.lock().expect("running poisoned");
+        if !running.is_empty() {
+            tracing::warn!(count = running.len(), why, "stopping local executions; another owner will resume them");
+        }
+        for (_, (_, token)) in running.drain() {
+            token.cancel();
+        }
+    }
+
+    async fn keep_lease(self: Arc<Self>) {
+        let period = self.config.lease_ttl / 3;
+        let mut last_ok = tokio::time::Instant::now();
+        loop {
+            if pause(period, &self.shutdown).await {
+                return;
+            }
+            let Some(lease) = *self.lease.lock().await else { continue };
+            match self.store.keep_alive(lease).await {
+                Ok(_) => last_ok = tokio::time::Instant::now(),
+                Err(StoreError::LeaseNotFound(_)) => {
+                    *self.lease.lock().await = None;
+                    self.drop_runs("the owner lease expired");
+                    self.wake.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "owner lease keepalive failed");
+                    if last_ok.elapsed() > self.config.lease_ttl {
+                        // Past the TTL the store may have expired the lease: assume so.
+                        *self.lease.lock().await = None;
+                        self.drop_runs("the owner lease could not be renewed within its TTL");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn watch_owners(self: Arc<Self>) {
+        loop {
+            match self.store.watch(keys::OWNERS.as_bytes(), 0).await {
+                Ok(mut events) => {
+                    while let Some(ev) = tokio::select! {
+                        _ = self.shutdown.cancelled() => return,
+                        ev = events.next() => ev,
+                    } {
+                        match ev {
+                            Ok(drover_store::WatchEvent::Delete(_)) => self.wake.notify_one(),
+                            Ok(_) => {}
+                            Err(_) => break,
+                        }
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot watch execution owners; scanning on a timer"),
+            }
+            if pause(Duration::from_secs(1), &self.shutdown).await {
+                return;
+            }
+        }
+    }
+
+    async fn recover(self: Arc<Self>) {
+        loop {
+            if let Err(e) = self.scan().await {
+                tracing::warn!(error = %e, "looking for executions to resume failed; retrying");
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
+                _ = tokio::time::sleep(self.config.scan_interval) => {}
+                _ = self.wake.notified() => {}
+            }
+        }
+    }
+
+    /// Claims and resumes every pending execution nobody owns.
+    async fn scan(self: &Arc<Self>) -> Result<(), StoreError> {
+        let (pending, _) = self.store.range(keys::PENDING.as_bytes()).await?;
+        for kv in pending {
+            let id = String::from_utf8_lossy(&kv.key[keys::PENDING.len()..]).into_owned();
+            if self.running.lock().expect("running poisoned").contains_key(&id) {
+                continue;
+            }
+            let owner = self.store.get(keys::owner(&id).as_bytes()).await?;
+            let mine = *self.lease.lock().await;
+            let expected = match owner {
+                None => None,
+                // A claim of ours whose task is gone (it stopped on a store error): claim again.
+                Some(o) if Some(o.lease) == mine => Some(o.mod_revision),
+                Some(_) => continue,
+            };
+            let Some(epoch) = self.claim(&id, expected).await? else { continue };
+            let Some(kv) = self.store.get(keys::execution(&id).as_bytes()).await? else { continue };
+            let rec = decode(&kv.value)?;
+            let loaded = {
+                let loaders = self.loaders.read().expect("loaders poisoned");
+                match loaders.get(&rec.kind) {
+                    Some(load) => load(rec.state.clone()),
+                    None => Err(format!("this orchestrator does not know procedures of kind {}", rec.kind)),
+                }
+            };
+            match loaded {
+                Ok(proc) => {
+                    tracing::info!(execution = %id, kind = %rec.kind, epoch, step = %rec.step, "resuming execution");
+                    self.spawn_run(id, proc, epoch);
+                }
+                Err(e) => {
+                    let mut rec = rec;
+                    rec.status = ExecutionStatus::Failed;
+                    rec.error = format!("cannot resume: {e}; upgrade every orchestrator to the same version");
+                    self.finish(&id, rec, epoch, &CancellationToken::new()).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes ownership of an execution: absent claim (or our own stale one at
+    /// `expected`) becomes ours; returns the new epoch.
+    async fn claim(&self, id: &str, expected: Option<i64>) -> Result<Option<i64>, StoreError> {
+        let lease = self.lease().await?;
+        let key = keys::owner(id);
+        let value = serde_json::json!({ "owner": self.config.owner_id, "lease": lease, "at_ms": now_ms() });
+        let compare = match expected {
+            None => Compare::Absent(key.clone().into_bytes()),
+            Some(rev) => Compare::ModRevisionEquals(key.clone().into_bytes(), rev),
+        };
+        let txn = Txn::new().when(compare).and_then(TxnOp::put_with_lease(key, value.to_string(), lease));
+        let resp = self.store.txn(txn).await?;
+        Ok(resp.succeeded.then_some(resp.revision))
+    }
+
+    /// Persists a new execution with its locks and starts it here. Returns its id.
+    pub async fn submit(self: &Arc<Self>, proc: Box<dyn Procedure>) -> Result<String, SubmitError> {
+        let id = uuid::Uuid::now_v7().to_string();
+        let locks = proc.locks();
+        let now = now_ms();
+        let rec = ExecutionRec {
+            id: id.clone(),
+            kind: proc.kind().to_string(),
+            summary: proc.summary(),
+            status: ExecutionStatus::Running,
+            state: proc.dump(),
+            step: proc.step(),
+            steps: Vec::new(),
+            locks: locks.clone(),
+            created_ms: now,
+            updated_ms: now,
+            output: serde_json::Value::Null,
+            error: String::new(),
+            cancel_requested: false,
+            epoch: 0,
+            owner: String::new(),
+            claims: 0,
+        };
+        let mut txn = Txn::new()
+            .and_then(TxnOp::put(keys::execution(&id), encode(&rec)))
+            .and_then(TxnOp::put(keys::pending(&id), Vec::new()));
+        for l in &locks {
+            txn = txn.when(Compare::Absent(keys::lock(l).into_bytes())).and_then(TxnOp::put(keys::lock(l), id.clone()));
+        }
+        if !self.store.txn(txn).await?.succeeded {
+            for l in &locks {
+                if let Some(kv) = self.store.get(keys::lock(l).as_bytes()).await? {
+                    return Err(SubmitError::Locked {
+                        key: l.clone(),
+                        holder: String::from_utf8_lossy(&kv.value).into_owned(),
+                    });
+                }
+            }
+            return Err(SubmitError::Store(StoreError::Unavailable(
+                "a lock was released while this execution was submitted; submit again".into(),
+            )));
+        }
+        tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, "execution submitted");
+        // Run it here at once; if the claim fails, recovery (here or elsewhere) runs it.
+        match self.claim(&id, None).await {
+            Ok(Some(epoch)) => self.spawn_run(id.clone(), proc, epoch),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(execution = %id, error = %e, "could not claim the new execution; recovery will");
+                self.wake.notify_one();
+            }
+        }
+        Ok(id)
+    }
+
+    fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64) {
+        let token = self.shutdown.child_token();
+        let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.running.lock().expect("running poisoned").insert(id.clone(), (run, token.clone()));
+        let me = self.clone();
+        let span = tracing::info_span!("execution", execution = %id, epoch);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                me.run(&id, proc, epoch, token.clone()).await;
+                let mut running = me.running.lock().expect("running poisoned");
+                // Remove only our own entry: a later claim may have replaced it.
+                if running.get(&id).is_some_and(|(r, _)| *r == run) {
+                    running.remove(&id);
+                }
+            },
+            span,
+        ));
+    }
+
+    async fn read(&self, id: &str, token: &CancellationToken) -> Option<ExecutionRec> {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.store.get(keys::execution(id).as_bytes()).await {
+                Ok(Some(kv)) => return decode(&kv.value).ok(),
+                Ok(None) => return None,
+                Err(e) => tracing::warn!(error = %e, "reading the execution failed; retrying"),
+            }
+            if pause(wait, token).await {
+                return None;
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    async fn run(&self, id: &str, mut proc: Box<dyn Procedure>, epoch: i64, token: CancellationToken) {
+        let Some(mut rec) = self.read(id, &token).await else { return };
+        rec.epoch = epoch;
+        rec.owner = self.config.owner_id.clone();
+        rec.claims += 1;
+        if !self.persist(id, &mut rec, epoch, &token).await {
+            return;
+        }
+        let mut retry_wait = Duration::from_millis(200);
+        loop {
+            if token.is_cancelled() {
+                return;
+            }
+            // Cancellation is its own key, so a cancel sent to any orchestrator counts and
+            // no write of the record can lose it.
+            let Some(current) = self.read(id, &token).await else { return };
+            if current.status.is_terminal() {
+                return;
+            }
+            let cancel = match self.store.get(keys::cancel(id).as_bytes()).await {
+                Ok(c) => c.is_some(),
+                Err(_) => false,
+            };
+            if cancel {
+                rec.status = ExecutionStatus::Cancelled;
+                rec.cancel_requested = true;
+                rec.error = format!("cancelled before step {}", proc.step());
+                self.finish(id, rec, epoch, &token).await;
+                return;
+            }
+            let step = proc.step();
+            let started = now_ms();
+            let ctx = Context { execution_id: id.to_string(), epoch, cancelled: token.clone() };
+            let result = tokio::select! {
+                biased;
+                _ = token.cancelled() => return,
+                r = proc.execute(&ctx) => r,
+            };
+            let record_step = |rec: &mut ExecutionRec, note: String| {
+                rec.steps.push(StepRec { name: step.clone(), started_ms: started, ended_ms: now_ms(), note, epoch });
+            };
+            match result {
+                Ok(Status::Executing { note }) => {
+                    tracing::info!(step = %step, note = %note, "step done");
+                    record_step(&mut rec, note);
+                    rec.state = proc.dump();
+                    rec.step = proc.step();
+                    rec.error.clear();
+                    if !self.persist(id, &mut rec, epoch, &token).await {
+                        return;
+                    }
+                    retry_wait = Duration::from_millis(200);
+                }
+                Ok(Status::Done { output }) => {
+                    tracing::info!(step = %step, "execution succeeded");
+                    record_step(&mut rec, "done".into());
+                    rec.state = proc.dump();
+                    rec.status = ExecutionStatus::Succeeded;
+                    rec.output = output;
+                    rec.error.clear();
+                    self.finish(id, rec, epoch, &token).await;
+                    return;
+                }
+                Err(ProcedureError::Fail(msg)) => {
+                    tracing::warn!(step = %step, error = %msg, "execution failed");
+                    record_step(&mut rec, format!("failed: {msg}"));
+                    rec.state = proc.dump();
+                    rec.status = ExecutionStatus::Failed;
+                    rec.error = msg;
+                    self.finish(id, rec, epoch, &token).await;
+                    return;
+                }
+                Err(ProcedureError::Retry(msg)) => {
+                    tracing::warn!(step = %step, error = %msg, "step will be retried");
+                    rec.error = format!("retrying step {step}: {msg}");
+                    if !self.persist(id, &mut rec, epoch, &token).await {
+                        return;
+                    }
+                    let jitter = Duration::from_millis(fastrand::u64(0..100));
+                    if pause(retry_wait + jitter, &token).await {
+                        return;
+                    }
+                    retry_wait = (retry_wait * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Writes the record if our claim still stands; retries while the store is away.
+    /// Returns false when the claim is gone (another owner has the execution).
+    async fn persist(&self, id: &str, rec: &mut ExecutionRec, epoch: i64, token: &CancellationToken) -> bool {
+        rec.updated_ms = now_ms();
+        let txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
+            .and_then(TxnOp::put(keys::execution(id), encode(rec)));
+        self.write(id, txn, token).await
+    }
+
+    /// Ends an execution: the record, the pending index, the locks and the claim go in
+    /// one transaction that compares the claim.
+    async fn finish(&self, id: &str, mut rec: ExecutionRec, epoch: i64, token: &CancellationToken) {
+        rec.updated_ms = now_ms();
+        let mut txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
+            .and_then(TxnOp::put(keys::execution(id), encode(&rec)))
+            .and_then(TxnOp::delete(keys::pending(id)))
+            .and_then(TxnOp::delete(keys::owner(id)))
+            .and_then(TxnOp::delete(keys::cancel(id)));
+        for l in &rec.locks {
+            txn = txn.and_then(TxnOp::delete(keys::lock(l)));
+        }
+        if self.write(id, txn, token).await {
+            tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");
+        }
+    }
+
+    async fn write(&self, id: &str, txn: Txn, token: &CancellationToken) -> bool {
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match self.store.txn(txn.clone()).await {
+                Ok(r) if r.succeeded => return true,
+                Ok(_) => {
+                    tracing::warn!(execution = %id, "the claim on this execution is gone; another owner has it");
+                    return false;
+                }
+                Err(e) => tracing::warn!(execution = %id, error = %e, "persisting the execution failed; retrying"),
+            }
+            if pause(wait, token).await {
+                return false;
+            }
+            wait = (wait * 2).min(Duration::from_secs(2));
+        }
+    }
+
+    /// One execution.
+    pub async fn get(&self, id: &str) -> Result<Option<ExecutionRec>, StoreError> {
+        match self.store.get(keys::execution(id).as_bytes()).await? {
+            Some(kv) => Ok(Some(decode(&kv.value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every execution, newest first.
+    pub async fn list(&self) -> Result<Vec<ExecutionRec>, StoreError> {
+        let (kvs, _) = self.store.range(keys::EXECUTIONS.as_bytes()).await?;
+        let mut out: Vec<ExecutionRec> = kvs.iter().map(|kv| decode(&kv.value)).collect::<Result<_, _>>()?;
+        out.sort_by(|a, b| b.id.cmp(&a.id));
+        Ok(out)
+    }
+
+    /// Asks a running execution to stop at its next step boundary.
+    pub async fn cancel(&self, id: &str) -> Result<ExecutionRec, SubmitError> {
+        let rec = self.get(id).await?.ok_or_else(|| SubmitError::NotFound(id.to_string()))?;
+        if rec.status.is_terminal() {
+            return Err(SubmitError::Ended { id: id.to_string(), status: rec.status.as_str().into() });
+        }
+        // Only while the execution is pending: a cancel key never outlives its execution.
+        let txn = Txn::new()
+            .when(Compare::Exists(keys::pending(id).into_bytes()))
+            .and_then(TxnOp::put(keys::cancel(id), Vec::new()));
+        if !self.store.txn(txn).await?.succeeded {
+            let status = self.get(id).await?.map_or("ended".to_string(), |r| r.status.as_str().to_string());
+            return Err(SubmitError::Ended { id: id.to_string(), status });
+        }
+        Ok(ExecutionRec { cancel_requested: true, ..rec })
+    }
+
+    /// The execution's record each time it changes, starting with the current one, until
+    /// it ends. Falls back to polling when the store's watch breaks.
+    pub fn watch(self: &Arc<Self>, id: &str) -> futures::stream::BoxStream<'static, Result<ExecutionRec, StoreError>> {
+        let me = self.clone();
+        let id = id.to_string();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tokio::spawn(async move {
+            let mut last: Option<ExecutionRec> = None;
+            loop {
+                let current = match me.store.get(keys::execution(&id).as_bytes()).await {
+                    Ok(Some(kv)) => decode(&kv.value).map(|r| (r, kv.mod_revision)),
+                    Ok(None) => Err(StoreError::Invalid(format!("execution {id} not found"))),
+                    Err(e) => Err(e),
+                };
+                let (rec, rev) = match current {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if last.as_ref() != Some(&rec) {
+                    let ended = rec.status.is_terminal();
+                    if tx.send(Ok(rec.clone())).await.is_err() || ended {
+                        return;
+                    }
+                    last = Some(rec);
+                }
+                // Wake on the next change of the record, or after a while regardless.
+                let changed = async {
+                    if let Ok(mut events) = me.store.watch(keys::execution(&id).as_bytes(), rev + 1).await {
+                        let _ = events.next().await;
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                };
+                tokio::select! {
+                    _ = changed => {}
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        tokio_stream_from(rx)
+    }
+
+    /// Waits until the execution ends, or `timeout` passes; returns its latest record.
+    pub async fn wait(self: &Arc<Self>, id: &str, timeout: Duration) -> Result<ExecutionRec, StoreError> {
+        let mut stream = self.watch(id);
+        let mut latest = None;
+        let deadline = tokio::time::sleep(timeout);
+        tokio::pin!(deadline);
+        loop {
+            tokio::select! {
+                _ = &mut deadline => break,
+                next = stream.next() => match next {
+                    Some(Ok(rec)) => {
+                        let ended = rec.status.is_terminal();
+                        latest = Some(rec);
+                        if ended { break; }
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+        }
+        match latest {
+            Some(r) => Ok(r),
+            None => self.get(id).await?.ok_or_else(|| StoreError::Invalid(format!("execution {id} not found"))),
+        }
+    }
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> futures::stream::BoxStream<'static, T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use async_trait::async_trait;
+    use drover_store::EmbeddedStore;
+    use serde::{Deserialize, Serialize};
+
+    use super::*;
+
+    /// Counts its steps; blocks at step `block_at` until the gate opens.
+    #[derive(Serialize, Deserialize)]
+    struct Counter {
+        name: String,
+        done: u32,
+        total: u32,
+        block_at: u32,
+        #[serde(skip)]
+        ran: Arc<Mutex<Vec<(u32, i64)>>>,
+        #[serde(skip, default = "closed_gate")]
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    fn closed_gate() -> Arc<tokio::sync::Semaphore> {
+        Arc::new(tokio::sync::Semaphore::new(0))
+    }
+
+    #[async_trait]
+    impl Procedure for Counter {
+        fn kind(&self) -> &'static str {
+            "counter"
+        }
+        fn summary(&self) -> String {
+            format!("count to {}", self.total)
+        }
+        fn locks(&self) -> Vec<String> {
+            vec![format!("counter/{}", self.name)]
+        }
+        fn step(&self) -> String {
+            format!("step-{}", self.done + 1)
+        }
+        fn dump(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+        async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+            let step = self.done + 1;
+            if step == self.block_at {
+                self.gate.acquire().await.unwrap().forget();
+            }
+            self.ran.lock().unwrap().push((step, ctx.epoch));
+            self.done = step;
+            if self.done == self.total {
+                Ok(Status::Done { output: serde_json::json!({ "counted": self.done }) })
+            } else {
+                Ok(Status::Executing { note: format!("counted {step}") })
+            }
+        }
+    }
+
+    struct Rig {
+        ran: Arc<Mutex<Vec<(u32, i64)>>>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    fn manager(store: &Arc<dyn KvStore>, rig: &Rig, ttl: Duration) -> (Arc<Manager>, CancellationToken) {
+        let token = CancellationToken::new();
+        let config = ManagerConfig {
+            owner_id: format!("o-{}", uuid::Uuid::now_v7()),
+            lease_ttl: ttl,
+            scan_interval: Duration::from_millis(100),
+        };
+        let m = Manager::new(store.clone(), config, token.clone());
+        let (ran, gate) = (rig.ran.clone(), rig.gate.clone());
+        m.register(
+            "counter",
+            Box::new(move |state| {
+                let mut c: Counter = serde_json::from_value(state).map_err(|e| e.to_string())?;
+                c.ran = ran.clone();
+                c.gate = gate.clone();
+                Ok(Box::new(c) as Box<dyn Procedure>)
+            }),
+        );
+        m.start();
+        (m, token)
+    }
+
+    fn counter(rig: &Rig, name: &str, total: u32, block_at: u32) -> Box<dyn Procedure> {
+        Box::new(Counter { name: name.into(), done: 0, total, block_at, ran: rig.ran.clone(), gate: rig.gate.clone() })
+    }
+
+    async fn store(dir: &tempfile::TempDir) -> Arc<dyn KvStore> {
+        Arc::new(EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap())
+    }
+
+    fn rig() -> Rig {
+        Rig { ran: Arc::new(Mutex::new(Vec::new())), gate: Arc::new(tokio::sync::Semaphore::new(0)) }
+    }
+
+    #[tokio::test]
+    async fn a_submitted_procedure_runs_detached_to_its_end_and_releases_its_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let rig = rig();
+        let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+        let id = m.submit(counter(&rig, "a", 3, 0)).await.unwrap();
+        let rec = m.wait(&id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(rec.status, ExecutionStatus::Succeeded, "{rec:?}");
+        assert_eq!(rec.output["counted"], 3);
+        let names: Vec<&str> = rec.steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["step-1", "step-2", "step-3"]);
+        assert_eq!(rig.ran.lock().unwrap().len(), 3, "each step ran once");
+        assert!(store.get(keys::lock("counter/a").as_bytes()).await.unwrap().is_none());
+        assert!(store.get(keys::pending(&id).as_bytes()).await.unwrap().is_none());
+        assert!(store.get(keys::owner(&id).as_bytes()).await.unwrap().is_none());
+        // The lock is free again.
+        let again = m.submit(counter(&rig, "a", 1, 0)).await.unwrap();
+        assert_eq!(m.wait(&again, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn a_held_lock_refuses_a_second_procedure_naming_the_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let rig = rig();
+        let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+        let first = m.submit(counter(&rig, "g", 2, 1)).await.unwrap();
+        match m.submit(counter(&rig, "g", 1, 0)).await {
+            Err(SubmitError::Locked { key, holder }) => {
+                assert_eq!((key.as_str(), holder.as_str()), ("counter/g", first.as_str()));
+            }
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        rig.gate.add_permits(1);
+        assert_eq!(m.wait(&first, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    }
+
+    #[tokio::test]
+    async fn a_dead_owners_execution_is_resumed_elsewhere_with_a_higher_epoch_and_no_step_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let rig = rig();
+        let ttl = Duration::from_secs(2);
+        let (a, stop_a) = manager(&store, &rig, ttl);
+        let (b, _stop_b) = manager(&store, &rig, ttl);
+        let id = a.submit(counter(&rig, "r", 4, 3)).await.unwrap();
+        // Wait until A is blocked in step 3 (steps 1 and 2 persisted).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while a.get(&id).await.unwrap().unwrap().steps.len() < 2 {
+            assert!(tokio::time::Instant::now() < deadline, "A never ran two steps");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let epoch_a = a.get(&id).await.unwrap().unwrap().epoch;
+        // B leaves it alone while A's lease lives.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(b.get(&id).await.unwrap().unwrap().owner, a.owner_id());
+        // A dies: its tasks stop and its lease is no longer renewed.
+        stop_a.cancel();
+        rig.gate.add_permits(1);
+        let rec = b.wait(&id, ttl + Duration::from_secs(8)).await.unwrap();
+        assert_eq!(rec.status, ExecutionStatus::Succeeded, "{rec:?}");
+        assert_eq!(rec.owner, b.owner_id());
+        assert!(rec.epoch > epoch_a, "resumed at a higher epoch: {} vs {epoch_a}", rec.epoch);
+        assert_eq!(rec.claims, 2);
+        let ran = rig.ran.lock().unwrap().clone();
+        let steps: Vec<u32> = ran.iter().map(|(s, _)| *s).collect();
+        assert_eq!(steps, [1, 2, 3, 4], "no step ran twice: {ran:?}");
+        assert!(ran[2].1 > epoch_a && ran[3].1 > epoch_a, "B ran steps 3 and 4 under its epoch");
+    }
+
+    #[tokio::test]
+    async fn cancel_stops_at_the_next_step_boundary() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let rig = rig();
+        let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+        let id = m.submit(counter(&rig, "c", 5, 2)).await.unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while m.get(&id).await.unwrap().unwrap().steps.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        m.cancel(&id).await.unwrap();
+        rig.gate.add_permits(1);
+        let rec = m.wait(&id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(rec.status, ExecutionStatus::Cancelled);
+        assert_eq!(rec.steps.len(), 2, "the running step finished, no further one started");
+        assert!(matches!(m.cancel(&id).await, Err(SubmitError::Ended { .. })));
+        assert!(store.get(keys::lock("counter/c").as_bytes()).await.unwrap().is_none());
+    }
+}

@@ -1,0 +1,108 @@
+//! How executions are kept in the store.
+
+use serde::{Deserialize, Serialize};
+
+/// Store keys of the engine, below the store's prefix.
+pub mod keys {
+    /// An execution record.
+    pub fn execution(id: &str) -> String {
+        format!("executions/{id}")
+    }
+    pub const EXECUTIONS: &str = "executions/";
+    /// Index of executions that have not ended: what recovery scans.
+    pub fn pending(id: &str) -> String {
+        format!("executions-pending/{id}")
+    }
+    pub const PENDING: &str = "executions-pending/";
+    /// The owner's claim, bound to its lease; its revision is the epoch.
+    pub fn owner(id: &str) -> String {
+        format!("execution-owners/{id}")
+    }
+    pub const OWNERS: &str = "execution-owners/";
+    /// A request to cancel, read by the owner at step boundaries.
+    pub fn cancel(id: &str) -> String {
+        format!("execution-cancels/{id}")
+    }
+    /// A lock: the key a procedure holds, naming the execution that holds it.
+    pub fn lock(key: &str) -> String {
+        format!("locks/{key}")
+    }
+}
+
+/// Where an execution is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExecutionStatus {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+impl ExecutionStatus {
+    /// The lowercase name used in APIs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ExecutionStatus::Running => "running",
+            ExecutionStatus::Succeeded => "succeeded",
+            ExecutionStatus::Failed => "failed",
+            ExecutionStatus::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the execution has ended.
+    pub fn is_terminal(self) -> bool {
+        self != ExecutionStatus::Running
+    }
+}
+
+/// One finished step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRec {
+    pub name: String,
+    pub started_ms: i64,
+    pub ended_ms: i64,
+    /// What the step did, or why it is being retried.
+    pub note: String,
+    /// The owner epoch it ran under.
+    pub epoch: i64,
+}
+
+/// An execution as stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecutionRec {
+    pub id: String,
+    pub kind: String,
+    pub summary: String,
+    pub status: ExecutionStatus,
+    /// The procedure's persisted state.
+    pub state: serde_json::Value,
+    /// The step the procedure runs next (or ran last, once ended).
+    pub step: String,
+    pub steps: Vec<StepRec>,
+    pub locks: Vec<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    /// The procedure's output once it succeeded.
+    #[serde(default)]
+    pub output: serde_json::Value,
+    /// Why it failed, or the last transient error while it retries.
+    #[serde(default)]
+    pub error: String,
+    #[serde(default)]
+    pub cancel_requested: bool,
+    /// The epoch of the owner that wrote this record last.
+    #[serde(default)]
+    pub epoch: i64,
+    /// The orchestrator that owns (or last owned) it.
+    #[serde(default)]
+    pub owner: String,
+    /// How many times an owner claimed it (1 unless it was resumed).
+    #[serde(default)]
+    pub claims: u32,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
