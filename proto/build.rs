@@ -15,7 +15,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     tonic_prost_build::configure()
         // The CLI prints user-API messages as JSON.
-        .type_attribute(".drover.v1", "#[derive(serde::Serialize)]")
+        // Procedures keep results as JSON, and read them back.
+        .type_attribute(".drover.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(descriptors)?;
     Ok(())
 }

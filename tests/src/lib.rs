@@ -141,8 +141,12 @@ impl Cluster {
                 fresh_prefix(),
             ],
         };
-        let store_args: Vec<String> =
-            store_args.into_iter().chain(orchestrator_extra.iter().map(|s| s.to_string())).collect();
+        // Executions of a killed orchestrator resume after this TTL: short, to keep tests quick.
+        let store_args: Vec<String> = store_args
+            .into_iter()
+            .chain(["--set".to_string(), "owner_lease_ttl=3s".to_string()])
+            .chain(orchestrator_extra.iter().map(|s| s.to_string()))
+            .collect();
         let orchestrator =
             start_orchestrator(&bin, dir.path(), "orchestrator", &store_args).expect("orchestrator starts");
         let mut agents = Vec::new();
@@ -185,12 +189,26 @@ impl Cluster {
         }
     }
 
-    /// SIGKILLs the orchestrator and starts a new one on the same store (new port).
+    /// SIGKILLs the orchestrator and starts a new one on the same store and the same
+    /// address, as a restarted service would be, so the agents find it again.
     pub async fn restart_orchestrator(&mut self) {
         self.orchestrator.proc.kill();
-        let name = format!("orchestrator-{}", uuid::Uuid::now_v7());
-        self.orchestrator =
-            start_orchestrator(&self.bin, self.dir.path(), &name, &self.store_args).expect("orchestrator restarts");
+        let addr = self.orchestrator.endpoint.trim_start_matches("http://").to_string();
+        let mut args = self.store_args.clone();
+        args.extend(["--set".to_string(), format!("listen={addr}")]);
+        let mut attempt = 0;
+        self.orchestrator = loop {
+            let name = format!("orchestrator-{}", uuid::Uuid::now_v7());
+            match start_orchestrator(&self.bin, self.dir.path(), &name, &args) {
+                Ok(s) => break s,
+                Err(e) if attempt < 20 => {
+                    attempt += 1;
+                    eprintln!("restart on {addr} failed ({e}); retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(e) => panic!("orchestrator does not restart on {addr}: {e}"),
+            }
+        };
     }
 
     /// Runs the `drover` CLI against this cluster.
@@ -261,6 +279,7 @@ pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
     let r = c
         .replication
         .enable_replication(pb::EnableReplicationRequest {
+            no_wait: false,
             group: g.id.clone(),
             project: "tests".into(),
             target_backend: "backend-b".into(),

@@ -21,6 +21,7 @@ async fn concurrent_failovers_have_one_winner(store: StoreChoice<'_>) {
             tokio::spawn(async move {
                 c.replication
                     .failover_group(pb::FailoverGroupRequest {
+                        no_wait: false,
                         group,
                         project: "tests".into(),
                         target_backend: "backend-b".into(),
@@ -84,6 +85,7 @@ async fn restart_loses_nothing(store: StoreChoice<'_>) {
     let group = replicated_group(&mut c, "keep", 2).await;
     c.replication
         .failover_group(pb::FailoverGroupRequest {
+            no_wait: false,
             group: group.clone(),
             project: "tests".into(),
             target_backend: "backend-b".into(),
@@ -105,6 +107,7 @@ async fn restart_loses_nothing(store: StoreChoice<'_>) {
     let r = c
         .replication
         .failover_group(pb::FailoverGroupRequest {
+            no_wait: false,
             group,
             project: "tests".into(),
             target_backend: "default".into(),
@@ -147,6 +150,7 @@ async fn failover_interrupted_by_sigkill_is_resumed() {
     let call = tokio::spawn(async move {
         bg.replication
             .failover_group(pb::FailoverGroupRequest {
+                no_wait: false,
                 group: g2,
                 project: "tests".into(),
                 target_backend: "backend-b".into(),
@@ -226,6 +230,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     expect_err(
         c.replication
             .failover_group(pb::FailoverGroupRequest {
+                no_wait: false,
                 group: "no-such-group".into(),
                 project: "tests".into(),
                 target_backend: "backend-b".into(),
@@ -256,6 +261,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     expect_err(
         c.replication
             .failover_group(pb::FailoverGroupRequest {
+                no_wait: false,
                 group: group.clone(),
                 project: "tests".into(),
                 target_backend: "backend-a".into(),
@@ -270,6 +276,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     expect_err(
         c.replication
             .failover_group(pb::FailoverGroupRequest {
+                no_wait: false,
                 group: group.clone(),
                 project: "tests".into(),
                 target_backend: "default".into(),
@@ -284,6 +291,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
     expect_err(
         c.replication
             .enable_replication(pb::EnableReplicationRequest {
+                no_wait: false,
                 group: group.clone(),
                 project: "tests".into(),
                 target_backend: "backend-b".into(),

@@ -62,6 +62,7 @@ async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> 
 async fn enable(c: &mut Clients, group: &str, interval_s: i64) -> pb::ReplicationResult {
     c.replication
         .enable_replication(pb::EnableReplicationRequest {
+            no_wait: false,
             group: group.into(),
             project: "tests".into(),
             target_backend: "backend-b".into(),
@@ -80,6 +81,7 @@ async fn failover(
 ) -> Result<pb::ReplicationResult, tonic::Status> {
     c.replication
         .failover_group(pb::FailoverGroupRequest {
+            no_wait: false,
             group: group.into(),
             project: "tests".into(),
             target_backend: target.into(),
@@ -346,7 +348,9 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
 
     let mut bg = c.clone();
     let sync = tokio::spawn(async move {
-        bg.replication.sync_group(pb::SyncGroupRequest { group: "mt".into(), project: "tests".into() }).await
+        bg.replication
+            .sync_group(pb::SyncGroupRequest { no_wait: false, group: "mt".into(), project: "tests".into() })
+            .await
     });
     let vol_dir = cluster.path().join("pool-agent-backend-b/volumes").join(&id);
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -379,7 +383,11 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
     cluster.restart_agent(1, "qemu");
     let deadline = Instant::now() + Duration::from_secs(30);
     let done = loop {
-        match c.replication.sync_group(pb::SyncGroupRequest { group: "mt".into(), project: "tests".into() }).await {
+        match c
+            .replication
+            .sync_group(pb::SyncGroupRequest { no_wait: false, group: "mt".into(), project: "tests".into() })
+            .await
+        {
             Ok(r) => break r.into_inner(),
             Err(e) if Instant::now() < deadline => {
                 println!("retrying sync after the restart: {}", e.message());
@@ -554,7 +562,10 @@ async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
     enable(&mut c, "sb", 3600).await;
     let u = uri(&mut c, &vols[0]).await;
     io(&u, &["write -P 0x11 0 1M"]);
-    c.replication.sync_group(pb::SyncGroupRequest { group: "sb".into(), project: "tests".into() }).await.expect("sync");
+    c.replication
+        .sync_group(pb::SyncGroupRequest { no_wait: false, group: "sb".into(), project: "tests".into() })
+        .await
+        .expect("sync");
     io(&u, &["write -P 0x12 2M 1M"]); // never reaches site B
     cluster.agents[0].proc.kill();
     assert_all_succeeded(&failover(&mut c, "sb", "backend-b", true).await.expect("disaster failover"));
@@ -578,6 +589,7 @@ async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
     let r = c
         .replication
         .failover_group(pb::FailoverGroupRequest {
+            no_wait: false,
             group: "sb".into(),
             project: "tests".into(),
             target_backend: "default".into(),

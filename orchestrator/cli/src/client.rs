@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use drover_proto::v1::{
-    group_service_client::GroupServiceClient, replication_service_client::ReplicationServiceClient,
-    site_service_client::SiteServiceClient, version_service_client::VersionServiceClient,
-    volume_service_client::VolumeServiceClient,
+    execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
+    replication_service_client::ReplicationServiceClient, site_service_client::SiteServiceClient,
+    version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -22,6 +22,7 @@ pub struct Clients {
     pub volumes: VolumeServiceClient<Ch>,
     pub groups: GroupServiceClient<Ch>,
     pub replication: ReplicationServiceClient<Ch>,
+    pub executions: ExecutionServiceClient<Ch>,
 }
 
 impl Clients {
@@ -47,6 +48,7 @@ impl Clients {
             volumes: VolumeServiceClient::new(ch()),
             groups: GroupServiceClient::new(ch()),
             replication: ReplicationServiceClient::new(ch()),
+            executions: ExecutionServiceClient::new(ch()),
         }
     }
 }

@@ -254,6 +254,7 @@ pub async fn run(opts: DrillArgs) -> Result<(), String> {
             project: PROJECT.into(),
             target_backend: "backend-b".into(),
             sync_interval_seconds: 30,
+            no_wait: false,
         })
         .await
         .map_err(|s| fail("enable replication", s, &dir))?
@@ -269,7 +270,7 @@ pub async fn run(opts: DrillArgs) -> Result<(), String> {
         written.extend(w);
         let s = c
             .replication
-            .sync_group(pb::SyncGroupRequest { group: "app".into(), project: PROJECT.into() })
+            .sync_group(pb::SyncGroupRequest { group: "app".into(), project: PROJECT.into(), no_wait: false })
             .await
             .map_err(|s| fail("sync", s, &dir))?
             .into_inner();
@@ -383,6 +384,7 @@ async fn planned_move(c: &mut Clients, target: &str) -> Result<pb::ReplicationRe
         target_backend: target.into(),
         force: false,
         discard_changes_on: String::new(),
+        no_wait: false,
     };
     c.replication.failover_group(req).await.map(tonic::Response::into_inner)
 }

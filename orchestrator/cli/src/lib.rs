@@ -63,6 +63,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::group::GroupCmd,
     },
+    /// Executions: operations that run on their own and survive crashes.
+    Execution {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::execution::ExecutionCmd,
+    },
     /// Run the orchestrator server.
     Orchestrator(servers::OrchestratorArgs),
     /// Run an agent server for one backend.

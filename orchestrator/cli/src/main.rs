@@ -30,6 +30,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Backend { client, cmd } => commands::backend::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Volume { client, cmd } => commands::volume::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::GroupType { client, cmd } => commands::group_type::run(&mut Ctx::connect(&client).await?, cmd).await,
+        Command::Execution { client, cmd } => commands::execution::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Group { client, cmd } => commands::group::run(&mut Ctx::connect(&client).await?, cmd).await,
     }
 }

@@ -38,6 +38,10 @@ pub enum SubmitError {
     /// Another execution holds a key this one needs.
     #[error("{key} is held by execution {holder}; wait for it (`drover execution watch {holder}`) or cancel it")]
     Locked { key: String, holder: String },
+    /// A comparison of the caller's own intent (see [`Manager::submit_with`]) failed:
+    /// what it read has changed.
+    #[error("the records this operation was checked against changed meanwhile; re-read and retry")]
+    Conflict,
     #[error("execution {0} not found; list executions with `drover execution list`")]
     NotFound(String),
     #[error("execution {id} already ended ({status}); nothing to cancel")]
@@ -252,6 +256,18 @@ impl Manager {
 
     /// Persists a new execution with its locks and starts it here. Returns its id.
     pub async fn submit(self: &Arc<Self>, proc: Box<dyn Procedure>) -> Result<String, SubmitError> {
+        Ok(self.submit_with(proc, Txn::new()).await?.0)
+    }
+
+    /// Like [`Manager::submit`], with the caller's intent in the same transaction: its
+    /// comparisons guard the submit and its writes land with it (DESIGN.md: intent
+    /// first, one conditional transaction). Returns the execution id and the revision
+    /// the transaction wrote at (the mod_revision of every key it wrote).
+    pub async fn submit_with(
+        self: &Arc<Self>,
+        proc: Box<dyn Procedure>,
+        intent: Txn,
+    ) -> Result<(String, i64), SubmitError> {
         let id = uuid::Uuid::now_v7().to_string();
         let locks = proc.locks();
         let now = now_ms();
@@ -273,13 +289,14 @@ impl Manager {
             owner: String::new(),
             claims: 0,
         };
-        let mut txn = Txn::new()
+        let mut txn = intent
             .and_then(TxnOp::put(keys::execution(&id), encode(&rec)))
             .and_then(TxnOp::put(keys::pending(&id), Vec::new()));
         for l in &locks {
             txn = txn.when(Compare::Absent(keys::lock(l).into_bytes())).and_then(TxnOp::put(keys::lock(l), id.clone()));
         }
-        if !self.store.txn(txn).await?.succeeded {
+        let resp = self.store.txn(txn).await?;
+        if !resp.succeeded {
             for l in &locks {
                 if let Some(kv) = self.store.get(keys::lock(l).as_bytes()).await? {
                     return Err(SubmitError::Locked {
@@ -288,9 +305,7 @@ impl Manager {
                     });
                 }
             }
-            return Err(SubmitError::Store(StoreError::Unavailable(
-                "a lock was released while this execution was submitted; submit again".into(),
-            )));
+            return Err(SubmitError::Conflict);
         }
         tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, "execution submitted");
         // Run it here at once; if the claim fails, recovery (here or elsewhere) runs it.
@@ -302,7 +317,7 @@ impl Manager {
                 self.wake.notify_one();
             }
         }
-        Ok(id)
+        Ok((id, resp.revision))
     }
 
     fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64) {

@@ -114,6 +114,10 @@ pub struct OrchestratorConfig {
     pub agent_lease_ttl: Duration,
     /// How many volumes of one group are driven at once.
     pub volume_parallelism: usize,
+    /// TTL of the lease behind this orchestrator's claims on executions: how soon after
+    /// it dies another orchestrator resumes its work.
+    #[serde(with = "humantime_serde")]
+    pub owner_lease_ttl: Duration,
     /// Per-backend settings every backend inherits.
     pub defaults: BackendSettings,
     /// Per-backend overrides of `defaults`, by backend name.
@@ -127,6 +131,7 @@ impl Default for OrchestratorConfig {
             store: StoreConfig::default(),
             agent_lease_ttl: Duration::from_secs(10),
             volume_parallelism: 8,
+            owner_lease_ttl: Duration::from_secs(10),
             defaults: BackendSettings::default(),
             backends: BTreeMap::new(),
         }
@@ -184,6 +189,9 @@ impl OrchestratorConfig {
         }
         if self.agent_lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::Invalid("`agent_lease_ttl` must be at least 2s".into()));
+        }
+        if self.owner_lease_ttl < Duration::from_secs(2) {
+            return Err(ConfigError::Invalid("`owner_lease_ttl` must be at least 2s".into()));
         }
         if self.volume_parallelism == 0 {
             return Err(ConfigError::Invalid("`volume_parallelism` must be at least 1".into()));

@@ -24,6 +24,34 @@ pub enum ApiError {
     Internal(String),
 }
 
+impl ApiError {
+    /// The variant's name, as kept in execution outputs.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            ApiError::InvalidArgument(_) => "invalid-argument",
+            ApiError::NotFound(_) => "not-found",
+            ApiError::AlreadyExists(_) => "already-exists",
+            ApiError::FailedPrecondition(_) => "failed-precondition",
+            ApiError::Aborted(_) => "aborted",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+
+    /// The error a [`ApiError::code_name`] and message stand for.
+    pub fn from_code_name(code: &str, message: String) -> Self {
+        match code {
+            "invalid-argument" => ApiError::InvalidArgument(message),
+            "not-found" => ApiError::NotFound(message),
+            "already-exists" => ApiError::AlreadyExists(message),
+            "failed-precondition" => ApiError::FailedPrecondition(message),
+            "aborted" => ApiError::Aborted(message),
+            "unavailable" => ApiError::Unavailable(message),
+            _ => ApiError::Internal(message),
+        }
+    }
+}
+
 /// Shorthand for API results.
 pub type ApiResult<T> = Result<T, ApiError>;
 

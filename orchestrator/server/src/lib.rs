@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod launch;
 pub mod model;
+pub mod procedures;
 pub mod repo;
 pub mod service;
 
@@ -43,7 +44,8 @@ pub struct RunningOrchestrator {
 }
 
 /// Serves drover.v1, health and reflection on `listener` until `shutdown` fires. Seeds
-/// the built-in group types, then resumes any operation a previous run left pending.
+/// the built-in group types and starts the procedure manager, which resumes every
+/// execution no live orchestrator owns.
 pub async fn serve(
     config: OrchestratorConfig,
     store: Arc<dyn KvStore>,
@@ -51,12 +53,25 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<RunningOrchestrator, error::ApiError> {
     let local_addr = listener.local_addr().map_err(|e| error::ApiError::Internal(e.to_string()))?;
-    let core = Core::new(Repo::new(store), config);
+    let manager = drover_procedure::Manager::new(
+        store.clone(),
+        drover_procedure::ManagerConfig {
+            owner_id: format!("orchestrator-{local_addr}-{}", uuid::Uuid::now_v7()),
+            lease_ttl: config.owner_lease_ttl,
+            scan_interval: std::time::Duration::from_secs(1),
+        },
+        shutdown.clone(),
+    );
+    let core = Core::new(Repo::new(store), config, manager.clone());
     service::groups::seed_group_types(&core).await?;
+    // Executions left by a previous orchestrator (or one that died) resume from here on.
+    procedures::register(&manager, &core);
+    manager.start();
 
     let sites = || service::sites::SiteApi { core: core.clone() };
     let volumes = Arc::new(service::volumes::VolumeApi { core: core.clone() });
     let replication = Arc::new(service::replication::ReplicationApi { core: core.clone() });
+    let executions = service::executions::ExecutionApi { core: core.clone() };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::volume_service_server::VolumeServiceServer<service::volumes::VolumeApi>>().await;
@@ -80,7 +95,7 @@ pub async fn serve(
             check_api_version,
         ))
         .add_service(InterceptedService::new(
-            pb::volume_service_server::VolumeServiceServer::from_arc(volumes.clone()),
+            pb::volume_service_server::VolumeServiceServer::from_arc(volumes),
             check_api_version,
         ))
         .add_service(InterceptedService::new(
@@ -88,23 +103,14 @@ pub async fn serve(
             check_api_version,
         ))
         .add_service(InterceptedService::new(
-            pb::replication_service_server::ReplicationServiceServer::from_arc(replication.clone()),
+            pb::replication_service_server::ReplicationServiceServer::from_arc(replication),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::execution_service_server::ExecutionServiceServer::new(executions),
             check_api_version,
         ));
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()));
 
-    // Resume in the background: agents may need a moment to re-register.
-    tokio::spawn(async move {
-        match volumes.resume().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(count = n, "resumed pending volume operations"),
-            Err(e) => tracing::warn!(error = %e, "resuming volume operations failed"),
-        }
-        match replication.resume().await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(count = n, "resumed pending group transitions"),
-            Err(e) => tracing::warn!(error = %e, "resuming group transitions failed"),
-        }
-    });
     Ok(RunningOrchestrator { local_addr, handle })
 }

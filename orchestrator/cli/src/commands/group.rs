@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use clap::Subcommand;
 use drover_proto::v1 as pb;
 
-use super::{Ctx, deleted};
+use super::{Ctx, deleted, execution};
 use crate::output::{self, Format, Table, emit};
 
 /// `drover group …`
@@ -49,12 +49,25 @@ pub enum GroupCmd {
         /// Time between recovery points, e.g. 30s (the default) or 5m; at least 1s.
         #[arg(long, value_parser = humantime::parse_duration)]
         interval: Option<Duration>,
+        /// Print the execution id and return; follow it with `drover execution watch`.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Take and ship a recovery point now.
-    Sync { group: String },
+    Sync {
+        group: String,
+        /// Print the execution id and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Stop replicating a group.
     #[command(name = "disable-replication")]
-    DisableReplication { group: String },
+    DisableReplication {
+        group: String,
+        /// Print the execution id and return.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Fail over to the replication target, or back with `--target default`.
     Failover {
         group: String,
@@ -67,6 +80,9 @@ pub enum GroupCmd {
         /// the divergence point are discarded (recorded in the group's history).
         #[arg(long, default_value = "")]
         discard_changes_on: String,
+        /// Print the execution id and return; the failover goes on without this command.
+        #[arg(long)]
+        no_wait: bool,
     },
     /// Backends this group can replicate to, with their liveness.
     #[command(name = "list-targets")]
@@ -79,7 +95,7 @@ pub enum GroupCmd {
 /// Runs one group command.
 pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
     let (fmt, project) = (ctx.fmt, ctx.project.clone());
-    let (groups, replication) = (&mut ctx.api.groups, &mut ctx.api.replication);
+    let (mut groups, mut replication) = (ctx.api.groups.clone(), ctx.api.replication.clone());
     match cmd {
         GroupCmd::Create { name, group_type, backend, volumes } => {
             let g = groups.create_group(pb::CreateGroupRequest { name, project, group_type, backend, volumes }).await?;
@@ -108,14 +124,27 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             let g = groups.update_group(req).await?;
             emit(fmt, g.get_ref(), output::group_detail);
         }
-        GroupCmd::EnableReplication { group, target, interval } => {
+        GroupCmd::EnableReplication { group, target, interval, no_wait } => {
             let sync_interval_seconds = interval.map_or(0, |d| d.as_secs().max(if d.is_zero() { 0 } else { 1 }) as i64);
-            let req = pb::EnableReplicationRequest { group, project, target_backend: target, sync_interval_seconds };
+            let req = pb::EnableReplicationRequest {
+                group,
+                project,
+                target_backend: target,
+                sync_interval_seconds,
+                no_wait: true,
+            };
             let r = replication.enable_replication(req).await?.into_inner();
-            report(fmt, &r)?;
+            finish_group_op(ctx, r, no_wait).await?;
         }
-        GroupCmd::Sync { group } => {
-            let r = replication.sync_group(pb::SyncGroupRequest { group, project }).await?.into_inner();
+        GroupCmd::Sync { group, no_wait } => {
+            let r = replication.sync_group(pb::SyncGroupRequest { group, project, no_wait: true }).await?.into_inner();
+            if no_wait {
+                submitted(fmt, &r.execution_id);
+                return Ok(());
+            }
+            let id = r.execution_id.clone();
+            let mut r: pb::SyncGroupResponse = execution::follow(ctx, &id).await?;
+            r.execution_id = id;
             emit(fmt, &r, |r| {
                 let mut t = Table::new(&["RECOVERY POINT", "FULL", "BYTES", "DURATION (ms)"]);
                 t.row(vec![
@@ -127,14 +156,22 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
                 t
             });
         }
-        GroupCmd::DisableReplication { group } => {
-            let r = replication.disable_replication(pb::DisableReplicationRequest { group, project }).await?;
-            report(fmt, r.get_ref())?;
+        GroupCmd::DisableReplication { group, no_wait } => {
+            let req = pb::DisableReplicationRequest { group, project, no_wait: true };
+            let r = replication.disable_replication(req).await?.into_inner();
+            finish_group_op(ctx, r, no_wait).await?;
         }
-        GroupCmd::Failover { group, target, force, discard_changes_on } => {
-            let req = pb::FailoverGroupRequest { group, project, target_backend: target, force, discard_changes_on };
+        GroupCmd::Failover { group, target, force, discard_changes_on, no_wait } => {
+            let req = pb::FailoverGroupRequest {
+                group,
+                project,
+                target_backend: target,
+                force,
+                discard_changes_on,
+                no_wait: true,
+            };
             let r = replication.failover_group(req).await?.into_inner();
-            report(fmt, &r)?;
+            finish_group_op(ctx, r, no_wait).await?;
         }
         GroupCmd::ListTargets { group } => {
             let req = pb::ListReplicationTargetsRequest { group, project };
@@ -154,6 +191,29 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Prints an execution id for `--no-wait`.
+fn submitted(fmt: Format, id: &str) {
+    emit(fmt, &serde_json::json!({ "execution_id": id }), |_| {
+        let mut t = Table::new(&["EXECUTION"]);
+        t.row(vec![id.to_string()]);
+        t.footer(format!("follow it with `drover execution watch {id}`"));
+        t
+    });
+}
+
+/// After submitting a group operation: with `no_wait`, prints its execution id; else
+/// follows the execution and prints its per-volume outcomes.
+async fn finish_group_op(ctx: &mut Ctx, submitted_result: pb::ReplicationResult, no_wait: bool) -> Result<()> {
+    let id = submitted_result.execution_id.clone();
+    if no_wait {
+        submitted(ctx.fmt, &id);
+        return Ok(());
+    }
+    let mut r: pb::ReplicationResult = execution::follow(ctx, &id).await?;
+    r.execution_id = id;
+    report(ctx.fmt, &r)
 }
 
 /// Prints a group operation's per-volume outcomes; fails the command when any failed.

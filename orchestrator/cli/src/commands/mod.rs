@@ -2,6 +2,7 @@
 //! requests and prints the answers as a table or JSON.
 
 pub mod backend;
+pub mod execution;
 pub mod group;
 pub mod group_type;
 pub mod site;

@@ -1,5 +1,6 @@
 //! The drover.v1 services. Each holds the shared [`Core`].
 
+pub mod executions;
 pub mod groups;
 pub mod replication;
 pub mod shared;
@@ -13,15 +14,17 @@ use crate::agents::AgentPool;
 use crate::config::OrchestratorConfig;
 use crate::repo::Repo;
 
-/// What every service shares: the store, the agent pool and the configuration.
+/// What every service shares: the store, the agent pool, the procedure manager and the
+/// configuration.
 pub struct Core {
     pub repo: Repo,
     pub agents: AgentPool,
+    pub procedures: Arc<drover_procedure::Manager>,
     pub config: OrchestratorConfig,
 }
 
 impl Core {
-    pub fn new(repo: Repo, config: OrchestratorConfig) -> Arc<Self> {
-        Arc::new(Self { agents: AgentPool::new(repo.clone(), config.clone()), repo, config })
+    pub fn new(repo: Repo, config: OrchestratorConfig, procedures: Arc<drover_procedure::Manager>) -> Arc<Self> {
+        Arc::new(Self { agents: AgentPool::new(repo.clone(), config.clone()), repo, procedures, config })
     }
 }

@@ -29,7 +29,7 @@ use super::Core;
 use super::shared::writable_backend;
 use super::shared::{group_type, rpo_ms, volume_infos};
 use crate::agents::{Deadline, ctx};
-use crate::error::{ApiError, ApiResult, raced};
+use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
 use crate::repo::{Versioned, put};
 
@@ -77,9 +77,11 @@ impl ReplicationApi {
         Ok(Snapshot { group, volumes })
     }
 
-    /// Step 1: writes the transient state for the group and its volumes in one
-    /// transaction. Returns the records as written and the epoch.
-    async fn begin(&self, snap: Snapshot, status: &str, op: PendingOp) -> ApiResult<(GroupRec, Vec<VolumeRec>, i64)> {
+    /// Step 1, the intent: the transaction that compares the group and all its volumes at
+    /// the revisions read and writes the transient status with the pending op. It is
+    /// submitted together with the execution that drives it, so the intent and the
+    /// execution exist together or not at all.
+    fn begin_txn(snap: Snapshot, status: &str, op: PendingOp) -> (GroupRec, Txn) {
         let mut group = snap.group.rec.clone();
         group.replication_status = status.into();
         group.status_reason.clear();
@@ -87,25 +89,47 @@ impl ReplicationApi {
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), snap.group.rev))
             .and_then(put(&keys::group(&group.id), &group));
-        let mut volumes = Vec::new();
         for v in snap.volumes {
             let mut vol = v.rec;
             vol.replication_status = status.into();
             txn = txn
                 .when(Compare::ModRevisionEquals(keys::volume(&vol.id).into_bytes(), v.rev))
                 .and_then(put(&keys::volume(&vol.id), &vol));
-            volumes.push(vol);
         }
-        let resp = self.core.repo.txn(txn).await?;
-        if !resp.succeeded {
-            return Err(raced(&format!("group {}", group.name)));
-        }
-        tracing::info!(group = %group.id, status, epoch = resp.revision, "group transition begun");
-        Ok((group, volumes, resp.revision))
+        (group, txn)
     }
 
-    /// Step 3: writes the final state if nobody else touched the group since `epoch`.
-    async fn finish(&self, group: &GroupRec, volumes: &[VolumeRec], epoch: i64) -> ApiResult<()> {
+    /// Submits the execution that drives a group transition, with its intent, and waits
+    /// for it unless `no_wait`. The work does not run in this call: a client that leaves
+    /// leaves the execution running.
+    async fn submit_transition(
+        &self,
+        snap: Snapshot,
+        status: &str,
+        op: PendingOp,
+        no_wait: bool,
+    ) -> ApiResult<pb::ReplicationResult> {
+        let (group, txn) = Self::begin_txn(snap, status, op.clone());
+        let proc = crate::procedures::GroupTransition::new(self.core.clone(), &group, &op);
+        let (id, rev) = self
+            .core
+            .procedures
+            .submit_with(Box::new(proc), txn)
+            .await
+            .map_err(|e| crate::procedures::submit_error(e, &format!("group {}", group.name)))?;
+        tracing::info!(group = %group.id, status, execution = %id, rev, "group transition submitted");
+        if no_wait {
+            return Ok(pb::ReplicationResult { group: Some(group.to_pb()), items: Vec::new(), execution_id: id });
+        }
+        let mut result: pb::ReplicationResult = crate::procedures::wait_output(&self.core, &id).await?;
+        result.execution_id = id;
+        Ok(result)
+    }
+
+    /// Step 3: writes the final state if nobody else touched the group since the intent
+    /// was written at `rev`.
+    async fn finish(&self, group: &GroupRec, volumes: &[VolumeRec], rev: i64) -> ApiResult<()> {
+        let epoch = rev;
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), epoch))
             .and_then(put(&keys::group(&group.id), group));
@@ -179,7 +203,11 @@ impl ReplicationApi {
     }
 
     fn result(group: &GroupRec, outcomes: &[Outcome]) -> pb::ReplicationResult {
-        pb::ReplicationResult { group: Some(group.to_pb()), items: outcomes.iter().map(Outcome::to_pb).collect() }
+        pb::ReplicationResult {
+            group: Some(group.to_pb()),
+            items: outcomes.iter().map(Outcome::to_pb).collect(),
+            execution_id: String::new(),
+        }
     }
 
     fn new_op(action: &str, target: &str, force: bool) -> PendingOp {
@@ -275,15 +303,15 @@ impl ReplicationApi {
         };
         let mut snap = self.snapshot(g).await?;
         snap.group.rec.sync_interval_seconds = interval;
-        let (group, volumes, epoch) = self.begin(snap, rs::ENABLING, Self::new_op("enable", &target, false)).await?;
-        self.drive_enable(group, volumes, epoch).await
+        self.submit_transition(snap, rs::ENABLING, Self::new_op("enable", &target, false), r.no_wait).await
     }
 
-    async fn drive_enable(
+    pub(crate) async fn drive_enable(
         &self,
         mut group: GroupRec,
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
+        rev: i64,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("enable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
@@ -376,7 +404,7 @@ impl ReplicationApi {
                 group.record("enable-replication", format!("failed: {reason}"), epoch as u64);
             }
         }
-        self.finish(&group, &volumes, epoch).await?;
+        self.finish(&group, &volumes, rev).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -401,15 +429,15 @@ impl ReplicationApi {
         writable_backend(&self.core, &g.rec.primary_backend, "replication").await?;
         let target = g.rec.replication_target.clone();
         let snap = self.snapshot(g).await?;
-        let (group, volumes, epoch) = self.begin(snap, rs::DISABLING, Self::new_op("disable", &target, false)).await?;
-        self.drive_disable(group, volumes, epoch).await
+        self.submit_transition(snap, rs::DISABLING, Self::new_op("disable", &target, false), r.no_wait).await
     }
 
-    async fn drive_disable(
+    pub(crate) async fn drive_disable(
         &self,
         mut group: GroupRec,
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
+        rev: i64,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("disable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
@@ -458,7 +486,7 @@ impl ReplicationApi {
                 group.record("disable-replication", format!("failed: {reason}"), epoch as u64);
             }
         }
-        self.finish(&group, &volumes, epoch).await?;
+        self.finish(&group, &volumes, rev).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -524,15 +552,15 @@ impl ReplicationApi {
         let snap = self.snapshot(g).await?;
         let mut op = Self::new_op(action, &to, r.force);
         op.reference = r.discard_changes_on.clone();
-        let (group, volumes, epoch) = self.begin(snap, transient, op).await?;
-        self.drive_failover(group, volumes, epoch).await
+        self.submit_transition(snap, transient, op, r.no_wait).await
     }
 
-    async fn drive_failover(
+    pub(crate) async fn drive_failover(
         &self,
         mut group: GroupRec,
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
+        rev: i64,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("failover has a pending op");
         let failback = op.action == "failback";
@@ -699,7 +727,7 @@ impl ReplicationApi {
                 group.record(&op.action, format!("{kind} {} to {to} failed: {reason}", op.action), epoch as u64);
             }
         }
-        self.finish(&group, &volumes, epoch).await?;
+        self.finish(&group, &volumes, rev).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -713,6 +741,30 @@ impl ReplicationApi {
                 g.rec.name
             )));
         }
+        let proc = crate::procedures::SyncNow::new(self.core.clone(), &g.rec);
+        let id = self
+            .core
+            .procedures
+            .submit(Box::new(proc))
+            .await
+            .map_err(|e| crate::procedures::submit_error(e, &format!("group {}", g.rec.name)))?;
+        if r.no_wait {
+            return Ok(pb::SyncGroupResponse { execution_id: id, ..Default::default() });
+        }
+        let mut resp: pb::SyncGroupResponse = crate::procedures::wait_output(&self.core, &id).await?;
+        resp.execution_id = id;
+        Ok(resp)
+    }
+
+    /// The sync step of a [`crate::procedures::SyncNow`]: the active side takes a point
+    /// and ships it to the peer, under the execution's epoch.
+    pub(crate) async fn sync_step(&self, group_id: &str, op_id: &str, epoch: i64) -> ApiResult<pb::SyncGroupResponse> {
+        let g = self
+            .core
+            .repo
+            .get::<GroupRec>(&keys::group(group_id))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("group {group_id} no longer exists; nothing to sync")))?;
         let active = g.rec.active_backend.clone();
         let peer = if active == g.rec.primary_backend {
             g.rec.replication_target.clone()
@@ -720,9 +772,8 @@ impl ReplicationApi {
             g.rec.primary_backend.clone()
         };
         let peer_ep = self.endpoint(&peer).await;
-        let op_id = uuid::Uuid::now_v7().to_string();
         let req = apb::SyncGroupRequest {
-            ctx: ctx(op_id, g.rev as u64, format!("group/{}", g.rec.id)),
+            ctx: ctx(op_id.to_string(), epoch as u64, format!("group/{}", g.rec.id)),
             group_id: g.rec.id.clone(),
             r#final: false,
             peer_endpoint: peer_ep,
@@ -730,7 +781,7 @@ impl ReplicationApi {
         let resp = self
             .core
             .agents
-            .mutate(&active, Deadline::Sync, req.clone(), |mut c, req| async move { c.sync_group(req).await })
+            .mutate(&active, Deadline::Sync, req, |mut c, req| async move { c.sync_group(req).await })
             .await
             .map_err(|s| super::shared::from_agent(&active, &format!("sync group {}", g.rec.name), &s))?;
         Ok(pb::SyncGroupResponse {
@@ -738,6 +789,7 @@ impl ReplicationApi {
             bytes: resp.bytes,
             duration_ms: resp.duration_ms,
             full: resp.full,
+            execution_id: String::new(),
         })
     }
 
@@ -748,40 +800,6 @@ impl ReplicationApi {
         let volumes = volume_infos(&self.core, &g.rec).await?;
         let rpo_ms = rpo_ms(&volumes);
         Ok(pb::GroupReplicationInfo { group: Some(g.rec.to_pb()), volumes, rpo_ms })
-    }
-
-    /// Drives group transitions a previous orchestrator left pending.
-    pub async fn resume(&self) -> ApiResult<usize> {
-        let groups: Vec<_> = self
-            .core
-            .repo
-            .list::<GroupRec>(keys::GROUPS)
-            .await?
-            .into_iter()
-            .filter(|g| g.rec.pending.is_some())
-            .collect();
-        let count = groups.len();
-        for g in groups {
-            let id = g.rec.id.clone();
-            let status = g.rec.replication_status.clone();
-            let op = g.rec.pending.clone().expect("filtered on pending");
-            let result = async {
-                let snap = self.snapshot(g).await?;
-                let (group, volumes, epoch) = self.begin(snap, &status, op.clone()).await?;
-                tracing::info!(group = %id, action = %op.action, op_id = %op.op_id, epoch, "resuming group transition");
-                match op.action.as_str() {
-                    "enable" => self.drive_enable(group, volumes, epoch).await,
-                    "disable" => self.drive_disable(group, volumes, epoch).await,
-                    "failover" | "failback" => self.drive_failover(group, volumes, epoch).await,
-                    other => Err(ApiError::Internal(format!("unknown pending group action {other}"))),
-                }
-            }
-            .await;
-            if let Err(e) = result {
-                tracing::warn!(group = %id, error = %e, "resumed group transition failed");
-            }
-        }
-        Ok(count)
     }
 }
 

@@ -51,14 +51,35 @@ impl VolumeApi {
         Ok(resp.revision)
     }
 
-    /// Records a transient status and pending op; returns the epoch.
-    async fn begin(&self, v: &Versioned<VolumeRec>, status: &str, op: PendingOp) -> ApiResult<(VolumeRec, i64)> {
+    /// The intent of a transition: the transient status and pending op, if the volume is
+    /// still at the revision read. It is written with the execution that drives it.
+    fn begin_txn(v: &Versioned<VolumeRec>, status: &str, op: PendingOp) -> (VolumeRec, Txn) {
         let mut rec = v.rec.clone();
         rec.status = status.to_string();
         rec.status_reason.clear();
         rec.pending = Some(op);
-        let epoch = self.save(&rec, v.rev).await?;
-        Ok((rec, epoch))
+        let txn = Self::volume_txn(&rec, v.rev);
+        (rec, txn)
+    }
+
+    /// Submits the execution that drives the pending op of `rec`, with its intent `txn`,
+    /// and waits for its answer. `conflict` is the error when the intent's comparisons
+    /// fail.
+    async fn submit_op<T: serde::de::DeserializeOwned>(
+        &self,
+        rec: &VolumeRec,
+        txn: Txn,
+        conflict: impl FnOnce() -> ApiError,
+    ) -> ApiResult<T> {
+        let op = rec.pending.clone().expect("a submitted volume has a pending op");
+        let proc = crate::procedures::VolumeTransition::new(self.core.clone(), rec, &op);
+        let (id, rev) = match self.core.procedures.submit_with(Box::new(proc), txn).await {
+            Ok(x) => x,
+            Err(drover_procedure::SubmitError::Conflict) => return Err(conflict()),
+            Err(e) => return Err(crate::procedures::submit_error(e, &format!("volume {}", rec.name))),
+        };
+        tracing::info!(volume = %rec.id, action = %op.action, execution = %id, rev, "volume transition submitted");
+        crate::procedures::wait_output(&self.core, &id).await
     }
 
     /// Removes the volume and its name if it is still at `epoch`; returns whether it did.
@@ -103,18 +124,17 @@ impl VolumeApi {
             .when(Compare::Absent(keys::volume(&id).into_bytes()))
             .and_then(TxnOp::put(name_key, id.clone()))
             .and_then(put(&keys::volume(&id), &rec));
-        let resp = self.core.repo.txn(txn).await?;
-        if !resp.succeeded {
-            return Err(ApiError::AlreadyExists(format!(
+        tracing::info!(volume = %id, name = %r.name, backend = %r.backend, "creating volume");
+        self.submit_op(&rec, txn, || {
+            ApiError::AlreadyExists(format!(
                 "volume {} already exists in project {}; pick another name",
                 r.name, r.project
-            )));
-        }
-        tracing::info!(volume = %id, name = %r.name, backend = %r.backend, epoch = resp.revision, "creating volume");
-        self.drive_create(rec, resp.revision).await
+            ))
+        })
+        .await
     }
 
-    async fn drive_create(&self, mut rec: VolumeRec, epoch: i64) -> ApiResult<VolumeRec> {
+    pub(crate) async fn drive_create(&self, mut rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<VolumeRec> {
         let op = rec.pending.clone().expect("create has a pending op");
         let call = self
             .core
@@ -134,17 +154,17 @@ impl VolumeApi {
             Ok(_) => {
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, epoch).await?;
+                self.save(&rec, rev).await?;
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
                 // Nothing was created: forget the volume so its name is free again.
-                self.forget(&rec, epoch).await?;
+                self.forget(&rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("create volume {}", rec.name), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("create volume {}", rec.name), &s);
-                self.fail(rec.clone(), epoch, format!("{err}; delete the volume and create it again")).await?;
+                self.fail(rec.clone(), rev, format!("{err}; delete the volume and create it again")).await?;
                 Err(err)
             }
         }
@@ -161,11 +181,11 @@ impl VolumeApi {
         }
         writable_backend(&self.core, &v.rec.backend, "volume").await?;
         let op = PendingOp::new("delete", &v.rec.backend);
-        let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
-        self.drive_delete(rec, epoch).await
+        let (rec, txn) = Self::begin_txn(&v, volume_status::DELETING, op);
+        self.submit_op::<()>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
-    async fn drive_delete(&self, rec: VolumeRec, epoch: i64) -> ApiResult<()> {
+    pub(crate) async fn drive_delete(&self, rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<()> {
         let op = rec.pending.clone().expect("delete has a pending op");
         let call = self
             .core
@@ -182,7 +202,7 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(&rec, epoch).await? {
+                if !self.forget(&rec, rev).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 tracing::info!(volume = %rec.id, "volume deleted");
@@ -190,7 +210,7 @@ impl VolumeApi {
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("delete volume {}", rec.name), &s);
-                self.fail(rec, epoch, format!("{err}; retry the delete")).await?;
+                self.fail(rec, rev, format!("{err}; retry the delete")).await?;
                 Err(err)
             }
         }
@@ -221,11 +241,11 @@ impl VolumeApi {
         }
         writable_backend(&self.core, &v.rec.backend, "extend").await?;
         let op = PendingOp { new_size_bytes: new_size, ..PendingOp::new("extend", &v.rec.backend) };
-        let (rec, epoch) = self.begin(&v, volume_status::EXTENDING, op).await?;
-        self.drive_extend(rec, epoch).await
+        let (rec, txn) = Self::begin_txn(&v, volume_status::EXTENDING, op);
+        self.submit_op::<VolumeRec>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
-    async fn drive_extend(&self, mut rec: VolumeRec, epoch: i64) -> ApiResult<VolumeRec> {
+    pub(crate) async fn drive_extend(&self, mut rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<VolumeRec> {
         let op = rec.pending.clone().expect("extend has a pending op");
         let call = self
             .core
@@ -246,19 +266,19 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, epoch).await?;
+                self.save(&rec, rev).await?;
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
                 // The backend refused: the volume is as it was.
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, epoch).await?;
+                self.save(&rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s);
-                self.fail(rec, epoch, format!("{err}; the size is unknown until the extend is retried")).await?;
+                self.fail(rec, rev, format!("{err}; the size is unknown until the extend is retried")).await?;
                 Err(err)
             }
         }
@@ -331,17 +351,16 @@ impl VolumeApi {
             .when(Compare::Absent(name_key.clone().into_bytes()))
             .and_then(TxnOp::put(name_key, id.clone()))
             .and_then(put(&keys::volume(&id), &rec));
-        let resp = self.core.repo.txn(txn).await?;
-        if !resp.succeeded {
-            return Err(ApiError::AlreadyExists(format!(
+        self.submit_op(&rec, txn, || {
+            ApiError::AlreadyExists(format!(
                 "volume {} already exists in project {}; pick another name",
                 r.name, r.project
-            )));
-        }
-        self.drive_manage(rec, resp.revision).await
+            ))
+        })
+        .await
     }
 
-    async fn drive_manage(&self, mut rec: VolumeRec, epoch: i64) -> ApiResult<VolumeRec> {
+    pub(crate) async fn drive_manage(&self, mut rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<VolumeRec> {
         let op = rec.pending.clone().expect("manage has a pending op");
         let call = self
             .core
@@ -362,17 +381,17 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, epoch).await?;
+                self.save(&rec, rev).await?;
                 tracing::info!(volume = %rec.id, reference = %op.reference, "volume managed");
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
-                self.forget(&rec, epoch).await?;
+                self.forget(&rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("manage {}", op.reference), &s);
-                self.fail(rec, epoch, format!("{err}; unmanage or delete the volume and retry")).await?;
+                self.fail(rec, rev, format!("{err}; unmanage or delete the volume and retry")).await?;
                 Err(err)
             }
         }
@@ -389,11 +408,11 @@ impl VolumeApi {
         }
         writable_backend(&self.core, &v.rec.backend, "manage-existing").await?;
         let op = PendingOp::new("unmanage", &v.rec.backend);
-        let (rec, epoch) = self.begin(&v, volume_status::DELETING, op).await?;
-        self.drive_unmanage(rec, epoch).await
+        let (rec, txn) = Self::begin_txn(&v, volume_status::DELETING, op);
+        self.submit_op::<String>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
-    async fn drive_unmanage(&self, rec: VolumeRec, epoch: i64) -> ApiResult<String> {
+    pub(crate) async fn drive_unmanage(&self, rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<String> {
         let op = rec.pending.clone().expect("unmanage has a pending op");
         let call = self
             .core
@@ -410,54 +429,17 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(&rec, epoch).await? {
+                if !self.forget(&rec, rev).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 Ok(rec.id)
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
-                self.fail(rec, epoch, format!("{err}; retry the unmanage")).await?;
+                self.fail(rec, rev, format!("{err}; retry the unmanage")).await?;
                 Err(err)
             }
         }
-    }
-
-    /// Finishes volume operations a previous orchestrator left pending. Claiming bumps the
-    /// revision, so the resumed calls carry a higher epoch than the dead owner's.
-    pub async fn resume(&self) -> ApiResult<usize> {
-        let pending: Vec<_> = self
-            .core
-            .repo
-            .list::<VolumeRec>(keys::VOLUMES)
-            .await?
-            .into_iter()
-            .filter(|v| v.rec.pending.is_some())
-            .collect();
-        let count = pending.len();
-        for v in pending {
-            let epoch = match self.save(&v.rec, v.rev).await {
-                Ok(epoch) => epoch,
-                Err(e) => {
-                    tracing::warn!(volume = %v.rec.id, error = %e, "could not claim pending volume op");
-                    continue;
-                }
-            };
-            let action = v.rec.pending.as_ref().map(|p| p.action.clone()).unwrap_or_default();
-            tracing::info!(volume = %v.rec.id, action = %action, epoch, "resuming volume operation");
-            let result = match action.as_str() {
-                "create" => self.drive_create(v.rec, epoch).await.map(|_| ()),
-                "delete" => self.drive_delete(v.rec, epoch).await,
-                "extend" => self.drive_extend(v.rec, epoch).await.map(|_| ()),
-                "manage" => self.drive_manage(v.rec, epoch).await.map(|_| ()),
-                "unmanage" => self.drive_unmanage(v.rec, epoch).await.map(|_| ()),
-                other => Err(ApiError::Internal(format!("unknown pending volume action {other}"))),
-            };
-            if let Err(e) = result {
-                tracing::warn!(error = %e, "resumed volume operation failed");
-            }
-        }
-        Ok(count)
     }
 }
 

@@ -1,0 +1,149 @@
+//! `drover execution`: operations that run as persisted executions: list, show, watch,
+//! cancel; and [`follow`], which the other commands use to wait for their execution.
+
+use std::io::IsTerminal;
+
+use anyhow::{Result, anyhow, bail};
+use clap::Subcommand;
+use drover_proto::v1 as pb;
+use futures::StreamExt;
+
+use super::Ctx;
+use crate::output::{Format, Table, emit, timestamp};
+
+/// `drover execution …`
+#[derive(Subcommand)]
+pub enum ExecutionCmd {
+    /// List executions, newest first.
+    List {
+        /// Only executions in this status: running, succeeded, failed or cancelled.
+        #[arg(long, default_value = "")]
+        status: String,
+    },
+    /// Show one execution with its steps.
+    Show { id: String },
+    /// Follow an execution until it ends, printing each step.
+    Watch { id: String },
+    /// Stop an execution at its next step boundary.
+    Cancel { id: String },
+}
+
+fn list_table(list: &[pb::Execution]) -> Table {
+    let mut t = Table::new(&["ID", "KIND", "STATUS", "STEP", "CREATED", "SUMMARY"]);
+    for e in list {
+        t.row(vec![
+            e.id.clone(),
+            e.kind.clone(),
+            e.status.clone(),
+            e.step.clone(),
+            timestamp(e.created_ms),
+            e.summary.clone(),
+        ]);
+    }
+    t
+}
+
+/// One execution in detail: its fields, then one row per step.
+pub fn detail(e: &pb::Execution) -> Table {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, v) in [
+        ("id", e.id.clone()),
+        ("kind", e.kind.clone()),
+        ("summary", e.summary.clone()),
+        ("status", e.status.clone()),
+        ("step", e.step.clone()),
+        ("error", e.error.clone()),
+        ("owner", format!("{} (epoch {}, claimed {} time(s))", e.owner, e.epoch, e.claims)),
+        ("locks", e.locks.join(", ")),
+        ("created", timestamp(e.created_ms)),
+        ("updated", timestamp(e.updated_ms)),
+        ("cancel requested", e.cancel_requested.to_string()),
+    ] {
+        t.row(vec![k.into(), v]);
+    }
+    for s in &e.steps {
+        t.row(vec![
+            format!("step {}", s.name),
+            format!("{} ms, epoch {}: {}", s.ended_ms - s.started_ms, s.epoch, s.note),
+        ]);
+    }
+    t
+}
+
+/// Runs one execution command.
+pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
+    let api = &mut ctx.api.executions;
+    match cmd {
+        ExecutionCmd::List { status } => {
+            let r = api.list_executions(pb::ListExecutionsRequest { status }).await?.into_inner();
+            emit(ctx.fmt, &r, |r| list_table(&r.executions));
+        }
+        ExecutionCmd::Show { id } => {
+            let e = api.get_execution(pb::GetExecutionRequest { id }).await?;
+            emit(ctx.fmt, e.get_ref(), detail);
+        }
+        ExecutionCmd::Watch { id } => {
+            let e = watch(ctx, &id, true).await?;
+            emit(ctx.fmt, &e, detail);
+        }
+        ExecutionCmd::Cancel { id } => {
+            let e = api.cancel_execution(pb::CancelExecutionRequest { id }).await?;
+            emit(ctx.fmt, e.get_ref(), detail);
+        }
+    }
+    Ok(())
+}
+
+/// Follows an execution to its end. With `progress`, prints each finished step (and
+/// each retry) to stderr as it happens; that is what a person at a terminal sees.
+pub async fn watch(ctx: &mut Ctx, id: &str, progress: bool) -> Result<pb::Execution> {
+    let mut stream = ctx.api.executions.watch_execution(pb::GetExecutionRequest { id: id.into() }).await?.into_inner();
+    let mut shown = 0;
+    let mut last_error = String::new();
+    let mut latest = None;
+    while let Some(next) = stream.next().await {
+        let e = next?;
+        if progress {
+            for s in e.steps.iter().skip(shown) {
+                eprintln!("  [{}] {} ({} ms): {}", e.id, s.name, s.ended_ms - s.started_ms, s.note);
+            }
+            if !e.error.is_empty() && e.error != last_error && e.status == "running" {
+                eprintln!("  [{}] {}", e.id, e.error);
+            }
+        }
+        shown = e.steps.len();
+        last_error = e.error.clone();
+        let ended = e.status != "running";
+        latest = Some(e);
+        if ended {
+            break;
+        }
+    }
+    latest.ok_or_else(|| anyhow!("execution {id} sent nothing; see `drover execution show {id}`"))
+}
+
+/// Waits for execution `id` (submitted by another command) and returns its answer: the
+/// value of `T` its RPC would have returned. Progress goes to stderr on a terminal when
+/// the output is a table.
+pub async fn follow<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, id: &str) -> Result<T> {
+    let progress = ctx.fmt == Format::Table && std::io::stderr().is_terminal();
+    if progress {
+        eprintln!("execution {id} submitted; following it (Ctrl-C leaves it running)");
+    }
+    let e = watch(ctx, id, progress).await?;
+    match e.status.as_str() {
+        "succeeded" => {}
+        "cancelled" => bail!("execution {id} was cancelled; see `drover execution show {id}`"),
+        _ => bail!("execution {id} {}: {}; see `drover execution show {id}`", e.status, e.error),
+    }
+    let answer: serde_json::Value = serde_json::from_str(&e.output_json)
+        .map_err(|err| anyhow!("execution {id} has an unreadable answer ({err}); see `drover execution show {id}`"))?;
+    match answer["result"].as_str() {
+        Some("ok") => Ok(serde_json::from_value(answer["value"].clone())?),
+        _ => bail!(
+            "{} ({}); execution {id}",
+            answer["message"].as_str().unwrap_or("the operation failed"),
+            answer["code"].as_str().unwrap_or("unknown")
+        ),
+    }
+}

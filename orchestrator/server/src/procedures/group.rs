@@ -1,0 +1,144 @@
+//! Group transitions: enable and disable replication, planned and forced failover,
+//! failback with reprotect.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use drover_procedure::{Context, Procedure, ProcedureError, Status};
+use drover_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+
+use super::{Answer, step_error};
+use crate::error::ApiError;
+use crate::model::{GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
+use crate::service::Core;
+use crate::service::replication::ReplicationApi;
+
+/// The procedure kind.
+pub const KIND: &str = "group-transition";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    group_id: String,
+    group_name: String,
+    op_id: String,
+    /// enable, disable, failover or failback.
+    action: String,
+    target: String,
+    force: bool,
+}
+
+/// Drives one group transition whose intent (transient status, pending op) was written
+/// with the execution.
+pub struct GroupTransition {
+    core: Arc<Core>,
+    state: State,
+}
+
+impl GroupTransition {
+    /// The transition `op` of `group`.
+    pub fn new(core: Arc<Core>, group: &GroupRec, op: &PendingOp) -> Self {
+        let state = State {
+            group_id: group.id.clone(),
+            group_name: group.name.clone(),
+            op_id: op.op_id.clone(),
+            action: op.action.clone(),
+            target: op.target.clone(),
+            force: op.force,
+        };
+        Self { core, state }
+    }
+
+    /// Rebuilds a persisted transition.
+    pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
+        Ok(Self { core, state: serde_json::from_value(state).map_err(|e| e.to_string())? })
+    }
+
+    /// What the group says now, as a result: for a transition that had finished when its
+    /// execution was resumed.
+    async fn report(&self, group: GroupRec) -> Result<pb::ReplicationResult, ApiError> {
+        let mut items = Vec::new();
+        for id in &group.volume_ids {
+            let v = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
+            let failed = v.as_ref().is_none_or(|v| v.rec.replication_status == rs::ERROR);
+            items.push(pb::ItemOutcome {
+                volume_id: id.clone(),
+                outcome: if failed { "error" } else { "success" }.into(),
+                reason: if failed { group.status_reason.clone() } else { String::new() },
+            });
+        }
+        Ok(pb::ReplicationResult { group: Some(group.to_pb()), items, execution_id: String::new() })
+    }
+}
+
+#[async_trait]
+impl Procedure for GroupTransition {
+    fn kind(&self) -> &'static str {
+        KIND
+    }
+
+    fn summary(&self) -> String {
+        let s = &self.state;
+        match s.action.as_str() {
+            "enable" => format!("enable replication of group {} to {}", s.group_name, s.target),
+            "disable" => format!("disable replication of group {}", s.group_name),
+            a => {
+                format!("{}{a} of group {} to {}", if s.force { "forced " } else { "planned " }, s.group_name, s.target)
+            }
+        }
+    }
+
+    fn locks(&self) -> Vec<String> {
+        vec![format!("group/{}", self.state.group_id)]
+    }
+
+    fn step(&self) -> String {
+        format!("drive-{}", self.state.action)
+    }
+
+    fn dump(&self) -> serde_json::Value {
+        serde_json::to_value(&self.state).expect("state serialises")
+    }
+
+    async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+        let s = &self.state;
+        let key = keys::group(&s.group_id);
+        let Some(g) = self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)? else {
+            return Answer::from_result::<()>(Err(ApiError::NotFound(format!(
+                "group {} was deleted while its {} was pending",
+                s.group_name, s.action
+            ))))
+            .done();
+        };
+        if g.rec.pending.as_ref().map(|p| p.op_id.as_str()) != Some(s.op_id.as_str()) {
+            // The transition finished before this execution was resumed.
+            return Answer::from_result(self.report(g.rec).await).done();
+        }
+        let mut volumes = Vec::new();
+        for id in &g.rec.volume_ids {
+            let v = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await.map_err(step_error)?.ok_or_else(|| {
+                ProcedureError::Fail(format!("group {} lists volume {id}, which does not exist", s.group_name))
+            })?;
+            volumes.push(v.rec);
+        }
+        let api = ReplicationApi { core: self.core.clone() };
+        let result = match s.action.as_str() {
+            "enable" => api.drive_enable(g.rec, volumes, ctx.epoch, g.rev).await,
+            "disable" => api.drive_disable(g.rec, volumes, ctx.epoch, g.rev).await,
+            "failover" | "failback" => api.drive_failover(g.rec, volumes, ctx.epoch, g.rev).await,
+            other => return Err(ProcedureError::Fail(format!("unknown group action {other}"))),
+        };
+        match result {
+            Ok(r) => Answer::from_result(Ok(r)).done(),
+            Err(e) => {
+                // Still pending: the final write did not land; run the step again.
+                let now = self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)?;
+                if now.is_some_and(|n| n.rec.pending.is_some_and(|p| p.op_id == s.op_id)) {
+                    Err(step_error(e))
+                } else {
+                    Answer::from_result::<pb::ReplicationResult>(Err(e)).done()
+                }
+            }
+        }
+    }
+}

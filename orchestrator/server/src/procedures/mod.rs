@@ -1,0 +1,104 @@
+//! The orchestrator's procedures: every group and volume transition, and "sync now",
+//! runs on the procedure engine (`drover-procedure`), so it outlives the request that
+//! asked for it, has one owner at a time, and is resumed by any orchestrator.
+//!
+//! Each procedure's intent (the transient status and pending op) is written in the same
+//! transaction that creates its execution; its steps are idempotent: a step first
+//! re-reads the record, and when the record no longer carries its op the work is already
+//! done and the step only reports it.
+
+mod group;
+mod sync;
+mod volume;
+
+pub use group::GroupTransition;
+pub use sync::SyncNow;
+pub use volume::VolumeTransition;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use drover_procedure::{ExecutionStatus, Manager, ProcedureError, Status, SubmitError};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, ApiResult};
+use crate::service::Core;
+
+/// Teaches the manager every procedure kind of the orchestrator, for resumes.
+pub fn register(manager: &Manager, core: &Arc<Core>) {
+    let c = core.clone();
+    manager
+        .register(group::KIND, Box::new(move |state| Ok(Box::new(GroupTransition::load(c.clone(), state)?) as Box<_>)));
+    let c = core.clone();
+    manager.register(
+        volume::KIND,
+        Box::new(move |state| Ok(Box::new(VolumeTransition::load(c.clone(), state)?) as Box<_>)),
+    );
+    let c = core.clone();
+    manager.register(sync::KIND, Box::new(move |state| Ok(Box::new(SyncNow::load(c.clone(), state)?) as Box<_>)));
+}
+
+/// A procedure's answer to its caller, kept as the execution's output: the value, or the
+/// API error with its code, so a caller that waits gets the same error a synchronous
+/// call would have given.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Answer {
+    Ok { value: serde_json::Value },
+    Err { code: String, message: String },
+}
+
+impl Answer {
+    /// Wraps an API result.
+    pub fn from_result<T: Serialize>(r: ApiResult<T>) -> Self {
+        match r {
+            Ok(v) => Answer::Ok { value: serde_json::to_value(v).expect("API values serialise") },
+            Err(e) => Answer::Err { code: e.code_name().into(), message: e.to_string() },
+        }
+    }
+
+    /// The execution's "done" status carrying this answer.
+    pub fn done(self) -> Result<Status, ProcedureError> {
+        Ok(Status::Done { output: serde_json::to_value(self).expect("answers serialise") })
+    }
+}
+
+/// Maps a step's API error: store trouble is retried, anything else ends the execution.
+pub fn step_error(e: ApiError) -> ProcedureError {
+    match e {
+        ApiError::Unavailable(m) => ProcedureError::Retry(m),
+        other => ProcedureError::Fail(other.to_string()),
+    }
+}
+
+/// Maps a refused submit into the API error the caller returns.
+pub fn submit_error(e: SubmitError, what: &str) -> ApiError {
+    match e {
+        SubmitError::Locked { .. } => ApiError::FailedPrecondition(format!("{what}: {e}")),
+        SubmitError::Conflict => crate::error::raced(what),
+        SubmitError::Store(s) => s.into(),
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// Waits for an execution to end and returns its answer. The wait is bounded only by the
+/// client's deadline: when the client leaves, this future is dropped and the execution
+/// goes on.
+pub async fn wait_output<T: DeserializeOwned>(core: &Core, id: &str) -> ApiResult<T> {
+    let rec = core.procedures.wait(id, Duration::from_secs(7 * 24 * 3600)).await?;
+    let follow = format!("see `drover execution show {id}`");
+    match rec.status {
+        ExecutionStatus::Succeeded => match serde_json::from_value::<Answer>(rec.output) {
+            Ok(Answer::Ok { value }) => serde_json::from_value(value)
+                .map_err(|e| ApiError::Internal(format!("execution {id} returned an unreadable result: {e}"))),
+            Ok(Answer::Err { code, message }) => Err(ApiError::from_code_name(&code, message)),
+            Err(e) => Err(ApiError::Internal(format!("execution {id} returned an unreadable answer: {e}"))),
+        },
+        ExecutionStatus::Failed => Err(ApiError::Aborted(format!("execution {id} failed: {}; {follow}", rec.error))),
+        ExecutionStatus::Cancelled => Err(ApiError::Aborted(format!("execution {id} was cancelled; {follow}"))),
+        ExecutionStatus::Running => {
+            Err(ApiError::Unavailable(format!("execution {id} is still running at step {}; {follow}", rec.step)))
+        }
+    }
+}

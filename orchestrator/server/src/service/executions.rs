@@ -1,0 +1,114 @@
+//! `drover.v1.ExecutionService`: list, show, watch and cancel executions.
+
+use std::sync::Arc;
+
+use drover_procedure::{ExecutionRec, SubmitError};
+use drover_proto::v1 as pb;
+use futures::StreamExt;
+use tonic::{Request, Response, Status};
+
+use super::Core;
+use crate::error::ApiError;
+
+/// `drover.v1.ExecutionService`.
+pub struct ExecutionApi {
+    pub core: Arc<Core>,
+}
+
+/// An execution as the API shows it.
+pub fn to_pb(r: ExecutionRec) -> pb::Execution {
+    pb::Execution {
+        id: r.id,
+        kind: r.kind,
+        summary: r.summary,
+        status: r.status.as_str().into(),
+        step: r.step,
+        steps: r
+            .steps
+            .into_iter()
+            .map(|s| pb::ExecutionStep {
+                name: s.name,
+                started_ms: s.started_ms,
+                ended_ms: s.ended_ms,
+                note: s.note,
+                epoch: s.epoch,
+            })
+            .collect(),
+        created_ms: r.created_ms,
+        updated_ms: r.updated_ms,
+        error: r.error,
+        cancel_requested: r.cancel_requested,
+        epoch: r.epoch,
+        owner: r.owner,
+        claims: r.claims,
+        locks: r.locks,
+        output_json: if r.output.is_null() { String::new() } else { r.output.to_string() },
+    }
+}
+
+fn not_found(id: &str) -> ApiError {
+    ApiError::NotFound(format!("execution {id:?} not found; list executions with `drover execution list`"))
+}
+
+fn require_id(id: &str) -> Result<(), ApiError> {
+    if id.trim().is_empty() {
+        return Err(ApiError::InvalidArgument("`id` is required: an execution id from `drover execution list`".into()));
+    }
+    Ok(())
+}
+
+#[tonic::async_trait]
+impl pb::execution_service_server::ExecutionService for ExecutionApi {
+    async fn list_executions(
+        &self,
+        req: Request<pb::ListExecutionsRequest>,
+    ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
+        let want = req.into_inner().status;
+        if !want.is_empty() && !["running", "succeeded", "failed", "cancelled"].contains(&want.as_str()) {
+            return Err(ApiError::InvalidArgument(format!(
+                "`status` {want:?} is not one of running, succeeded, failed, cancelled"
+            ))
+            .into());
+        }
+        let all = self.core.procedures.list().await.map_err(ApiError::from)?;
+        let executions = all.into_iter().filter(|r| want.is_empty() || r.status.as_str() == want).map(to_pb).collect();
+        Ok(Response::new(pb::ListExecutionsResponse { executions }))
+    }
+
+    async fn get_execution(&self, req: Request<pb::GetExecutionRequest>) -> Result<Response<pb::Execution>, Status> {
+        let id = req.into_inner().id;
+        require_id(&id)?;
+        let rec = self.core.procedures.get(&id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(&id))?;
+        Ok(Response::new(to_pb(rec)))
+    }
+
+    type WatchExecutionStream = futures::stream::BoxStream<'static, Result<pb::Execution, Status>>;
+
+    async fn watch_execution(
+        &self,
+        req: Request<pb::GetExecutionRequest>,
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        let id = req.into_inner().id;
+        require_id(&id)?;
+        if self.core.procedures.get(&id).await.map_err(ApiError::from)?.is_none() {
+            return Err(not_found(&id).into());
+        }
+        let stream = self.core.procedures.watch(&id).map(|r| r.map(to_pb).map_err(|e| Status::from(ApiError::from(e))));
+        Ok(Response::new(stream.boxed()))
+    }
+
+    async fn cancel_execution(
+        &self,
+        req: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::Execution>, Status> {
+        let id = req.into_inner().id;
+        require_id(&id)?;
+        match self.core.procedures.cancel(&id).await {
+            Ok(rec) => Ok(Response::new(to_pb(rec))),
+            Err(SubmitError::NotFound(_)) => Err(not_found(&id).into()),
+            Err(e @ SubmitError::Ended { .. }) => Err(ApiError::FailedPrecondition(e.to_string()).into()),
+            Err(SubmitError::Store(s)) => Err(ApiError::from(s).into()),
+            Err(e) => Err(ApiError::Internal(e.to_string()).into()),
+        }
+    }
+}
