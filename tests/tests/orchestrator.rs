@@ -427,3 +427,55 @@ async fn an_agent_call_that_times_out_after_the_work_is_asked_about_not_run_agai
     let orch_log = std::fs::read_to_string(&cluster.orchestrator.proc.log).unwrap();
     assert!(orch_log.contains("outcome unknown; asking the agent"), "the orchestrator asked GetOperation");
 }
+
+/// The reproduction from the procedure engine's issue: a client with a 1 s deadline that
+/// is then SIGKILLed, against agents that take 3 s per call. The failover completes with
+/// no restart, and its execution shows its steps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_whose_client_left_completes_without_a_restart() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.latency=3s"]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "left", 1).await;
+    let mut client = std::process::Command::new(&cluster.bin)
+        .args(["group", "failover", "left", "--target", "backend-b", "--timeout", "1s"])
+        .args(["--endpoint", &cluster.orchestrator.endpoint, "--project", "tests"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let _ = client.kill();
+    let _ = client.wait();
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let g = loop {
+        let g = c
+            .groups
+            .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if g.replication_status != "failing-over" && g.replication_status != "enabled" {
+            break g;
+        }
+        assert!(Instant::now() < deadline, "the failover did not finish: {}", g.replication_status);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"));
+
+    let out = cluster.cli(&["execution", "list", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let exec = list["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["summary"].as_str().unwrap_or_default().contains("failover of group left"))
+        .expect("the failover's execution is listed")
+        .clone();
+    let id = exec["id"].as_str().unwrap();
+    let out = cluster.cli(&["execution", "show", id]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && shown.contains("succeeded") && shown.contains("step drive-failover"), "{shown}");
+    assert_eq!(exec["claims"], 1, "no orchestrator restart was needed");
+}

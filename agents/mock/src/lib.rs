@@ -185,7 +185,8 @@ impl MockDriver {
             }
         }
         self.log.lock().expect("mock log poisoned").push(entry);
-        if let Some(latency) = self.config.latency {
+        // Latency is for operations; a probe answers at once, as a live backend would.
+        if let Some(latency) = self.config.latency.filter(|_| op != "probe") {
             tokio::time::sleep(latency).await;
         }
         if let Some(p) = self.config.fail.get(op)
