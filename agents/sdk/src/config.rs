@@ -26,7 +26,8 @@ pub struct AgentConfig {
     pub listen: String,
     /// Endpoint the orchestrator should dial; defaults to `http://<bound address>`.
     pub advertise: Option<String>,
-    /// Orchestrator endpoint to register with; the agent only serves when unset or empty.
+    /// Orchestrator endpoints to register with, comma-separated (orchestrators sharing
+    /// one etcd); the agent only serves when unset or empty.
     pub orchestrator: Option<String>,
     /// Where the agent keeps its fencing and idempotency ledger (and its driver's state).
     pub state_dir: PathBuf,

@@ -1,4 +1,4 @@
-//! Registration with the orchestrator, and the heartbeat that keeps it alive.
+//! Registration with the orchestrators, and the heartbeat that keeps it alive.
 //!
 //! The orchestrator binds the registration to a store lease; the agent renews it with
 //! Heartbeat at a third of the TTL. When the lease is gone (expired, or the store lost it)
@@ -27,69 +27,139 @@ pub struct Announcement {
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Keeps the agent registered with the orchestrator at `orchestrator` until cancelled.
-pub async fn run(orchestrator: String, me: Announcement, cancel: CancellationToken) {
+type Registry = AgentRegistryClient<
+    tonic::service::interceptor::InterceptedService<
+        tonic::transport::Channel,
+        fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    >,
+>;
+
+/// Why a registration round failed, and whether to try the next orchestrator.
+struct Failed {
+    message: String,
+    next_orchestrator: bool,
+}
+
+/// The orchestrator endpoints in `list` (comma-separated).
+pub fn endpoints(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect()
+}
+
+/// Keeps the agent registered until cancelled, with any of the orchestrators in
+/// `orchestrators` (comma-separated; they share one store). The registration is a store
+/// lease, so any orchestrator can renew it: when one stops answering, the agent renews
+/// through the next, and registers again only when the lease itself is gone.
+pub async fn run(orchestrators: String, me: Announcement, cancel: CancellationToken) {
+    let list = endpoints(&orchestrators);
+    if list.is_empty() {
+        return;
+    }
+    let mut clients: Vec<Option<Registry>> = vec![None; list.len()];
+    let mut current = 0usize;
+    let mut lease: Option<(i64, Duration)> = None;
     let mut backoff = Duration::from_millis(200);
     loop {
-        let attempt = async {
-            let channel = Endpoint::from_shared(orchestrator.clone())
-                .map_err(|e| format!("bad orchestrator endpoint {orchestrator}: {e}"))?
-                .connect_timeout(CALL_TIMEOUT)
-                .timeout(CALL_TIMEOUT)
-                .connect()
-                .await
-                .map_err(|e| format!("cannot reach orchestrator {orchestrator}: {e}"))?;
-            let mut client = AgentRegistryClient::with_interceptor(channel, drover_proto::stamp_api_version);
-            let reg = client
-                .register_agent(RegisterAgentRequest {
-                    agent_id: me.agent_id.clone(),
-                    site: me.site.clone(),
-                    backend: me.backend.clone(),
-                    endpoint: me.endpoint.clone(),
-                    driver: me.driver.clone(),
-                    driver_version: me.driver_version.clone(),
-                    capabilities: me.capabilities.clone(),
+        let endpoint = list[current].clone();
+        let client = match &clients[current] {
+            Some(c) => Ok(c.clone()),
+            None => Endpoint::from_shared(endpoint.clone())
+                .map(|e| {
+                    let channel = e.connect_timeout(CALL_TIMEOUT).timeout(CALL_TIMEOUT).connect_lazy();
+                    let stamp: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
+                        drover_proto::stamp_api_version;
+                    AgentRegistryClient::with_interceptor(channel, stamp)
                 })
-                .await
-                .map_err(|s| format!("registration refused: {}", s.message()))?
-                .into_inner();
-            tracing::info!(lease = reg.lease_id, ttl = reg.ttl_seconds, "registered with orchestrator");
-            let period = Duration::from_secs(reg.ttl_seconds.max(1) as u64) / 3;
-            loop {
-                tokio::select! {
-                    _ = cancel.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(period) => {}
+                .map_err(|e| format!("bad orchestrator endpoint {endpoint}: {e}")),
+        };
+        let round = async {
+            let mut client = client.map_err(|message| Failed { message, next_orchestrator: true })?;
+            clients[current] = Some(client.clone());
+            match lease {
+                None => {
+                    let reg = client
+                        .register_agent(RegisterAgentRequest {
+                            agent_id: me.agent_id.clone(),
+                            site: me.site.clone(),
+                            backend: me.backend.clone(),
+                            endpoint: me.endpoint.clone(),
+                            driver: me.driver.clone(),
+                            driver_version: me.driver_version.clone(),
+                            capabilities: me.capabilities.clone(),
+                        })
+                        .await
+                        .map_err(|s| Failed {
+                            message: format!("registration with {endpoint} refused: {}", s.message()),
+                            next_orchestrator: s.code() != tonic::Code::InvalidArgument,
+                        })?
+                        .into_inner();
+                    tracing::info!(lease = reg.lease_id, ttl = reg.ttl_seconds, orchestrator = %endpoint, "registered");
+                    let period = Duration::from_secs(reg.ttl_seconds.max(1) as u64) / 3;
+                    lease = Some((reg.lease_id, period));
+                    Ok(period)
                 }
-                let beat = client
-                    .heartbeat(HeartbeatRequest {
-                        agent_id: me.agent_id.clone(),
-                        backend: me.backend.clone(),
-                        lease_id: reg.lease_id,
-                    })
-                    .await;
-                match beat {
-                    Ok(_) => {}
-                    Err(s) if s.code() == tonic::Code::NotFound => {
-                        return Err(format!("registration lapsed ({}); registering again", s.message()));
+                Some((id, period)) => {
+                    let beat = client
+                        .heartbeat(HeartbeatRequest {
+                            agent_id: me.agent_id.clone(),
+                            backend: me.backend.clone(),
+                            lease_id: id,
+                        })
+                        .await;
+                    match beat {
+                        Ok(_) => Ok(period),
+                        Err(s) if s.code() == tonic::Code::NotFound => {
+                            lease = None;
+                            Err(Failed {
+                                message: format!("registration lapsed ({}); registering again", s.message()),
+                                next_orchestrator: false,
+                            })
+                        }
+                        Err(s) => Err(Failed {
+                            message: format!("heartbeat through {endpoint} failed: {}", s.message()),
+                            next_orchestrator: true,
+                        }),
                     }
-                    Err(s) => tracing::warn!(error = %s.message(), "heartbeat failed; will retry"),
                 }
             }
         };
-        let result: Result<(), String> = tokio::select! {
+        let outcome = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = attempt => r,
+            r = round => r,
         };
-        match result {
-            Ok(()) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "agent registration");
-                tokio::select! {
-                    _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+        let pause = match outcome {
+            Ok(period) => {
+                backoff = Duration::from_millis(200);
+                period
             }
+            Err(f) => {
+                if f.next_orchestrator && list.len() > 1 {
+                    current = (current + 1) % list.len();
+                    tracing::warn!(error = %f.message, next = %list[current], "trying the next orchestrator");
+                    // Another orchestrator may answer at once: no pause before it.
+                    Duration::ZERO
+                } else {
+                    tracing::warn!(error = %f.message, retry_in = ?backoff, "agent registration");
+                    let b = backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                    b
+                }
+            }
+        };
+        if !pause.is_zero() {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(pause) => {}
+            }
+        } else {
+            tokio::task::yield_now().await;
+        }
+        // After a full round of failing orchestrators, back off before the next round.
+        if pause.is_zero() && current == 0 {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 }

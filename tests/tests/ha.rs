@@ -1,0 +1,130 @@
+//! Two orchestrators on one etcd: an execution has one owner while that owner's lease
+//! lives; when the owner is SIGKILLed, the other resumes it within the lease TTL plus a
+//! few seconds, and agents refuse the dead owner's epoch.
+
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::agent::v1 as apb;
+use drover_proto::v1 as pb;
+use drover_tests::cluster::{AgentSpec, locate_drover, start_agent, start_orchestrator};
+use drover_tests::{Etcd, fresh_prefix, replicated_group};
+use tonic::Code;
+
+const TTL: Duration = Duration::from_secs(3);
+
+async fn execution(c: &mut Clients, id: &str) -> pb::Execution {
+    c.executions.get_execution(pb::GetExecutionRequest { id: id.into() }).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch_is_refused() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = locate_drover().unwrap();
+    let store: Vec<String> = [
+        "--store",
+        "etcd",
+        "--etcd-endpoints",
+        &etcd.endpoint,
+        "--store-prefix",
+        &fresh_prefix(),
+        "--set",
+        &format!("owner_lease_ttl={}s", TTL.as_secs()),
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut a = start_orchestrator(&bin, dir.path(), "orchestrator-a", &store).unwrap();
+    let b = start_orchestrator(&bin, dir.path(), "orchestrator-b", &store).unwrap();
+    let both = format!("{},{}", a.endpoint, b.endpoint);
+    let mut agents = Vec::new();
+    for (site, backend) in [("site-a", "backend-a"), ("site-b", "backend-b")] {
+        let name = format!("agent-{backend}");
+        let extra = vec!["--set".into(), "mock.latency=700ms".into()];
+        let spec = AgentSpec { name: &name, driver: "mock", site, backend, orchestrator: &both, extra };
+        agents.push(start_agent(&bin, dir.path(), spec).unwrap());
+    }
+    let mut ca = Clients::connect(&a.endpoint, Duration::from_secs(60)).await.unwrap();
+    let mut cb = Clients::connect(&b.endpoint, Duration::from_secs(60)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = cb.sites.list_backends(pb::ListBackendsRequest::default()).await.unwrap().into_inner();
+        if list.backends.iter().filter(|b| b.status == "up").count() == 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backends not up: {:?}", list.backends);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let group = replicated_group(&mut ca, "ha", 2).await;
+
+    // A failover on A, not waited for.
+    let r = ca
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: group.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            no_wait: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let id = r.execution_id;
+    // While A lives, B leaves it alone.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let seen = execution(&mut cb, &id).await;
+    assert_eq!(seen.status, "running", "{seen:?}");
+    assert!(seen.owner.contains(a.endpoint.trim_start_matches("http://")), "A owns it: {}", seen.owner);
+    assert_eq!(seen.claims, 1);
+    let dead_epoch = seen.epoch;
+
+    a.proc.kill();
+    let killed = Instant::now();
+    let deadline = killed + TTL + Duration::from_secs(5) + Duration::from_secs(6);
+    let done = loop {
+        let e = execution(&mut cb, &id).await;
+        if e.status != "running" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "B did not finish the failover: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let took = killed.elapsed();
+    assert_eq!(done.status, "succeeded", "{done:?}");
+    assert_eq!(done.claims, 2, "resumed once, by B");
+    assert!(done.owner.contains(b.endpoint.trim_start_matches("http://")), "{}", done.owner);
+    assert!(done.epoch > dead_epoch);
+    // B claimed it within TTL + 5 s of the kill (the rest is the mock's latency).
+    let resumed_step = done.steps.iter().find(|s| s.epoch == done.epoch).expect("a step under B's epoch");
+    let claim_to_kill = Duration::from_millis((resumed_step.started_ms - done.created_ms).max(0) as u64);
+    eprintln!("failover finished {took:?} after the kill; B's first step began {claim_to_kill:?} after submit");
+    assert!(took < TTL + Duration::from_secs(5) + Duration::from_secs(6), "{took:?}");
+
+    let g = cb
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"));
+    assert_eq!(g.epoch as i64, done.epoch, "the group records B's epoch");
+
+    // The dead owner's epoch is refused by the agents.
+    let mut agent = apb::agent_client::AgentClient::connect(agents[1].endpoint.clone()).await.unwrap();
+    let stale = agent
+        .promote_volume(apb::PromoteVolumeRequest {
+            ctx: Some(apb::OpContext {
+                op_id: "dead-owner".into(),
+                epoch: dead_epoch as u64,
+                fence_scope: format!("group/{group}"),
+            }),
+            volume_id: g.volume_ids[0].clone(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{}", stale.message());
+    assert!(stale.message().contains("stale epoch"), "{}", stale.message());
+}
