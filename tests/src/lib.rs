@@ -28,8 +28,9 @@ pub fn fresh_prefix() -> String {
 /// A real etcd server (Debian's etcd-server) on loopback ports with a temporary data dir.
 pub struct Etcd {
     pub endpoint: String,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
+    proc: Proc,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
 }
 
 impl Etcd {
@@ -58,21 +59,41 @@ impl Etcd {
         .iter()
         .map(|s| s.to_string())
         .collect();
+        let proc = Self::spawn(&args, dir.path());
+        let etcd = Self { endpoint, proc, args, dir };
+        etcd.wait_ready().await;
+        etcd
+    }
+
+    fn spawn(args: &[String], dir: &Path) -> Proc {
         let etcd = which_etcd();
-        let proc = Proc::spawn("etcd", &etcd, &args, dir.path().join("etcd.log")).unwrap_or_else(|e| {
+        Proc::spawn("etcd", &etcd, args, dir.join("etcd.log")).unwrap_or_else(|e| {
             panic!("cannot start {} ({e}); run `cargo xtask test`, which installs etcd-server", etcd.display())
-        });
+        })
+    }
+
+    async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&endpoint), Duration::from_secs(2)).await
+            if let Ok(store) = EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_secs(2)).await
                 && store.put(b"/health", b"ok").await.is_ok()
             {
                 break;
             }
-            assert!(Instant::now() < deadline, "etcd did not come up within 30 s; log:\n{}", proc.log_text());
+            assert!(Instant::now() < deadline, "etcd did not come up within 30 s; log:\n{}", self.proc.log_text());
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Self { endpoint, _proc: proc, _dir: dir }
+    }
+
+    /// SIGKILLs etcd (its data dir stays).
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts etcd again on the same data dir and ports, and waits until it answers.
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(&self.args, self.dir.path());
+        self.wait_ready().await;
     }
 
     /// A client store confined to a fresh prefix.

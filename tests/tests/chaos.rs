@@ -1,0 +1,235 @@
+//! Chaos: group failovers and failbacks on mock agents while the orchestrator is SIGKILLed
+//! at random moments (20 times on each store) or etcd is SIGKILLed mid-transition. After
+//! the dust settles the agents' op logs and roles must prove the invariants:
+//! every execution ended, no op_id entered a driver twice, every volume has exactly one
+//! primary (on its group's active backend), no group is in error or stuck, and no forced
+//! failover was needed. Each run prints its figures (see docs/reliability.md).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::agent::v1 as apb;
+use drover_proto::v1 as pb;
+use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group};
+
+const GROUPS: usize = 10;
+
+async fn start(store: StoreChoice<'_>) -> Cluster {
+    Cluster::start_custom(
+        store,
+        "mock",
+        &["--set", "mock.latency=100ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"],
+        &["--set", "owner_lease_ttl=2s"],
+    )
+    .await
+}
+
+async fn setup(cluster: &Cluster) -> Vec<String> {
+    let mut c = cluster.clients().await;
+    let mut groups = Vec::new();
+    for i in 0..GROUPS {
+        groups.push(replicated_group(&mut c, &format!("chaos-{i}"), 1).await);
+    }
+    groups
+}
+
+async fn group(c: &mut Clients, id: &str) -> Option<pb::Group> {
+    c.groups
+        .get_group(pb::GetGroupRequest { group: id.into(), project: "tests".into() })
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Submits a planned move for every group at rest: failover when at home, failback when
+/// away. Returns how many were accepted.
+async fn move_all(c: &mut Clients, groups: &[String]) -> usize {
+    let mut accepted = 0;
+    for id in groups {
+        let Some(g) = group(c, id).await else { continue };
+        let target = match g.replication_status.as_str() {
+            "enabled" => "backend-b",
+            "failed-over" => "default",
+            _ => continue,
+        };
+        let req = pb::FailoverGroupRequest {
+            group: id.clone(),
+            project: "tests".into(),
+            target_backend: target.into(),
+            no_wait: true,
+            ..Default::default()
+        };
+        if c.replication.failover_group(req).await.is_ok() {
+            accepted += 1;
+        }
+    }
+    accepted
+}
+
+#[derive(Debug, Default)]
+struct Figures {
+    kills: usize,
+    submitted: usize,
+    executions: HashMap<String, usize>,
+    /// Executions an orchestrator resumed after another owner (or itself) lost them.
+    resumed: usize,
+    driver_ops: usize,
+    duplicate_op_ids: Vec<String>,
+    role_violations: Vec<String>,
+    bad_groups: Vec<String>,
+}
+
+impl Figures {
+    fn violations(&self) -> usize {
+        self.duplicate_op_ids.len()
+            + self.role_violations.len()
+            + self.bad_groups.len()
+            + self.executions.get("failed").copied().unwrap_or(0)
+            + self.executions.get("running").copied().unwrap_or(0)
+    }
+}
+
+async fn wait_all_ended(c: &mut Clients, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Ok(r) = c.executions.list_executions(pb::ListExecutionsRequest { status: "running".into() }).await
+            && r.get_ref().executions.is_empty()
+        {
+            return;
+        }
+        if Instant::now() > deadline {
+            return; // the check below reports what still runs
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn op_ids(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every op log line is whole JSON"))
+        .filter_map(|e| e["op_id"].as_str().filter(|s| !s.is_empty()).map(str::to_string))
+        .collect()
+}
+
+async fn check(cluster: &Cluster, groups: &[String], figures: &mut Figures) {
+    let mut c = cluster.clients().await;
+    wait_all_ended(&mut c, Duration::from_secs(90)).await;
+    let list = c.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
+    for e in &list.executions {
+        *figures.executions.entry(e.status.clone()).or_default() += 1;
+        if e.claims > 1 {
+            figures.resumed += 1;
+        }
+    }
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for backend in ["backend-a", "backend-b"] {
+        for id in op_ids(&cluster.path().join(format!("oplog-{backend}.jsonl"))) {
+            figures.driver_ops += 1;
+            *seen.entry(format!("{backend}:{id}")).or_default() += 1;
+        }
+    }
+    figures.duplicate_op_ids = seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("{k} x{n}")).collect();
+    let mut agents = Vec::new();
+    for a in &cluster.agents {
+        agents.push(apb::agent_client::AgentClient::connect(a.endpoint.clone()).await.unwrap());
+    }
+    for id in groups {
+        let g = group(&mut c, id).await.expect("group exists");
+        if g.replication_status != "enabled" && g.replication_status != "failed-over" {
+            figures.bad_groups.push(format!("{}: {} ({})", g.name, g.replication_status, g.status_reason));
+        }
+        for v in &g.volume_ids {
+            let mut primaries = Vec::new();
+            for (agent, backend) in agents.iter_mut().zip(["backend-a", "backend-b"]) {
+                let info = agent.get_volume(apb::GetVolumeRequest { volume_id: v.clone() }).await.unwrap().into_inner();
+                if info.replication_role == "primary" {
+                    primaries.push(backend);
+                }
+            }
+            if primaries != [g.active_backend.as_str()] {
+                figures.role_violations.push(format!(
+                    "volume {v} of {}: primary on {primaries:?}, group active on {}",
+                    g.name, g.active_backend
+                ));
+            }
+        }
+    }
+}
+
+async fn orchestrator_kills(store: StoreChoice<'_>, label: &str, kills: usize) {
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut cluster = start(store).await;
+    let groups = setup(&cluster).await;
+    let mut figures = Figures::default();
+    for _ in 0..kills {
+        let mut c = cluster.clients().await;
+        figures.submitted += move_all(&mut c, &groups).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(20..1200))).await;
+        cluster.restart_orchestrator().await;
+        figures.kills += 1;
+    }
+    let mut c = cluster.clients().await;
+    figures.submitted += move_all(&mut c, &groups).await;
+    check(&cluster, &groups, &mut figures).await;
+    eprintln!("chaos [{label}, seed {seed}]: {figures:?}");
+    println!(
+        "chaos {label}: {} orchestrator kills, {} moves submitted, executions {:?} ({} resumed), {} driver ops, {} violations",
+        figures.kills,
+        figures.submitted,
+        figures.executions,
+        figures.resumed,
+        figures.driver_ops,
+        figures.violations()
+    );
+    assert_eq!(figures.violations(), 0, "seed {seed}: {figures:#?}");
+    assert!(figures.executions.get("succeeded").copied().unwrap_or(0) >= GROUPS, "work was done: {figures:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_sigkills_on_the_embedded_store() {
+    orchestrator_kills(StoreChoice::Embedded, "embedded", 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_sigkills_on_etcd() {
+    let etcd = Etcd::start().await;
+    orchestrator_kills(StoreChoice::Etcd(&etcd), "etcd", 20).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_sigkills_mid_transition_need_no_orchestrator_restart() {
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut etcd = Etcd::start().await;
+    let cluster = start(StoreChoice::Etcd(&etcd)).await;
+    let groups = setup(&cluster).await;
+    let orchestrator_pid = cluster.orchestrator.proc.pid();
+    let mut figures = Figures::default();
+    for _ in 0..5 {
+        let mut c = cluster.clients().await;
+        figures.submitted += move_all(&mut c, &groups).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(50..400))).await;
+        etcd.kill();
+        figures.kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.u64(2000..6000))).await;
+        etcd.restart().await;
+    }
+    check(&cluster, &groups, &mut figures).await;
+    assert_eq!(cluster.orchestrator.proc.pid(), orchestrator_pid, "the orchestrator was not restarted");
+    eprintln!("chaos [etcd kills, seed {seed}]: {figures:?}");
+    println!(
+        "chaos etcd-kills: {} etcd kills, {} moves submitted, executions {:?} ({} resumed), {} driver ops, {} violations",
+        figures.kills,
+        figures.submitted,
+        figures.executions,
+        figures.resumed,
+        figures.driver_ops,
+        figures.violations()
+    );
+    assert_eq!(figures.violations(), 0, "seed {seed}: {figures:#?}");
+}
