@@ -12,6 +12,7 @@ pub mod model;
 pub mod procedures;
 pub mod repo;
 pub mod service;
+pub mod transitions;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -32,6 +32,7 @@ use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
 use crate::repo::{Versioned, put};
+use crate::transitions::{self, GroupAction, Rule, check, position, verify_end};
 
 /// `drover.v1.ReplicationService`.
 pub struct ReplicationApi {
@@ -105,10 +106,12 @@ impl ReplicationApi {
     async fn submit_transition(
         &self,
         snap: Snapshot,
-        status: &str,
+        rule: Rule,
         op: PendingOp,
         no_wait: bool,
     ) -> ApiResult<pb::ReplicationResult> {
+        let via = rule.via.expect("group transitions have a transient status");
+        let status = via.as_str();
         let (group, txn) = Self::begin_txn(snap, status, op.clone());
         let proc = crate::procedures::GroupTransition::new(self.core.clone(), &group, &op);
         let (id, rev) = self
@@ -128,7 +131,15 @@ impl ReplicationApi {
 
     /// Step 3: writes the final state if nobody else touched the group since the intent
     /// was written at `rev`.
-    async fn finish(&self, group: &GroupRec, volumes: &[VolumeRec], rev: i64) -> ApiResult<()> {
+    async fn finish(&self, action: &str, group: &GroupRec, volumes: &[VolumeRec], rev: i64) -> ApiResult<()> {
+        // The table has the last word on what may be written.
+        let action = GroupAction::parse(action)
+            .ok_or_else(|| ApiError::Internal(format!("unknown group action {action} in a pending op")))?;
+        let via = transitions::via(action).map_or("", |v| v.as_str());
+        verify_end(action, via, &group.replication_status)?;
+        for v in volumes {
+            verify_end(action, via, &v.replication_status)?;
+        }
         let epoch = rev;
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), epoch))
@@ -240,14 +251,7 @@ impl ReplicationApi {
                 g.rec.name, gtype.name
             )));
         }
-        let status = g.rec.replication_status.as_str();
-        let re_enable_after_error = status == rs::ERROR && g.rec.active_backend == g.rec.primary_backend;
-        if status != rs::DISABLED && !re_enable_after_error {
-            return Err(ApiError::FailedPrecondition(format!(
-                "group {} has replication status {status}; replication can be enabled only when it is disabled",
-                g.rec.name
-            )));
-        }
+        let rule = check(GroupAction::Enable, &g.rec.replication_status, position(&g.rec), &g.rec.name)?;
         if g.rec.volume_ids.is_empty() {
             return Err(ApiError::FailedPrecondition(format!(
                 "group {} has no volumes; add volumes first",
@@ -303,7 +307,7 @@ impl ReplicationApi {
         };
         let mut snap = self.snapshot(g).await?;
         snap.group.rec.sync_interval_seconds = interval;
-        self.submit_transition(snap, rs::ENABLING, Self::new_op("enable", &target, false), r.no_wait).await
+        self.submit_transition(snap, rule, Self::new_op("enable", &target, false), r.no_wait).await
     }
 
     pub(crate) async fn drive_enable(
@@ -404,7 +408,7 @@ impl ReplicationApi {
                 group.record("enable-replication", format!("failed: {reason}"), epoch as u64);
             }
         }
-        self.finish(&group, &volumes, rev).await?;
+        self.finish(&op.action, &group, &volumes, rev).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -420,16 +424,11 @@ impl ReplicationApi {
                 g.rec.name, g.rec.active_backend
             )));
         }
-        if status != rs::ENABLED && status != rs::ERROR {
-            return Err(ApiError::FailedPrecondition(format!(
-                "group {} has replication status {status}; only enabled (or error) replication can be disabled",
-                g.rec.name
-            )));
-        }
+        let rule = check(GroupAction::Disable, status, position(&g.rec), &g.rec.name)?;
         writable_backend(&self.core, &g.rec.primary_backend, "replication").await?;
         let target = g.rec.replication_target.clone();
         let snap = self.snapshot(g).await?;
-        self.submit_transition(snap, rs::DISABLING, Self::new_op("disable", &target, false), r.no_wait).await
+        self.submit_transition(snap, rule, Self::new_op("disable", &target, false), r.no_wait).await
     }
 
     pub(crate) async fn drive_disable(
@@ -486,7 +485,7 @@ impl ReplicationApi {
                 group.record("disable-replication", format!("failed: {reason}"), epoch as u64);
             }
         }
-        self.finish(&group, &volumes, rev).await?;
+        self.finish(&op.action, &group, &volumes, rev).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -513,20 +512,8 @@ impl ReplicationApi {
                 }
             )));
         }
-        let status = rec.replication_status.as_str();
-        let allowed = if failback {
-            status == rs::FAILED_OVER || (status == rs::ERROR && rec.active_backend != rec.primary_backend)
-        } else {
-            status == rs::ENABLED || (status == rs::ERROR && !rec.replication_target.is_empty())
-        };
-        if !allowed {
-            let need = if failback { "failed-over" } else { "enabled" };
-            return Err(ApiError::FailedPrecondition(format!(
-                "group {} has replication status {status}; {} needs {need}",
-                rec.name,
-                if failback { "failback" } else { "failover" }
-            )));
-        }
+        let action = if failback { GroupAction::Failback } else { GroupAction::Failover };
+        let rule = check(action, &rec.replication_status, position(rec), &rec.name)?;
         if !failback && to != rec.replication_target {
             return Err(ApiError::InvalidArgument(format!(
                 "backend {to} is not the replication target of group {} (that is {}); list targets with `drover group list-targets {}`",
@@ -547,12 +534,10 @@ impl ReplicationApi {
                 r.discard_changes_on
             )));
         }
-        let (action, transient) =
-            if failback { ("failback", rs::FAILING_BACK) } else { ("failover", rs::FAILING_OVER) };
         let snap = self.snapshot(g).await?;
-        let mut op = Self::new_op(action, &to, r.force);
+        let mut op = Self::new_op(action.as_str(), &to, r.force);
         op.reference = r.discard_changes_on.clone();
-        self.submit_transition(snap, transient, op, r.no_wait).await
+        self.submit_transition(snap, rule, op, r.no_wait).await
     }
 
     pub(crate) async fn drive_failover(
@@ -727,20 +712,14 @@ impl ReplicationApi {
                 group.record(&op.action, format!("{kind} {} to {to} failed: {reason}", op.action), epoch as u64);
             }
         }
-        self.finish(&group, &volumes, rev).await?;
+        self.finish(&op.action, &group, &volumes, rev).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
     /// Takes and ships a recovery point now.
     async fn sync_now(&self, r: pb::SyncGroupRequest) -> ApiResult<pb::SyncGroupResponse> {
         let g = self.core.repo.group(&r.group, &r.project).await?;
-        let status = g.rec.replication_status.as_str();
-        if status != rs::ENABLED && status != rs::FAILED_OVER {
-            return Err(ApiError::FailedPrecondition(format!(
-                "group {} has replication status {status}; a sync needs enabled or failed-over",
-                g.rec.name
-            )));
-        }
+        check(GroupAction::Sync, &g.rec.replication_status, position(&g.rec), &g.rec.name)?;
         let proc = crate::procedures::SyncNow::new(self.core.clone(), &g.rec);
         let id = self
             .core
