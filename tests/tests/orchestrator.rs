@@ -479,3 +479,48 @@ async fn a_failover_whose_client_left_completes_without_a_restart() {
     assert!(out.status.success() && shown.contains("succeeded") && shown.contains("step drive-failover"), "{shown}");
     assert_eq!(exec["claims"], 1, "no orchestrator restart was needed");
 }
+
+/// A final sync interrupted after the target committed its point and before the source
+/// recorded it (the source agent dies right there): the retried failover reconciles with
+/// the target's point and succeeds, with no --force and no divergence recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_final_sync_is_reconciled_on_retry_without_force() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.die_after_final_commit=true"]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "cut", 2).await;
+    let failover = || pb::FailoverGroupRequest {
+        group: group.clone(),
+        project: "tests".into(),
+        target_backend: "backend-b".into(),
+        ..Default::default()
+    };
+    let first = c.replication.failover_group(failover()).await.unwrap().into_inner();
+    let g = first.group.unwrap();
+    assert_eq!(g.replication_status, "error", "the source died mid-failover: {}", g.status_reason);
+    assert!(cluster.agents[0].proc.log_text().contains("dying after the peer committed the final sync"));
+
+    cluster.restart_agent(0, "mock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+        if b.status == "up" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "backend-a did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = c.replication.failover_group(failover()).await.expect("the retry is accepted").into_inner();
+    let g = retry.group.unwrap();
+    assert_eq!(
+        (g.replication_status.as_str(), g.active_backend.as_str()),
+        ("failed-over", "backend-b"),
+        "{}",
+        g.status_reason
+    );
+    assert!(g.divergence_point.is_empty(), "a planned failover records no divergence: {}", g.divergence_point);
+    assert!(retry.items.iter().all(|i| i.outcome == "success"), "{:?}", retry.items);
+    assert!(
+        cluster.agents[0].proc.log_text().contains("the peer holds the point an interrupted sync was shipping"),
+        "the source reconciled with the target's point"
+    );
+}

@@ -34,6 +34,9 @@ pub struct MockConfig {
     pub unmanaged: HashMap<String, u64>,
     /// Append every driver call to this file as a JSON line.
     pub oplog: Option<PathBuf>,
+    /// Fault injection for tests: abort the agent process right after the peer committed
+    /// a final sync and before this side records it.
+    pub die_after_final_commit: bool,
 }
 
 /// One driver call, as logged: one JSON line each, written with a single `write` so
@@ -67,6 +70,10 @@ struct MockVolume {
     peer_demoted: bool,
     /// The newest recovery point this volume has (sent as primary, applied as secondary).
     recovery_point: String,
+    /// The point a primary is shipping, recorded before it ships (intent first): if the
+    /// agent dies after the peer committed it, the next sync finds it at the peer.
+    #[serde(default)]
+    shipping: String,
     last_sync_ms: i64,
 }
 
@@ -492,11 +499,14 @@ impl Driver for MockDriver {
     ) -> Result<SyncReport, DriverError> {
         self.enter("sync_group", group_id).await?;
         let started = std::time::Instant::now();
-        let (header, endpoint) = {
+        let (first_id, endpoint, recorded, shipping) = {
             let state = self.lock();
-            let members: Vec<(&String, &MockVolume)> =
-                state.volumes.iter().filter(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary)).collect();
-            let Some((_, first)) = members.first() else {
+            let first = state
+                .volumes
+                .iter()
+                .find(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary))
+                .map(|(id, v)| (id.clone(), v.clone()));
+            let Some((id, first)) = first else {
                 return Err(DriverError::FailedPrecondition(format!(
                     "no primary volume of group {group_id} on this backend"
                 )));
@@ -505,18 +515,47 @@ impl Driver for MockDriver {
                 .map(String::from)
                 .or_else(|| first.peer.as_ref().map(|p| p.endpoint.clone()))
                 .unwrap_or_default();
-            let header = ApplyHeader {
+            (id, endpoint, first.recovery_point, first.shipping)
+        };
+        // Reconcile with the peer: if it already holds the point this side was shipping
+        // when it was interrupted, that point is the common base now.
+        if !shipping.is_empty()
+            && shipping != recorded
+            && let Ok(held) = drover_agent::replica::peer_point(&endpoint, &first_id).await
+            && held == shipping
+        {
+            tracing::info!(group = group_id, point = %held, "the peer holds the point an interrupted sync was shipping; going on from it");
+            let mut state = self.lock();
+            for v in state.volumes.values_mut().filter(|v| v.group_id == group_id && v.role == Some(Role::Primary)) {
+                v.recovery_point = held.clone();
+            }
+        }
+        let header = {
+            let mut state = self.lock();
+            let point = uuid::Uuid::now_v7().to_string();
+            let mut members: Vec<(String, MockVolume)> = Vec::new();
+            for (id, v) in state.volumes.iter_mut() {
+                if v.group_id == group_id && v.role == Some(Role::Primary) {
+                    v.shipping = point.clone();
+                    members.push((id.clone(), v.clone()));
+                }
+            }
+            let first = &members[0].1;
+            ApplyHeader {
                 group_id: group_id.to_string(),
-                recovery_point_id: uuid::Uuid::now_v7().to_string(),
+                recovery_point_id: point,
                 base_recovery_point_id: first.recovery_point.clone(),
-                volumes: members.iter().map(|(id, v)| ((*id).clone(), v.size_bytes)).collect(),
+                volumes: members.iter().map(|(id, v)| (id.clone(), v.size_bytes)).collect(),
                 final_sync,
                 source_backend: first.peer.as_ref().map(|p| p.backend.clone()).unwrap_or_default(),
                 created_at_ms: now_ms(),
-            };
-            (header, endpoint)
+            }
         };
         Shipment::open(&endpoint, &header).await?.commit().await?;
+        if final_sync && self.config.die_after_final_commit {
+            tracing::error!("fault injection: dying after the peer committed the final sync");
+            std::process::abort();
+        }
         let mut state = self.lock();
         for (id, _) in &header.volumes {
             if let Some(v) = state.volumes.get_mut(id) {

@@ -141,6 +141,31 @@ impl QemuDriver {
                 self.unexport(&self.vol(id)?).await?;
             }
         }
+        // Reconcile with the peer: a sync interrupted after the peer committed left a frozen
+        // layer here that is not marked acknowledged. If the peer holds its point, it is the
+        // common base now: mark it (and everything below) acknowledged and go on from it.
+        if let Some(first) = ids.first()
+            && let Ok(held) = drover_agent::replica::peer_point(&endpoint, first).await
+            && !held.is_empty()
+        {
+            let interrupted =
+                self.vol(first)?.layers.iter().any(|l| !l.acked && l.rp.as_deref() == Some(held.as_str()));
+            if interrupted {
+                tracing::info!(group = group_id, point = %held, "the peer holds the point an interrupted sync shipped; going on from it");
+                self.update(|st| {
+                    for id in &ids {
+                        let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                        if let Some(i) = v.layers.iter().position(|l| l.rp.as_deref() == Some(held.as_str())) {
+                            for l in &mut v.layers[..=i] {
+                                l.acked = true;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+        }
         let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
         let bases: Vec<Option<String>> =
             vols.iter().map(|v| v.acked_index().and_then(|i| v.layers[i].rp.clone())).collect();

@@ -21,6 +21,26 @@ pub const WINDOW_BYTES: u32 = 32 << 20;
 /// Deadline for a whole recovery point transfer.
 pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// The recovery point the peer agent at `endpoint` holds for `volume_id` (empty when it
+/// holds none). A source asks before it ships: after an interrupted sync the peer may
+/// already hold the point the source was shipping, and the source goes on from there
+/// instead of shipping from an older base the peer no longer has.
+pub async fn peer_point(endpoint: &str, volume_id: &str) -> Result<String, DriverError> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(3))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
+    let mut client = drover_proto::agent::v1::agent_client::AgentClient::new(channel);
+    let info = client
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: volume_id.to_string() })
+        .await
+        .map_err(|s| DriverError::Unavailable(format!("peer agent at {endpoint}: {}", s.message())))?;
+    Ok(info.into_inner().recovery_point_id)
+}
+
 /// An outgoing recovery point: send the pieces, then drop the sender after `Commit`.
 pub struct Shipment {
     tx: mpsc::Sender<pb::ReplicaMessage>,
