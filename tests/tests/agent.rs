@@ -300,3 +300,25 @@ async fn an_op_interrupted_by_an_agent_kill_is_never_run_again_under_its_op_id()
     // The caller's retry under a new op_id runs.
     c.create_volume(create("op-cut#2", 1, "v1")).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_fence_refuses_older_owners_without_running_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    c.create_volume(create("op-1", 3, "v1")).await.unwrap();
+    let raised = c.fence(apb::FenceRequest { ctx: ctx("", 10, "volume/v1") }).await.unwrap().into_inner();
+    assert_eq!(raised.highest_epoch, 10);
+    let old = c
+        .extend_volume(apb::ExtendVolumeRequest {
+            ctx: ctx("op-2", 9, "volume/v1"),
+            volume_id: "v1".into(),
+            new_size_bytes: 2 << 20,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(old.code(), Code::FailedPrecondition, "{}", old.message());
+    let lower = c.fence(apb::FenceRequest { ctx: ctx("", 4, "volume/v1") }).await.unwrap_err();
+    assert_eq!(lower.code(), Code::FailedPrecondition);
+    assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 0, "a fence runs nothing and lets nothing older run");
+}

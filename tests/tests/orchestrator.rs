@@ -476,7 +476,9 @@ async fn a_failover_whose_client_left_completes_without_a_restart() {
     let id = exec["id"].as_str().unwrap();
     let out = cluster.cli(&["execution", "show", id]);
     let shown = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && shown.contains("succeeded") && shown.contains("step drive-failover"), "{shown}");
+    for step in ["step final-sync", "step promote", "step record"] {
+        assert!(out.status.success() && shown.contains("succeeded") && shown.contains(step), "{step}: {shown}");
+    }
     assert_eq!(exec["claims"], 1, "no orchestrator restart was needed");
 }
 
@@ -523,4 +525,46 @@ async fn an_interrupted_final_sync_is_reconciled_on_retry_without_force() {
         cluster.agents[0].proc.log_text().contains("the peer holds the point an interrupted sync was shipping"),
         "the source reconciled with the target's point"
     );
+}
+
+/// A planned failover whose final sync demoted the source but whose promote failed leaves
+/// both sides secondary at the same point. The retry sees that, skips the final sync,
+/// and promotes the target: no --force, no divergence recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0"]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "both", 2).await;
+    let failover = || pb::FailoverGroupRequest {
+        group: group.clone(),
+        project: "tests".into(),
+        target_backend: "backend-b".into(),
+        ..Default::default()
+    };
+    let first = c.replication.failover_group(failover()).await.unwrap().into_inner();
+    let g = first.group.unwrap();
+    assert_eq!(g.replication_status, "error", "every promote failed: {}", g.status_reason);
+    assert!(g.status_reason.contains("could not promote"), "{}", g.status_reason);
+
+    // backend-b's agent comes back without the injected failure.
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent(1, "mock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while c.sites.get_backend(pb::GetBackendRequest { name: "backend-b".into() }).await.unwrap().into_inner().status
+        != "up"
+    {
+        assert!(Instant::now() < deadline, "backend-b did not come back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let retry = c.replication.failover_group(failover()).await.unwrap().into_inner();
+    let g = retry.group.unwrap();
+    assert_eq!(
+        (g.replication_status.as_str(), g.active_backend.as_str()),
+        ("failed-over", "backend-b"),
+        "{}",
+        g.status_reason
+    );
+    assert!(g.divergence_point.is_empty(), "{}", g.divergence_point);
+    let last = g.history.last().unwrap();
+    assert!(last.detail.contains("no final sync needed"), "{}", last.detail);
 }

@@ -265,6 +265,29 @@ impl AgentPool {
         }
     }
 
+    /// Raises the fence of `scope` to `epoch` on every live agent of `backend`. A new owner
+    /// does this on taking over, so the old owner is refused there from then on.
+    pub async fn fence(&self, backend: &str, scope: &str, epoch: i64, kind: Deadline) -> Result<(), Status> {
+        let timeout = self.deadline(backend, kind);
+        let agents = self.registrations(backend).await.map_err(Status::from)?;
+        if agents.is_empty() {
+            return Err(Status::unavailable(format!("backend {backend} has no live agent to fence")));
+        }
+        for agent in agents {
+            let mut client = self.client(&agent.endpoint, timeout).map_err(Status::from)?;
+            let req = apb::FenceRequest {
+                ctx: Some(apb::OpContext { op_id: "fence".into(), epoch: epoch as u64, fence_scope: scope.into() }),
+            };
+            match tokio::time::timeout(timeout, client.fence(req)).await {
+                Ok(r) => {
+                    r?;
+                }
+                Err(_) => return Err(Status::deadline_exceeded(format!("fencing {scope} on {backend} timed out"))),
+            }
+        }
+        Ok(())
+    }
+
     /// The agent that serves a backend's mutations: its first live registration (by
     /// agent id), so an op and the question about it reach the same ledger.
     async fn first_agent(&self, backend: &str) -> Result<AgentRec, Status> {

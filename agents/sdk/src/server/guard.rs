@@ -193,6 +193,22 @@ impl AgentService {
         outcome_of(done).await
     }
 
+    /// Admits `epoch` for `scope` (durably), refusing a stale one.
+    pub(super) async fn raise_fence(&self, scope: &str, epoch: u64) -> Result<u64, Status> {
+        let (ledger, scope) = (self.ledger.clone(), scope.to_string());
+        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
+            .await
+            .map_err(ledger_status)?
+            .map_err(ledger_status)?;
+        match verdict {
+            Ok(()) => Ok(epoch),
+            Err(stale) => Err(Status::failed_precondition(format!(
+                "stale epoch {} for {}: this agent has seen epoch {}; the caller no longer owns this scope",
+                stale.presented, stale.scope, stale.highest
+            ))),
+        }
+    }
+
     async fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), Status> {
         let (ledger, op_id, outcome) = (self.ledger.clone(), op_id.to_string(), outcome.clone());
         tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome))

@@ -308,6 +308,16 @@ impl Agent for AgentService {
         .await
     }
 
+    async fn fence(&self, req: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
+        let mut ctx = req.into_inner().ctx;
+        if let Some(c) = ctx.as_mut().filter(|c| c.op_id.is_empty()) {
+            c.op_id = "fence".into();
+        }
+        let ctx = guard::validate_ctx(ctx)?;
+        let highest = self.raise_fence(&ctx.fence_scope, ctx.epoch).await?;
+        Ok(Response::new(pb::FenceResponse { highest_epoch: highest }))
+    }
+
     async fn get_operation(
         &self,
         req: Request<pb::GetOperationRequest>,

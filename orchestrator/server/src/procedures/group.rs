@@ -9,10 +9,11 @@ use drover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
 use super::{Answer, step_error};
+use crate::agents::Deadline;
 use crate::error::ApiError;
 use crate::model::{GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
 use crate::service::Core;
-use crate::service::replication::ReplicationApi;
+use crate::service::replication::{FailoverProgress, FailoverState, ReplicationApi};
 
 /// The procedure kind.
 pub const KIND: &str = "group-transition";
@@ -26,6 +27,14 @@ struct State {
     action: String,
     target: String,
     force: bool,
+    /// A move's next state, and what its states found so far.
+    #[serde(default)]
+    state: Option<FailoverState>,
+    #[serde(default)]
+    progress: FailoverProgress,
+    /// The owner epoch last fenced on the group's backends.
+    #[serde(default)]
+    fenced: i64,
 }
 
 /// Drives one group transition whose intent (transient status, pending op) was written
@@ -45,6 +54,10 @@ impl GroupTransition {
             action: op.action.clone(),
             target: op.target.clone(),
             force: op.force,
+            state: matches!(op.action.as_str(), "failover" | "failback")
+                .then(|| FailoverState::first(op.action == "failback", op.force)),
+            progress: FailoverProgress::default(),
+            fenced: 0,
         };
         Self { core, state }
     }
@@ -93,7 +106,10 @@ impl Procedure for GroupTransition {
     }
 
     fn step(&self) -> String {
-        format!("drive-{}", self.state.action)
+        match self.state.state {
+            Some(s) => s.name().to_string(),
+            None => format!("drive-{}", self.state.action),
+        }
     }
 
     fn dump(&self) -> serde_json::Value {
@@ -114,6 +130,28 @@ impl Procedure for GroupTransition {
             // The transition finished before this execution was resumed.
             return Answer::from_result(self.report(g.rec).await).done();
         }
+        if self.state.fenced != ctx.epoch {
+            // A new owner raises the fence on both sides first: from now on the old owner
+            // (dead or only paused) is refused everywhere, also where this one has nothing
+            // left to ask. A side that cannot be reached (a lost site) is fenced on return.
+            for backend in [&g.rec.primary_backend, &g.rec.replication_target, &s.target] {
+                if backend.is_empty() {
+                    continue;
+                }
+                let scope = format!("group/{}", s.group_id);
+                if let Err(e) = self.core.agents.fence(backend, &scope, ctx.epoch, Deadline::FailedSite).await {
+                    if e.code() == tonic::Code::FailedPrecondition {
+                        return Err(ProcedureError::Fail(format!(
+                            "a newer owner holds group {}: {}",
+                            s.group_name,
+                            e.message()
+                        )));
+                    }
+                    tracing::warn!(backend = %backend, error = %e.message(), "could not fence; going on");
+                }
+            }
+        }
+        let s = &self.state;
         let mut volumes = Vec::new();
         for id in &g.rec.volume_ids {
             let v = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await.map_err(step_error)?.ok_or_else(|| {
@@ -122,11 +160,35 @@ impl Procedure for GroupTransition {
             volumes.push(v.rec);
         }
         let api = ReplicationApi { core: self.core.clone() };
-        let result = match s.action.as_str() {
-            "enable" => api.drive_enable(g.rec, volumes, ctx.epoch, g.rev).await,
-            "disable" => api.drive_disable(g.rec, volumes, ctx.epoch, g.rev).await,
-            "failover" | "failback" => api.drive_failover(g.rec, volumes, ctx.epoch, g.rev).await,
-            other => return Err(ProcedureError::Fail(format!("unknown group action {other}"))),
+        let result = match (s.action.as_str(), s.state) {
+            ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, g.rev).await,
+            ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, g.rev).await,
+            ("failover" | "failback", Some(state)) => {
+                let mut progress = s.progress.clone();
+                match api.failover_state(state, g.rec, volumes, ctx.epoch, g.rev, &mut progress).await {
+                    Ok(None) => {
+                        let note = progress
+                            .blocked
+                            .clone()
+                            .map(|b| format!("blocked: {b}"))
+                            .or_else(|| progress.notes.last().cloned())
+                            .unwrap_or_else(|| format!("{} done", state.name()));
+                        let note = if state == FailoverState::Promote {
+                            let ok = progress.outcomes.iter().filter(|(_, r)| r.is_ok()).count();
+                            format!("{ok} of {} volume(s) promoted", progress.outcomes.len())
+                        } else {
+                            note
+                        };
+                        self.state.progress = progress;
+                        self.state.state = state.next(self.state.force);
+                        self.state.fenced = ctx.epoch;
+                        return Ok(Status::Executing { note });
+                    }
+                    Ok(Some(r)) => Ok(r),
+                    Err(e) => Err(e),
+                }
+            }
+            (other, _) => return Err(ProcedureError::Fail(format!("unknown group action {other}"))),
         };
         match result {
             Ok(r) => Answer::from_result(Ok(r)).done(),

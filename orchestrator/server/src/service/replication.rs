@@ -34,6 +34,10 @@ use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, replication
 use crate::repo::{Versioned, put};
 use crate::transitions::{self, GroupAction, Rule, check, position, verify_end};
 
+mod failover;
+
+pub use failover::{FailoverProgress, FailoverState};
+
 /// `drover.v1.ReplicationService`.
 pub struct ReplicationApi {
     pub core: Arc<Core>,
@@ -46,6 +50,7 @@ pub const DEFAULT_TARGET: &str = "default";
 #[derive(Debug, Clone)]
 struct Outcome {
     volume_id: String,
+    /// The divergence point a forced promote reported, or why the volume failed.
     result: Result<Option<String>, String>,
 }
 
@@ -538,182 +543,6 @@ impl ReplicationApi {
         let mut op = Self::new_op(action.as_str(), &to, r.force);
         op.reference = r.discard_changes_on.clone();
         self.submit_transition(snap, rule, op, r.no_wait).await
-    }
-
-    pub(crate) async fn drive_failover(
-        &self,
-        mut group: GroupRec,
-        mut volumes: Vec<VolumeRec>,
-        epoch: i64,
-        rev: i64,
-    ) -> ApiResult<pb::ReplicationResult> {
-        let op = group.pending.clone().expect("failover has a pending op");
-        let failback = op.action == "failback";
-        let to = op.target.clone();
-        let from = group.active_backend.clone();
-        let scope = format!("group/{}", group.id);
-        let (timeout, short) = (Deadline::Call, Deadline::FailedSite);
-        let diverged = !group.divergence_point.is_empty();
-        let discard = diverged && op.reference == to;
-        let mut notes = Vec::new();
-
-        // Reprotect (failback): the side we return to must be a secondary at a point it
-        // shares with the active side. After a disaster it may have diverged; its changes
-        // are discarded only with the operator's recorded consent.
-        let mut pre_failure: Option<String> = None;
-        if failback && !op.force {
-            let prep = self
-                .each_volume(&volumes, |v| {
-                    let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
-                    async move {
-                        let demote = apb::DemoteVolumeRequest {
-                            ctx: ctx(format!("{op_id}/{}/reprotect-demote", v.id), epoch as u64, scope.clone()),
-                            volume_id: v.id.clone(),
-                        };
-                        self.core
-                            .agents
-                            .mutate(
-                                &to,
-                                timeout,
-                                demote.clone(),
-                                |mut c, req| async move { c.demote_volume(req).await },
-                            )
-                            .await
-                            .map_err(|s| format!("reprotect: could not demote on {to}: {}", s.message()))?;
-                        if discard {
-                            let resync = apb::ResyncVolumeRequest {
-                                ctx: ctx(format!("{op_id}/{}/reprotect-resync", v.id), epoch as u64, scope),
-                                volume_id: v.id.clone(),
-                            };
-                            self.core
-                                .agents
-                                .mutate(
-                                    &to,
-                                    timeout,
-                                    resync.clone(),
-                                    |mut c, req| async move { c.resync_volume(req).await },
-                                )
-                                .await
-                                .map_err(|s| format!("reprotect: could not resync on {to}: {}", s.message()))?;
-                        }
-                        Ok(None)
-                    }
-                })
-                .await;
-            pre_failure = Self::summarize(&prep);
-            if discard {
-                notes.push(format!(
-                    "operator chose to discard the changes on {to} made after divergence point {}",
-                    group.divergence_point
-                ));
-            }
-        }
-
-        // A planned move ships a final recovery point after stopping writes, so nothing is
-        // lost; the old side demotes itself once the new side has it. A forced (disaster)
-        // move does not touch the failed side at all.
-        if !op.force && pre_failure.is_none() {
-            let to_ep = self.endpoint(&to).await;
-            match self.sync_call(&from, &group.id, format!("{}/final-sync", op.op_id), epoch, true, to_ep).await {
-                Ok(r) => notes.push(format!(
-                    "final sync {} shipped {} bytes in {} ms",
-                    r.recovery_point_id, r.bytes, r.duration_ms
-                )),
-                Err(e) => pre_failure = Some(format!("{e}; if {from} is down, fail over with --force")),
-            }
-        }
-
-        let outcomes = match &pre_failure {
-            Some(reason) => {
-                volumes.iter().map(|v| Outcome { volume_id: v.id.clone(), result: Err(reason.clone()) }).collect()
-            }
-            None => {
-                self.each_volume(&volumes, |v| {
-                    let (op_id, scope, from, to) = (op.op_id.clone(), scope.clone(), from.clone(), to.clone());
-                    let force = op.force;
-                    async move {
-                        if !force {
-                            let req = apb::DemoteVolumeRequest {
-                                ctx: ctx(format!("{op_id}/{}/demote", v.id), epoch as u64, scope.clone()),
-                                volume_id: v.id.clone(),
-                            };
-                            self.core
-                                .agents
-                                .mutate(
-                                    &from,
-                                    short,
-                                    req.clone(),
-                                    |mut c, req| async move { c.demote_volume(req).await },
-                                )
-                                .await
-                                .map_err(|s| {
-                                    format!(
-                                        "could not demote on {from}: {}; if {from} is down, fail over with --force",
-                                        s.message()
-                                    )
-                                })?;
-                        }
-                        let req = apb::PromoteVolumeRequest {
-                            ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
-                            volume_id: v.id.clone(),
-                            force,
-                        };
-                        let resp = self
-                            .core
-                            .agents
-                            .mutate(&to, timeout, req.clone(), |mut c, req| async move { c.promote_volume(req).await })
-                            .await
-                            .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
-                        Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
-                    }
-                })
-                .await
-            }
-        };
-        let failure = Self::summarize(&outcomes);
-        let done = if failback { rs::ENABLED } else { rs::FAILED_OVER };
-        for v in &mut volumes {
-            match outcomes.iter().find(|o| o.volume_id == v.id).map(|o| &o.result) {
-                Some(Ok(_)) => {
-                    v.active_backend = to.clone();
-                    v.replication_status = done.into();
-                }
-                _ => v.replication_status = rs::ERROR.into(),
-            }
-        }
-        let divergence: Vec<String> =
-            outcomes.iter().filter_map(|o| o.result.as_ref().ok().and_then(|d| d.as_ref()).cloned()).collect();
-        group.pending = None;
-        group.epoch = epoch as u64;
-        let kind = if op.force { "disaster" } else { "planned" };
-        match &failure {
-            None => {
-                group.replication_status = done.into();
-                group.active_backend = to.clone();
-                if op.force {
-                    // The side we left was not demoted: it may take writes this side never
-                    // sees. Record where the two histories split.
-                    group.divergence_point = divergence.first().cloned().unwrap_or_else(|| "unknown".into());
-                    notes.push(format!("divergence point {}", group.divergence_point));
-                } else if failback {
-                    group.divergence_point.clear();
-                }
-                let mut detail = format!("{kind} {} from {from} to {to}", op.action);
-                for n in &notes {
-                    detail.push_str("; ");
-                    detail.push_str(n);
-                }
-                group.record(&op.action, detail, epoch as u64);
-            }
-            Some(reason) => {
-                group.replication_status = rs::ERROR.into();
-                group.status_reason =
-                    format!("{} to {to}: {reason}; retry the same command once the cause is fixed", op.action);
-                group.record(&op.action, format!("{kind} {} to {to} failed: {reason}", op.action), epoch as u64);
-            }
-        }
-        self.finish(&op.action, &group, &volumes, rev).await?;
-        Ok(Self::result(&group, &outcomes))
     }
 
     /// Takes and ships a recovery point now.

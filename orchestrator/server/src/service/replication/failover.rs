@@ -1,0 +1,310 @@
+//! Failover and failback as explicit states, each one a step of the group's procedure:
+//!
+//! - **Reprotect** (failback only): the side we return to becomes a secondary at a point
+//!   it shares with the active side; after a disaster its divergent changes are discarded
+//!   only with the operator's recorded consent.
+//! - **FinalSync** (planned moves): the active side stops writes, ships a last recovery
+//!   point and demotes itself once the other side has it: the one owner of demotion. On
+//!   entry it asks the active side for its roles: a side already demoted at the point the
+//!   target holds needs no final sync (a retry after the promote failed).
+//! - **Promote**: the target becomes primary (forced in a disaster, which never touches
+//!   the failed side and records the divergence point). On entry it asks the target for
+//!   each volume's role, so a volume a cut-off planned move already promoted is not
+//!   promoted again (a forced promote is replayed by its op_id, which keeps its divergence
+//!   point).
+//! - **Record**: one transaction writes the final statuses, outcomes and history.
+//!
+//! Each state persists what it found ([`FailoverProgress`]) before the next runs.
+
+use serde::{Deserialize, Serialize};
+
+use super::*;
+
+/// The states of a move, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailoverState {
+    Reprotect,
+    FinalSync,
+    Promote,
+    Record,
+}
+
+impl FailoverState {
+    /// The first state of a move.
+    pub fn first(failback: bool, force: bool) -> Self {
+        if failback && !force {
+            FailoverState::Reprotect
+        } else if !force {
+            FailoverState::FinalSync
+        } else {
+            FailoverState::Promote
+        }
+    }
+
+    /// The state after this one.
+    pub fn next(self, force: bool) -> Option<Self> {
+        match self {
+            FailoverState::Reprotect if force => Some(FailoverState::Promote),
+            FailoverState::Reprotect => Some(FailoverState::FinalSync),
+            FailoverState::FinalSync => Some(FailoverState::Promote),
+            FailoverState::Promote => Some(FailoverState::Record),
+            FailoverState::Record => None,
+        }
+    }
+
+    /// The step name shown in executions.
+    pub fn name(self) -> &'static str {
+        match self {
+            FailoverState::Reprotect => "reprotect",
+            FailoverState::FinalSync => "final-sync",
+            FailoverState::Promote => "promote",
+            FailoverState::Record => "record",
+        }
+    }
+}
+
+/// What the states of a move found so far; persisted between them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FailoverProgress {
+    /// What happened, for the group's history.
+    pub notes: Vec<String>,
+    /// Why the move cannot go on; every volume then ends in error with this reason.
+    pub blocked: Option<String>,
+    /// Per volume, once promoted: the divergence point of a forced promote, or why it failed.
+    pub outcomes: Vec<(String, Result<Option<String>, String>)>,
+}
+
+/// One volume's role and point on a backend, as its agent reports them.
+struct Seen {
+    role: String,
+    point: String,
+}
+
+impl ReplicationApi {
+    async fn seen(&self, backend: &str, volume_id: &str) -> Result<Seen, String> {
+        let req = apb::GetReplicationInfoRequest { volume_id: volume_id.to_string() };
+        let info = self
+            .core
+            .agents
+            .call(backend, Deadline::Probe, false, |mut c| {
+                let req = req.clone();
+                async move { c.get_replication_info(req).await }
+            })
+            .await
+            .map_err(|s| format!("backend {backend}: {}", s.message()))?;
+        let role = match apb::ReplicationRole::try_from(info.role) {
+            Ok(apb::ReplicationRole::Primary) => "primary",
+            Ok(apb::ReplicationRole::Secondary) => "secondary",
+            _ => "",
+        };
+        Ok(Seen { role: role.into(), point: info.recovery_point_id })
+    }
+
+    /// Runs one state of the move of `group` (whose pending op is the move). Returns the
+    /// result once [`FailoverState::Record`] has written it.
+    pub(crate) async fn failover_state(
+        &self,
+        state: FailoverState,
+        group: GroupRec,
+        volumes: Vec<VolumeRec>,
+        epoch: i64,
+        rev: i64,
+        progress: &mut FailoverProgress,
+    ) -> ApiResult<Option<pb::ReplicationResult>> {
+        let op = group.pending.clone().expect("a move has a pending op");
+        match state {
+            FailoverState::Reprotect => self.reprotect(&group, &volumes, &op, epoch, progress).await,
+            FailoverState::FinalSync => self.final_sync(&group, &volumes, &op, epoch, progress).await,
+            FailoverState::Promote => self.promote(&volumes, &op, epoch, progress).await,
+            FailoverState::Record => return self.record(group, volumes, epoch, rev, progress).await.map(Some),
+        }
+        Ok(None)
+    }
+
+    async fn reprotect(
+        &self,
+        group: &GroupRec,
+        volumes: &[VolumeRec],
+        op: &PendingOp,
+        epoch: i64,
+        progress: &mut FailoverProgress,
+    ) {
+        let to = op.target.clone();
+        let scope = format!("group/{}", group.id);
+        let discard = !group.divergence_point.is_empty() && op.reference == to;
+        let prep = self
+            .each_volume(volumes, |v| {
+                let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
+                async move {
+                    let demote = apb::DemoteVolumeRequest {
+                        ctx: ctx(format!("{op_id}/{}/reprotect-demote", v.id), epoch as u64, scope.clone()),
+                        volume_id: v.id.clone(),
+                    };
+                    self.core
+                        .agents
+                        .mutate(&to, Deadline::Call, demote, |mut c, req| async move { c.demote_volume(req).await })
+                        .await
+                        .map_err(|s| format!("reprotect: could not demote on {to}: {}", s.message()))?;
+                    if discard {
+                        let resync = apb::ResyncVolumeRequest {
+                            ctx: ctx(format!("{op_id}/{}/reprotect-resync", v.id), epoch as u64, scope),
+                            volume_id: v.id.clone(),
+                        };
+                        self.core
+                            .agents
+                            .mutate(&to, Deadline::Call, resync, |mut c, req| async move { c.resync_volume(req).await })
+                            .await
+                            .map_err(|s| format!("reprotect: could not resync on {to}: {}", s.message()))?;
+                    }
+                    Ok(None)
+                }
+            })
+            .await;
+        progress.blocked = Self::summarize(&prep);
+        if discard && progress.blocked.is_none() {
+            progress.notes.push(format!(
+                "operator chose to discard the changes on {to} made after divergence point {}",
+                group.divergence_point
+            ));
+        }
+    }
+
+    async fn final_sync(
+        &self,
+        group: &GroupRec,
+        volumes: &[VolumeRec],
+        op: &PendingOp,
+        epoch: i64,
+        progress: &mut FailoverProgress,
+    ) {
+        if progress.blocked.is_some() {
+            return;
+        }
+        let (from, to) = (group.active_backend.clone(), op.target.clone());
+        // Reality first: a source whose volumes are all secondary at the point the target
+        // holds was demoted by an earlier final sync; shipping again is neither possible
+        // nor needed.
+        let mut already = !volumes.is_empty();
+        for v in volumes {
+            match (self.seen(&from, &v.id).await, self.seen(&to, &v.id).await) {
+                (Ok(s), Ok(t))
+                    if s.role == "secondary" && t.role == "secondary" && !s.point.is_empty() && s.point == t.point => {}
+                _ => already = false,
+            }
+        }
+        if already {
+            progress.notes.push(format!("{from} was already demoted at the point {to} holds; no final sync needed"));
+            return;
+        }
+        let to_ep = self.endpoint(&to).await;
+        match self.sync_call(&from, &group.id, format!("{}/final-sync", op.op_id), epoch, true, to_ep).await {
+            Ok(r) => progress
+                .notes
+                .push(format!("final sync {} shipped {} bytes in {} ms", r.recovery_point_id, r.bytes, r.duration_ms)),
+            Err(e) => {
+                progress.blocked = Some(format!("{e}; if {from} is lost, fail over with --force (a disaster failover)"))
+            }
+        }
+    }
+
+    async fn promote(&self, volumes: &[VolumeRec], op: &PendingOp, epoch: i64, progress: &mut FailoverProgress) {
+        if let Some(reason) = &progress.blocked {
+            progress.outcomes = volumes.iter().map(|v| (v.id.clone(), Err(reason.clone()))).collect();
+            return;
+        }
+        let to = op.target.clone();
+        let scope = format!("group/{}", volumes.first().map(|v| v.group_id.clone()).unwrap_or_default());
+        let outcomes = self
+            .each_volume(volumes, |v| {
+                let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
+                let force = op.force;
+                async move {
+                    // A planned promote that already happened (the op was cut off after it)
+                    // is not asked for again; a forced one is replayed by its op_id, which
+                    // also returns the divergence point it recorded.
+                    if !force && self.seen(&to, &v.id).await.is_ok_and(|s| s.role == "primary") {
+                        return Ok(None);
+                    }
+                    let req = apb::PromoteVolumeRequest {
+                        ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
+                        volume_id: v.id.clone(),
+                        force,
+                    };
+                    let resp = self
+                        .core
+                        .agents
+                        .mutate(&to, Deadline::Call, req, |mut c, req| async move { c.promote_volume(req).await })
+                        .await
+                        .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
+                    Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
+                }
+            })
+            .await;
+        progress.outcomes = outcomes.into_iter().map(|o| (o.volume_id, o.result)).collect();
+    }
+
+    async fn record(
+        &self,
+        mut group: GroupRec,
+        mut volumes: Vec<VolumeRec>,
+        epoch: i64,
+        rev: i64,
+        progress: &mut FailoverProgress,
+    ) -> ApiResult<pb::ReplicationResult> {
+        let op = group.pending.clone().expect("a move has a pending op");
+        let failback = op.action == "failback";
+        let (from, to) = (group.active_backend.clone(), op.target.clone());
+        let outcomes: Vec<Outcome> = if progress.outcomes.is_empty() {
+            let reason = progress.blocked.clone().unwrap_or_else(|| "the move did not reach its promote state".into());
+            volumes.iter().map(|v| Outcome { volume_id: v.id.clone(), result: Err(reason.clone()) }).collect()
+        } else {
+            progress.outcomes.iter().map(|(id, r)| Outcome { volume_id: id.clone(), result: r.clone() }).collect()
+        };
+        let failure = Self::summarize(&outcomes);
+        let done = if failback { rs::ENABLED } else { rs::FAILED_OVER };
+        for v in &mut volumes {
+            match outcomes.iter().find(|o| o.volume_id == v.id).map(|o| &o.result) {
+                Some(Ok(_)) => {
+                    v.active_backend = to.clone();
+                    v.replication_status = done.into();
+                }
+                _ => v.replication_status = rs::ERROR.into(),
+            }
+        }
+        let divergence: Vec<String> =
+            outcomes.iter().filter_map(|o| o.result.as_ref().ok().and_then(|d| d.as_ref()).cloned()).collect();
+        group.pending = None;
+        group.epoch = epoch as u64;
+        let kind = if op.force { "disaster" } else { "planned" };
+        let mut notes = progress.notes.clone();
+        match &failure {
+            None => {
+                group.replication_status = done.into();
+                group.active_backend = to.clone();
+                if op.force {
+                    // The side we left was not demoted: it may take writes this side never
+                    // sees. Record where the two histories split.
+                    group.divergence_point = divergence.first().cloned().unwrap_or_else(|| "unknown".into());
+                    notes.push(format!("divergence point {}", group.divergence_point));
+                } else if failback {
+                    group.divergence_point.clear();
+                }
+                let mut detail = format!("{kind} {} from {from} to {to}", op.action);
+                for n in &notes {
+                    detail.push_str("; ");
+                    detail.push_str(n);
+                }
+                group.record(&op.action, detail, epoch as u64);
+            }
+            Some(reason) => {
+                group.replication_status = rs::ERROR.into();
+                group.status_reason =
+                    format!("{} to {to}: {reason}; retry the same command once the cause is fixed", op.action);
+                group.record(&op.action, format!("{kind} {} to {to} failed: {reason}", op.action), epoch as u64);
+            }
+        }
+        self.finish(&op.action, &group, &volumes, rev).await?;
+        Ok(Self::result(&group, &outcomes))
+    }
+}
