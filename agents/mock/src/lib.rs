@@ -19,6 +19,7 @@ use drover_agent::driver::{
     ReplicationState, Role, SyncReport, VolumeState, capability,
 };
 use drover_agent::replica::Shipment;
+use drover_agent::roles::{self, RoleFacts, Verdict};
 
 /// Mock driver settings (the `[mock]` table of the agent config).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -75,6 +76,18 @@ struct MockVolume {
     #[serde(default)]
     shipping: String,
     last_sync_ms: i64,
+}
+
+impl MockVolume {
+    fn facts(&self) -> RoleFacts {
+        RoleFacts { role: self.role, demoted: self.demoted, peer_demoted: self.peer_demoted }
+    }
+
+    fn set_facts(&mut self, f: RoleFacts) {
+        self.role = f.role;
+        self.demoted = f.demoted;
+        self.peer_demoted = f.peer_demoted;
+    }
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -408,7 +421,7 @@ impl Driver for MockDriver {
         vol.role = Some(spec.role);
         vol.peer = Some(spec.peer.clone());
         vol.group_id = spec.group_id.clone();
-        vol.demoted = spec.role == Role::Secondary;
+        vol.set_facts(roles::on_enable(spec.role));
         Ok(())
     }
 
@@ -429,52 +442,28 @@ impl Driver for MockDriver {
 
     async fn promote(&self, volume_id: &str, force: bool) -> Result<Option<String>, DriverError> {
         self.enter("promote", volume_id).await?;
-        self.with_volume(volume_id, |v| {
-            match v.role {
-                None => {
-                    return Err(DriverError::FailedPrecondition(format!(
-                        "volume {volume_id} is not replicated; enable replication first"
-                    )));
-                }
-                Some(Role::Primary) => return Ok(None),
-                Some(Role::Secondary) => {}
+        self.with_volume(volume_id, |v| match roles::promote(volume_id, v.facts(), force)? {
+            Verdict::AlreadyDone => Ok(None),
+            Verdict::Proceed(facts) => {
+                v.set_facts(facts);
+                Ok(force.then(|| v.recovery_point.clone()))
             }
-            if !force && !v.peer_demoted {
-                return Err(DriverError::FailedPrecondition(format!(
-                    "volume {volume_id} is a secondary whose primary was not demoted; demote the primary first or promote with force"
-                )));
-            }
-            v.role = Some(Role::Primary);
-            v.demoted = false;
-            v.peer_demoted = false;
-            Ok(force.then(|| v.recovery_point.clone()))
         })
     }
 
     async fn demote(&self, volume_id: &str) -> Result<(), DriverError> {
         self.enter("demote", volume_id).await?;
         self.with_volume(volume_id, |v| {
-            if v.role.is_none() {
-                return Err(DriverError::FailedPrecondition(format!(
-                    "volume {volume_id} is not replicated; enable replication first"
-                )));
+            if let Verdict::Proceed(facts) = roles::demote(volume_id, v.facts())? {
+                v.set_facts(facts);
             }
-            v.role = Some(Role::Secondary);
-            v.demoted = true;
             Ok(())
         })
     }
 
     async fn resync(&self, volume_id: &str) -> Result<bool, DriverError> {
         self.enter("resync", volume_id).await?;
-        self.with_volume(volume_id, |v| {
-            if !v.demoted || v.role != Some(Role::Secondary) {
-                return Err(DriverError::FailedPrecondition(format!(
-                    "volume {volume_id} is not demoted; demote it before a resync"
-                )));
-            }
-            Ok(true)
-        })
+        self.with_volume(volume_id, |v| roles::resync(volume_id, v.facts()).map(|_| true))
     }
 
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError> {
@@ -562,8 +551,7 @@ impl Driver for MockDriver {
                 v.recovery_point = header.recovery_point_id.clone();
                 v.last_sync_ms = now_ms();
                 if final_sync {
-                    v.role = Some(Role::Secondary);
-                    v.demoted = true;
+                    v.set_facts(roles::after_final_sync());
                 }
             }
         }
@@ -618,7 +606,7 @@ impl Driver for MockDriver {
             if let Some(v) = state.volumes.get_mut(id) {
                 v.recovery_point = header.recovery_point_id.clone();
                 v.last_sync_ms = now_ms();
-                v.peer_demoted = header.final_sync;
+                v.set_facts(roles::after_applied(v.facts(), header.final_sync));
             }
         }
         Ok(bytes)

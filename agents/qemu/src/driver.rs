@@ -269,25 +269,15 @@ impl Driver for QemuDriver {
     async fn promote(&self, volume_id: &str, force: bool) -> Result<Option<String>, DriverError> {
         let _g = self.lock_for(volume_id).await;
         let v = self.vol(volume_id)?;
-        match v.role {
-            None => {
-                return Err(DriverError::FailedPrecondition(format!(
-                    "volume {volume_id} is not replicated; enable replication first"
-                )));
-            }
-            Some(Role::Primary) => return Ok(None),
-            Some(Role::Secondary) => {}
-        }
+        let facts = match roles::promote(volume_id, v.facts(), force)? {
+            Verdict::AlreadyDone => return Ok(None),
+            Verdict::Proceed(facts) => facts,
+        };
         let Some(top) = v.layers.last().cloned() else {
             return Err(DriverError::FailedPrecondition(format!(
                 "replica of {volume_id} has no complete recovery point yet; wait for the initial sync"
             )));
         };
-        if !force && !v.peer_demoted {
-            return Err(DriverError::FailedPrecondition(format!(
-                "volume {volume_id} is a healthy secondary whose primary was not demoted; fail over as planned (final sync) or promote with force"
-            )));
-        }
         let seq = top.seq + 1;
         image::create(&self.layer_path(volume_id, seq), v.size_bytes, Some(&self.layer_path(volume_id, top.seq)))
             .await?;
@@ -299,9 +289,7 @@ impl Driver for QemuDriver {
                     l.acked = l.rp.is_some();
                 }
                 sv.layers.push(Layer { seq, rp: None, acked: false, rp_created_ms: 0 });
-                sv.role = Some(Role::Primary);
-                sv.demoted = false;
-                sv.peer_demoted = false;
+                sv.set_facts(facts);
                 sv.discard_allowed = false;
                 Ok(sv.clone())
             })
@@ -313,15 +301,10 @@ impl Driver for QemuDriver {
     async fn demote(&self, volume_id: &str) -> Result<(), DriverError> {
         let _g = self.lock_for(volume_id).await;
         let v = self.vol(volume_id)?;
-        match v.role {
-            None => {
-                return Err(DriverError::FailedPrecondition(format!(
-                    "volume {volume_id} is not replicated; enable replication first"
-                )));
-            }
-            Some(Role::Secondary) => return Ok(()),
-            Some(Role::Primary) => {}
-        }
+        let facts = match roles::demote(volume_id, v.facts())? {
+            Verdict::AlreadyDone => return Ok(()),
+            Verdict::Proceed(facts) => facts,
+        };
         self.close_chain(&v).await?;
         // An active layer with nothing in it carries no changes: drop it. Anything else
         // stays, unsynced, until an operator chooses to discard it (resync).
@@ -332,9 +315,7 @@ impl Driver for QemuDriver {
             if !changed {
                 sv.layers.retain(|l| l.seq != active);
             }
-            sv.role = Some(Role::Secondary);
-            sv.demoted = true;
-            sv.peer_demoted = false;
+            sv.set_facts(facts);
             Ok(())
         })
         .await?;
@@ -346,11 +327,7 @@ impl Driver for QemuDriver {
 
     async fn resync(&self, volume_id: &str) -> Result<bool, DriverError> {
         let v = self.vol(volume_id)?;
-        if v.role != Some(Role::Secondary) || !v.demoted {
-            return Err(DriverError::FailedPrecondition(format!(
-                "volume {volume_id} is not demoted; demote it before a resync"
-            )));
-        }
+        roles::resync(volume_id, v.facts())?;
         self.update(|st| {
             let sv = st.volumes.get_mut(volume_id).ok_or_else(|| not_found(volume_id))?;
             sv.discard_allowed = true;

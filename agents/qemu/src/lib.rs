@@ -59,6 +59,7 @@ use drover_agent::driver::{
     ReplicationState, Role, SyncReport, VolumeState, capability,
 };
 use drover_agent::replica::{CHUNK_BYTES, Shipment};
+use drover_agent::roles::{self, RoleFacts, Verdict};
 
 /// NBD reads a source keeps in flight while shipping.
 const READ_DEPTH: usize = 4;

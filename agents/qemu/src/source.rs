@@ -319,9 +319,7 @@ impl QemuDriver {
                 self.update(|st| {
                     let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
                     sv.layers.retain(|l| l.seq != active);
-                    sv.role = Some(Role::Secondary);
-                    sv.demoted = true;
-                    sv.peer_demoted = false;
+                    sv.set_facts(roles::after_final_sync());
                     Ok(())
                 })
                 .await?;

@@ -86,6 +86,18 @@ impl Vol {
         self.layers.iter().rposition(|l| l.acked)
     }
 
+    /// The facts the shared role rules read.
+    pub(crate) fn facts(&self) -> RoleFacts {
+        RoleFacts { role: self.role, demoted: self.demoted, peer_demoted: self.peer_demoted }
+    }
+
+    /// Stores what a role rule decided.
+    pub(crate) fn set_facts(&mut self, f: RoleFacts) {
+        self.role = f.role;
+        self.demoted = f.demoted;
+        self.peer_demoted = f.peer_demoted;
+    }
+
     /// Whether this side serves writes.
     pub(crate) fn writable(&self) -> bool {
         self.role != Some(Role::Secondary) && !self.layers.is_empty()

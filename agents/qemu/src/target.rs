@@ -166,7 +166,7 @@ impl QemuDriver {
                     acked: true,
                     rp_created_ms: header.created_at_ms,
                 });
-                v.peer_demoted = header.final_sync;
+                v.set_facts(roles::after_applied(v.facts(), header.final_sync));
                 v.discard_allowed = false;
                 v.last = SyncStats { rp_created_ms: header.created_at_ms, duration_ms: 0, bytes, error: String::new() };
             }

@@ -9,6 +9,7 @@
 //!   group or volume, idempotency by op_id (outcomes persisted in the [`ledger`]), and
 //!   one mutation at a time per volume or group (a second gets ABORTED);
 //! - [`replica`]: the agent-to-agent stream that carries recovery points;
+//! - [`roles`]: the role rules (promote, demote, resync) every driver applies;
 //! - [`registration`]: heartbeats to the orchestrator;
 //! - [`config`] and [`launch`]: the settings common to every agent, and starting one.
 //!
@@ -24,6 +25,7 @@ pub mod launch;
 pub mod ledger;
 pub mod registration;
 pub mod replica;
+pub mod roles;
 pub mod server;
 
 pub use driver::{Driver, DriverError};
