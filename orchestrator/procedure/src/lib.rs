@@ -31,13 +31,26 @@ pub use record::{ExecutionRec, ExecutionStatus, StepRec, keys};
 use async_trait::async_trait;
 
 /// What one call of [`Procedure::execute`] did.
-#[derive(Debug, Clone, PartialEq)]
 pub enum Status {
     /// A step finished; persist the state and call again. `note` says what the step did
     /// (shown in the execution's step list).
     Executing { note: String },
+    /// Run these procedures as child executions (each with its own locks, owner and
+    /// record), then call again once every one has ended; their records are in
+    /// [`Context::children`] then. A runbook is a parent of per-group procedures.
+    Children { procedures: Vec<Box<dyn Procedure>>, note: String },
     /// The procedure is done; `output` is its result for whoever waits on it.
     Done { output: serde_json::Value },
+}
+
+impl std::fmt::Debug for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Status::Executing { note } => write!(f, "Executing({note})"),
+            Status::Children { procedures, note } => write!(f, "Children({} procedures: {note})", procedures.len()),
+            Status::Done { output } => write!(f, "Done({output})"),
+        }
+    }
 }
 
 /// Why a step did not finish.
@@ -61,6 +74,8 @@ pub struct Context {
     pub epoch: i64,
     /// Fires when the owner loses its claim or shuts down: stop at the next await.
     pub cancelled: tokio_util::sync::CancellationToken,
+    /// The ended children of the previous step, when it returned [`Status::Children`].
+    pub children: Vec<ExecutionRec>,
 }
 
 /// A typed state machine whose state survives crashes.

@@ -216,13 +216,7 @@ impl Manager {
             let Some(epoch) = self.claim(&id, expected).await? else { continue };
             let Some(kv) = self.store.get(keys::execution(&id).as_bytes()).await? else { continue };
             let rec = decode(&kv.value)?;
-            let loaded = {
-                let loaders = self.loaders.read().expect("loaders poisoned");
-                match loaders.get(&rec.kind) {
-                    Some(load) => load(rec.state.clone()),
-                    None => Err(format!("this orchestrator does not know procedures of kind {}", rec.kind)),
-                }
-            };
+            let loaded = self.load(&rec.kind, rec.state.clone());
             match loaded {
                 Ok(proc) => {
                     tracing::info!(execution = %id, kind = %rec.kind, epoch, step = %rec.step, "resuming execution");
@@ -237,6 +231,14 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    fn load(&self, kind: &str, state: serde_json::Value) -> Result<Box<dyn Procedure>, String> {
+        let loaders = self.loaders.read().expect("loaders poisoned");
+        match loaders.get(kind) {
+            Some(load) => load(state),
+            None => Err(format!("this orchestrator does not know procedures of kind {kind}")),
+        }
     }
 
     /// Takes ownership of an execution: absent claim (or our own stale one at
@@ -269,6 +271,45 @@ impl Manager {
         intent: Txn,
     ) -> Result<(String, i64), SubmitError> {
         let id = uuid::Uuid::now_v7().to_string();
+        self.submit_as(id, String::new(), proc, intent).await
+    }
+
+    /// Submits a child of `parent` under a deterministic id, so a parent resumed after a
+    /// crash finds the children it already submitted instead of submitting them twice. A
+    /// held lock is waited for (the child runs once its holder ended).
+    async fn submit_child(
+        self: &Arc<Self>,
+        id: String,
+        parent: &str,
+        proc: Box<dyn Procedure>,
+        token: &CancellationToken,
+    ) -> Result<(), SubmitError> {
+        if self.get(&id).await?.is_some() {
+            return Ok(());
+        }
+        match self.submit_as(id.clone(), parent.to_string(), proc, Txn::new()).await {
+            Ok(_) => Ok(()),
+            Err(SubmitError::Locked { holder, key }) => {
+                tracing::info!(child = %id, key = %key, holder = %holder, "child waits for a lock");
+                // Wait for the holder to end; the step then runs again and submits the child.
+                while self.get(&holder).await?.is_some_and(|h| !h.status.is_terminal()) {
+                    if pause(Duration::from_millis(200), token).await {
+                        break;
+                    }
+                }
+                Err(SubmitError::Locked { key, holder })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn submit_as(
+        self: &Arc<Self>,
+        id: String,
+        parent: String,
+        proc: Box<dyn Procedure>,
+        intent: Txn,
+    ) -> Result<(String, i64), SubmitError> {
         let locks = proc.locks();
         let now = now_ms();
         let rec = ExecutionRec {
@@ -288,8 +329,11 @@ impl Manager {
             epoch: 0,
             owner: String::new(),
             claims: 0,
+            parent,
+            children: Vec::new(),
         };
         let mut txn = intent
+            .when(Compare::Absent(keys::execution(&id).into_bytes()))
             .and_then(TxnOp::put(keys::execution(&id), encode(&rec)))
             .and_then(TxnOp::put(keys::pending(&id), Vec::new()));
         for l in &locks {
@@ -354,7 +398,7 @@ impl Manager {
         }
     }
 
-    async fn run(&self, id: &str, mut proc: Box<dyn Procedure>, epoch: i64, token: CancellationToken) {
+    async fn run(self: &Arc<Self>, id: &str, mut proc: Box<dyn Procedure>, epoch: i64, token: CancellationToken) {
         let Some(mut rec) = self.read(id, &token).await else { return };
         rec.epoch = epoch;
         rec.owner = self.config.owner_id.clone();
@@ -384,9 +428,29 @@ impl Manager {
                 self.finish(id, rec, epoch, &token).await;
                 return;
             }
+            // A step that started children resumes once every one of them has ended.
+            let mut children = Vec::new();
+            for child in rec.children.clone() {
+                loop {
+                    match self.get(&child).await {
+                        Ok(Some(c)) if c.status.is_terminal() => {
+                            children.push(c);
+                            break;
+                        }
+                        Ok(None) => break,
+                        _ => {}
+                    }
+                    if matches!(self.store.get(keys::cancel(id).as_bytes()).await, Ok(Some(_))) {
+                        let _ = self.cancel(&child).await;
+                    }
+                    if pause(Duration::from_millis(200), &token).await {
+                        return;
+                    }
+                }
+            }
             let step = proc.step();
             let started = now_ms();
-            let ctx = Context { execution_id: id.to_string(), epoch, cancelled: token.clone() };
+            let ctx = Context { execution_id: id.to_string(), epoch, cancelled: token.clone(), children };
             let result = tokio::select! {
                 biased;
                 _ = token.cancelled() => return,
@@ -396,12 +460,66 @@ impl Manager {
                 rec.steps.push(StepRec { name: step.clone(), started_ms: started, ended_ms: now_ms(), note, epoch });
             };
             match result {
+                Ok(Status::Children { procedures, note }) => {
+                    let base = format!("{id}-s{}", rec.steps.len());
+                    let mut ids = Vec::new();
+                    let mut restart_step = false;
+                    for (n, child) in procedures.into_iter().enumerate() {
+                        let cid = format!("{base}-{n}");
+                        let mut child = Some(child);
+                        while let Some(c) = child.take() {
+                            match self.submit_child(cid.clone(), id, c, &token).await {
+                                Ok(()) => {}
+                                Err(_) if token.is_cancelled() => return,
+                                Err(SubmitError::Locked { key, holder }) => {
+                                    // The holder has ended: the step runs again and submits it.
+                                    tracing::info!(child = %cid, key = %key, holder = %holder, "lock released; retrying the step");
+                                    restart_step = true;
+                                }
+                                Err(e) => {
+                                    // The child is gone with the error; the step runs again and
+                                    // rebuilds it (children already submitted are found by id).
+                                    tracing::warn!(child = %cid, error = %e, "could not start a child; retrying the step");
+                                    rec.error = format!("starting child {cid}: {e}");
+                                    let _ = self.persist(id, &mut rec, epoch, &token).await;
+                                    if pause(retry_wait, &token).await {
+                                        return;
+                                    }
+                                    retry_wait = (retry_wait * 2).min(Duration::from_secs(5));
+                                    restart_step = true;
+                                }
+                            }
+                        }
+                        if restart_step {
+                            break;
+                        }
+                        ids.push(cid);
+                    }
+                    if restart_step {
+                        // The step runs again from the state persisted before it.
+                        match self.load(&rec.kind, rec.state.clone()) {
+                            Ok(p) => proc = p,
+                            Err(e) => tracing::error!(error = %e, "cannot rebuild the procedure to retry its step"),
+                        }
+                        continue;
+                    }
+                    tracing::info!(step = %step, children = ids.len(), "step started children");
+                    record_step(&mut rec, note);
+                    rec.children = ids;
+                    rec.state = proc.dump();
+                    rec.step = proc.step();
+                    rec.error.clear();
+                    if !self.persist(id, &mut rec, epoch, &token).await {
+                        return;
+                    }
+                }
                 Ok(Status::Executing { note }) => {
                     tracing::info!(step = %step, note = %note, "step done");
                     record_step(&mut rec, note);
                     rec.state = proc.dump();
                     rec.step = proc.step();
                     rec.error.clear();
+                    rec.children.clear();
                     if !self.persist(id, &mut rec, epoch, &token).await {
                         return;
                     }
@@ -413,6 +531,7 @@ impl Manager {
                     rec.state = proc.dump();
                     rec.status = ExecutionStatus::Succeeded;
                     rec.output = output;
+                    rec.children.clear();
                     rec.error.clear();
                     self.finish(id, rec, epoch, &token).await;
                     return;
@@ -765,6 +884,87 @@ mod tests {
         let steps: Vec<u32> = ran.iter().map(|(s, _)| *s).collect();
         assert_eq!(steps, [1, 2, 3, 4], "no step ran twice: {ran:?}");
         assert!(ran[2].1 > epoch_a && ran[3].1 > epoch_a, "B ran steps 3 and 4 under its epoch");
+    }
+
+    /// Starts three counters as children, then reports how many succeeded.
+    #[derive(Serialize, Deserialize)]
+    struct Parent {
+        started: bool,
+        #[serde(skip)]
+        ran: Arc<Mutex<Vec<(u32, i64)>>>,
+        #[serde(skip, default = "closed_gate")]
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    #[async_trait]
+    impl Procedure for Parent {
+        fn kind(&self) -> &'static str {
+            "parent"
+        }
+        fn summary(&self) -> String {
+            "three children".into()
+        }
+        fn locks(&self) -> Vec<String> {
+            Vec::new()
+        }
+        fn step(&self) -> String {
+            if self.started { "collect".into() } else { "start-children".into() }
+        }
+        fn dump(&self) -> serde_json::Value {
+            serde_json::to_value(self).unwrap()
+        }
+        async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+            if !self.started {
+                self.started = true;
+                let procedures = (0..3)
+                    .map(|i| {
+                        Box::new(Counter {
+                            name: format!("child-{i}"),
+                            done: 0,
+                            total: 2,
+                            block_at: 0,
+                            ran: self.ran.clone(),
+                            gate: self.gate.clone(),
+                        }) as Box<dyn Procedure>
+                    })
+                    .collect();
+                return Ok(Status::Children { procedures, note: "three counters".into() });
+            }
+            let ok = ctx.children.iter().filter(|c| c.status == ExecutionStatus::Succeeded).count();
+            Ok(Status::Done { output: serde_json::json!({ "children": ctx.children.len(), "succeeded": ok }) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_parent_waits_for_its_children_and_sees_their_outcomes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let rig = rig();
+        let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+        let (ran, gate) = (rig.ran.clone(), rig.gate.clone());
+        m.register(
+            "parent",
+            Box::new(move |state| {
+                let mut p: Parent = serde_json::from_value(state).map_err(|e| e.to_string())?;
+                p.ran = ran.clone();
+                p.gate = gate.clone();
+                Ok(Box::new(p) as Box<dyn Procedure>)
+            }),
+        );
+        // A child's lock is held by another execution: that child waits for it.
+        let holder = m.submit(counter(&rig, "child-1", 1, 1)).await.unwrap();
+        let id =
+            m.submit(Box::new(Parent { started: false, ran: rig.ran.clone(), gate: rig.gate.clone() })).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(m.get(&id).await.unwrap().unwrap().status, ExecutionStatus::Running, "waiting for child-1's lock");
+        rig.gate.add_permits(1);
+        let rec = m.wait(&id, Duration::from_secs(20)).await.unwrap();
+        assert_eq!(rec.status, ExecutionStatus::Succeeded, "{rec:?}");
+        assert_eq!(rec.output, serde_json::json!({ "children": 3, "succeeded": 3 }));
+        assert_eq!(m.get(&holder).await.unwrap().unwrap().status, ExecutionStatus::Succeeded);
+        let children: Vec<ExecutionRec> = m.list().await.unwrap().into_iter().filter(|e| e.parent == id).collect();
+        assert_eq!(children.len(), 3);
+        assert!(children.iter().all(|c| c.id.starts_with(&id)), "children ids derive from the parent's");
     }
 
     #[tokio::test]

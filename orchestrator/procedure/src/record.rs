@@ -100,6 +100,12 @@ pub struct ExecutionRec {
     /// How many times an owner claimed it (1 unless it was resumed).
     #[serde(default)]
     pub claims: u32,
+    /// The execution that started this one as a child, if any.
+    #[serde(default)]
+    pub parent: String,
+    /// The children the next step waits for.
+    #[serde(default)]
+    pub children: Vec<String>,
 }
 
 /// Milliseconds since the Unix epoch.
