@@ -61,8 +61,14 @@ impl QemuDriver {
     /// Runs a block job to its end and reports its error, if any.
     pub(crate) async fn wait_job(&self, job: &str) -> Result<(), DriverError> {
         loop {
+            // A job that is gone did not necessarily finish: the daemon may have restarted
+            // mid-job, leaving the base with only part of the data. Never take that for
+            // success: the caller keeps every layer, and the work is redone next time.
             let Some(j) = self.daemon().job(job).await? else {
-                return Ok(());
+                return Err(DriverError::Unavailable(format!(
+                    "block job {job} disappeared before it concluded (did qemu-storage-daemon restart?); \
+                     its layers are kept and it runs again at the next sync"
+                )));
             };
             if j.status == "concluded" {
                 self.daemon().dismiss_job(job).await?;
