@@ -232,6 +232,151 @@ pub fn verify_end(action: GroupAction, via: &str, to: &str) -> ApiResult<()> {
     }
 }
 
+/// A volume's status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VolumeStatus {
+    Creating,
+    Available,
+    Extending,
+    Deleting,
+    Error,
+}
+
+impl VolumeStatus {
+    /// Every status.
+    pub const ALL: [VolumeStatus; 5] = [
+        VolumeStatus::Creating,
+        VolumeStatus::Available,
+        VolumeStatus::Extending,
+        VolumeStatus::Deleting,
+        VolumeStatus::Error,
+    ];
+
+    /// The name stored in records and shown by the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeStatus::Creating => "creating",
+            VolumeStatus::Available => "available",
+            VolumeStatus::Extending => "extending",
+            VolumeStatus::Deleting => "deleting",
+            VolumeStatus::Error => "error",
+        }
+    }
+
+    /// The status a stored name stands for.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// What a request asks of a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VolumeAction {
+    Create,
+    Manage,
+    Delete,
+    Extend,
+    Unmanage,
+}
+
+impl VolumeAction {
+    /// The name used in pending ops.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VolumeAction::Create => "create",
+            VolumeAction::Manage => "manage",
+            VolumeAction::Delete => "delete",
+            VolumeAction::Extend => "extend",
+            VolumeAction::Unmanage => "unmanage",
+        }
+    }
+}
+
+/// One allowed volume transition. `None` stands for "no record": before a create, after
+/// a delete (or a create the backend refused, which leaves nothing behind).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeRule {
+    pub action: VolumeAction,
+    pub from: Option<VolumeStatus>,
+    pub via: VolumeStatus,
+    pub ends: &'static [Option<VolumeStatus>],
+}
+
+use VolumeStatus as V;
+
+/// The table of volume transitions. Nothing else is ever written.
+pub const VOLUME_TABLE: &[VolumeRule] = &[
+    VolumeRule {
+        action: VolumeAction::Create,
+        from: None,
+        via: V::Creating,
+        ends: &[Some(V::Available), Some(V::Error), None],
+    },
+    VolumeRule {
+        action: VolumeAction::Manage,
+        from: None,
+        via: V::Creating,
+        ends: &[Some(V::Available), Some(V::Error), None],
+    },
+    VolumeRule {
+        action: VolumeAction::Delete,
+        from: Some(V::Available),
+        via: V::Deleting,
+        ends: &[None, Some(V::Error)],
+    },
+    VolumeRule { action: VolumeAction::Delete, from: Some(V::Error), via: V::Deleting, ends: &[None, Some(V::Error)] },
+    VolumeRule {
+        action: VolumeAction::Extend,
+        from: Some(V::Available),
+        via: V::Extending,
+        ends: &[Some(V::Available), Some(V::Error)],
+    },
+    VolumeRule {
+        action: VolumeAction::Unmanage,
+        from: Some(V::Available),
+        via: V::Deleting,
+        ends: &[None, Some(V::Error)],
+    },
+];
+
+/// The rule that lets `action` run on a volume in `status`, or FailedPrecondition naming
+/// the current status and what would be needed.
+pub fn check_volume(action: VolumeAction, status: &str, volume: &str) -> ApiResult<VolumeRule> {
+    let current = VolumeStatus::parse(status).ok_or_else(|| {
+        ApiError::Internal(format!("volume {volume} has an unknown status {status:?}; repair its record"))
+    })?;
+    if let Some(r) = VOLUME_TABLE.iter().find(|r| r.action == action && r.from == Some(current)) {
+        return Ok(*r);
+    }
+    let needs: Vec<&str> =
+        VOLUME_TABLE.iter().filter(|r| r.action == action).filter_map(|r| r.from.map(|f| f.as_str())).collect();
+    Err(ApiError::FailedPrecondition(format!(
+        "volume {volume} is {status}; {} needs it {}",
+        action.as_str(),
+        needs.join(" or ")
+    )))
+}
+
+/// Checks the final write of a volume transition: may `action` end in `to` (`None`: the
+/// record is removed)?
+pub fn verify_volume_end(action: VolumeAction, to: Option<&str>) -> ApiResult<()> {
+    let end = match to {
+        None => None,
+        Some(t) => {
+            Some(VolumeStatus::parse(t).ok_or_else(|| ApiError::Internal(format!("unknown volume status {t:?}")))?)
+        }
+    };
+    if VOLUME_TABLE.iter().any(|r| r.action == action && r.ends.contains(&end)) {
+        Ok(())
+    } else {
+        Err(ApiError::Internal(format!(
+            "refusing to leave a volume {} after {}: the transition table does not allow it",
+            to.unwrap_or("removed"),
+            action.as_str()
+        )))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;
@@ -339,6 +484,24 @@ mod tests {
         ) {
             let listed = TABLE.iter().any(|r| r.action == a && r.via == Some(via) && (r.success == to || r.failure == to));
             prop_assert_eq!(verify_end(a, via.as_str(), to.as_str()).is_ok(), listed);
+        }
+    }
+
+    #[test]
+    fn volume_transitions_follow_their_table() {
+        assert!(
+            check_volume(VolumeAction::Extend, "error", "v").unwrap_err().to_string().contains("needs it available")
+        );
+        assert_eq!(check_volume(VolumeAction::Delete, "error", "v").unwrap().via, VolumeStatus::Deleting);
+        assert!(check_volume(VolumeAction::Delete, "creating", "v").is_err());
+        assert!(verify_volume_end(VolumeAction::Delete, None).is_ok());
+        assert!(verify_volume_end(VolumeAction::Extend, None).is_err(), "an extend never removes the record");
+        assert!(verify_volume_end(VolumeAction::Extend, Some("available")).is_ok());
+        assert!(verify_volume_end(VolumeAction::Create, Some("deleting")).is_err());
+        for rule in VOLUME_TABLE {
+            for end in rule.ends {
+                assert!(verify_volume_end(rule.action, end.map(|e| e.as_str())).is_ok(), "{rule:?} {end:?}");
+            }
         }
     }
 

@@ -18,6 +18,7 @@ use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult, raced};
 use crate::model::{BackendRec, PendingOp, VolumeRec, keys, now_ms, replication_status, volume_status};
 use crate::repo::{Versioned, put, validate_name, validate_size};
+use crate::transitions::{VolumeAction, VolumeStatus, check_volume, verify_volume_end};
 
 /// `drover.v1.VolumeService`.
 pub struct VolumeApi {
@@ -43,7 +44,8 @@ impl VolumeApi {
     }
 
     /// Writes `rec` if the volume is still at `expected_rev`; returns the new revision.
-    async fn save(&self, rec: &VolumeRec, expected_rev: i64) -> ApiResult<i64> {
+    async fn save(&self, action: VolumeAction, rec: &VolumeRec, expected_rev: i64) -> ApiResult<i64> {
+        verify_volume_end(action, Some(&rec.status))?;
         let resp = self.core.repo.txn(Self::volume_txn(rec, expected_rev)).await?;
         if !resp.succeeded {
             return Err(raced(&format!("volume {}", rec.id)));
@@ -83,7 +85,8 @@ impl VolumeApi {
     }
 
     /// Removes the volume and its name if it is still at `epoch`; returns whether it did.
-    async fn forget(&self, rec: &VolumeRec, epoch: i64) -> ApiResult<bool> {
+    async fn forget(&self, action: VolumeAction, rec: &VolumeRec, epoch: i64) -> ApiResult<bool> {
+        verify_volume_end(action, None)?;
         let txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
             .and_then(TxnOp::delete(keys::volume(&rec.id)))
@@ -91,11 +94,11 @@ impl VolumeApi {
         Ok(self.core.repo.txn(txn).await?.succeeded)
     }
 
-    async fn fail(&self, mut rec: VolumeRec, epoch: i64, reason: String) -> ApiResult<()> {
+    async fn fail(&self, action: VolumeAction, mut rec: VolumeRec, epoch: i64, reason: String) -> ApiResult<()> {
         rec.status = volume_status::ERROR.into();
         rec.status_reason = reason;
         rec.pending = None;
-        self.save(&rec, epoch).await.map(|_| ())
+        self.save(action, &rec, epoch).await.map(|_| ())
     }
 
     async fn create(&self, r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
@@ -154,17 +157,23 @@ impl VolumeApi {
             Ok(_) => {
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, rev).await?;
+                self.save(VolumeAction::Create, &rec, rev).await?;
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
                 // Nothing was created: forget the volume so its name is free again.
-                self.forget(&rec, rev).await?;
+                self.forget(VolumeAction::Create, &rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("create volume {}", rec.name), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("create volume {}", rec.name), &s);
-                self.fail(rec.clone(), rev, format!("{err}; delete the volume and create it again")).await?;
+                self.fail(
+                    VolumeAction::Create,
+                    rec.clone(),
+                    rev,
+                    format!("{err}; delete the volume and create it again"),
+                )
+                .await?;
                 Err(err)
             }
         }
@@ -173,15 +182,10 @@ impl VolumeApi {
     async fn delete(&self, r: pb::DeleteVolumeRequest) -> ApiResult<()> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
         require_ungrouped(&v.rec)?;
-        if v.rec.status != volume_status::AVAILABLE && v.rec.status != volume_status::ERROR {
-            return Err(ApiError::FailedPrecondition(format!(
-                "volume {} is {}; wait until it is available or error",
-                v.rec.name, v.rec.status
-            )));
-        }
+        check_volume(VolumeAction::Delete, &v.rec.status, &v.rec.name)?;
         writable_backend(&self.core, &v.rec.backend, "volume").await?;
         let op = PendingOp::new("delete", &v.rec.backend);
-        let (rec, txn) = Self::begin_txn(&v, volume_status::DELETING, op);
+        let (rec, txn) = Self::begin_txn(&v, VolumeStatus::Deleting.as_str(), op);
         self.submit_op::<()>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
@@ -202,7 +206,7 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(&rec, rev).await? {
+                if !self.forget(VolumeAction::Delete, &rec, rev).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 tracing::info!(volume = %rec.id, "volume deleted");
@@ -210,7 +214,7 @@ impl VolumeApi {
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("delete volume {}", rec.name), &s);
-                self.fail(rec, rev, format!("{err}; retry the delete")).await?;
+                self.fail(VolumeAction::Delete, rec, rev, format!("{err}; retry the delete")).await?;
                 Err(err)
             }
         }
@@ -219,12 +223,7 @@ impl VolumeApi {
     async fn extend(&self, r: pb::ExtendVolumeRequest) -> ApiResult<VolumeRec> {
         let new_size = validate_size("new_size_bytes", r.new_size_bytes)?;
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
-        if v.rec.status != volume_status::AVAILABLE {
-            return Err(ApiError::FailedPrecondition(format!(
-                "volume {} is {}; only an available volume can be extended",
-                v.rec.name, v.rec.status
-            )));
-        }
+        let rule = check_volume(VolumeAction::Extend, &v.rec.status, &v.rec.name)?;
         if new_size <= v.rec.size_bytes {
             return Err(ApiError::InvalidArgument(format!(
                 "`new_size_bytes` {new_size} is not larger than the current size {}; volumes only grow",
@@ -241,7 +240,7 @@ impl VolumeApi {
         }
         writable_backend(&self.core, &v.rec.backend, "extend").await?;
         let op = PendingOp { new_size_bytes: new_size, ..PendingOp::new("extend", &v.rec.backend) };
-        let (rec, txn) = Self::begin_txn(&v, volume_status::EXTENDING, op);
+        let (rec, txn) = Self::begin_txn(&v, rule.via.as_str(), op);
         self.submit_op::<VolumeRec>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
@@ -266,19 +265,25 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, rev).await?;
+                self.save(VolumeAction::Extend, &rec, rev).await?;
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
                 // The backend refused: the volume is as it was.
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, rev).await?;
+                self.save(VolumeAction::Extend, &rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s);
-                self.fail(rec, rev, format!("{err}; the size is unknown until the extend is retried")).await?;
+                self.fail(
+                    VolumeAction::Extend,
+                    rec,
+                    rev,
+                    format!("{err}; the size is unknown until the extend is retried"),
+                )
+                .await?;
                 Err(err)
             }
         }
@@ -381,17 +386,18 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(&rec, rev).await?;
+                self.save(VolumeAction::Manage, &rec, rev).await?;
                 tracing::info!(volume = %rec.id, reference = %op.reference, "volume managed");
                 Ok(rec)
             }
             Err(s) if agent_refused(s.code()) => {
-                self.forget(&rec, rev).await?;
+                self.forget(VolumeAction::Manage, &rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("manage {}", op.reference), &s);
-                self.fail(rec, rev, format!("{err}; unmanage or delete the volume and retry")).await?;
+                self.fail(VolumeAction::Manage, rec, rev, format!("{err}; unmanage or delete the volume and retry"))
+                    .await?;
                 Err(err)
             }
         }
@@ -400,15 +406,10 @@ impl VolumeApi {
     async fn unmanage(&self, r: pb::UnmanageVolumeRequest) -> ApiResult<String> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
         require_ungrouped(&v.rec)?;
-        if v.rec.status != volume_status::AVAILABLE {
-            return Err(ApiError::FailedPrecondition(format!(
-                "volume {} is {}; only an available volume can be unmanaged",
-                v.rec.name, v.rec.status
-            )));
-        }
+        let rule = check_volume(VolumeAction::Unmanage, &v.rec.status, &v.rec.name)?;
         writable_backend(&self.core, &v.rec.backend, "manage-existing").await?;
         let op = PendingOp::new("unmanage", &v.rec.backend);
-        let (rec, txn) = Self::begin_txn(&v, volume_status::DELETING, op);
+        let (rec, txn) = Self::begin_txn(&v, rule.via.as_str(), op);
         self.submit_op::<String>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
@@ -429,14 +430,14 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(&rec, rev).await? {
+                if !self.forget(VolumeAction::Unmanage, &rec, rev).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 Ok(rec.id)
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
-                self.fail(rec, rev, format!("{err}; retry the unmanage")).await?;
+                self.fail(VolumeAction::Unmanage, rec, rev, format!("{err}; retry the unmanage")).await?;
                 Err(err)
             }
         }
