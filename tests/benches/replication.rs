@@ -26,7 +26,7 @@ async fn agent(dir: &Path, name: &str) -> (Arc<QemuDriver>, String, Cancellation
     let pool = dir.join(format!("pool-{name}"));
     std::fs::create_dir_all(&pool).unwrap();
     let state = dir.join(format!("state-{name}"));
-    let driver = QemuDriver::start(QemuConfig { pool_dir: pool, nbd_tcp: None }, &state, name).await.unwrap();
+    let driver = QemuDriver::start(QemuConfig { pool_dir: pool, ..Default::default() }, &state, name).await.unwrap();
     let ledger = Ledger::open(&state.join("ledger.redb")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let token = CancellationToken::new();

@@ -608,3 +608,44 @@ async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
     assert!(u.contains("agent-backend-a"), "{u}");
     io(&u, &["read -P 0x11 0 1M", "read -P 0 2M 1M", "read -P 0x13 4M 1M"]);
 }
+
+/// A daemon that stops answering (SIGSTOP) is killed and restarted once a QMP call
+/// passes its deadline, and the agent serves again: the backend is up and the data reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_restarts_a_hung_daemon() {
+    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &["--set", "qemu.qmp_timeout=2s"]).await;
+    let mut c = cluster.clients().await;
+    c.volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "h".into(),
+            project: "tests".into(),
+            size_bytes: (16 * MIB) as i64,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap();
+    let u = uri(&mut c, "h").await;
+    io(&u, &["write -P 0x5a 0 1M"]);
+    let pidfile = cluster.agent_dir(0).join("qemu/qsd.pid");
+    let pid = std::fs::read_to_string(&pidfile).unwrap().trim().to_string();
+    assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    let stopped = Instant::now();
+    // Any call that needs QMP notices: a probe, here through `backend show`.
+    let deadline = stopped + Duration::from_secs(2) + Duration::from_secs(15);
+    loop {
+        let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+        let new_pid = std::fs::read_to_string(&pidfile).unwrap_or_default().trim().to_string();
+        if b.status == "up"
+            && !new_pid.is_empty()
+            && new_pid != pid
+            && qemu_io(&u, &["read -P 0x5a 0 1M".to_string()]).is_ok()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hung daemon was not replaced within its deadline plus 15 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("hung daemon replaced and serving again {:?} after SIGSTOP", stopped.elapsed());
+    let log = cluster.agents[0].proc.log_text();
+    assert!(log.contains("qemu-storage-daemon is hung"), "the agent said why it restarted the daemon");
+}

@@ -25,16 +25,15 @@ pub struct DaemonPaths {
     pub log: PathBuf,
 }
 
-/// Deadline of one QMP command.
-const QMP_TIMEOUT: Duration = Duration::from_secs(60);
-
 /// Called after every (re)start to rebuild nodes and exports.
 pub type Restore = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
 
 /// The supervised daemon.
 pub struct Daemon {
     paths: DaemonPaths,
-    qmp: Mutex<Option<Qmp>>,
+    qmp: Mutex<Option<Arc<Qmp>>>,
+    /// How long one QMP command may take before the daemon counts as hung.
+    qmp_timeout: Duration,
 }
 
 fn qmp_err(e: QmpError) -> DriverError {
@@ -57,9 +56,9 @@ fn kill_stale(pidfile: &Path) {
 
 impl Daemon {
     /// Starts the daemon and its supervisor.
-    pub async fn start(paths: DaemonPaths, restore: Restore) -> Result<Arc<Self>, DriverError> {
+    pub async fn start(paths: DaemonPaths, restore: Restore, qmp_timeout: Duration) -> Result<Arc<Self>, DriverError> {
         kill_stale(&paths.pidfile);
-        let daemon = Arc::new(Self { paths, qmp: Mutex::new(None) });
+        let daemon = Arc::new(Self { paths, qmp: Mutex::new(None), qmp_timeout });
         let child = daemon.launch().await?;
         let weak = Arc::downgrade(&daemon);
         tokio::spawn(async move {
@@ -133,31 +132,43 @@ impl Daemon {
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         };
-        *self.qmp.lock().await = Some(qmp);
+        *self.qmp.lock().await = Some(Arc::new(qmp));
         Ok(child)
     }
 
-    /// Runs a QMP command.
+    /// Runs a QMP command. Commands run concurrently, each matched to its reply.
     pub async fn qmp(&self, command: &str, args: Value) -> Result<Value, DriverError> {
-        let mut guard = self.qmp.lock().await;
-        let qmp = guard
-            .as_mut()
+        let qmp = self
+            .qmp
+            .lock()
+            .await
+            .clone()
+            .filter(|q| q.is_open())
             .ok_or_else(|| DriverError::Unavailable("qemu-storage-daemon is restarting; retry shortly".into()))?;
         // Every QMP command used here returns promptly (block jobs are polled, not
-        // awaited); a daemon that does not answer in time is treated as gone.
-        match tokio::time::timeout(QMP_TIMEOUT, qmp.execute(command, args)).await {
+        // awaited): a daemon that does not answer in time is hung. It is killed, and the
+        // supervisor starts it again and restores every node and export.
+        match tokio::time::timeout(self.qmp_timeout, qmp.execute(command, args)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e @ QmpError::Command { .. })) => Err(qmp_err(e)),
-            Ok(Err(e)) => {
-                *guard = None;
-                Err(qmp_err(e))
-            }
+            Ok(Err(e)) => Err(qmp_err(e)),
             Err(_) => {
-                *guard = None;
+                tracing::error!(command, timeout = ?self.qmp_timeout, "qemu-storage-daemon is hung; killing it to restart it");
+                self.qmp.lock().await.take();
+                self.kill();
                 Err(DriverError::Unavailable(format!(
-                    "qemu-storage-daemon did not answer {command} within {QMP_TIMEOUT:?}; check its log"
+                    "qemu-storage-daemon did not answer {command} within {:?}; it is being restarted, retry shortly",
+                    self.qmp_timeout
                 )))
             }
+        }
+    }
+
+    /// Kills the daemon (SIGKILL works on a stopped process too); the supervisor
+    /// restarts it.
+    fn kill(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
     }
 

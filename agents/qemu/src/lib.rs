@@ -67,13 +67,23 @@ const READ_DEPTH: usize = 4;
 const WRITE_DEPTH: usize = 4;
 
 /// Qemu driver settings (the `[qemu]` table of the agent config).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct QemuConfig {
     /// Where volumes live; unmanaged `*.qcow2` files at its top are manageable.
     pub pool_dir: PathBuf,
     /// Serve NBD exports on this TCP address (HOST:PORT) instead of a unix socket.
     pub nbd_tcp: Option<String>,
+    /// How long one QMP command may take; a daemon that does not answer in time is
+    /// killed and restarted (its nodes and exports restored).
+    #[serde(with = "humantime_serde")]
+    pub qmp_timeout: Duration,
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self { pool_dir: PathBuf::new(), nbd_tcp: None, qmp_timeout: Duration::from_secs(60) }
+    }
 }
 
 use state::{Layer, PeerRec, State, SyncStats, Vol};
@@ -164,7 +174,7 @@ impl QemuDriver {
                 }
             })
         });
-        let daemon = Daemon::start(paths, restore).await?;
+        let daemon = Daemon::start(paths, restore, config.qmp_timeout).await?;
         let _ = driver.daemon.set(daemon);
         driver.restore().await;
         Ok(driver)

@@ -10,7 +10,7 @@ async fn qemu_driver_conforms() {
     for side in ["a", "b"] {
         let pool = dir.path().join(format!("pool-{side}"));
         std::fs::create_dir_all(&pool).unwrap();
-        let config = QemuConfig { pool_dir: pool, nbd_tcp: None };
+        let config = QemuConfig { pool_dir: pool, ..Default::default() };
         let driver = QemuDriver::start(config, &dir.path().join(format!("state-{side}")), &format!("conf-{side}"))
             .await
             .unwrap();
