@@ -131,6 +131,18 @@ fn fail(step: &str, s: tonic::Status, dir: &std::path::Path) -> String {
 
 /// Runs the drill; returns a message on failure.
 pub async fn run(opts: DrillArgs) -> Result<(), String> {
+    // Ctrl-C or SIGTERM ends the drill through its normal exit path, so the servers stop
+    // and every qemu-storage-daemon is killed with its agent (none is left behind).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot install a SIGTERM handler: {e}"))?;
+    tokio::select! {
+        r = drill(opts) => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted: the drill's servers and daemons were stopped".into()),
+        _ = term.recv() => Err("terminated: the drill's servers and daemons were stopped".into()),
+    }
+}
+
+async fn drill(opts: DrillArgs) -> Result<(), String> {
     let temp;
     let dir = match &opts.workdir {
         Some(d) => {

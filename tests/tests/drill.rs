@@ -1,0 +1,55 @@
+//! The drill leaves no process behind: every qemu-storage-daemon it started is gone when
+//! it ends, whether it finished or was interrupted.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use drover_tests::cluster::locate_drover;
+
+/// Live processes whose command line mentions `dir` (zombies have an empty one).
+fn daemons_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("qemu-storage-daemon") && cmdline.contains(&needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+#[test]
+fn the_drill_leaves_no_daemon_behind_when_it_ends_or_is_interrupted() {
+    let bin = locate_drover().unwrap();
+    // A whole drill.
+    let done = tempfile::tempdir().unwrap();
+    let out = Command::new(&bin).args(["drill", "--workdir"]).arg(done.path()).output().unwrap();
+    assert!(out.status.success(), "the drill failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(daemons_under(done.path()), Vec::<String>::new(), "daemons outlived the drill");
+
+    // An interrupted one: SIGINT once its daemons run.
+    let cut = tempfile::tempdir().unwrap();
+    let mut child = Command::new(&bin)
+        .args(["drill", "--workdir"])
+        .arg(cut.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while daemons_under(cut.path()).len() < 2 {
+        assert!(Instant::now() < deadline, "the drill's daemons never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "an interrupted drill reports failure");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(daemons_under(cut.path()), Vec::<String>::new(), "daemons outlived the interrupted drill");
+}
