@@ -568,3 +568,28 @@ async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
     let last = g.history.last().unwrap();
     assert!(last.detail.contains("no final sync needed"), "{}", last.detail);
 }
+
+/// A planned failover to a dead target says the target is the side to bring back, and
+/// does not advise a forced failover of the healthy source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_to_a_dead_target_names_the_target_as_unreachable() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "deadtarget", 1).await;
+    cluster.agents[1].proc.kill();
+    let r = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group,
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let g = r.group.unwrap();
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("error", "backend-a"));
+    assert!(g.status_reason.contains("the target backend-b does not answer"), "{}", g.status_reason);
+    assert!(!g.status_reason.contains("--force"), "no forced failover of a healthy source: {}", g.status_reason);
+}

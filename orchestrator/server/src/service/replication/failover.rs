@@ -82,6 +82,18 @@ struct Seen {
 }
 
 impl ReplicationApi {
+    /// Whether some agent of `backend` is registered and answers a probe.
+    async fn answers(&self, backend: &str) -> bool {
+        let Ok(regs) = self.core.agents.registrations(backend).await else { return false };
+        for a in regs {
+            let deadline = self.core.agents.deadline(backend, Deadline::Probe);
+            if self.core.agents.probe(&a.endpoint, deadline).await.is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
     async fn seen(&self, backend: &str, volume_id: &str) -> Result<Seen, String> {
         let req = apb::GetReplicationInfoRequest { volume_id: volume_id.to_string() };
         let info = self
@@ -203,7 +215,18 @@ impl ReplicationApi {
                 .notes
                 .push(format!("final sync {} shipped {} bytes in {} ms", r.recovery_point_id, r.bytes, r.duration_ms)),
             Err(e) => {
-                progress.blocked = Some(format!("{e}; if {from} is lost, fail over with --force (a disaster failover)"))
+                // Name the side that is really unreachable: a dead target needs its agent
+                // back, not a forced failover of a healthy source.
+                let hint = if !self.answers(&to).await {
+                    format!(
+                        "the target {to} does not answer: bring its agent back (`drover backend show {to}`), then retry"
+                    )
+                } else if !self.answers(&from).await {
+                    format!("{from} does not answer: if it is lost, fail over with --force (a disaster failover)")
+                } else {
+                    "both sides answer: fix the cause above, then retry".to_string()
+                };
+                progress.blocked = Some(format!("{e}; {hint}"))
             }
         }
     }
