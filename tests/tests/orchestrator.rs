@@ -593,3 +593,63 @@ async fn a_failover_to_a_dead_target_names_the_target_as_unreachable() {
     assert!(g.status_reason.contains("the target backend-b does not answer"), "{}", g.status_reason);
     assert!(!g.status_reason.contains("--force"), "no forced failover of a healthy source: {}", g.status_reason);
 }
+
+/// After a disaster failover, the old primary comes back still believing it is primary.
+/// Its sync towards the new primary carries its old epoch, which the new primary refuses:
+/// the two sides never sync at each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_returning_old_primary_cannot_sync_into_the_new_primary() {
+    use drover_proto::agent::v1 as apb;
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "returning", 1).await;
+    let before = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    cluster.agents[0].proc.kill();
+    let r = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: group.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let after = r.group.unwrap();
+    assert_eq!(after.replication_status, "failed-over", "{}", after.status_reason);
+    cluster.restart_agent(0, "mock");
+    let volume = after.volume_ids[0].clone();
+    let mut old = apb::agent_client::AgentClient::connect(cluster.agents[0].endpoint.clone()).await.unwrap();
+    let mut new = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let point_before = new
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .recovery_point_id;
+    let refused = old
+        .sync_group(apb::SyncGroupRequest {
+            ctx: Some(apb::OpContext {
+                op_id: "returning-sync".into(),
+                epoch: before.epoch,
+                fence_scope: format!("group/{group}"),
+            }),
+            group_id: group.clone(),
+            r#final: false,
+            peer_endpoint: cluster.agents[1].endpoint.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("stale epoch"), "{}", refused.message());
+    let info =
+        new.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume }).await.unwrap().into_inner();
+    assert_eq!(info.role, apb::ReplicationRole::Primary as i32, "the new primary stays primary");
+    assert_eq!(info.recovery_point_id, point_before, "nothing from the old primary landed");
+}

@@ -104,6 +104,7 @@ pub struct MockDriver {
     /// Where the state is kept across restarts, if anywhere.
     state_file: Option<PathBuf>,
     log: Mutex<Vec<OpLogEntry>>,
+    fences: std::sync::OnceLock<drover_agent::driver::Fences>,
 }
 
 /// The state under its lock; written to the state file when released, so a restarted
@@ -148,7 +149,13 @@ impl MockDriver {
     /// A mock backend with the given settings.
     pub fn new(config: MockConfig) -> Self {
         let state = State { unmanaged: config.unmanaged.clone(), ..State::default() };
-        Self { config, state: Mutex::new(state), state_file: None, log: Mutex::new(Vec::new()) }
+        Self {
+            config,
+            state: Mutex::new(state),
+            state_file: None,
+            log: Mutex::new(Vec::new()),
+            fences: std::sync::OnceLock::new(),
+        }
     }
 
     /// A mock backend that keeps its volumes in `file` (read back at start), so a
@@ -243,6 +250,10 @@ impl Driver for MockDriver {
 
     fn version(&self) -> &str {
         env!("CARGO_PKG_VERSION")
+    }
+
+    fn attach_fences(&self, fences: drover_agent::driver::Fences) {
+        let _ = self.fences.set(fences);
     }
 
     fn capabilities(&self) -> Vec<String> {
@@ -538,6 +549,7 @@ impl Driver for MockDriver {
                 final_sync,
                 source_backend: first.peer.as_ref().map(|p| p.backend.clone()).unwrap_or_default(),
                 created_at_ms: now_ms(),
+                epoch: self.fences.get().map_or(0, |f| f.group_epoch(group_id)),
             }
         };
         Shipment::open(&endpoint, &header).await?.commit().await?;

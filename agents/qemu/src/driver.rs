@@ -13,6 +13,10 @@ impl Driver for QemuDriver {
         env!("CARGO_PKG_VERSION")
     }
 
+    fn attach_fences(&self, fences: drover_agent::driver::Fences) {
+        let _ = self.fences.set(fences);
+    }
+
     fn capabilities(&self) -> Vec<String> {
         [
             capability::VOLUME,

@@ -97,6 +97,8 @@ pub struct QemuDriver {
     persist_lock: tokio::sync::Mutex<()>,
     group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     daemon: OnceLock<Arc<Daemon>>,
+    /// The agent's fencing records: points shipped carry the group's highest epoch.
+    fences: OnceLock<drover_agent::driver::Fences>,
 }
 
 fn now_ms() -> i64 {
@@ -153,6 +155,7 @@ impl QemuDriver {
             persist_lock: tokio::sync::Mutex::new(()),
             group_locks: Mutex::new(HashMap::new()),
             daemon: OnceLock::new(),
+            fences: OnceLock::new(),
         });
         driver.collect_garbage();
         let nbd = match &config.nbd_tcp {

@@ -219,6 +219,7 @@ impl QemuDriver {
             final_sync,
             source_backend: self.backend.clone(),
             created_at_ms: created,
+            epoch: self.fences.get().map_or(0, |f| f.group_epoch(group_id)),
         };
         let shipped = async {
             let ship = Shipment::open(&endpoint, &header).await?;

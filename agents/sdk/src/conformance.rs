@@ -68,6 +68,9 @@ impl Driver for Gated {
     fn version(&self) -> &str {
         self.inner.version()
     }
+    fn attach_fences(&self, fences: crate::driver::Fences) {
+        self.inner.attach_fences(fences);
+    }
     fn capabilities(&self) -> Vec<String> {
         self.inner.capabilities()
     }

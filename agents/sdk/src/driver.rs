@@ -145,6 +145,8 @@ pub struct ApplyHeader {
     pub final_sync: bool,
     pub source_backend: String,
     pub created_at_ms: i64,
+    /// The source's highest admitted epoch for the group (see [`Driver::attach_fences`]).
+    pub epoch: u64,
 }
 
 /// What arrives after the header, in order.
@@ -197,6 +199,17 @@ pub fn current_op() -> Option<OpInfo> {
 /// Runs `fut` as part of operation `op` (see [`current_op`]).
 pub async fn in_op<F: std::future::Future>(op: OpInfo, fut: F) -> F::Output {
     CURRENT_OP.scope(op, fut).await
+}
+
+/// Read access to the agent's fencing records, for drivers.
+#[derive(Clone)]
+pub struct Fences(pub(crate) crate::ledger::Ledger);
+
+impl Fences {
+    /// The highest epoch this agent has admitted for a group (0 when none or unreadable).
+    pub fn group_epoch(&self, group_id: &str) -> u64 {
+        self.0.highest_epoch(&format!("group/{group_id}")).unwrap_or(0)
+    }
 }
 
 /// A storage backend driver.
@@ -262,6 +275,11 @@ pub trait Driver: Send + Sync + 'static {
         header: ApplyHeader,
         incoming: tokio::sync::mpsc::Receiver<Incoming>,
     ) -> Result<u64, DriverError>;
+
+    /// Gives the driver the agent's fencing records, so the recovery points it ships carry
+    /// its highest epoch for their group ([`Fences::group_epoch`]). Called once by the
+    /// server before it serves; drivers that ship points keep it.
+    fn attach_fences(&self, _fences: Fences) {}
 
     /// How often each replicated group on this backend should be synced, for the agent's
     /// scheduler: (group id, interval). Only groups this side is primary for.

@@ -75,6 +75,7 @@ impl Shipment {
             r#final: header.final_sync,
             source_backend: header.source_backend.clone(),
             created_at_ms: header.created_at_ms,
+            epoch: header.epoch,
         };
         tx.send(pb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.expect("receiver alive");
         let task = tokio::spawn(async move {
@@ -141,6 +142,8 @@ impl Shipment {
 /// `drover.agent.v1.Replica`: hands incoming recovery points to the driver.
 pub struct ReplicaService {
     pub driver: Arc<dyn Driver>,
+    /// The agent's fencing records: a point from a source with a stale epoch is refused.
+    pub ledger: crate::ledger::Ledger,
 }
 
 fn header_from(b: pb::ApplyBegin) -> Result<ApplyHeader, Status> {
@@ -155,6 +158,7 @@ fn header_from(b: pb::ApplyBegin) -> Result<ApplyHeader, Status> {
         final_sync: b.r#final,
         source_backend: b.source_backend,
         created_at_ms: b.created_at_ms,
+        epoch: b.epoch,
     })
 }
 
@@ -169,6 +173,21 @@ impl pb::replica_server::Replica for ReplicaService {
             Some(pb::ReplicaMessage { kind: Some(Kind::Begin(b)) }) => header_from(b)?,
             _ => return Err(Status::invalid_argument("a recovery point stream starts with `begin`")),
         };
+        // Fencing on the data path: a source whose epoch for the group is older than one
+        // this side admitted was failed over away from; it must not overwrite this side.
+        let (ledger, scope, epoch) = (self.ledger.clone(), format!("group/{}", header.group_id), header.epoch);
+        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(e.to_string()))?;
+        if let Err(stale) = verdict {
+            tracing::warn!(group = %header.group_id, source = %header.source_backend, presented = stale.presented, highest = stale.highest, "refusing a recovery point from a stale source");
+            return Err(Status::failed_precondition(format!(
+                "stale epoch {} for group {}: this side has seen epoch {}; the source no longer owns the group \
+                 (it was failed over away from) and must not sync here",
+                stale.presented, header.group_id, stale.highest
+            )));
+        }
         let rp = header.recovery_point_id.clone();
         let (tx, rx) = mpsc::channel(8);
         // Feed the driver from the stream; it applies while the data arrives.

@@ -361,10 +361,13 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(std::io::Error::other)?;
-    let service = AgentServer::new(AgentService::new(driver.clone(), ledger));
-    let replica = pb::replica_server::ReplicaServer::new(crate::replica::ReplicaService { driver: driver.clone() })
-        .max_decoding_message_size(64 << 20);
-    tokio::spawn(run_scheduler(driver, shutdown.clone()));
+    driver.attach_fences(crate::driver::Fences(ledger.clone()));
+    let replica = pb::replica_server::ReplicaServer::new(crate::replica::ReplicaService {
+        driver: driver.clone(),
+        ledger: ledger.clone(),
+    })
+    .max_decoding_message_size(64 << 20);
+    tokio::spawn(run_scheduler(driver.clone(), shutdown.clone()));
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let handle = tokio::spawn(
         tonic::transport::Server::builder()
@@ -372,7 +375,7 @@ pub async fn serve(
             .initial_connection_window_size(Some(2 * crate::replica::WINDOW_BYTES))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(service)
+            .add_service(AgentServer::new(AgentService::new(driver.clone(), ledger)))
             .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
