@@ -26,6 +26,18 @@ impl Proc {
         Ok(Self { name: name.to_string(), log, child })
     }
 
+    /// Whether the process exits within `timeout`.
+    pub fn exits_within(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -322,3 +322,19 @@ async fn a_fence_refuses_older_owners_without_running_anything() {
     assert_eq!(lower.code(), Code::FailedPrecondition);
     assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 0, "a fence runs nothing and lets nothing older run");
 }
+
+#[tokio::test]
+async fn sigterm_stops_an_agent_within_seconds_even_mid_operation() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = agent(dir.path(), &["--set", "mock.latency=60s"]);
+    let mut c = client(&server).await;
+    let mut c2 = c.clone();
+    let pending = tokio::spawn(async move { c2.create_volume(create("op-long", 1, "v1")).await });
+    wait_op_state(&mut c, "op-long", "running").await;
+    let pid = server.proc.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let stopped = std::time::Instant::now();
+    assert!(server.proc.exits_within(Duration::from_secs(8)), "the agent ignored SIGTERM for 8 s");
+    eprintln!("agent stopped {:?} after SIGTERM", stopped.elapsed());
+    assert!(pending.await.unwrap().is_err(), "the cut-off call failed");
+}

@@ -160,9 +160,8 @@ pub async fn run_orchestrator(a: OrchestratorArgs) -> Result<()> {
     let token = CancellationToken::new();
     let started = drover_orchestrator::launch::start(&sources, token.clone()).await?;
     println!("{} {READY_MARKER}{}", started.describe(), started.local_addr);
-    tokio::spawn(shutdown_on_signal(token));
-    started.handle.await?.context("orchestrator server failed")?;
-    Ok(())
+    tokio::spawn(shutdown_on_signal(token.clone()));
+    bounded_stop(started.handle, token, "orchestrator").await
 }
 
 /// Runs an agent until a signal.
@@ -176,7 +175,32 @@ pub async fn run_agent(a: AgentArgs) -> Result<()> {
     let token = CancellationToken::new();
     let started = drover_agent::launch::start(BACKENDS, &sources, token.clone()).await?;
     println!("{} {READY_MARKER}{}", started.describe(), started.local_addr);
-    tokio::spawn(shutdown_on_signal(token));
-    started.handle.await?.context("agent server failed")?;
+    tokio::spawn(shutdown_on_signal(token.clone()));
+    bounded_stop(started.handle, token, "agent").await
+}
+
+/// How long a server waits for in-flight calls after SIGTERM before it exits anyway.
+const STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// Waits for the server to end; once a stop was asked for, waits at most [`STOP_GRACE`]
+/// for in-flight calls (a long transfer, a hung backend) and then exits regardless. What
+/// was cut off is recorded as started in the agent's ledger and reported as interrupted.
+async fn bounded_stop(
+    handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    token: CancellationToken,
+    what: &str,
+) -> Result<()> {
+    tokio::pin!(handle);
+    tokio::select! {
+        r = &mut handle => {
+            r?.with_context(|| format!("{what} server failed"))?;
+            return Ok(());
+        }
+        _ = token.cancelled() => {}
+    }
+    match tokio::time::timeout(STOP_GRACE, &mut handle).await {
+        Ok(r) => r?.with_context(|| format!("{what} server failed"))?,
+        Err(_) => tracing::warn!(grace = ?STOP_GRACE, "in-flight calls did not finish; stopping anyway"),
+    }
     Ok(())
 }
