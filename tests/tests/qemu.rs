@@ -649,3 +649,51 @@ async fn agent_restarts_a_hung_daemon() {
     let log = cluster.agents[0].proc.log_text();
     assert!(log.contains("qemu-storage-daemon is hung"), "the agent said why it restarted the daemon");
 }
+
+fn layer_files(cluster: &Cluster, volume_id: &str) -> usize {
+    let dir = cluster.path().join("pool-agent-backend-a").join("volumes").join(volume_id);
+    std::fs::read_dir(&dir)
+        .map(|d| d.flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".qcow2")).count())
+        .unwrap_or(0)
+}
+
+/// While the peer is down, a group syncing every second keeps a bounded chain (the
+/// base, at most two waiting points, the active layer); when the peer is back, one sync
+/// catches up and the chain folds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chains_stay_bounded_while_the_peer_is_down() {
+    let mut cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let names = group(&mut c, "bounded", 1, 16 * MIB).await;
+    assert_all_succeeded(&enable(&mut c, "bounded", 1).await);
+    let volume = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { volume: names[0].clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let u = uri(&mut c, &names[0]).await;
+    cluster.agents[1].proc.kill();
+    let mut most = 0;
+    for i in 0..12u8 {
+        io(&u, &[&format!("write -P {:#x} {}M 64k", 0x10 + i, i)]);
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        most = most.max(layer_files(&cluster, &volume));
+    }
+    assert!(most <= 4, "the chain grew to {most} layers while the peer was down");
+    cluster.restart_agent(1, "qemu");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let synced = c
+            .replication
+            .sync_group(pb::SyncGroupRequest { group: "bounded".into(), project: "tests".into(), no_wait: false })
+            .await;
+        if synced.is_ok() && layer_files(&cluster, &volume) <= 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replication did not catch up: {synced:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    eprintln!("at most {most} layers while the peer was down");
+}

@@ -63,6 +63,9 @@ use drover_agent::roles::{self, RoleFacts, Verdict};
 
 /// NBD reads a source keeps in flight while shipping.
 const READ_DEPTH: usize = 4;
+/// Frozen points a primary keeps waiting for an unreachable peer before it stops
+/// freezing new ones (see `source.rs`).
+const MAX_WAITING: usize = 2;
 /// NBD writes a target keeps in flight while applying.
 const WRITE_DEPTH: usize = 4;
 

@@ -174,40 +174,58 @@ impl QemuDriver {
             _ => String::new(),
         };
         let full = base_rp.is_empty();
-        let rp_id = uuid::Uuid::now_v7().to_string();
-        let created = now_ms();
+        // Bounded chains: while the peer cannot take points, at most MAX_WAITING frozen
+        // points wait for it. Past that the sync freezes nothing new and sends the newest
+        // waiting point again, so a peer that is down for hours costs no layers.
+        let waiting = |v: &Vol| v.layers.iter().filter(|l| l.rp.is_some() && !l.acked).count();
+        let reuse = !final_sync && vols.iter().all(|v| waiting(v) >= MAX_WAITING);
+        let (rp_id, created, snapshot_pause_us) = if reuse {
+            let newest = &vols[0].layers[vols[0].layers.len() - 2];
+            tracing::info!(
+                group = group_id,
+                waiting = waiting(&vols[0]),
+                "points wait for the peer; sending the newest again instead of freezing another"
+            );
+            (newest.rp.clone().unwrap_or_default(), newest.rp_created_ms, 0)
+        } else {
+            let rp_id = uuid::Uuid::now_v7().to_string();
+            let created = now_ms();
 
-        // 1. Empty overlays, recorded before the snapshot (intent first).
-        let mut new_seqs = Vec::new();
-        for (id, v) in ids.iter().zip(&vols) {
-            let seq = v.top().seq + 1;
-            image::create(&self.layer_path(id, seq), v.size_bytes, Some(&self.layer_path(id, v.top().seq))).await?;
-            new_seqs.push(seq);
-        }
-        self.update(|st| {
-            for (id, seq) in ids.iter().zip(&new_seqs) {
-                let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
-                let top = v.layers.last_mut().expect("layers");
-                top.rp = Some(rp_id.clone());
-                top.rp_created_ms = created;
-                v.layers.push(Layer { seq: *seq, rp: None, acked: false, rp_created_ms: 0 });
+            // 1. Empty overlays, recorded before the snapshot (intent first).
+            let mut new_seqs = Vec::new();
+            for (id, v) in ids.iter().zip(&vols) {
+                let seq = v.top().seq + 1;
+                image::create(&self.layer_path(id, seq), v.size_bytes, Some(&self.layer_path(id, v.top().seq))).await?;
+                new_seqs.push(seq);
             }
-            Ok(())
-        })
-        .await?;
+            self.update(|st| {
+                for (id, seq) in ids.iter().zip(&new_seqs) {
+                    let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                    let top = v.layers.last_mut().expect("layers");
+                    top.rp = Some(rp_id.clone());
+                    top.rp_created_ms = created;
+                    v.layers.push(Layer { seq: *seq, rp: None, acked: false, rp_created_ms: 0 });
+                }
+                Ok(())
+            })
+            .await?;
 
-        // 2. One transaction freezes every volume at the same instant.
-        let mut pairs = Vec::new();
-        for ((id, v), seq) in ids.iter().zip(&vols).zip(&new_seqs) {
-            self.daemon().add_qcow2(&node(v, *seq), &self.layer_path(id, *seq), commands::Backing::None, false).await?;
-            pairs.push((node(v, v.top().seq), node(v, *seq)));
-        }
-        let snapshots: Vec<commands::Snapshot> =
-            pairs.iter().map(|(n, o)| commands::Snapshot { node: n, overlay: o }).collect();
-        let frozen_at = Instant::now();
-        self.daemon().snapshot_all(&snapshots).await?;
-        let snapshot_pause_us = frozen_at.elapsed().as_micros() as u64;
-        tracing::debug!(group = group_id, snapshot_pause_us, volumes = ids.len(), "group frozen");
+            // 2. One transaction freezes every volume at the same instant.
+            let mut pairs = Vec::new();
+            for ((id, v), seq) in ids.iter().zip(&vols).zip(&new_seqs) {
+                self.daemon()
+                    .add_qcow2(&node(v, *seq), &self.layer_path(id, *seq), commands::Backing::None, false)
+                    .await?;
+                pairs.push((node(v, v.top().seq), node(v, *seq)));
+            }
+            let snapshots: Vec<commands::Snapshot> =
+                pairs.iter().map(|(n, o)| commands::Snapshot { node: n, overlay: o }).collect();
+            let frozen_at = Instant::now();
+            self.daemon().snapshot_all(&snapshots).await?;
+            let snapshot_pause_us = frozen_at.elapsed().as_micros() as u64;
+            tracing::debug!(group = group_id, snapshot_pause_us, volumes = ids.len(), "group frozen");
+            (rp_id, created, snapshot_pause_us)
+        };
 
         // 3. Ship the delta (or everything, without a common point).
         let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
