@@ -126,6 +126,15 @@ fn release_has_no_test_code() -> Result<(), String> {
     Ok(())
 }
 
+/// The qemu soak (`--minutes N`, default 2): real agents, daemons and writers under a
+/// random schedule of planned and disaster failovers; exits non-zero on any violation.
+fn soak(extra: &[String]) -> Result<(), String> {
+    ensure_protoc()?;
+    ensure_qemu()?;
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    run(cargo().args(["run", "--quiet", "-p", "drover-tests", "--bin", "soak", "--"]).args(extra))
+}
+
 fn ci() -> Result<(), String> {
     run(cargo().args(["fmt", "--all", "--", "--check"]))?;
     test(&[])?;
@@ -139,8 +148,9 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "test" => test(rest),
         "ci" => ci(),
+        "soak" => soak(rest),
         "protoc" => ensure_protoc(),
-        _ => Err("usage: cargo xtask demo | test [cargo test args] | ci | protoc".into()),
+        _ => Err("usage: cargo xtask demo | test [cargo test args] | soak [--minutes N] | ci | protoc".into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -81,6 +81,26 @@ impl QemuDriver {
         }
     }
 
+    /// Makes what a block job wrote into `node` durable. qcow2 keeps its metadata (the
+    /// L2 tables that say which clusters hold data) in the daemon's memory until the node
+    /// is flushed; a daemon killed before that loses every cluster the job copied, even
+    /// though the data itself reached the file. A commit's layers must therefore not be
+    /// dropped before their base is flushed. The flush goes through a read-only NBD
+    /// export of the node: an NBD flush flushes the node's caches and its file.
+    pub(crate) async fn flush_node(&self, v: &Vol, seq: u32) -> Result<(), DriverError> {
+        let (id, name) = (format!("f{}", v.index), format!("flush-{}", node(v, seq)));
+        self.daemon().add_export(&id, &node(v, seq), &name, false).await?;
+        let flushed = async {
+            let mut client = NbdClient::connect(self.daemon().nbd(), &name).await.map_err(nbd_err)?;
+            client.flush().await.map_err(nbd_err)?;
+            client.disconnect().await;
+            Ok::<(), DriverError>(())
+        }
+        .await;
+        self.daemon().remove_export(&id).await?;
+        flushed
+    }
+
     /// Keeps a replica chain at two layers: merges the oldest point above the base into
     /// the base. Every step leaves the newest point readable.
     pub(crate) async fn shorten_replica(&self, id: &str) -> Result<(), DriverError> {

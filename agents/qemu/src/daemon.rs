@@ -148,6 +148,7 @@ impl Daemon {
         // Every QMP command used here returns promptly (block jobs are polled, not
         // awaited): a daemon that does not answer in time is hung. It is killed, and the
         // supervisor starts it again and restores every node and export.
+        tracing::debug!(command, args = %args, "qmp");
         match tokio::time::timeout(self.qmp_timeout, qmp.execute(command, args)).await {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e @ QmpError::Command { .. })) => Err(qmp_err(e)),

@@ -24,6 +24,9 @@ pub struct Extent {
 }
 
 async fn run(args: &[&str]) -> Result<Vec<u8>, DriverError> {
+    if args.first() != Some(&"map") {
+        tracing::debug!(args = %args.join(" "), "qemu-img");
+    }
     let out = Command::new("qemu-img")
         .args(args)
         .output()

@@ -308,6 +308,9 @@ impl QemuDriver {
                     )
                     .await?;
                 self.wait_job(&job).await?;
+                // The base holds the committed data only once it is flushed; until then the
+                // layers above it are the only durable copy, so they stay.
+                self.flush_node(v, v.layers[0].seq).await?;
                 // Top down: a node still serves as the backing of the one above it.
                 for l in v.layers[1..=frozen].iter().rev() {
                     self.daemon().remove_node(&node(v, l.seq)).await?;
