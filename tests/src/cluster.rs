@@ -137,17 +137,23 @@ pub fn locate_drover() -> Result<PathBuf, String> {
     if let Ok(p) = std::env::var("DROVER_BIN") {
         return Ok(PathBuf::from(p));
     }
+    locate_bin("drover")
+}
+
+/// Finds a workspace binary beside the running executable (or one directory up, from a
+/// test in `deps/`); `cargo build --workspace --bins` puts them there.
+pub fn locate_bin(name: &str) -> Result<PathBuf, String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let mut dir = exe.parent().map(Path::to_path_buf);
     for _ in 0..2 {
         let Some(d) = dir else { break };
-        let candidate = d.join("drover");
+        let candidate = d.join(name);
         if candidate.is_file() {
             return Ok(candidate);
         }
         dir = d.parent().map(Path::to_path_buf);
     }
-    Err("cannot find the drover binary; build it with `cargo build -p drover-cli` or set DROVER_BIN".into())
+    Err(format!("cannot find the {name} binary; build it with `cargo build --workspace --bins`"))
 }
 
 /// A running server process and the endpoint it serves.

@@ -257,6 +257,30 @@ impl Cluster {
     }
 }
 
+/// Waits until backend `name` shows as up (its agent registered and answering).
+pub async fn wait_backend_up(c: &mut Clients, name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let b = c.sites.get_backend(pb::GetBackendRequest { name: name.into() }).await.expect("get backend");
+        if b.get_ref().status == "up" {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backend {name} did not come up within 30 s: {:?}", b.get_ref());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A planned failover (or, with `force`, a disaster failover) of a tests-project group.
+pub fn failover_request(group: &str, target: &str, force: bool) -> pb::FailoverGroupRequest {
+    pb::FailoverGroupRequest {
+        group: group.into(),
+        project: "tests".into(),
+        target_backend: target.into(),
+        force,
+        ..Default::default()
+    }
+}
+
 /// Runs the `drover` CLI with an endpoint and returns its output.
 pub fn drover(bin: &Path, endpoint: &str, args: &[&str]) -> Output {
     // Client flags follow the resource word (`drover volume list --endpoint …`).

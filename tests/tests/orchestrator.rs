@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
-use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group, state_snapshot};
+use drover_tests::{Cluster, Etcd, StoreChoice, failover_request, replicated_group, state_snapshot, wait_backend_up};
 use tonic::Code;
 
 /// 32 concurrent failovers of one group: exactly one wins, the rest are refused as being
@@ -490,27 +490,14 @@ async fn an_interrupted_final_sync_is_reconciled_on_retry_without_force() {
     let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.die_after_final_commit=true"]).await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "cut", 2).await;
-    let failover = || pb::FailoverGroupRequest {
-        group: group.clone(),
-        project: "tests".into(),
-        target_backend: "backend-b".into(),
-        ..Default::default()
-    };
+    let failover = || failover_request(&group, "backend-b", false);
     let first = c.replication.failover_group(failover()).await.unwrap().into_inner();
     let g = first.group.unwrap();
     assert_eq!(g.replication_status, "error", "the source died mid-failover: {}", g.status_reason);
     assert!(cluster.agents[0].proc.log_text().contains("dying after the peer committed the final sync"));
 
     cluster.restart_agent(0, "mock");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
-        if b.status == "up" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "backend-a did not come back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_backend_up(&mut c, "backend-a").await;
     let retry = c.replication.failover_group(failover()).await.expect("the retry is accepted").into_inner();
     let g = retry.group.unwrap();
     assert_eq!(
@@ -535,12 +522,7 @@ async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
     let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0"]).await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "both", 2).await;
-    let failover = || pb::FailoverGroupRequest {
-        group: group.clone(),
-        project: "tests".into(),
-        target_backend: "backend-b".into(),
-        ..Default::default()
-    };
+    let failover = || failover_request(&group, "backend-b", false);
     let first = c.replication.failover_group(failover()).await.unwrap().into_inner();
     let g = first.group.unwrap();
     assert_eq!(g.replication_status, "error", "every promote failed: {}", g.status_reason);
@@ -549,13 +531,7 @@ async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
     // backend-b's agent comes back without the injected failure.
     cluster.agents[1].proc.kill();
     cluster.restart_agent(1, "mock");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while c.sites.get_backend(pb::GetBackendRequest { name: "backend-b".into() }).await.unwrap().into_inner().status
-        != "up"
-    {
-        assert!(Instant::now() < deadline, "backend-b did not come back");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_backend_up(&mut c, "backend-b").await;
     let retry = c.replication.failover_group(failover()).await.unwrap().into_inner();
     let g = retry.group.unwrap();
     assert_eq!(

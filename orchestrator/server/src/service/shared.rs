@@ -12,17 +12,9 @@ use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, GroupTypeRec, VolumeRec, keys, now_ms};
 use crate::repo::validate_name;
 
-/// Errors from an agent that no retry can fix.
-pub fn agent_refused(code: Code) -> bool {
-    matches!(
-        code,
-        Code::InvalidArgument
-            | Code::NotFound
-            | Code::AlreadyExists
-            | Code::FailedPrecondition
-            | Code::Unimplemented
-            | Code::OutOfRange
-    )
+/// Errors from an agent that no retry can fix (the one classifier decides).
+pub fn agent_refused(s: &Status) -> bool {
+    crate::agents::classify(s) == crate::agents::Failure::Terminal
 }
 
 /// Maps an agent's status into an API error that names the backend.

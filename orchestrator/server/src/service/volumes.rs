@@ -160,7 +160,7 @@ impl VolumeApi {
                 self.save(VolumeAction::Create, &rec, rev).await?;
                 Ok(rec)
             }
-            Err(s) if agent_refused(s.code()) => {
+            Err(s) if agent_refused(&s) => {
                 // Nothing was created: forget the volume so its name is free again.
                 self.forget(VolumeAction::Create, &rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("create volume {}", rec.name), &s))
@@ -268,7 +268,7 @@ impl VolumeApi {
                 self.save(VolumeAction::Extend, &rec, rev).await?;
                 Ok(rec)
             }
-            Err(s) if agent_refused(s.code()) => {
+            Err(s) if agent_refused(&s) => {
                 // The backend refused: the volume is as it was.
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
@@ -390,7 +390,7 @@ impl VolumeApi {
                 tracing::info!(volume = %rec.id, reference = %op.reference, "volume managed");
                 Ok(rec)
             }
-            Err(s) if agent_refused(s.code()) => {
+            Err(s) if agent_refused(&s) => {
                 self.forget(VolumeAction::Manage, &rec, rev).await?;
                 Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
             }
