@@ -82,6 +82,10 @@ impl Proc {
 
     /// Sends SIGKILL to the process and everything it started, and reaps it.
     pub fn kill(&mut self) {
+        // Freeze it first: an agent restarts a dead daemon, and one started between the
+        // listing of its children and its own death would be orphaned.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-STOP", &pid]).stderr(Stdio::null()).status();
         let mut victims = descendants(self.child.id());
         victims.push(self.child.id());
         for pid in victims {
@@ -104,6 +108,25 @@ impl Drop for Proc {
 }
 
 /// Every process below `pid`, found through /proc.
+/// Live qemu-storage-daemon processes whose command line mentions `dir` (a killed one
+/// that nobody reaped has an empty command line and is not listed).
+pub fn daemons_under(dir: &Path) -> Vec<String> {
+    let needle = dir.display().to_string();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if !entry.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("qemu-storage-daemon") && cmdline.contains(&needle) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+/// The process ids below `pid`, children first.
 pub fn descendants(pid: u32) -> Vec<u32> {
     let mut parent_of = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {

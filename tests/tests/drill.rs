@@ -1,28 +1,10 @@
 //! The drill leaves no process behind: every qemu-storage-daemon it started is gone when
 //! it ends, whether it finished or was interrupted.
 
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use drover_tests::cluster::locate_drover;
-
-/// Live processes whose command line mentions `dir` (zombies have an empty one).
-fn daemons_under(dir: &Path) -> Vec<String> {
-    let needle = dir.display().to_string();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        if !entry.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()) {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains("qemu-storage-daemon") && cmdline.contains(&needle) {
-            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
-        }
-    }
-    found
-}
+use drover_tests::cluster::{daemons_under, locate_drover};
 
 #[test]
 fn the_drill_leaves_no_daemon_behind_when_it_ends_or_is_interrupted() {

@@ -697,3 +697,23 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
     }
     eprintln!("at most {most} layers while the peer was down");
 }
+
+/// A killed agent takes its qemu-storage-daemon with it, also when the daemon is
+/// restarting at that moment; and a stopped cluster leaves no daemon behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_daemon_outlives_its_agent() {
+    use drover_tests::cluster::daemons_under;
+    let mut cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let a = cluster.agent_dir(0);
+    assert_eq!(daemons_under(&a).len(), 1, "agent A runs one daemon");
+    // Kill the daemon, so the agent is restarting it, and kill the agent right away.
+    let pid = std::fs::read_to_string(a.join("qemu/qsd.pid")).unwrap().trim().to_string();
+    let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+    cluster.agents[0].proc.kill();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemons_under(&a), Vec::<String>::new(), "a daemon outlived its agent");
+    let dir = cluster.path().to_path_buf();
+    drop(cluster);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(daemons_under(&dir), Vec::<String>::new(), "a daemon outlived the cluster");
+}

@@ -152,22 +152,6 @@ async fn failover(c: &mut Clients, g: &str, target: &str, force: bool, discard: 
     Ok(grp)
 }
 
-fn live_daemons(dir: &Path) -> usize {
-    let needle = dir.display().to_string();
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter(|e| e.file_name().to_string_lossy().chars().all(|c| c.is_ascii_digit()))
-                .filter(|e| {
-                    let c = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
-                    let c = String::from_utf8_lossy(&c);
-                    c.contains("qemu-storage-daemon") && c.contains(&needle)
-                })
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 fn max_layers(dir: &Path) -> usize {
     let mut most = 0;
     for pool in ["pool-agent-backend-a", "pool-agent-backend-b"] {
@@ -331,7 +315,7 @@ async fn main() -> std::process::ExitCode {
         if layers > 6 {
             violations.push(format!("step {steps}: a chain has {layers} layers"));
         }
-        let daemons = live_daemons(cluster.path());
+        let daemons = drover_tests::cluster::daemons_under(cluster.path()).len();
         if daemons != 2 {
             violations.push(format!("step {steps}: {daemons} live qemu-storage-daemons, expected 2"));
         }
