@@ -276,6 +276,13 @@ async fn an_op_interrupted_by_an_agent_kill_is_never_run_again_under_its_op_id()
     let mut c2 = c.clone();
     let pending = tokio::spawn(async move { c2.create_volume(create("op-cut", 1, "v1")).await });
     wait_op_state(&mut c, "op-cut", "running").await;
+    // "running" is reported from the moment the target is claimed; kill once the driver
+    // was really entered (its op log line is written on entry).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !oplog_ids(dir.path(), "create_volume").contains(&"op-cut".to_string()) {
+        assert!(std::time::Instant::now() < deadline, "the driver never entered op-cut");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     server.proc.kill();
     assert!(pending.await.unwrap().is_err());
     drop(server);
