@@ -134,8 +134,11 @@ impl Procedure for GroupTransition {
             // A new owner raises the fence on both sides first: from now on the old owner
             // (dead or only paused) is refused everywhere, also where this one has nothing
             // left to ask. A side that cannot be reached (a lost site) is fenced on return.
+            // A forced move never waits on the side it leaves (DESIGN.md, invariant 6):
+            // that side is the lost one, and the replica stream fences it when it returns.
+            let lost = if s.force { g.rec.active_backend.as_str() } else { "" };
             for backend in [&g.rec.primary_backend, &g.rec.replication_target, &s.target] {
-                if backend.is_empty() {
+                if backend.is_empty() || backend.as_str() == lost {
                     continue;
                 }
                 let scope = format!("group/{}", s.group_id);
