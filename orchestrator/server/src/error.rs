@@ -67,18 +67,75 @@ impl From<StoreError> for ApiError {
 impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         match e {
-            ApiError::InvalidArgument(m) => Status::invalid_argument(m),
-            ApiError::NotFound(m) => Status::not_found(m),
-            ApiError::AlreadyExists(m) => Status::already_exists(m),
-            ApiError::FailedPrecondition(m) => Status::failed_precondition(m),
-            ApiError::Aborted(m) => Status::aborted(m),
-            ApiError::Unavailable(m) => Status::unavailable(m),
-            ApiError::Internal(m) => Status::internal(m),
+            ApiError::InvalidArgument(m) => Status::invalid_argument(tidy(&m)),
+            ApiError::NotFound(m) => Status::not_found(tidy(&m)),
+            ApiError::AlreadyExists(m) => Status::already_exists(tidy(&m)),
+            ApiError::FailedPrecondition(m) => Status::failed_precondition(tidy(&m)),
+            ApiError::Aborted(m) => Status::aborted(tidy(&m)),
+            ApiError::Unavailable(m) => Status::unavailable(tidy(&m)),
+            ApiError::Internal(m) => Status::internal(tidy(&m)),
         }
     }
+}
+
+/// An error message with nested repeats dropped. Errors pass through several layers (the
+/// driver, the agent, the peer agent, the orchestrator's retries), and each may quote the
+/// one below: a clause that already appeared (a part between ": " or "; " separators, of
+/// some length) is said once.
+pub fn tidy(message: &str) -> String {
+    const SHORTEST: usize = 12;
+    let mut seen: Vec<&str> = Vec::new();
+    let mut out = String::with_capacity(message.len());
+    let mut rest = message;
+    // Within a repeated run, short clauses that were said before go too.
+    let mut skipping = false;
+    while !rest.is_empty() {
+        let (part, sep, next) = match [": ", "; "].iter().filter_map(|s| rest.find(s).map(|i| (i, *s))).min() {
+            Some((i, s)) => (&rest[..i], s, &rest[i + s.len()..]),
+            None => (rest, "", ""),
+        };
+        let clause = part.trim();
+        let said = seen.contains(&clause);
+        skipping = if clause.len() >= SHORTEST { said } else { skipping && said };
+        if !skipping {
+            seen.push(clause);
+            out.push_str(part);
+            out.push_str(sep);
+        }
+        rest = next;
+    }
+    let trimmed = out.trim_end_matches([':', ';', ' ']);
+    trimmed.to_string()
 }
 
 /// A concurrent writer changed the object between our read and our transaction.
 pub fn raced(what: &str) -> ApiError {
     ApiError::Aborted(format!("{what} was changed concurrently by another request; re-read it and retry"))
+}
+
+#[cfg(test)]
+mod tidy_tests {
+    use super::tidy;
+
+    #[test]
+    fn repeats_are_said_once() {
+        let nested = "sync failed: peer did not apply the recovery point: peer agent at http://b:1: stream error: \
+                      h2 reset; peer did not apply the recovery point: peer agent at http://b:1: stream error: h2 reset";
+        assert_eq!(
+            tidy(nested),
+            "sync failed: peer did not apply the recovery point: peer agent at http://b:1: stream error: h2 reset"
+        );
+    }
+
+    #[test]
+    fn plain_messages_are_unchanged() {
+        for m in [
+            "volume v1 is not replicated; enable replication first",
+            "a: b: a: b",
+            "backend backend-a has no live agent: check it with `drover backend show backend-a`",
+            "",
+        ] {
+            assert_eq!(tidy(m), m);
+        }
+    }
 }

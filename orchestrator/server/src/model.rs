@@ -277,7 +277,7 @@ impl GroupRec {
             active_backend: self.active_backend.clone(),
             replication_target: self.replication_target.clone(),
             replication_status: self.replication_status.clone(),
-            status_reason: self.status_reason.clone(),
+            status_reason: crate::error::tidy(&self.status_reason),
             epoch: self.epoch,
             history: self
                 .history
@@ -285,7 +285,7 @@ impl GroupRec {
                 .map(|e| pb::GroupEvent {
                     at_ms: e.at_ms,
                     action: e.action.clone(),
-                    detail: e.detail.clone(),
+                    detail: crate::error::tidy(&e.detail),
                     epoch: e.epoch,
                 })
                 .collect(),
