@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::cluster::qemu_io;
-use drover_tests::{Cluster, Etcd, StoreChoice};
+use drover_tests::{Cluster, Etcd, StoreChoice, wait_backend_up};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -23,6 +23,15 @@ async fn uri(c: &mut Clients, volume: &str) -> String {
         .expect("attach")
         .into_inner()
         .uri
+}
+
+/// Polls `ok` every 200 ms for up to 30 s.
+async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn io(uri: &str, cmds: &[&str]) {
@@ -117,6 +126,22 @@ async fn planned_failover_moves_every_byte() {
         .unwrap()
         .into_inner();
     assert!(shown.rpo_ms >= 0, "a group with a complete recovery point reports its RPO: {}", shown.rpo_ms);
+    // Both sides report the bytes of a point the same way: per volume, data only.
+    for id in &shown.volume_ids {
+        let mut sides = Vec::new();
+        for agent in &cluster.agents {
+            let mut a =
+                drover_proto::agent::v1::agent_client::AgentClient::connect(agent.endpoint.clone()).await.unwrap();
+            let info = a
+                .get_replication_info(drover_proto::agent::v1::GetReplicationInfoRequest { volume_id: id.clone() })
+                .await
+                .unwrap()
+                .into_inner();
+            sides.push((info.recovery_point_id, info.last_sync_bytes));
+        }
+        assert_eq!(sides[0], sides[1], "volume {id}: (point, bytes) at A and at B");
+        assert_eq!(sides[0].1, (5 * MIB) as i64, "volume {id}: the initial copy ships the 5 MiB written");
+    }
     // Written after the initial copy: travels as a delta with the final sync.
     for (i, v) in vols.iter().enumerate() {
         let u = uri(&mut c, v).await;
@@ -560,28 +585,50 @@ async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
     let mut c = cluster.clients().await;
     let vols = group(&mut c, "sb", 1, 16 * MIB).await;
     enable(&mut c, "sb", 3600).await;
-    let u = uri(&mut c, &vols[0]).await;
-    io(&u, &["write -P 0x11 0 1M"]);
+    let at_a = uri(&mut c, &vols[0]).await;
+    io(&at_a, &["write -P 0x11 0 1M"]);
+
+    // Fenced on return, the good case: the primary's agent restarts while nothing moved;
+    // it holds writes until the orchestrator confirms it, then serves them again.
+    cluster.agents[0].proc.kill();
+    cluster.restart_agent(0, "qemu");
+    wait_until("site A serves writes again after its restart", || {
+        qemu_io(&at_a, &["write -P 0x11 0 1M".to_string()]).is_ok()
+    })
+    .await;
+
     c.replication
         .sync_group(pb::SyncGroupRequest { no_wait: false, group: "sb".into(), project: "tests".into() })
         .await
         .expect("sync");
-    io(&u, &["write -P 0x12 2M 1M"]); // never reaches site B
+    io(&at_a, &["write -P 0x12 2M 1M"]); // never reaches site B
     cluster.agents[0].proc.kill();
     assert_all_succeeded(&failover(&mut c, "sb", "backend-b", true).await.expect("disaster failover"));
     let u = uri(&mut c, &vols[0]).await;
     io(&u, &["read -P 0x11 0 1M", "read -P 0 2M 1M", "write -P 0x13 4M 1M"]);
 
+    // Fenced on return, the bad case: the old primary comes back after the group moved.
+    // It is demoted (the history says so) and its old export takes no write.
     cluster.restart_agent(0, "qemu");
+    wait_backend_up(&mut c, "backend-a").await;
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
-        if b.status == "up" {
-            break;
+    let fenced = loop {
+        let g = c
+            .groups
+            .get_group(pb::GetGroupRequest { group: "sb".into(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        if let Some(e) = g.history.iter().find(|e| e.action == "fenced-on-return") {
+            break e.clone();
         }
-        assert!(Instant::now() < deadline, "backend-a did not come back");
+        assert!(Instant::now() < deadline, "the returning old primary was not fenced: {:?}", g.history);
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    };
+    assert!(fenced.detail.contains("--discard-changes-on backend-a"), "{}", fenced.detail);
+    let refused = qemu_io(&at_a, &["write -P 0x14 6M 1M".to_string()]);
+    assert!(refused.is_err(), "the returning old primary accepted a write: {refused:?}");
+
     let refused = failover(&mut c, "sb", "default", false).await.expect_err("failback without consent");
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
     assert!(refused.message().contains("--discard-changes-on backend-a"), "{}", refused.message());
@@ -657,9 +704,9 @@ fn layer_files(cluster: &Cluster, volume_id: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// While the peer is down, a group syncing every second keeps a bounded chain (the
-/// base, at most two waiting points, the active layer); when the peer is back, one sync
-/// catches up and the chain folds again.
+/// While the peer is down for two minutes, a group syncing every second keeps a bounded
+/// chain (the base, at most two waiting points, the active layer); when the peer is back,
+/// one sync catches up and the chain folds again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chains_stay_bounded_while_the_peer_is_down() {
     let mut cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
@@ -676,10 +723,13 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
     let u = uri(&mut c, &names[0]).await;
     cluster.agents[1].proc.kill();
     let mut most = 0;
-    for i in 0..12u8 {
-        io(&u, &[&format!("write -P {:#x} {}M 64k", 0x10 + i, i)]);
-        tokio::time::sleep(Duration::from_millis(700)).await;
+    let down = Instant::now();
+    let mut i = 0u64;
+    while down.elapsed() < Duration::from_secs(120) {
+        io(&u, &[&format!("write -P {:#x} {}M 64k", 0x10 + i % 64, i % 16)]);
+        tokio::time::sleep(Duration::from_millis(900)).await;
         most = most.max(layer_files(&cluster, &volume));
+        i += 1;
     }
     assert!(most <= 4, "the chain grew to {most} layers while the peer was down");
     cluster.restart_agent(1, "qemu");
@@ -716,4 +766,84 @@ async fn no_daemon_outlives_its_agent() {
     drop(cluster);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(daemons_under(&dir), Vec::<String>::new(), "a daemon outlived the cluster");
+}
+
+/// A target never waits on its source while holding the group lock: with a source that
+/// opened a recovery point stream and then stalls, a forced promote of the replica goes
+/// through (it stops the apply instead of waiting for it), and the stalled point is
+/// discarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_source_does_not_block_a_promote() {
+    use drover_proto::agent::v1 as apb;
+    use drover_proto::agent::v1::replica_message::Kind;
+    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    group(&mut c, "stall", 1, 16 * MIB).await;
+    assert_all_succeeded(&enable(&mut c, "stall", 3600).await);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "stall".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let volume = g.volume_ids[0].clone();
+    let mut agent_b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let base = agent_b
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .recovery_point_id;
+    assert!(!base.is_empty(), "the initial sync left a point at site B");
+
+    // A source that sends the header and one chunk, then nothing.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let begin = apb::ApplyBegin {
+        group_id: g.id.clone(),
+        recovery_point_id: "stalled-point".into(),
+        base_recovery_point_id: base,
+        volumes: vec![apb::VolumeHeader { volume_id: volume.clone(), size_bytes: (16 * MIB) as i64 }],
+        r#final: false,
+        source_backend: "backend-a".into(),
+        created_at_ms: 1,
+        epoch: g.epoch,
+    };
+    tx.send(apb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.unwrap();
+    let chunk = apb::DeltaChunk { volume_id: volume.clone(), offset: 0, data: vec![0x77; 65536], zero_length: 0 };
+    tx.send(apb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) }).await.unwrap();
+    let mut replica = apb::replica_client::ReplicaClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let stream =
+        tokio::spawn(
+            async move { replica.apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
+        );
+    // Wait until the target has taken the chunk in (it is applying).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!stream.is_finished(), "the stalled stream is still open");
+
+    let promoted = tokio::time::timeout(
+        Duration::from_secs(20),
+        agent_b.promote_volume(apb::PromoteVolumeRequest {
+            ctx: Some(apb::OpContext {
+                op_id: "promote-during-stall".into(),
+                epoch: g.epoch,
+                fence_scope: format!("volume/{volume}"),
+            }),
+            volume_id: volume.clone(),
+            force: true,
+        }),
+    )
+    .await
+    .expect("the promote waited on the stalled source");
+    promoted.expect("forced promote");
+    // The promote stopped the apply; the stalled source learns that its point landed nowhere.
+    let refused = tokio::time::timeout(Duration::from_secs(20), stream)
+        .await
+        .expect("the apply ended with the promote")
+        .unwrap()
+        .expect_err("the stalled point lands nowhere");
+    drop(tx);
+    assert!(refused.message().contains("changed while recovery point stalled-point arrived"), "{}", refused.message());
+    let info =
+        agent_b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume }).await.unwrap().into_inner();
+    assert_eq!(info.role, apb::ReplicationRole::Primary as i32);
 }

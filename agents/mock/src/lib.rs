@@ -552,7 +552,7 @@ impl Driver for MockDriver {
                 epoch: self.fences.get().map_or(0, |f| f.group_epoch(group_id)),
             }
         };
-        Shipment::open(&endpoint, &header).await?.commit().await?;
+        Shipment::open(&endpoint, &header, drover_agent::replica::transfer_deadline(0)).await?.commit().await?;
         if final_sync && self.config.die_after_final_commit {
             tracing::error!("fault injection: dying after the peer committed the final sync");
             std::process::abort();

@@ -20,8 +20,15 @@ impl QemuDriver {
         Ok(())
     }
 
+    /// Exports a volume that serves writes: writable, unless its group is held (fenced on
+    /// return), then read-only.
     pub(crate) async fn export(&self, id: &str, v: &Vol) -> Result<(), DriverError> {
-        self.daemon().add_export(&export_id(v), &node(v, v.top().seq), id, true).await
+        let writable = !self.is_held(&v.group_id);
+        self.daemon().add_export(&export_id(v), &node(v, v.top().seq), id, writable).await
+    }
+
+    pub(crate) fn is_held(&self, group_id: &str) -> bool {
+        !group_id.is_empty() && self.held.lock().expect("held poisoned").contains(group_id)
     }
 
     pub(crate) async fn unexport(&self, v: &Vol) -> Result<(), DriverError> {
@@ -122,6 +129,54 @@ impl QemuDriver {
             })
             .await?;
             let _ = std::fs::remove_file(self.layer_path(id, mid));
+        }
+    }
+
+    /// Bounded chains at start: a primary's chain left long by an older version (one
+    /// frozen layer per interval while the peer was away) has its waiting points merged,
+    /// oldest pairs first, until at most `MAX_WAITING` wait, before the daemon opens any
+    /// of it (opening thousands of layers made starts take minutes). Offline, with
+    /// `qemu-img commit` of the upper layer into the lower and an unsafe rebase of the
+    /// layer above onto the lower (identical data): every step leaves the chain reading
+    /// the same, and the merged layer carries the newer point, which a delta from the
+    /// acknowledged layer covers whole.
+    pub(crate) async fn merge_waiting(&self) {
+        for id in self.snapshot_state().volumes.keys() {
+            let mut merged = 0usize;
+            while let Ok(v) = self.vol(id) {
+                let waiting: Vec<usize> = (0..v.layers.len().saturating_sub(1))
+                    .filter(|&i| v.layers[i].rp.is_some() && !v.layers[i].acked)
+                    .collect();
+                if v.role != Some(Role::Primary) || waiting.len() <= MAX_WAITING {
+                    break;
+                }
+                let (lower, upper) = (waiting[0], waiting[0] + 1);
+                let above = upper + 1; // the next waiting layer, or the active one
+                let (lo, up, ab) = (v.layers[lower].seq, v.layers[upper].seq, v.layers[above].seq);
+                let step = async {
+                    image::commit(&self.layer_path(id, up)).await?;
+                    image::rebase_unsafe(&self.layer_path(id, ab), &self.layer_path(id, lo)).await?;
+                    let newer = v.layers[upper].clone();
+                    self.update(|st| {
+                        let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                        let l = sv.layers.iter_mut().find(|l| l.seq == lo).expect("lower layer");
+                        l.rp = newer.rp.clone();
+                        l.rp_created_ms = newer.rp_created_ms;
+                        sv.layers.retain(|l| l.seq != up);
+                        Ok(())
+                    })
+                    .await
+                };
+                if let Err(e) = step.await {
+                    tracing::warn!(volume = %id, error = %e, "could not merge a long chain; it stays as it is");
+                    break;
+                }
+                let _ = std::fs::remove_file(self.layer_path(id, up));
+                merged += 1;
+            }
+            if merged > 0 {
+                tracing::info!(volume = %id, merged, "merged waiting points of a long chain before serving");
+            }
         }
     }
 }

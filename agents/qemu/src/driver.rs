@@ -271,6 +271,18 @@ impl Driver for QemuDriver {
     }
 
     async fn promote(&self, volume_id: &str, force: bool) -> Result<Option<String>, DriverError> {
+        // A replica may be taking in a point from a source that stalled: the promote does
+        // not wait for it. It stops the apply (which discards the partial point) and waits
+        // only for that local clean-up.
+        let v = self.vol(volume_id)?;
+        let _t = if v.role == Some(Role::Secondary) && !v.group_id.is_empty() {
+            if let Some(abort) = self.applying.lock().expect("applying poisoned").get(&v.group_id) {
+                let _ = abort.send(true);
+            }
+            Some(self.transfer_lock(&v.group_id).lock_owned().await)
+        } else {
+            None
+        };
         let _g = self.lock_for(volume_id).await;
         let v = self.vol(volume_id)?;
         let facts = match roles::promote(volume_id, v.facts(), force)? {
@@ -370,8 +382,9 @@ impl Driver for QemuDriver {
         final_sync: bool,
         peer_endpoint: Option<&str>,
     ) -> Result<SyncReport, DriverError> {
-        let lock = self.group_lock(group_id);
-        let _g = lock.lock().await;
+        // One transfer of a group at a time; the group lock is taken inside, for local work.
+        let transfer = self.transfer_lock(group_id);
+        let _t = transfer.lock().await;
         self.do_sync(group_id, final_sync, peer_endpoint).await
     }
 
@@ -380,16 +393,71 @@ impl Driver for QemuDriver {
         header: ApplyHeader,
         mut incoming: tokio::sync::mpsc::Receiver<Incoming>,
     ) -> Result<u64, DriverError> {
-        let lock = self.group_lock(&header.group_id);
+        // One incoming point per group at a time. The group lock is taken only to switch to
+        // the received point, so a promote never waits on a source that is streaming.
+        let transfer = self.transfer_lock(&header.group_id);
+        let _t = transfer.lock().await;
+        let (abort, aborted) = tokio::sync::watch::channel(false);
+        self.applying.lock().expect("applying poisoned").insert(header.group_id.clone(), abort);
+        let applied = self.do_apply(&header, &mut incoming, aborted).await;
+        self.applying.lock().expect("applying poisoned").remove(&header.group_id);
+        applied
+    }
+
+    fn held_groups(&self) -> Vec<drover_agent::driver::HeldGroup> {
+        let st = self.snapshot_state();
+        let mut held = self.held.lock().expect("held poisoned");
+        let groups: Vec<_> = held
+            .iter()
+            .map(|group_id| {
+                let volume_ids: Vec<String> = st
+                    .volumes
+                    .iter()
+                    .filter(|(_, v)| &v.group_id == group_id && v.role == Some(Role::Primary))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                drover_agent::driver::HeldGroup { group_id: group_id.clone(), volume_ids }
+            })
+            .collect();
+        // A group with no primary volume left here (demoted, disabled) holds nothing.
+        held.retain(|g| groups.iter().any(|h| &h.group_id == g && !h.volume_ids.is_empty()));
+        groups.into_iter().filter(|h| !h.volume_ids.is_empty()).collect()
+    }
+
+    async fn release_group(&self, group_id: &str) -> Result<(), DriverError> {
+        let lock = self.group_lock(group_id);
         let _g = lock.lock().await;
-        self.do_apply(&header, &mut incoming).await
+        if !self.is_held(group_id) {
+            return Ok(());
+        }
+        self.held.lock().expect("held poisoned").remove(group_id);
+        // Re-export writable: nobody could have attached for writing while it was held.
+        for (id, v) in self.snapshot_state().volumes {
+            if v.group_id == group_id && v.writable() {
+                let done = async {
+                    self.unexport(&v).await?;
+                    self.export(&id, &v).await
+                };
+                if let Err(e) = done.await {
+                    self.held.lock().expect("held poisoned").insert(group_id.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 
     fn sync_schedule(&self) -> Vec<(String, Duration)> {
+        let held = self.held.lock().expect("held poisoned").clone();
         let st = self.state.lock().expect("state poisoned");
         let mut out: BTreeMap<String, Duration> = BTreeMap::new();
         for v in st.volumes.values() {
-            if v.role == Some(Role::Primary) && !v.demoted && v.peer.is_some() && !v.group_id.is_empty() {
+            if v.role == Some(Role::Primary)
+                && !v.demoted
+                && v.peer.is_some()
+                && !v.group_id.is_empty()
+                && !held.contains(&v.group_id)
+            {
                 out.insert(v.group_id.clone(), Duration::from_millis(v.interval_ms.max(1000)));
             }
         }

@@ -42,6 +42,8 @@ mod qmp;
 mod source;
 mod state;
 mod target;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -99,9 +101,16 @@ pub struct QemuDriver {
     state: Mutex<State>,
     persist_lock: tokio::sync::Mutex<()>,
     group_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    transfer_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Incoming points being applied, per group: sending `true` makes the apply give up
+    /// (a promote does, rather than wait for a source that may have stalled).
+    applying: Mutex<HashMap<String, tokio::sync::watch::Sender<bool>>>,
     daemon: OnceLock<Arc<Daemon>>,
     /// The agent's fencing records: points shipped carry the group's highest epoch.
     fences: OnceLock<drover_agent::driver::Fences>,
+    /// Fenced on return: groups whose primary volumes are exported read-only until the
+    /// orchestrator confirms this side (see `drover_agent::returning`).
+    held: Mutex<std::collections::BTreeSet<String>>,
 }
 
 fn now_ms() -> i64 {
@@ -136,6 +145,17 @@ impl QemuDriver {
     /// Opens the pool and state, starts (or takes over) the daemon and restores every
     /// writable volume's nodes and exports.
     pub async fn start(config: QemuConfig, state_dir: &Path, backend: &str) -> Result<Arc<Self>, DriverError> {
+        Self::open(config, state_dir, backend, false).await
+    }
+
+    /// [`QemuDriver::start`]; with `hold`, every replicated group this side is primary
+    /// for is exported read-only until [`Driver::release_group`] (fenced on return).
+    pub async fn open(
+        config: QemuConfig,
+        state_dir: &Path,
+        backend: &str,
+        hold: bool,
+    ) -> Result<Arc<Self>, DriverError> {
         if config.pool_dir.as_os_str().is_empty() {
             return Err(DriverError::InvalidArgument("`qemu.pool_dir` is required".into()));
         }
@@ -150,6 +170,19 @@ impl QemuDriver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(io("cannot read the driver state", e)),
         };
+        let held: std::collections::BTreeSet<String> = if hold {
+            state
+                .volumes
+                .values()
+                .filter(|v| v.role == Some(Role::Primary) && v.peer.is_some() && !v.group_id.is_empty())
+                .map(|v| v.group_id.clone())
+                .collect()
+        } else {
+            Default::default()
+        };
+        if !held.is_empty() {
+            tracing::warn!(groups = ?held, "fenced on return: writes held until an orchestrator confirms this side is still primary");
+        }
         let driver = Arc::new(Self {
             pool: config.pool_dir.canonicalize().map_err(|e| io("pool_dir", e))?,
             state_file,
@@ -157,10 +190,14 @@ impl QemuDriver {
             state: Mutex::new(state),
             persist_lock: tokio::sync::Mutex::new(()),
             group_locks: Mutex::new(HashMap::new()),
+            transfer_locks: Mutex::new(HashMap::new()),
+            applying: Mutex::new(HashMap::new()),
             daemon: OnceLock::new(),
             fences: OnceLock::new(),
+            held: Mutex::new(held),
         });
         driver.collect_garbage();
+        driver.merge_waiting().await;
         let nbd = match &config.nbd_tcp {
             Some(addr) => NbdAddr::Tcp(addr.clone()),
             None => NbdAddr::Unix(qdir.join("nbd.sock")),
@@ -265,8 +302,14 @@ impl drover_agent::launch::Backend for QemuBackend {
         let failed = |message: String| LaunchError::Driver { driver: "qemu".into(), message };
         std::fs::create_dir_all(&qemu.pool_dir)
             .map_err(|e| failed(format!("cannot create the pool {}: {e}", qemu.pool_dir.display())))?;
-        let driver =
-            QemuDriver::start(qemu, &common.state_dir, &common.backend).await.map_err(|e| failed(e.to_string()))?;
+        let driver = QemuDriver::open(
+            qemu,
+            &common.state_dir,
+            &common.backend,
+            common.fence_on_return && common.orchestrator.is_some(),
+        )
+        .await
+        .map_err(|e| failed(e.to_string()))?;
         Ok(driver)
     }
 }

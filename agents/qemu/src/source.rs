@@ -5,24 +5,16 @@
 use super::*;
 
 impl QemuDriver {
-    /// Reads the listed extents of a frozen node and ships them.
+    /// Reads the changed extents of a frozen node and ships them.
     pub(crate) async fn ship_volume(
         &self,
         ship: &Shipment,
         id: &str,
         v: &Vol,
-        frozen: usize,
-        full: bool,
+        delta: &Delta,
     ) -> Result<u64, DriverError> {
-        let acked = v.acked_index();
-        let frozen_seq = v.layers[frozen].seq;
-        // Depth counts down from the frozen layer: everything above the acknowledged layer
-        // changed since the peer's point.
-        let changed_depth = match (full, acked) {
-            (false, Some(a)) => (frozen - a) as u32,
-            _ => u32::MAX,
-        };
-        let extents = image::map(&self.layer_path(id, frozen_seq)).await?;
+        let frozen_seq = v.layers[delta.frozen].seq;
+        let (extents, changed_depth, full) = (&delta.extents, delta.changed_depth, delta.full);
         let export = format!("rp-{id}");
         let rid = format!("r{}", v.index);
         self.daemon().add_export(&rid, &node(v, frozen_seq), &export, false).await?;
@@ -98,6 +90,30 @@ impl QemuDriver {
         result
     }
 
+    /// The group's primary volumes here and the peer endpoint to ship to.
+    fn sync_members(&self, group_id: &str, peer_endpoint: Option<&str>) -> Result<(Vec<String>, String), DriverError> {
+        let st = self.state.lock().expect("state poisoned");
+        let ids: Vec<String> = st
+            .volumes
+            .iter()
+            .filter(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary) && !v.demoted)
+            .map(|(id, _)| id.clone())
+            .collect();
+        let endpoint = peer_endpoint
+            .map(String::from)
+            .or_else(|| ids.first().and_then(|id| st.volumes[id].peer.as_ref().map(|p| p.endpoint.clone())))
+            .unwrap_or_default();
+        if ids.is_empty() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "no primary volume of group {group_id} on this backend; sync runs on the active side"
+            )));
+        }
+        Ok((ids, endpoint))
+    }
+
+    /// A sync. The group lock is held only for local work (freezing, then folding), never
+    /// while the peer is asked or the point ships; the shipping itself has a deadline
+    /// proportionate to the data ([`drover_agent::replica::transfer_deadline`]).
     pub(crate) async fn do_sync(
         &self,
         group_id: &str,
@@ -105,153 +121,18 @@ impl QemuDriver {
         peer_endpoint: Option<&str>,
     ) -> Result<SyncReport, DriverError> {
         let started = Instant::now();
-        let (ids, endpoint) = {
-            let st = self.state.lock().expect("state poisoned");
-            let ids: Vec<String> = st
-                .volumes
-                .iter()
-                .filter(|(_, v)| v.group_id == group_id && v.role == Some(Role::Primary) && !v.demoted)
-                .map(|(id, _)| id.clone())
-                .collect();
-            let endpoint = peer_endpoint
-                .map(String::from)
-                .or_else(|| ids.first().and_then(|id| st.volumes[id].peer.as_ref().map(|p| p.endpoint.clone())))
-                .unwrap_or_default();
-            (ids, endpoint)
+        // The peer's point, asked before the lock: a sync interrupted after the peer
+        // committed left a frozen layer here that is not marked acknowledged.
+        let (ids, endpoint) = self.sync_members(group_id, peer_endpoint)?;
+        let peer_holds = drover_agent::replica::peer_point(&endpoint, &ids[0]).await.ok().filter(|h| !h.is_empty());
+        let lock = self.group_lock(group_id);
+        let frozen = {
+            let _g = lock.lock().await;
+            self.freeze(group_id, final_sync, peer_endpoint, peer_holds).await?
         };
-        if ids.is_empty() {
-            return Err(DriverError::FailedPrecondition(format!(
-                "no primary volume of group {group_id} on this backend; sync runs on the active side"
-            )));
-        }
-        if let Some(ep) = peer_endpoint {
-            self.update(|st| {
-                for id in &ids {
-                    if let Some(p) = st.volumes.get_mut(id).and_then(|v| v.peer.as_mut()) {
-                        p.endpoint = ep.to_string();
-                    }
-                }
-                Ok(())
-            })
-            .await?;
-        }
-        if final_sync {
-            // Stop writes: the final point must hold everything the volumes ever acknowledged.
-            for id in &ids {
-                self.unexport(&self.vol(id)?).await?;
-            }
-        }
-        // Reconcile with the peer: a sync interrupted after the peer committed left a frozen
-        // layer here that is not marked acknowledged. If the peer holds its point, it is the
-        // common base now: mark it (and everything below) acknowledged and go on from it.
-        if let Some(first) = ids.first()
-            && let Ok(held) = drover_agent::replica::peer_point(&endpoint, first).await
-            && !held.is_empty()
-        {
-            let interrupted =
-                self.vol(first)?.layers.iter().any(|l| !l.acked && l.rp.as_deref() == Some(held.as_str()));
-            if interrupted {
-                tracing::info!(group = group_id, point = %held, "the peer holds the point an interrupted sync shipped; going on from it");
-                self.update(|st| {
-                    for id in &ids {
-                        let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
-                        if let Some(i) = v.layers.iter().position(|l| l.rp.as_deref() == Some(held.as_str())) {
-                            for l in &mut v.layers[..=i] {
-                                l.acked = true;
-                            }
-                        }
-                    }
-                    Ok(())
-                })
-                .await?;
-            }
-        }
-        let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
-        let bases: Vec<Option<String>> =
-            vols.iter().map(|v| v.acked_index().and_then(|i| v.layers[i].rp.clone())).collect();
-        let base_rp = match bases.first() {
-            Some(Some(b)) if bases.iter().all(|x| x.as_deref() == Some(b.as_str())) => b.clone(),
-            _ => String::new(),
-        };
-        let full = base_rp.is_empty();
-        // Bounded chains: while the peer cannot take points, at most MAX_WAITING frozen
-        // points wait for it. Past that the sync freezes nothing new and sends the newest
-        // waiting point again, so a peer that is down for hours costs no layers.
-        let waiting = |v: &Vol| v.layers.iter().filter(|l| l.rp.is_some() && !l.acked).count();
-        let reuse = !final_sync && vols.iter().all(|v| waiting(v) >= MAX_WAITING);
-        let (rp_id, created, snapshot_pause_us) = if reuse {
-            let newest = &vols[0].layers[vols[0].layers.len() - 2];
-            tracing::info!(
-                group = group_id,
-                waiting = waiting(&vols[0]),
-                "points wait for the peer; sending the newest again instead of freezing another"
-            );
-            (newest.rp.clone().unwrap_or_default(), newest.rp_created_ms, 0)
-        } else {
-            let rp_id = uuid::Uuid::now_v7().to_string();
-            let created = now_ms();
-
-            // 1. Empty overlays, recorded before the snapshot (intent first).
-            let mut new_seqs = Vec::new();
-            for (id, v) in ids.iter().zip(&vols) {
-                let seq = v.top().seq + 1;
-                image::create(&self.layer_path(id, seq), v.size_bytes, Some(&self.layer_path(id, v.top().seq))).await?;
-                new_seqs.push(seq);
-            }
-            self.update(|st| {
-                for (id, seq) in ids.iter().zip(&new_seqs) {
-                    let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
-                    let top = v.layers.last_mut().expect("layers");
-                    top.rp = Some(rp_id.clone());
-                    top.rp_created_ms = created;
-                    v.layers.push(Layer { seq: *seq, rp: None, acked: false, rp_created_ms: 0 });
-                }
-                Ok(())
-            })
-            .await?;
-
-            // 2. One transaction freezes every volume at the same instant.
-            let mut pairs = Vec::new();
-            for ((id, v), seq) in ids.iter().zip(&vols).zip(&new_seqs) {
-                self.daemon()
-                    .add_qcow2(&node(v, *seq), &self.layer_path(id, *seq), commands::Backing::None, false)
-                    .await?;
-                pairs.push((node(v, v.top().seq), node(v, *seq)));
-            }
-            let snapshots: Vec<commands::Snapshot> =
-                pairs.iter().map(|(n, o)| commands::Snapshot { node: n, overlay: o }).collect();
-            let frozen_at = Instant::now();
-            self.daemon().snapshot_all(&snapshots).await?;
-            let snapshot_pause_us = frozen_at.elapsed().as_micros() as u64;
-            tracing::debug!(group = group_id, snapshot_pause_us, volumes = ids.len(), "group frozen");
-            (rp_id, created, snapshot_pause_us)
-        };
-
-        // 3. Ship the delta (or everything, without a common point).
-        let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
-        let header = ApplyHeader {
-            group_id: group_id.to_string(),
-            recovery_point_id: rp_id.clone(),
-            base_recovery_point_id: base_rp.clone(),
-            volumes: ids.iter().zip(&vols).map(|(id, v)| (id.clone(), v.size_bytes)).collect(),
-            final_sync,
-            source_backend: self.backend.clone(),
-            created_at_ms: created,
-            epoch: self.fences.get().map_or(0, |f| f.group_epoch(group_id)),
-        };
-        let shipped = async {
-            let ship = Shipment::open(&endpoint, &header).await?;
-            let mut bytes = Vec::new();
-            for (id, v) in ids.iter().zip(&vols) {
-                match self.ship_volume(&ship, id, v, v.layers.len() - 2, full).await {
-                    Ok(b) => bytes.push(b),
-                    Err(e) => return Err(ship.fail(e).await),
-                }
-            }
-            ship.commit().await?;
-            Ok::<Vec<u64>, DriverError>(bytes)
-        }
-        .await;
+        let shipped = self.ship(group_id, final_sync, &frozen).await;
+        let _g = lock.lock().await;
+        let Frozen { ids, vols, rp_id, created, snapshot_pause_us, full, .. } = frozen;
         let per_volume = match shipped {
             Ok(b) => b,
             Err(e) => {
@@ -276,6 +157,16 @@ impl QemuDriver {
                 return Err(e);
             }
         };
+        // The lock was let go while the point shipped: the volumes must be as they were.
+        for (id, v) in ids.iter().zip(&vols) {
+            let now = self.vol(id)?;
+            if now.role != Some(Role::Primary) || !now.layers.iter().map(|l| l.seq).eq(v.layers.iter().map(|l| l.seq)) {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {id} changed while recovery point {rp_id} was shipping (demoted, disabled or promoted); \
+                     the point is not recorded here, and the next sync starts from what the peer holds"
+                )));
+            }
+        }
 
         // 4. The peer holds the point. Record that first, so that housekeeping trouble
         //    below never makes the next sync start from an older base than the peer has.
@@ -356,5 +247,199 @@ impl QemuDriver {
             full,
             snapshot_pause_us,
         })
+    }
+
+    /// Steps 1 and 2 of a sync, under the group lock: the point to ship, frozen (or the
+    /// newest waiting one again).
+    async fn freeze(
+        &self,
+        group_id: &str,
+        final_sync: bool,
+        peer_endpoint: Option<&str>,
+        peer_holds: Option<String>,
+    ) -> Result<Frozen, DriverError> {
+        let (ids, endpoint) = self.sync_members(group_id, peer_endpoint)?;
+        if let Some(ep) = peer_endpoint {
+            self.update(|st| {
+                for id in &ids {
+                    if let Some(p) = st.volumes.get_mut(id).and_then(|v| v.peer.as_mut()) {
+                        p.endpoint = ep.to_string();
+                    }
+                }
+                Ok(())
+            })
+            .await?;
+        }
+        if final_sync {
+            // Stop writes: the final point must hold everything the volumes ever acknowledged.
+            for id in &ids {
+                self.unexport(&self.vol(id)?).await?;
+            }
+        }
+        // Reconcile with the peer: a sync interrupted after the peer committed left a frozen
+        // layer here that is not marked acknowledged. If the peer holds its point, it is the
+        // common base now: mark it (and everything below) acknowledged and go on from it.
+        if let Some(held) = peer_holds {
+            let interrupted =
+                self.vol(&ids[0])?.layers.iter().any(|l| !l.acked && l.rp.as_deref() == Some(held.as_str()));
+            if interrupted {
+                tracing::info!(group = group_id, point = %held, "the peer holds the point an interrupted sync shipped; going on from it");
+                self.update(|st| {
+                    for id in &ids {
+                        let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                        if let Some(i) = v.layers.iter().position(|l| l.rp.as_deref() == Some(held.as_str())) {
+                            for l in &mut v.layers[..=i] {
+                                l.acked = true;
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+                .await?;
+            }
+        }
+        let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
+        let bases: Vec<Option<String>> =
+            vols.iter().map(|v| v.acked_index().and_then(|i| v.layers[i].rp.clone())).collect();
+        let base_rp = match bases.first() {
+            Some(Some(b)) if bases.iter().all(|x| x.as_deref() == Some(b.as_str())) => b.clone(),
+            _ => String::new(),
+        };
+        let full = base_rp.is_empty();
+        // Bounded chains: while the peer cannot take points, at most MAX_WAITING frozen
+        // points wait for it. Past that the sync freezes nothing new and sends the newest
+        // waiting point again, so a peer that is down for hours costs no layers.
+        let waiting = |v: &Vol| v.layers.iter().filter(|l| l.rp.is_some() && !l.acked).count();
+        let reuse = !final_sync && vols.iter().all(|v| waiting(v) >= MAX_WAITING);
+        let (rp_id, created, snapshot_pause_us) = if reuse {
+            let newest = &vols[0].layers[vols[0].layers.len() - 2];
+            tracing::info!(
+                group = group_id,
+                waiting = waiting(&vols[0]),
+                "points wait for the peer; sending the newest again instead of freezing another"
+            );
+            (newest.rp.clone().unwrap_or_default(), newest.rp_created_ms, 0)
+        } else {
+            let rp_id = uuid::Uuid::now_v7().to_string();
+            let created = now_ms();
+
+            // 1. Empty overlays, recorded before the snapshot (intent first).
+            let mut new_seqs = Vec::new();
+            for (id, v) in ids.iter().zip(&vols) {
+                let seq = v.top().seq + 1;
+                image::create(&self.layer_path(id, seq), v.size_bytes, Some(&self.layer_path(id, v.top().seq))).await?;
+                new_seqs.push(seq);
+            }
+            self.update(|st| {
+                for (id, seq) in ids.iter().zip(&new_seqs) {
+                    let v = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
+                    let top = v.layers.last_mut().expect("layers");
+                    top.rp = Some(rp_id.clone());
+                    top.rp_created_ms = created;
+                    v.layers.push(Layer { seq: *seq, rp: None, acked: false, rp_created_ms: 0 });
+                }
+                Ok(())
+            })
+            .await?;
+
+            // 2. One transaction freezes every volume at the same instant.
+            let mut pairs = Vec::new();
+            for ((id, v), seq) in ids.iter().zip(&vols).zip(&new_seqs) {
+                self.daemon()
+                    .add_qcow2(&node(v, *seq), &self.layer_path(id, *seq), commands::Backing::None, false)
+                    .await?;
+                pairs.push((node(v, v.top().seq), node(v, *seq)));
+            }
+            let snapshots: Vec<commands::Snapshot> =
+                pairs.iter().map(|(n, o)| commands::Snapshot { node: n, overlay: o }).collect();
+            let frozen_at = Instant::now();
+            self.daemon().snapshot_all(&snapshots).await?;
+            let snapshot_pause_us = frozen_at.elapsed().as_micros() as u64;
+            tracing::debug!(group = group_id, snapshot_pause_us, volumes = ids.len(), "group frozen");
+            (rp_id, created, snapshot_pause_us)
+        };
+        let vols: Vec<Vol> = ids.iter().map(|id| self.vol(id)).collect::<Result<_, _>>()?;
+        Ok(Frozen { ids, endpoint, vols, rp_id, created, snapshot_pause_us, full, base_rp })
+    }
+
+    /// Step 3, without the group lock: ships the delta (or everything, without a common
+    /// point) within a deadline proportionate to its size. Returns the bytes per volume.
+    async fn ship(&self, group_id: &str, final_sync: bool, f: &Frozen) -> Result<Vec<u64>, DriverError> {
+        let mut deltas = Vec::new();
+        for (id, v) in f.ids.iter().zip(&f.vols) {
+            let frozen = v.layers.len() - 2;
+            let changed_depth = match (f.full, v.acked_index()) {
+                // Depth counts down from the frozen layer: everything above the acknowledged
+                // layer changed since the peer's point.
+                (false, Some(a)) => (frozen - a) as u32,
+                _ => u32::MAX,
+            };
+            let extents = image::map(&self.layer_path(id, v.layers[frozen].seq)).await?;
+            deltas.push(Delta { frozen, extents, changed_depth, full: f.full });
+        }
+        let bytes: u64 = deltas.iter().map(Delta::data_bytes).sum();
+        let deadline = drover_agent::replica::transfer_deadline(bytes);
+        let header = ApplyHeader {
+            group_id: group_id.to_string(),
+            recovery_point_id: f.rp_id.clone(),
+            base_recovery_point_id: f.base_rp.clone(),
+            volumes: f.ids.iter().zip(&f.vols).map(|(id, v)| (id.clone(), v.size_bytes)).collect(),
+            final_sync,
+            source_backend: self.backend.clone(),
+            created_at_ms: f.created,
+            epoch: self.fences.get().map_or(0, |fences| fences.group_epoch(group_id)),
+        };
+        let shipped = async {
+            let ship = Shipment::open(&f.endpoint, &header, deadline).await?;
+            let mut per_volume = Vec::new();
+            for ((id, v), delta) in f.ids.iter().zip(&f.vols).zip(&deltas) {
+                match self.ship_volume(&ship, id, v, delta).await {
+                    Ok(b) => per_volume.push(b),
+                    Err(e) => return Err(ship.fail(e).await),
+                }
+            }
+            ship.commit().await?;
+            Ok::<Vec<u64>, DriverError>(per_volume)
+        };
+        match tokio::time::timeout(deadline, shipped).await {
+            Ok(r) => r,
+            Err(_) => Err(DriverError::Unavailable(format!(
+                "recovery point {} ({bytes} bytes) did not reach {} within {}s (30 s plus the data at {} MiB/s); \
+                 the link or the peer is too slow or stalled: check the peer agent, then sync again",
+                f.rp_id,
+                f.endpoint,
+                deadline.as_secs(),
+                drover_agent::replica::MIN_TRANSFER_RATE >> 20
+            ))),
+        }
+    }
+}
+
+/// A frozen point, between freezing it and folding it.
+struct Frozen {
+    ids: Vec<String>,
+    endpoint: String,
+    vols: Vec<Vol>,
+    rp_id: String,
+    created: i64,
+    snapshot_pause_us: u64,
+    full: bool,
+    base_rp: String,
+}
+
+/// What of one volume a sync ships.
+pub(crate) struct Delta {
+    /// Index of the frozen layer in the volume's chain.
+    frozen: usize,
+    /// `qemu-img map` of the frozen layer.
+    extents: Vec<image::Extent>,
+    /// Extents shallower than this changed since the peer's point.
+    changed_depth: u32,
+    full: bool,
+}
+
+impl Delta {
+    fn data_bytes(&self) -> u64 {
+        self.extents.iter().filter(|e| e.depth < self.changed_depth && e.data).map(|e| e.length).sum()
     }
 }

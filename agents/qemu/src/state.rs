@@ -146,8 +146,16 @@ impl QemuDriver {
         Ok(out)
     }
 
+    /// The lock of a group's local state changes (role changes, freezing, folding,
+    /// switching points). Never held while waiting on the peer.
     pub(crate) fn group_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
         self.group_locks.lock().expect("group locks poisoned").entry(group.to_string()).or_default().clone()
+    }
+
+    /// The lock that lets one recovery point of a group travel at a time (out on the
+    /// source, in on the target); only transfers wait on it, each bounded by its deadline.
+    pub(crate) fn transfer_lock(&self, group: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.transfer_locks.lock().expect("transfer locks poisoned").entry(group.to_string()).or_default().clone()
     }
 
     /// Removes partial transfers and layer files no volume refers to.

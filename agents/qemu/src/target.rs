@@ -1,6 +1,7 @@
 //! The target side of a sync: write an incoming recovery point into `.partial` overlays,
 //! fsync and rename them, and switch the whole group to the new point with one state
-//! write, so a crash mid-transfer leaves the previous point intact.
+//! write, so a crash mid-transfer leaves the previous point intact. The group lock is
+//! taken only after the data arrived: receiving never blocks a promote.
 
 use super::*;
 
@@ -9,6 +10,7 @@ impl QemuDriver {
         &self,
         header: &ApplyHeader,
         incoming: &mut tokio::sync::mpsc::Receiver<Incoming>,
+        mut aborted: tokio::sync::watch::Receiver<bool>,
     ) -> Result<u64, DriverError> {
         // Where each volume's new point goes: on top of the layer holding the base point.
         struct Target {
@@ -18,6 +20,8 @@ impl QemuDriver {
             seq: u32,
             partial: PathBuf,
             client: Option<NbdClient>,
+            /// Data bytes received for this volume (reported per volume, as the source does).
+            bytes: u64,
         }
         let mut targets = Vec::new();
         for (id, size) in &header.volumes {
@@ -62,7 +66,7 @@ impl QemuDriver {
             let backing = (keep > 0).then(|| self.layer_path(id, v.layers[keep - 1].seq));
             std::fs::create_dir_all(self.vol_dir(id)).map_err(|e| io("replica dir", e))?;
             image::create(&partial, *size, backing.as_deref()).await?;
-            targets.push(Target { id: id.clone(), v, keep, seq, partial, client: None });
+            targets.push(Target { id: id.clone(), v, keep, seq, partial, client: None, bytes: 0 });
         }
         let cleanup = |targets: &Vec<Target>| {
             let names: Vec<(String, String, PathBuf)> = targets
@@ -93,7 +97,16 @@ impl QemuDriver {
             }
             let mut bytes = 0u64;
             loop {
-                let msg = incoming.recv().await;
+                let msg = tokio::select! {
+                    m = incoming.recv() => m,
+                    Ok(_) = aborted.wait_for(|a| *a) => {
+                        return Err(DriverError::FailedPrecondition(format!(
+                            "group {} changed while recovery point {} arrived (a promote took over); the point is \
+                             discarded",
+                            header.group_id, header.recovery_point_id
+                        )));
+                    }
+                };
                 let (vid, op) = match msg {
                     Some(Incoming::Data { volume_id, offset, data }) => (volume_id, (offset, Some(data), 0)),
                     Some(Incoming::Zero { volume_id, offset, len }) => (volume_id, (offset, None, len)),
@@ -110,6 +123,7 @@ impl QemuDriver {
                 match op {
                     (offset, Some(data), _) => {
                         bytes += data.len() as u64;
+                        t.bytes += data.len() as u64;
                         client.write_pipelined(offset, &data, WRITE_DEPTH).await.map_err(nbd_err)?;
                     }
                     (offset, None, len) => client.write_zeroes(offset, len).await.map_err(nbd_err)?,
@@ -130,6 +144,26 @@ impl QemuDriver {
                 return Err(e);
             }
         };
+        // From here on, local work only: take the group lock and check that nothing
+        // changed the replicas while the point arrived (a forced promote does not wait for
+        // a streaming source; its point then has nowhere to go).
+        let lock = self.group_lock(&header.group_id);
+        let _g = lock.lock().await;
+        for t in &targets {
+            let now = self.vol(&t.id);
+            let unchanged = now.as_ref().is_ok_and(|now| {
+                now.role == Some(Role::Secondary)
+                    && now.layers.iter().map(|l| l.seq).eq(t.v.layers.iter().map(|l| l.seq))
+            });
+            if !unchanged {
+                cleanup(&targets).await;
+                return Err(DriverError::FailedPrecondition(format!(
+                    "replica {} changed while recovery point {} arrived (promoted, resynced or disabled); the point \
+                     is discarded",
+                    t.id, header.recovery_point_id
+                )));
+            }
+        }
         // Close the partial images, make them durable, then give them their final names.
         for t in &targets {
             let _ = self.daemon().remove_export(&format!("w{}", t.v.index)).await;
@@ -168,7 +202,12 @@ impl QemuDriver {
                 });
                 v.set_facts(roles::after_applied(v.facts(), header.final_sync));
                 v.discard_allowed = false;
-                v.last = SyncStats { rp_created_ms: header.created_at_ms, duration_ms: 0, bytes, error: String::new() };
+                v.last = SyncStats {
+                    rp_created_ms: header.created_at_ms,
+                    duration_ms: 0,
+                    bytes: t.bytes,
+                    error: String::new(),
+                };
             }
             Ok(())
         })

@@ -33,6 +33,10 @@ pub struct AgentConfig {
     pub state_dir: PathBuf,
     /// The backend driver, by name (`qemu`, `mock`, …): its table holds its settings.
     pub driver: String,
+    /// Fenced on return: at start, hold writes on every group this side was primary for
+    /// until an orchestrator confirms it still is (or demote it when the group was failed
+    /// over away meanwhile). Only applies when `orchestrator` is set.
+    pub fence_on_return: bool,
 }
 
 impl Default for AgentConfig {
@@ -46,6 +50,7 @@ impl Default for AgentConfig {
             orchestrator: None,
             state_dir: PathBuf::from("/var/lib/drover/agent"),
             driver: String::new(),
+            fence_on_return: true,
         }
     }
 }

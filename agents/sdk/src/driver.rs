@@ -149,6 +149,14 @@ pub struct ApplyHeader {
     pub epoch: u64,
 }
 
+/// A group whose writes the driver holds until the orchestrator confirms its role
+/// ([`Driver::held_groups`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldGroup {
+    pub group_id: String,
+    pub volume_ids: Vec<String>,
+}
+
 /// What arrives after the header, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
@@ -280,6 +288,18 @@ pub trait Driver: Send + Sync + 'static {
     /// its highest epoch for their group ([`Fences::group_epoch`]). Called once by the
     /// server before it serves; drivers that ship points keep it.
     fn attach_fences(&self, _fences: Fences) {}
+
+    /// Fenced on return: the replicated groups this side was primary for when the driver
+    /// opened, whose writes it holds (read-only or no export) until the orchestrator
+    /// confirms this side is still their primary. Drivers that serve no writes hold none.
+    fn held_groups(&self) -> Vec<HeldGroup> {
+        Vec::new()
+    }
+
+    /// Ends the hold on a group's writes: the orchestrator confirmed this side.
+    async fn release_group(&self, _group_id: &str) -> Result<(), DriverError> {
+        Ok(())
+    }
 
     /// How often each replicated group on this backend should be synced, for the agent's
     /// scheduler: (group id, interval). Only groups this side is primary for.

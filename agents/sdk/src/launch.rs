@@ -89,6 +89,8 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
+    let fencing =
+        config.fence_on_return.then(|| crate::returning::Fencing { driver: driver.clone(), ledger: ledger.clone() });
     let running = crate::server::serve(driver.clone(), ledger, listener, shutdown.clone())
         .await
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
@@ -102,7 +104,7 @@ pub async fn start(
             driver_version: driver.version().to_string(),
             capabilities: driver.capabilities(),
         };
-        tokio::spawn(crate::registration::run(orchestrator, me, shutdown));
+        tokio::spawn(crate::registration::run(orchestrator, me, fencing, shutdown));
     }
     Ok(StartedAgent { local_addr: running.local_addr, config, driver, handle: running.handle })
 }

@@ -10,7 +10,8 @@
 //!   one mutation at a time per volume or group (a second gets ABORTED);
 //! - [`replica`]: the agent-to-agent stream that carries recovery points;
 //! - [`roles`]: the role rules (promote, demote, resync) every driver applies;
-//! - [`registration`]: heartbeats to the orchestrator;
+//! - [`registration`]: heartbeats to the orchestrator, and [`returning`]: fenced on
+//!   return (writes held at start until an orchestrator confirms the primary role);
 //! - [`config`] and [`launch`]: the settings common to every agent, and starting one.
 //!
 //! Backends live in their own crates (`drover-agent-qemu`, `drover-agent-mock`, …) and
@@ -25,6 +26,7 @@ pub mod launch;
 pub mod ledger;
 pub mod registration;
 pub mod replica;
+pub mod returning;
 pub mod roles;
 pub mod server;
 

@@ -26,6 +26,8 @@ pub struct Announcement {
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How soon an agent holding writes asks again.
+const HELD_RETRY: Duration = Duration::from_secs(1);
 
 type Registry = AgentRegistryClient<
     tonic::service::interceptor::InterceptedService<
@@ -49,7 +51,16 @@ pub fn endpoints(list: &str) -> Vec<String> {
 /// `orchestrators` (comma-separated; they share one store). The registration is a store
 /// lease, so any orchestrator can renew it: when one stops answering, the agent renews
 /// through the next, and registers again only when the lease itself is gone.
-pub async fn run(orchestrators: String, me: Announcement, cancel: CancellationToken) {
+///
+/// With `fencing`, each round after a successful registration or heartbeat also asks
+/// about the groups the driver holds (see [`crate::returning`]), every second until none
+/// is held.
+pub async fn run(
+    orchestrators: String,
+    me: Announcement,
+    fencing: Option<crate::returning::Fencing>,
+    cancel: CancellationToken,
+) {
     let list = endpoints(&orchestrators);
     if list.is_empty() {
         return;
@@ -129,7 +140,16 @@ pub async fn run(orchestrators: String, me: Announcement, cancel: CancellationTo
         let pause = match outcome {
             Ok(period) => {
                 backoff = Duration::from_millis(200);
-                period
+                match (&fencing, &clients[current]) {
+                    (Some(f), Some(client)) => {
+                        let held = tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            n = confirm(client.clone(), &me, f) => n,
+                        };
+                        if held > 0 { period.min(HELD_RETRY) } else { period }
+                    }
+                    _ => period,
+                }
             }
             Err(f) => {
                 if f.next_orchestrator && list.len() > 1 {
@@ -160,6 +180,29 @@ pub async fn run(orchestrators: String, me: Announcement, cancel: CancellationTo
                 _ = tokio::time::sleep(backoff) => {}
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+}
+
+/// Asks the orchestrator about every held group and carries out its answers; returns how
+/// many groups are still held.
+async fn confirm(mut client: Registry, me: &Announcement, fencing: &crate::returning::Fencing) -> usize {
+    let claims = fencing.claims();
+    if claims.is_empty() {
+        return 0;
+    }
+    let asked = client
+        .confirm_primaries(drover_proto::v1::ConfirmPrimariesRequest {
+            agent_id: me.agent_id.clone(),
+            backend: me.backend.clone(),
+            groups: claims.clone(),
+        })
+        .await;
+    match asked {
+        Ok(r) => fencing.settle(&claims, r.into_inner().verdicts).await,
+        Err(s) => {
+            tracing::warn!(error = %s.message(), held = claims.len(), "cannot confirm held groups; writes stay held");
+            claims.len()
         }
     }
 }

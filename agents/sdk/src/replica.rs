@@ -18,8 +18,22 @@ pub const CHUNK_BYTES: usize = 4 << 20;
 /// HTTP/2 flow-control window of the replica stream.
 pub const WINDOW_BYTES: u32 = 32 << 20;
 
-/// Deadline for a whole recovery point transfer.
-pub const TRANSFER_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The least time a recovery point transfer is given, however small.
+pub const TRANSFER_FLOOR: Duration = Duration::from_secs(30);
+
+/// The slowest rate (bytes per second) a transfer may run at: a transfer of `n` bytes is
+/// given [`TRANSFER_FLOOR`] plus `n` divided by this, and abandoned after that.
+pub const MIN_TRANSFER_RATE: u64 = 4 << 20;
+
+/// How long a receiving side waits for the next message of a recovery point stream
+/// before it abandons the transfer (a source that stalled or vanished without closing).
+pub const RECEIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// The deadline of a transfer of `bytes`: a floor plus the time the data takes at the
+/// slowest acceptable rate. Nothing waits on the peer longer than this.
+pub fn transfer_deadline(bytes: u64) -> Duration {
+    TRANSFER_FLOOR + Duration::from_secs_f64(bytes as f64 / MIN_TRANSFER_RATE as f64)
+}
 
 /// The recovery point the peer agent at `endpoint` holds for `volume_id` (empty when it
 /// holds none). A source asks before it ships: after an interrupted sync the peer may
@@ -48,12 +62,13 @@ pub struct Shipment {
 }
 
 impl Shipment {
-    /// Opens the stream to the peer and sends the header.
-    pub async fn open(endpoint: &str, header: &ApplyHeader) -> Result<Self, DriverError> {
+    /// Opens the stream to the peer and sends the header; the whole call (data, commit and
+    /// the peer's acknowledgement) must end within `deadline` (see [`transfer_deadline`]).
+    pub async fn open(endpoint: &str, header: &ApplyHeader, deadline: Duration) -> Result<Self, DriverError> {
         let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
             .connect_timeout(Duration::from_secs(3))
-            .timeout(TRANSFER_TIMEOUT)
+            .timeout(deadline)
             // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.
             .initial_stream_window_size(Some(WINDOW_BYTES))
             .initial_connection_window_size(Some(2 * WINDOW_BYTES))
@@ -193,7 +208,18 @@ impl pb::replica_server::Replica for ReplicaService {
         // Feed the driver from the stream; it applies while the data arrives.
         let feeder = tokio::spawn(async move {
             loop {
-                let next = match stream.message().await {
+                let message = match tokio::time::timeout(RECEIVE_IDLE, stream.message()).await {
+                    Ok(m) => m,
+                    Err(_) => {
+                        let why = format!(
+                            "no data from the source for {}s; the transfer is abandoned and the previous point kept",
+                            RECEIVE_IDLE.as_secs()
+                        );
+                        let _ = tx.send(Incoming::Broken(why)).await;
+                        return;
+                    }
+                };
+                let next = match message {
                     Ok(Some(pb::ReplicaMessage { kind: Some(Kind::Chunk(c)) })) => {
                         if c.zero_length > 0 {
                             Incoming::Zero {

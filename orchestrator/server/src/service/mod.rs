@@ -3,6 +3,7 @@
 pub mod executions;
 pub mod groups;
 pub mod replication;
+pub mod returning;
 pub mod shared;
 pub mod sites;
 pub mod version;

@@ -205,6 +205,13 @@ impl pb::agent_registry_server::AgentRegistry for SiteApi {
         Ok(Response::new(self.register(req.into_inner()).await?))
     }
 
+    async fn confirm_primaries(
+        &self,
+        req: Request<pb::ConfirmPrimariesRequest>,
+    ) -> Result<Response<pb::ConfirmPrimariesResponse>, Status> {
+        Ok(Response::new(self.confirm_primaries(req.into_inner()).await?))
+    }
+
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
         match self.core.repo.store().keep_alive(r.lease_id).await {
