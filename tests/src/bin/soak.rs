@@ -1,12 +1,19 @@
-//! The qemu soak: `cargo xtask soak --minutes N` (not part of the test command yet).
+//! The qemu soak: `cargo xtask soak --minutes N` (a 2-minute run is in the test command).
 //!
 //! Two qemu agents and an orchestrator (real processes), several replicated groups, and a
 //! writer that writes numbered 4 KiB records round-robin over each group's volumes with
-//! `qemu-io` (each acknowledged before the next). A random schedule of planned
-//! failovers and failbacks and disaster failovers (SIGKILL of the active side's agent and
-//! its qemu-storage-daemon, forced failover, restart, failback with consent). After every
-//! step it checks, with `qemu-io` as the reader:
-//! - after a planned move, every acknowledged record is at the new active side;
+//! `qemu-io` (each acknowledged before the next). A random schedule of:
+//! - planned failovers and failbacks;
+//! - disaster failovers (SIGKILL of site A's agent and its qemu-storage-daemon, forced
+//!   failover, restart, failback with consent);
+//! - agent restarts without a disaster (SIGKILL of either side's agent and daemon, then a
+//!   restart: the active side comes back fenced and serves writes once confirmed);
+//! - daemon-only kills (either side; its agent restarts it);
+//! - disable, an extend of one volume while unreplicated, and enable again (a full copy).
+//!
+//! After every step it checks, with `qemu-io` as the reader:
+//! - after a planned move, a restart, a daemon kill or a disable/enable, every
+//!   acknowledged record is at the active side;
 //! - after a disaster, the records there are an exact prefix, holding at least every
 //!   record acknowledged before the last planned move;
 //! - every agent answers, layer counts stay bounded, no daemon is orphaned.
@@ -33,6 +40,8 @@ struct Group {
     acked: u64,
     /// Records 0..floor must survive anything: they were there before the last planned move.
     floor: u64,
+    /// Extends done so far (each adds 16 MiB to one volume).
+    extends: u64,
 }
 
 fn pattern(k: u64) -> u64 {
@@ -79,6 +88,81 @@ async fn write(c: &mut Clients, g: &mut Group, n: u64) -> Result<(), String> {
         g.acked = k + 1;
     }
     Ok(())
+}
+
+/// [`write`], retrying for up to 30 s while the active side does not take writes (an
+/// agent that just restarted holds them until the orchestrator confirms it).
+async fn write_when_writable(c: &mut Clients, g: &mut Group, n: u64) -> Result<(), String> {
+    let (goal, deadline) = (g.acked + n, Instant::now() + Duration::from_secs(30));
+    loop {
+        match write(c, g, goal - g.acked).await {
+            Ok(()) => return Ok(()),
+            Err(e) if Instant::now() > deadline => return Err(format!("no writes for 30 s: {e}")),
+            Err(_) => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
+}
+
+/// SIGKILLs the qemu-storage-daemon of agent `i` (its agent restarts it).
+fn kill_daemon(cluster: &Cluster, i: usize) -> Result<(), String> {
+    let pidfile = cluster.agent_dir(i).join("qemu/qsd.pid");
+    let pid = std::fs::read_to_string(&pidfile).map_err(|e| format!("{}: {e}", pidfile.display()))?;
+    let status = Command::new("kill").args(["-KILL", pid.trim()]).status().map_err(|e| e.to_string())?;
+    if status.success() { Ok(()) } else { Err(format!("kill -KILL {} failed", pid.trim())) }
+}
+
+/// Disables replication of `g`, extends one of its volumes by 16 MiB (at most 4 times
+/// per group), and enables it again.
+async fn disable_extend_enable(c: &mut Clients, g: &mut Group, volume: usize) -> Result<bool, String> {
+    let disabled = c
+        .replication
+        .disable_replication(pb::DisableReplicationRequest {
+            group: g.name.clone(),
+            project: "soak".into(),
+            no_wait: false,
+        })
+        .await
+        .map_err(|s| format!("disable: {}", s.message()))?
+        .into_inner();
+    let grp = disabled.group.ok_or("no group in the result")?;
+    if grp.replication_status != "disabled" {
+        return Err(format!("disable left {}: {}", grp.replication_status, grp.status_reason));
+    }
+    let extend = g.extends < 4;
+    if extend {
+        let v = c
+            .volumes
+            .get_volume(pb::GetVolumeRequest { volume: g.volumes[volume].clone(), project: "soak".into() })
+            .await
+            .map_err(|s| format!("get volume: {}", s.message()))?
+            .into_inner();
+        c.volumes
+            .extend_volume(pb::ExtendVolumeRequest {
+                volume: g.volumes[volume].clone(),
+                project: "soak".into(),
+                new_size_bytes: v.size_bytes + (16 * MIB) as i64,
+            })
+            .await
+            .map_err(|s| format!("extend: {}", s.message()))?;
+        g.extends += 1;
+    }
+    let enabled = c
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: g.name.clone(),
+            project: "soak".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 2,
+            no_wait: false,
+        })
+        .await
+        .map_err(|s| format!("enable: {}", s.message()))?
+        .into_inner();
+    let grp = enabled.group.ok_or("no group in the result")?;
+    if grp.replication_status != "enabled" {
+        return Err(format!("enable left {}: {}", grp.replication_status, grp.status_reason));
+    }
+    Ok(extend)
 }
 
 /// Which of the records 0..upto read back with their pattern at the active side.
@@ -216,9 +300,10 @@ async fn main() -> std::process::ExitCode {
             })
             .await
             .expect("enable replication");
-        groups.push(Group { name, volumes, acked: 0, floor: 0 });
+        groups.push(Group { name, volumes, acked: 0, floor: 0, extends: 0 });
     }
     let (mut steps, mut planned, mut disasters) = (0u64, 0u64, 0u64);
+    let (mut restarts, mut daemon_kills, mut reenables, mut extends) = (0u64, 0u64, 0u64, 0u64);
     let mut violations: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     while Instant::now() < end && violations.is_empty() {
@@ -241,7 +326,56 @@ async fn main() -> std::process::ExitCode {
             "step {steps}: {} active on {} ({}), {} records acked, floor {}",
             g.name, rec.active_backend, rec.replication_status, g.acked, g.floor
         );
-        if rng.u8(..4) == 0 && !away {
+        let kind = rng.u8(..20);
+        if (4..6).contains(&kind) || (6..8).contains(&kind) {
+            // An agent restart (agent and daemon SIGKILLed) or a daemon-only kill, on
+            // either side, with nothing moved: every acknowledged record must stay.
+            let side = rng.usize(..2);
+            if kind < 6 {
+                restarts += 1;
+                eprintln!("step {steps}: agent {side} and its daemon SIGKILLed and restarted");
+                cluster.agents[side].proc.kill();
+                cluster.restart_agent(side, "qemu");
+            } else {
+                daemon_kills += 1;
+                eprintln!("step {steps}: daemon of agent {side} SIGKILLed");
+                if let Err(e) = kill_daemon(&cluster, side) {
+                    violations.push(format!("step {steps}: {e}"));
+                }
+            }
+            if let Err(e) = wait_up(&mut c).await {
+                violations.push(format!("step {steps}: {e}"));
+                break;
+            }
+            for g in groups.iter_mut() {
+                // Nothing moved: every acknowledged record is still at the active side.
+                // (The floor stays: records not yet shipped may still go in a disaster.)
+                match present(&mut c, g, g.acked).await {
+                    Ok(p) if p.iter().all(|x| *x) => {}
+                    Ok(p) => violations.push(format!(
+                        "step {steps}: {} lost {} acknowledged records across a restart",
+                        g.name,
+                        p.iter().filter(|x| !**x).count()
+                    )),
+                    Err(e) => violations.push(format!("step {steps}: reading {} after the restart: {e}", g.name)),
+                }
+                if let Err(e) = write_when_writable(&mut c, g, 5).await {
+                    violations.push(format!("step {steps}: writing to {} after the restart: {e}", g.name));
+                }
+            }
+        } else if (8..10).contains(&kind) && !away && rec.replication_status == "enabled" {
+            reenables += 1;
+            let volume = rng.usize(..VOLUMES);
+            eprintln!("step {steps}: disable, extend and enable {}", g.name);
+            match disable_extend_enable(&mut c, g, volume).await {
+                // Enabling copied everything acknowledged so far to site B.
+                Ok(extended) => {
+                    extends += u64::from(extended);
+                    g.floor = g.acked;
+                }
+                Err(e) => violations.push(format!("step {steps}: disable/extend/enable of {}: {e}", g.name)),
+            }
+        } else if kind < 4 && !away {
             // Disaster: the active site (backend-a) dies with its daemon.
             disasters += 1;
             eprintln!("step {steps}: disaster: backend-a's agent and daemon SIGKILLed");
@@ -323,7 +457,8 @@ async fn main() -> std::process::ExitCode {
     let records: u64 = groups.iter().map(|g| g.acked).sum();
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
-         (agent and daemon SIGKILLed), {records} records verified, {} violations",
+         (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
+         {reenables} disable/enable ({extends} extends), {records} records verified, {} violations",
         violations.len()
     );
     for v in &violations {
