@@ -847,3 +847,45 @@ async fn a_stalled_source_does_not_block_a_promote() {
         agent_b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume }).await.unwrap().into_inner();
     assert_eq!(info.role, apb::ReplicationRole::Primary as i32);
 }
+
+/// Enabling replication again copies everything written before it, also when points
+/// were left waiting for a peer that was down (the soak found an initial copy that sent
+/// an old waiting point again, without the newest writes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_enabling_copies_every_write_even_with_points_waiting() {
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "reen", 1, 16 * MIB).await;
+    assert_all_succeeded(&enable(&mut c, "reen", 3600).await);
+    let u = uri(&mut c, &vols[0]).await;
+    cluster.agents[1].proc.kill();
+    for _ in 0..2 {
+        // Each failed sync leaves a frozen point waiting for the peer.
+        let r = c
+            .replication
+            .sync_group(pb::SyncGroupRequest { group: "reen".into(), project: "tests".into(), no_wait: false })
+            .await;
+        assert!(r.is_err(), "a sync to a dead peer fails");
+    }
+    io(&u, &["write -P 0x41 0 1M"]);
+    cluster.restart_agent(1, "qemu");
+    wait_backend_up(&mut c, "backend-b").await;
+    let disabled = c
+        .replication
+        .disable_replication(pb::DisableReplicationRequest {
+            group: "reen".into(),
+            project: "tests".into(),
+            no_wait: false,
+        })
+        .await
+        .expect("disable")
+        .into_inner();
+    assert_eq!(disabled.group.unwrap().replication_status, "disabled");
+    assert_all_succeeded(&enable(&mut c, "reen", 3600).await);
+    cluster.agents[0].proc.kill();
+    assert_all_succeeded(&failover(&mut c, "reen", "backend-b", true).await.expect("disaster failover"));
+    let at_b = uri(&mut c, &vols[0]).await;
+    assert!(at_b.contains("agent-backend-b"), "{at_b}");
+    io(&at_b, &["read -P 0x41 0 1M"]);
+}

@@ -307,10 +307,13 @@ impl QemuDriver {
         };
         let full = base_rp.is_empty();
         // Bounded chains: while the peer cannot take points, at most MAX_WAITING frozen
-        // points wait for it. Past that the sync freezes nothing new and sends the newest
-        // waiting point again, so a peer that is down for hours costs no layers.
+        // points wait for it. Past that a scheduled sync freezes nothing new and sends the
+        // newest waiting point again, so a peer that is down for hours costs no layers.
+        // A sync the orchestrator asked for (enable's initial copy, sync now, a final sync)
+        // always freezes a new point: it promises everything acknowledged before it began.
         let waiting = |v: &Vol| v.layers.iter().filter(|l| l.rp.is_some() && !l.acked).count();
-        let reuse = !final_sync && vols.iter().all(|v| waiting(v) >= MAX_WAITING);
+        let asked = drover_agent::driver::current_op().is_some();
+        let reuse = !final_sync && !asked && vols.iter().all(|v| waiting(v) >= MAX_WAITING);
         let (rp_id, created, snapshot_pause_us) = if reuse {
             let newest = &vols[0].layers[vols[0].layers.len() - 2];
             tracing::info!(
