@@ -4,8 +4,9 @@ use std::time::Duration;
 
 use drover_proto::v1::{
     execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
-    replication_service_client::ReplicationServiceClient, site_service_client::SiteServiceClient,
-    version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
+    replication_service_client::ReplicationServiceClient, runbook_service_client::RunbookServiceClient,
+    site_service_client::SiteServiceClient, version_service_client::VersionServiceClient,
+    volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -23,6 +24,7 @@ pub struct Clients {
     pub groups: GroupServiceClient<Ch>,
     pub replication: ReplicationServiceClient<Ch>,
     pub executions: ExecutionServiceClient<Ch>,
+    pub runbooks: RunbookServiceClient<Ch>,
 }
 
 impl Clients {
@@ -49,6 +51,7 @@ impl Clients {
             groups: GroupServiceClient::new(ch()),
             replication: ReplicationServiceClient::new(ch()),
             executions: ExecutionServiceClient::new(ch()),
+            runbooks: RunbookServiceClient::new(ch()),
         }
     }
 }

@@ -70,6 +70,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::execution::ExecutionCmd,
     },
+    /// Runbooks: validate, plan and run declarative DR plans.
+    Runbook {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::runbook::RunbookCmd,
+    },
     /// Run the orchestrator server.
     Orchestrator(servers::OrchestratorArgs),
     /// Run an agent server for one backend.

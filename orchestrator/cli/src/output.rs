@@ -163,6 +163,12 @@ pub fn group_detail(g: &pb::Group) -> Table {
         ("divergence point", g.divergence_point.clone()),
         ("rpo", if g.rpo_ms < 0 { "unknown".into() } else { format!("{} ms", g.rpo_ms) }),
         ("epoch", g.epoch.to_string()),
+        ("tier", g.tier.to_string()),
+        ("labels", {
+            let mut l: Vec<String> = g.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            l.sort();
+            l.join(", ")
+        }),
     ] {
         t.row(vec![k.into(), v]);
     }

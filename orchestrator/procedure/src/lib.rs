@@ -17,7 +17,8 @@
 //!   deleted (a lease expired); any manager claims an unowned execution and resumes it
 //!   from its persisted state. A store outage stops nothing for good: writes are retried
 //!   until they land or the claim is gone.
-//! - **Cancellable** at step boundaries; **observable** through [`Manager::watch`].
+//! - **Cancellable** and **pausable** at step boundaries; **observable** through
+//!   [`Manager::watch`]; a step may wait for an operator's [`Decision`] (a prompt).
 //!
 //! [`Procedure::execute`] runs one step and must be idempotent: after a crash between a
 //! step and its persist, the step runs again.
@@ -26,7 +27,7 @@ mod manager;
 mod record;
 
 pub use manager::{Manager, ManagerConfig, SubmitError};
-pub use record::{ExecutionRec, ExecutionStatus, StepRec, keys};
+pub use record::{Decision, ExecutionRec, ExecutionStatus, StepRec, keys};
 
 use async_trait::async_trait;
 

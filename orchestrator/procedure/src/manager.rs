@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, now_ms};
 use crate::{Context, Loader, Procedure, ProcedureError, Status};
 
+mod control;
+
 /// Manager settings.
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
@@ -44,8 +46,11 @@ pub enum SubmitError {
     Conflict,
     #[error("execution {0} not found; list executions with `drover execution list`")]
     NotFound(String),
-    #[error("execution {id} already ended ({status}); nothing to cancel")]
+    #[error("execution {id} already ended ({status}); there is nothing to change")]
     Ended { id: String, status: String },
+    /// A prompt was decided already; the first decision stands.
+    #[error("prompt {prompt} of execution {id} was already {} by {}", if first.approve { "approved" } else { "rejected" }, first.by)]
+    Decided { id: String, prompt: String, first: crate::record::Decision },
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -355,6 +360,7 @@ impl Manager {
             claims: 0,
             parent,
             children: Vec::new(),
+            paused: false,
         };
         let mut txn = intent
             .when(Compare::Absent(keys::execution(&id).into_bytes()))
@@ -451,6 +457,21 @@ impl Manager {
                 rec.error = format!("cancelled before step {}", proc.step());
                 self.finish(id, rec, epoch, &token).await;
                 return;
+            }
+            // Paused: no step starts (children already running go on) until resumed.
+            let paused = matches!(self.store.get(keys::pause(id).as_bytes()).await, Ok(Some(_)));
+            if paused != rec.paused {
+                rec.paused = paused;
+                tracing::info!(execution = %id, paused, "pause state changed");
+                if !self.persist(id, &mut rec, epoch, &token).await {
+                    return;
+                }
+            }
+            if paused {
+                if pause(Duration::from_millis(200), &token).await {
+                    return;
+                }
+                continue;
             }
             // A step that started children resumes once every one of them has ended.
             let mut children = Vec::new();
@@ -599,12 +620,15 @@ impl Manager {
     /// one transaction that compares the claim.
     async fn finish(&self, id: &str, mut rec: ExecutionRec, epoch: i64, token: &CancellationToken) {
         rec.updated_ms = now_ms();
+        rec.paused = false;
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
             .and_then(TxnOp::put(keys::execution(id), encode(&rec)))
             .and_then(TxnOp::delete(keys::pending(id)))
             .and_then(TxnOp::delete(keys::owner(id)))
-            .and_then(TxnOp::delete(keys::cancel(id)));
+            .and_then(TxnOp::delete(keys::cancel(id)))
+            .and_then(TxnOp::delete(keys::pause(id)))
+            .and_then(TxnOp::DeletePrefix { prefix: keys::decisions(id).into_bytes() });
         for l in &rec.locks {
             txn = txn.and_then(TxnOp::delete(keys::lock(l)));
         }

@@ -23,6 +23,18 @@ pub mod keys {
     pub fn cancel(id: &str) -> String {
         format!("execution-cancels/{id}")
     }
+    /// A request to pause, read by the owner at step boundaries; removed to resume.
+    pub fn pause(id: &str) -> String {
+        format!("execution-pauses/{id}")
+    }
+    /// An operator's decision on a prompt of an execution.
+    pub fn decision(id: &str, prompt: &str) -> String {
+        format!("execution-decisions/{id}/{prompt}")
+    }
+    /// Every decision of an execution.
+    pub fn decisions(id: &str) -> String {
+        format!("execution-decisions/{id}/")
+    }
     /// A lock: the key a procedure holds, naming the execution that holds it.
     pub fn lock(key: &str) -> String {
         format!("locks/{key}")
@@ -106,6 +118,20 @@ pub struct ExecutionRec {
     /// The children the next step waits for.
     #[serde(default)]
     pub children: Vec<String>,
+    /// Paused by an operator: no step starts until it is resumed.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// An operator's answer to a prompt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    pub approve: bool,
+    /// Who decided (free text the client sends, e.g. the OS user).
+    pub by: String,
+    pub at_ms: i64,
+    #[serde(default)]
+    pub comment: String,
 }
 
 /// Milliseconds since the Unix epoch.

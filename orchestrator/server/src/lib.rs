@@ -11,6 +11,7 @@ pub mod launch;
 pub mod model;
 pub mod procedures;
 pub mod repo;
+pub mod runbook;
 pub mod service;
 pub mod transitions;
 
@@ -71,7 +72,7 @@ pub async fn serve(
 
     let sites = || service::sites::SiteApi { core: core.clone() };
     let volumes = Arc::new(service::volumes::VolumeApi { core: core.clone() });
-    let replication = Arc::new(service::replication::ReplicationApi { core: core.clone() });
+    let replication = Arc::new(service::replication::ReplicationApi { core: core.clone(), parent: String::new() });
     let executions = service::executions::ExecutionApi { core: core.clone() };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -105,6 +106,10 @@ pub async fn serve(
         ))
         .add_service(InterceptedService::new(
             pb::replication_service_server::ReplicationServiceServer::from_arc(replication),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::runbook_service_server::RunbookServiceServer::new(service::runbooks::RunbookApi { core: core.clone() }),
             check_api_version,
         ))
         .add_service(InterceptedService::new(

@@ -256,6 +256,22 @@ pub struct GroupRec {
     /// Set by a disaster failover: the recovery point the two sides diverged at.
     #[serde(default)]
     pub divergence_point: String,
+    /// Free-form labels, for runbook selectors.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Runbook priority tier: 1 runs first, 9 last.
+    #[serde(default = "default_tier")]
+    pub tier: u32,
+}
+
+/// The tiers groups may have: 1 (first) to 9 (last).
+pub const TIERS: std::ops::RangeInclusive<u32> = 1..=9;
+
+/// The tier of a group nobody placed.
+pub const DEFAULT_TIER: u32 = 5;
+
+fn default_tier() -> u32 {
+    DEFAULT_TIER
 }
 
 /// The default seconds between recovery points.
@@ -293,6 +309,8 @@ impl GroupRec {
             sync_interval_seconds: self.sync_interval_seconds,
             divergence_point: self.divergence_point.clone(),
             rpo_ms: -1,
+            labels: self.labels.clone().into_iter().collect(),
+            tier: self.tier,
         }
     }
 

@@ -24,8 +24,42 @@ pub enum ExecutionCmd {
     Show { id: String },
     /// Follow an execution until it ends, printing each step.
     Watch { id: String },
-    /// Stop an execution at its next step boundary.
+    /// Stop an execution at its next step boundary (running group moves finish).
     Cancel { id: String },
+    /// Start no new step until resumed (running group moves finish).
+    Pause { id: String },
+    /// Let a paused execution go on.
+    Resume { id: String },
+    /// Approve the prompt a runbook execution waits at.
+    Approve {
+        id: String,
+        /// The prompt's step name, to decide one the execution has not reached yet.
+        #[arg(long, default_value = "")]
+        prompt: String,
+        /// A note kept in the report.
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// Reject the prompt a runbook execution waits at: it stops there.
+    Reject {
+        id: String,
+        #[arg(long, default_value = "")]
+        prompt: String,
+        #[arg(long, default_value = "")]
+        comment: String,
+    },
+    /// The DR report of a runbook execution: timeline, outcomes, RPO and RTO per group.
+    Report {
+        id: String,
+        /// md (Markdown) or json.
+        #[arg(long, default_value = "md")]
+        format: String,
+    },
+}
+
+/// Who is deciding, for the report: the OS user.
+fn operator() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into())
 }
 
 fn list_table(list: &[pb::Execution]) -> Table {
@@ -58,6 +92,8 @@ pub fn detail(e: &pb::Execution) -> Table {
         ("created", timestamp(e.created_ms)),
         ("updated", timestamp(e.updated_ms)),
         ("cancel requested", e.cancel_requested.to_string()),
+        ("paused", e.paused.to_string()),
+        ("parent", e.parent.clone()),
     ] {
         t.row(vec![k.into(), v]);
     }
@@ -89,6 +125,34 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
         ExecutionCmd::Cancel { id } => {
             let e = api.cancel_execution(pb::CancelExecutionRequest { id }).await?;
             emit(ctx.fmt, e.get_ref(), detail);
+        }
+        ExecutionCmd::Pause { id } => {
+            let e = api.pause_execution(pb::CancelExecutionRequest { id }).await?;
+            emit(ctx.fmt, e.get_ref(), detail);
+        }
+        ExecutionCmd::Resume { id } => {
+            let e = api.resume_execution(pb::CancelExecutionRequest { id }).await?;
+            emit(ctx.fmt, e.get_ref(), detail);
+        }
+        ExecutionCmd::Approve { id, prompt, comment } => {
+            let by = operator();
+            let req = pb::DecidePromptRequest { id, prompt, approve: true, by, comment };
+            let e = api.decide_prompt(req).await?;
+            emit(ctx.fmt, e.get_ref(), detail);
+        }
+        ExecutionCmd::Reject { id, prompt, comment } => {
+            let by = operator();
+            let req = pb::DecidePromptRequest { id, prompt, approve: false, by, comment };
+            let e = api.decide_prompt(req).await?;
+            emit(ctx.fmt, e.get_ref(), detail);
+        }
+        ExecutionCmd::Report { id, format } => {
+            let r = api.get_execution_report(pb::GetExecutionReportRequest { id, format }).await?.into_inner();
+            if ctx.fmt == Format::Json && r.format == "md" {
+                emit(ctx.fmt, &r, |_| Table::new(&[]));
+            } else {
+                println!("{}", r.text);
+            }
         }
     }
     Ok(())

@@ -34,6 +34,19 @@ pub enum GroupCmd {
     Show { group: String },
     /// Delete a group (its volumes stay).
     Delete { group: String },
+    /// Set a group's labels and runbook tier.
+    Update {
+        group: String,
+        /// A label to set, KEY=VALUE; repeat for more.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// A label to remove; repeat for more.
+        #[arg(long = "remove-label")]
+        remove_labels: Vec<String>,
+        /// The runbook priority tier: 1 runs first, 9 last (groups start at 5).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=9))]
+        tier: Option<u32>,
+    },
     /// Add volumes to a group.
     #[command(name = "add-volumes")]
     AddVolumes { group: String, volumes: Vec<String> },
@@ -114,13 +127,28 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             groups.delete_group(pb::DeleteGroupRequest { group: group.clone(), project }).await?;
             deleted(fmt, "group", &group);
         }
+        GroupCmd::Update { group, labels, remove_labels, tier } => {
+            if labels.is_empty() && remove_labels.is_empty() && tier.is_none() {
+                bail!("nothing to update: give --label KEY=VALUE, --remove-label KEY or --tier N");
+            }
+            let req = pb::UpdateGroupRequest {
+                group,
+                project,
+                set_labels: labels.into_iter().collect(),
+                remove_labels,
+                tier: tier.unwrap_or(0),
+                ..Default::default()
+            };
+            let g = groups.update_group(req).await?;
+            emit(fmt, g.get_ref(), output::group_detail);
+        }
         GroupCmd::AddVolumes { group, volumes } => {
-            let req = pb::UpdateGroupRequest { group, project, add_volumes: volumes, remove_volumes: vec![] };
+            let req = pb::UpdateGroupRequest { group, project, add_volumes: volumes, ..Default::default() };
             let g = groups.update_group(req).await?;
             emit(fmt, g.get_ref(), output::group_detail);
         }
         GroupCmd::RemoveVolumes { group, volumes } => {
-            let req = pb::UpdateGroupRequest { group, project, add_volumes: vec![], remove_volumes: volumes };
+            let req = pb::UpdateGroupRequest { group, project, remove_volumes: volumes, ..Default::default() };
             let g = groups.update_group(req).await?;
             emit(fmt, g.get_ref(), output::group_detail);
         }
@@ -225,4 +253,12 @@ fn report(fmt: Format, r: &pb::ReplicationResult) -> Result<()> {
         bail!("{failed} of {} volume(s) did not succeed: {reason}", r.items.len());
     }
     Ok(())
+}
+
+/// `KEY=VALUE` of `--label`.
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }

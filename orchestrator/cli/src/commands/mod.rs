@@ -5,6 +5,7 @@ pub mod backend;
 pub mod execution;
 pub mod group;
 pub mod group_type;
+pub mod runbook;
 pub mod site;
 pub mod volume;
 

@@ -162,7 +162,7 @@ impl Procedure for GroupTransition {
             })?;
             volumes.push(v.rec);
         }
-        let api = ReplicationApi { core: self.core.clone() };
+        let api = ReplicationApi { core: self.core.clone(), parent: String::new() };
         let result = match (s.action.as_str(), s.state) {
             ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, g.rev).await,
             ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, g.rev).await,

@@ -37,6 +37,7 @@ pub fn register(manager: &Manager, core: &Arc<Core>) {
     );
     let c = core.clone();
     manager.register(sync::KIND, Box::new(move |state| Ok(Box::new(SyncNow::load(c.clone(), state)?) as Box<_>)));
+    manager.register(crate::runbook::run::KIND, crate::runbook::run::loader(core.clone()));
 }
 
 /// A procedure's answer to its caller, kept as the execution's output: the value, or the

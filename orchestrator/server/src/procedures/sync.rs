@@ -68,7 +68,7 @@ impl Procedure for SyncNow {
 
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
         // The agent call is idempotent by op_id: a resumed sync asks before it ships again.
-        let api = ReplicationApi { core: self.core.clone() };
+        let api = ReplicationApi { core: self.core.clone(), parent: String::new() };
         Answer::from_result(api.sync_step(&self.state.group_id, &self.state.op_id, ctx.epoch).await).done()
     }
 }

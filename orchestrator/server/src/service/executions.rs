@@ -43,6 +43,9 @@ pub fn to_pb(r: ExecutionRec) -> pb::Execution {
         claims: r.claims,
         locks: r.locks,
         output_json: if r.output.is_null() { String::new() } else { r.output.to_string() },
+        paused: r.paused,
+        parent: r.parent,
+        state_json: r.state.to_string(),
     }
 }
 
@@ -110,5 +113,109 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             Err(SubmitError::Store(s)) => Err(ApiError::from(s).into()),
             Err(e) => Err(ApiError::Internal(e.to_string()).into()),
         }
+    }
+
+    async fn pause_execution(
+        &self,
+        req: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::Execution>, Status> {
+        let id = req.into_inner().id;
+        require_id(&id)?;
+        self.core.procedures.pause(&id).await.map_err(|e| control_error(&id, e))?;
+        self.current(&id).await
+    }
+
+    async fn resume_execution(
+        &self,
+        req: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::Execution>, Status> {
+        let id = req.into_inner().id;
+        require_id(&id)?;
+        self.core.procedures.resume(&id).await.map_err(|e| control_error(&id, e))?;
+        self.current(&id).await
+    }
+
+    async fn decide_prompt(&self, req: Request<pb::DecidePromptRequest>) -> Result<Response<pb::Execution>, Status> {
+        let r = req.into_inner();
+        require_id(&r.id)?;
+        let rec = self.core.procedures.get(&r.id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(&r.id))?;
+        let prompt = if r.prompt.is_empty() {
+            match rec.step.strip_prefix("prompt:") {
+                Some(p) if !rec.status.is_terminal() => p.to_string(),
+                _ => {
+                    return Err(ApiError::FailedPrecondition(format!(
+                        "execution {} is not waiting at a prompt (its step is {}, status {}); name the prompt to \
+                         decide one ahead",
+                        r.id,
+                        rec.step,
+                        rec.status.as_str()
+                    ))
+                    .into());
+                }
+            }
+        } else {
+            r.prompt.clone()
+        };
+        if rec.kind != crate::runbook::run::KIND {
+            return Err(ApiError::FailedPrecondition(format!(
+                "execution {} is a {}, which has no prompts",
+                r.id, rec.kind
+            ))
+            .into());
+        }
+        let by = if r.by.trim().is_empty() { "unknown".to_string() } else { r.by.clone() };
+        self.core
+            .procedures
+            .decide(&r.id, &prompt, r.approve, &by, &r.comment)
+            .await
+            .map_err(|e| control_error(&r.id, e))?;
+        self.current(&r.id).await
+    }
+
+    async fn get_execution_report(
+        &self,
+        req: Request<pb::GetExecutionReportRequest>,
+    ) -> Result<Response<pb::ExecutionReport>, Status> {
+        let r = req.into_inner();
+        require_id(&r.id)?;
+        let format = if r.format.is_empty() { "json".to_string() } else { r.format.clone() };
+        if !["json", "md"].contains(&format.as_str()) {
+            return Err(ApiError::InvalidArgument(format!("report format {format:?}: use json or md")).into());
+        }
+        let rec = self.core.procedures.get(&r.id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(&r.id))?;
+        if rec.kind != crate::runbook::run::KIND {
+            return Err(ApiError::FailedPrecondition(format!(
+                "execution {} is a {}; reports are made for runbook executions (see `drover execution show {}`)",
+                r.id, rec.kind, r.id
+            ))
+            .into());
+        }
+        let state: crate::runbook::run::RunState = serde_json::from_value(rec.state.clone())
+            .map_err(|e| ApiError::Internal(format!("execution {} has an unreadable state: {e}", r.id)))?;
+        let report = crate::runbook::report::build(&self.core, &state, &r.id, rec.status.as_str()).await;
+        let text = if format == "md" {
+            crate::runbook::report::markdown(&report)
+        } else {
+            serde_json::to_string_pretty(&report).expect("reports serialise")
+        };
+        Ok(Response::new(pb::ExecutionReport { format, text }))
+    }
+}
+
+impl ExecutionApi {
+    async fn current(&self, id: &str) -> Result<Response<pb::Execution>, Status> {
+        let rec = self.core.procedures.get(id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(id))?;
+        Ok(Response::new(to_pb(rec)))
+    }
+}
+
+fn control_error(id: &str, e: SubmitError) -> Status {
+    match e {
+        SubmitError::NotFound(_) => not_found(id).into(),
+        e @ (SubmitError::Ended { .. } | SubmitError::Decided { .. }) => {
+            ApiError::FailedPrecondition(e.to_string()).into()
+        }
+        SubmitError::Store(s) => ApiError::from(s).into(),
+        e => ApiError::Internal(e.to_string()).into(),
     }
 }

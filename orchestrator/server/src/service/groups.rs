@@ -108,6 +108,8 @@ impl GroupApi {
             pending: None,
             sync_interval_seconds: crate::model::DEFAULT_SYNC_INTERVAL_SECONDS,
             divergence_point: String::new(),
+            labels: Default::default(),
+            tier: crate::model::DEFAULT_TIER,
         };
         rec.record("create", format!("created on backend {} with {} volume(s)", r.backend, members.len()), 0);
         let name_key = keys::group_name(&r.project, &r.name);
@@ -136,11 +138,56 @@ impl GroupApi {
         Ok(rec)
     }
 
+    /// Sets labels and the tier: placement for runbooks, allowed in any state.
+    async fn relabel(&self, r: &pb::UpdateGroupRequest) -> ApiResult<GroupRec> {
+        if r.tier != 0 && !crate::model::TIERS.contains(&r.tier) {
+            return Err(ApiError::InvalidArgument(format!(
+                "tier {} is out of range: tiers run from {} (first) to {} (last)",
+                r.tier,
+                crate::model::TIERS.start(),
+                crate::model::TIERS.end()
+            )));
+        }
+        for (k, v) in &r.set_labels {
+            validate_label(k, v)?;
+        }
+        let g = self.core.repo.group(&r.group, &r.project).await?;
+        let mut rec = g.rec.clone();
+        for k in &r.remove_labels {
+            rec.labels.remove(k);
+        }
+        rec.labels.extend(r.set_labels.iter().map(|(k, v)| (k.clone(), v.clone())));
+        if r.tier != 0 {
+            rec.tier = r.tier;
+        }
+        let labels: Vec<String> = rec.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        rec.record("update", format!("tier {}, labels [{}]", rec.tier, labels.join(", ")), 0);
+        let txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::group(&rec.id).into_bytes(), g.rev))
+            .and_then(put(&keys::group(&rec.id), &rec));
+        if !self.core.repo.txn(txn).await?.succeeded {
+            return Err(raced(&format!("group {}", rec.name)));
+        }
+        Ok(rec)
+    }
+
     async fn update(&self, r: pb::UpdateGroupRequest) -> ApiResult<GroupRec> {
+        let placement = !r.set_labels.is_empty() || !r.remove_labels.is_empty() || r.tier != 0;
+        let membership = !r.add_volumes.is_empty() || !r.remove_volumes.is_empty();
+        if placement && membership {
+            return Err(ApiError::InvalidArgument(
+                "change volumes and labels/tier in separate updates (membership has rules of its own)".into(),
+            ));
+        }
+        if placement {
+            return self.relabel(&r).await;
+        }
         let g = self.core.repo.group(&r.group, &r.project).await?;
         Self::require_membership_changeable(&g.rec)?;
-        if r.add_volumes.is_empty() && r.remove_volumes.is_empty() {
-            return Err(ApiError::InvalidArgument("name volumes to add or remove".into()));
+        if !membership {
+            return Err(ApiError::InvalidArgument(
+                "nothing to update: name volumes to add or remove, labels to set or remove, or a tier".into(),
+            ));
         }
         writable_backend(&self.core, &g.rec.primary_backend, "volume").await?;
         let adding = self.joining(&r.add_volumes, &g.rec.project, &g.rec.primary_backend).await?;
@@ -292,4 +339,15 @@ impl pb::group_service_server::GroupService for GroupApi {
     async fn update_group(&self, req: Request<pb::UpdateGroupRequest>) -> Result<Response<pb::Group>, Status> {
         Ok(Response::new(self.update(req.into_inner()).await?.to_pb()))
     }
+}
+
+/// A label key is a name; its value is up to 128 printable characters without spaces.
+fn validate_label(key: &str, value: &str) -> ApiResult<()> {
+    validate_name("label key", key)?;
+    if value.len() > 128 || value.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::InvalidArgument(format!(
+            "label {key}={value:?}: a value is at most 128 characters, without spaces"
+        )));
+    }
+    Ok(())
 }

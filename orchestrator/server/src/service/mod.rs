@@ -4,6 +4,7 @@ pub mod executions;
 pub mod groups;
 pub mod replication;
 pub mod returning;
+pub mod runbooks;
 pub mod shared;
 pub mod sites;
 pub mod version;

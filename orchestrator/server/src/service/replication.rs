@@ -41,6 +41,9 @@ pub use failover::{FailoverProgress, FailoverState};
 /// `drover.v1.ReplicationService`.
 pub struct ReplicationApi {
     pub core: Arc<Core>,
+    /// The execution that submits through this API and follows what it submits (a
+    /// runbook); empty for the gRPC service.
+    pub parent: String,
 }
 
 /// The target name that means "back to the primary" (Cinder's convention).
@@ -119,12 +122,12 @@ impl ReplicationApi {
         let status = via.as_str();
         let (group, txn) = Self::begin_txn(snap, status, op.clone());
         let proc = crate::procedures::GroupTransition::new(self.core.clone(), &group, &op);
-        let (id, rev) = self
-            .core
-            .procedures
-            .submit_with(Box::new(proc), txn)
-            .await
-            .map_err(|e| crate::procedures::submit_error(e, &format!("group {}", group.name)))?;
+        let submitted = if self.parent.is_empty() {
+            self.core.procedures.submit_with(Box::new(proc), txn).await
+        } else {
+            self.core.procedures.submit_for(&self.parent, Box::new(proc), txn).await
+        };
+        let (id, rev) = submitted.map_err(|e| crate::procedures::submit_error(e, &format!("group {}", group.name)))?;
         tracing::info!(group = %group.id, status, execution = %id, rev, "group transition submitted");
         if no_wait {
             return Ok(pb::ReplicationResult { group: Some(group.to_pb()), items: Vec::new(), execution_id: id });
@@ -496,7 +499,7 @@ impl ReplicationApi {
 
     // ------------------------------------------------------------------ failover
 
-    async fn failover(&self, r: pb::FailoverGroupRequest) -> ApiResult<pb::ReplicationResult> {
+    pub(crate) async fn failover(&self, r: pb::FailoverGroupRequest) -> ApiResult<pb::ReplicationResult> {
         if r.target_backend.trim().is_empty() {
             return Err(ApiError::InvalidArgument(format!(
                 "`target_backend` is required: the group's replication target, or `{DEFAULT_TARGET}` to fail back"
@@ -546,16 +549,20 @@ impl ReplicationApi {
     }
 
     /// Takes and ships a recovery point now.
-    async fn sync_now(&self, r: pb::SyncGroupRequest) -> ApiResult<pb::SyncGroupResponse> {
+    pub(crate) async fn sync_now(&self, r: pb::SyncGroupRequest) -> ApiResult<pb::SyncGroupResponse> {
         let g = self.core.repo.group(&r.group, &r.project).await?;
         check(GroupAction::Sync, &g.rec.replication_status, position(&g.rec), &g.rec.name)?;
         let proc = crate::procedures::SyncNow::new(self.core.clone(), &g.rec);
-        let id = self
-            .core
-            .procedures
-            .submit(Box::new(proc))
-            .await
-            .map_err(|e| crate::procedures::submit_error(e, &format!("group {}", g.rec.name)))?;
+        let submitted = if self.parent.is_empty() {
+            self.core.procedures.submit(Box::new(proc)).await
+        } else {
+            self.core
+                .procedures
+                .submit_for(&self.parent, Box::new(proc), drover_store::Txn::new())
+                .await
+                .map(|(id, _)| id)
+        };
+        let id = submitted.map_err(|e| crate::procedures::submit_error(e, &format!("group {}", g.rec.name)))?;
         if r.no_wait {
             return Ok(pb::SyncGroupResponse { execution_id: id, ..Default::default() });
         }

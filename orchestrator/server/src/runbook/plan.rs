@@ -1,0 +1,215 @@
+//! From a loaded runbook to concrete work: which groups (or backends) each step touches,
+//! in which tier, and what each is predicted to do. `drover runbook plan` shows this; a
+//! run starts from it.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::schema::{BackendSelector, Loaded, Selector, Step};
+use crate::error::{ApiError, ApiResult};
+use crate::model::{BackendRec, GroupRec, keys, replication_status as rs};
+use crate::service::Core;
+
+/// One group (or backend) a step acts on.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Item {
+    /// Group id, or backend name for freeze/thaw.
+    pub target: String,
+    /// Group name (or the backend name).
+    pub name: String,
+    #[serde(default)]
+    pub project: String,
+    #[serde(default)]
+    pub tier: u32,
+    /// pending, starting, running, succeeded, failed, skipped.
+    pub status: String,
+    #[serde(default)]
+    pub reason: String,
+    /// The execution doing the item's work, once submitted.
+    #[serde(default)]
+    pub execution_id: String,
+    #[serde(default)]
+    pub started_ms: i64,
+    #[serde(default)]
+    pub ended_ms: i64,
+    /// Predicted (in a plan) or achieved (after a move) RPO; -1 when unknown.
+    #[serde(default = "unknown")]
+    pub rpo_ms: i64,
+    /// From the execution's start to the group serving at the target; -1 until then.
+    #[serde(default = "unknown")]
+    pub rto_ms: i64,
+    /// What the plan expected: `act`, or why the item would be skipped.
+    #[serde(default)]
+    pub predicted: String,
+}
+
+fn unknown() -> i64 {
+    -1
+}
+
+impl Item {
+    fn new(target: &str, name: &str, project: &str, tier: u32) -> Self {
+        Item {
+            target: target.into(),
+            name: name.into(),
+            project: project.into(),
+            tier,
+            status: "pending".into(),
+            reason: String::new(),
+            execution_id: String::new(),
+            started_ms: 0,
+            ended_ms: 0,
+            rpo_ms: -1,
+            rto_ms: -1,
+            predicted: "act".into(),
+        }
+    }
+
+    pub fn done(&self) -> bool {
+        matches!(self.status.as_str(), "succeeded" | "failed" | "skipped")
+    }
+}
+
+/// A step with its items.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PlannedStep {
+    pub name: String,
+    pub kind: String,
+    pub items: Vec<Item>,
+}
+
+/// What a group step does to a group in its current state: `Ok` when it will act, else
+/// why it will be skipped (`not-capable: …` for groups that cannot replicate).
+pub fn eligibility(step: &Step, g: &GroupRec) -> Result<(), String> {
+    if g.replication_status == rs::NOT_CAPABLE {
+        return Err(format!("not-capable: group type {} does not replicate", g.group_type));
+    }
+    let away = g.active_backend != g.primary_backend;
+    match step {
+        Step::Failover { .. } if away => Err(format!("already failed over to {}", g.active_backend)),
+        Step::Failover { .. } | Step::Sync { .. } if g.replication_status != rs::ENABLED => {
+            Err(format!("replication is {}, not enabled", g.replication_status))
+        }
+        Step::Sync { .. } if away => Err("failed over: nothing to sync towards the lost side".into()),
+        Step::Failback { .. } if !away => Err(format!("already on its primary backend {}", g.primary_backend)),
+        Step::Failback { .. } if g.replication_status != rs::FAILED_OVER => {
+            Err(format!("replication is {}, not failed-over", g.replication_status))
+        }
+        _ => Ok(()),
+    }
+}
+
+fn matches(sel: &Selector, g: &GroupRec, backends: &BTreeMap<String, BackendRec>) -> bool {
+    let site_of = |b: &str| backends.get(b).map(|r| r.site.as_str()).unwrap_or("");
+    sel.site.as_ref().is_none_or(|s| site_of(&g.primary_backend) == s)
+        && sel.backend.as_ref().is_none_or(|b| &g.primary_backend == b)
+        && (sel.names.is_empty() || sel.names.contains(&g.name))
+        && sel.project.as_ref().is_none_or(|p| &g.project == p)
+        && sel.labels.iter().all(|(k, v)| g.labels.get(k) == Some(v))
+        && (sel.tiers.is_empty() || sel.tiers.iter().any(|t| t.0 == g.tier))
+}
+
+fn describe(sel: &Selector) -> String {
+    let mut parts = Vec::new();
+    if let Some(s) = &sel.site {
+        parts.push(format!("site={s}"));
+    }
+    if let Some(b) = &sel.backend {
+        parts.push(format!("backend={b}"));
+    }
+    if !sel.names.is_empty() {
+        parts.push(format!("names={}", sel.names.join(",")));
+    }
+    if let Some(p) = &sel.project {
+        parts.push(format!("project={p}"));
+    }
+    for (k, v) in &sel.labels {
+        parts.push(format!("label {k}={v}"));
+    }
+    if !sel.tiers.is_empty() {
+        parts.push(format!("tiers={}", sel.tiers.iter().map(|t| t.0.to_string()).collect::<Vec<_>>().join(",")));
+    }
+    if parts.is_empty() { "every group".into() } else { parts.join(" ") }
+}
+
+/// The groups `sel` picks, ordered by tier then name.
+pub async fn select(core: &Core, sel: &Selector) -> ApiResult<Vec<GroupRec>> {
+    let backends: BTreeMap<String, BackendRec> =
+        core.repo.list::<BackendRec>(keys::BACKENDS).await?.into_iter().map(|b| (b.rec.name.clone(), b.rec)).collect();
+    let mut groups: Vec<GroupRec> = core
+        .repo
+        .list::<GroupRec>(keys::GROUPS)
+        .await?
+        .into_iter()
+        .map(|g| g.rec)
+        .filter(|g| matches(sel, g, &backends))
+        .collect();
+    groups.sort_by(|a, b| (a.tier, &a.name).cmp(&(b.tier, &b.name)));
+    Ok(groups)
+}
+
+async fn select_backends(core: &Core, sel: &BackendSelector) -> ApiResult<Vec<BackendRec>> {
+    Ok(core
+        .repo
+        .list::<BackendRec>(keys::BACKENDS)
+        .await?
+        .into_iter()
+        .map(|b| b.rec)
+        .filter(|b| {
+            sel.site.as_ref().is_none_or(|s| &b.site == s) && (sel.names.is_empty() || sel.names.contains(&b.name))
+        })
+        .collect())
+}
+
+/// Resolves every step's items. A selector that matches nothing is an error naming the
+/// step (and the file position of its name).
+pub async fn plan(core: &Core, loaded: &Loaded, text: &str) -> ApiResult<Vec<PlannedStep>> {
+    let mut out = Vec::new();
+    for step in &loaded.runbook.steps {
+        let mut items = Vec::new();
+        let nothing = |what: String| {
+            let at = super::position_of_step(text, step.name());
+            ApiError::FailedPrecondition(format!(
+                "{}:{}:{}: step `{}` ({}): {what} matches nothing; fix the selector or the parameters",
+                loaded.file,
+                at.0,
+                at.1,
+                step.name(),
+                step.kind()
+            ))
+        };
+        match step {
+            Step::Freeze { backends, .. } | Step::Thaw { backends, .. } => {
+                let found = select_backends(core, backends).await?;
+                if found.is_empty() {
+                    return Err(nothing(format!(
+                        "the backend selector (site={} names={})",
+                        backends.site.as_deref().unwrap_or("any"),
+                        backends.names.join(",")
+                    )));
+                }
+                items = found.iter().map(|b| Item::new(&b.name, &b.name, "", 0)).collect();
+            }
+            _ => {
+                if let Some(sel) = step.groups() {
+                    let found = select(core, sel).await?;
+                    if found.is_empty() {
+                        return Err(nothing(format!("the group selector ({})", describe(sel))));
+                    }
+                    for g in &found {
+                        let mut item = Item::new(&g.id, &g.name, &g.project, g.tier);
+                        if let Err(why) = eligibility(step, g)
+                            && matches!(step, Step::Failover { .. } | Step::Failback { .. } | Step::Sync { .. })
+                        {
+                            item.predicted = format!("skip: {why}");
+                        }
+                        items.push(item);
+                    }
+                }
+            }
+        }
+        out.push(PlannedStep { name: step.name().to_string(), kind: step.kind().to_string(), items });
+    }
+    Ok(out)
+}

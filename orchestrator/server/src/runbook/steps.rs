@@ -1,0 +1,306 @@
+//! What each kind of step does to one item: submitting and following a group's
+//! execution, freezing a backend, checking a group, listing divergence, running a
+//! command. A new kind adds its variant to `schema::Step` and its work here.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use drover_procedure::{ExecutionStatus, ProcedureError, keys as ekeys};
+use drover_proto::v1 as pb;
+use drover_store::{Compare, Txn};
+
+use super::plan::{Item, select};
+use super::schema::{Dur, Selector, Step};
+use crate::error::{ApiError, ApiResult};
+use crate::model::{BackendRec, GroupRec, keys, now_ms, replication_status as rs};
+use crate::procedures::{Answer, step_error};
+use crate::repo::put;
+use crate::service::Core;
+use crate::service::replication::ReplicationApi;
+
+/// The creation time of a recovery point whose id is a UUIDv7 (both drivers name points
+/// so), in ms since the epoch.
+fn point_time_ms(point: &str) -> Option<i64> {
+    let u = uuid::Uuid::parse_str(point).ok()?;
+    let (secs, nanos) = u.get_timestamp()?.to_unix();
+    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
+}
+
+/// Whether the group reached the goal of `def`: a move that ended before this run knew it.
+fn at_goal(def: &Step, g: &GroupRec) -> bool {
+    match def {
+        Step::Failover { .. } => g.active_backend != g.primary_backend && g.replication_status == rs::FAILED_OVER,
+        Step::Failback { .. } => g.active_backend == g.primary_backend && g.replication_status == rs::ENABLED,
+        _ => false,
+    }
+}
+
+/// Submits the item's execution (as a child of `parent`), or adopts the one a crash of
+/// this run left: the group's lock held by an execution of this run, or the group at the
+/// goal already (the plan checked it was not, before the item was marked starting).
+pub async fn start(core: &std::sync::Arc<Core>, def: &Step, item: &Item, parent: &str) -> Result<Item, ProcedureError> {
+    let mut item = item.clone();
+    let lock = ekeys::lock(&format!("group/{}", item.target));
+    if let Some(kv) = core.repo.store().get(lock.as_bytes()).await.map_err(|e| ProcedureError::Retry(e.to_string()))? {
+        let holder = String::from_utf8_lossy(&kv.value).into_owned();
+        if let Ok(Some(rec)) = core.procedures.get(&holder).await
+            && rec.parent == parent
+        {
+            item.status = "running".into();
+            item.execution_id = holder;
+            return Ok(item);
+        }
+    }
+    let Some(g) = core.repo.get::<GroupRec>(&keys::group(&item.target)).await.map_err(step_error)? else {
+        item.status = "skipped".into();
+        item.reason = "the group no longer exists".into();
+        return Ok(item);
+    };
+    if at_goal(def, &g.rec) {
+        item.status = "succeeded".into();
+        item.reason = "done (its execution ended while this run was being resumed)".into();
+        item.ended_ms = now_ms();
+        return Ok(item);
+    }
+    let api = ReplicationApi { core: core.clone(), parent: parent.to_string() };
+    let (group, project) = (item.target.clone(), g.rec.project.clone());
+    let submitted = match def {
+        Step::Failover { force, .. } => api
+            .failover(pb::FailoverGroupRequest {
+                group,
+                project,
+                target_backend: g.rec.replication_target.clone(),
+                force: *force,
+                discard_changes_on: String::new(),
+                no_wait: true,
+            })
+            .await
+            .map(|r| r.execution_id),
+        Step::Failback { discard_diverged, .. } => {
+            let discard = *discard_diverged && !g.rec.divergence_point.is_empty();
+            api.failover(pb::FailoverGroupRequest {
+                group,
+                project,
+                target_backend: "default".into(),
+                force: false,
+                discard_changes_on: if discard { g.rec.primary_backend.clone() } else { String::new() },
+                no_wait: true,
+            })
+            .await
+            .map(|r| r.execution_id)
+        }
+        Step::Sync { .. } => {
+            api.sync_now(pb::SyncGroupRequest { group, project, no_wait: true }).await.map(|r| r.execution_id)
+        }
+        other => return Err(ProcedureError::Fail(format!("step kind {} has no group executions", other.kind()))),
+    };
+    match submitted {
+        Ok(id) => {
+            item.status = "running".into();
+            item.execution_id = id;
+        }
+        Err(ApiError::Unavailable(m)) => return Err(ProcedureError::Retry(m)),
+        Err(e) => {
+            item.status = "failed".into();
+            item.reason = e.to_string();
+            item.ended_ms = now_ms();
+        }
+    }
+    Ok(item)
+}
+
+/// The item with its outcome once its execution ended; `None` while it runs.
+pub async fn finished(
+    core: &Core,
+    def: &Step,
+    item: &Item,
+    run_started_ms: i64,
+) -> Result<Option<Item>, ProcedureError> {
+    let rec = match core.procedures.get(&item.execution_id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => {
+            let mut item = item.clone();
+            item.status = "failed".into();
+            item.reason = format!("execution {} is gone", item.execution_id);
+            return Ok(Some(item));
+        }
+        Err(e) => return Err(ProcedureError::Retry(e.to_string())),
+    };
+    if !rec.status.is_terminal() {
+        return Ok(None);
+    }
+    let mut item = item.clone();
+    item.ended_ms = rec.updated_ms;
+    let answer = serde_json::from_value::<Answer>(rec.output.clone());
+    let failure = match (rec.status, answer) {
+        (ExecutionStatus::Succeeded, Ok(Answer::Ok { value })) => {
+            let group = value.get("group").and_then(|g| serde_json::from_value::<pb::Group>(g.clone()).ok());
+            let bad: Vec<String> = value
+                .get("items")
+                .and_then(|i| i.as_array())
+                .into_iter()
+                .flatten()
+                .filter(|i| i.get("outcome").and_then(|o| o.as_str()) != Some("success"))
+                .map(|i| format!("{}: {}", i["volume_id"].as_str().unwrap_or("?"), i["reason"].as_str().unwrap_or("")))
+                .collect();
+            match group {
+                Some(g) if g.replication_status == rs::ERROR => Some(g.status_reason),
+                Some(g) if !bad.is_empty() => Some(format!("{}: {}", g.name, bad.join("; "))),
+                Some(g) => {
+                    if matches!(def, Step::Failover { .. } | Step::Failback { .. }) {
+                        item.rto_ms = (rec.updated_ms - run_started_ms).max(0);
+                        item.rpo_ms = match def {
+                            Step::Failover { force: true, .. } => {
+                                point_time_ms(&g.divergence_point).map_or(-1, |t| (item.started_ms - t).max(0))
+                            }
+                            // A planned move ships everything with its final sync.
+                            _ => 0,
+                        };
+                    }
+                    None
+                }
+                None => None,
+            }
+        }
+        (ExecutionStatus::Succeeded, Ok(Answer::Err { message, .. })) => Some(message),
+        (ExecutionStatus::Succeeded, Err(e)) => Some(format!("unreadable result: {e}")),
+        (status, _) => Some(format!("execution {} {}: {}", rec.id, status.as_str(), rec.error)),
+    };
+    match failure {
+        None => item.status = "succeeded".into(),
+        Some(why) => {
+            item.status = "failed".into();
+            item.reason = why;
+        }
+    }
+    Ok(Some(item))
+}
+
+/// Freezes or thaws a backend (idempotent).
+pub async fn set_frozen(core: &Core, backend: &str, frozen: bool) -> ApiResult<()> {
+    for _ in 0..5 {
+        let b = core
+            .repo
+            .get::<BackendRec>(&keys::backend(backend))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("backend {backend} is gone")))?;
+        if b.rec.frozen == frozen {
+            return Ok(());
+        }
+        let mut rec = b.rec.clone();
+        rec.frozen = frozen;
+        let txn = Txn::new()
+            .when(Compare::ModRevisionEquals(keys::backend(backend).into_bytes(), b.rev))
+            .and_then(put(&keys::backend(backend), &rec));
+        if core.repo.txn(txn).await?.succeeded {
+            return Ok(());
+        }
+    }
+    Err(crate::error::raced(&format!("backend {backend}")))
+}
+
+/// Checks each item's group: its status and, when asked, its RPO. Returns how many failed.
+pub async fn verify(core: &Core, items: &mut [Item], status: Option<&str>, max_rpo: Option<Dur>) -> ApiResult<usize> {
+    let mut failed = 0;
+    for item in items.iter_mut() {
+        let g = core.repo.get::<GroupRec>(&keys::group(&item.target)).await?;
+        let why = match g {
+            None => Some("the group no longer exists".to_string()),
+            Some(g) => {
+                let mut why = status
+                    .filter(|s| g.rec.replication_status != *s)
+                    .map(|s| format!("replication is {}, expected {s}", g.rec.replication_status));
+                if why.is_none()
+                    && let Some(bound) = max_rpo
+                {
+                    let infos = crate::service::shared::volume_infos(core, &g.rec).await?;
+                    item.rpo_ms = crate::service::shared::rpo_ms(&infos);
+                    if item.rpo_ms < 0 || item.rpo_ms as u128 > bound.0.as_millis() {
+                        why = Some(format!(
+                            "RPO {} exceeds the bound {}",
+                            if item.rpo_ms < 0 { "unknown".into() } else { format!("{} ms", item.rpo_ms) },
+                            humantime::format_duration(bound.0)
+                        ));
+                    }
+                }
+                why
+            }
+        };
+        item.ended_ms = now_ms();
+        match why {
+            None => item.status = "succeeded".into(),
+            Some(w) => {
+                item.status = "failed".into();
+                item.reason = w;
+                failed += 1;
+            }
+        }
+    }
+    Ok(failed)
+}
+
+/// Per selected group that diverged in a disaster: whose changes a failback discards.
+pub async fn divergence(core: &Core, sel: &Selector) -> ApiResult<Vec<String>> {
+    Ok(select(core, sel)
+        .await?
+        .into_iter()
+        .filter(|g| !g.divergence_point.is_empty())
+        .map(|g| {
+            format!(
+                "group {} (project {}): failing back to {} discards {}'s writes after recovery point {}; {} keeps its writes",
+                g.name, g.project, g.primary_backend, g.primary_backend, g.divergence_point, g.active_backend
+            )
+        })
+        .collect())
+}
+
+/// Whether every item's group has `status`; the names of those that do not.
+pub async fn reached(core: &Core, items: &[Item], status: &str) -> ApiResult<(bool, Vec<String>)> {
+    let mut missing = Vec::new();
+    for item in items {
+        let g = core.repo.get::<GroupRec>(&keys::group(&item.target)).await?;
+        if g.is_none_or(|g| g.rec.replication_status != status) {
+            missing.push(item.name.clone());
+        }
+    }
+    Ok((missing.is_empty(), missing))
+}
+
+/// Runs a command with the runbook's parameters in its environment
+/// (`DROVER_PARAM_<NAME>`); its exit code is the outcome.
+pub async fn exec(command: &[String], timeout: Duration, params: &BTreeMap<String, String>) -> Result<String, String> {
+    let mut cmd = tokio::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).kill_on_drop(true).stdin(std::process::Stdio::null());
+    for (k, v) in params {
+        cmd.env(format!("DROVER_PARAM_{}", k.to_uppercase()), v);
+    }
+    let shown = command.join(" ");
+    let out = match tokio::time::timeout(timeout, cmd.output()).await {
+        Err(_) => return Err(format!("`{shown}` did not finish within {}", humantime::format_duration(timeout))),
+        Ok(Err(e)) => return Err(format!("`{shown}` could not start: {e}")),
+        Ok(Ok(o)) => o,
+    };
+    let text = String::from_utf8_lossy(if out.status.success() { &out.stdout } else { &out.stderr }).into_owned();
+    let tail: String = text.trim().chars().rev().take(400).collect::<Vec<_>>().into_iter().rev().collect();
+    if out.status.success() {
+        Ok(format!("`{shown}` exited 0{}", if tail.is_empty() { String::new() } else { format!(": {tail}") }))
+    } else {
+        Err(format!(
+            "`{shown}` failed ({}){}",
+            out.status,
+            if tail.is_empty() { String::new() } else { format!(": {tail}") }
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn point_times_come_from_uuid_v7() {
+        let before = crate::model::now_ms();
+        let id = uuid::Uuid::now_v7().to_string();
+        let t = super::point_time_ms(&id).unwrap();
+        assert!((before - 5..=before + 5000).contains(&t), "{t} vs {before}");
+        assert_eq!(super::point_time_ms("not-a-uuid"), None);
+    }
+}

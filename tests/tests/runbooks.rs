@@ -1,0 +1,367 @@
+//! Runbooks end to end: the shipped runbooks run through the `drover` CLI and the API
+//! against an orchestrator and two mock agents (real processes).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::v1 as pb;
+use drover_tests::{Cluster, StoreChoice, replicated_group, wait_backend_up};
+
+fn runbook(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks").join(name)
+}
+
+fn request(name: &str, params: &[(&str, &str)]) -> pb::RunbookRequest {
+    let path = runbook(name);
+    pb::RunbookRequest {
+        file_name: path.display().to_string(),
+        text: std::fs::read_to_string(&path).unwrap(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    }
+}
+
+/// Creates `n` replicated groups `{prefix}-{i}`, ten at a time; returns their ids.
+async fn groups(c: &Clients, prefix: &str, n: usize) -> Vec<String> {
+    let mut ids = Vec::new();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
+        let mut set = tokio::task::JoinSet::new();
+        for i in chunk {
+            let mut c = c.clone();
+            let name = format!("{prefix}-{i:03}");
+            set.spawn(async move { replicated_group(&mut c, &name, 1).await });
+        }
+        while let Some(id) = set.join_next().await {
+            ids.push(id.unwrap());
+        }
+    }
+    ids
+}
+
+async fn set_tier(c: &mut Clients, group: &str, tier: u32) {
+    c.groups
+        .update_group(pb::UpdateGroupRequest {
+            group: group.into(),
+            project: "tests".into(),
+            tier,
+            ..Default::default()
+        })
+        .await
+        .expect("set tier");
+}
+
+async fn all_groups(c: &mut Clients) -> Vec<pb::Group> {
+    c.groups.list_groups(pb::ListGroupsRequest { project: "tests".into() }).await.unwrap().into_inner().groups
+}
+
+async fn wait_ended(c: &mut Clients, id: &str) -> pb::Execution {
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.into() }).await.unwrap().into_inner();
+        if e.status != "running" {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "execution {id} still running at step {}: {}", e.step, e.error);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn report(c: &mut Clients, id: &str, format: &str) -> String {
+    c.executions
+        .get_execution_report(pb::GetExecutionReportRequest { id: id.into(), format: format.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .text
+}
+
+/// A planned failover of site A, 100 groups in three tiers, through `drover runbook
+/// run`: every group ends failed-over, tiers ran in order, the report lists every group
+/// with its outcome, RPO and RTO, and the site's backends are thawed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    let ids = groups(&c, "site", 100).await;
+    let mut names: Vec<String> = all_groups(&mut c).await.into_iter().map(|g| g.name).collect();
+    names.sort();
+    for (i, name) in names.iter().enumerate() {
+        set_tier(
+            &mut c,
+            name,
+            if i < 30 {
+                1
+            } else if i < 70 {
+                2
+            } else {
+                3
+            },
+        )
+        .await;
+    }
+    let path = runbook("site-failover-planned.yaml");
+    let out = cluster.cli(&[
+        "runbook",
+        "run",
+        path.to_str().unwrap(),
+        "--param",
+        "site=site-a",
+        "--param",
+        "max_parallel=8",
+        "--yes",
+        "-o",
+        "json",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let e: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(e["status"], "succeeded", "{e}");
+    let id = e["id"].as_str().unwrap().to_string();
+
+    let groups = all_groups(&mut c).await;
+    assert_eq!(groups.len(), ids.len());
+    for g in &groups {
+        assert_eq!(
+            (g.replication_status.as_str(), g.active_backend.as_str()),
+            ("failed-over", "backend-b"),
+            "{}",
+            g.name
+        );
+    }
+    let r: serde_json::Value = serde_json::from_str(&report(&mut c, &id, "json").await).unwrap();
+    let listed = r["groups"].as_array().unwrap();
+    assert_eq!(listed.len(), 100, "the report lists every group");
+    for g in listed {
+        assert_eq!(g["outcome"], "succeeded", "{g}");
+        assert_eq!(g["rpo_ms"], 0, "a planned move loses nothing: {g}");
+        assert!(g["rto_ms"].as_i64().unwrap() > 0, "{g}");
+    }
+    assert_eq!(r["totals"]["failed"], 0, "{}", r["totals"]);
+    // Tier by tier: every group of a tier ended before the next tier's first started.
+    let moves = r["steps"].as_array().unwrap().iter().find(|s| s["name"] == "move").unwrap();
+    let mut by_tier: BTreeMap<u64, (i64, i64)> = BTreeMap::new();
+    for i in moves["items"].as_array().unwrap() {
+        let e = by_tier.entry(i["tier"].as_u64().unwrap()).or_insert((i64::MAX, 0));
+        e.0 = e.0.min(i["started_ms"].as_i64().unwrap());
+        e.1 = e.1.max(i["ended_ms"].as_i64().unwrap());
+    }
+    let tiers: Vec<(u64, (i64, i64))> = by_tier.into_iter().collect();
+    assert_eq!(tiers.iter().map(|t| t.0).collect::<Vec<_>>(), [1, 2, 3]);
+    for w in tiers.windows(2) {
+        assert!(
+            w[0].1.1 <= w[1].1.0,
+            "tier {} ended at {} after tier {} started at {}",
+            w[0].0,
+            w[0].1.1,
+            w[1].0,
+            w[1].1.0
+        );
+    }
+    let a = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+    assert!(!a.frozen, "the runbook thawed the site's backend");
+    let md = report(&mut c, &id, "md").await;
+    assert!(md.contains("# DR report: runbook site-failover-planned") && md.contains("| 3 | site-099 |"), "{md}");
+}
+
+/// Site A is lost: the disaster runbook fails every group over without it, recording
+/// each group's achieved RPO. Site A comes back; the failback runbook stops at its
+/// prompt listing the divergence; `reject` leaves everything as it was, and a second
+/// run that is approved brings every group home, with the decision in the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disaster_then_a_failback_that_asks_first() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    groups(&c, "dis", 5).await;
+    cluster.agents[0].proc.kill();
+    let e = c
+        .runbooks
+        .run_runbook(request("site-failover-disaster.yaml", &[("site", "site-a")]))
+        .await
+        .expect("run the disaster runbook")
+        .into_inner();
+    let e = wait_ended(&mut c, &e.id).await;
+    assert_eq!(e.status, "succeeded", "{}", e.error);
+    for g in all_groups(&mut c).await {
+        assert_eq!(g.replication_status, "failed-over", "{}: {}", g.name, g.status_reason);
+        assert!(!g.divergence_point.is_empty());
+    }
+    let r: serde_json::Value = serde_json::from_str(&report(&mut c, &e.id, "json").await).unwrap();
+    for g in r["groups"].as_array().unwrap() {
+        assert_eq!(g["outcome"], "succeeded", "{g}");
+        assert!(g["rpo_ms"].as_i64().unwrap() >= 0, "the achieved RPO is known: {g}");
+    }
+
+    cluster.restart_agent(0, "mock");
+    wait_backend_up(&mut c, "backend-a").await;
+    let before = drover_tests::state_snapshot(&mut c).await;
+    let at_prompt = |c: Clients, id: String| async move {
+        let mut c = c;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await.unwrap().into_inner();
+            if e.step == "prompt:confirm-discard" && e.steps.iter().any(|s| s.name == "prompt:confirm-discard") {
+                return e;
+            }
+            assert!(Instant::now() < deadline && e.status == "running", "never reached the prompt: {e:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let first =
+        c.runbooks.run_runbook(request("site-failback.yaml", &[("site", "site-a")])).await.unwrap().into_inner();
+    let waiting = at_prompt(c.clone(), first.id.clone()).await;
+    let state: serde_json::Value = serde_json::from_str(&waiting.state_json).unwrap();
+    let shown = state["steps"][0]["shown"].as_array().unwrap();
+    assert_eq!(shown.len(), 5, "one line per diverged group: {shown:?}");
+    assert!(shown[0].as_str().unwrap().contains("discards backend-a's writes"), "{shown:?}");
+    c.executions
+        .decide_prompt(pb::DecidePromptRequest {
+            id: first.id.clone(),
+            approve: false,
+            by: "tester".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rejected = wait_ended(&mut c, &first.id).await;
+    assert_eq!(rejected.status, "failed");
+    assert!(rejected.error.contains("rejected at prompt confirm-discard by tester"), "{}", rejected.error);
+    let after_reject = drover_tests::state_snapshot(&mut c).await;
+    assert_eq!(before, after_reject, "a rejected failback changed nothing");
+
+    let second =
+        c.runbooks.run_runbook(request("site-failback.yaml", &[("site", "site-a")])).await.unwrap().into_inner();
+    at_prompt(c.clone(), second.id.clone()).await;
+    // A second decision is refused: the first stands.
+    c.executions
+        .decide_prompt(pb::DecidePromptRequest {
+            id: second.id.clone(),
+            approve: true,
+            by: "tester".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let again = c
+        .executions
+        .decide_prompt(pb::DecidePromptRequest {
+            id: second.id.clone(),
+            prompt: "confirm-discard".into(),
+            approve: false,
+            by: "someone".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("decided already");
+    assert!(again.message().contains("already approved by tester"), "{}", again.message());
+    let done = wait_ended(&mut c, &second.id).await;
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    for g in all_groups(&mut c).await {
+        assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"), "{}", g.name);
+    }
+    let md = report(&mut c, &second.id, "md").await;
+    assert!(md.contains("Decision: **approved** by tester"), "{md}");
+}
+
+/// Cancelling a run: the group moving finishes, no new group starts, the report says
+/// cancelled. Pausing holds new groups back until resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_pause_stop_new_groups_only() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.latency=150ms"]).await;
+    let mut c = cluster.clients().await;
+    groups(&c, "can", 6).await;
+    let params = [("site", "site-a"), ("max_parallel", "1")];
+    let e = c.runbooks.run_runbook(request("site-failover-planned.yaml", &params)).await.unwrap().into_inner();
+    // Wait until the move step has a group running, then pause: no new one starts.
+    let running = |e: &pb::Execution| -> usize {
+        let s: serde_json::Value = serde_json::from_str(&e.state_json).unwrap_or_default();
+        s["steps"][2]["items"].as_array().map_or(0, |i| i.iter().filter(|i| i["status"] != "pending").count())
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if running(&now) > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline && now.status == "running", "the move never started: {now:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.executions.pause_execution(pb::CancelExecutionRequest { id: e.id.clone() }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let paused = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+    assert!(paused.paused, "{paused:?}");
+    let started_while_paused = running(&paused);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let still = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(running(&still), started_while_paused, "no group started while paused");
+    c.executions.resume_execution(pb::CancelExecutionRequest { id: e.id.clone() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if running(&now) > started_while_paused {
+            break;
+        }
+        assert!(Instant::now() < deadline, "nothing started after resume");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.executions.cancel_execution(pb::CancelExecutionRequest { id: e.id.clone() }).await.unwrap();
+    let ended = wait_ended(&mut c, &e.id).await;
+    assert_eq!(ended.status, "cancelled");
+    // The group that was moving finishes on its own; none is left half-way.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let gs = all_groups(&mut c).await;
+        if gs.iter().all(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over")) {
+            let moved = gs.iter().filter(|g| g.replication_status == "failed-over").count();
+            assert!((1..6).contains(&moved), "{moved} of 6 moved");
+            break;
+        }
+        assert!(Instant::now() < deadline, "groups left moving: {gs:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r: serde_json::Value = serde_json::from_str(&report(&mut c, &e.id, "json").await).unwrap();
+    assert_eq!(r["status"], "cancelled");
+    assert!(r["totals"]["not_started"].as_u64().unwrap() >= 1, "{}", r["totals"]);
+}
+
+/// Refusals before anything runs: a selector that matches nothing (file position and
+/// step named), a group another execution holds (its id named), a missing parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_that_cannot_start_are_refused_with_the_reason() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.latency=400ms"]).await;
+    let mut c = cluster.clients().await;
+    groups(&c, "ref", 2).await;
+    let none = c
+        .runbooks
+        .plan_runbook(request("site-failover-planned.yaml", &[("site", "site-x")]))
+        .await
+        .expect_err("nothing at site-x");
+    assert_eq!(none.code(), tonic::Code::FailedPrecondition);
+    assert!(none.message().contains("site-failover-planned.yaml:16:7: step `freeze` (freeze)"), "{}", none.message());
+
+    let missing = c.runbooks.plan_runbook(request("site-failover-planned.yaml", &[])).await.expect_err("no site");
+    assert_eq!(missing.code(), tonic::Code::InvalidArgument);
+    assert!(missing.message().contains(":7:3: parameter `site` (string) is required"), "{}", missing.message());
+
+    let held = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: "ref-000".into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            no_wait: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = c
+        .runbooks
+        .run_runbook(request("site-failover-planned.yaml", &[("site", "site-a")]))
+        .await
+        .expect_err("a group is held");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains(&held.execution_id), "names the holder: {}", refused.message());
+    let plan = c.runbooks.plan_runbook(request("site-failover-planned.yaml", &[("site", "site-a")])).await.unwrap();
+    assert_eq!(plan.get_ref().steps.len(), 5);
+}
