@@ -233,3 +233,98 @@ async fn etcd_sigkills_mid_transition_need_no_orchestrator_restart() {
     );
     assert_eq!(figures.violations(), 0, "seed {seed}: {figures:#?}");
 }
+
+/// A planned site failover of 100 groups from `runbooks/site-failover-planned.yaml`,
+/// with the orchestrator SIGKILLed 20 times at random moments while it runs (restarted
+/// each time): the run ends succeeded with every group failed over, as a run without
+/// kills does, every execution ended, no op_id ran twice, one primary per volume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_sigkills_during_a_site_failover_runbook() {
+    const N: usize = 100;
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.latency=200ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"],
+        &["--set", "owner_lease_ttl=2s"],
+    )
+    .await;
+    let c = cluster.clients().await;
+    let mut groups = Vec::new();
+    for chunk in (0..N).collect::<Vec<_>>().chunks(10) {
+        let mut set = tokio::task::JoinSet::new();
+        for &i in chunk {
+            let mut c = c.clone();
+            set.spawn(async move { replicated_group(&mut c, &format!("rb-{i:03}"), 1).await });
+        }
+        while let Some(id) = set.join_next().await {
+            groups.push(id.unwrap());
+        }
+    }
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
+    let req = pb::RunbookRequest {
+        file_name: path.display().to_string(),
+        text: std::fs::read_to_string(&path).unwrap(),
+        params: [("site".to_string(), "site-a".to_string()), ("max_parallel".to_string(), "5".to_string())].into(),
+    };
+    let mut c = cluster.clients().await;
+    let run = c.runbooks.run_runbook(req).await.expect("run").into_inner();
+    let mut figures = Figures::default();
+    // Every kill lands while the run is going and owned by the orchestrator killed: after
+    // each restart, wait until the new one has claimed the run, then a random while.
+    let mut claims = 1;
+    while figures.kills < 20 {
+        let mut c = cluster.clients().await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let now = loop {
+            let e =
+                c.executions.get_execution(pb::GetExecutionRequest { id: run.id.clone() }).await.unwrap().into_inner();
+            if e.claims >= claims || e.status != "running" {
+                break e;
+            }
+            assert!(Instant::now() < deadline, "seed {seed}: the run was not resumed within 30 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        if now.status != "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(200..1200))).await;
+        let still = c.executions.get_execution(pb::GetExecutionRequest { id: run.id.clone() }).await.unwrap();
+        if still.get_ref().status != "running" {
+            break;
+        }
+        cluster.restart_orchestrator().await;
+        figures.kills += 1;
+        claims = now.claims + 1;
+    }
+    let mut c = cluster.clients().await;
+    wait_all_ended(&mut c, Duration::from_secs(300)).await;
+    let ended = c.executions.get_execution(pb::GetExecutionRequest { id: run.id.clone() }).await.unwrap().into_inner();
+    check(&cluster, &groups, &mut figures).await;
+    let moved = {
+        let mut n = 0;
+        for id in &groups {
+            if group(&mut c, id).await.is_some_and(|g| g.replication_status == "failed-over") {
+                n += 1;
+            }
+        }
+        n
+    };
+    println!(
+        "chaos runbook: {} orchestrator kills during a {N}-group site failover; run {} after {} claims; {moved} groups \
+         failed over; executions {:?} ({} resumed), {} driver ops, {} violations",
+        figures.kills,
+        ended.status,
+        ended.claims,
+        figures.executions,
+        figures.resumed,
+        figures.driver_ops,
+        figures.violations()
+    );
+    assert_eq!(ended.status, "succeeded", "seed {seed}: {}", ended.error);
+    assert_eq!(figures.kills, 20, "seed {seed}: the run ended before 20 kills landed in it");
+    assert!(ended.claims > 20, "seed {seed}: the run was resumed after every kill ({} claims)", ended.claims);
+    assert_eq!(moved, N, "seed {seed}: every group failed over, as without kills");
+    assert_eq!(figures.violations(), 0, "seed {seed}: {figures:#?}");
+}

@@ -27,7 +27,7 @@ async fn groups(c: &Clients, prefix: &str, n: usize) -> Vec<String> {
     let mut ids = Vec::new();
     for chunk in (0..n).collect::<Vec<_>>().chunks(10) {
         let mut set = tokio::task::JoinSet::new();
-        for i in chunk {
+        for &i in chunk {
             let mut c = c.clone();
             let name = format!("{prefix}-{i:03}");
             set.spawn(async move { replicated_group(&mut c, &name, 1).await });
