@@ -32,15 +32,20 @@ impl QemuDriver {
     }
 
     pub(crate) async fn unexport(&self, v: &Vol) -> Result<(), DriverError> {
-        self.daemon().remove_export(&export_id(v)).await?;
-        // The export goes away asynchronously; wait until its node is free.
+        self.drop_export(&export_id(v)).await
+    }
+
+    /// Removes an export and waits until it is gone (it goes asynchronously, and its node
+    /// stays busy until then).
+    pub(crate) async fn drop_export(&self, id: &str) -> Result<(), DriverError> {
+        self.daemon().remove_export(id).await?;
         for _ in 0..100 {
-            if !self.daemon().export_ids().await?.contains(&export_id(v)) {
+            if !self.daemon().export_ids().await?.iter().any(|e| e == id) {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Err(DriverError::Unavailable(format!("export of volume index {} did not go away", v.index)))
+        Err(DriverError::Unavailable(format!("export {id} did not go away")))
     }
 
     /// Removes a volume's exports and nodes from the daemon (files stay).
@@ -52,15 +57,34 @@ impl QemuDriver {
         Ok(())
     }
 
-    /// Re-creates nodes and exports after a (re)start of the daemon.
+    /// Re-creates nodes and exports after a (re)start of the daemon. Each group's chains
+    /// are rebuilt under the group's lock from the state read under it: an operation that
+    /// ran against the fresh daemon before this (and failed, or left a node behind) can
+    /// neither interleave with the rebuild nor leave a node of the old shape in it, since
+    /// every node of the volume is removed before its chain is opened again.
     pub(crate) async fn restore(&self) {
-        let st = self.snapshot_state();
-        for (id, v) in &st.volumes {
-            if v.role == Some(Role::Secondary) || v.layers.is_empty() {
-                continue;
-            }
-            if let Err(e) = self.open_chain(id, v).await {
-                tracing::error!(volume = %id, error = %e, "cannot restore volume in qemu-storage-daemon");
+        let mut by_group: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (id, v) in self.snapshot_state().volumes {
+            by_group.entry(v.group_id.clone()).or_default().push(id);
+        }
+        for (group, ids) in by_group {
+            let _g = if group.is_empty() { None } else { Some(self.group_lock(&group).lock_owned().await) };
+            for id in ids {
+                let Ok(v) = self.vol(&id) else { continue };
+                if v.role == Some(Role::Secondary) || v.layers.is_empty() {
+                    continue;
+                }
+                let rebuilt = async {
+                    // Exports a racing sync may have added (its read or flush export).
+                    for export in [format!("r{}", v.index), format!("f{}", v.index)] {
+                        self.drop_export(&export).await?;
+                    }
+                    self.close_chain(&v).await?;
+                    self.open_chain(&id, &v).await
+                };
+                if let Err(e) = rebuilt.await {
+                    tracing::error!(volume = %id, error = %e, "cannot restore volume in qemu-storage-daemon");
+                }
             }
         }
     }
