@@ -905,11 +905,11 @@ async fn daemon_kills_during_syncs_leave_sound_chains() {
     let mut rng = fastrand::Rng::with_seed(7);
     for round in 0..15u64 {
         // Writes go on while the daemon comes back; a write may fail while it is away.
-        for (i, v) in vols.iter().enumerate() {
+        for v in &vols {
             let u = uri(&mut c, v).await;
             let cmd = format!("write -P {:#x} {}M 64k", 0x20 + round, round);
             let deadline = Instant::now() + Duration::from_secs(30);
-            while qemu_io(&u, &[cmd.clone()]).is_err() {
+            while qemu_io(&u, std::slice::from_ref(&cmd)).is_err() {
                 assert!(Instant::now() < deadline, "no writes for 30 s after round {round}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
