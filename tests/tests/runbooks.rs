@@ -365,3 +365,29 @@ async fn runs_that_cannot_start_are_refused_with_the_reason() {
     let plan = c.runbooks.plan_runbook(request("site-failover-planned.yaml", &[("site", "site-a")])).await.unwrap();
     assert_eq!(plan.get_ref().steps.len(), 5);
 }
+
+/// Cinder's failover-host: `drover backend failover backend-a --target backend-b` moves
+/// every replicated group of the backend and reports each; `--target default` brings
+/// them back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_backend_fails_over_and_back() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    groups(&c, "be", 10).await;
+    let out = cluster.cli(&["backend", "failover", "backend-a", "--target", "backend-b", "-o", "json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["groups"].as_array().unwrap().len(), 10, "{report}");
+    assert_eq!(report["totals"]["failed"], 0);
+    for g in all_groups(&mut c).await {
+        assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"));
+    }
+    let out = cluster.cli(&["backend", "failover", "backend-a", "--target", "default"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("succeeded: 10 groups succeeded, 0 failed, 0 skipped"), "{stdout}");
+    for g in all_groups(&mut c).await {
+        assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"));
+    }
+}

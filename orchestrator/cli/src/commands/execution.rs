@@ -164,6 +164,7 @@ pub async fn watch(ctx: &mut Ctx, id: &str, progress: bool) -> Result<pb::Execut
     let mut stream = ctx.api.executions.watch_execution(pb::GetExecutionRequest { id: id.into() }).await?.into_inner();
     let mut shown = 0;
     let mut last_error = String::new();
+    let mut announced = String::new();
     let mut latest = None;
     while let Some(next) = stream.next().await {
         let e = next?;
@@ -173,6 +174,16 @@ pub async fn watch(ctx: &mut Ctx, id: &str, progress: bool) -> Result<pb::Execut
             }
             if !e.error.is_empty() && e.error != last_error && e.status == "running" {
                 eprintln!("  [{}] {}", e.id, e.error);
+            }
+            if let Some(prompt) = e.step.strip_prefix("prompt:").filter(|_| e.status == "running")
+                && announced != e.step
+            {
+                eprintln!(
+                    "  [{}] waiting at prompt {prompt}: `drover execution show {}` shows what it asks; \
+                     `drover execution approve {}` or `reject {}` decides",
+                    e.id, e.id, e.id, e.id
+                );
+                announced = e.step.clone();
             }
         }
         shown = e.steps.len();

@@ -104,6 +104,7 @@ fn matches(sel: &Selector, g: &GroupRec, backends: &BTreeMap<String, BackendRec>
     let site_of = |b: &str| backends.get(b).map(|r| r.site.as_str()).unwrap_or("");
     sel.site.as_ref().is_none_or(|s| site_of(&g.primary_backend) == s)
         && sel.backend.as_ref().is_none_or(|b| &g.primary_backend == b)
+        && sel.target.as_ref().is_none_or(|t| &g.replication_target == t)
         && (sel.names.is_empty() || sel.names.contains(&g.name))
         && sel.project.as_ref().is_none_or(|p| &g.project == p)
         && sel.labels.iter().all(|(k, v)| g.labels.get(k) == Some(v))
@@ -117,6 +118,9 @@ fn describe(sel: &Selector) -> String {
     }
     if let Some(b) = &sel.backend {
         parts.push(format!("backend={b}"));
+    }
+    if let Some(t) = &sel.target {
+        parts.push(format!("target={t}"));
     }
     if !sel.names.is_empty() {
         parts.push(format!("names={}", sel.names.join(",")));

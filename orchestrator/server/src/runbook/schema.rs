@@ -150,6 +150,9 @@ pub struct Selector {
     /// Groups whose primary backend is this one.
     #[serde(default)]
     pub backend: Option<String>,
+    /// Groups that replicate to this backend.
+    #[serde(default)]
+    pub target: Option<String>,
     /// Groups by name.
     #[serde(default)]
     pub names: Vec<String>,
