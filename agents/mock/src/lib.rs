@@ -95,6 +95,9 @@ struct State {
     volumes: HashMap<String, MockVolume>,
     snapshots: HashMap<String, GroupSnapshotInfo>,
     unmanaged: HashMap<String, u64>,
+    /// Test clones: clone id -> (volume id, recovery point).
+    #[serde(default)]
+    clones: HashMap<String, (String, String)>,
 }
 
 /// The in-memory mock driver.
@@ -265,9 +268,54 @@ impl Driver for MockDriver {
             capability::REPLICATION,
             capability::MANAGE_EXISTING,
             capability::ATTACH,
+            capability::CLONE_RECOVERY_POINT,
         ]
         .map(String::from)
         .to_vec()
+    }
+
+    async fn clone_recovery_point(
+        &self,
+        volume_id: &str,
+        clone_id: &str,
+    ) -> Result<drover_agent::driver::CloneInfo, DriverError> {
+        self.enter("clone_recovery_point", clone_id).await?;
+        let mut state = self.lock();
+        let info = |rp: &str| drover_agent::driver::CloneInfo {
+            clone_id: clone_id.to_string(),
+            volume_id: volume_id.to_string(),
+            recovery_point_id: rp.to_string(),
+            connection: Connection { driver_volume_type: "mock".into(), uri: format!("mock://clone/{clone_id}") },
+        };
+        if let Some((v, rp)) = state.clones.get(clone_id) {
+            if v != volume_id {
+                return Err(DriverError::AlreadyExists(format!("clone {clone_id} exists already, of volume {v}")));
+            }
+            return Ok(info(rp));
+        }
+        let vol = state
+            .volumes
+            .get(volume_id)
+            .ok_or_else(|| DriverError::NotFound(format!("volume {volume_id} does not exist on this mock backend")))?;
+        if vol.role != Some(Role::Secondary) {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} is not a replica on this backend; test clones are taken at the replication target"
+            )));
+        }
+        if vol.recovery_point.is_empty() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "replica of {volume_id} has no complete recovery point yet"
+            )));
+        }
+        let rp = vol.recovery_point.clone();
+        state.clones.insert(clone_id.to_string(), (volume_id.to_string(), rp.clone()));
+        Ok(info(&rp))
+    }
+
+    async fn delete_clone(&self, clone_id: &str) -> Result<(), DriverError> {
+        self.enter("delete_clone", clone_id).await?;
+        self.lock().clones.remove(clone_id);
+        Ok(())
     }
 
     async fn probe(&self) -> Result<(), DriverError> {

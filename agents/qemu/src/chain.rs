@@ -63,6 +63,11 @@ impl QemuDriver {
     /// neither interleave with the rebuild nor leave a node of the old shape in it, since
     /// every node of the volume is removed before its chain is opened again.
     pub(crate) async fn restore(&self) {
+        for (id, c) in self.snapshot_state().clones {
+            if let Err(e) = self.open_clone(&id, &c).await {
+                tracing::error!(clone = %id, error = %e, "cannot restore a test clone in qemu-storage-daemon");
+            }
+        }
         let mut by_group: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (id, v) in self.snapshot_state().volumes {
             by_group.entry(v.group_id.clone()).or_default().push(id);
@@ -137,7 +142,8 @@ impl QemuDriver {
     pub(crate) async fn shorten_replica(&self, id: &str) -> Result<(), DriverError> {
         loop {
             let v = self.vol(id)?;
-            if v.layers.len() <= 2 || v.role != Some(Role::Secondary) {
+            // A test clone reads through these layers: they stay as they are until it goes.
+            if v.layers.len() <= 2 || v.role != Some(Role::Secondary) || self.has_clones(id) {
                 return Ok(());
             }
             let (base, mid, above) = (v.layers[0].seq, v.layers[1].seq, v.layers[2].seq);

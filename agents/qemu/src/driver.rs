@@ -24,6 +24,7 @@ impl Driver for QemuDriver {
             capability::REPLICATION,
             capability::MANAGE_EXISTING,
             capability::ATTACH,
+            capability::CLONE_RECOVERY_POINT,
         ]
         .map(String::from)
         .to_vec()
@@ -283,6 +284,19 @@ impl Driver for QemuDriver {
         } else {
             None
         };
+        // A real failover ends any test on this replica: its clones go first (the
+        // promoted chain will fold into the layers they read through).
+        let clones: Vec<String> = self
+            .snapshot_state()
+            .clones
+            .iter()
+            .filter(|(_, c)| c.volume_id == volume_id)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in clones {
+            tracing::warn!(clone = %id, volume = volume_id, "removing a test clone: its replica is being promoted");
+            self.do_delete_clone(&id).await?;
+        }
         let _g = self.lock_for(volume_id).await;
         let v = self.vol(volume_id)?;
         let facts = match roles::promote(volume_id, v.facts(), force)? {
@@ -402,6 +416,18 @@ impl Driver for QemuDriver {
         let applied = self.do_apply(&header, &mut incoming, aborted).await;
         self.applying.lock().expect("applying poisoned").remove(&header.group_id);
         applied
+    }
+
+    async fn clone_recovery_point(
+        &self,
+        volume_id: &str,
+        clone_id: &str,
+    ) -> Result<drover_agent::driver::CloneInfo, DriverError> {
+        self.do_clone(volume_id, clone_id).await
+    }
+
+    async fn delete_clone(&self, clone_id: &str) -> Result<(), DriverError> {
+        self.do_delete_clone(clone_id).await
     }
 
     fn held_groups(&self) -> Vec<drover_agent::driver::HeldGroup> {

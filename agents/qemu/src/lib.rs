@@ -33,6 +33,7 @@
 //! data) so replica chains stay at most two layers long.
 
 mod chain;
+mod clone;
 mod commands;
 mod daemon;
 mod driver;

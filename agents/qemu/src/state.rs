@@ -108,6 +108,19 @@ impl Vol {
 pub(crate) struct State {
     pub(crate) next_index: u32,
     pub(crate) volumes: BTreeMap<String, Vol>,
+    /// Test clones of recovery points, by clone id.
+    #[serde(default)]
+    pub(crate) clones: BTreeMap<String, CloneRec>,
+}
+
+/// A test clone ([`QemuDriver::do_clone`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct CloneRec {
+    pub(crate) volume_id: String,
+    pub(crate) recovery_point_id: String,
+    pub(crate) index: u32,
+    /// The replica layer files it reads through, kept on disk while it exists.
+    pub(crate) backing: Vec<PathBuf>,
 }
 
 impl QemuDriver {
@@ -174,7 +187,7 @@ impl QemuDriver {
             }
             for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&name) {
+                if !keep.contains(&name) && !st.clones.values().any(|c| c.backing.contains(&f.path())) {
                     tracing::info!(volume = %id, file = %name, "removing a leftover layer file");
                     let _ = std::fs::remove_file(f.path());
                 }

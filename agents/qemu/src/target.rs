@@ -63,6 +63,11 @@ impl QemuDriver {
             };
             let seq = v.layers.iter().map(|l| l.seq).max().map_or(0, |m| m + 1);
             let partial = self.vol_dir(id).join(format!("L{seq}.qcow2.partial"));
+            // Applies of a group run one at a time (the transfer lock): anything an earlier
+            // apply left (its task killed with the agent's runtime, say) is stale.
+            self.drop_export(&format!("w{}", v.index)).await?;
+            self.daemon().remove_node(&format!("a{}", v.index)).await?;
+            let _ = std::fs::remove_file(&partial);
             let backing = (keep > 0).then(|| self.layer_path(id, v.layers[keep - 1].seq));
             std::fs::create_dir_all(self.vol_dir(id)).map_err(|e| io("replica dir", e))?;
             image::create(&partial, *size, backing.as_deref()).await?;
@@ -213,7 +218,10 @@ impl QemuDriver {
         })
         .await?;
         for (id, seq) in dropped {
-            let _ = std::fs::remove_file(self.layer_path(&id, seq));
+            // A layer a test clone reads through stays until the clone goes.
+            if !self.pinned(&self.layer_path(&id, seq)) {
+                let _ = std::fs::remove_file(self.layer_path(&id, seq));
+            }
         }
         for t in &targets {
             if let Err(e) = self.shorten_replica(&t.id).await {

@@ -71,6 +71,18 @@ impl Driver for Gated {
     fn attach_fences(&self, fences: crate::driver::Fences) {
         self.inner.attach_fences(fences);
     }
+    fn held_groups(&self) -> Vec<crate::driver::HeldGroup> {
+        self.inner.held_groups()
+    }
+    async fn release_group(&self, group_id: &str) -> Result<(), DriverError> {
+        self.inner.release_group(group_id).await
+    }
+    async fn clone_recovery_point(&self, v: &str, c: &str) -> Result<crate::driver::CloneInfo, DriverError> {
+        self.inner.clone_recovery_point(v, c).await
+    }
+    async fn delete_clone(&self, c: &str) -> Result<(), DriverError> {
+        self.inner.delete_clone(c).await
+    }
     fn capabilities(&self) -> Vec<String> {
         self.inner.capabilities()
     }
@@ -202,6 +214,7 @@ pub async fn run_all(pair: &mut Pair) {
     concurrent_mutation_is_aborted(pair).await;
     error_codes(pair).await;
     promote_demote_resync_rules(pair).await;
+    clones_of_recovery_points(pair).await;
 }
 
 /// A repeated op_id returns the first outcome, even with other arguments: the operation is
@@ -356,4 +369,70 @@ pub async fn promote_demote_resync_rules(pair: &mut Pair) {
     p.resync_volume(pb::ResyncVolumeRequest { ctx: gctx("rules-8"), volume_id: "rules".into() })
         .await
         .expect("resync of a demoted volume");
+}
+
+/// A clone of a secondary's newest point: idempotent per clone id, left alone by later
+/// points, removable twice; a volume that is not a secondary cannot be cloned. Only for
+/// drivers with the `clone-recovery-point` capability.
+pub async fn clones_of_recovery_points(pair: &mut Pair) {
+    let caps = pair.secondary.get_capabilities(pb::GetCapabilitiesRequest {}).await.unwrap().into_inner();
+    if !caps.capabilities.iter().any(|c| c == crate::driver::capability::CLONE_RECOVERY_POINT) {
+        return;
+    }
+    let (p, s) = (&mut pair.primary, &mut pair.secondary);
+    let gctx = |op: &str| ctx(op, 1, "group/clones");
+    p.create_volume(create("clones-0", "clones", 4 << 20)).await.expect("create");
+    let enable = |role: pb::ReplicationRole, peer: &str, op: &str| pb::EnableReplicationRequest {
+        ctx: gctx(op),
+        volume_id: "clones".into(),
+        group_id: "clones".into(),
+        role: role as i32,
+        peer: Some(pb::ReplicationPeer { backend: "conf-peer".into(), endpoint: peer.into() }),
+        size_bytes: 4 << 20,
+        parameters: [("sync_interval_ms".to_string(), "3600000".to_string())].into(),
+    };
+    s.enable_replication(enable(pb::ReplicationRole::Secondary, &pair.primary_endpoint, "clones-1")).await.unwrap();
+    p.enable_replication(enable(pb::ReplicationRole::Primary, &pair.secondary_endpoint, "clones-2")).await.unwrap();
+    let sync = |op: &str| pb::SyncGroupRequest {
+        ctx: gctx(op),
+        group_id: "clones".into(),
+        r#final: false,
+        peer_endpoint: String::new(),
+    };
+    p.sync_group(sync("clones-3")).await.expect("initial sync");
+    let point = s
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "clones".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let clone = |op: &str, id: &str| pb::CloneRecoveryPointRequest {
+        ctx: vctx(op, 1, id),
+        volume_id: "clones".into(),
+        clone_id: id.into(),
+    };
+    let first = s.clone_recovery_point(clone("clones-4", "test-1")).await.expect("clone").into_inner();
+    assert_eq!(first.recovery_point_id, point.recovery_point_id, "the clone holds the newest point");
+    assert!(first.connection.as_ref().is_some_and(|c| !c.uri.is_empty()), "a clone is attachable: {first:?}");
+    let again = s.clone_recovery_point(clone("clones-5", "test-1")).await.expect("clone again").into_inner();
+    assert_eq!(first, again, "the same clone id gives the same clone");
+    p.sync_group(sync("clones-6")).await.expect("replication goes on while a clone exists");
+    let later = s
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "clones".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(later.recovery_point_id, point.recovery_point_id, "the replica took a new point");
+    let del = |op: &str| pb::DeleteCloneRequest { ctx: vctx(op, 1, "test-1"), clone_id: "test-1".into() };
+    s.delete_clone(del("clones-7")).await.expect("delete");
+    s.delete_clone(del("clones-8")).await.expect("delete again");
+    expect_code(
+        p.clone_recovery_point(pb::CloneRecoveryPointRequest {
+            ctx: vctx("clones-9", 1, "test-2"),
+            volume_id: "clones".into(),
+            clone_id: "test-2".into(),
+        })
+        .await,
+        Code::FailedPrecondition,
+        "cloning a volume that is not a secondary",
+    );
 }

@@ -11,6 +11,8 @@ pub mod capability {
     pub const REPLICATION: &str = "replication";
     pub const MANAGE_EXISTING: &str = "manage-existing";
     pub const ATTACH: &str = "attach";
+    /// Writable clones of a replica's recovery point, for non-disruptive test failover.
+    pub const CLONE_RECOVERY_POINT: &str = "clone-recovery-point";
 }
 
 /// A driver failure, mapped to a gRPC code in one place ([`DriverError::to_status`]).
@@ -147,6 +149,15 @@ pub struct ApplyHeader {
     pub created_at_ms: i64,
     /// The source's highest admitted epoch for the group (see [`Driver::attach_fences`]).
     pub epoch: u64,
+}
+
+/// A clone of a recovery point ([`Driver::clone_recovery_point`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloneInfo {
+    pub clone_id: String,
+    pub volume_id: String,
+    pub recovery_point_id: String,
+    pub connection: Connection,
 }
 
 /// A group whose writes the driver holds until the orchestrator confirms its role
@@ -288,6 +299,25 @@ pub trait Driver: Send + Sync + 'static {
     /// its highest epoch for their group ([`Fences::group_epoch`]). Called once by the
     /// server before it serves; drivers that ship points keep it.
     fn attach_fences(&self, _fences: Fences) {}
+
+    /// Secondary side, for a non-disruptive test failover: a writable clone of
+    /// `volume_id`'s newest complete recovery point, served like a volume, named
+    /// `clone_id`. The replica itself is not touched and keeps taking points. The same
+    /// `clone_id` again returns the same clone.
+    async fn clone_recovery_point(&self, volume_id: &str, clone_id: &str) -> Result<CloneInfo, DriverError> {
+        let _ = (volume_id, clone_id);
+        Err(DriverError::Unsupported(format!(
+            "the {} driver cannot clone recovery points (no `{}` capability)",
+            self.name(),
+            capability::CLONE_RECOVERY_POINT
+        )))
+    }
+
+    /// Removes a clone (one that is gone counts as removed).
+    async fn delete_clone(&self, clone_id: &str) -> Result<(), DriverError> {
+        let _ = clone_id;
+        Ok(())
+    }
 
     /// Fenced on return: the replicated groups this side was primary for when the driver
     /// opened, whose writes it holds (read-only or no export) until the orchestrator

@@ -242,7 +242,13 @@ impl pb::replica_server::Replica for ReplicaService {
                 }
             }
         });
-        let result = self.driver.apply_recovery_point(header, rx).await;
+        // The apply runs in its own task: when the source goes away mid-stream, this
+        // handler is dropped, but the apply still sees the stream break and cleans up
+        // what it had made (a dropped apply left its partial image open and locked).
+        let driver = self.driver.clone();
+        let result = tokio::spawn(async move { driver.apply_recovery_point(header, rx).await })
+            .await
+            .map_err(|e| Status::internal(format!("the apply task failed: {e}")))?;
         feeder.abort();
         let bytes = result.map_err(|e| e.to_status())?;
         Ok(Response::new(pb::ApplyAck { recovery_point_id: rp, bytes_received: bytes as i64 }))

@@ -104,6 +104,8 @@ mutations!(
     apb::DemoteVolumeRequest,
     apb::ResyncVolumeRequest,
     apb::SyncGroupRequest,
+    apb::CloneRecoveryPointRequest,
+    apb::DeleteCloneRequest,
 );
 
 /// How many times a mutation is tried under new op_ids after the agent recorded a

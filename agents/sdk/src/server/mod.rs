@@ -308,6 +308,41 @@ impl Agent for AgentService {
         .await
     }
 
+    async fn clone_recovery_point(
+        &self,
+        req: Request<pb::CloneRecoveryPointRequest>,
+    ) -> Result<Response<pb::CloneInfo>, Status> {
+        let mut r = req.into_inner();
+        require("volume_id", &r.volume_id)?;
+        require("clone_id", &r.clone_id)?;
+        let (ctx, target) = (r.ctx.take(), r.clone_id.clone());
+        self.guarded(ctx, &target, "clone_recovery_point", move |d| async move {
+            d.clone_recovery_point(&r.volume_id, &r.clone_id).await.map(|c| pb::CloneInfo {
+                clone_id: c.clone_id,
+                volume_id: c.volume_id,
+                recovery_point_id: c.recovery_point_id,
+                connection: Some(pb::ConnectionInfo {
+                    driver_volume_type: c.connection.driver_volume_type,
+                    uri: c.connection.uri,
+                }),
+            })
+        })
+        .await
+    }
+
+    async fn delete_clone(
+        &self,
+        req: Request<pb::DeleteCloneRequest>,
+    ) -> Result<Response<pb::DeleteCloneResponse>, Status> {
+        let mut r = req.into_inner();
+        require("clone_id", &r.clone_id)?;
+        let (ctx, target) = (r.ctx.take(), r.clone_id.clone());
+        self.guarded(ctx, &target, "delete_clone", move |d| async move {
+            d.delete_clone(&r.clone_id).await.map(|()| pb::DeleteCloneResponse {})
+        })
+        .await
+    }
+
     async fn fence(&self, req: Request<pb::FenceRequest>) -> Result<Response<pb::FenceResponse>, Status> {
         let mut ctx = req.into_inner().ctx;
         if let Some(c) = ctx.as_mut().filter(|c| c.op_id.is_empty()) {

@@ -48,6 +48,20 @@ pub struct StepState {
     pub until_ms: i64,
 }
 
+/// A test clone a `test-clone` step made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TestCloneRec {
+    pub step: String,
+    pub group: String,
+    pub volume_id: String,
+    pub backend: String,
+    pub clone_id: String,
+    pub uri: String,
+    pub recovery_point_id: String,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
 /// The persisted state of a run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunState {
@@ -58,6 +72,13 @@ pub struct RunState {
     /// Index of the step running now (`steps.len()` once all ran).
     pub at: usize,
     pub started_ms: i64,
+    /// Test clones made so far (and whether removed).
+    #[serde(default)]
+    pub clones: Vec<TestCloneRec>,
+    /// Why the run failed, while its test-cleanup steps still run (clones never outlive
+    /// a run that made them, whatever ended it).
+    #[serde(default)]
+    pub failing: Option<String>,
 }
 
 /// A runbook run.
@@ -91,6 +112,8 @@ impl RunbookRun {
             steps,
             at: 0,
             started_ms: now_ms(),
+            clones: Vec::new(),
+            failing: None,
         };
         Self { core, state }
     }
@@ -272,6 +295,47 @@ impl Procedure for RunbookRun {
     }
 
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+        let result = self.step_once(ctx).await;
+        let live = self.state.clones.iter().any(|c| !c.deleted);
+        match result {
+            Err(ProcedureError::Fail(why)) if live => {
+                // Jump to the next cleanup step for the live clones; fail after it.
+                let next = self.state.runbook.steps.iter().enumerate().skip(self.state.at).find(|(_, s)| {
+                    matches!(s, Step::TestCleanup { clones_of, .. }
+                        if self.state.clones.iter().any(|c| !c.deleted && &c.step == clones_of))
+                });
+                match next {
+                    Some((i, _)) => {
+                        self.state.failing = Some(why.clone());
+                        for s in &mut self.state.steps[self.state.at..i] {
+                            if s.status == "pending" {
+                                s.status = "not-run".into();
+                            }
+                        }
+                        self.state.at = i;
+                        Ok(Status::Executing { note: format!("removing test clones before failing: {why}") })
+                    }
+                    None => Err(ProcedureError::Fail(why)),
+                }
+            }
+            Ok(Status::Executing { note }) if self.state.failing.is_some() && !self.cleanup_left() => {
+                Err(ProcedureError::Fail(self.state.failing.clone().unwrap_or(note)))
+            }
+            other => other,
+        }
+    }
+}
+
+impl RunbookRun {
+    /// Whether a cleanup step for live clones is still ahead.
+    fn cleanup_left(&self) -> bool {
+        self.state.runbook.steps.iter().skip(self.state.at).any(|s| {
+            matches!(s, Step::TestCleanup { clones_of, .. }
+                if self.state.clones.iter().any(|c| !c.deleted && &c.step == clones_of))
+        })
+    }
+
+    async fn step_once(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
         let at = self.state.at;
         let Some(def) = self.state.runbook.steps.get(at).cloned() else {
             let report = super::report::build(&self.core, &self.state, &ctx.execution_id, "succeeded").await;
@@ -409,8 +473,70 @@ impl Procedure for RunbookRun {
                     }
                 }
             }
+            Step::TestClone { .. } => {
+                let made = steps::test_clones(
+                    &self.core,
+                    &mut self.state.steps[at].items,
+                    def.name(),
+                    &ctx.execution_id,
+                    ctx.epoch,
+                )
+                .await?;
+                for c in made {
+                    if !self.state.clones.iter().any(|k| k.clone_id == c.clone_id) {
+                        self.state.clones.push(c);
+                    }
+                }
+                let items = &self.state.steps[at].items;
+                let failed = items.iter().filter(|i| i.status == "failed").count();
+                let note = format!(
+                    "{} clone(s) of {} group(s); {failed} group(s) failed",
+                    self.state.clones.iter().filter(|c| c.step == def.name()).count(),
+                    items.iter().filter(|i| i.status == "succeeded").count()
+                );
+                if failed > 0 {
+                    self.end_step("failed", note.clone());
+                    return Err(ProcedureError::Fail(format!(
+                        "step {}: {note}; clean up with a test-cleanup step or `drover execution report {}`",
+                        def.name(),
+                        ctx.execution_id
+                    )));
+                }
+                Ok(self.end_step("succeeded", note))
+            }
+            Step::TestCleanup { clones_of, .. } => {
+                let mut failed = Vec::new();
+                let mut items = Vec::new();
+                for c in self.state.clones.iter_mut().filter(|c| &c.step == clones_of) {
+                    let mut item = exec_item(std::slice::from_ref(&c.clone_id));
+                    item.target = c.clone_id.clone();
+                    item.name = format!("{} ({})", c.clone_id, c.group);
+                    if !c.deleted {
+                        match steps::delete_clone(&self.core, c, &ctx.execution_id, ctx.epoch).await {
+                            Ok(()) => c.deleted = true,
+                            Err(e) => {
+                                item.reason = e.clone();
+                                failed.push(e);
+                            }
+                        }
+                    }
+                    item.status = if c.deleted { "succeeded" } else { "failed" }.into();
+                    item.ended_ms = now_ms();
+                    items.push(item);
+                }
+                let n = items.len();
+                self.state.steps[at].items = items;
+                if let Some(first) = failed.first() {
+                    // A backend that is away: the step is tried again, the clones stay listed.
+                    return Err(ProcedureError::Retry(format!("removing test clones: {first}")));
+                }
+                Ok(self.end_step("succeeded", format!("{n} test clone(s) removed")))
+            }
             Step::Exec { command, timeout, continue_on_error, .. } => {
-                let outcome = steps::exec(command, timeout.0, &self.state.params).await;
+                let live: Vec<&TestCloneRec> = self.state.clones.iter().filter(|c| !c.deleted).collect();
+                let clones = serde_json::to_string(&live).expect("clones serialise");
+                let outcome =
+                    steps::exec(command, timeout.0, &self.state.params, &[("DROVER_TEST_CLONES", clones)]).await;
                 let (Ok(said) | Err(said)) = &outcome;
                 self.state.steps[at].items = vec![Item {
                     status: if outcome.is_ok() { "succeeded" } else { "failed" }.into(),

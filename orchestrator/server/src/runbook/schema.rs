@@ -126,6 +126,12 @@ pub enum Step {
         #[serde(default)]
         until: Option<WaitUntil>,
     },
+    /// Non-disruptive test failover: at each selected group's replication target, a
+    /// writable clone of the newest complete recovery point of every volume. Replication
+    /// goes on; the clones' URIs reach `exec` steps as `DROVER_TEST_CLONES` (JSON).
+    TestClone { name: String, groups: Selector },
+    /// Removes every clone the `test-clone` step `clones_of` made.
+    TestCleanup { name: String, clones_of: String },
     /// Run a command on the orchestrator's host; exit code 0 is success.
     Exec {
         name: String,
@@ -228,6 +234,8 @@ impl Step {
             | Step::Verify { name, .. }
             | Step::Prompt { name, .. }
             | Step::Wait { name, .. }
+            | Step::TestClone { name, .. }
+            | Step::TestCleanup { name, .. }
             | Step::Exec { name, .. } => name,
         }
     }
@@ -243,6 +251,8 @@ impl Step {
             Step::Verify { .. } => "verify",
             Step::Prompt { .. } => "prompt",
             Step::Wait { .. } => "wait",
+            Step::TestClone { .. } => "test-clone",
+            Step::TestCleanup { .. } => "test-cleanup",
             Step::Exec { .. } => "exec",
         }
     }
@@ -264,7 +274,8 @@ impl Step {
             Step::Sync { groups, .. }
             | Step::Failover { groups, .. }
             | Step::Failback { groups, .. }
-            | Step::Verify { groups, .. } => Some(groups),
+            | Step::Verify { groups, .. }
+            | Step::TestClone { groups, .. } => Some(groups),
             Step::Wait { until: Some(u), .. } => Some(&u.groups),
             _ => None,
         }
@@ -540,6 +551,18 @@ fn check(src: &Source, rb: &Runbook) -> Result<(), RunbookError> {
                 return Err(
                     src.at(here(), format!("step `{name}` (verify): `after_step: {earlier}` names no earlier step"))
                 );
+            }
+            Step::TestCleanup { clones_of, .. }
+                if !rb
+                    .steps
+                    .iter()
+                    .take_while(|s| s.name() != name)
+                    .any(|s| s.name() == clones_of && matches!(s, Step::TestClone { .. })) =>
+            {
+                return Err(src.at(
+                    here(),
+                    format!("step `{name}` (test-cleanup): `clones_of: {clones_of}` names no earlier test-clone step"),
+                ));
             }
             Step::Prompt { message, .. } if message.trim().is_empty() => {
                 return Err(src.at(here(), format!("step `{name}` (prompt) needs a non-empty `message`")));

@@ -268,11 +268,19 @@ pub async fn reached(core: &Core, items: &[Item], status: &str) -> ApiResult<(bo
 
 /// Runs a command with the runbook's parameters in its environment
 /// (`DROVER_PARAM_<NAME>`); its exit code is the outcome.
-pub async fn exec(command: &[String], timeout: Duration, params: &BTreeMap<String, String>) -> Result<String, String> {
+pub async fn exec(
+    command: &[String],
+    timeout: Duration,
+    params: &BTreeMap<String, String>,
+    env: &[(&str, String)],
+) -> Result<String, String> {
     let mut cmd = tokio::process::Command::new(&command[0]);
     cmd.args(&command[1..]).kill_on_drop(true).stdin(std::process::Stdio::null());
     for (k, v) in params {
         cmd.env(format!("DROVER_PARAM_{}", k.to_uppercase()), v);
+    }
+    for (k, v) in env {
+        cmd.env(k, v);
     }
     let shown = command.join(" ");
     let out = match tokio::time::timeout(timeout, cmd.output()).await {
@@ -291,6 +299,110 @@ pub async fn exec(command: &[String], timeout: Duration, params: &BTreeMap<Strin
             if tail.is_empty() { String::new() } else { format!(": {tail}") }
         ))
     }
+}
+
+/// Clones every volume of each item's group at its replication target (idempotent per
+/// clone id, so a resumed step asks again and gets the same clones).
+pub async fn test_clones(
+    core: &Core,
+    items: &mut [Item],
+    step: &str,
+    execution_id: &str,
+    epoch: i64,
+) -> Result<Vec<super::run::TestCloneRec>, ProcedureError> {
+    use drover_proto::agent::v1 as apb;
+    let mut made = Vec::new();
+    for item in items.iter_mut().filter(|i| !i.done()) {
+        item.started_ms = now_ms();
+        let Some(g) = core.repo.get::<GroupRec>(&keys::group(&item.target)).await.map_err(step_error)? else {
+            item.status = "skipped".into();
+            item.reason = "the group no longer exists".into();
+            continue;
+        };
+        let g = g.rec;
+        if g.replication_status != rs::ENABLED {
+            item.status = "skipped".into();
+            item.reason =
+                format!("replication is {}; test clones need a group replicating as usual", g.replication_status);
+            continue;
+        }
+        let mut uris = Vec::new();
+        let mut failure = None;
+        for volume_id in &g.volume_ids {
+            let clone_id = format!("t{execution_id}-{volume_id}");
+            let req = apb::CloneRecoveryPointRequest {
+                ctx: crate::agents::ctx(
+                    format!("{execution_id}/clone/{volume_id}"),
+                    epoch as u64,
+                    format!("volume/{clone_id}"),
+                ),
+                volume_id: volume_id.clone(),
+                clone_id: clone_id.clone(),
+            };
+            let got = core
+                .agents
+                .mutate(&g.replication_target, crate::agents::Deadline::Call, req, |mut c, r| async move {
+                    c.clone_recovery_point(r).await
+                })
+                .await;
+            match got {
+                Ok(info) => {
+                    let uri = info.connection.map(|c| c.uri).unwrap_or_default();
+                    uris.push(uri.clone());
+                    made.push(super::run::TestCloneRec {
+                        step: step.to_string(),
+                        group: g.name.clone(),
+                        volume_id: volume_id.clone(),
+                        backend: g.replication_target.clone(),
+                        clone_id,
+                        uri,
+                        recovery_point_id: info.recovery_point_id,
+                        deleted: false,
+                    });
+                }
+                Err(s) if crate::service::shared::agent_refused(&s) => {
+                    failure = Some(format!("{} on {}: {}", volume_id, g.replication_target, s.message()));
+                    break;
+                }
+                Err(s) => return Err(ProcedureError::Retry(format!("cloning {volume_id}: {}", s.message()))),
+            }
+        }
+        item.ended_ms = now_ms();
+        match failure {
+            None => {
+                item.status = "succeeded".into();
+                item.reason = format!("clones at {}: {}", g.replication_target, uris.join(" "));
+            }
+            Some(why) => {
+                item.status = "failed".into();
+                item.reason = why;
+            }
+        }
+    }
+    Ok(made)
+}
+
+/// Removes one test clone.
+pub async fn delete_clone(
+    core: &Core,
+    c: &super::run::TestCloneRec,
+    execution_id: &str,
+    epoch: i64,
+) -> Result<(), String> {
+    use drover_proto::agent::v1 as apb;
+    let req = apb::DeleteCloneRequest {
+        ctx: crate::agents::ctx(
+            format!("{execution_id}/unclone/{}", c.clone_id),
+            epoch as u64,
+            format!("volume/{}", c.clone_id),
+        ),
+        clone_id: c.clone_id.clone(),
+    };
+    core.agents
+        .mutate(&c.backend, crate::agents::Deadline::Call, req, |mut a, r| async move { a.delete_clone(r).await })
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("clone {} on {}: {}", c.clone_id, c.backend, s.message()))
 }
 
 #[cfg(test)]
