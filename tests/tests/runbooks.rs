@@ -367,27 +367,79 @@ async fn runs_that_cannot_start_are_refused_with_the_reason() {
 }
 
 /// Cinder's failover-host: `drover backend failover backend-a --target backend-b` moves
-/// every replicated group of the backend and reports each; `--target default` brings
-/// them back.
+/// every replicated group of the backend, and every volume replicated on its own, and
+/// reports each; `--target default` brings them back. A volume on its own also fails
+/// over, back and stops replicating by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_whole_backend_fails_over_and_back() {
     let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
     let mut c = cluster.clients().await;
     groups(&c, "be", 10).await;
+    // Five volumes replicated on their own, outside any group.
+    for i in 0..5 {
+        let name = format!("solo-{i}");
+        c.volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.clone(),
+                project: "tests".into(),
+                size_bytes: 1 << 30,
+                backend: "backend-a".into(),
+            })
+            .await
+            .unwrap();
+        let out = cluster.cli(&["volume", "enable-replication", &name, "--target", "backend-b"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert_eq!(all_groups(&mut c).await.len(), 10, "a volume's own group is not listed as a group");
+    let solo = |c: &mut Clients, i: usize| {
+        let mut c = c.clone();
+        async move {
+            c.volumes
+                .get_volume(pb::GetVolumeRequest { volume: format!("solo-{i}"), project: "tests".into() })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    assert_eq!(solo(&mut c, 0).await.replication_status, "enabled");
     let out = cluster.cli(&["backend", "failover", "backend-a", "--target", "backend-b", "-o", "json"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(report["groups"].as_array().unwrap().len(), 10, "{report}");
+    assert_eq!(report["groups"].as_array().unwrap().len(), 15, "10 groups and 5 volumes: {report}");
     assert_eq!(report["totals"]["failed"], 0);
     for g in all_groups(&mut c).await {
         assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"));
     }
+    for i in 0..5 {
+        let v = solo(&mut c, i).await;
+        assert_eq!(
+            (v.replication_status.as_str(), v.active_backend.as_str()),
+            ("failed-over", "backend-b"),
+            "solo-{i}"
+        );
+    }
+    let info = cluster.cli(&["volume", "replication-info", "solo-0", "-o", "json"]);
+    assert!(info.status.success(), "{}", String::from_utf8_lossy(&info.stderr));
     let out = cluster.cli(&["backend", "failover", "backend-a", "--target", "default"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.contains("succeeded: 10 groups succeeded, 0 failed, 0 skipped"), "{stdout}");
+    assert!(stdout.contains("succeeded: 15 groups succeeded, 0 failed, 0 skipped"), "{stdout}");
     for g in all_groups(&mut c).await {
         assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"));
     }
+    // One volume on its own: failover, failback, disable; and a volume in a group is
+    // pointed at its group.
+    let out = cluster.cli(&["volume", "failover", "solo-1", "--target", "backend-b"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(solo(&mut c, 1).await.active_backend, "backend-b");
+    let out = cluster.cli(&["volume", "failover", "solo-1", "--target", "default"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = cluster.cli(&["volume", "disable-replication", "solo-1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(solo(&mut c, 1).await.replication_status, "disabled");
+    let out = cluster.cli(&["volume", "failover", "be-000-v0", "--target", "backend-b"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is in group be-000, which is what replicates it"), "{err}");
 }

@@ -262,6 +262,9 @@ pub struct GroupRec {
     /// Runbook priority tier: 1 runs first, 9 last.
     #[serde(default = "default_tier")]
     pub tier: u32,
+    /// The group of one that replicates this volume on its own (hidden from listings).
+    #[serde(default)]
+    pub for_volume: String,
 }
 
 /// The tiers groups may have: 1 (first) to 9 (last).
@@ -311,6 +314,7 @@ impl GroupRec {
             rpo_ms: -1,
             labels: self.labels.clone().into_iter().collect(),
             tier: self.tier,
+            for_volume: self.for_volume.clone(),
         }
     }
 

@@ -233,7 +233,11 @@ fn submitted(fmt: Format, id: &str) {
 
 /// After submitting a group operation: with `no_wait`, prints its execution id; else
 /// follows the execution and prints its per-volume outcomes.
-async fn finish_group_op(ctx: &mut Ctx, submitted_result: pb::ReplicationResult, no_wait: bool) -> Result<()> {
+pub(super) async fn finish_group_op(
+    ctx: &mut Ctx,
+    submitted_result: pb::ReplicationResult,
+    no_wait: bool,
+) -> Result<()> {
     let id = submitted_result.execution_id.clone();
     if no_wait {
         submitted(ctx.fmt, &id);

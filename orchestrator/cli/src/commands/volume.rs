@@ -55,6 +55,43 @@ pub enum VolumeCmd {
     },
     /// Forget a volume without deleting its data (Cinder's unmanage).
     Unmanage { volume: String },
+    /// Replicate a volume on its own, outside any group (Cinder v2.1 style).
+    #[command(name = "enable-replication")]
+    EnableReplication {
+        volume: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        /// Time between recovery points, e.g. 30s (the default) or 5m.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Stop replicating a volume replicated on its own.
+    #[command(name = "disable-replication")]
+    DisableReplication {
+        volume: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Fail a volume replicated on its own over, or back with `--target default`.
+    Failover {
+        volume: String,
+        #[arg(long)]
+        target: String,
+        /// Disaster failover: do not wait for the current side.
+        #[arg(long)]
+        force: bool,
+        /// After a disaster, fail back even though this backend's changes since the
+        /// divergence point are discarded.
+        #[arg(long, default_value = "")]
+        discard_changes_on: String,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Replication state of a volume replicated on its own: role, last sync, RPO.
+    #[command(name = "replication-info")]
+    ReplicationInfo { volume: String },
 }
 
 fn one(v: &pb::Volume) -> Table {
@@ -115,6 +152,40 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
         VolumeCmd::Manage { reference, backend, name } => {
             let v = api.manage_volume(pb::ManageVolumeRequest { backend, reference, name, project }).await?;
             emit(fmt, v.get_ref(), one);
+        }
+        VolumeCmd::EnableReplication { volume, target, interval, no_wait } => {
+            let sync_interval_seconds = interval.map_or(0, |d| d.as_secs().max(1) as i64);
+            let req = pb::VolumeReplicationRequest {
+                volume,
+                project,
+                target_backend: target,
+                sync_interval_seconds,
+                no_wait: true,
+            };
+            let r = ctx.api.replication.enable_volume_replication(req).await?.into_inner();
+            super::group::finish_group_op(ctx, r, no_wait).await?;
+        }
+        VolumeCmd::DisableReplication { volume, no_wait } => {
+            let req = pb::VolumeReplicationRequest { volume, project, no_wait: true, ..Default::default() };
+            let r = ctx.api.replication.disable_volume_replication(req).await?.into_inner();
+            super::group::finish_group_op(ctx, r, no_wait).await?;
+        }
+        VolumeCmd::Failover { volume, target, force, discard_changes_on, no_wait } => {
+            let req = pb::FailoverVolumeRequest {
+                volume,
+                project,
+                target_backend: target,
+                force,
+                discard_changes_on,
+                no_wait: true,
+            };
+            let r = ctx.api.replication.failover_volume(req).await?.into_inner();
+            super::group::finish_group_op(ctx, r, no_wait).await?;
+        }
+        VolumeCmd::ReplicationInfo { volume } => {
+            let req = pb::VolumeReplicationRequest { volume, project, ..Default::default() };
+            let r = ctx.api.replication.get_volume_replication_info(req).await?.into_inner();
+            emit(fmt, &r, output::replication_info);
         }
         VolumeCmd::Unmanage { volume } => {
             let r = api.unmanage_volume(pb::UnmanageVolumeRequest { volume, project }).await?.into_inner();

@@ -83,7 +83,7 @@ impl GroupApi {
         Ok(())
     }
 
-    async fn create(&self, r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
+    pub(crate) async fn create(&self, r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
         validate_name("name", &r.name)?;
         validate_name("project", &r.project)?;
         let gtype = group_type(&self.core, &r.group_type).await?;
@@ -110,6 +110,7 @@ impl GroupApi {
             divergence_point: String::new(),
             labels: Default::default(),
             tier: crate::model::DEFAULT_TIER,
+            for_volume: String::new(),
         };
         rec.record("create", format!("created on backend {} with {} volume(s)", r.backend, members.len()), 0);
         let name_key = keys::group_name(&r.project, &r.name);
@@ -323,6 +324,8 @@ impl pb::group_service_server::GroupService for GroupApi {
             groups: all
                 .into_iter()
                 .filter(|g| project.is_empty() || g.rec.project == project)
+                // A volume's own replication group is shown through the volume.
+                .filter(|g| g.rec.for_volume.is_empty())
                 .map(|g| g.rec.to_pb())
                 .collect(),
         }))

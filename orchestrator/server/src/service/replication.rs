@@ -35,6 +35,7 @@ use crate::repo::{Versioned, put};
 use crate::transitions::{self, GroupAction, Rule, check, position, verify_end};
 
 mod failover;
+mod volumes;
 
 pub use failover::{FailoverProgress, FailoverState};
 
@@ -677,6 +678,34 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         req: Request<pb::GetReplicationInfoRequest>,
     ) -> Result<Response<pb::GroupReplicationInfo>, Status> {
         Ok(Response::new(self.info(req.into_inner()).await?))
+    }
+
+    async fn enable_volume_replication(
+        &self,
+        req: Request<pb::VolumeReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationResult>, Status> {
+        Ok(Response::new(self.enable_volume(req.into_inner()).await?))
+    }
+
+    async fn disable_volume_replication(
+        &self,
+        req: Request<pb::VolumeReplicationRequest>,
+    ) -> Result<Response<pb::ReplicationResult>, Status> {
+        Ok(Response::new(self.disable_volume(req.into_inner()).await?))
+    }
+
+    async fn failover_volume(
+        &self,
+        req: Request<pb::FailoverVolumeRequest>,
+    ) -> Result<Response<pb::ReplicationResult>, Status> {
+        Ok(Response::new(ReplicationApi::failover_volume(self, req.into_inner()).await?))
+    }
+
+    async fn get_volume_replication_info(
+        &self,
+        req: Request<pb::VolumeReplicationRequest>,
+    ) -> Result<Response<pb::GroupReplicationInfo>, Status> {
+        Ok(Response::new(self.volume_info(req.into_inner()).await?))
     }
 
     async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
