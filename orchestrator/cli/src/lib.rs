@@ -6,6 +6,7 @@ pub mod client;
 pub mod commands;
 pub mod drill;
 pub mod output;
+pub mod progress;
 pub mod servers;
 pub mod size;
 

@@ -162,13 +162,30 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
 /// each retry) to stderr as it happens; that is what a person at a terminal sees.
 pub async fn watch(ctx: &mut Ctx, id: &str, progress: bool) -> Result<pb::Execution> {
     let mut stream = ctx.api.executions.watch_execution(pb::GetExecutionRequest { id: id.into() }).await?.into_inner();
+    // A runbook on a terminal gets bars (one per tier of the running step); anything
+    // else, or without a terminal, one line per event.
+    let mut bars: Option<crate::progress::RunProgress> = None;
     let mut shown = 0;
     let mut last_error = String::new();
     let mut announced = String::new();
     let mut latest = None;
     while let Some(next) = stream.next().await {
         let e = next?;
-        if progress {
+        if progress && bars.is_none() && e.kind == "runbook" && std::io::stderr().is_terminal() {
+            bars = Some(crate::progress::RunProgress::new());
+        }
+        if let Some(b) = bars.as_mut() {
+            b.update(&e);
+            if let Some(prompt) = e.step.strip_prefix("prompt:").filter(|_| e.status == "running")
+                && announced != e.step
+            {
+                b.println(&format!(
+                    "  [{}] waiting at prompt {prompt}: `drover execution approve {}` or `reject {}` decides",
+                    e.id, e.id, e.id
+                ));
+                announced = e.step.clone();
+            }
+        } else if progress {
             for s in e.steps.iter().skip(shown) {
                 eprintln!("  [{}] {} ({} ms): {}", e.id, s.name, s.ended_ms - s.started_ms, s.note);
             }
@@ -193,6 +210,9 @@ pub async fn watch(ctx: &mut Ctx, id: &str, progress: bool) -> Result<pb::Execut
         if ended {
             break;
         }
+    }
+    if let Some(b) = bars.as_mut() {
+        b.finish();
     }
     latest.ok_or_else(|| anyhow!("execution {id} sent nothing; see `drover execution show {id}`"))
 }
