@@ -239,10 +239,19 @@ impl Cluster {
 
     /// Starts agent `i` (0: backend-a, 1: backend-b) again after it was killed.
     pub fn restart_agent(&mut self, i: usize, driver: &str) {
+        self.restart_agent_with(i, driver, &[]);
+    }
+
+    /// [`Cluster::restart_agent`] with extra agent flags (`{dir}` and `{backend}` filled
+    /// in, as at start); the flags given at start are not repeated.
+    pub fn restart_agent_with(&mut self, i: usize, driver: &str, extra: &[&str]) {
         let (site, backend) = [("site-a", "backend-a"), ("site-b", "backend-b")][i];
         let name = format!("agent-{backend}");
-        let spec =
-            AgentSpec { name: &name, driver, site, backend, orchestrator: &self.orchestrator.endpoint, extra: vec![] };
+        let extra = extra
+            .iter()
+            .map(|s| s.replace("{dir}", &self.dir.path().display().to_string()).replace("{backend}", backend))
+            .collect();
+        let spec = AgentSpec { name: &name, driver, site, backend, orchestrator: &self.orchestrator.endpoint, extra };
         self.agents[i] = start_agent(&self.bin, self.dir.path(), spec).expect("agent restarts");
     }
 

@@ -170,7 +170,7 @@ async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
 /// run that is approved brings every group home, with the decision in the report.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disaster_then_a_failback_that_asks_first() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.oplog={dir}/oplog-{backend}.jsonl"]).await;
     let mut c = cluster.clients().await;
     groups(&c, "dis", 5).await;
     cluster.agents[0].proc.kill();
@@ -192,8 +192,23 @@ async fn a_disaster_then_a_failback_that_asks_first() {
         assert!(g["rpo_ms"].as_i64().unwrap() >= 0, "the achieved RPO is known: {g}");
     }
 
-    cluster.restart_agent(0, "mock");
+    let oplog = cluster.path().join("oplog-backend-a.jsonl");
+    let logged_before = std::fs::read_to_string(&oplog).unwrap_or_default().lines().count();
+    assert!(logged_before > 0, "site A logged its calls before it died");
+    cluster.restart_agent_with(0, "mock", &["--set", "mock.oplog={dir}/oplog-{backend}.jsonl"]);
     wait_backend_up(&mut c, "backend-a").await;
+    // Nothing of the disaster run reaches the lost site when it returns: no mutation
+    // lands there until an operator fails back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let since: Vec<String> = std::fs::read_to_string(&oplog)
+        .unwrap_or_default()
+        .lines()
+        .skip(logged_before)
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|e| e["op_id"].as_str().is_some_and(|o| !o.is_empty()))
+        .map(|e| format!("{} {}", e["op"], e["op_id"]))
+        .collect();
+    assert!(since.is_empty(), "mutations reached the returning lost site: {since:?}");
     let before = drover_tests::state_snapshot(&mut c).await;
     let at_prompt = |c: Clients, id: String| async move {
         let mut c = c;
@@ -261,6 +276,9 @@ async fn a_disaster_then_a_failback_that_asks_first() {
     }
     let md = report(&mut c, &second.id, "md").await;
     assert!(md.contains("Decision: **approved** by tester"), "{md}");
+    // The returned site's log does record calls: the failback's reached it.
+    let after = std::fs::read_to_string(&oplog).unwrap_or_default().lines().skip(logged_before).count();
+    assert!(after > 0, "the failback's calls to site A were logged");
 }
 
 /// Cancelling a run: the group moving finishes, no new group starts, the report says
