@@ -461,3 +461,23 @@ async fn a_whole_backend_fails_over_and_back() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is in group be-000, which is what replicates it"), "{err}");
 }
+
+/// The tenant-path runbook: one group by name and project, planned; a group of another
+/// name is not touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_group_fails_over_by_name() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    groups(&c, "one", 2).await;
+    let e = c
+        .runbooks
+        .run_runbook(request("group-failover.yaml", &[("group", "one-001"), ("project", "tests")]))
+        .await
+        .expect("run")
+        .into_inner();
+    let e = wait_ended(&mut c, &e.id).await;
+    assert_eq!(e.status, "succeeded", "{}", e.error);
+    let gs = all_groups(&mut c).await;
+    let status = |name: &str| gs.iter().find(|g| g.name == name).unwrap().replication_status.clone();
+    assert_eq!((status("one-000").as_str(), status("one-001").as_str()), ("enabled", "failed-over"));
+}
