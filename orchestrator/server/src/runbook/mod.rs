@@ -1,6 +1,7 @@
 //! Runbooks: declarative plans (YAML in `runbooks/`) run as executions of the procedure
 //! engine. `schema` is the file format and its loader.
 
+pub mod kinds;
 pub mod plan;
 pub mod schema;
 

@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::schema::{BackendSelector, Loaded, Selector, Step};
+use super::schema::{BackendSelector, Loaded, Selector};
 use crate::error::{ApiError, ApiResult};
-use crate::model::{BackendRec, GroupRec, keys, replication_status as rs};
+use crate::model::{BackendRec, GroupRec, keys};
 use crate::service::Core;
 
 /// One group (or backend) a step acts on.
@@ -77,27 +77,6 @@ pub struct PlannedStep {
     pub name: String,
     pub kind: String,
     pub items: Vec<Item>,
-}
-
-/// What a group step does to a group in its current state: `Ok` when it will act, else
-/// why it will be skipped (`not-capable: …` for groups that cannot replicate).
-pub fn eligibility(step: &Step, g: &GroupRec) -> Result<(), String> {
-    if g.replication_status == rs::NOT_CAPABLE {
-        return Err(format!("not-capable: group type {} does not replicate", g.group_type));
-    }
-    let away = g.active_backend != g.primary_backend;
-    match step {
-        Step::Failover { .. } if away => Err(format!("already failed over to {}", g.active_backend)),
-        Step::Failover { .. } | Step::Sync { .. } if g.replication_status != rs::ENABLED => {
-            Err(format!("replication is {}, not enabled", g.replication_status))
-        }
-        Step::Sync { .. } if away => Err("failed over: nothing to sync towards the lost side".into()),
-        Step::Failback { .. } if !away => Err(format!("already on its primary backend {}", g.primary_backend)),
-        Step::Failback { .. } if g.replication_status != rs::FAILED_OVER => {
-            Err(format!("replication is {}, not failed-over", g.replication_status))
-        }
-        _ => Ok(()),
-    }
 }
 
 fn matches(sel: &Selector, g: &GroupRec, backends: &BTreeMap<String, BackendRec>) -> bool {
@@ -184,7 +163,8 @@ pub async fn plan(core: &Core, loaded: &Loaded, text: &str) -> ApiResult<Vec<Pla
             ))
         };
         match step {
-            Step::Freeze { backends, .. } | Step::Thaw { backends, .. } => {
+            _ if step.as_kind().backends().is_some() => {
+                let backends = step.as_kind().backends().expect("checked");
                 let found = select_backends(core, backends).await?;
                 if found.is_empty() {
                     return Err(nothing(format!(
@@ -203,8 +183,8 @@ pub async fn plan(core: &Core, loaded: &Loaded, text: &str) -> ApiResult<Vec<Pla
                     }
                     for g in &found {
                         let mut item = Item::new(&g.id, &g.name, &g.project, g.tier);
-                        if let Err(why) = eligibility(step, g)
-                            && matches!(step, Step::Failover { .. } | Step::Failback { .. } | Step::Sync { .. })
+                        if let Err(why) = step.as_kind().eligibility(g)
+                            && step.as_kind().fanout().is_some()
                         {
                             item.predicted = format!("skip: {why}");
                         }

@@ -54,7 +54,7 @@ pub async fn build(core: &Core, state: &RunState, execution_id: &str, status: &s
     let mut steps = state.steps.clone();
     for (def, st) in state.runbook.steps.iter().zip(steps.iter_mut()) {
         for item in st.items.iter_mut().filter(|i| i.status == "running") {
-            if let Ok(Some(done)) = super::steps::finished(core, def, item, state.started_ms).await {
+            if let Ok(Some(done)) = super::steps::finished(core, def.as_kind(), item, state.started_ms).await {
                 *item = done;
             }
         }

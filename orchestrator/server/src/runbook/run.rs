@@ -13,7 +13,8 @@ use drover_procedure::{Context, Decision, Procedure, ProcedureError, Status, key
 use drover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use super::plan::{Item, PlannedStep, eligibility};
+use super::kinds::StepKind;
+use super::plan::{Item, PlannedStep};
 use super::schema::{Loaded, Runbook, Step};
 use super::steps;
 use crate::model::{GroupRec, keys, now_ms};
@@ -140,7 +141,7 @@ impl RunbookRun {
 
     /// Whether an operator asked this execution to stop or pause: then a round ends at
     /// once, so the engine sees it.
-    async fn signalled(&self, ctx: &Context) -> bool {
+    pub(super) async fn signalled(&self, ctx: &Context) -> bool {
         let store = self.core.repo.store();
         for key in [ekeys::cancel(&ctx.execution_id), ekeys::pause(&ctx.execution_id)] {
             if matches!(store.get(key.as_bytes()).await, Ok(Some(_))) {
@@ -163,7 +164,7 @@ impl RunbookRun {
     }
 
     /// Ends the current step with `status` and moves to the next.
-    fn end_step(&mut self, status: &str, note: String) -> Status {
+    pub(super) fn end_step(&mut self, status: &str, note: String) -> Status {
         let st = &mut self.state.steps[self.state.at];
         st.status = status.into();
         st.ended_ms = now_ms();
@@ -175,10 +176,9 @@ impl RunbookRun {
 
     /// One round of a step over many groups: collect what ended, submit what may start,
     /// end the step when every item is done. Returns after a change, a signal, or 5 s.
-    async fn fanout(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+    pub(super) async fn fanout(&mut self, def: &dyn StepKind, ctx: &Context) -> Result<Status, ProcedureError> {
         let at = self.state.at;
-        let def = self.state.runbook.steps[at].clone();
-        let (max_parallel, continue_on_error) = def.fanout();
+        let (max_parallel, continue_on_error) = def.fanout().unwrap_or((1, false));
         let round_ends = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let mut changed = false;
@@ -186,12 +186,12 @@ impl RunbookRun {
             for i in 0..self.state.steps[at].items.len() {
                 let item = self.state.steps[at].items[i].clone();
                 if item.status == "running" {
-                    if let Some(done) = steps::finished(&self.core, &def, &item, self.state.started_ms).await? {
+                    if let Some(done) = steps::finished(&self.core, def, &item, self.state.started_ms).await? {
                         self.state.steps[at].items[i] = done;
                         changed = true;
                     }
                 } else if item.status == "starting" {
-                    let started = steps::start(&self.core, &def, &item, &ctx.execution_id).await?;
+                    let started = steps::start(&self.core, def, &item, &ctx.execution_id).await?;
                     self.state.steps[at].items[i] = started;
                     changed = true;
                 }
@@ -212,7 +212,7 @@ impl RunbookRun {
                     // Checked before the intent is persisted, so an item found at its goal
                     // later (after a crash) can only have been moved by this run.
                     let g = core.repo.get::<GroupRec>(&keys::group(&item.target)).await.map_err(step_error)?;
-                    match g.map(|g| eligibility(&def, &g.rec)) {
+                    match g.map(|g| def.eligibility(&g.rec)) {
                         None => {
                             item.status = "skipped".into();
                             item.reason = "the group no longer exists".into();
@@ -301,8 +301,8 @@ impl Procedure for RunbookRun {
             Err(ProcedureError::Fail(why)) if live => {
                 // Jump to the next cleanup step for the live clones; fail after it.
                 let next = self.state.runbook.steps.iter().enumerate().skip(self.state.at).find(|(_, s)| {
-                    matches!(s, Step::TestCleanup { clones_of, .. }
-                        if self.state.clones.iter().any(|c| !c.deleted && &c.step == clones_of))
+                    matches!(s, Step::TestCleanup(t)
+                        if self.state.clones.iter().any(|c| !c.deleted && c.step == t.clones_of))
                 });
                 match next {
                     Some((i, _)) => {
@@ -330,8 +330,8 @@ impl RunbookRun {
     /// Whether a cleanup step for live clones is still ahead.
     fn cleanup_left(&self) -> bool {
         self.state.runbook.steps.iter().skip(self.state.at).any(|s| {
-            matches!(s, Step::TestCleanup { clones_of, .. }
-                if self.state.clones.iter().any(|c| !c.deleted && &c.step == clones_of))
+            matches!(s, Step::TestCleanup(t)
+                if self.state.clones.iter().any(|c| !c.deleted && c.step == t.clones_of))
         })
     }
 
@@ -345,219 +345,12 @@ impl RunbookRun {
             self.state.steps[at].status = "running".into();
             self.state.steps[at].started_ms = now_ms();
         }
-        match &def {
-            Step::Sync { .. } | Step::Failover { .. } | Step::Failback { .. } => self.fanout(ctx).await,
-            Step::Freeze { .. } | Step::Thaw { .. } => {
-                let frozen = matches!(def, Step::Freeze { .. });
-                let mut failed = 0;
-                for item in &mut self.state.steps[at].items {
-                    match steps::set_frozen(&self.core, &item.target, frozen).await {
-                        Ok(()) => item.status = "succeeded".into(),
-                        Err(e) => {
-                            item.status = "failed".into();
-                            item.reason = e.to_string();
-                            failed += 1;
-                        }
-                    }
-                    item.ended_ms = now_ms();
-                }
-                let verb = if frozen { "frozen" } else { "thawed" };
-                let n = self.state.steps[at].items.len();
-                if failed > 0 {
-                    self.end_step("failed", format!("{failed} of {n} backends could not be {verb}"));
-                    return Err(ProcedureError::Fail(format!(
-                        "step {}: {failed} backend(s) could not be {verb}",
-                        def.name()
-                    )));
-                }
-                Ok(self.end_step("succeeded", format!("{n} backend(s) {verb}")))
-            }
-            Step::Verify { status, max_rpo, after_step, .. } => {
-                if let Some(earlier) = after_step {
-                    let acted: Vec<String> = self
-                        .state
-                        .steps
-                        .iter()
-                        .find(|s| &s.name == earlier)
-                        .map(|s| s.items.iter().filter(|i| i.status != "skipped").map(|i| i.target.clone()).collect())
-                        .unwrap_or_default();
-                    self.state.steps[at].items.retain(|i| acted.contains(&i.target));
-                }
-                let failed = steps::verify(&self.core, &mut self.state.steps[at].items, status.as_deref(), *max_rpo)
-                    .await
-                    .map_err(step_error)?;
-                let n = self.state.steps[at].items.len();
-                if failed > 0 {
-                    self.end_step("failed", format!("{failed} of {n} groups failed the check"));
-                    return Err(ProcedureError::Fail(format!(
-                        "step {}: {failed} of {n} groups failed the check; see `drover execution report {}`",
-                        def.name(),
-                        ctx.execution_id
-                    )));
-                }
-                Ok(self.end_step("succeeded", format!("{n} group(s) checked")))
-            }
-            Step::Prompt { message, show_divergence, only_if_diverged, .. } => {
-                if self.state.steps[at].shown.is_empty()
-                    && let Some(sel) = show_divergence
-                {
-                    let shown = steps::divergence(&self.core, sel).await.map_err(step_error)?;
-                    if shown.is_empty() && *only_if_diverged {
-                        self.state.steps[at].shown = vec!["no group has diverged".into()];
-                        return Ok(self.end_step("skipped", "no group has diverged: nothing to approve".into()));
-                    }
-                    self.state.steps[at].shown =
-                        if shown.is_empty() { vec!["no group has diverged".into()] } else { shown };
-                    return Ok(Status::Executing { note: format!("{}: waiting for approve or reject", def.name()) });
-                }
-                loop {
-                    let decided = self.core.procedures.decision(&ctx.execution_id, def.name()).await;
-                    match decided {
-                        Ok(Some(d)) => {
-                            let approve = d.approve;
-                            let by = d.by.clone();
-                            self.state.steps[at].decision = Some(d);
-                            if approve {
-                                return Ok(self.end_step("succeeded", format!("approved by {by}")));
-                            }
-                            self.end_step("rejected", format!("rejected by {by}"));
-                            return Err(ProcedureError::Fail(format!(
-                                "rejected at prompt {} by {by}: nothing after it ran ({message})",
-                                def.name()
-                            )));
-                        }
-                        Ok(None) => {}
-                        Err(e) => return Err(ProcedureError::Retry(e.to_string())),
-                    }
-                    if self.signalled(ctx).await {
-                        return Ok(Status::Executing {
-                            note: format!("{}: waiting for approve or reject", def.name()),
-                        });
-                    }
-                    tokio::select! {
-                        _ = ctx.cancelled.cancelled() => return Err(ProcedureError::Retry("the owner is stopping".into())),
-                        _ = tokio::time::sleep(Duration::from_millis(300)) => {}
-                    }
-                }
-            }
-            Step::Wait { duration, until, .. } => {
-                let st = &mut self.state.steps[at];
-                if st.until_ms == 0 {
-                    let span = duration.map(|d| d.0).or(until.as_ref().map(|u| u.timeout.0)).unwrap_or_default();
-                    st.until_ms = now_ms() + span.as_millis() as i64;
-                    return Ok(Status::Executing { note: format!("{}: waiting until {}", def.name(), st.until_ms) });
-                }
-                let until_ms = st.until_ms;
-                loop {
-                    if let Some(u) = until {
-                        let (ok, missing) = steps::reached(&self.core, &self.state.steps[at].items, &u.status)
-                            .await
-                            .map_err(step_error)?;
-                        if ok {
-                            return Ok(self.end_step("succeeded", format!("every group is {}", u.status)));
-                        }
-                        if now_ms() >= until_ms {
-                            let note = format!("timed out waiting for {} to be {}", missing.join(", "), u.status);
-                            self.end_step("failed", note.clone());
-                            return Err(ProcedureError::Fail(format!("step {}: {note}", def.name())));
-                        }
-                    } else if now_ms() >= until_ms {
-                        return Ok(self.end_step("succeeded", "waited".into()));
-                    }
-                    if self.signalled(ctx).await {
-                        return Ok(Status::Executing { note: format!("{}: waiting", def.name()) });
-                    }
-                    tokio::select! {
-                        _ = ctx.cancelled.cancelled() => return Err(ProcedureError::Retry("the owner is stopping".into())),
-                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
-                    }
-                }
-            }
-            Step::TestClone { .. } => {
-                let made = steps::test_clones(
-                    &self.core,
-                    &mut self.state.steps[at].items,
-                    def.name(),
-                    &ctx.execution_id,
-                    ctx.epoch,
-                )
-                .await?;
-                for c in made {
-                    if !self.state.clones.iter().any(|k| k.clone_id == c.clone_id) {
-                        self.state.clones.push(c);
-                    }
-                }
-                let items = &self.state.steps[at].items;
-                let failed = items.iter().filter(|i| i.status == "failed").count();
-                let note = format!(
-                    "{} clone(s) of {} group(s); {failed} group(s) failed",
-                    self.state.clones.iter().filter(|c| c.step == def.name()).count(),
-                    items.iter().filter(|i| i.status == "succeeded").count()
-                );
-                if failed > 0 {
-                    self.end_step("failed", note.clone());
-                    return Err(ProcedureError::Fail(format!(
-                        "step {}: {note}; clean up with a test-cleanup step or `drover execution report {}`",
-                        def.name(),
-                        ctx.execution_id
-                    )));
-                }
-                Ok(self.end_step("succeeded", note))
-            }
-            Step::TestCleanup { clones_of, .. } => {
-                let mut failed = Vec::new();
-                let mut items = Vec::new();
-                for c in self.state.clones.iter_mut().filter(|c| &c.step == clones_of) {
-                    let mut item = exec_item(std::slice::from_ref(&c.clone_id));
-                    item.target = c.clone_id.clone();
-                    item.name = format!("{} ({})", c.clone_id, c.group);
-                    if !c.deleted {
-                        match steps::delete_clone(&self.core, c, &ctx.execution_id, ctx.epoch).await {
-                            Ok(()) => c.deleted = true,
-                            Err(e) => {
-                                item.reason = e.clone();
-                                failed.push(e);
-                            }
-                        }
-                    }
-                    item.status = if c.deleted { "succeeded" } else { "failed" }.into();
-                    item.ended_ms = now_ms();
-                    items.push(item);
-                }
-                let n = items.len();
-                self.state.steps[at].items = items;
-                if let Some(first) = failed.first() {
-                    // A backend that is away: the step is tried again, the clones stay listed.
-                    return Err(ProcedureError::Retry(format!("removing test clones: {first}")));
-                }
-                Ok(self.end_step("succeeded", format!("{n} test clone(s) removed")))
-            }
-            Step::Exec { command, timeout, continue_on_error, .. } => {
-                let live: Vec<&TestCloneRec> = self.state.clones.iter().filter(|c| !c.deleted).collect();
-                let clones = serde_json::to_string(&live).expect("clones serialise");
-                let outcome =
-                    steps::exec(command, timeout.0, &self.state.params, &[("DROVER_TEST_CLONES", clones)]).await;
-                let (Ok(said) | Err(said)) = &outcome;
-                self.state.steps[at].items = vec![Item {
-                    status: if outcome.is_ok() { "succeeded" } else { "failed" }.into(),
-                    reason: said.clone(),
-                    ended_ms: now_ms(),
-                    ..exec_item(command)
-                }];
-                match outcome {
-                    Ok(out) => Ok(self.end_step("succeeded", out)),
-                    Err(why) if *continue_on_error => Ok(self.end_step("failed", why)),
-                    Err(why) => {
-                        self.end_step("failed", why.clone());
-                        Err(ProcedureError::Fail(format!("step {}: {why}", def.name())))
-                    }
-                }
-            }
-        }
+        def.as_kind().run(self, ctx).await
     }
 }
 
-fn exec_item(command: &[String]) -> Item {
+/// An item for a step that acts on something other than a group (a command, a clone).
+pub(super) fn exec_item(command: &[String]) -> Item {
     Item {
         target: command.join(" "),
         name: command.first().cloned().unwrap_or_default(),

@@ -3,10 +3,11 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::num::NonZeroU32;
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize};
+
+use super::kinds::{self, StepKind};
 
 /// A runbook as written.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,105 +46,22 @@ pub enum ParamType {
     Duration,
 }
 
-/// One step, written as its kind holding its fields; every step has a unique `name`.
+/// One step, written as its kind holding its fields (`- failover: {name: …, …}`); every
+/// step has a unique `name`. Each kind is a type in [`super::kinds`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub enum Step {
-    /// Refuse management changes on the selected backends.
-    Freeze { name: String, backends: BackendSelector },
-    /// Allow them again.
-    Thaw { name: String, backends: BackendSelector },
-    /// Take and ship a recovery point of each selected group now.
-    Sync {
-        name: String,
-        groups: Selector,
-        /// At most this many groups at once, within a tier.
-        #[serde(default = "default_parallel")]
-        max_parallel: NonZeroU32,
-        /// Go on with the next groups and tiers after one fails (else start no new one).
-        #[serde(default)]
-        continue_on_error: bool,
-    },
-    /// Fail the selected groups over to their replication target, tier by tier.
-    Failover {
-        name: String,
-        groups: Selector,
-        /// A disaster failover: never wait on the side being left.
-        #[serde(default)]
-        force: bool,
-        /// At most this many groups at once, within a tier.
-        #[serde(default = "default_parallel")]
-        max_parallel: NonZeroU32,
-        /// Go on with the next groups and tiers after one fails (else start no new one).
-        #[serde(default)]
-        continue_on_error: bool,
-    },
-    /// Fail the selected groups back to their primary backend, tier by tier.
-    Failback {
-        name: String,
-        groups: Selector,
-        /// After a disaster, discard the changes on the side failed back to (the
-        /// divergent writes); put an approved `prompt` before such a step.
-        #[serde(default)]
-        discard_diverged: bool,
-        /// At most this many groups at once, within a tier.
-        #[serde(default = "default_parallel")]
-        max_parallel: NonZeroU32,
-        /// Go on with the next groups and tiers after one fails (else start no new one).
-        #[serde(default)]
-        continue_on_error: bool,
-    },
-    /// Check the selected groups: each has `status` and, when given, an RPO at most
-    /// `max_rpo`.
-    Verify {
-        name: String,
-        groups: Selector,
-        #[serde(default)]
-        status: Option<String>,
-        #[serde(default)]
-        max_rpo: Option<Dur>,
-        /// Check only the groups this earlier step acted on (not those it skipped).
-        #[serde(default)]
-        after_step: Option<String>,
-    },
-    /// Wait for an operator's `approve` or `reject`; `show_divergence` lists, per
-    /// selected group, whose changes a failback would discard.
-    Prompt {
-        name: String,
-        message: String,
-        #[serde(default)]
-        show_divergence: Option<Selector>,
-        /// With `show_divergence`: go on without asking when no selected group diverged
-        /// (a failback after a planned failover discards nothing).
-        #[serde(default)]
-        only_if_diverged: bool,
-    },
-    /// Wait a duration, or until the selected groups reach `status` (within `timeout`).
-    Wait {
-        name: String,
-        #[serde(default)]
-        duration: Option<Dur>,
-        #[serde(default)]
-        until: Option<WaitUntil>,
-    },
-    /// Non-disruptive test failover: at each selected group's replication target, a
-    /// writable clone of the newest complete recovery point of every volume. Replication
-    /// goes on; the clones' URIs reach `exec` steps as `DROVER_TEST_CLONES` (JSON).
-    TestClone { name: String, groups: Selector },
-    /// Removes every clone the `test-clone` step `clones_of` made.
-    TestCleanup { name: String, clones_of: String },
-    /// Run a command on the orchestrator's host; exit code 0 is success.
-    Exec {
-        name: String,
-        command: Vec<String>,
-        timeout: Dur,
-        #[serde(default)]
-        continue_on_error: bool,
-    },
-}
-
-fn default_parallel() -> NonZeroU32 {
-    NonZeroU32::new(10).expect("nonzero")
+    Freeze(kinds::Freeze),
+    Thaw(kinds::Thaw),
+    Sync(kinds::SyncNow),
+    Failover(kinds::Failover),
+    Failback(kinds::Failback),
+    Verify(kinds::Verify),
+    Prompt(kinds::Prompt),
+    Wait(kinds::Wait),
+    TestClone(kinds::TestClone),
+    TestCleanup(kinds::TestCleanup),
+    Exec(kinds::Exec),
 }
 
 /// Which groups a step acts on; every given field must match.
@@ -182,14 +100,6 @@ pub struct BackendSelector {
     pub names: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct WaitUntil {
-    pub groups: Selector,
-    pub status: String,
-    pub timeout: Dur,
-}
-
 /// A group tier, 1 (first) to 9 (last).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Tier(pub u32);
@@ -224,61 +134,35 @@ impl<'de> Deserialize<'de> for Dur {
 }
 
 impl Step {
-    pub fn name(&self) -> &str {
+    /// The kind's behaviour.
+    pub fn as_kind(&self) -> &dyn StepKind {
         match self {
-            Step::Freeze { name, .. }
-            | Step::Thaw { name, .. }
-            | Step::Sync { name, .. }
-            | Step::Failover { name, .. }
-            | Step::Failback { name, .. }
-            | Step::Verify { name, .. }
-            | Step::Prompt { name, .. }
-            | Step::Wait { name, .. }
-            | Step::TestClone { name, .. }
-            | Step::TestCleanup { name, .. }
-            | Step::Exec { name, .. } => name,
+            Step::Freeze(s) => s,
+            Step::Thaw(s) => s,
+            Step::Sync(s) => s,
+            Step::Failover(s) => s,
+            Step::Failback(s) => s,
+            Step::Verify(s) => s,
+            Step::Prompt(s) => s,
+            Step::Wait(s) => s,
+            Step::TestClone(s) => s,
+            Step::TestCleanup(s) => s,
+            Step::Exec(s) => s,
         }
+    }
+
+    pub fn name(&self) -> &str {
+        self.as_kind().name()
     }
 
     /// The kind as written in the file.
     pub fn kind(&self) -> &'static str {
-        match self {
-            Step::Freeze { .. } => "freeze",
-            Step::Thaw { .. } => "thaw",
-            Step::Sync { .. } => "sync",
-            Step::Failover { .. } => "failover",
-            Step::Failback { .. } => "failback",
-            Step::Verify { .. } => "verify",
-            Step::Prompt { .. } => "prompt",
-            Step::Wait { .. } => "wait",
-            Step::TestClone { .. } => "test-clone",
-            Step::TestCleanup { .. } => "test-cleanup",
-            Step::Exec { .. } => "exec",
-        }
-    }
-
-    /// How a step acting on many groups runs them: (max_parallel, continue_on_error).
-    pub fn fanout(&self) -> (u32, bool) {
-        match self {
-            Step::Sync { max_parallel, continue_on_error, .. }
-            | Step::Failover { max_parallel, continue_on_error, .. }
-            | Step::Failback { max_parallel, continue_on_error, .. } => (max_parallel.get(), *continue_on_error),
-            Step::Exec { continue_on_error, .. } => (1, *continue_on_error),
-            _ => (1, false),
-        }
+        self.as_kind().kind()
     }
 
     /// The group selector of a step that acts on groups.
     pub fn groups(&self) -> Option<&Selector> {
-        match self {
-            Step::Sync { groups, .. }
-            | Step::Failover { groups, .. }
-            | Step::Failback { groups, .. }
-            | Step::Verify { groups, .. }
-            | Step::TestClone { groups, .. } => Some(groups),
-            Step::Wait { until: Some(u), .. } => Some(&u.groups),
-            _ => None,
-        }
+        self.as_kind().groups()
     }
 }
 
@@ -536,38 +420,9 @@ fn check(src: &Source, rb: &Runbook) -> Result<(), RunbookError> {
         if name.is_empty() || name.contains(char::is_whitespace) {
             return Err(src.at(here(), format!("step name {name:?} must be a non-empty word")));
         }
-        match step {
-            Step::Wait { duration: None, until: None, .. } | Step::Wait { duration: Some(_), until: Some(_), .. } => {
-                return Err(
-                    src.at(here(), format!("step `{name}` (wait) needs either `duration` or `until`, not both"))
-                );
-            }
-            Step::Exec { command, .. } if command.is_empty() => {
-                return Err(src.at(here(), format!("step `{name}` (exec) needs a `command` (a list: program, args…)")));
-            }
-            Step::Verify { after_step: Some(earlier), .. }
-                if !seen.contains_key(earlier.as_str()) || earlier == name =>
-            {
-                return Err(
-                    src.at(here(), format!("step `{name}` (verify): `after_step: {earlier}` names no earlier step"))
-                );
-            }
-            Step::TestCleanup { clones_of, .. }
-                if !rb
-                    .steps
-                    .iter()
-                    .take_while(|s| s.name() != name)
-                    .any(|s| s.name() == clones_of && matches!(s, Step::TestClone { .. })) =>
-            {
-                return Err(src.at(
-                    here(),
-                    format!("step `{name}` (test-cleanup): `clones_of: {clones_of}` names no earlier test-clone step"),
-                ));
-            }
-            Step::Prompt { message, .. } if message.trim().is_empty() => {
-                return Err(src.at(here(), format!("step `{name}` (prompt) needs a non-empty `message`")));
-            }
-            _ => {}
+        let earlier: Vec<Step> = rb.steps.iter().take_while(|s| !std::ptr::eq(*s, step)).cloned().collect();
+        if let Err(why) = step.as_kind().check(&earlier) {
+            return Err(src.at(here(), why));
         }
     }
     Ok(())

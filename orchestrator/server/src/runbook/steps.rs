@@ -9,8 +9,9 @@ use drover_procedure::{ExecutionStatus, ProcedureError, keys as ekeys};
 use drover_proto::v1 as pb;
 use drover_store::{Compare, Txn};
 
+use super::kinds::StepKind;
 use super::plan::{Item, select};
-use super::schema::{Dur, Selector, Step};
+use super::schema::{Dur, Selector};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, keys, now_ms, replication_status as rs};
 use crate::procedures::{Answer, step_error};
@@ -26,19 +27,15 @@ fn point_time_ms(point: &str) -> Option<i64> {
     Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
 }
 
-/// Whether the group reached the goal of `def`: a move that ended before this run knew it.
-fn at_goal(def: &Step, g: &GroupRec) -> bool {
-    match def {
-        Step::Failover { .. } => g.active_backend != g.primary_backend && g.replication_status == rs::FAILED_OVER,
-        Step::Failback { .. } => g.active_backend == g.primary_backend && g.replication_status == rs::ENABLED,
-        _ => false,
-    }
-}
-
 /// Submits the item's execution (as a child of `parent`), or adopts the one a crash of
 /// this run left: the group's lock held by an execution of this run, or the group at the
 /// goal already (the plan checked it was not, before the item was marked starting).
-pub async fn start(core: &std::sync::Arc<Core>, def: &Step, item: &Item, parent: &str) -> Result<Item, ProcedureError> {
+pub async fn start(
+    core: &std::sync::Arc<Core>,
+    def: &dyn StepKind,
+    item: &Item,
+    parent: &str,
+) -> Result<Item, ProcedureError> {
     let mut item = item.clone();
     let lock = ekeys::lock(&format!("group/{}", item.target));
     if let Some(kv) = core.repo.store().get(lock.as_bytes()).await.map_err(|e| ProcedureError::Retry(e.to_string()))? {
@@ -56,44 +53,14 @@ pub async fn start(core: &std::sync::Arc<Core>, def: &Step, item: &Item, parent:
         item.reason = "the group no longer exists".into();
         return Ok(item);
     };
-    if at_goal(def, &g.rec) {
+    if def.at_goal(&g.rec) {
         item.status = "succeeded".into();
         item.reason = "done (its execution ended while this run was being resumed)".into();
         item.ended_ms = now_ms();
         return Ok(item);
     }
     let api = ReplicationApi { core: core.clone(), parent: parent.to_string() };
-    let (group, project) = (item.target.clone(), g.rec.project.clone());
-    let submitted = match def {
-        Step::Failover { force, .. } => api
-            .failover(pb::FailoverGroupRequest {
-                group,
-                project,
-                target_backend: g.rec.replication_target.clone(),
-                force: *force,
-                discard_changes_on: String::new(),
-                no_wait: true,
-            })
-            .await
-            .map(|r| r.execution_id),
-        Step::Failback { discard_diverged, .. } => {
-            let discard = *discard_diverged && !g.rec.divergence_point.is_empty();
-            api.failover(pb::FailoverGroupRequest {
-                group,
-                project,
-                target_backend: "default".into(),
-                force: false,
-                discard_changes_on: if discard { g.rec.primary_backend.clone() } else { String::new() },
-                no_wait: true,
-            })
-            .await
-            .map(|r| r.execution_id)
-        }
-        Step::Sync { .. } => {
-            api.sync_now(pb::SyncGroupRequest { group, project, no_wait: true }).await.map(|r| r.execution_id)
-        }
-        other => return Err(ProcedureError::Fail(format!("step kind {} has no group executions", other.kind()))),
-    };
+    let submitted = def.submit(&api, &g.rec).await;
     match submitted {
         Ok(id) => {
             item.status = "running".into();
@@ -112,7 +79,7 @@ pub async fn start(core: &std::sync::Arc<Core>, def: &Step, item: &Item, parent:
 /// The item with its outcome once its execution ended; `None` while it runs.
 pub async fn finished(
     core: &Core,
-    def: &Step,
+    def: &dyn StepKind,
     item: &Item,
     run_started_ms: i64,
 ) -> Result<Option<Item>, ProcedureError> {
@@ -147,14 +114,13 @@ pub async fn finished(
                 Some(g) if g.replication_status == rs::ERROR => Some(g.status_reason),
                 Some(g) if !bad.is_empty() => Some(format!("{}: {}", g.name, bad.join("; "))),
                 Some(g) => {
-                    if matches!(def, Step::Failover { .. } | Step::Failback { .. }) {
+                    if matches!(def.kind(), "failover" | "failback") {
                         item.rto_ms = (rec.updated_ms - run_started_ms).max(0);
-                        item.rpo_ms = match def {
-                            Step::Failover { force: true, .. } => {
-                                point_time_ms(&g.divergence_point).map_or(-1, |t| (item.started_ms - t).max(0))
-                            }
-                            // A planned move ships everything with its final sync.
-                            _ => 0,
+                        // A planned move ships everything with its final sync.
+                        item.rpo_ms = if def.forced() {
+                            point_time_ms(&g.divergence_point).map_or(-1, |t| (item.started_ms - t).max(0))
+                        } else {
+                            0
                         };
                     }
                     None

@@ -41,11 +41,11 @@ fn a_good_runbook_loads_with_its_parameters() {
     assert_eq!(l.params["max_parallel"], "4");
     assert_eq!(l.runbook.steps.len(), 3);
     match &l.runbook.steps[1] {
-        Step::Failover { groups, max_parallel, force, .. } => {
-            assert_eq!(groups.site.as_deref(), Some("site-a"));
-            assert_eq!(groups.tiers, [Tier(1), Tier(2)]);
-            assert_eq!(max_parallel.get(), 4);
-            assert!(!force);
+        Step::Failover(f) => {
+            assert_eq!(f.groups.site.as_deref(), Some("site-a"));
+            assert_eq!(f.groups.tiers, [Tier(1), Tier(2)]);
+            assert_eq!(f.max_parallel.get(), 4);
+            assert!(!f.force);
         }
         other => panic!("{other:?}"),
     }
