@@ -147,6 +147,25 @@ impl Cluster {
         agent_extra: &[&str],
         orchestrator_extra: &[&str],
     ) -> Self {
+        Self::start_sites(
+            store,
+            driver,
+            &[("site-a", "backend-a"), ("site-b", "backend-b")],
+            agent_extra,
+            orchestrator_extra,
+        )
+        .await
+    }
+
+    /// Starts the cluster with one agent per (site, backend) given, in that order (the
+    /// per-index helpers such as [`Cluster::restart_agent`] assume the default two).
+    pub async fn start_sites(
+        store: StoreChoice<'_>,
+        driver: &str,
+        backends: &[(&str, &str)],
+        agent_extra: &[&str],
+        orchestrator_extra: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let bin = locate_drover().expect("drover binary");
         let store_args: Vec<String> = match store {
@@ -171,7 +190,7 @@ impl Cluster {
         let orchestrator =
             start_orchestrator(&bin, dir.path(), "orchestrator", &store_args).expect("orchestrator starts");
         let mut agents = Vec::new();
-        for (site, backend) in [("site-a", "backend-a"), ("site-b", "backend-b")] {
+        for &(site, backend) in backends {
             let name = format!("agent-{backend}");
             let extra = agent_extra
                 .iter()
@@ -202,7 +221,7 @@ impl Cluster {
         loop {
             let list =
                 c.sites.list_backends(pb::ListBackendsRequest::default()).await.expect("list backends").into_inner();
-            if list.backends.iter().filter(|b| b.status == "up").count() == 2 {
+            if list.backends.iter().filter(|b| b.status == "up").count() == self.agents.len() {
                 return;
             }
             assert!(Instant::now() < deadline, "backends not up after 30 s: {:?}", list.backends);

@@ -39,6 +39,53 @@ async fn groups(c: &Clients, prefix: &str, n: usize) -> Vec<String> {
     ids
 }
 
+/// Creates `n` single-volume groups `{prefix}-{i}` on `from`, replicating to `to`.
+async fn groups_on(c: &Clients, prefix: &str, n: usize, from: &str, to: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let mut c = c.clone();
+        let name = format!("{prefix}-{i:03}");
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("{name}-v0"),
+                project: "tests".into(),
+                size_bytes: 1 << 30,
+                backend: from.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let g = c
+            .groups
+            .create_group(pb::CreateGroupRequest {
+                name: name.clone(),
+                project: "tests".into(),
+                group_type: "replication".into(),
+                backend: from.into(),
+                volumes: vec![v.id],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let r = c
+            .replication
+            .enable_replication(pb::EnableReplicationRequest {
+                group: g.id.clone(),
+                project: "tests".into(),
+                target_backend: to.into(),
+                sync_interval_seconds: 0,
+                no_wait: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.group.unwrap().replication_status, "enabled");
+        ids.push(g.id);
+    }
+    ids
+}
+
 async fn set_tier(c: &mut Clients, group: &str, tier: u32) {
     c.groups
         .update_group(pb::UpdateGroupRequest {
@@ -81,9 +128,13 @@ async fn report(c: &mut Clients, id: &str, format: &str) -> String {
 /// with its outcome, RPO and RTO, and the site's backends are thawed again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
-    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    // Two backends per site: half the groups replicate backend-a → backend-b, half
+    // backend-a2 → backend-b2.
+    let sites = [("site-a", "backend-a"), ("site-a", "backend-a2"), ("site-b", "backend-b"), ("site-b", "backend-b2")];
+    let cluster = Cluster::start_sites(StoreChoice::Embedded, "mock", &sites, &[], &[]).await;
     let mut c = cluster.clients().await;
-    let ids = groups(&c, "site", 100).await;
+    let mut ids = groups(&c, "site", 50).await;
+    ids.extend(groups_on(&c, "site2", 50, "backend-a2", "backend-b2").await);
     let mut names: Vec<String> = all_groups(&mut c).await.into_iter().map(|g| g.name).collect();
     names.sort();
     for (i, name) in names.iter().enumerate() {
@@ -122,12 +173,8 @@ async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
     let groups = all_groups(&mut c).await;
     assert_eq!(groups.len(), ids.len());
     for g in &groups {
-        assert_eq!(
-            (g.replication_status.as_str(), g.active_backend.as_str()),
-            ("failed-over", "backend-b"),
-            "{}",
-            g.name
-        );
+        let to = if g.name.starts_with("site2") { "backend-b2" } else { "backend-b" };
+        assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", to), "{}", g.name);
     }
     let r: serde_json::Value = serde_json::from_str(&report(&mut c, &id, "json").await).unwrap();
     let listed = r["groups"].as_array().unwrap();
@@ -161,7 +208,7 @@ async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
     let a = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
     assert!(!a.frozen, "the runbook thawed the site's backend");
     let md = report(&mut c, &id, "md").await;
-    assert!(md.contains("# DR report: runbook site-failover-planned") && md.contains("| 3 | site-099 |"), "{md}");
+    assert!(md.contains("# DR report: runbook site-failover-planned") && md.contains("| 3 | site2-049 |"), "{md}");
 }
 
 /// Site A is lost: the disaster runbook fails every group over without it, recording
