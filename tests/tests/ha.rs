@@ -128,3 +128,67 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
     assert_eq!(stale.code(), Code::FailedPrecondition, "{}", stale.message());
     assert!(stale.message().contains("stale epoch"), "{}", stale.message());
 }
+
+/// The embedded store is single-node: a second orchestrator on the same file refuses to
+/// start, naming the file, and the first keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_orchestrator_on_one_embedded_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = locate_drover().unwrap();
+    let file = dir.path().join("store.redb");
+    let store = vec!["--store-path".to_string(), file.display().to_string()];
+    let first = start_orchestrator(&bin, dir.path(), "first", &store).expect("the first starts");
+    let out = std::process::Command::new(&bin)
+        .args(["orchestrator", "--listen", "127.0.0.1:0"])
+        .args(&store)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "the second orchestrator must not start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&file.display().to_string()) && err.contains("another orchestrator"), "{err}");
+    let mut c = Clients::connect(&first.endpoint, Duration::from_secs(10)).await.unwrap();
+    c.version.get_version(pb::GetVersionRequest {}).await.expect("the first still serves");
+}
+
+/// A client given three orchestrators of one cluster keeps working while any one of them
+/// is down: it connects to the first member that answers, and every member serves every
+/// request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_with_three_endpoints_survives_any_one_down() {
+    let etcd = Etcd::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let bin = locate_drover().unwrap();
+    let store: Vec<String> = ["--store", "etcd", "--etcd-endpoints", &etcd.endpoint, "--store-prefix", &fresh_prefix()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let mut servers: Vec<_> = ["o1", "o2", "o3"]
+        .iter()
+        .map(|n| start_orchestrator(&bin, dir.path(), n, &store).expect("orchestrator starts"))
+        .collect();
+    let all = servers.iter().map(|s| s.endpoint.clone()).collect::<Vec<_>>().join(",");
+    for down in 0..3 {
+        servers[down].proc.kill();
+        // A client (or CLI run) connecting now is served by a member that answers.
+        let mut c = Clients::connect(&all, Duration::from_secs(10))
+            .await
+            .unwrap_or_else(|e| panic!("connect with orchestrator {down} down: {e}"));
+        for i in 0..20 {
+            c.groups
+                .list_groups(pb::ListGroupsRequest { project: String::new() })
+                .await
+                .unwrap_or_else(|s| panic!("call {i} with orchestrator {down} down: {}", s.message()));
+        }
+        // And through the CLI, which takes the same list.
+        let out = std::process::Command::new(&bin)
+            .args(["group", "list", "--endpoint", &all, "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "CLI with orchestrator {down} down: {}", String::from_utf8_lossy(&out.stderr));
+        // Back on the same address, as a restarted service would be.
+        let addr = servers[down].endpoint.trim_start_matches("http://").to_string();
+        let mut again = store.clone();
+        again.extend(["--set".to_string(), format!("listen={addr}")]);
+        servers[down] = start_orchestrator(&bin, dir.path(), &format!("o{down}-again"), &again).expect("restart");
+    }
+}

@@ -28,16 +28,30 @@ pub struct Clients {
 }
 
 impl Clients {
-    /// Connects to an orchestrator; `timeout` bounds each call.
+    /// Connects to an orchestrator; `timeout` bounds each call. `endpoint` may list
+    /// several orchestrators of one cluster, comma-separated: the first that answers is
+    /// used (any member serves every request), so any of them may be down. The clients
+    /// stay with that member; connect again to move to another.
     pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Self, String> {
-        let channel = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| format!("bad endpoint {endpoint:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(timeout)
-            .connect()
-            .await
-            .map_err(|e| format!("cannot reach the orchestrator at {endpoint}: {e}; is it running? (set --endpoint or DROVER_ENDPOINT)"))?;
-        Ok(Self::with_interceptor(channel, drover_proto::stamp_api_version))
+        let list: Vec<&str> = endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
+        if list.is_empty() {
+            return Err("no orchestrator endpoint given (set --endpoint or DROVER_ENDPOINT)".into());
+        }
+        let mut failures = Vec::new();
+        for e in &list {
+            let ep = Endpoint::from_shared(e.to_string())
+                .map_err(|err| format!("bad endpoint {e:?}: {err}"))?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(timeout);
+            match ep.connect().await {
+                Ok(channel) => return Ok(Self::with_interceptor(channel, drover_proto::stamp_api_version)),
+                Err(err) => failures.push(format!("{e}: {err}")),
+            }
+        }
+        Err(format!(
+            "cannot reach any orchestrator ({}); is one running? (set --endpoint or DROVER_ENDPOINT)",
+            failures.join("; ")
+        ))
     }
 
     /// Clients over a channel with a chosen interceptor (tests use it to send other

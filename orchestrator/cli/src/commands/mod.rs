@@ -21,7 +21,8 @@ use crate::output::{Format, Table, emit};
 /// Flags every client command takes (before or after its subcommand).
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// Orchestrator endpoint.
+    /// Orchestrator endpoint; several of one cluster, comma-separated, are used in turn
+    /// (any one of them may be down).
     #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "http://127.0.0.1:7700")]
     pub endpoint: String,
     /// Output format.
