@@ -167,8 +167,8 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
         .map(|n| start_orchestrator(&bin, dir.path(), n, &store).expect("orchestrator starts"))
         .collect();
     let all = servers.iter().map(|s| s.endpoint.clone()).collect::<Vec<_>>().join(",");
-    for down in 0..3 {
-        servers[down].proc.kill();
+    for (down, server) in servers.iter_mut().enumerate() {
+        server.proc.kill();
         // A client (or CLI run) connecting now is served by a member that answers.
         let mut c = Clients::connect(&all, Duration::from_secs(10))
             .await
@@ -186,9 +186,9 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
             .unwrap();
         assert!(out.status.success(), "CLI with orchestrator {down} down: {}", String::from_utf8_lossy(&out.stderr));
         // Back on the same address, as a restarted service would be.
-        let addr = servers[down].endpoint.trim_start_matches("http://").to_string();
+        let addr = server.endpoint.trim_start_matches("http://").to_string();
         let mut again = store.clone();
         again.extend(["--set".to_string(), format!("listen={addr}")]);
-        servers[down] = start_orchestrator(&bin, dir.path(), &format!("o{down}-again"), &again).expect("restart");
+        *server = start_orchestrator(&bin, dir.path(), &format!("o{down}-again"), &again).expect("restart");
     }
 }
