@@ -732,6 +732,15 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
         i += 1;
     }
     assert!(most <= 4, "the chain grew to {most} layers while the peer was down");
+    // The group's replication info says points are waiting for the peer.
+    let info = c
+        .replication
+        .get_replication_info(pb::GetReplicationInfoRequest { group: "bounded".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let said = &info.volumes[0].error;
+    assert!(said.contains("recovery points wait for the peer"), "{said}");
     cluster.restart_agent(1, "qemu");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -386,7 +386,19 @@ impl Driver for QemuDriver {
             last_sync_duration_ms: v.last.duration_ms as i64,
             last_sync_bytes: v.last.bytes as i64,
             recovery_point_id: rp.unwrap_or_default(),
-            error: v.last.error.clone(),
+            error: {
+                // Bounded chains: say when points wait for the peer and no more are kept.
+                let waiting = v.layers.iter().filter(|l| l.rp.is_some() && !l.acked).count();
+                if v.role == Some(Role::Primary) && !v.last.error.is_empty() && waiting >= MAX_WAITING {
+                    format!(
+                        "{}; {waiting} recovery points wait for the peer, the most kept: new syncs re-send the \
+                         newest until the peer takes it",
+                        v.last.error
+                    )
+                } else {
+                    v.last.error.clone()
+                }
+            },
         })
     }
 
