@@ -784,47 +784,12 @@ async fn no_daemon_outlives_its_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_source_does_not_block_a_promote() {
     use drover_proto::agent::v1 as apb;
-    use drover_proto::agent::v1::replica_message::Kind;
     let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
     let mut c = cluster.clients().await;
-    group(&mut c, "stall", 1, 16 * MIB).await;
-    assert_all_succeeded(&enable(&mut c, "stall", 3600).await);
-    let g = c
-        .groups
-        .get_group(pb::GetGroupRequest { group: "stall".into(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let volume = g.volume_ids[0].clone();
+    let (g, volume, base) = one_replicated(&mut c, &cluster, "stall").await;
     let mut agent_b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
-    let base = agent_b
-        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .recovery_point_id;
-    assert!(!base.is_empty(), "the initial sync left a point at site B");
-
     // A source that sends the header and one chunk, then nothing.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let begin = apb::ApplyBegin {
-        group_id: g.id.clone(),
-        recovery_point_id: "stalled-point".into(),
-        base_recovery_point_id: base,
-        volumes: vec![apb::VolumeHeader { volume_id: volume.clone(), size_bytes: (16 * MIB) as i64 }],
-        r#final: false,
-        source_backend: "backend-a".into(),
-        created_at_ms: 1,
-        epoch: g.epoch,
-    };
-    tx.send(apb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.unwrap();
-    let chunk = apb::DeltaChunk { volume_id: volume.clone(), offset: 0, data: vec![0x77; 65536], zero_length: 0 };
-    tx.send(apb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) }).await.unwrap();
-    let mut replica = apb::replica_client::ReplicaClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
-    let stream =
-        tokio::spawn(
-            async move { replica.apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
-        );
+    let (tx, stream) = raw_source(&cluster, &g, &volume, &base, "stalled-point").await;
     // Wait until the target has taken the chunk in (it is applying).
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(!stream.is_finished(), "the stalled stream is still open");
@@ -1185,53 +1150,20 @@ async fn test_failover_clones_a_point_while_replication_goes_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_that_vanishes_mid_point_leaves_the_target_usable() {
     use drover_proto::agent::v1 as apb;
-    use drover_proto::agent::v1::replica_message::Kind;
     let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
     let mut c = cluster.clients().await;
-    let vols = group(&mut c, "gone", 1, 16 * MIB).await;
-    assert_all_succeeded(&enable(&mut c, "gone", 3600).await);
-    let g = c
-        .groups
-        .get_group(pb::GetGroupRequest { group: "gone".into(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    let volume = g.volume_ids[0].clone();
+    let (g, volume, base) = one_replicated(&mut c, &cluster, "gone").await;
+    let vol_name = "gone-0";
     let mut b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
-    let base = b
-        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
-        .await
-        .unwrap()
-        .into_inner()
-        .recovery_point_id;
     for round in 0..3 {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let begin = apb::ApplyBegin {
-            group_id: g.id.clone(),
-            recovery_point_id: format!("vanishing-{round}"),
-            base_recovery_point_id: base.clone(),
-            volumes: vec![apb::VolumeHeader { volume_id: volume.clone(), size_bytes: (16 * MIB) as i64 }],
-            r#final: false,
-            source_backend: "backend-a".into(),
-            created_at_ms: 1,
-            epoch: g.epoch,
-        };
-        tx.send(apb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.unwrap();
-        let chunk = apb::DeltaChunk { volume_id: volume.clone(), offset: 0, data: vec![0x55; 65536], zero_length: 0 };
-        tx.send(apb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) }).await.unwrap();
-        let mut replica =
-            apb::replica_client::ReplicaClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
-        let stream =
-            tokio::spawn(
-                async move { replica.apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
-            );
+        let (tx, stream) = raw_source(&cluster, &g, &volume, &base, &format!("vanishing-{round}")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         // The source vanishes: its call is dropped, the stream reset.
         stream.abort();
         drop(tx);
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    io(&uri(&mut c, &vols[0]).await, &["write -P 0x66 0 1M"]);
+    io(&uri(&mut c, vol_name).await, &["write -P 0x66 0 1M"]);
     c.replication
         .sync_group(pb::SyncGroupRequest { group: "gone".into(), project: "tests".into(), no_wait: false })
         .await
@@ -1244,4 +1176,64 @@ async fn a_source_that_vanishes_mid_point_leaves_the_target_usable() {
         .recovery_point_id;
     assert_ne!(now, base, "the new point was applied");
     assert!(!now.starts_with("vanishing"), "no vanished point landed: {now}");
+}
+
+/// A one-volume group `name` replicating to site B (points only on demand): the group,
+/// its volume id, and the point B holds.
+async fn one_replicated(c: &mut Clients, cluster: &Cluster, name: &str) -> (pb::Group, String, String) {
+    use drover_proto::agent::v1 as apb;
+    group(c, name, 1, 16 * MIB).await;
+    assert_all_succeeded(&enable(c, name, 3600).await);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: name.into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let volume = g.volume_ids[0].clone();
+    let mut b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let base = b
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .recovery_point_id;
+    assert!(!base.is_empty(), "the initial sync left a point at site B");
+    (g, volume, base)
+}
+
+type Ack = Result<tonic::Response<drover_proto::agent::v1::ApplyAck>, tonic::Status>;
+
+/// A hand-made source: opens a recovery point stream to site B for `point` (a delta on
+/// `base`), sends the header and one 64 KiB chunk, and returns the sender (to send more,
+/// or drop) and the call.
+async fn raw_source(
+    cluster: &Cluster,
+    g: &pb::Group,
+    volume: &str,
+    base: &str,
+    point: &str,
+) -> (tokio::sync::mpsc::Sender<drover_proto::agent::v1::ReplicaMessage>, tokio::task::JoinHandle<Ack>) {
+    use drover_proto::agent::v1 as apb;
+    use drover_proto::agent::v1::replica_message::Kind;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let begin = apb::ApplyBegin {
+        group_id: g.id.clone(),
+        recovery_point_id: point.into(),
+        base_recovery_point_id: base.into(),
+        volumes: vec![apb::VolumeHeader { volume_id: volume.into(), size_bytes: (16 * MIB) as i64 }],
+        r#final: false,
+        source_backend: "backend-a".into(),
+        created_at_ms: 1,
+        epoch: g.epoch,
+    };
+    tx.send(apb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.unwrap();
+    let chunk = apb::DeltaChunk { volume_id: volume.into(), offset: 0, data: vec![0x55; 65536], zero_length: 0 };
+    tx.send(apb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) }).await.unwrap();
+    let mut replica = apb::replica_client::ReplicaClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let call =
+        tokio::spawn(
+            async move { replica.apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
+        );
+    (tx, call)
 }
