@@ -167,8 +167,36 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
         .map(|n| start_orchestrator(&bin, dir.path(), n, &store).expect("orchestrator starts"))
         .collect();
     let all = servers.iter().map(|s| s.endpoint.clone()).collect::<Vec<_>>().join(",");
+    // Membership: every orchestrator announces itself; `drover orchestrator list` shows
+    // each with its health.
+    let members = |endpoint: &str| -> serde_json::Value {
+        let out = std::process::Command::new(&bin)
+            .args(["orchestrator", "list", "--endpoint", endpoint, "-o", "json"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = members(&all);
+        let up = m["orchestrators"].as_array().map_or(0, |o| o.iter().filter(|o| o["status"] == "up").count());
+        if up == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "three members up: {m}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     for (down, server) in servers.iter_mut().enumerate() {
         server.proc.kill();
+        let m = members(&all);
+        let dead = m["orchestrators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["endpoint"] == server.endpoint.as_str())
+            .map(|o| o["status"].clone());
+        assert!(dead.is_none() || dead == Some("down".into()), "a killed member is not up: {m}");
         // A client (or CLI run) connecting now is served by a member that answers.
         let mut c = Clients::connect(&all, Duration::from_secs(10))
             .await

@@ -3,10 +3,10 @@
 use std::time::Duration;
 
 use drover_proto::v1::{
-    execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
-    replication_service_client::ReplicationServiceClient, runbook_service_client::RunbookServiceClient,
-    site_service_client::SiteServiceClient, version_service_client::VersionServiceClient,
-    volume_service_client::VolumeServiceClient,
+    cluster_service_client::ClusterServiceClient, execution_service_client::ExecutionServiceClient,
+    group_service_client::GroupServiceClient, replication_service_client::ReplicationServiceClient,
+    runbook_service_client::RunbookServiceClient, site_service_client::SiteServiceClient,
+    version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -25,6 +25,7 @@ pub struct Clients {
     pub replication: ReplicationServiceClient<Ch>,
     pub executions: ExecutionServiceClient<Ch>,
     pub runbooks: RunbookServiceClient<Ch>,
+    pub cluster: ClusterServiceClient<Ch>,
 }
 
 impl Clients {
@@ -66,6 +67,7 @@ impl Clients {
             replication: ReplicationServiceClient::new(ch()),
             executions: ExecutionServiceClient::new(ch()),
             runbooks: RunbookServiceClient::new(ch()),
+            cluster: ClusterServiceClient::new(ch()),
         }
     }
 }

@@ -13,10 +13,13 @@ fn init_logging(default: &str) {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Orchestrator(a) => {
-            init_logging("info");
-            servers::run_orchestrator(a).await
-        }
+        Command::Orchestrator(a) => match &a.cmd {
+            Some(servers::OrchestratorCmd::List { client }) => servers::list_orchestrators(client).await,
+            None => {
+                init_logging("info");
+                servers::run_orchestrator(a).await
+            }
+        },
         Command::Agent(a) => {
             init_logging("info");
             servers::run_agent(a).await
@@ -39,7 +42,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Orchestrator(_) | Command::Agent(_) | Command::Drill(_)) {
+    let serving = match &cli.command {
+        Command::Orchestrator(a) => a.cmd.is_none(),
+        Command::Agent(_) | Command::Drill(_) => true,
+        _ => false,
+    };
+    if !serving {
         init_logging("warn");
     }
     match run(cli).await {

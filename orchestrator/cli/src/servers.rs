@@ -49,6 +49,40 @@ pub struct OrchestratorArgs {
     /// Print the merged configuration with each value's origin, and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// A client command about the orchestrators instead of running one.
+    #[command(subcommand)]
+    pub cmd: Option<OrchestratorCmd>,
+}
+
+/// `drover orchestrator list`.
+#[derive(clap::Subcommand)]
+pub enum OrchestratorCmd {
+    /// The orchestrators sharing the store: endpoint, health, what each owns.
+    List {
+        #[command(flatten)]
+        client: crate::commands::ClientArgs,
+    },
+}
+
+/// Runs `drover orchestrator list`.
+pub async fn list_orchestrators(client: &crate::commands::ClientArgs) -> Result<()> {
+    let mut ctx = crate::commands::Ctx::connect(client).await?;
+    let r = ctx.api.cluster.list_orchestrators(drover_proto::v1::ListOrchestratorsRequest {}).await?.into_inner();
+    crate::output::emit(ctx.fmt, &r, |r| {
+        let mut t = crate::output::Table::new(&["ENDPOINT", "STATUS", "OWNS", "VERSION", "STARTED", "ID"]);
+        for o in &r.orchestrators {
+            t.row(vec![
+                if o.answering { format!("{} (answered)", o.endpoint) } else { o.endpoint.clone() },
+                o.status.clone(),
+                o.executions_owned.to_string(),
+                o.version.clone(),
+                crate::output::timestamp(o.started_at_ms),
+                o.id.clone(),
+            ]);
+        }
+        t
+    });
+    Ok(())
 }
 
 impl OrchestratorArgs {

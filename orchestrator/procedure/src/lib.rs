@@ -20,6 +20,16 @@
 //! - **Cancellable** and **pausable** at step boundaries; **observable** through
 //!   [`Manager::watch`]; a step may wait for an operator's [`Decision`] (a prompt).
 //!
+//! - **Background work runs once without an election.** The only periodic work is the
+//!   recovery scan, and every member runs it: exactly-once comes from the claim, one
+//!   conditional transaction on the owner key, so of the members that find an unowned
+//!   execution one claims it and the others see the claim and pass. A scan is one range
+//!   read a second, cheaper than keeping an election, and a member that pauses delays
+//!   nothing. Agent liveness is probed when a request needs it, and RPOs are computed
+//!   when read, so neither needs a periodic owner.
+//! - **Members.** Each orchestrator announces itself under its owner lease
+//!   ([`Manager::announce`]); [`Manager::members`] lists the live ones and what each owns.
+//!
 //! [`Procedure::execute`] runs one step and must be idempotent: after a crash between a
 //! step and its persist, the step runs again.
 

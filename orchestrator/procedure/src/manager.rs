@@ -65,6 +65,8 @@ pub struct Manager {
     running: Mutex<HashMap<String, (u64, CancellationToken)>>,
     runs: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
+    /// What this orchestrator announces of itself (see [`Manager::announce`]).
+    member: Mutex<Option<serde_json::Value>>,
     wake: tokio::sync::Notify,
 }
 
@@ -95,6 +97,7 @@ impl Manager {
             running: Mutex::new(HashMap::new()),
             runs: std::sync::atomic::AtomicU64::new(0),
             shutdown,
+            member: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
         })
     }
@@ -143,6 +146,7 @@ impl Manager {
         let period = self.config.lease_ttl / 3;
         let mut last_ok = tokio::time::Instant::now();
         loop {
+            self.put_member().await;
             if pause(period, &self.shutdown).await {
                 return;
             }
@@ -244,6 +248,41 @@ impl Manager {
             Some(load) => load(state),
             None => Err(format!("this orchestrator does not know procedures of kind {kind}")),
         }
+    }
+
+    /// Announces this orchestrator as a cluster member (`orchestrators/<owner id>`, bound
+    /// to its owner lease, so it disappears with the lease): `value` says what it is
+    /// (endpoint, version, started-at). Written again with every lease renewal.
+    pub fn announce(&self, value: serde_json::Value) {
+        *self.member.lock().expect("member poisoned") = Some(value);
+    }
+
+    async fn put_member(&self) {
+        let Some(value) = self.member.lock().expect("member poisoned").clone() else { return };
+        let Ok(lease) = self.lease().await else { return };
+        let bytes = serde_json::to_vec(&value).expect("members serialise");
+        let txn = Txn::new().and_then(TxnOp::put_with_lease(keys::member(&self.config.owner_id), bytes, lease));
+        if let Err(e) = self.store.txn(txn).await {
+            tracing::warn!(error = %e, "cannot announce this orchestrator; retrying");
+        }
+    }
+
+    /// The live members of the cluster (their announcements), and how many executions
+    /// each owns now, by owner id.
+    pub async fn members(&self) -> Result<(Vec<serde_json::Value>, HashMap<String, usize>), StoreError> {
+        let (kvs, _) = self.store.range(keys::MEMBERS.as_bytes()).await?;
+        let members = kvs.iter().filter_map(|kv| serde_json::from_slice(&kv.value).ok()).collect();
+        let (claims, _) = self.store.range(keys::OWNERS.as_bytes()).await?;
+        let mut owned: HashMap<String, usize> = HashMap::new();
+        for kv in claims {
+            if let Some(o) = serde_json::from_slice::<serde_json::Value>(&kv.value)
+                .ok()
+                .and_then(|v| v["owner"].as_str().map(str::to_string))
+            {
+                *owned.entry(o).or_default() += 1;
+            }
+        }
+        Ok((members, owned))
     }
 
     /// Takes ownership of an execution: absent claim (or our own stale one at

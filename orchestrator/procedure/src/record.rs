@@ -35,6 +35,11 @@ pub mod keys {
     pub fn decisions(id: &str) -> String {
         format!("execution-decisions/{id}/")
     }
+    /// A member of the orchestrator cluster, bound to its owner lease.
+    pub fn member(owner_id: &str) -> String {
+        format!("orchestrators/{owner_id}")
+    }
+    pub const MEMBERS: &str = "orchestrators/";
     /// A lock: the key a procedure holds, naming the execution that holds it.
     pub fn lock(key: &str) -> String {
         format!("locks/{key}")

@@ -68,6 +68,12 @@ pub async fn serve(
     service::groups::seed_group_types(&core).await?;
     // Executions left by a previous orchestrator (or one that died) resume from here on.
     procedures::register(&manager, &core);
+    manager.announce(serde_json::json!({
+        "id": manager.owner_id(),
+        "endpoint": format!("http://{local_addr}"),
+        "version": env!("CARGO_PKG_VERSION"),
+        "started_at_ms": crate::model::now_ms(),
+    }));
     manager.start();
 
     let sites = || service::sites::SiteApi { core: core.clone() };
@@ -110,6 +116,10 @@ pub async fn serve(
         ))
         .add_service(InterceptedService::new(
             pb::runbook_service_server::RunbookServiceServer::new(service::runbooks::RunbookApi { core: core.clone() }),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::cluster_service_server::ClusterServiceServer::new(service::cluster::ClusterApi { core: core.clone() }),
             check_api_version,
         ))
         .add_service(InterceptedService::new(
