@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 pub mod cluster;
+pub mod invariants;
 
 use cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator};
 use drover_proto::v1 as pb;

@@ -6,12 +6,11 @@
 //! failover was needed. Each run prints its figures (see docs/reliability.md).
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
-use drover_proto::agent::v1 as apb;
 use drover_proto::v1 as pb;
+use drover_tests::invariants::{repeated_op_ids, role_violations};
 use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group};
 
 const GROUPS: usize = 10;
@@ -106,15 +105,6 @@ async fn wait_all_ended(c: &mut Clients, within: Duration) {
     }
 }
 
-fn op_ids(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("every op log line is whole JSON"))
-        .filter_map(|e| e["op_id"].as_str().filter(|s| !s.is_empty()).map(str::to_string))
-        .collect()
-}
-
 async fn check(cluster: &Cluster, groups: &[String], figures: &mut Figures) {
     let mut c = cluster.clients().await;
     wait_all_ended(&mut c, Duration::from_secs(90)).await;
@@ -125,39 +115,18 @@ async fn check(cluster: &Cluster, groups: &[String], figures: &mut Figures) {
             figures.resumed += 1;
         }
     }
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    for backend in ["backend-a", "backend-b"] {
-        for id in op_ids(&cluster.path().join(format!("oplog-{backend}.jsonl"))) {
-            figures.driver_ops += 1;
-            *seen.entry(format!("{backend}:{id}")).or_default() += 1;
-        }
-    }
-    figures.duplicate_op_ids = seen.into_iter().filter(|(_, n)| *n > 1).map(|(k, n)| format!("{k} x{n}")).collect();
-    let mut agents = Vec::new();
-    for a in &cluster.agents {
-        agents.push(apb::agent_client::AgentClient::connect(a.endpoint.clone()).await.unwrap());
-    }
+    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
+    let (repeated, total) = repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    figures.driver_ops += total;
+    figures.duplicate_op_ids = repeated;
     for id in groups {
         let g = group(&mut c, id).await.expect("group exists");
         if g.replication_status != "enabled" && g.replication_status != "failed-over" {
             figures.bad_groups.push(format!("{}: {} ({})", g.name, g.replication_status, g.status_reason));
         }
-        for v in &g.volume_ids {
-            let mut primaries = Vec::new();
-            for (agent, backend) in agents.iter_mut().zip(["backend-a", "backend-b"]) {
-                let info = agent.get_volume(apb::GetVolumeRequest { volume_id: v.clone() }).await.unwrap().into_inner();
-                if info.replication_role == "primary" {
-                    primaries.push(backend);
-                }
-            }
-            if primaries != [g.active_backend.as_str()] {
-                figures.role_violations.push(format!(
-                    "volume {v} of {}: primary on {primaries:?}, group active on {}",
-                    g.name, g.active_backend
-                ));
-            }
-        }
     }
+    let agents = [("backend-a", cluster.agents[0].endpoint.clone()), ("backend-b", cluster.agents[1].endpoint.clone())];
+    figures.role_violations = role_violations(&mut c, &agents, groups).await;
 }
 
 async fn orchestrator_kills(store: StoreChoice<'_>, label: &str, kills: usize) {

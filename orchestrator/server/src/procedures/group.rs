@@ -198,10 +198,16 @@ impl Procedure for GroupTransition {
             Err(e) => {
                 // Still pending: the final write did not land; run the step again.
                 let now = self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)?;
-                if now.is_some_and(|n| n.rec.pending.is_some_and(|p| p.op_id == s.op_id)) {
-                    Err(step_error(e))
-                } else {
-                    Answer::from_result::<pb::ReplicationResult>(Err(e)).done()
+                match now {
+                    Some(n) if n.rec.pending.as_ref().is_some_and(|p| p.op_id == s.op_id) => Err(step_error(e)),
+                    // The transition was finished meanwhile by the owner that took the
+                    // execution over while this one had lost its lease without knowing:
+                    // its outcome is the group as it is now, as for a resumed execution.
+                    Some(n) if n.rec.pending.is_none() => {
+                        tracing::warn!(group = %s.group_name, error = %e, "the transition was finished by another owner");
+                        Answer::from_result(self.report(n.rec).await).done()
+                    }
+                    _ => Answer::from_result::<pb::ReplicationResult>(Err(e)).done(),
                 }
             }
         }
