@@ -79,7 +79,12 @@ impl NbdClient {
     pub async fn connect(addr: &NbdAddr, export: &str) -> Result<Self, NbdError> {
         let mut sock: Box<dyn Io> = match addr {
             NbdAddr::Unix(p) => Box::new(UnixStream::connect(p).await?),
-            NbdAddr::Tcp(a) => Box::new(TcpStream::connect(a).await?),
+            NbdAddr::Tcp(a) => {
+                // Requests are small and answered one by one: no Nagle delay on them.
+                let tcp = TcpStream::connect(a).await?;
+                tcp.set_nodelay(true)?;
+                Box::new(tcp)
+            }
         };
         if sock.read_u64().await? != NBDMAGIC || sock.read_u64().await? != IHAVEOPT {
             return Err(NbdError::Protocol("not an NBD newstyle server".into()));

@@ -89,7 +89,7 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| error::ApiError::Internal(e.to_string()))?;
 
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = drover_proto::incoming(listener);
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

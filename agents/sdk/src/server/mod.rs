@@ -403,7 +403,7 @@ pub async fn serve(
     })
     .max_decoding_message_size(64 << 20);
     tokio::spawn(run_scheduler(driver.clone(), shutdown.clone()));
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let incoming = drover_proto::incoming(listener);
     let handle = tokio::spawn(
         tonic::transport::Server::builder()
             .initial_stream_window_size(Some(crate::replica::WINDOW_BYTES))
