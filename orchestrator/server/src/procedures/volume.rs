@@ -113,8 +113,14 @@ impl Procedure for VolumeTransition {
             Ok(value) => Answer::Ok { value }.done(),
             Err(e) => {
                 let now = self.core.repo.get::<VolumeRec>(&key).await.map_err(step_error)?;
-                if now.is_some_and(|n| n.rec.pending.is_some_and(|p| p.op_id == s.op_id)) {
+                if now.as_ref().is_some_and(|n| n.rec.pending.as_ref().is_some_and(|p| p.op_id == s.op_id)) {
                     Err(step_error(e))
+                } else if matches!(e, ApiError::Aborted(_)) {
+                    // The final write lost to the owner that took this execution over
+                    // while this one had lost its lease without knowing: the outcome is
+                    // the volume as that owner left it, as for a resumed execution.
+                    tracing::warn!(volume = %s.volume_name, error = %e, "the transition was finished by another owner");
+                    self.finished(now.map(|n| n.rec)).done()
                 } else {
                     Answer::from_result::<()>(Err(e)).done()
                 }
