@@ -40,35 +40,19 @@ pub fn transfer_deadline(bytes: u64) -> Duration {
 /// already hold the point the source was shipping, and the source goes on from there
 /// instead of shipping from an older base the peer no longer has.
 pub async fn peer_point(endpoint: &str, volume_id: &str) -> Result<String, DriverError> {
-    let mut client = drover_proto::agent::v1::agent_client::AgentClient::new(peer_channel(endpoint)?);
-    let ask = client.get_replication_info(pb::GetReplicationInfoRequest { volume_id: volume_id.to_string() });
-    let info = tokio::time::timeout(Duration::from_secs(5), ask)
-        .await
-        .map_err(|_| DriverError::Unavailable(format!("peer agent at {endpoint} did not answer within 5s")))?
-        .map_err(|s| DriverError::Unavailable(format!("peer agent at {endpoint}: {}", s.message())))?;
-    Ok(info.into_inner().recovery_point_id)
-}
-
-/// The connection to a peer agent, one per endpoint, shared by every transfer and
-/// question to it (HTTP/2 multiplexes them) instead of a TCP and HTTP/2 handshake per
-/// sync. It connects on first use and reconnects by itself after the peer restarts;
-/// each call bounds its own time.
-fn peer_channel(endpoint: &str) -> Result<tonic::transport::Channel, DriverError> {
-    static POOL: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<String, tonic::transport::Channel>>> =
-        std::sync::OnceLock::new();
-    let mut pool = POOL.get_or_init(Default::default).lock().expect("peer pool poisoned");
-    if let Some(c) = pool.get(endpoint) {
-        return Ok(c.clone());
-    }
     let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
         .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
         .connect_timeout(Duration::from_secs(3))
-        // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.
-        .initial_stream_window_size(Some(WINDOW_BYTES))
-        .initial_connection_window_size(Some(2 * WINDOW_BYTES))
-        .connect_lazy();
-    pool.insert(endpoint.to_string(), channel.clone());
-    Ok(channel)
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
+    let mut client = drover_proto::agent::v1::agent_client::AgentClient::new(channel);
+    let info = client
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: volume_id.to_string() })
+        .await
+        .map_err(|s| DriverError::Unavailable(format!("peer agent at {endpoint}: {}", s.message())))?;
+    Ok(info.into_inner().recovery_point_id)
 }
 
 /// An outgoing recovery point: send the pieces, then drop the sender after `Commit`.
@@ -81,9 +65,18 @@ impl Shipment {
     /// Opens the stream to the peer and sends the header; the whole call (data, commit and
     /// the peer's acknowledgement) must end within `deadline` (see [`transfer_deadline`]).
     pub async fn open(endpoint: &str, header: &ApplyHeader, deadline: Duration) -> Result<Self, DriverError> {
-        let mut client = ReplicaClient::new(peer_channel(endpoint)?)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(64 << 20);
+        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(deadline)
+            // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.
+            .initial_stream_window_size(Some(WINDOW_BYTES))
+            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
+            .connect()
+            .await
+            .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
+        let mut client =
+            ReplicaClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::ReplicaMessage>(4);
         let begin = pb::ApplyBegin {
             group_id: header.group_id.clone(),
@@ -100,16 +93,9 @@ impl Shipment {
             epoch: header.epoch,
         };
         tx.send(pb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.expect("receiver alive");
-        let peer = endpoint.to_string();
         let task = tokio::spawn(async move {
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-            match tokio::time::timeout(deadline, client.apply_recovery_point(Request::new(stream))).await {
-                Ok(r) => r.map(Response::into_inner),
-                Err(_) => Err(Status::deadline_exceeded(format!(
-                    "the transfer to {peer} did not end within {}s",
-                    deadline.as_secs()
-                ))),
-            }
+            client.apply_recovery_point(Request::new(stream)).await.map(Response::into_inner)
         });
         Ok(Self { tx, task })
     }
