@@ -362,7 +362,8 @@ pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
         .await
         .expect("enable replication")
         .into_inner();
-    assert_eq!(r.group.expect("group").replication_status, "enabled");
+    let g2 = r.group.expect("group");
+    assert_eq!(g2.replication_status, "enabled", "{}: {} {:?}", g2.name, g2.status_reason, r.items);
     g.id
 }
 
