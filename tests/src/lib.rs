@@ -217,17 +217,7 @@ impl Cluster {
     }
 
     async fn wait_backends_up(&self) {
-        let mut c = self.clients().await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let list =
-                c.sites.list_backends(pb::ListBackendsRequest::default()).await.expect("list backends").into_inner();
-            if list.backends.iter().filter(|b| b.status == "up").count() == self.agents.len() {
-                return;
-            }
-            assert!(Instant::now() < deadline, "backends not up after 30 s: {:?}", list.backends);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_backends_up(&mut self.clients().await, self.agents.len()).await;
     }
 
     /// SIGKILLs the orchestrator and starts a new one on the same store and the same
@@ -283,6 +273,19 @@ impl Cluster {
     /// The cluster's directory.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+}
+
+/// Waits until `n` backends show as up (their agents registered and answering).
+pub async fn wait_backends_up(c: &mut Clients, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = c.sites.list_backends(pb::ListBackendsRequest::default()).await.expect("list backends").into_inner();
+        if list.backends.iter().filter(|b| b.status == "up").count() == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "backends not up after 30 s: {:?}", list.backends);
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

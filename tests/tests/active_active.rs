@@ -11,7 +11,7 @@ use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::cluster::{AgentSpec, Server, locate_drover, start_agent, start_orchestrator};
 use drover_tests::invariants::{op_log, repeated_op_ids, role_violations};
-use drover_tests::{Etcd, fresh_prefix, replicated_group};
+use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
 
 const TTL: Duration = Duration::from_secs(3);
 
@@ -60,16 +60,7 @@ impl Trio {
             agents.push(start_agent(&bin, dir.path(), spec).expect("agent starts"));
         }
         let trio = Self { dir, bin, store, orchestrators, agents, all };
-        let mut c = trio.client().await;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let list = c.sites.list_backends(pb::ListBackendsRequest::default()).await.unwrap().into_inner();
-            if list.backends.iter().filter(|b| b.status == "up").count() == 2 {
-                break;
-            }
-            assert!(Instant::now() < deadline, "backends not up: {:?}", list.backends);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        wait_backends_up(&mut trio.client().await, 2).await;
         trio
     }
 

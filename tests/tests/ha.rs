@@ -8,7 +8,7 @@ use drover_cli::client::Clients;
 use drover_proto::agent::v1 as apb;
 use drover_proto::v1 as pb;
 use drover_tests::cluster::{AgentSpec, locate_drover, start_agent, start_orchestrator};
-use drover_tests::{Etcd, fresh_prefix, replicated_group};
+use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
 use tonic::Code;
 
 const TTL: Duration = Duration::from_secs(3);
@@ -47,15 +47,7 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
     }
     let mut ca = Clients::connect(&a.endpoint, Duration::from_secs(60)).await.unwrap();
     let mut cb = Clients::connect(&b.endpoint, Duration::from_secs(60)).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let list = cb.sites.list_backends(pb::ListBackendsRequest::default()).await.unwrap().into_inner();
-        if list.backends.iter().filter(|b| b.status == "up").count() == 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "backends not up: {:?}", list.backends);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_backends_up(&mut cb, 2).await;
     let group = replicated_group(&mut ca, "ha", 2).await;
 
     // A failover on A, not waited for.

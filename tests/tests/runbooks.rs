@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
-use drover_tests::{Cluster, StoreChoice, replicated_group, wait_backend_up};
+use drover_tests::{Cluster, StoreChoice, failover_request, replicated_group, wait_backend_up};
 
 fn runbook(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks").join(name)
@@ -410,13 +410,7 @@ async fn runs_that_cannot_start_are_refused_with_the_reason() {
 
     let held = c
         .replication
-        .failover_group(pb::FailoverGroupRequest {
-            group: "ref-000".into(),
-            project: "tests".into(),
-            target_backend: "backend-b".into(),
-            no_wait: true,
-            ..Default::default()
-        })
+        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request("ref-000", "backend-b", false) })
         .await
         .unwrap()
         .into_inner();
