@@ -200,7 +200,19 @@ fn start(bin: &Path, name: &str, log: PathBuf, args: Vec<String>) -> Result<Serv
 pub fn start_orchestrator(bin: &Path, dir: &Path, name: &str, store_args: &[String]) -> Result<Server, String> {
     let mut args = vec!["orchestrator".to_string(), "--listen".into(), "127.0.0.1:0".into()];
     args.extend(store_args.iter().cloned());
+    // Every orchestrator of a test shares one bootstrap admin token file.
+    args.extend(["--set".into(), format!("auth.token_file={}", token_file(dir).display())]);
     start(bin, name, dir.join(format!("{name}.log")), args)
+}
+
+/// The bootstrap admin token file of the orchestrators started in `dir`.
+pub fn token_file(dir: &Path) -> std::path::PathBuf {
+    dir.join("admin.token")
+}
+
+/// The bootstrap admin token of the orchestrators started in `dir`.
+pub fn admin_token(dir: &Path) -> String {
+    std::fs::read_to_string(token_file(dir)).expect("the orchestrator wrote its admin token").trim().to_string()
 }
 
 /// Settings for one agent process.

@@ -12,7 +12,7 @@ use drover_cli::client::Clients;
 pub mod cluster;
 pub mod invariants;
 
-use cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator};
+use cluster::{AgentSpec, Proc, Server, admin_token, locate_drover, start_agent, start_orchestrator, token_file};
 use drover_proto::v1 as pb;
 use drover_store::{EtcdStore, KvStore, Prefixed};
 
@@ -213,7 +213,9 @@ impl Cluster {
 
     /// API clients for the orchestrator.
     pub async fn clients(&self) -> Clients {
-        Clients::connect(&self.orchestrator.endpoint, Duration::from_secs(60)).await.expect("connect orchestrator")
+        Clients::connect(&self.orchestrator.endpoint, Duration::from_secs(60), Some(&admin_token(self.dir.path())))
+            .await
+            .expect("connect orchestrator")
     }
 
     async fn wait_backends_up(&self) {
@@ -244,7 +246,7 @@ impl Cluster {
 
     /// Runs the `drover` CLI against this cluster.
     pub fn cli(&self, args: &[&str]) -> Output {
-        drover(&self.bin, &self.orchestrator.endpoint, args)
+        drover(&self.bin, &self.orchestrator.endpoint, &token_file(self.dir.path()), args)
     }
 
     /// Starts agent `i` (0: backend-a, 1: backend-b) again after it was killed.
@@ -314,11 +316,12 @@ pub fn failover_request(group: &str, target: &str, force: bool) -> pb::FailoverG
 }
 
 /// Runs the `drover` CLI with an endpoint and returns its output.
-pub fn drover(bin: &Path, endpoint: &str, args: &[&str]) -> Output {
+pub fn drover(bin: &Path, endpoint: &str, token_file: &Path, args: &[&str]) -> Output {
     // Client flags follow the resource word (`drover volume list --endpoint …`).
     std::process::Command::new(bin)
         .args(args)
         .args(["--endpoint", endpoint, "--project", "tests"])
+        .env("DROVER_TOKEN_FILE", token_file)
         .output()
         .expect("run drover")
 }

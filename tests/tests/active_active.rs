@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
-use drover_tests::cluster::{AgentSpec, Server, locate_drover, start_agent, start_orchestrator};
+use drover_tests::cluster::{AgentSpec, Server, admin_token, locate_drover, start_agent, start_orchestrator};
 use drover_tests::invariants::{op_log, repeated_op_ids, role_violations};
 use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
 
@@ -65,7 +65,9 @@ impl Trio {
     }
 
     async fn client(&self) -> Clients {
-        Clients::connect(&self.all, Duration::from_secs(60)).await.expect("a member answers")
+        Clients::connect(&self.all, Duration::from_secs(60), Some(&admin_token(self.dir.path())))
+            .await
+            .expect("a member answers")
     }
 
     /// The member whose owner id is `owner` (ids carry the listen address).
@@ -275,6 +277,7 @@ async fn a_paused_owner_that_wakes_is_fenced() {
             .collect::<Vec<_>>()
             .join(","),
         Duration::from_secs(60),
+        Some(&admin_token(trio.dir.path())),
     )
     .await
     .unwrap();

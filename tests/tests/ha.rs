@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 use drover_proto::agent::v1 as apb;
 use drover_proto::v1 as pb;
-use drover_tests::cluster::{AgentSpec, locate_drover, start_agent, start_orchestrator};
+use drover_tests::cluster::{AgentSpec, admin_token, locate_drover, start_agent, start_orchestrator, token_file};
 use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
 use tonic::Code;
 
@@ -45,8 +45,8 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
         let spec = AgentSpec { name: &name, driver: "mock", site, backend, orchestrator: &both, extra };
         agents.push(start_agent(&bin, dir.path(), spec).unwrap());
     }
-    let mut ca = Clients::connect(&a.endpoint, Duration::from_secs(60)).await.unwrap();
-    let mut cb = Clients::connect(&b.endpoint, Duration::from_secs(60)).await.unwrap();
+    let mut ca = Clients::connect(&a.endpoint, Duration::from_secs(60), Some(&admin_token(dir.path()))).await.unwrap();
+    let mut cb = Clients::connect(&b.endpoint, Duration::from_secs(60), Some(&admin_token(dir.path()))).await.unwrap();
     wait_backends_up(&mut cb, 2).await;
     let group = replicated_group(&mut ca, "ha", 2).await;
 
@@ -138,7 +138,8 @@ async fn a_second_orchestrator_on_one_embedded_file_is_refused() {
     assert!(!out.status.success(), "the second orchestrator must not start");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&file.display().to_string()) && err.contains("another orchestrator"), "{err}");
-    let mut c = Clients::connect(&first.endpoint, Duration::from_secs(10)).await.unwrap();
+    let mut c =
+        Clients::connect(&first.endpoint, Duration::from_secs(10), Some(&admin_token(dir.path()))).await.unwrap();
     c.version.get_version(pb::GetVersionRequest {}).await.expect("the first still serves");
 }
 
@@ -164,6 +165,7 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
     let members = |endpoint: &str| -> serde_json::Value {
         let out = std::process::Command::new(&bin)
             .args(["orchestrator", "list", "--endpoint", endpoint, "-o", "json"])
+            .env("DROVER_TOKEN_FILE", token_file(dir.path()))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -190,7 +192,7 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
             .map(|o| o["status"].clone());
         assert!(dead.is_none() || dead == Some("down".into()), "a killed member is not up: {m}");
         // A client (or CLI run) connecting now is served by a member that answers.
-        let mut c = Clients::connect(&all, Duration::from_secs(10))
+        let mut c = Clients::connect(&all, Duration::from_secs(10), Some(&admin_token(dir.path())))
             .await
             .unwrap_or_else(|e| panic!("connect with orchestrator {down} down: {e}"));
         for i in 0..20 {
@@ -202,6 +204,7 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
         // And through the CLI, which takes the same list.
         let out = std::process::Command::new(&bin)
             .args(["group", "list", "--endpoint", &all, "-o", "json"])
+            .env("DROVER_TOKEN_FILE", token_file(dir.path()))
             .output()
             .unwrap();
         assert!(out.status.success(), "CLI with orchestrator {down} down: {}", String::from_utf8_lossy(&out.stderr));

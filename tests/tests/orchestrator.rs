@@ -321,7 +321,9 @@ async fn bad_input_is_refused_and_changes_nothing() {
         r.metadata_mut().insert(drover_proto::API_VERSION_HEADER, "9.0".parse().unwrap());
         Ok(r)
     }
-    let mut future = Clients::with_interceptor(channel, future_version);
+    let mut future =
+        Clients::with_stamp(channel, future_version, Some(&drover_tests::cluster::admin_token(cluster.dir.path())))
+            .unwrap();
     expect_err(
         future.volumes.create_volume(vol("from-the-future", 1 << 30)).await,
         Code::InvalidArgument,
@@ -439,6 +441,7 @@ async fn a_failover_whose_client_left_completes_without_a_restart() {
     let mut client = std::process::Command::new(&cluster.bin)
         .args(["group", "failover", "left", "--target", "backend-b", "--timeout", "1s"])
         .args(["--endpoint", &cluster.orchestrator.endpoint, "--project", "tests"])
+        .env("DROVER_TOKEN_FILE", drover_tests::cluster::token_file(cluster.dir.path()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()

@@ -3,16 +3,35 @@
 use std::time::Duration;
 
 use drover_proto::v1::{
-    cluster_service_client::ClusterServiceClient, execution_service_client::ExecutionServiceClient,
-    group_service_client::GroupServiceClient, replication_service_client::ReplicationServiceClient,
-    runbook_service_client::RunbookServiceClient, site_service_client::SiteServiceClient,
+    audit_service_client::AuditServiceClient, cluster_service_client::ClusterServiceClient,
+    execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
+    replication_service_client::ReplicationServiceClient, runbook_service_client::RunbookServiceClient,
+    site_service_client::SiteServiceClient, token_service_client::TokenServiceClient,
     version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
-/// The interceptor type every client uses.
-pub type Stamp = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+/// What stamps the API version on a request (tests send other versions).
+pub type Version = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+/// The interceptor every client uses: the API version, and the bearer token if any.
+#[derive(Clone)]
+pub struct Stamp {
+    version: Version,
+    token: Option<tonic::metadata::AsciiMetadataValue>,
+}
+
+impl tonic::service::Interceptor for Stamp {
+    fn call(&mut self, req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let mut req = (self.version)(req)?;
+        if let Some(t) = &self.token {
+            req.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(req)
+    }
+}
+
 type Ch = InterceptedService<Channel, Stamp>;
 
 /// One client per drover.v1 service.
@@ -26,6 +45,8 @@ pub struct Clients {
     pub executions: ExecutionServiceClient<Ch>,
     pub runbooks: RunbookServiceClient<Ch>,
     pub cluster: ClusterServiceClient<Ch>,
+    pub tokens: TokenServiceClient<Ch>,
+    pub audit: AuditServiceClient<Ch>,
 }
 
 impl Clients {
@@ -33,7 +54,7 @@ impl Clients {
     /// several orchestrators of one cluster, comma-separated: the first that answers is
     /// used (any member serves every request), so any of them may be down. The clients
     /// stay with that member; connect again to move to another.
-    pub async fn connect(endpoint: &str, timeout: Duration) -> Result<Self, String> {
+    pub async fn connect(endpoint: &str, timeout: Duration, token: Option<&str>) -> Result<Self, String> {
         let list: Vec<&str> = endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
         if list.is_empty() {
             return Err("no orchestrator endpoint given (set --endpoint or DROVER_ENDPOINT)".into());
@@ -45,7 +66,7 @@ impl Clients {
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(timeout);
             match ep.connect().await {
-                Ok(channel) => return Ok(Self::with_interceptor(channel, drover_proto::stamp_api_version)),
+                Ok(channel) => return Self::with_stamp(channel, drover_proto::stamp_api_version, token),
                 Err(err) => failures.push(format!("{e}: {err}")),
             }
         }
@@ -55,11 +76,18 @@ impl Clients {
         ))
     }
 
-    /// Clients over a channel with a chosen interceptor (tests use it to send other
-    /// API versions).
-    pub fn with_interceptor(channel: Channel, stamp: Stamp) -> Self {
-        let ch = || InterceptedService::new(channel.clone(), stamp);
-        Self {
+    /// Clients over a channel with a chosen version stamp (tests use it to send other
+    /// API versions) and token.
+    pub fn with_stamp(channel: Channel, version: Version, token: Option<&str>) -> Result<Self, String> {
+        let token = match token {
+            Some(t) => Some(format!("Bearer {}", t.trim()).parse().map_err(|_| {
+                "the API token holds characters a header cannot carry; check the token file".to_string()
+            })?),
+            None => None,
+        };
+        let stamp = Stamp { version, token };
+        let ch = || InterceptedService::new(channel.clone(), stamp.clone());
+        Ok(Self {
             version: VersionServiceClient::new(ch()),
             sites: SiteServiceClient::new(ch()),
             volumes: VolumeServiceClient::new(ch()),
@@ -68,6 +96,8 @@ impl Clients {
             executions: ExecutionServiceClient::new(ch()),
             runbooks: RunbookServiceClient::new(ch()),
             cluster: ClusterServiceClient::new(ch()),
-        }
+            tokens: TokenServiceClient::new(ch()),
+            audit: AuditServiceClient::new(ch()),
+        })
     }
 }

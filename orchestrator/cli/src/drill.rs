@@ -169,8 +169,12 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
     let shutdown = CancellationToken::new();
     let _stop = shutdown.clone().drop_guard();
     let store = dir.join("orchestrator.redb").display().to_string();
+    let token_file = dir.join("admin.token");
     let orch = drover_orchestrator::launch::start(
-        &Sources::default().flag("listen", Some("127.0.0.1:0")).flag("store.path", Some(store)),
+        &Sources::default()
+            .flag("listen", Some("127.0.0.1:0"))
+            .flag("store.path", Some(store))
+            .flag("auth.token_file", Some(token_file.display())),
         shutdown.clone(),
     )
     .await
@@ -203,7 +207,10 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
         agents.push(agent);
     }
 
-    let mut c = Clients::connect(&orch_endpoint, Duration::from_secs(600)).await?;
+    // The drill acts as the deployment's admin, with the token the orchestrator made.
+    let token = std::fs::read_to_string(&token_file)
+        .map_err(|e| format!("reading the bootstrap token {}: {e}", token_file.display()))?;
+    let mut c = Clients::connect(&orch_endpoint, Duration::from_secs(600), Some(&token)).await?;
     let t = steps.begin("wait until both backends are registered and answer probes", "drover backend list");
     wait_backends_up(&mut c, &["backend-a", "backend-b"], Duration::from_secs(30)).await?;
     steps.done(t, "");

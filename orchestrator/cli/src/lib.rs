@@ -78,6 +78,20 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::runbook::RunbookCmd,
     },
+    /// API tokens: create, list and revoke (admin).
+    Token {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::token::TokenCmd,
+    },
+    /// The audit trail of every mutating call (admin).
+    Audit {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::token::AuditCmd,
+    },
     /// Run the orchestrator server.
     Orchestrator(servers::OrchestratorArgs),
     /// Run an agent server for one backend.

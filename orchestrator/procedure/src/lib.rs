@@ -96,6 +96,11 @@ pub trait Procedure: Send + Sync {
     fn kind(&self) -> &'static str;
     /// A one-line description for listings, e.g. "failover of group g1 to backend-b".
     fn summary(&self) -> String;
+    /// The project whose execution this is (tenants see only their project's); empty for
+    /// deployment-wide work (backends, sites, runbooks), which only admins see.
+    fn project(&self) -> String {
+        String::new()
+    }
     /// The store keys it needs for itself (`group/<id>`, `volume/<id>`, `backend/<name>`).
     fn locks(&self) -> Vec<String>;
     /// The name of the step the next [`Procedure::execute`] runs.

@@ -400,6 +400,7 @@ impl Manager {
             parent,
             children: Vec::new(),
             paused: false,
+            project: proc.project(),
         };
         let mut txn = intent
             .when(Compare::Absent(keys::execution(&id).into_bytes()))

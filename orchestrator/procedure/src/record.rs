@@ -126,6 +126,9 @@ pub struct ExecutionRec {
     /// Paused by an operator: no step starts until it is resumed.
     #[serde(default)]
     pub paused: bool,
+    /// The project it belongs to (see `Procedure::project`).
+    #[serde(default)]
+    pub project: String,
 }
 
 /// An operator's answer to a prompt.

@@ -122,6 +122,36 @@ pub struct OrchestratorConfig {
     pub defaults: BackendSettings,
     /// Per-backend overrides of `defaults`, by backend name.
     pub backends: BTreeMap<String, BackendOverrides>,
+    /// API tokens and the audit trail.
+    pub auth: AuthConfig,
+}
+
+/// API tokens and the audit trail.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The bootstrap admin token. On the first start of a deployment (no bootstrap token
+    /// in the store yet) the orchestrator creates one and writes it here, readable only
+    /// by its user. A token already in this file is registered as the bootstrap admin
+    /// token instead, so several orchestrators can be given one file.
+    pub token_file: PathBuf,
+    /// How long a verified token is trusted without reading the store again (the delay
+    /// before a revocation takes effect).
+    #[serde(with = "humantime_serde")]
+    pub token_cache_ttl: Duration,
+    /// How long audit records are kept.
+    #[serde(with = "humantime_serde")]
+    pub audit_retention: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            token_file: PathBuf::from("/var/lib/drover/admin.token"),
+            token_cache_ttl: Duration::from_secs(2),
+            audit_retention: Duration::from_secs(90 * 24 * 3600),
+        }
+    }
 }
 
 impl Default for OrchestratorConfig {
@@ -134,6 +164,7 @@ impl Default for OrchestratorConfig {
             owner_lease_ttl: Duration::from_secs(10),
             defaults: BackendSettings::default(),
             backends: BTreeMap::new(),
+            auth: AuthConfig::default(),
         }
     }
 }

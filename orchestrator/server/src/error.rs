@@ -20,6 +20,12 @@ pub enum ApiError {
     Aborted(String),
     #[error("{0}")]
     Unavailable(String),
+    /// No valid token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A valid token whose role or project does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -34,6 +40,8 @@ impl ApiError {
             ApiError::FailedPrecondition(_) => "failed-precondition",
             ApiError::Aborted(_) => "aborted",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unauthenticated(_) => "unauthenticated",
+            ApiError::PermissionDenied(_) => "permission-denied",
             ApiError::Internal(_) => "internal",
         }
     }
@@ -47,6 +55,8 @@ impl ApiError {
             "failed-precondition" => ApiError::FailedPrecondition(message),
             "aborted" => ApiError::Aborted(message),
             "unavailable" => ApiError::Unavailable(message),
+            "unauthenticated" => ApiError::Unauthenticated(message),
+            "permission-denied" => ApiError::PermissionDenied(message),
             _ => ApiError::Internal(message),
         }
     }
@@ -73,6 +83,8 @@ impl From<ApiError> for Status {
             ApiError::FailedPrecondition(m) => Status::failed_precondition(tidy(&m)),
             ApiError::Aborted(m) => Status::aborted(tidy(&m)),
             ApiError::Unavailable(m) => Status::unavailable(tidy(&m)),
+            ApiError::Unauthenticated(m) => Status::unauthenticated(tidy(&m)),
+            ApiError::PermissionDenied(m) => Status::permission_denied(tidy(&m)),
             ApiError::Internal(m) => Status::internal(tidy(&m)),
         }
     }

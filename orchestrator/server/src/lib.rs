@@ -5,6 +5,7 @@
 //! `service::replication` for the state machine and its guarantees.
 
 pub mod agents;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod launch;
@@ -89,8 +90,29 @@ pub async fn serve(
         .build_v1()
         .map_err(|e| error::ApiError::Internal(e.to_string()))?;
 
+    match auth::tokens::bootstrap(&core.repo, &core.config.auth.token_file).await {
+        Ok(line) => tracing::info!("{line}"),
+        Err(e) => return Err(e),
+    }
+    tokio::spawn({
+        let repo = core.repo.clone();
+        let retention = core.config.auth.audit_retention;
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                () = auth::audit::prune_forever(repo, retention, std::time::Duration::from_secs(600)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    });
+    let guard = Arc::new(auth::layer::Guard {
+        verifier: auth::tokens::Verifier::new(core.repo.clone(), core.config.auth.token_cache_ttl),
+        repo: core.repo.clone(),
+    });
+
     let incoming = drover_proto::incoming(listener);
     let router = tonic::transport::Server::builder()
+        .layer(auth::layer::AuthLayer { guard })
         .add_service(health_service)
         .add_service(reflection)
         .add_service(pb::version_service_server::VersionServiceServer::new(service::version::VersionApi))
@@ -124,6 +146,14 @@ pub async fn serve(
         ))
         .add_service(InterceptedService::new(
             pb::execution_service_server::ExecutionServiceServer::new(executions),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::token_service_server::TokenServiceServer::new(auth::tokens::TokenApi { core: core.clone() }),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::audit_service_server::AuditServiceServer::new(auth::audit::AuditApi { core: core.clone() }),
             check_api_version,
         ));
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()));

@@ -71,7 +71,7 @@ impl Repo {
         self.resolve("group", id_or_name, project, keys::group, keys::group_name).await
     }
 
-    async fn resolve<T: DeserializeOwned>(
+    async fn resolve<T: DeserializeOwned + InProject>(
         &self,
         kind: &str,
         id_or_name: &str,
@@ -80,7 +80,12 @@ impl Repo {
         name_key: fn(&str, &str) -> String,
     ) -> ApiResult<Versioned<T>> {
         require(kind, id_or_name)?;
-        if let Some(v) = self.get::<T>(&record_key(id_or_name)).await? {
+        // By id: when a project is named, only a record of that project counts (a
+        // non-admin's requests always name theirs), so an id of another project is not
+        // found, exactly like one that does not exist.
+        if let Some(v) = self.get::<T>(&record_key(id_or_name)).await?
+            && (project.is_empty() || v.rec.project() == project)
+        {
             return Ok(v);
         }
         if !project.is_empty()
@@ -93,6 +98,23 @@ impl Repo {
             "{kind} {id_or_name:?} not found{}; list them with `drover {kind} list`",
             if project.is_empty() { String::new() } else { format!(" in project {project}") }
         )))
+    }
+}
+
+/// A record that belongs to a project.
+pub trait InProject {
+    fn project(&self) -> &str;
+}
+
+impl InProject for VolumeRec {
+    fn project(&self) -> &str {
+        &self.project
+    }
+}
+
+impl InProject for GroupRec {
+    fn project(&self) -> &str {
+        &self.project
     }
 }
 

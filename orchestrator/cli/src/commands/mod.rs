@@ -7,6 +7,7 @@ pub mod group;
 pub mod group_type;
 pub mod runbook;
 pub mod site;
+pub mod token;
 pub mod volume;
 
 use std::time::Duration;
@@ -31,9 +32,37 @@ pub struct ClientArgs {
     /// Project (tenant) that owns the volumes and groups.
     #[arg(long, global = true, env = "DROVER_PROJECT", default_value = "admin")]
     pub project: String,
+    /// File holding the API token (`drover token create` prints one; the orchestrator
+    /// writes the bootstrap admin token to its `auth.token_file`). Without it the token
+    /// comes from DROVER_TOKEN, else from ~/.config/drover/token if that exists.
+    #[arg(long, global = true, env = "DROVER_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
     /// Deadline of each API call, e.g. 30s or 5m.
     #[arg(long, global = true, env = "DROVER_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
+}
+
+impl ClientArgs {
+    /// The API token: `--token-file`, else `DROVER_TOKEN`, else `~/.config/drover/token`.
+    pub fn token(&self) -> Result<Option<String>> {
+        let read = |p: &std::path::Path| {
+            std::fs::read_to_string(p).map(|t| t.trim().to_string()).map_err(|e| {
+                anyhow!("cannot read the token file {}: {e}; check --token-file / DROVER_TOKEN_FILE", p.display())
+            })
+        };
+        if let Some(p) = &self.token_file {
+            return read(p).map(Some);
+        }
+        if let Ok(t) = std::env::var("DROVER_TOKEN")
+            && !t.trim().is_empty()
+        {
+            return Ok(Some(t.trim().to_string()));
+        }
+        match std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".config/drover/token")) {
+            Some(p) if p.exists() => read(&p).map(Some),
+            _ => Ok(None),
+        }
+    }
 }
 
 /// What a client command needs: the API clients, the output format and the project.
@@ -46,7 +75,8 @@ pub struct Ctx {
 impl Ctx {
     /// Connects to the orchestrator named by `args`.
     pub async fn connect(args: &ClientArgs) -> Result<Self> {
-        let api = Clients::connect(&args.endpoint, args.timeout).await.map_err(|e| anyhow!(e))?;
+        let token = args.token()?;
+        let api = Clients::connect(&args.endpoint, args.timeout, token.as_deref()).await.map_err(|e| anyhow!(e))?;
         Ok(Self { api, fmt: args.output, project: args.project.clone() })
     }
 }

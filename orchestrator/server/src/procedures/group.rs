@@ -22,6 +22,9 @@ pub const KIND: &str = "group-transition";
 struct State {
     group_id: String,
     group_name: String,
+    /// The project of the group or volume (its executions are that project's).
+    #[serde(default)]
+    project: String,
     op_id: String,
     /// enable, disable, failover or failback.
     action: String,
@@ -50,6 +53,7 @@ impl GroupTransition {
         let state = State {
             group_id: group.id.clone(),
             group_name: group.name.clone(),
+            project: group.project.clone(),
             op_id: op.op_id.clone(),
             action: op.action.clone(),
             target: op.target.clone(),
@@ -99,6 +103,10 @@ impl Procedure for GroupTransition {
                 format!("{}{a} of group {} to {}", if s.force { "forced " } else { "planned " }, s.group_name, s.target)
             }
         }
+    }
+
+    fn project(&self) -> String {
+        self.state.project.clone()
     }
 
     fn locks(&self) -> Vec<String> {

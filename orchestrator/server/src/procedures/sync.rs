@@ -18,6 +18,9 @@ pub const KIND: &str = "group-sync";
 struct State {
     group_id: String,
     group_name: String,
+    /// The project of the group or volume (its executions are that project's).
+    #[serde(default)]
+    project: String,
     op_id: String,
 }
 
@@ -33,6 +36,7 @@ impl SyncNow {
         let state = State {
             group_id: group.id.clone(),
             group_name: group.name.clone(),
+            project: group.project.clone(),
             op_id: uuid::Uuid::now_v7().to_string(),
         };
         Self { core, state }
@@ -52,6 +56,10 @@ impl Procedure for SyncNow {
 
     fn summary(&self) -> String {
         format!("sync group {} now", self.state.group_name)
+    }
+
+    fn project(&self) -> String {
+        self.state.project.clone()
     }
 
     fn locks(&self) -> Vec<String> {

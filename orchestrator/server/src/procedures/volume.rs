@@ -19,6 +19,9 @@ pub const KIND: &str = "volume-transition";
 struct State {
     volume_id: String,
     volume_name: String,
+    /// The project of the group or volume (its executions are that project's).
+    #[serde(default)]
+    project: String,
     op_id: String,
     /// create, delete, extend, manage or unmanage.
     action: String,
@@ -37,6 +40,7 @@ impl VolumeTransition {
         let state = State {
             volume_id: volume.id.clone(),
             volume_name: volume.name.clone(),
+            project: volume.project.clone(),
             op_id: op.op_id.clone(),
             action: op.action.clone(),
             backend: volume.backend.clone(),
@@ -77,6 +81,10 @@ impl Procedure for VolumeTransition {
 
     fn summary(&self) -> String {
         format!("{} volume {} on {}", self.state.action, self.state.volume_name, self.state.backend)
+    }
+
+    fn project(&self) -> String {
+        self.state.project.clone()
     }
 
     fn locks(&self) -> Vec<String> {

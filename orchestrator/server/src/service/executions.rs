@@ -8,6 +8,7 @@ use futures::StreamExt;
 use tonic::{Request, Response, Status};
 
 use super::Core;
+use crate::auth::{Caller, caller};
 use crate::error::ApiError;
 
 /// `drover.v1.ExecutionService`.
@@ -46,6 +47,7 @@ pub fn to_pb(r: ExecutionRec) -> pb::Execution {
         paused: r.paused,
         parent: r.parent,
         state_json: r.state.to_string(),
+        project: r.project,
     }
 }
 
@@ -66,6 +68,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         req: Request<pb::ListExecutionsRequest>,
     ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
+        let who = caller(&req);
         let want = req.into_inner().status;
         if !want.is_empty() && !["running", "succeeded", "failed", "cancelled"].contains(&want.as_str()) {
             return Err(ApiError::InvalidArgument(format!(
@@ -74,15 +77,18 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             .into());
         }
         let all = self.core.procedures.list().await.map_err(ApiError::from)?;
-        let executions = all.into_iter().filter(|r| want.is_empty() || r.status.as_str() == want).map(to_pb).collect();
+        let executions = all
+            .into_iter()
+            .filter(|r| who.sees(&r.project) && (want.is_empty() || r.status.as_str() == want))
+            .map(to_pb)
+            .collect();
         Ok(Response::new(pb::ListExecutionsResponse { executions }))
     }
 
     async fn get_execution(&self, req: Request<pb::GetExecutionRequest>) -> Result<Response<pb::Execution>, Status> {
+        let who = caller(&req);
         let id = req.into_inner().id;
-        require_id(&id)?;
-        let rec = self.core.procedures.get(&id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(&id))?;
-        Ok(Response::new(to_pb(rec)))
+        Ok(Response::new(to_pb(self.visible(&who, &id).await?)))
     }
 
     type WatchExecutionStream = futures::stream::BoxStream<'static, Result<pb::Execution, Status>>;
@@ -91,11 +97,9 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         req: Request<pb::GetExecutionRequest>,
     ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        let who = caller(&req);
         let id = req.into_inner().id;
-        require_id(&id)?;
-        if self.core.procedures.get(&id).await.map_err(ApiError::from)?.is_none() {
-            return Err(not_found(&id).into());
-        }
+        self.visible(&who, &id).await?;
         let stream = self.core.procedures.watch(&id).map(|r| r.map(to_pb).map_err(|e| Status::from(ApiError::from(e))));
         Ok(Response::new(stream.boxed()))
     }
@@ -104,8 +108,9 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         req: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::Execution>, Status> {
+        let who = caller(&req);
         let id = req.into_inner().id;
-        require_id(&id)?;
+        self.visible(&who, &id).await?;
         match self.core.procedures.cancel(&id).await {
             Ok(rec) => Ok(Response::new(to_pb(rec))),
             Err(SubmitError::NotFound(_)) => Err(not_found(&id).into()),
@@ -119,8 +124,9 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         req: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::Execution>, Status> {
+        let who = caller(&req);
         let id = req.into_inner().id;
-        require_id(&id)?;
+        self.visible(&who, &id).await?;
         self.core.procedures.pause(&id).await.map_err(|e| control_error(&id, e))?;
         self.current(&id).await
     }
@@ -129,16 +135,17 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         req: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::Execution>, Status> {
+        let who = caller(&req);
         let id = req.into_inner().id;
-        require_id(&id)?;
+        self.visible(&who, &id).await?;
         self.core.procedures.resume(&id).await.map_err(|e| control_error(&id, e))?;
         self.current(&id).await
     }
 
     async fn decide_prompt(&self, req: Request<pb::DecidePromptRequest>) -> Result<Response<pb::Execution>, Status> {
+        let who = caller(&req);
         let r = req.into_inner();
-        require_id(&r.id)?;
-        let rec = self.core.procedures.get(&r.id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(&r.id))?;
+        let rec = self.visible(&who, &r.id).await?;
         let prompt = if r.prompt.is_empty() {
             match rec.step.strip_prefix("prompt:") {
                 Some(p) if !rec.status.is_terminal() => p.to_string(),
@@ -176,13 +183,14 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         &self,
         req: Request<pb::GetExecutionReportRequest>,
     ) -> Result<Response<pb::ExecutionReport>, Status> {
+        let who = caller(&req);
         let r = req.into_inner();
         require_id(&r.id)?;
         let format = if r.format.is_empty() { "json".to_string() } else { r.format.clone() };
         if !["json", "md"].contains(&format.as_str()) {
             return Err(ApiError::InvalidArgument(format!("report format {format:?}: use json or md")).into());
         }
-        let rec = self.core.procedures.get(&r.id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(&r.id))?;
+        let rec = self.visible(&who, &r.id).await?;
         if rec.kind != crate::runbook::run::KIND {
             return Err(ApiError::FailedPrecondition(format!(
                 "execution {} is a {}; reports are made for runbook executions (see `drover execution show {}`)",
@@ -203,6 +211,16 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
 }
 
 impl ExecutionApi {
+    /// The execution, if it exists for this caller: another project's (or, for a
+    /// non-admin, a deployment-wide one) is not found, exactly like a missing one.
+    async fn visible(&self, who: &Caller, id: &str) -> Result<ExecutionRec, Status> {
+        require_id(id)?;
+        match self.core.procedures.get(id).await.map_err(ApiError::from)? {
+            Some(rec) if who.sees(&rec.project) => Ok(rec),
+            _ => Err(not_found(id).into()),
+        }
+    }
+
     async fn current(&self, id: &str) -> Result<Response<pb::Execution>, Status> {
         let rec = self.core.procedures.get(id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(id))?;
         Ok(Response::new(to_pb(rec)))

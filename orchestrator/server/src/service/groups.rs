@@ -299,11 +299,11 @@ impl pb::group_service_server::GroupService for GroupApi {
     }
 
     async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::Group>, Status> {
-        Ok(Response::new(self.create(req.into_inner()).await?.to_pb()))
+        Ok(Response::new(self.create(crate::auth::scoped(req)?).await?.to_pb()))
     }
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::Group>, Status> {
-        let r = req.into_inner();
+        let r = crate::auth::scoped(req)?;
         let g = self.core.repo.group(&r.group, &r.project).await?.rec;
         let mut out = g.to_pb();
         let s = g.replication_status.as_str();
@@ -318,7 +318,7 @@ impl pb::group_service_server::GroupService for GroupApi {
         &self,
         req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let project = req.into_inner().project;
+        let project = crate::auth::scoped(req)?.project;
         let all = self.core.repo.list::<GroupRec>(keys::GROUPS).await?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: all
@@ -335,12 +335,12 @@ impl pb::group_service_server::GroupService for GroupApi {
         &self,
         req: Request<pb::DeleteGroupRequest>,
     ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
-        self.delete(req.into_inner()).await?;
+        self.delete(crate::auth::scoped(req)?).await?;
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
     async fn update_group(&self, req: Request<pb::UpdateGroupRequest>) -> Result<Response<pb::Group>, Status> {
-        Ok(Response::new(self.update(req.into_inner()).await?.to_pb()))
+        Ok(Response::new(self.update(crate::auth::scoped(req)?).await?.to_pb()))
     }
 }
 

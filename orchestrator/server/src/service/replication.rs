@@ -625,28 +625,31 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         &self,
         req: Request<pb::EnableReplicationRequest>,
     ) -> Result<Response<pb::ReplicationResult>, Status> {
-        Ok(Response::new(self.enable(req.into_inner()).await?))
+        Ok(Response::new(self.enable(crate::auth::scoped(req)?).await?))
     }
 
     async fn disable_replication(
         &self,
         req: Request<pb::DisableReplicationRequest>,
     ) -> Result<Response<pb::ReplicationResult>, Status> {
-        Ok(Response::new(self.disable(req.into_inner()).await?))
+        Ok(Response::new(self.disable(crate::auth::scoped(req)?).await?))
     }
 
     async fn failover_group(
         &self,
         req: Request<pb::FailoverGroupRequest>,
     ) -> Result<Response<pb::ReplicationResult>, Status> {
-        Ok(Response::new(self.failover(req.into_inner()).await?))
+        let who = crate::auth::caller(&req);
+        let r = crate::auth::scoped(req)?;
+        disaster_needs_admin(&who, r.force, &r.discard_changes_on)?;
+        Ok(Response::new(self.failover(r).await?))
     }
 
     async fn list_replication_targets(
         &self,
         req: Request<pb::ListReplicationTargetsRequest>,
     ) -> Result<Response<pb::ListReplicationTargetsResponse>, Status> {
-        let r = req.into_inner();
+        let r = crate::auth::scoped(req)?;
         let g = self.core.repo.group(&r.group, &r.project).await?;
         let mut targets = Vec::new();
         for b in self.candidates(&g.rec).await? {
@@ -677,38 +680,56 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
         &self,
         req: Request<pb::GetReplicationInfoRequest>,
     ) -> Result<Response<pb::GroupReplicationInfo>, Status> {
-        Ok(Response::new(self.info(req.into_inner()).await?))
+        Ok(Response::new(self.info(crate::auth::scoped(req)?).await?))
     }
 
     async fn enable_volume_replication(
         &self,
         req: Request<pb::VolumeReplicationRequest>,
     ) -> Result<Response<pb::ReplicationResult>, Status> {
-        Ok(Response::new(self.enable_volume(req.into_inner()).await?))
+        Ok(Response::new(self.enable_volume(crate::auth::scoped(req)?).await?))
     }
 
     async fn disable_volume_replication(
         &self,
         req: Request<pb::VolumeReplicationRequest>,
     ) -> Result<Response<pb::ReplicationResult>, Status> {
-        Ok(Response::new(self.disable_volume(req.into_inner()).await?))
+        Ok(Response::new(self.disable_volume(crate::auth::scoped(req)?).await?))
     }
 
     async fn failover_volume(
         &self,
         req: Request<pb::FailoverVolumeRequest>,
     ) -> Result<Response<pb::ReplicationResult>, Status> {
-        Ok(Response::new(ReplicationApi::failover_volume(self, req.into_inner()).await?))
+        let who = crate::auth::caller(&req);
+        let r = crate::auth::scoped(req)?;
+        disaster_needs_admin(&who, r.force, &r.discard_changes_on)?;
+        Ok(Response::new(ReplicationApi::failover_volume(self, r).await?))
     }
 
     async fn get_volume_replication_info(
         &self,
         req: Request<pb::VolumeReplicationRequest>,
     ) -> Result<Response<pb::GroupReplicationInfo>, Status> {
-        Ok(Response::new(self.volume_info(req.into_inner()).await?))
+        Ok(Response::new(self.volume_info(crate::auth::scoped(req)?).await?))
     }
 
     async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {
-        Ok(Response::new(self.sync_now(req.into_inner()).await?))
+        Ok(Response::new(self.sync_now(crate::auth::scoped(req)?).await?))
     }
+}
+
+/// A disaster failover (which may leave two diverged copies) and discarding a side's
+/// changes are an admin's decision; members fail over and back planned.
+fn disaster_needs_admin(who: &crate::auth::Caller, force: bool, discard_on: &str) -> Result<(), Status> {
+    if who.is_admin() || (!force && discard_on.is_empty()) {
+        return Ok(());
+    }
+    Err(ApiError::PermissionDenied(format!(
+        "a forced (disaster) failover and --discard-changes-on need an admin token; this token is a {} of project {}: \
+         ask an admin, or fail over without --force while both sites answer",
+        who.role.as_str(),
+        who.project
+    ))
+    .into())
 }

@@ -174,17 +174,19 @@ impl pb::site_service_server::SiteService for SiteApi {
         &self,
         req: Request<pb::ListBackendsRequest>,
     ) -> Result<Response<pb::ListBackendsResponse>, Status> {
+        let who = crate::auth::caller(&req);
         let site = req.into_inner().site;
         let all = self.core.repo.list::<BackendRec>(keys::BACKENDS).await?;
         let chosen: Vec<_> = all.into_iter().filter(|b| site.is_empty() || b.rec.site == site).collect();
         let described = futures::future::join_all(chosen.iter().map(|b| self.describe(&b.rec))).await;
-        let backends = described.into_iter().collect::<ApiResult<Vec<_>>>()?;
+        let backends = described.into_iter().map(|b| b.map(|b| redact(&who, b))).collect::<ApiResult<Vec<_>>>()?;
         Ok(Response::new(pb::ListBackendsResponse { backends }))
     }
 
     async fn get_backend(&self, req: Request<pb::GetBackendRequest>) -> Result<Response<pb::Backend>, Status> {
+        let who = crate::auth::caller(&req);
         let b = self.backend(&req.into_inner().name).await?;
-        Ok(Response::new(self.describe(&b.rec).await?))
+        Ok(Response::new(redact(&who, self.describe(&b.rec).await?)))
     }
 
     async fn freeze_backend(&self, req: Request<pb::FreezeBackendRequest>) -> Result<Response<pb::Backend>, Status> {
@@ -194,6 +196,15 @@ impl pb::site_service_server::SiteService for SiteApi {
     async fn thaw_backend(&self, req: Request<pb::ThawBackendRequest>) -> Result<Response<pb::Backend>, Status> {
         Ok(Response::new(self.set_frozen(&req.into_inner().name, false).await?))
     }
+}
+
+/// A backend as a non-admin sees it: name, site, driver, capabilities and status, but
+/// not its agents (their ids and endpoints are the deployment's, not a tenant's).
+fn redact(who: &crate::auth::Caller, mut b: pb::Backend) -> pb::Backend {
+    if !who.is_admin() {
+        b.agents.clear();
+    }
+    b
 }
 
 #[tonic::async_trait]

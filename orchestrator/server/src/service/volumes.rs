@@ -447,11 +447,11 @@ impl VolumeApi {
 #[tonic::async_trait]
 impl pb::volume_service_server::VolumeService for VolumeApi {
     async fn create_volume(&self, req: Request<pb::CreateVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        Ok(Response::new(self.create(req.into_inner()).await?.to_pb()))
+        Ok(Response::new(self.create(crate::auth::scoped(req)?).await?.to_pb()))
     }
 
     async fn get_volume(&self, req: Request<pb::GetVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        let r = req.into_inner();
+        let r = crate::auth::scoped(req)?;
         Ok(Response::new(self.core.repo.volume(&r.volume, &r.project).await?.rec.to_pb()))
     }
 
@@ -459,7 +459,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         &self,
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let project = req.into_inner().project;
+        let project = crate::auth::scoped(req)?.project;
         let all = self.core.repo.list::<VolumeRec>(keys::VOLUMES).await?;
         Ok(Response::new(pb::ListVolumesResponse {
             volumes: all
@@ -474,19 +474,19 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         &self,
         req: Request<pb::DeleteVolumeRequest>,
     ) -> Result<Response<pb::DeleteVolumeResponse>, Status> {
-        self.delete(req.into_inner()).await?;
+        self.delete(crate::auth::scoped(req)?).await?;
         Ok(Response::new(pb::DeleteVolumeResponse {}))
     }
 
     async fn extend_volume(&self, req: Request<pb::ExtendVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        Ok(Response::new(self.extend(req.into_inner()).await?.to_pb()))
+        Ok(Response::new(self.extend(crate::auth::scoped(req)?).await?.to_pb()))
     }
 
     async fn attach_volume(
         &self,
         req: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
-        let r = req.into_inner();
+        let r = crate::auth::scoped(req)?;
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
         if v.rec.status != volume_status::AVAILABLE {
             return Err(ApiError::FailedPrecondition(format!(
@@ -523,14 +523,14 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
     }
 
     async fn manage_volume(&self, req: Request<pb::ManageVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
-        Ok(Response::new(self.manage(req.into_inner()).await?.to_pb()))
+        Ok(Response::new(self.manage(crate::auth::scoped(req)?).await?.to_pb()))
     }
 
     async fn unmanage_volume(
         &self,
         req: Request<pb::UnmanageVolumeRequest>,
     ) -> Result<Response<pb::UnmanageVolumeResponse>, Status> {
-        let reference = self.unmanage(req.into_inner()).await?;
+        let reference = self.unmanage(crate::auth::scoped(req)?).await?;
         Ok(Response::new(pb::UnmanageVolumeResponse { reference }))
     }
 }

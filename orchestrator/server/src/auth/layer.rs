@@ -1,0 +1,193 @@
+//! The tower layer in front of every orchestrator service: finds the method's rule,
+//! checks the bearer token, refuses before the handler runs when the caller falls short,
+//! attaches the [`Caller`] for the handler, and leaves an audit record of every mutating
+//! call (accepted or refused).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::Status;
+use tonic::transport::server::TcpConnectInfo;
+
+use super::audit::{self, AuditRec};
+use super::tokens::{Rejected, Verifier};
+use super::{Caller, Need, Role, rule_for};
+use crate::repo::Repo;
+
+/// What the layer needs: the token verifier and the store for audit records.
+pub struct Guard {
+    pub verifier: Verifier,
+    pub repo: Repo,
+}
+
+impl Guard {
+    /// The caller a request may go ahead as, or the status that refuses it.
+    async fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, (Status, Option<Caller>)> {
+        let Some(rule) = rule_for(path) else {
+            return Err((
+                Status::permission_denied(format!("{path} has no authorization rule; no one may call it")),
+                None,
+            ));
+        };
+        let need = match rule.need {
+            Need::Public | Need::Agent => return Ok(None),
+            Need::Role(r) => r,
+        };
+        let method = path.rsplit('/').next().unwrap_or(path);
+        let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+            return Err((
+                Status::unauthenticated(format!(
+                    "{method} needs an API token: pass --token-file FILE or set DROVER_TOKEN (an admin makes tokens with `drover token create`)"
+                )),
+                None,
+            ));
+        };
+        let token = value.to_str().ok().and_then(|v| v.strip_prefix("Bearer ")).map(str::trim).unwrap_or("");
+        let caller = match self.verifier.verify(token).await {
+            Ok(c) => c,
+            Err(Rejected::Invalid) => {
+                return Err((
+                    Status::unauthenticated(
+                        "the API token is not valid: check the token file or DROVER_TOKEN, or ask an admin for a new token",
+                    ),
+                    None,
+                ));
+            }
+            Err(Rejected::Revoked { id, at_ms }) => {
+                return Err((
+                    Status::unauthenticated(format!(
+                        "API token {id} was revoked (at {at_ms} ms since the epoch); ask an admin for a new one"
+                    )),
+                    None,
+                ));
+            }
+            Err(Rejected::Unavailable(e)) => {
+                return Err((Status::unavailable(format!("the token could not be checked: {e}; retry shortly")), None));
+            }
+        };
+        if caller.role < need {
+            let what = match need {
+                Role::Admin => "an admin token",
+                Role::Member => "a member or admin token",
+                Role::Reader => "a token",
+            };
+            return Err((
+                Status::permission_denied(format!(
+                    "{method} needs {what}; this token ({}) is a {} of project {}",
+                    caller.token_id,
+                    caller.role.as_str(),
+                    caller.project
+                )),
+                Some(caller),
+            ));
+        }
+        Ok(Some(caller))
+    }
+}
+
+/// Wraps the orchestrator's routes in a [`Guarded`] service.
+#[derive(Clone)]
+pub struct AuthLayer {
+    pub guard: Arc<Guard>,
+}
+
+impl<S> tower_layer::Layer<S> for AuthLayer {
+    type Service = Guarded<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Guarded { inner, guard: self.guard.clone() }
+    }
+}
+
+/// The guarded service.
+#[derive(Clone)]
+pub struct Guarded<S> {
+    inner: S,
+    guard: Arc<Guard>,
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+impl<S, ReqBody, ResBody> tower_service::Service<http::Request<ReqBody>> for Guarded<S>
+where
+    S: tower_service::Service<http::Request<ReqBody>, Response = http::Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
+{
+    type Response = http::Response<ResBody>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+        // The clone is ready only after poll_ready; call the one that was polled.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let guard = self.guard.clone();
+        Box::pin(async move {
+            let path = req.uri().path().to_string();
+            let mutates = rule_for(&path).is_none_or(|r| r.mutates);
+            let peer = req
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(|i| i.remote_addr())
+                .map(|a| a.to_string())
+                .unwrap_or_default();
+            let audit = |caller: Option<&Caller>, code: tonic::Code, message: String| {
+                let c = caller.cloned();
+                let rec = AuditRec {
+                    token_id: c.as_ref().map(|c| c.token_id.clone()).unwrap_or_default(),
+                    project: c.as_ref().map(|c| c.project.clone()).unwrap_or_default(),
+                    role: c.as_ref().map(|c| c.role.as_str().to_string()).unwrap_or_default(),
+                    method: path.clone(),
+                    code: format!("{code:?}"),
+                    message,
+                    peer: peer.clone(),
+                    ..Default::default()
+                };
+                let repo = guard.repo.clone();
+                async move { audit::record(&repo, rec).await }
+            };
+            match guard.admit(&path, req.headers()).await {
+                Err((status, caller)) => {
+                    if mutates {
+                        audit(caller.as_ref(), status.code(), status.message().to_string()).await;
+                    }
+                    Ok(status.into_http())
+                }
+                Ok(caller) => {
+                    if let Some(c) = &caller {
+                        req.extensions_mut().insert(c.clone());
+                    }
+                    let resp = inner.call(req).await?;
+                    if mutates {
+                        // A refusal comes back trailers-only, its status in the headers; an
+                        // answer carries its status in trailers (OK for every unary reply).
+                        let code = resp
+                            .headers()
+                            .get("grpc-status")
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(|v| v.parse::<i32>().ok())
+                            .map(tonic::Code::from_i32)
+                            .unwrap_or(tonic::Code::Ok);
+                        let message = resp
+                            .headers()
+                            .get("grpc-message")
+                            .and_then(|v| v.to_str().ok())
+                            // grpc-message is percent-encoded on the wire.
+                            .map(|m| percent_encoding::percent_decode_str(m).decode_utf8_lossy().into_owned())
+                            .unwrap_or_default();
+                        audit(caller.as_ref(), code, message).await;
+                    }
+                    Ok(resp)
+                }
+            }
+        })
+    }
+}

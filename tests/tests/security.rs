@@ -1,0 +1,344 @@
+//! Tokens, roles, projects and the audit trail, against a real orchestrator and agents.
+
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::v1 as pb;
+use drover_tests::cluster::admin_token;
+use drover_tests::{Cluster, StoreChoice, failover_request, replicated_group};
+use prost::Message;
+use tonic::Code;
+
+/// Every method of every drover.v1 service, from the compiled descriptors.
+fn methods() -> Vec<(String, String)> {
+    let set = prost_types::FileDescriptorSet::decode(drover_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut out = Vec::new();
+    for f in set.file.iter().filter(|f| f.package() == "drover.v1") {
+        for s in &f.service {
+            for m in &s.method {
+                out.push((s.name().to_string(), m.name().to_string()));
+            }
+        }
+    }
+    out
+}
+
+/// An empty protobuf message: every request decodes from it, every reply into it.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Empty {}
+
+/// Calls `/drover.v1.SERVICE/METHOD` with an empty request and `token`; the status code.
+async fn call(endpoint: &str, service: &str, method: &str, token: Option<&str>) -> Code {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(Empty {});
+    req.metadata_mut().insert(drover_proto::API_VERSION_HEADER, drover_proto::API_VERSION.parse().unwrap());
+    if let Some(t) = token {
+        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    let path = format!("/drover.v1.{service}/{method}").parse().unwrap();
+    let codec = tonic_prost::ProstCodec::<Empty, Empty>::default();
+    match grpc.unary(req, path, codec).await {
+        Ok(_) => Code::Ok,
+        Err(s) => s.code(),
+    }
+}
+
+async fn token(c: &mut Clients, name: &str, project: &str, role: &str) -> (String, String) {
+    let t = c
+        .tokens
+        .create_token(pb::CreateTokenRequest { name: name.into(), project: project.into(), role: role.into() })
+        .await
+        .unwrap()
+        .into_inner();
+    (t.token.unwrap().id, t.secret)
+}
+
+async fn as_token(cluster: &Cluster, secret: &str) -> Clients {
+    Clients::connect(&cluster.orchestrator.endpoint, Duration::from_secs(60), Some(secret)).await.unwrap()
+}
+
+/// A group with one volume in `project`, replicating from backend-a to backend-b.
+async fn group_in(c: &mut Clients, project: &str, name: &str) -> (String, String) {
+    let v = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: format!("{name}-v0"),
+            project: project.into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let g = c
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: name.into(),
+            project: project.into(),
+            group_type: "replication".into(),
+            backend: "backend-a".into(),
+            volumes: vec![v.id.clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    c.replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: g.id.clone(),
+            project: project.into(),
+            target_backend: "backend-b".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    (g.id, v.id)
+}
+
+/// Every RPC of drover.v1 for no token, a garbage token, a revoked token, a reader, a
+/// member and an admin: the role gate answers as its rule says, for every method. (The
+/// per-project cells are in `tenants_see_and_touch_only_their_project`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut admin = cluster.clients().await;
+    let (_, reader) = token(&mut admin, "r", "tests", "reader").await;
+    let (_, member) = token(&mut admin, "m", "tests", "member").await;
+    let (revoked_id, revoked) = token(&mut admin, "gone", "tests", "member").await;
+    admin.tokens.revoke_token(pb::RevokeTokenRequest { id: revoked_id }).await.unwrap();
+    let admin_secret = admin_token(cluster.dir.path());
+    let garbage = "drv_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let ep = &cluster.orchestrator.endpoint;
+    let rules = drover_orchestrator::auth::RULES;
+    let denied = [Code::Unauthenticated, Code::PermissionDenied];
+    let mut checked = 0;
+    // Revocation is seen within the token cache TTL (2 s by default).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for (service, method) in methods() {
+        let path = format!("/drover.v1.{service}/{method}");
+        let rule = rules.iter().find(|(p, _)| *p == path).map(|(_, r)| r.need);
+        let rule = rule.unwrap_or_else(|| panic!("{path} has no authorization rule"));
+        use drover_orchestrator::auth::{Need, Role};
+        // Calls that act, made by an admin with an empty request: refused as invalid input
+        // or not found, never as unauthorised. Skip the few an empty request would really
+        // perform for the admin (they are covered by their own tests).
+        let skip_admin = matches!(method.as_str(), "CreateToken" | "RevokeToken");
+        match rule {
+            Need::Public | Need::Agent => {
+                for t in [None, Some(garbage), Some(revoked.as_str()), Some(reader.as_str())] {
+                    let code = call(ep, &service, &method, t).await;
+                    assert!(!denied.contains(&code), "{path} is open to agents or everyone, got {code:?}");
+                }
+            }
+            Need::Role(need) => {
+                assert_eq!(call(ep, &service, &method, None).await, Code::Unauthenticated, "{path}, no token");
+                assert_eq!(call(ep, &service, &method, Some(garbage)).await, Code::Unauthenticated, "{path}, garbage");
+                assert_eq!(
+                    call(ep, &service, &method, Some(&revoked)).await,
+                    Code::Unauthenticated,
+                    "{path}, revoked token"
+                );
+                for (role, secret) in [(Role::Reader, &reader), (Role::Member, &member)] {
+                    let code = call(ep, &service, &method, Some(secret)).await;
+                    if role >= need {
+                        assert!(!denied.contains(&code), "{path} as {role:?} is allowed, got {code:?}");
+                    } else {
+                        assert_eq!(code, Code::PermissionDenied, "{path} as {role:?}");
+                    }
+                }
+                if !skip_admin {
+                    let code = call(ep, &service, &method, Some(&admin_secret)).await;
+                    assert!(!denied.contains(&code), "{path} as admin, got {code:?}");
+                }
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 50, "checked {checked} RPCs");
+}
+
+/// A member of project A works on its own groups and sees nothing of project B's: every
+/// lookup of B's group, volume and executions by id is NotFound, lists hold only A's, and
+/// naming B is refused. A reader may read but not act; a member may not force a failover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_see_and_touch_only_their_project() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut admin = cluster.clients().await;
+    let group_a = replicated_group(&mut admin, "mine", 1).await;
+    let (group_b, vol_b) = group_in(&mut admin, "other", "theirs").await;
+    let (_, member) = token(&mut admin, "member-tests", "tests", "member").await;
+    let (_, reader) = token(&mut admin, "reader-tests", "tests", "reader").await;
+    let mut m = as_token(&cluster, &member).await;
+    let mut r = as_token(&cluster, &reader).await;
+
+    // B's group and volume do not exist for A, by id, with or without a project named.
+    for project in ["", "tests"] {
+        let s = m.groups.get_group(pb::GetGroupRequest { group: group_b.clone(), project: project.into() }).await;
+        assert_eq!(s.unwrap_err().code(), Code::NotFound, "group of B by id (project {project:?})");
+        let s = m.volumes.get_volume(pb::GetVolumeRequest { volume: vol_b.clone(), project: project.into() }).await;
+        assert_eq!(s.unwrap_err().code(), Code::NotFound, "volume of B by id");
+        let s = m
+            .replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: group_b.clone(),
+                project: project.into(),
+                target_backend: "backend-b".into(),
+                ..Default::default()
+            })
+            .await;
+        assert_eq!(s.unwrap_err().code(), Code::NotFound, "failover of B's group");
+    }
+    // Naming B is refused; lists with no project hold only A's records.
+    let s = m.groups.list_groups(pb::ListGroupsRequest { project: "other".into() }).await;
+    assert_eq!(s.unwrap_err().code(), Code::PermissionDenied);
+    let groups = m.groups.list_groups(pb::ListGroupsRequest { project: String::new() }).await.unwrap().into_inner();
+    assert_eq!(groups.groups.iter().map(|g| g.id.clone()).collect::<Vec<_>>(), vec![group_a.clone()]);
+    let vols = m.volumes.list_volumes(pb::ListVolumesRequest { project: String::new() }).await.unwrap().into_inner();
+    assert!(vols.volumes.iter().all(|v| v.project == "tests") && !vols.volumes.is_empty());
+    // The admin's view of the backends names agents; a tenant's does not.
+    let b = m.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+    assert!(b.agents.is_empty() && b.status == "up", "{b:?}");
+    let b = admin.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+    assert!(!b.agents.is_empty());
+
+    // A reader reads its group but may not fail it over.
+    r.groups.get_group(pb::GetGroupRequest { group: group_a.clone(), project: String::new() }).await.unwrap();
+    let s = r.replication.failover_group(failover_request(&group_a, "backend-b", false)).await;
+    assert_eq!(s.unwrap_err().code(), Code::PermissionDenied);
+    // A member may not force (disaster) a failover.
+    let s = m.replication.failover_group(failover_request(&group_a, "backend-b", true)).await;
+    let s = s.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied);
+    assert!(s.message().contains("admin"), "{}", s.message());
+
+    // The member fails its own group over and back (planned).
+    let out = m.replication.failover_group(failover_request(&group_a, "backend-b", false)).await.unwrap().into_inner();
+    let g = out.group.expect("the group");
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    let back = m.replication.failover_group(failover_request(&group_a, "default", false)).await.unwrap().into_inner();
+    let g = back.group.expect("the group");
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"), "{g:?}");
+
+    // Executions: the member sees its own and none of B's, which the admin made.
+    let own = m.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
+    assert!(!own.executions.is_empty() && own.executions.iter().all(|e| e.project == "tests"), "{own:?}");
+    let all = admin.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
+    let theirs: Vec<_> = all.executions.iter().filter(|e| e.project == "other").collect();
+    assert!(!theirs.is_empty(), "B's enable ran as an execution of B");
+    for e in theirs {
+        let s = m.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await;
+        assert_eq!(s.unwrap_err().code(), Code::NotFound, "B's execution {}", e.id);
+        let s = m.executions.cancel_execution(pb::CancelExecutionRequest { id: e.id.clone() }).await;
+        assert_eq!(s.unwrap_err().code(), Code::NotFound);
+    }
+    // B's group did not move.
+    let g = admin.groups.get_group(pb::GetGroupRequest { group: group_b, project: String::new() }).await.unwrap();
+    assert_eq!(g.into_inner().active_backend, "backend-a");
+}
+
+/// Every mutating call leaves an audit record naming who, what and the outcome; refused
+/// ones too. A revoked token stops working; the bootstrap token file is private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutations_are_audited_and_tokens_can_be_revoked() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mode = std::fs::metadata(drover_tests::cluster::token_file(cluster.dir.path())).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "the bootstrap token is readable by its owner only");
+    let mut admin = cluster.clients().await;
+    let (member_id, member) = token(&mut admin, "m", "tests", "member").await;
+    let mut m = as_token(&cluster, &member).await;
+    let created = m
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "audited".into(),
+            project: "tests".into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = m.sites.freeze_backend(pb::FreezeBackendRequest { name: "backend-a".into() }).await;
+    assert_eq!(refused.unwrap_err().code(), Code::PermissionDenied);
+    let invalid = m
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "bad name".into(),
+            project: "tests".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(invalid.unwrap_err().code(), Code::InvalidArgument);
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let records = loop {
+        let r = admin
+            .audit
+            .list_audit(pb::ListAuditRequest { token_id: member_id.clone(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if r.len() >= 3 || Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let find = |method: &str, code: &str| {
+        records.iter().find(|a| a.method.ends_with(method) && a.code == code).unwrap_or_else(|| {
+            panic!("no audit record of {method} with {code}: {records:#?}");
+        })
+    };
+    let ok = find("/CreateVolume", "Ok");
+    assert_eq!((ok.project.as_str(), ok.role.as_str()), ("tests", "member"));
+    assert!(ok.peer.starts_with("127.0.0.1:"), "{ok:?}");
+    assert!(find("/FreezeBackend", "PermissionDenied").message.contains("admin"));
+    assert!(find("/CreateVolume", "InvalidArgument").message.contains("name"));
+    // Reads leave none.
+    assert!(records.iter().all(|a| !a.method.contains("/Get") && !a.method.contains("/List")), "{records:#?}");
+    // Calls with no valid token are recorded too, under no token id.
+    let anon = call(&cluster.orchestrator.endpoint, "VolumeService", "DeleteVolume", None).await;
+    assert_eq!(anon, Code::Unauthenticated);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = admin
+            .audit
+            .list_audit(pb::ListAuditRequest {
+                refused_only: true,
+                method: "DeleteVolume".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .records;
+        if r.iter().any(|a| a.code == "Unauthenticated" && a.token_id.is_empty()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no record of the anonymous call: {r:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Paging: one record per page, pages do not overlap.
+    let p1 =
+        admin.audit.list_audit(pb::ListAuditRequest { limit: 1, ..Default::default() }).await.unwrap().into_inner();
+    let p2 = admin
+        .audit
+        .list_audit(pb::ListAuditRequest { limit: 1, marker: p1.next_marker.clone(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((p1.records.len(), p2.records.len()), (1, 1));
+    assert_ne!(p1.records[0].id, p2.records[0].id);
+    assert!(p1.records[0].id > p2.records[0].id, "newest first");
+
+    // Listing never shows a secret; revoking stops the token (within the cache TTL).
+    let list = admin.tokens.list_tokens(pb::ListTokensRequest::default()).await.unwrap().into_inner();
+    assert!(format!("{list:?}").find(&member[20..]).is_none(), "a secret in the list");
+    admin.tokens.revoke_token(pb::RevokeTokenRequest { id: member_id }).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = m.volumes.get_volume(pb::GetVolumeRequest { volume: created.id, project: String::new() }).await;
+    let s = s.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    assert!(s.message().contains("revoked"), "{}", s.message());
+}
