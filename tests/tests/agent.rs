@@ -330,6 +330,41 @@ async fn a_fence_refuses_older_owners_without_running_anything() {
     assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 0, "a fence runs nothing and lets nothing older run");
 }
 
+/// A mutation naming a volume the backend does not have is refused before admission: a
+/// huge epoch in a real group's scope does not move the fence (the attack of issue 13:
+/// one such call used to lock the orchestrator out of the group for good).
+#[tokio::test]
+async fn a_call_on_a_missing_volume_does_not_move_the_fence() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = agent(dir.path(), &[]);
+    let mut c = client(&server).await;
+    let mut made = create("op-1", 3, "v1");
+    made.ctx = ctx("op-1", 3, "group/g1");
+    c.create_volume(made).await.unwrap();
+    for (op, call) in [("demote", 0), ("promote", 1), ("resync", 2)] {
+        let big = ctx(&format!("evil-{op}"), 1_000_000_000_000_000, "group/g1");
+        let refused = match call {
+            0 => c.demote_volume(apb::DemoteVolumeRequest { ctx: big, volume_id: "ghost".into() }).await.map(|_| ()),
+            1 => c
+                .promote_volume(apb::PromoteVolumeRequest { ctx: big, volume_id: "ghost".into(), force: true })
+                .await
+                .map(|_| ()),
+            _ => c.resync_volume(apb::ResyncVolumeRequest { ctx: big, volume_id: "ghost".into() }).await.map(|_| ()),
+        }
+        .unwrap_err();
+        assert_eq!(refused.code(), Code::NotFound, "{op}: {}", refused.message());
+    }
+    // The group's owner, still at epoch 4, is admitted.
+    c.extend_volume(apb::ExtendVolumeRequest {
+        ctx: ctx("op-2", 4, "group/g1"),
+        volume_id: "v1".into(),
+        new_size_bytes: 2 << 20,
+    })
+    .await
+    .expect("the fence did not move");
+    assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 1);
+}
+
 #[tokio::test]
 async fn sigterm_stops_an_agent_within_seconds_even_mid_operation() {
     let dir = tempfile::tempdir().unwrap();

@@ -38,6 +38,20 @@ impl Drop for Claim {
     }
 }
 
+/// Mutations whose target must be an existing volume (creating, managing and deleting
+/// one, and group or snapshot operations, are not among them).
+const ON_EXISTING_VOLUME: &[&str] = &[
+    "extend_volume",
+    "attach_volume",
+    "detach_volume",
+    "unmanage_volume",
+    "enable_replication",
+    "disable_replication",
+    "promote",
+    "demote",
+    "resync",
+];
+
 pub(super) fn ledger_status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -91,7 +105,12 @@ impl AgentService {
     {
         let ctx = validate_ctx(ctx)?;
         let span = tracing::info_span!("mutation", op, target, op_id = %ctx.op_id, epoch = ctx.epoch, scope = %ctx.fence_scope);
-        self.guarded_in_span(ctx, target, f).instrument(span).await
+        async {
+            self.target_exists(op, target, &ctx.op_id).await?;
+            self.guarded_in_span(ctx, target, f).await
+        }
+        .instrument(span)
+        .await
     }
 
     async fn guarded_in_span<M, F, Fut>(&self, ctx: pb::OpContext, target: &str, f: F) -> Result<Response<M>, Status>
@@ -191,6 +210,22 @@ impl AgentService {
             .in_current_span(),
         );
         outcome_of(done).await
+    }
+
+    /// A request on a volume this backend does not have is refused before it is admitted,
+    /// so it cannot move the fence: otherwise one call naming a missing volume with a huge
+    /// epoch in a real group's scope would lock the orchestrator out of that group. An
+    /// op_id already recorded is left to replay its outcome.
+    async fn target_exists(&self, op: &str, target: &str, op_id: &str) -> Result<(), Status> {
+        if !ON_EXISTING_VOLUME.contains(&op) || self.recorded(op_id).await?.is_some() {
+            return Ok(());
+        }
+        match self.driver.get_volume(target).await {
+            Err(DriverError::NotFound(_)) => Err(Status::not_found(format!(
+                "volume {target} does not exist on this backend; nothing was done (and no epoch was admitted)"
+            ))),
+            _ => Ok(()),
+        }
     }
 
     /// Admits `epoch` for `scope` (durably), refusing a stale one.
