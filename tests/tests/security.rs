@@ -342,3 +342,86 @@ async fn mutations_are_audited_and_tokens_can_be_revoked() {
     assert_eq!(s.code(), Code::Unauthenticated);
     assert!(s.message().contains("revoked"), "{}", s.message());
 }
+
+/// A request body of the wrong shape for its method: field 1 of CreateVolumeRequest is a
+/// string; these send a number, and bytes that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct WrongWireType {
+    #[prost(uint64, tag = "1")]
+    name: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct NotUtf8 {
+    #[prost(bytes = "vec", tag = "1")]
+    name: Vec<u8>,
+}
+
+async fn raw<M: prost::Message + Default + Send + Sync + 'static>(
+    endpoint: &str,
+    token: &str,
+    msg: M,
+) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(drover_proto::API_VERSION_HEADER, drover_proto::API_VERSION.parse().unwrap());
+    req.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let path = "/drover.v1.VolumeService/CreateVolume".parse().unwrap();
+    let codec = tonic_prost::ProstCodec::<M, Empty>::default();
+    grpc.unary(req, path, codec).await.expect_err("a malformed request is refused")
+}
+
+/// Findings of the malformed-request sweep: each is InvalidArgument naming the problem,
+/// and the store does not change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_invalid_arguments_and_change_nothing() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "app", 1).await;
+    let before = drover_tests::state_snapshot(&mut c).await;
+    let token = admin_token(cluster.dir.path());
+    let ep = &cluster.orchestrator.endpoint;
+
+    for s in
+        [raw(ep, &token, WrongWireType { name: 7 }).await, raw(ep, &token, NotUtf8 { name: vec![0xff, 0xfe] }).await]
+    {
+        assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+        assert!(s.message().contains("not a valid message"), "{}", s.message());
+    }
+    // A name shaped like an id (another volume's, here the group's) would shadow it.
+    let s = c
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: group.clone(),
+            project: "tests".into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("UUID"), "{}", s.message());
+    let s = c
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: uuid::Uuid::now_v7().to_string(),
+            project: "tests".into(),
+            group_type: "replication".into(),
+            backend: "backend-a".into(),
+            volumes: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    // An invalid project name on a list is an error, not an empty list.
+    for project in ["bad project", "../etc", "x\u{7}"] {
+        let s = c.groups.list_groups(pb::ListGroupsRequest { project: project.into() }).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "groups, {project:?}");
+        assert!(s.message().contains("project"), "{}", s.message());
+        let s = c.volumes.list_volumes(pb::ListVolumesRequest { project: project.into() }).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "volumes, {project:?}");
+    }
+    assert_eq!(drover_tests::state_snapshot(&mut c).await, before, "nothing changed");
+}

@@ -156,6 +156,18 @@ pub fn validate_name(field: &str, name: &str) -> ApiResult<()> {
     Ok(())
 }
 
+/// Validates the name of a new volume or group: a valid name that is not shaped like an
+/// id, since lookups take an id or a name and an id wins.
+pub fn validate_new_name(field: &str, name: &str) -> ApiResult<()> {
+    validate_name(field, name)?;
+    if uuid::Uuid::parse_str(name).is_ok() {
+        return Err(ApiError::InvalidArgument(format!(
+            "`{field}` {name:?} is shaped like an id, which lookups would take for one; pick a name that is not a UUID"
+        )));
+    }
+    Ok(())
+}
+
 /// The largest volume Drover accepts: 64 TiB.
 pub const MAX_VOLUME_BYTES: i64 = 64 << 40;
 

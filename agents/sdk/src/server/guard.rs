@@ -38,14 +38,14 @@ impl Drop for Claim {
     }
 }
 
-/// Mutations whose target must be an existing volume (creating, managing and deleting
-/// one, and group or snapshot operations, are not among them).
+/// Mutations whose target must be an existing volume. Not among them: creating, managing
+/// and deleting one, enabling replication (a secondary's volume is made by it), and
+/// group, snapshot and clone operations.
 const ON_EXISTING_VOLUME: &[&str] = &[
     "extend_volume",
     "attach_volume",
     "detach_volume",
     "unmanage_volume",
-    "enable_replication",
     "disable_replication",
     "promote",
     "demote",

@@ -165,7 +165,8 @@ where
                     if let Some(c) = &caller {
                         req.extensions_mut().insert(c.clone());
                     }
-                    let resp = inner.call(req).await?;
+                    let mut resp = inner.call(req).await?;
+                    undecodable_is_invalid(&mut resp);
                     if mutates {
                         // A refusal comes back trailers-only, its status in the headers; an
                         // answer carries its status in trailers (OK for every unary reply).
@@ -189,5 +190,32 @@ where
                 }
             }
         })
+    }
+}
+
+/// tonic answers a request body it cannot decode (invalid UTF-8 in a string, a wrong
+/// wire type, a truncated message) with INTERNAL, as if the server had failed. It is the
+/// client's mistake: say so with INVALID_ARGUMENT. The status is in the headers of such
+/// a trailers-only answer.
+fn undecodable_is_invalid<B>(resp: &mut http::Response<B>) {
+    let h = resp.headers();
+    if h.get("grpc-status").and_then(|v| v.to_str().ok()) != Some("13") {
+        return;
+    }
+    let message = h
+        .get("grpc-message")
+        .and_then(|v| v.to_str().ok())
+        .map(|m| percent_encoding::percent_decode_str(m).decode_utf8_lossy().into_owned())
+        .unwrap_or_default();
+    if !(message.starts_with("failed to decode Protobuf message") || message.starts_with("Unexpected EOF decoding")) {
+        return;
+    }
+    let text =
+        format!("the request is not a valid message for this method ({message}); check the client's proto files");
+    let encoded = percent_encoding::utf8_percent_encode(&text, percent_encoding::NON_ALPHANUMERIC).to_string();
+    let h = resp.headers_mut();
+    h.insert("grpc-status", http::HeaderValue::from_static("3"));
+    if let Ok(v) = http::HeaderValue::from_str(&encoded) {
+        h.insert("grpc-message", v);
     }
 }

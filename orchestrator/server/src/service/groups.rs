@@ -84,7 +84,7 @@ impl GroupApi {
     }
 
     pub(crate) async fn create(&self, r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
-        validate_name("name", &r.name)?;
+        crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
         let gtype = group_type(&self.core, &r.group_type).await?;
         writable_backend(&self.core, &r.backend, "volume").await?;
@@ -319,6 +319,9 @@ impl pb::group_service_server::GroupService for GroupApi {
         req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
         let project = crate::auth::scoped(req)?.project;
+        if !project.is_empty() {
+            validate_name("project", &project)?;
+        }
         let all = self.core.repo.list::<GroupRec>(keys::GROUPS).await?;
         Ok(Response::new(pb::ListGroupsResponse {
             groups: all

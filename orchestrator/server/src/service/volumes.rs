@@ -102,7 +102,7 @@ impl VolumeApi {
     }
 
     async fn create(&self, r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
-        validate_name("name", &r.name)?;
+        crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
         let size = validate_size("size_bytes", r.size_bytes)?;
         writable_backend(&self.core, &r.backend, "volume").await?;
@@ -315,7 +315,7 @@ impl VolumeApi {
     }
 
     async fn manage(&self, r: pb::ManageVolumeRequest) -> ApiResult<VolumeRec> {
-        validate_name("name", &r.name)?;
+        crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
         if r.reference.trim().is_empty() {
             return Err(ApiError::InvalidArgument(
@@ -460,6 +460,9 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let project = crate::auth::scoped(req)?.project;
+        if !project.is_empty() {
+            validate_name("project", &project)?;
+        }
         let all = self.core.repo.list::<VolumeRec>(keys::VOLUMES).await?;
         Ok(Response::new(pb::ListVolumesResponse {
             volumes: all
