@@ -327,15 +327,20 @@ pub fn drover(bin: &Path, endpoint: &str, token_file: &Path, args: &[&str]) -> O
 }
 
 /// Creates `n` 1 GiB volumes on backend-a and a replication group over them, with
-/// replication enabled to backend-b. Returns the group's id.
+/// replication enabled to backend-b, in project `tests`. Returns the group's id.
 pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
+    replicated_group_in(c, "tests", name, n).await
+}
+
+/// [`replicated_group`] in another project.
+pub async fn replicated_group_in(c: &mut Clients, project: &str, name: &str, n: usize) -> String {
     let mut vols = Vec::new();
     for i in 0..n {
         let v = c
             .volumes
             .create_volume(pb::CreateVolumeRequest {
                 name: format!("{name}-v{i}"),
-                project: "tests".into(),
+                project: project.into(),
                 size_bytes: 1 << 30,
                 backend: "backend-a".into(),
             })
@@ -348,7 +353,7 @@ pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
         .groups
         .create_group(pb::CreateGroupRequest {
             name: name.into(),
-            project: "tests".into(),
+            project: project.into(),
             group_type: "replication".into(),
             backend: "backend-a".into(),
             volumes: vols,
@@ -361,7 +366,7 @@ pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
         .enable_replication(pb::EnableReplicationRequest {
             no_wait: false,
             group: g.id.clone(),
-            project: "tests".into(),
+            project: project.into(),
             target_backend: "backend-b".into(),
             sync_interval_seconds: 0,
         })

@@ -6,22 +6,7 @@ use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::cluster::admin_token;
 use drover_tests::{Cluster, StoreChoice, failover_request, replicated_group};
-use prost::Message;
 use tonic::Code;
-
-/// Every method of every drover.v1 service, from the compiled descriptors.
-fn methods() -> Vec<(String, String)> {
-    let set = prost_types::FileDescriptorSet::decode(drover_proto::FILE_DESCRIPTOR_SET).unwrap();
-    let mut out = Vec::new();
-    for f in set.file.iter().filter(|f| f.package() == "drover.v1") {
-        for s in &f.service {
-            for m in &s.method {
-                out.push((s.name().to_string(), m.name().to_string()));
-            }
-        }
-    }
-    out
-}
 
 /// An empty protobuf message: every request decodes from it, every reply into it.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -59,43 +44,6 @@ async fn as_token(cluster: &Cluster, secret: &str) -> Clients {
     Clients::connect(&cluster.orchestrator.endpoint, Duration::from_secs(60), Some(secret)).await.unwrap()
 }
 
-/// A group with one volume in `project`, replicating from backend-a to backend-b.
-async fn group_in(c: &mut Clients, project: &str, name: &str) -> (String, String) {
-    let v = c
-        .volumes
-        .create_volume(pb::CreateVolumeRequest {
-            name: format!("{name}-v0"),
-            project: project.into(),
-            size_bytes: 1 << 30,
-            backend: "backend-a".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let g = c
-        .groups
-        .create_group(pb::CreateGroupRequest {
-            name: name.into(),
-            project: project.into(),
-            group_type: "replication".into(),
-            backend: "backend-a".into(),
-            volumes: vec![v.id.clone()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    c.replication
-        .enable_replication(pb::EnableReplicationRequest {
-            group: g.id.clone(),
-            project: project.into(),
-            target_backend: "backend-b".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    (g.id, v.id)
-}
-
 /// Every RPC of drover.v1 for no token, a garbage token, a revoked token, a reader, a
 /// member and an admin: the role gate answers as its rule says, for every method. (The
 /// per-project cells are in `tenants_see_and_touch_only_their_project`.)
@@ -115,8 +63,9 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
     let mut checked = 0;
     // Revocation is seen within the token cache TTL (2 s by default).
     tokio::time::sleep(Duration::from_secs(3)).await;
-    for (service, method) in methods() {
-        let path = format!("/drover.v1.{service}/{method}");
+    for path in drover_orchestrator::auth::api_methods() {
+        let (service, method) = path.trim_start_matches("/drover.v1.").split_once('/').unwrap();
+        let (service, method) = (service.to_string(), method.to_string());
         let rule = rules.iter().find(|(p, _)| *p == path).map(|(_, r)| r.need);
         let rule = rule.unwrap_or_else(|| panic!("{path} has no authorization rule"));
         use drover_orchestrator::auth::{Need, Role};
@@ -166,7 +115,15 @@ async fn tenants_see_and_touch_only_their_project() {
     let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
     let mut admin = cluster.clients().await;
     let group_a = replicated_group(&mut admin, "mine", 1).await;
-    let (group_b, vol_b) = group_in(&mut admin, "other", "theirs").await;
+    let group_b = drover_tests::replicated_group_in(&mut admin, "other", "theirs", 1).await;
+    let vol_b = admin
+        .groups
+        .get_group(pb::GetGroupRequest { group: group_b.clone(), project: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_ids[0]
+        .clone();
     let (_, member) = token(&mut admin, "member-tests", "tests", "member").await;
     let (_, reader) = token(&mut admin, "reader-tests", "tests", "reader").await;
     let mut m = as_token(&cluster, &member).await;

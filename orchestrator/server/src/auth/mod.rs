@@ -231,6 +231,22 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/drover.v1.AuditService/ListAudit", read(Admin)),
 ];
 
+/// Every method of the drover.v1 API as a request path (`/drover.v1.Service/Method`),
+/// read from the compiled descriptors: what the tests hold [`RULES`] against.
+pub fn api_methods() -> Vec<String> {
+    use prost::Message;
+    let set = prost_types::FileDescriptorSet::decode(drover_proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
+    let mut out = Vec::new();
+    for file in set.file.iter().filter(|f| f.package() == "drover.v1") {
+        for svc in &file.service {
+            for m in &svc.method {
+                out.push(format!("/drover.v1.{}/{}", svc.name(), m.name()));
+            }
+        }
+    }
+    out
+}
+
 /// The rule of a request path. Health checks and reflection are public; anything else
 /// without an entry has none (and is refused).
 pub fn rule_for(path: &str) -> Option<Rule> {

@@ -1,24 +1,8 @@
-use prost::Message;
-
 use super::*;
-
-/// Every method of every drover.v1 service, read from the compiled descriptors.
-fn methods() -> Vec<String> {
-    let set = prost_types::FileDescriptorSet::decode(drover_proto::FILE_DESCRIPTOR_SET).expect("descriptor set");
-    let mut out = Vec::new();
-    for file in set.file.iter().filter(|f| f.package() == "drover.v1") {
-        for svc in &file.service {
-            for m in &svc.method {
-                out.push(format!("/drover.v1.{}/{}", svc.name(), m.name()));
-            }
-        }
-    }
-    out
-}
 
 #[test]
 fn every_rpc_has_exactly_one_rule() {
-    let methods = methods();
+    let methods = api_methods();
     assert!(methods.len() > 50, "the descriptor lists the API ({} methods)", methods.len());
     let missing: Vec<_> = methods.iter().filter(|m| rule_for(m).is_none()).collect();
     assert!(missing.is_empty(), "RPCs without an authorization rule: {missing:?}");
