@@ -157,7 +157,7 @@ where
             match guard.admit(&path, req.headers()).await {
                 Err((status, caller)) => {
                     if mutates {
-                        audit(caller.as_ref(), status.code(), status.message().to_string()).await;
+                        tokio::spawn(audit(caller.as_ref(), status.code(), status.message().to_string()));
                     }
                     Ok(status.into_http())
                 }
@@ -184,7 +184,7 @@ where
                             // grpc-message is percent-encoded on the wire.
                             .map(|m| percent_encoding::percent_decode_str(m).decode_utf8_lossy().into_owned())
                             .unwrap_or_default();
-                        audit(caller.as_ref(), code, message).await;
+                        tokio::spawn(audit(caller.as_ref(), code, message));
                     }
                     Ok(resp)
                 }
