@@ -109,6 +109,14 @@ impl Sources {
         self
     }
 
+    /// Sets the boolean `key` to true when a switch flag (`--insecure`) was given.
+    pub fn switch(mut self, key: &str, on: bool) -> Self {
+        if on {
+            self.overrides.push((key.to_string(), Flag::Parsed("true".into())));
+        }
+        self
+    }
+
     /// Adds a named list flag's values under `key`, if any were given.
     pub fn flag_list(mut self, key: &str, values: &[String]) -> Self {
         if !values.is_empty() {

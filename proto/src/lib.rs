@@ -18,6 +18,8 @@ pub mod agent {
     }
 }
 
+pub mod tls;
+
 /// The encoded descriptor set of every Drover proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));
 

@@ -30,7 +30,9 @@ async fn agent(dir: &Path, name: &str) -> (Arc<QemuDriver>, String, Cancellation
     let ledger = Ledger::open(&state.join("ledger.redb")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let token = CancellationToken::new();
-    let running = drover_agent::server::serve(driver.clone(), ledger, listener, token.clone()).await.unwrap();
+    // Plain text, like the qemu-img baseline it is compared with (TLS costs are not in
+    // these figures).
+    let running = drover_agent::server::serve(driver.clone(), ledger, listener, None, token.clone()).await.unwrap();
     (driver, format!("http://{}", running.local_addr), token)
 }
 

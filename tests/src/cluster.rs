@@ -185,14 +185,104 @@ pub struct Server {
     pub endpoint: String,
 }
 
+impl Server {
+    /// The address it serves on (its endpoint without the scheme).
+    pub fn addr(&self) -> &str {
+        self.endpoint.split_once("://").map_or(self.endpoint.as_str(), |(_, a)| a)
+    }
+}
+
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn start(bin: &Path, name: &str, log: PathBuf, args: Vec<String>) -> Result<Server, String> {
     // A restarted process appends to its old log: look only at what this run writes.
     let from = std::fs::metadata(&log).map_or(0, |m| m.len() as usize);
+    let scheme = if args.iter().any(|a| a == "--insecure") { "http" } else { "https" };
     let mut proc = Proc::spawn(name, bin, &args, log).map_err(|e| format!("cannot start {name}: {e}"))?;
     let addr = proc.wait_for(READY_MARKER, from, START_TIMEOUT)?;
-    Ok(Server { proc, endpoint: format!("http://{addr}") })
+    Ok(Server { proc, endpoint: format!("{scheme}://{addr}") })
+}
+
+/// The TLS files of the servers started in `dir`: `drover certs init DIR/certs` makes them
+/// the first time (one CA, the orchestrator's certificate, one agent certificate every
+/// agent of the test shares, and a spare agent certificate for tests that pose as
+/// another agent).
+pub fn certs(bin: &Path, dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    if !certs.join("ca.pem").exists() {
+        let out = Command::new(bin)
+            .args(["certs", "init"])
+            .arg(&certs)
+            .args(["--agent", "agent", "--agent", "spare"])
+            .output()
+            .expect("run drover certs init");
+        assert!(out.status.success(), "drover certs init: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    certs
+}
+
+/// The `--set tls.…` flags of a server whose certificate is `<name>.pem` in `certs`.
+fn tls_args(certs: &Path, name: &str) -> Vec<String> {
+    let f = |key: &str, file: String| ["--set".to_string(), format!("tls.{key}={}", certs.join(file).display())];
+    [f("ca", "ca.pem".into()), f("cert", format!("{name}.pem")), f("key", format!("{name}.key"))].concat()
+}
+
+/// The cluster's CA certificate (for clients of `https://` servers).
+pub fn ca_file(dir: &Path) -> PathBuf {
+    dir.join("certs").join("ca.pem")
+}
+
+/// API clients for the orchestrators at `endpoint` (comma-separated) started in `dir`,
+/// as the bootstrap admin.
+pub async fn connect(endpoint: &str, dir: &Path, timeout: Duration) -> Result<drover_cli::client::Clients, String> {
+    drover_cli::client::Clients::connect(endpoint, timeout, Some(&admin_token(dir)), Some(&ca_file(dir))).await
+}
+
+/// The TLS client config of the orchestrator's certificate made in `dir`, for tests that
+/// call agents directly as the orchestrator would.
+pub fn orchestrator_tls(dir: &Path) -> tonic::transport::ClientTlsConfig {
+    let files = drover_proto::tls::TlsFiles {
+        ca: ca_file(dir),
+        cert: dir.join("certs/orchestrator.pem"),
+        key: dir.join("certs/orchestrator.key"),
+    };
+    files.client(drover_proto::tls::AGENT_NAME).expect("orchestrator TLS files")
+}
+
+/// A channel to the agent at `endpoint`, started in `dir`, as the orchestrator.
+pub async fn agent_channel(endpoint: &str, dir: &Path) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("agent endpoint")
+        .tls_config(orchestrator_tls(dir))
+        .expect("TLS config")
+        .connect()
+        .await
+        .expect("the agent answers")
+}
+
+/// A channel to the agent at `endpoint` as a peer agent (with the agent certificate made
+/// in `dir`): what a replica stream comes from.
+pub async fn agent_role_channel(endpoint: &str, dir: &Path) -> tonic::transport::Channel {
+    let files = drover_proto::tls::TlsFiles {
+        ca: ca_file(dir),
+        cert: dir.join("certs/agent-agent.pem"),
+        key: dir.join("certs/agent-agent.key"),
+    };
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .expect("agent endpoint")
+        .tls_config(files.client(drover_proto::tls::AGENT_NAME).expect("agent TLS files"))
+        .expect("TLS config")
+        .connect()
+        .await
+        .expect("the agent answers")
+}
+
+/// An agent client as the orchestrator (see [`agent_channel`]).
+pub async fn agent_client(
+    endpoint: &str,
+    dir: &Path,
+) -> drover_proto::agent::v1::agent_client::AgentClient<tonic::transport::Channel> {
+    drover_proto::agent::v1::agent_client::AgentClient::new(agent_channel(endpoint, dir).await)
 }
 
 /// Starts an orchestrator. `store_args` picks the store, e.g. `--store-path FILE` or
@@ -200,6 +290,7 @@ fn start(bin: &Path, name: &str, log: PathBuf, args: Vec<String>) -> Result<Serv
 pub fn start_orchestrator(bin: &Path, dir: &Path, name: &str, store_args: &[String]) -> Result<Server, String> {
     let mut args = vec!["orchestrator".to_string(), "--listen".into(), "127.0.0.1:0".into()];
     args.extend(store_args.iter().cloned());
+    args.extend(tls_args(&certs(bin, dir), "orchestrator"));
     // Every orchestrator of a test shares one bootstrap admin token file.
     args.extend(["--set".into(), format!("auth.token_file={}", token_file(dir).display())]);
     start(bin, name, dir.join(format!("{name}.log")), args)
@@ -252,6 +343,7 @@ pub fn start_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server
         args.push("--set".into());
         args.push(format!("qemu.pool_dir={}", dir.join(format!("pool-{}", spec.name)).display()));
     }
+    args.extend(tls_args(&certs(bin, dir), "agent-agent"));
     args.extend(spec.extra);
     start(bin, spec.name, dir.join(format!("{}.log", spec.name)), args)
 }

@@ -46,10 +46,16 @@ pub fn repeated_op_ids(logs: &[(&str, &Path)]) -> (Vec<String>, usize) {
 
 /// Volumes whose primary is not exactly their group's active backend, asked of every
 /// agent (`agents`: backend name, agent endpoint).
-pub async fn role_violations(c: &mut Clients, agents: &[(&str, String)], groups: &[String]) -> Vec<String> {
+/// `dir` is where the cluster was started (its certificates).
+pub async fn role_violations(
+    c: &mut Clients,
+    dir: &std::path::Path,
+    agents: &[(&str, String)],
+    groups: &[String],
+) -> Vec<String> {
     let mut clients = Vec::new();
     for (backend, endpoint) in agents {
-        clients.push((*backend, apb::agent_client::AgentClient::connect(endpoint.clone()).await.expect("agent")));
+        clients.push((*backend, crate::cluster::agent_client(endpoint, dir).await));
     }
     let mut out = Vec::new();
     for id in groups {

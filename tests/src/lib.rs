@@ -12,7 +12,7 @@ use drover_cli::client::Clients;
 pub mod cluster;
 pub mod invariants;
 
-use cluster::{AgentSpec, Proc, Server, admin_token, locate_drover, start_agent, start_orchestrator, token_file};
+use cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator, token_file};
 use drover_proto::v1 as pb;
 use drover_store::{EtcdStore, KvStore, Prefixed};
 
@@ -213,7 +213,7 @@ impl Cluster {
 
     /// API clients for the orchestrator.
     pub async fn clients(&self) -> Clients {
-        Clients::connect(&self.orchestrator.endpoint, Duration::from_secs(60), Some(&admin_token(self.dir.path())))
+        cluster::connect(&self.orchestrator.endpoint, self.dir.path(), Duration::from_secs(60))
             .await
             .expect("connect orchestrator")
     }
@@ -226,7 +226,7 @@ impl Cluster {
     /// address, as a restarted service would be, so the agents find it again.
     pub async fn restart_orchestrator(&mut self) {
         self.orchestrator.proc.kill();
-        let addr = self.orchestrator.endpoint.trim_start_matches("http://").to_string();
+        let addr = self.orchestrator.addr().to_string();
         let mut args = self.store_args.clone();
         args.extend(["--set".to_string(), format!("listen={addr}")]);
         let mut attempt = 0;
@@ -322,6 +322,7 @@ pub fn drover(bin: &Path, endpoint: &str, token_file: &Path, args: &[&str]) -> O
         .args(args)
         .args(["--endpoint", endpoint, "--project", "tests"])
         .env("DROVER_TOKEN_FILE", token_file)
+        .env("DROVER_CA_FILE", token_file.with_file_name("certs").join("ca.pem"))
         .output()
         .expect("run drover")
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
-use drover_tests::cluster::{AgentSpec, Server, admin_token, locate_drover, start_agent, start_orchestrator};
+use drover_tests::cluster::{AgentSpec, Server, connect, locate_drover, start_agent, start_orchestrator};
 use drover_tests::invariants::{op_log, repeated_op_ids, role_violations};
 use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
 
@@ -65,21 +65,17 @@ impl Trio {
     }
 
     async fn client(&self) -> Clients {
-        Clients::connect(&self.all, Duration::from_secs(60), Some(&admin_token(self.dir.path())))
-            .await
-            .expect("a member answers")
+        connect(&self.all, self.dir.path(), Duration::from_secs(60)).await.expect("a member answers")
     }
 
     /// The member whose owner id is `owner` (ids carry the listen address).
     fn index_of(&self, owner: &str) -> Option<usize> {
-        self.orchestrators
-            .iter()
-            .position(|o| owner.contains(&format!("-{}-", o.endpoint.trim_start_matches("http://"))))
+        self.orchestrators.iter().position(|o| owner.contains(&format!("-{}-", o.addr())))
     }
 
     /// Starts member `i` again on its address, as a restarted service would be.
     fn restart(&mut self, i: usize) {
-        let addr = self.orchestrators[i].endpoint.trim_start_matches("http://").to_string();
+        let addr = self.orchestrators[i].addr().to_string();
         let mut args = self.store.clone();
         args.extend(["--set".to_string(), format!("listen={addr}")]);
         for attempt in 0.. {
@@ -126,7 +122,7 @@ impl Trio {
         let (repeated, _) = repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
         out.extend(repeated.into_iter().map(|r| format!("op_id ran twice: {r}")));
         let agents = [("backend-a", self.agents[0].endpoint.clone()), ("backend-b", self.agents[1].endpoint.clone())];
-        out.extend(role_violations(&mut c, &agents, groups).await);
+        out.extend(role_violations(&mut c, self.dir.path(), &agents, groups).await);
         for id in groups {
             let g = c
                 .groups
@@ -267,20 +263,15 @@ async fn a_paused_owner_that_wakes_is_fenced() {
     let owner = trio.index_of(&before.owner).expect("the owner is a member");
     let pid = trio.orchestrators[owner].proc.pid().to_string();
     assert!(std::process::Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
-    let mut c = Clients::connect(
-        &trio
-            .orchestrators
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| *i != owner)
-            .map(|(_, o)| o.endpoint.clone())
-            .collect::<Vec<_>>()
-            .join(","),
-        Duration::from_secs(60),
-        Some(&admin_token(trio.dir.path())),
-    )
-    .await
-    .unwrap();
+    let others = trio
+        .orchestrators
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != owner)
+        .map(|(_, o)| o.endpoint.clone())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut c = connect(&others, trio.dir.path(), Duration::from_secs(60)).await.unwrap();
     let taken = claimed(&mut c, &run.id, before.claims + 1).await;
     let takeover_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);

@@ -31,8 +31,13 @@ fn agent(dir: &Path, extra: &[&str]) -> Server {
     .unwrap()
 }
 
+/// The directory a test agent was started in (its log, and the certificates, are there).
+fn s_dir(s: &Server) -> &Path {
+    s.proc.log.parent().expect("the log is in the test's directory")
+}
+
 async fn client(s: &Server) -> AgentClient<Channel> {
-    AgentClient::connect(s.endpoint.clone()).await.unwrap()
+    drover_tests::cluster::agent_client(&s.endpoint, s_dir(s)).await
 }
 
 fn ctx(op: &str, epoch: u64, scope: &str) -> Option<apb::OpContext> {

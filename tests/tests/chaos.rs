@@ -126,7 +126,7 @@ async fn check(cluster: &Cluster, groups: &[String], figures: &mut Figures) {
         }
     }
     let agents = [("backend-a", cluster.agents[0].endpoint.clone()), ("backend-b", cluster.agents[1].endpoint.clone())];
-    figures.role_violations = role_violations(&mut c, &agents, groups).await;
+    figures.role_violations = role_violations(&mut c, cluster.dir.path(), &agents, groups).await;
 }
 
 async fn orchestrator_kills(store: StoreChoice<'_>, label: &str, kills: usize) {

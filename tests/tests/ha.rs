@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 use drover_proto::agent::v1 as apb;
 use drover_proto::v1 as pb;
-use drover_tests::cluster::{AgentSpec, admin_token, locate_drover, start_agent, start_orchestrator, token_file};
+use drover_tests::cluster::{
+    AgentSpec, agent_client, ca_file, connect, locate_drover, start_agent, start_orchestrator, token_file,
+};
 use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
 use tonic::Code;
 
@@ -45,8 +47,8 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
         let spec = AgentSpec { name: &name, driver: "mock", site, backend, orchestrator: &both, extra };
         agents.push(start_agent(&bin, dir.path(), spec).unwrap());
     }
-    let mut ca = Clients::connect(&a.endpoint, Duration::from_secs(60), Some(&admin_token(dir.path()))).await.unwrap();
-    let mut cb = Clients::connect(&b.endpoint, Duration::from_secs(60), Some(&admin_token(dir.path()))).await.unwrap();
+    let mut ca = connect(&a.endpoint, dir.path(), Duration::from_secs(60)).await.unwrap();
+    let mut cb = connect(&b.endpoint, dir.path(), Duration::from_secs(60)).await.unwrap();
     wait_backends_up(&mut cb, 2).await;
     let group = replicated_group(&mut ca, "ha", 2).await;
 
@@ -68,7 +70,7 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let seen = execution(&mut cb, &id).await;
     assert_eq!(seen.status, "running", "{seen:?}");
-    assert!(seen.owner.contains(a.endpoint.trim_start_matches("http://")), "A owns it: {}", seen.owner);
+    assert!(seen.owner.contains(a.addr()), "A owns it: {}", seen.owner);
     assert_eq!(seen.claims, 1);
     let dead_epoch = seen.epoch;
 
@@ -86,7 +88,7 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
     let took = killed.elapsed();
     assert_eq!(done.status, "succeeded", "{done:?}");
     assert_eq!(done.claims, 2, "resumed once, by B");
-    assert!(done.owner.contains(b.endpoint.trim_start_matches("http://")), "{}", done.owner);
+    assert!(done.owner.contains(b.addr()), "{}", done.owner);
     assert!(done.epoch > dead_epoch);
     // B claimed it within TTL + 5 s of the kill (the rest is the mock's latency).
     let resumed_step = done.steps.iter().find(|s| s.epoch == done.epoch).expect("a step under B's epoch");
@@ -104,7 +106,7 @@ async fn a_second_orchestrator_resumes_a_dead_owners_failover_and_the_dead_epoch
     assert_eq!(g.epoch as i64, done.epoch, "the group records B's epoch");
 
     // The dead owner's epoch is refused by the agents.
-    let mut agent = apb::agent_client::AgentClient::connect(agents[1].endpoint.clone()).await.unwrap();
+    let mut agent = agent_client(&agents[1].endpoint, dir.path()).await;
     let stale = agent
         .promote_volume(apb::PromoteVolumeRequest {
             ctx: Some(apb::OpContext {
@@ -131,15 +133,14 @@ async fn a_second_orchestrator_on_one_embedded_file_is_refused() {
     let store = vec!["--store-path".to_string(), file.display().to_string()];
     let first = start_orchestrator(&bin, dir.path(), "first", &store).expect("the first starts");
     let out = std::process::Command::new(&bin)
-        .args(["orchestrator", "--listen", "127.0.0.1:0"])
+        .args(["orchestrator", "--listen", "127.0.0.1:0", "--insecure"])
         .args(&store)
         .output()
         .unwrap();
     assert!(!out.status.success(), "the second orchestrator must not start");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&file.display().to_string()) && err.contains("another orchestrator"), "{err}");
-    let mut c =
-        Clients::connect(&first.endpoint, Duration::from_secs(10), Some(&admin_token(dir.path()))).await.unwrap();
+    let mut c = connect(&first.endpoint, dir.path(), Duration::from_secs(10)).await.unwrap();
     c.version.get_version(pb::GetVersionRequest {}).await.expect("the first still serves");
 }
 
@@ -166,6 +167,7 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
         let out = std::process::Command::new(&bin)
             .args(["orchestrator", "list", "--endpoint", endpoint, "-o", "json"])
             .env("DROVER_TOKEN_FILE", token_file(dir.path()))
+            .env("DROVER_CA_FILE", ca_file(dir.path()))
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -192,7 +194,7 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
             .map(|o| o["status"].clone());
         assert!(dead.is_none() || dead == Some("down".into()), "a killed member is not up: {m}");
         // A client (or CLI run) connecting now is served by a member that answers.
-        let mut c = Clients::connect(&all, Duration::from_secs(10), Some(&admin_token(dir.path())))
+        let mut c = connect(&all, dir.path(), Duration::from_secs(10))
             .await
             .unwrap_or_else(|e| panic!("connect with orchestrator {down} down: {e}"));
         for i in 0..20 {
@@ -205,11 +207,12 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
         let out = std::process::Command::new(&bin)
             .args(["group", "list", "--endpoint", &all, "-o", "json"])
             .env("DROVER_TOKEN_FILE", token_file(dir.path()))
+            .env("DROVER_CA_FILE", ca_file(dir.path()))
             .output()
             .unwrap();
         assert!(out.status.success(), "CLI with orchestrator {down} down: {}", String::from_utf8_lossy(&out.stderr));
         // Back on the same address, as a restarted service would be.
-        let addr = server.endpoint.trim_start_matches("http://").to_string();
+        let addr = server.addr().to_string();
         let mut again = store.clone();
         again.extend(["--set".to_string(), format!("listen={addr}")]);
         *server = start_orchestrator(&bin, dir.path(), &format!("o{down}-again"), &again).expect("restart");

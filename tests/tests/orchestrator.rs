@@ -312,7 +312,10 @@ async fn bad_input_is_refused_and_changes_nothing() {
     .await;
 
     // An API version the server does not speak.
+    let tls = drover_proto::tls::user_client(&drover_tests::cluster::ca_file(cluster.dir.path())).unwrap();
     let channel = tonic::transport::Endpoint::from_shared(cluster.orchestrator.endpoint.clone())
+        .unwrap()
+        .tls_config(tls)
         .unwrap()
         .connect()
         .await
@@ -442,6 +445,7 @@ async fn a_failover_whose_client_left_completes_without_a_restart() {
         .args(["group", "failover", "left", "--target", "backend-b", "--timeout", "1s"])
         .args(["--endpoint", &cluster.orchestrator.endpoint, "--project", "tests"])
         .env("DROVER_TOKEN_FILE", drover_tests::cluster::token_file(cluster.dir.path()))
+        .env("DROVER_CA_FILE", drover_tests::cluster::ca_file(cluster.dir.path()))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -605,8 +609,8 @@ async fn a_returning_old_primary_cannot_sync_into_the_new_primary() {
     assert_eq!(after.replication_status, "failed-over", "{}", after.status_reason);
     cluster.restart_agent(0, "mock");
     let volume = after.volume_ids[0].clone();
-    let mut old = apb::agent_client::AgentClient::connect(cluster.agents[0].endpoint.clone()).await.unwrap();
-    let mut new = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let mut old = drover_tests::cluster::agent_client(&cluster.agents[0].endpoint, cluster.dir.path()).await;
+    let mut new = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     let point_before = new
         .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
         .await

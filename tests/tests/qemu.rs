@@ -130,8 +130,7 @@ async fn planned_failover_moves_every_byte() {
     for id in &shown.volume_ids {
         let mut sides = Vec::new();
         for agent in &cluster.agents {
-            let mut a =
-                drover_proto::agent::v1::agent_client::AgentClient::connect(agent.endpoint.clone()).await.unwrap();
+            let mut a = drover_tests::cluster::agent_client(&agent.endpoint, cluster.dir.path()).await;
             let info = a
                 .get_replication_info(drover_proto::agent::v1::GetReplicationInfoRequest { volume_id: id.clone() })
                 .await
@@ -564,7 +563,7 @@ async fn tcp_nbd_exports_attach() {
         extra: vec!["--set".into(), format!("qemu.nbd_tcp=127.0.0.1:{port}")],
     };
     let agent = start_agent(&locate_drover().unwrap(), dir.path(), spec).unwrap();
-    let mut c = apb::agent_client::AgentClient::connect(agent.endpoint.clone()).await.unwrap();
+    let mut c = drover_tests::cluster::agent_client(&agent.endpoint, dir.path()).await;
     let ctx = |op: &str| Some(apb::OpContext { op_id: op.into(), epoch: 1, fence_scope: "volume/t".into() });
     c.create_volume(apb::CreateVolumeRequest { ctx: ctx("c"), volume_id: "t".into(), size_bytes: (8 * MIB) as i64 })
         .await
@@ -787,7 +786,7 @@ async fn a_stalled_source_does_not_block_a_promote() {
     let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
     let mut c = cluster.clients().await;
     let (g, volume, base) = one_replicated(&mut c, &cluster, "stall").await;
-    let mut agent_b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let mut agent_b = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     // A source that sends the header and one chunk, then nothing.
     let (tx, stream) = raw_source(&cluster, &g, &volume, &base, "stalled-point").await;
     // Wait until the target has taken the chunk in (it is applying).
@@ -1085,7 +1084,7 @@ async fn test_failover_clones_a_point_while_replication_goes_on() {
         io(u, &["write -P 0x7e 0 64k", "read -P 0x7e 0 64k"]); // writable, and its own
     }
     // Replication goes on: the replica at B takes new points while the clones exist.
-    let mut b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let mut b = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     let point = |info: apb::ReplicationInfo| info.recovery_point_id;
     let first = point(
         b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: ids[0].clone() })
@@ -1154,7 +1153,7 @@ async fn a_source_that_vanishes_mid_point_leaves_the_target_usable() {
     let mut c = cluster.clients().await;
     let (g, volume, base) = one_replicated(&mut c, &cluster, "gone").await;
     let vol_name = "gone-0";
-    let mut b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let mut b = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     for round in 0..3 {
         let (tx, stream) = raw_source(&cluster, &g, &volume, &base, &format!("vanishing-{round}")).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1191,7 +1190,7 @@ async fn one_replicated(c: &mut Clients, cluster: &Cluster, name: &str) -> (pb::
         .unwrap()
         .into_inner();
     let volume = g.volume_ids[0].clone();
-    let mut b = apb::agent_client::AgentClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let mut b = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     let base = b
         .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
         .await
@@ -1230,7 +1229,9 @@ async fn raw_source(
     tx.send(apb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.unwrap();
     let chunk = apb::DeltaChunk { volume_id: volume.into(), offset: 0, data: vec![0x55; 65536], zero_length: 0 };
     tx.send(apb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) }).await.unwrap();
-    let mut replica = apb::replica_client::ReplicaClient::connect(cluster.agents[1].endpoint.clone()).await.unwrap();
+    let mut replica = apb::replica_client::ReplicaClient::new(
+        drover_tests::cluster::agent_role_channel(&cluster.agents[1].endpoint, cluster.dir.path()).await,
+    );
     let call =
         tokio::spawn(
             async move { replica.apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx)).await },

@@ -12,9 +12,39 @@ use tonic::Code;
 #[derive(Clone, PartialEq, prost::Message)]
 struct Empty {}
 
+/// A channel to the orchestrator at `endpoint`, checked against the CA made in `dir`,
+/// presenting no certificate (as a user does).
+async fn channel(endpoint: &str, dir: &std::path::Path) -> tonic::transport::Channel {
+    let tls = drover_proto::tls::user_client(&drover_tests::cluster::ca_file(dir)).unwrap();
+    connect_with(endpoint, tls).await
+}
+
+/// A channel to the orchestrator presenting the agent certificate made in `dir`.
+async fn agent_channel(endpoint: &str, dir: &std::path::Path) -> tonic::transport::Channel {
+    let files = drover_proto::tls::TlsFiles {
+        ca: drover_tests::cluster::ca_file(dir),
+        cert: dir.join("certs/agent-agent.pem"),
+        key: dir.join("certs/agent-agent.key"),
+    };
+    connect_with(endpoint, files.client(drover_proto::tls::ORCHESTRATOR_NAME).unwrap()).await
+}
+
+async fn connect_with(endpoint: &str, tls: tonic::transport::ClientTlsConfig) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 /// Calls `/drover.v1.SERVICE/METHOD` with an empty request and `token`; the status code.
-async fn call(endpoint: &str, service: &str, method: &str, token: Option<&str>) -> Code {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+async fn call(cluster: &Cluster, service: &str, method: &str, token: Option<&str>) -> Code {
+    call_on(channel(&cluster.orchestrator.endpoint, cluster.dir.path()).await, service, method, token).await
+}
+
+async fn call_on(channel: tonic::transport::Channel, service: &str, method: &str, token: Option<&str>) -> Code {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let mut req = tonic::Request::new(Empty {});
@@ -41,7 +71,8 @@ async fn token(c: &mut Clients, name: &str, project: &str, role: &str) -> (Strin
 }
 
 async fn as_token(cluster: &Cluster, secret: &str) -> Clients {
-    Clients::connect(&cluster.orchestrator.endpoint, Duration::from_secs(60), Some(secret)).await.unwrap()
+    let ca = drover_tests::cluster::ca_file(cluster.dir.path());
+    Clients::connect(&cluster.orchestrator.endpoint, Duration::from_secs(60), Some(secret), Some(&ca)).await.unwrap()
 }
 
 /// Every RPC of drover.v1 for no token, a garbage token, a revoked token, a reader, a
@@ -57,7 +88,6 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
     admin.tokens.revoke_token(pb::RevokeTokenRequest { id: revoked_id }).await.unwrap();
     let admin_secret = admin_token(cluster.dir.path());
     let garbage = "drv_0123456789abcdef_AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
-    let ep = &cluster.orchestrator.endpoint;
     let rules = drover_orchestrator::auth::RULES;
     let denied = [Code::Unauthenticated, Code::PermissionDenied];
     let mut checked = 0;
@@ -74,22 +104,35 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
         // perform for the admin (they are covered by their own tests).
         let skip_admin = matches!(method.as_str(), "CreateToken" | "RevokeToken");
         match rule {
-            Need::Public | Need::Agent => {
+            Need::Public => {
                 for t in [None, Some(garbage), Some(revoked.as_str()), Some(reader.as_str())] {
-                    let code = call(ep, &service, &method, t).await;
-                    assert!(!denied.contains(&code), "{path} is open to agents or everyone, got {code:?}");
+                    let code = call(&cluster, &service, &method, t).await;
+                    assert!(!denied.contains(&code), "{path} is open to everyone, got {code:?}");
                 }
             }
+            Need::Agent => {
+                // Only a client certificate of the agent role; no token stands in for it.
+                for t in [None, Some(admin_secret.as_str())] {
+                    assert_eq!(call(&cluster, &service, &method, t).await, Code::PermissionDenied, "{path}, {t:?}");
+                }
+                let as_agent = agent_channel(&cluster.orchestrator.endpoint, cluster.dir.path()).await;
+                let code = call_on(as_agent, &service, &method, None).await;
+                assert!(!denied.contains(&code), "{path} as an agent, got {code:?}");
+            }
             Need::Role(need) => {
-                assert_eq!(call(ep, &service, &method, None).await, Code::Unauthenticated, "{path}, no token");
-                assert_eq!(call(ep, &service, &method, Some(garbage)).await, Code::Unauthenticated, "{path}, garbage");
+                assert_eq!(call(&cluster, &service, &method, None).await, Code::Unauthenticated, "{path}, no token");
                 assert_eq!(
-                    call(ep, &service, &method, Some(&revoked)).await,
+                    call(&cluster, &service, &method, Some(garbage)).await,
+                    Code::Unauthenticated,
+                    "{path}, garbage"
+                );
+                assert_eq!(
+                    call(&cluster, &service, &method, Some(&revoked)).await,
                     Code::Unauthenticated,
                     "{path}, revoked token"
                 );
                 for (role, secret) in [(Role::Reader, &reader), (Role::Member, &member)] {
-                    let code = call(ep, &service, &method, Some(secret)).await;
+                    let code = call(&cluster, &service, &method, Some(secret)).await;
                     if role >= need {
                         assert!(!denied.contains(&code), "{path} as {role:?} is allowed, got {code:?}");
                     } else {
@@ -97,7 +140,7 @@ async fn every_rpc_answers_each_kind_of_caller_as_its_rule_says() {
                     }
                 }
                 if !skip_admin {
-                    let code = call(ep, &service, &method, Some(&admin_secret)).await;
+                    let code = call(&cluster, &service, &method, Some(&admin_secret)).await;
                     assert!(!denied.contains(&code), "{path} as admin, got {code:?}");
                 }
             }
@@ -255,7 +298,7 @@ async fn mutations_are_audited_and_tokens_can_be_revoked() {
     // Reads leave none.
     assert!(records.iter().all(|a| !a.method.contains("/Get") && !a.method.contains("/List")), "{records:#?}");
     // Calls with no valid token are recorded too, under no token id.
-    let anon = call(&cluster.orchestrator.endpoint, "VolumeService", "DeleteVolume", None).await;
+    let anon = call(&cluster, "VolumeService", "DeleteVolume", None).await;
     assert_eq!(anon, Code::Unauthenticated);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -315,11 +358,11 @@ struct NotUtf8 {
 }
 
 async fn raw<M: prost::Message + Default + Send + Sync + 'static>(
-    endpoint: &str,
+    cluster: &Cluster,
     token: &str,
     msg: M,
 ) -> tonic::Status {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string()).unwrap().connect().await.unwrap();
+    let channel = channel(&cluster.orchestrator.endpoint, cluster.dir.path()).await;
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.unwrap();
     let mut req = tonic::Request::new(msg);
@@ -339,11 +382,11 @@ async fn malformed_requests_are_invalid_arguments_and_change_nothing() {
     let group = replicated_group(&mut c, "app", 1).await;
     let before = drover_tests::state_snapshot(&mut c).await;
     let token = admin_token(cluster.dir.path());
-    let ep = &cluster.orchestrator.endpoint;
 
-    for s in
-        [raw(ep, &token, WrongWireType { name: 7 }).await, raw(ep, &token, NotUtf8 { name: vec![0xff, 0xfe] }).await]
-    {
+    for s in [
+        raw(&cluster, &token, WrongWireType { name: 7 }).await,
+        raw(&cluster, &token, NotUtf8 { name: vec![0xff, 0xfe] }).await,
+    ] {
         assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
         assert!(s.message().contains("not a valid message"), "{}", s.message());
     }
@@ -381,4 +424,147 @@ async fn malformed_requests_are_invalid_arguments_and_change_nothing() {
         assert_eq!(s.code(), Code::InvalidArgument, "volumes, {project:?}");
     }
     assert_eq!(drover_tests::state_snapshot(&mut c).await, before, "nothing changed");
+}
+
+/// A channel presenting `name`.pem of the certificate directory `certs`, expecting a
+/// server of role `peer`.
+async fn channel_as(
+    endpoint: &str,
+    certs: &std::path::Path,
+    name: &str,
+    peer: &str,
+) -> Result<tonic::transport::Channel, String> {
+    let files = drover_proto::tls::TlsFiles {
+        ca: certs.join("ca.pem"),
+        cert: certs.join(format!("{name}.pem")),
+        key: certs.join(format!("{name}.key")),
+    };
+    tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .unwrap()
+        .tls_config(files.client(peer).unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// The attacks of issue 13 on agents and registration, with TLS on: a promote straight to
+/// the secondary agent, a recovery point applied to it, and a registration under the
+/// real agent's id, from every kind of caller that is not entitled. Each is refused and
+/// nothing changes on either agent or in the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attacks_on_agents_and_registration_are_refused() {
+    use drover_proto::agent::v1 as apb;
+    use drover_proto::tls::{AGENT_NAME, ORCHESTRATOR_NAME};
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "app", 1).await;
+    let g = c.groups.get_group(pb::GetGroupRequest { group: group.clone(), project: String::new() }).await.unwrap();
+    let (volume, epoch) = {
+        let g = g.into_inner();
+        (g.volume_ids[0].clone(), g.epoch)
+    };
+    let before = drover_tests::state_snapshot(&mut c).await;
+    let dir = cluster.dir.path();
+    let certs = dir.join("certs");
+    let secondary = cluster.agents[1].endpoint.clone();
+    let promote = || apb::PromoteVolumeRequest {
+        ctx: Some(apb::OpContext {
+            op_id: "evil-promote".into(),
+            epoch: epoch + 1,
+            fence_scope: format!("group/{group}"),
+        }),
+        volume_id: volume.clone(),
+        force: true,
+    };
+
+    // 1. PromoteVolume straight to the secondary: in plain text, with no certificate,
+    // with a certificate of another CA: no TLS session; with an agent certificate: refused.
+    let plain = secondary.replace("https://", "http://");
+    let plain = tonic::transport::Endpoint::from_shared(plain).unwrap().connect().await;
+    if let Ok(ch) = plain {
+        let r = apb::agent_client::AgentClient::new(ch).promote_volume(promote()).await;
+        assert!(r.is_err(), "a plain-text promote was answered: {r:?}");
+    }
+    let anonymous = drover_proto::tls::user_client(&certs.join("ca.pem")).unwrap().domain_name(AGENT_NAME);
+    let anonymous = tonic::transport::Endpoint::from_shared(secondary.clone()).unwrap().tls_config(anonymous).unwrap();
+    if let Ok(ch) = anonymous.connect().await {
+        let r = apb::agent_client::AgentClient::new(ch).promote_volume(promote()).await;
+        assert!(r.is_err(), "a promote without a client certificate was answered: {r:?}");
+    }
+    let other_ca = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&cluster.bin)
+        .args(["certs", "init"])
+        .arg(other_ca.path().join("c"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let foreign = channel_as(&secondary, &other_ca.path().join("c"), "orchestrator", AGENT_NAME).await;
+    if let Ok(ch) = foreign {
+        let r = apb::agent_client::AgentClient::new(ch).promote_volume(promote()).await;
+        assert!(r.is_err(), "a promote with another CA's orchestrator certificate was answered: {r:?}");
+    }
+    let as_agent = channel_as(&secondary, &certs, "agent-spare", AGENT_NAME).await.expect("an agent may connect");
+    let s = apb::agent_client::AgentClient::new(as_agent.clone()).promote_volume(promote()).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    let s = apb::agent_client::AgentClient::new(as_agent)
+        .fence(apb::FenceRequest {
+            ctx: Some(apb::OpContext { op_id: String::new(), epoch: 1 << 50, fence_scope: format!("group/{group}") }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "a peer agent may not raise a fence: {}", s.message());
+
+    // 2. A recovery point applied to the secondary by the orchestrator's certificate (not
+    // a peer agent's): refused before the stream is read.
+    let as_orchestrator = drover_tests::cluster::agent_channel(&secondary, dir).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    drop(tx);
+    let s = apb::replica_client::ReplicaClient::new(as_orchestrator)
+        .apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+
+    // 3. A registration under the real agent's id with another agent certificate, and
+    // one with no certificate at all.
+    let register = || pb::RegisterAgentRequest {
+        agent_id: "agent-backend-a".into(),
+        site: "site-a".into(),
+        backend: "backend-a".into(),
+        endpoint: "https://127.0.0.1:9".into(),
+        driver: "mock".into(),
+        ..Default::default()
+    };
+    let with_version = |r: pb::RegisterAgentRequest| {
+        let mut r = tonic::Request::new(r);
+        r.metadata_mut().insert(drover_proto::API_VERSION_HEADER, drover_proto::API_VERSION.parse().unwrap());
+        r
+    };
+    let spare = channel_as(&cluster.orchestrator.endpoint, &certs, "agent-spare", ORCHESTRATOR_NAME).await.unwrap();
+    let s = pb::agent_registry_client::AgentRegistryClient::new(spare)
+        .register_agent(with_version(register()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    assert!(s.message().contains("bound to another certificate"), "{}", s.message());
+    let s = pb::agent_registry_client::AgentRegistryClient::new(channel(&cluster.orchestrator.endpoint, dir).await)
+        .register_agent(with_version(register()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+
+    // Nothing changed: the store, the roles on both agents, and backend-a is up.
+    assert_eq!(drover_tests::state_snapshot(&mut c).await, before);
+    for (i, want) in [(0, apb::ReplicationRole::Primary), (1, apb::ReplicationRole::Secondary)] {
+        let mut a = drover_tests::cluster::agent_client(&cluster.agents[i].endpoint, dir).await;
+        let info = a.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() }).await.unwrap();
+        assert_eq!(info.into_inner().role, want as i32, "agent {i}");
+    }
+    let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
+    assert_eq!(b.status, "up");
+    assert!(b.agents.iter().all(|a| a.endpoint != "https://127.0.0.1:9"), "{b:?}");
+    // The group still fails over: no fence moved.
+    let out = c.replication.failover_group(failover_request(&group, "backend-b", false)).await.unwrap().into_inner();
+    assert_eq!(out.group.unwrap().active_backend, "backend-b");
 }

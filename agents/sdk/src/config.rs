@@ -24,7 +24,8 @@ pub struct AgentConfig {
     pub backend: String,
     /// Address to serve drover.agent.v1 on; port 0 picks a free one.
     pub listen: String,
-    /// Endpoint the orchestrator should dial; defaults to `http://<bound address>`.
+    /// Endpoint the orchestrator should dial; defaults to `https://<bound address>`
+    /// (`http://` when insecure).
     pub advertise: Option<String>,
     /// Orchestrator endpoints to register with, comma-separated (orchestrators sharing
     /// one etcd); the agent only serves when unset or empty.
@@ -37,6 +38,10 @@ pub struct AgentConfig {
     /// until an orchestrator confirms it still is (or demote it when the group was failed
     /// over away meanwhile). Only applies when `orchestrator` is set.
     pub fence_on_return: bool,
+    /// TLS: the cluster's CA, and this agent's certificate and key (`drover certs init`).
+    pub tls: drover_proto::tls::TlsFiles,
+    /// Serve and call in plain text, for development only (logged as a warning).
+    pub insecure: bool,
 }
 
 impl Default for AgentConfig {
@@ -51,11 +56,18 @@ impl Default for AgentConfig {
             state_dir: PathBuf::from("/var/lib/drover/agent"),
             driver: String::new(),
             fence_on_return: true,
+            tls: Default::default(),
+            insecure: false,
         }
     }
 }
 
 impl AgentConfig {
+    /// The TLS files to use, or none in plain-text (`insecure`) mode.
+    pub fn tls_files(&self) -> Option<&drover_proto::tls::TlsFiles> {
+        (!self.insecure).then_some(&self.tls)
+    }
+
     /// Checks that the required fields are set and that the driver is one this build has.
     pub fn validate(&mut self, drivers: &[&str]) -> Result<(), ConfigError> {
         for (field, value) in [("site", &self.site), ("backend", &self.backend), ("driver", &self.driver)] {
@@ -79,6 +91,7 @@ impl AgentConfig {
                 self.listen
             )));
         }
+        self.tls.required(self.insecure, "agent").map_err(ConfigError::Invalid)?;
         if self.agent_id.is_empty() {
             self.agent_id = format!("{}-agent", self.backend);
         }

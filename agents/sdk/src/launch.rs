@@ -35,6 +35,8 @@ pub enum LaunchError {
     Driver { driver: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: String, source: std::io::Error },
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// A started agent.
@@ -91,7 +93,11 @@ pub async fn start(
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
     let fencing =
         config.fence_on_return.then(|| crate::returning::Fencing { driver: driver.clone(), ledger: ledger.clone() });
-    let running = crate::server::serve(driver.clone(), ledger, listener, shutdown.clone())
+    let tls = config.tls_files();
+    if let Some(files) = tls {
+        crate::replica::use_tls(files.client(drover_proto::tls::AGENT_NAME).map_err(LaunchError::Tls)?);
+    }
+    let running = crate::server::serve(driver.clone(), ledger, listener, tls, shutdown.clone())
         .await
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
     if let Some(orchestrator) = config.orchestrator.clone() {
@@ -99,12 +105,16 @@ pub async fn start(
             agent_id: config.agent_id.clone(),
             site: config.site.clone(),
             backend: config.backend.clone(),
-            endpoint: config.advertise.clone().unwrap_or_else(|| format!("http://{}", running.local_addr)),
+            endpoint: config.advertise.clone().unwrap_or_else(|| {
+                format!("{}://{}", if tls.is_some() { "https" } else { "http" }, running.local_addr)
+            }),
             driver: driver.name().to_string(),
             driver_version: driver.version().to_string(),
             capabilities: driver.capabilities(),
         };
-        tokio::spawn(crate::registration::run(orchestrator, me, fencing, shutdown));
+        let to_orchestrator =
+            tls.map(|f| f.client(drover_proto::tls::ORCHESTRATOR_NAME)).transpose().map_err(LaunchError::Tls)?;
+        tokio::spawn(crate::registration::run(orchestrator, me, fencing, to_orchestrator, shutdown));
     }
     Ok(StartedAgent { local_addr: running.local_addr, config, driver, handle: running.handle })
 }

@@ -59,6 +59,7 @@ pub async fn run(
     orchestrators: String,
     me: Announcement,
     fencing: Option<crate::returning::Fencing>,
+    tls: Option<tonic::transport::ClientTlsConfig>,
     cancel: CancellationToken,
 ) {
     let list = endpoints(&orchestrators);
@@ -74,6 +75,10 @@ pub async fn run(
         let client = match &clients[current] {
             Some(c) => Ok(c.clone()),
             None => Endpoint::from_shared(endpoint.clone())
+                .and_then(|e| match &tls {
+                    Some(t) => e.tls_config(t.clone()),
+                    None => Ok(e),
+                })
                 .map(|e| {
                     let channel = e.connect_timeout(CALL_TIMEOUT).timeout(CALL_TIMEOUT).connect_lazy();
                     let stamp: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =

@@ -35,13 +35,32 @@ pub fn transfer_deadline(bytes: u64) -> Duration {
     TRANSFER_FLOOR + Duration::from_secs_f64(bytes as f64 / MIN_TRANSFER_RATE as f64)
 }
 
+/// How this process reaches peer agents: TLS with its agent certificate, once
+/// [`use_tls`] was called at start (every agent of one process shares the CA and role).
+static PEER_TLS: std::sync::OnceLock<tonic::transport::ClientTlsConfig> = std::sync::OnceLock::new();
+
+/// Peer agents are reached over TLS with this config from now on (the first call wins).
+pub fn use_tls(config: tonic::transport::ClientTlsConfig) {
+    let _ = PEER_TLS.set(config);
+}
+
+fn peer_endpoint(endpoint: &str) -> Result<tonic::transport::Endpoint, DriverError> {
+    let ep = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?;
+    match PEER_TLS.get() {
+        Some(tls) => ep
+            .tls_config(tls.clone())
+            .map_err(|e| DriverError::InvalidArgument(format!("TLS towards the peer agent at {endpoint}: {e}"))),
+        None => Ok(ep),
+    }
+}
+
 /// The recovery point the peer agent at `endpoint` holds for `volume_id` (empty when it
 /// holds none). A source asks before it ships: after an interrupted sync the peer may
 /// already hold the point the source was shipping, and the source goes on from there
 /// instead of shipping from an older base the peer no longer has.
 pub async fn peer_point(endpoint: &str, volume_id: &str) -> Result<String, DriverError> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
+    let channel = peer_endpoint(endpoint)?
         .connect_timeout(Duration::from_secs(3))
         .timeout(Duration::from_secs(5))
         .connect()
@@ -65,8 +84,7 @@ impl Shipment {
     /// Opens the stream to the peer and sends the header; the whole call (data, commit and
     /// the peer's acknowledgement) must end within `deadline` (see [`transfer_deadline`]).
     pub async fn open(endpoint: &str, header: &ApplyHeader, deadline: Duration) -> Result<Self, DriverError> {
-        let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| DriverError::InvalidArgument(format!("peer endpoint {endpoint:?}: {e}")))?
+        let channel = peer_endpoint(endpoint)?
             .connect_timeout(Duration::from_secs(3))
             .timeout(deadline)
             // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.

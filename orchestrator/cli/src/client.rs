@@ -54,17 +54,30 @@ impl Clients {
     /// several orchestrators of one cluster, comma-separated: the first that answers is
     /// used (any member serves every request), so any of them may be down. The clients
     /// stay with that member; connect again to move to another.
-    pub async fn connect(endpoint: &str, timeout: Duration, token: Option<&str>) -> Result<Self, String> {
+    /// `ca` is the cluster's CA certificate, needed for `https://` endpoints.
+    pub async fn connect(
+        endpoint: &str,
+        timeout: Duration,
+        token: Option<&str>,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, String> {
         let list: Vec<&str> = endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).collect();
         if list.is_empty() {
             return Err("no orchestrator endpoint given (set --endpoint or DROVER_ENDPOINT)".into());
         }
         let mut failures = Vec::new();
         for e in &list {
-            let ep = Endpoint::from_shared(e.to_string())
+            let mut ep = Endpoint::from_shared(e.to_string())
                 .map_err(|err| format!("bad endpoint {e:?}: {err}"))?
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(timeout);
+            if e.starts_with("https://") {
+                let ca = ca.ok_or_else(|| {
+                    format!("{e} is a TLS endpoint: pass the cluster's CA certificate with --ca-file or DROVER_CA_FILE")
+                })?;
+                let tls = drover_proto::tls::user_client(ca)?;
+                ep = ep.tls_config(tls).map_err(|err| format!("TLS towards {e}: {err}"))?;
+            }
             match ep.connect().await {
                 Ok(channel) => return Self::with_stamp(channel, drover_proto::stamp_api_version, token),
                 Err(err) => failures.push(format!("{e}: {err}")),

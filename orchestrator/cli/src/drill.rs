@@ -170,16 +170,25 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
     let _stop = shutdown.clone().drop_guard();
     let store = dir.join("orchestrator.redb").display().to_string();
     let token_file = dir.join("admin.token");
+    // Every connection is TLS, with a CA and certificates made for this drill.
+    let certs = dir.join("certs");
+    let agent_ids = ["backend-a-agent".to_string(), "backend-b-agent".to_string()];
+    crate::commands::certs::init(&certs, &agent_ids, &[])
+        .map_err(|e| format!("making the drill's certificates: {e:#}"))?;
+    let pem = |name: &str| certs.join(name).display().to_string();
     let orch = drover_orchestrator::launch::start(
         &Sources::default()
             .flag("listen", Some("127.0.0.1:0"))
             .flag("store.path", Some(store))
-            .flag("auth.token_file", Some(token_file.display())),
+            .flag("auth.token_file", Some(token_file.display()))
+            .flag("tls.ca", Some(pem("ca.pem")))
+            .flag("tls.cert", Some(pem("orchestrator.pem")))
+            .flag("tls.key", Some(pem("orchestrator.key"))),
         shutdown.clone(),
     )
     .await
     .map_err(|e| format!("starting the orchestrator: {e}"))?;
-    let orch_endpoint = format!("http://{}", orch.local_addr);
+    let orch_endpoint = format!("https://{}", orch.local_addr);
     steps.done(t, &orch_endpoint);
 
     let mut agents = Vec::new();
@@ -196,21 +205,25 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
             .flag("backend", Some(backend))
             .flag("driver", Some(&opts.driver))
             .flag("orchestrator", Some(&orch_endpoint))
-            .flag("state_dir", Some(dir.join(format!("agent-{backend}")).display()));
+            .flag("state_dir", Some(dir.join(format!("agent-{backend}")).display()))
+            .flag("tls.ca", Some(pem("ca.pem")))
+            .flag("tls.cert", Some(pem(&format!("agent-{backend}-agent.pem"))))
+            .flag("tls.key", Some(pem(&format!("agent-{backend}-agent.key"))));
         if opts.driver == "qemu" {
             sources = sources.flag("qemu.pool_dir", Some(dir.join(format!("pool-{backend}")).display()));
         }
         let agent = drover_agent::launch::start(BACKENDS, &sources, shutdown.clone())
             .await
             .map_err(|e| format!("starting the agent of {backend}: {e}"))?;
-        steps.done(t, &format!("http://{}", agent.local_addr));
+        steps.done(t, &format!("https://{}", agent.local_addr));
         agents.push(agent);
     }
 
     // The drill acts as the deployment's admin, with the token the orchestrator made.
     let token = std::fs::read_to_string(&token_file)
         .map_err(|e| format!("reading the bootstrap token {}: {e}", token_file.display()))?;
-    let mut c = Clients::connect(&orch_endpoint, Duration::from_secs(600), Some(&token)).await?;
+    let ca = certs.join("ca.pem");
+    let mut c = Clients::connect(&orch_endpoint, Duration::from_secs(600), Some(&token), Some(&ca)).await?;
     let t = steps.begin("wait until both backends are registered and answer probes", "drover backend list");
     wait_backends_up(&mut c, &["backend-a", "backend-b"], Duration::from_secs(30)).await?;
     steps.done(t, "");

@@ -92,6 +92,11 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::token::AuditCmd,
     },
+    /// TLS certificates for a cluster: a CA, the orchestrator's and the agents'.
+    Certs {
+        #[command(subcommand)]
+        cmd: commands::certs::CertsCmd,
+    },
     /// Run the orchestrator server.
     Orchestrator(servers::OrchestratorArgs),
     /// Run an agent server for one backend.

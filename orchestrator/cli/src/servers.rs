@@ -43,6 +43,9 @@ pub struct OrchestratorArgs {
     /// TTL of agent registrations, e.g. 10s (key `agent_lease_ttl`).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub agent_lease_ttl: Option<Duration>,
+    /// Serve and call in plain text instead of TLS, for development only (key `insecure`).
+    #[arg(long)]
+    pub insecure: bool,
     /// Set any config key, e.g. `--set defaults.agent_call_timeout=1m`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
@@ -100,6 +103,7 @@ impl OrchestratorArgs {
             .flag_list("store.endpoints", &self.etcd_endpoints)
             .flag("store.prefix", self.store_prefix.as_ref())
             .flag("agent_lease_ttl", self.agent_lease_ttl.map(humantime::format_duration))
+            .switch("insecure", self.insecure)
             .with_sets(&self.sets)?)
     }
 }
@@ -141,6 +145,9 @@ pub struct AgentArgs {
     /// Set any config key, e.g. `--set qemu.pool_dir=/srv/pool`; repeatable.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub sets: Vec<String>,
+    /// Serve and call in plain text instead of TLS, for development only (key `insecure`).
+    #[arg(long)]
+    pub insecure: bool,
     /// Print the merged configuration with each value's origin, and exit.
     #[arg(long)]
     pub print_config: bool,
@@ -163,6 +170,7 @@ impl AgentArgs {
             .flag("orchestrator", self.orchestrator.as_ref())
             .flag("state_dir", self.state_dir.as_ref().map(|p| p.display()))
             .flag("driver", self.driver.as_ref())
+            .switch("insecure", self.insecure)
             .with_sets(&self.sets)?)
     }
 }

@@ -149,11 +149,15 @@ impl AgentPool {
         if let Some(ch) = map.get(&key) {
             return Ok(ch.clone());
         }
-        let ch = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| ApiError::Internal(format!("agent endpoint {endpoint:?} is not a URI: {e}")))?
-            .connect_timeout(timeout.min(Duration::from_secs(3)))
-            .timeout(timeout)
-            .connect_lazy();
+        let mut ep = Endpoint::from_shared(endpoint.to_string())
+            .map_err(|e| ApiError::Internal(format!("agent endpoint {endpoint:?} is not a URI: {e}")))?;
+        // Agents accept mutations only from a client certificate of the orchestrator
+        // role, and this checks the agent's certificate is an agent's.
+        if let Some(tls) = self.config.tls_files() {
+            let cfg = tls.client(drover_proto::tls::AGENT_NAME).map_err(ApiError::Unavailable)?;
+            ep = ep.tls_config(cfg).map_err(|e| ApiError::Internal(format!("TLS towards agent {endpoint}: {e}")))?;
+        }
+        let ch = ep.connect_timeout(timeout.min(Duration::from_secs(3))).timeout(timeout).connect_lazy();
         map.insert(key, ch.clone());
         Ok(ch)
     }

@@ -124,6 +124,10 @@ pub struct OrchestratorConfig {
     pub backends: BTreeMap<String, BackendOverrides>,
     /// API tokens and the audit trail.
     pub auth: AuthConfig,
+    /// TLS: the CA, and this orchestrator's certificate and key (`drover certs init`).
+    pub tls: drover_proto::tls::TlsFiles,
+    /// Serve and call in plain text, for development only (logged as a warning).
+    pub insecure: bool,
 }
 
 /// API tokens and the audit trail.
@@ -165,6 +169,8 @@ impl Default for OrchestratorConfig {
             defaults: BackendSettings::default(),
             backends: BTreeMap::new(),
             auth: AuthConfig::default(),
+            tls: Default::default(),
+            insecure: false,
         }
     }
 }
@@ -187,6 +193,16 @@ impl OrchestratorConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let sources = drover_config::Sources { file: Some(path.to_path_buf()), ..Default::default() };
         Ok(Self::load(&sources)?.0)
+    }
+
+    /// The TLS files to use, or none in plain-text (`insecure`) mode.
+    pub fn tls_files(&self) -> Option<&drover_proto::tls::TlsFiles> {
+        (!self.insecure).then_some(&self.tls)
+    }
+
+    /// The scheme of this orchestrator's endpoints.
+    pub fn scheme(&self) -> &'static str {
+        if self.insecure { "http" } else { "https" }
     }
 
     /// The settings of one backend: its overrides over `[defaults]`.
@@ -224,6 +240,7 @@ impl OrchestratorConfig {
         if self.owner_lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::Invalid("`owner_lease_ttl` must be at least 2s".into()));
         }
+        self.tls.required(self.insecure, "orchestrator").map_err(ConfigError::Invalid)?;
         if self.volume_parallelism == 0 {
             return Err(ConfigError::Invalid("`volume_parallelism` must be at least 1".into()));
         }
@@ -265,9 +282,12 @@ mod tests {
         std::fs::write(&path, "lisen = \"127.0.0.1:1\"\n").unwrap();
         let err = OrchestratorConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("lisen"), "{err}");
-        let cfg = OrchestratorConfig { volume_parallelism: 0, ..Default::default() };
+        let cfg = OrchestratorConfig { volume_parallelism: 0, insecure: true, ..Default::default() };
         assert!(cfg.validate().unwrap_err().to_string().contains("volume_parallelism"));
-        std::fs::write(&path, "[store]\nkind = \"etcd\"\ntimeout = \"2s\"\n").unwrap();
+        // TLS is required unless plain text is asked for, and the error says how to get it.
+        let err = OrchestratorConfig::default().validate().unwrap_err().to_string();
+        assert!(err.contains("tls.ca") && err.contains("drover certs init") && err.contains("--insecure"), "{err}");
+        std::fs::write(&path, "insecure = true\n[store]\nkind = \"etcd\"\ntimeout = \"2s\"\n").unwrap();
         let cfg = OrchestratorConfig::from_file(&path).unwrap();
         assert_eq!((cfg.store.kind, cfg.store.timeout), (StoreKind::Etcd, Duration::from_secs(2)));
     }
@@ -283,7 +303,7 @@ mod layering_tests {
         let path = dir.path().join("o.toml");
         std::fs::write(
             &path,
-            "[defaults]\nagent_call_timeout = \"40s\"\nprobe_timeout = \"1s\"\n\
+            "insecure = true\n[defaults]\nagent_call_timeout = \"40s\"\nprobe_timeout = \"1s\"\n\
              [backends.slow]\nagent_call_timeout = \"2m\"\n",
         )
         .unwrap();
@@ -303,7 +323,7 @@ mod layering_tests {
     fn flags_override_the_file_and_say_so() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("o.toml");
-        std::fs::write(&path, "[store]\nkind = \"embedded\"\n").unwrap();
+        std::fs::write(&path, "insecure = true\n[store]\nkind = \"embedded\"\n").unwrap();
         let sources = drover_config::Sources { file: Some(path), ..Default::default() }
             .with_sets(&["store.kind=etcd".into(), "defaults.probe_timeout=5s".into()])
             .unwrap();

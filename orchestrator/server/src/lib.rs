@@ -71,7 +71,7 @@ pub async fn serve(
     procedures::register(&manager, &core);
     manager.announce(serde_json::json!({
         "id": manager.owner_id(),
-        "endpoint": format!("http://{local_addr}"),
+        "endpoint": format!("{}://{local_addr}", core.config.scheme()),
         "version": env!("CARGO_PKG_VERSION"),
         "started_at_ms": crate::model::now_ms(),
     }));
@@ -108,10 +108,24 @@ pub async fn serve(
     let guard = Arc::new(auth::layer::Guard {
         verifier: auth::tokens::Verifier::new(core.repo.clone(), core.config.auth.token_cache_ttl),
         repo: core.repo.clone(),
+        tls: core.config.tls_files().is_some(),
     });
 
+    let mut server = tonic::transport::Server::builder();
+    match core.config.tls_files() {
+        Some(tls) => {
+            // Client certificates are optional here: users present tokens; agents
+            // present certificates, which the auth layer requires of their calls.
+            let cfg = tls.server(false).map_err(error::ApiError::Unavailable)?;
+            server = server.tls_config(cfg).map_err(|e| error::ApiError::Internal(format!("TLS: {e}")))?;
+        }
+        None => tracing::warn!(
+            "serving in plain text (insecure): tokens, agent registrations and replication cross the network \
+             unencrypted and unauthenticated; for development only"
+        ),
+    }
     let incoming = drover_proto::incoming(listener);
-    let router = tonic::transport::Server::builder()
+    let router = server
         .layer(auth::layer::AuthLayer { guard })
         .add_service(health_service)
         .add_service(reflection)

@@ -3,6 +3,7 @@
 //! epoch, deduplicates by op_id and admits one mutation per volume or group.
 
 mod convert;
+mod gate;
 mod guard;
 mod scheduler;
 
@@ -387,6 +388,7 @@ pub async fn serve(
     driver: Arc<dyn Driver>,
     ledger: Ledger,
     listener: tokio::net::TcpListener,
+    tls: Option<&drover_proto::tls::TlsFiles>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<RunningAgent> {
     let local_addr = listener.local_addr()?;
@@ -404,8 +406,25 @@ pub async fn serve(
     .max_decoding_message_size(64 << 20);
     tokio::spawn(run_scheduler(driver.clone(), shutdown.clone()));
     let incoming = drover_proto::incoming(listener);
+    let mut server = tonic::transport::Server::builder();
+    let gated = match tls {
+        Some(files) => {
+            // Every caller must present a certificate of the cluster's CA; the gate then
+            // admits each method only to the roles that may call it.
+            let cfg = files.server(true).map_err(std::io::Error::other)?;
+            server = server.tls_config(cfg).map_err(std::io::Error::other)?;
+            true
+        }
+        None => {
+            tracing::warn!(
+                "serving in plain text (insecure): anyone who reaches this port can call mutations; for development only"
+            );
+            false
+        }
+    };
     let handle = tokio::spawn(
-        tonic::transport::Server::builder()
+        server
+            .layer(tower::util::option_layer(gated.then_some(gate::GateLayer)))
             .initial_stream_window_size(Some(crate::replica::WINDOW_BYTES))
             .initial_connection_window_size(Some(2 * crate::replica::WINDOW_BYTES))
             .add_service(health_service)

@@ -2,6 +2,7 @@
 //! requests and prints the answers as a table or JSON.
 
 pub mod backend;
+pub mod certs;
 pub mod execution;
 pub mod group;
 pub mod group_type;
@@ -24,7 +25,7 @@ use crate::output::{Format, Table, emit};
 pub struct ClientArgs {
     /// Orchestrator endpoint; several of one cluster, comma-separated, are used in turn
     /// (any one of them may be down).
-    #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "http://127.0.0.1:7700")]
+    #[arg(long, global = true, env = "DROVER_ENDPOINT", default_value = "https://127.0.0.1:7700")]
     pub endpoint: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
@@ -37,6 +38,10 @@ pub struct ClientArgs {
     /// comes from DROVER_TOKEN, else from ~/.config/drover/token if that exists.
     #[arg(long, global = true, env = "DROVER_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// The cluster's CA certificate, to check an `https://` orchestrator by (`drover
+    /// certs init` writes it as ca.pem).
+    #[arg(long, global = true, env = "DROVER_CA_FILE")]
+    pub ca_file: Option<std::path::PathBuf>,
     /// Deadline of each API call, e.g. 30s or 5m.
     #[arg(long, global = true, env = "DROVER_TIMEOUT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub timeout: Duration,
@@ -76,7 +81,9 @@ impl Ctx {
     /// Connects to the orchestrator named by `args`.
     pub async fn connect(args: &ClientArgs) -> Result<Self> {
         let token = args.token()?;
-        let api = Clients::connect(&args.endpoint, args.timeout, token.as_deref()).await.map_err(|e| anyhow!(e))?;
+        let api = Clients::connect(&args.endpoint, args.timeout, token.as_deref(), args.ca_file.as_deref())
+            .await
+            .map_err(|e| anyhow!(e))?;
         Ok(Self { api, fmt: args.output, project: args.project.clone() })
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tonic::Status;
-use tonic::transport::server::TcpConnectInfo;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 
 use super::audit::{self, AuditRec};
 use super::tokens::{Rejected, Verifier};
@@ -20,11 +20,23 @@ use crate::repo::Repo;
 pub struct Guard {
     pub verifier: Verifier,
     pub repo: Repo,
+    /// Whether the server runs TLS: agents' calls then need an agent certificate.
+    pub tls: bool,
 }
+
+/// The SHA-256 of the client certificate an agent's call came with (attached by the
+/// layer for agent calls over TLS): what binds an agent id to its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerCert(pub String);
 
 impl Guard {
     /// The caller a request may go ahead as, or the status that refuses it.
-    async fn admit(&self, path: &str, headers: &http::HeaderMap) -> Result<Option<Caller>, (Status, Option<Caller>)> {
+    async fn admit(
+        &self,
+        path: &str,
+        headers: &http::HeaderMap,
+        ext: &http::Extensions,
+    ) -> Result<Option<Caller>, (Status, Option<Caller>)> {
         let Some(rule) = rule_for(path) else {
             return Err((
                 Status::permission_denied(format!("{path} has no authorization rule; no one may call it")),
@@ -32,7 +44,8 @@ impl Guard {
             ));
         };
         let need = match rule.need {
-            Need::Public | Need::Agent => return Ok(None),
+            Need::Public => return Ok(None),
+            Need::Agent => return self.admit_agent(path, ext).map(|()| None).map_err(|s| (s, None)),
             Need::Role(r) => r,
         };
         let method = path.rsplit('/').next().unwrap_or(path);
@@ -87,6 +100,22 @@ impl Guard {
     }
 }
 
+impl Guard {
+    /// Agents' calls need a client certificate of the agent role (over TLS).
+    fn admit_agent(&self, path: &str, ext: &http::Extensions) -> Result<(), Status> {
+        if !self.tls {
+            return Ok(());
+        }
+        let certs = drover_proto::tls::peer_certs(ext).unwrap_or_default();
+        match drover_proto::tls::peer_role(&certs) {
+            Some(drover_proto::tls::PeerRole::Agent) => Ok(()),
+            _ => Err(Status::permission_denied(format!(
+                "{path} is for agents: it needs a client certificate of the agent role, signed by this cluster's CA"
+            ))),
+        }
+    }
+}
+
 /// Wraps the orchestrator's routes in a [`Guarded`] service.
 #[derive(Clone)]
 pub struct AuthLayer {
@@ -133,9 +162,10 @@ where
         Box::pin(async move {
             let path = req.uri().path().to_string();
             let mutates = rule_for(&path).is_none_or(|r| r.mutates);
-            let peer = req
-                .extensions()
+            let ext = req.extensions();
+            let peer = ext
                 .get::<TcpConnectInfo>()
+                .or_else(|| ext.get::<TlsConnectInfo<TcpConnectInfo>>().map(|i| i.get_ref()))
                 .and_then(|i| i.remote_addr())
                 .map(|a| a.to_string())
                 .unwrap_or_default();
@@ -154,7 +184,7 @@ where
                 let repo = guard.repo.clone();
                 async move { audit::record(&repo, rec).await }
             };
-            match guard.admit(&path, req.headers()).await {
+            match guard.admit(&path, req.headers(), req.extensions()).await {
                 Err((status, caller)) => {
                     if mutates {
                         tokio::spawn(audit(caller.as_ref(), status.code(), status.message().to_string()));
@@ -164,6 +194,11 @@ where
                 Ok(caller) => {
                     if let Some(c) = &caller {
                         req.extensions_mut().insert(c.clone());
+                    }
+                    if let Some(cert) = drover_proto::tls::peer_certs(req.extensions()).and_then(|c| c.first().cloned())
+                    {
+                        let fp = drover_proto::tls::fingerprint(&cert);
+                        req.extensions_mut().insert(PeerCert(fp));
                     }
                     let mut resp = inner.call(req).await?;
                     undecodable_is_invalid(&mut resp);

@@ -16,8 +16,14 @@ pub struct ClusterApi {
 }
 
 /// Whether the orchestrator at `endpoint` answers a version call within a second.
-async fn answers(endpoint: &str) -> bool {
-    let Ok(ep) = tonic::transport::Endpoint::from_shared(endpoint.to_string()) else { return false };
+async fn answers(endpoint: &str, tls: Option<&drover_proto::tls::TlsFiles>) -> bool {
+    let Ok(mut ep) = tonic::transport::Endpoint::from_shared(endpoint.to_string()) else { return false };
+    if let Some(t) = tls {
+        match t.client(drover_proto::tls::ORCHESTRATOR_NAME).map(|c| ep.clone().tls_config(c)) {
+            Ok(Ok(e)) => ep = e,
+            _ => return false,
+        }
+    }
     let call = async {
         let channel = ep.connect_timeout(Duration::from_secs(1)).connect().await.ok()?;
         let mut client = pb::version_service_client::VersionServiceClient::new(channel);
@@ -37,7 +43,7 @@ impl pb::cluster_service_server::ClusterService for ClusterApi {
         let checks = members.iter().map(|m| {
             let (id, endpoint) = (m["id"].as_str().unwrap_or("").to_string(), m["endpoint"].as_str().unwrap_or(""));
             let me = me.clone();
-            async move { id == me || answers(endpoint).await }
+            async move { id == me || answers(endpoint, self.core.config.tls_files()).await }
         });
         let up = futures::future::join_all(checks).await;
         let mut orchestrators: Vec<pb::OrchestratorMember> = members

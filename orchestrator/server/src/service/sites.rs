@@ -198,6 +198,41 @@ impl pb::site_service_server::SiteService for SiteApi {
     }
 }
 
+impl SiteApi {
+    /// Binds an agent id to the certificate it first registers with: a later
+    /// registration of that id with another certificate (another agent's, or a stolen
+    /// id) is refused. The binding outlives the registration's lease.
+    async fn bind_certificate(&self, agent_id: &str, fingerprint: &str) -> Result<(), Status> {
+        validate_name("agent_id", agent_id)?;
+        let key = format!("agent-certs/{agent_id}");
+        let bound = self
+            .core
+            .repo
+            .txn(
+                Txn::new()
+                    .when(Compare::Absent(key.clone().into_bytes()))
+                    .and_then(TxnOp::put(key.clone(), fingerprint.to_string())),
+            )
+            .await?;
+        if bound.succeeded {
+            return Ok(());
+        }
+        let held = self.core.repo.store().get(key.as_bytes()).await.map_err(ApiError::from)?;
+        match held {
+            Some(kv) if kv.value == fingerprint.as_bytes() => Ok(()),
+            Some(kv) => Err(ApiError::PermissionDenied(format!(
+                "agent id {agent_id} is bound to another certificate (SHA-256 {}); this one is {fingerprint}. \
+                 An agent keeps its certificate; to move the id to a new one, delete the store key {key}",
+                String::from_utf8_lossy(&kv.value)
+            ))
+            .into()),
+            None => {
+                Err(ApiError::Aborted(format!("the binding of agent id {agent_id} changed meanwhile; retry")).into())
+            }
+        }
+    }
+}
+
 /// A backend as a non-admin sees it: name, site, driver, capabilities and status, but
 /// not its agents (their ids and endpoints are the deployment's, not a tenant's).
 fn redact(who: &crate::auth::Caller, mut b: pb::Backend) -> pb::Backend {
@@ -213,7 +248,12 @@ impl pb::agent_registry_server::AgentRegistry for SiteApi {
         &self,
         req: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        Ok(Response::new(self.register(req.into_inner()).await?))
+        let cert = req.extensions().get::<crate::auth::layer::PeerCert>().cloned();
+        let r = req.into_inner();
+        if let Some(cert) = cert {
+            self.bind_certificate(&r.agent_id, &cert.0).await?;
+        }
+        Ok(Response::new(self.register(r).await?))
     }
 
     async fn confirm_primaries(
