@@ -104,7 +104,7 @@ impl Trio {
         loop {
             let running = c
                 .executions
-                .list_executions(pb::ListExecutionsRequest { status: "running".into() })
+                .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
                 .await
                 .map(|r| r.into_inner().executions.len())
                 .unwrap_or(1);
@@ -250,7 +250,11 @@ async fn a_paused_owner_that_wakes_is_fenced() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let (before, old) = loop {
         let e = execution(&mut c, &run.id).await;
-        let list = c.executions.list_executions(pb::ListExecutionsRequest { status: "running".into() }).await.unwrap();
+        let list = c
+            .executions
+            .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
+            .await
+            .unwrap();
         // The epochs it acts under: the run's, and those of the group moves it owns.
         let old: Vec<u64> =
             list.into_inner().executions.iter().filter(|x| x.owner == e.owner).map(|x| x.epoch as u64).collect();

@@ -93,7 +93,10 @@ impl Figures {
 async fn wait_all_ended(c: &mut Clients, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        if let Ok(r) = c.executions.list_executions(pb::ListExecutionsRequest { status: "running".into() }).await
+        if let Ok(r) = c
+            .executions
+            .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
+            .await
             && r.get_ref().executions.is_empty()
         {
             return;

@@ -199,7 +199,7 @@ async fn a_client_with_three_endpoints_survives_any_one_down() {
             .unwrap_or_else(|e| panic!("connect with orchestrator {down} down: {e}"));
         for i in 0..20 {
             c.groups
-                .list_groups(pb::ListGroupsRequest { project: String::new() })
+                .list_groups(pb::ListGroupsRequest { project: String::new(), ..Default::default() })
                 .await
                 .unwrap_or_else(|s| panic!("call {i} with orchestrator {down} down: {}", s.message()));
         }

@@ -106,6 +106,88 @@ fn assert_all_succeeded(r: &pb::ReplicationResult) {
     assert!(r.items.iter().all(|i| i.outcome == "success"), "{:?}; {}", r.items, g.status_reason);
 }
 
+/// A member of project `tests`, with nothing but its own token, builds, replicates, fails
+/// over and fails back its own qemu group, and the data is verified with qemu-io at each
+/// side; a member of another project cannot see or move it, nor read its executions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_fails_over_and_back_its_own_group_and_no_one_else_can() {
+    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let admin = cluster.clients().await;
+    let ca = drover_tests::cluster::ca_file(cluster.dir.path());
+    let as_member = |project: &str| {
+        let project = project.to_string();
+        let admin = admin.clone();
+        let (endpoint, ca) = (cluster.orchestrator.endpoint.clone(), ca.clone());
+        async move {
+            let mut admin = admin;
+            let t = admin
+                .tokens
+                .create_token(pb::CreateTokenRequest { name: "m".into(), project, role: "member".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            Clients::connect(&endpoint, Duration::from_secs(120), Some(&t.secret), Some(&ca)).await.unwrap()
+        }
+    };
+    let mut m = as_member("tests").await;
+    let mut other = as_member("other").await;
+    let vols = group(&mut m, "mine", 2, 32 * MIB).await;
+    for (i, v) in vols.iter().enumerate() {
+        io(&uri(&mut m, v).await, &[&format!("write -P {:#x} 0 1M", 0x40 + i)]);
+    }
+    assert_eq!(enable(&mut m, "mine", 3600).await.group.unwrap().replication_status, "enabled");
+    for (i, v) in vols.iter().enumerate() {
+        io(&uri(&mut m, v).await, &[&format!("write -P {:#x} 8M 512k", 0x50 + i)]);
+    }
+    let g = m.groups.get_group(pb::GetGroupRequest { group: "mine".into(), project: "tests".into() }).await;
+    let id = g.unwrap().into_inner().id;
+
+    // The other project's member: not found by id, its failover not found, lists empty.
+    let s = other.groups.get_group(pb::GetGroupRequest { group: id.clone(), project: String::new() }).await;
+    assert_eq!(s.unwrap_err().code(), tonic::Code::NotFound);
+    let s = other
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: id.clone(),
+            target_backend: "backend-b".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(s.unwrap_err().code(), tonic::Code::NotFound);
+    let list = other.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
+    assert!(list.executions.is_empty(), "{list:?}");
+
+    let r = failover(&mut m, "mine", "backend-b", false).await.expect("the member's planned failover");
+    assert_all_succeeded(&r);
+    for (i, v) in vols.iter().enumerate() {
+        let u = uri(&mut m, v).await;
+        assert!(u.contains("agent-backend-b"), "{u}");
+        io(&u, &[&format!("read -P {:#x} 0 1M", 0x40 + i), &format!("read -P {:#x} 8M 512k", 0x50 + i)]);
+        io(&u, &[&format!("write -P {:#x} 16M 64k", 0x60 + i)]);
+    }
+    let r = failover(&mut m, "mine", "default", false).await.expect("the member's failback");
+    assert_all_succeeded(&r);
+    for (i, v) in vols.iter().enumerate() {
+        let u = uri(&mut m, v).await;
+        assert!(u.contains("agent-backend-a"), "{u}");
+        io(
+            &u,
+            &[
+                &format!("read -P {:#x} 0 1M", 0x40 + i),
+                &format!("read -P {:#x} 8M 512k", 0x50 + i),
+                &format!("read -P {:#x} 16M 64k", 0x60 + i),
+            ],
+        );
+    }
+    // The executions are the member's to read, and the admin's.
+    let mine = m.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
+    assert!(mine.executions.iter().any(|e| e.summary.contains("failover")), "{mine:?}");
+    for e in &mine.executions {
+        let s = other.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await;
+        assert_eq!(s.unwrap_err().code(), tonic::Code::NotFound);
+    }
+}
+
 /// (a) Known patterns written at site A are at site B after a planned failover, exactly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn planned_failover_moves_every_byte() {

@@ -99,7 +99,12 @@ async fn set_tier(c: &mut Clients, group: &str, tier: u32) {
 }
 
 async fn all_groups(c: &mut Clients) -> Vec<pb::Group> {
-    c.groups.list_groups(pb::ListGroupsRequest { project: "tests".into() }).await.unwrap().into_inner().groups
+    c.groups
+        .list_groups(pb::ListGroupsRequest { project: "tests".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner()
+        .groups
 }
 
 async fn wait_ended(c: &mut Clients, id: &str) -> pb::Execution {
@@ -521,4 +526,56 @@ async fn one_group_fails_over_by_name() {
     let gs = all_groups(&mut c).await;
     let status = |name: &str| gs.iter().find(|g| g.name == name).unwrap().replication_status.clone();
     assert_eq!((status("one-000").as_str(), status("one-001").as_str()), ("enabled", "failed-over"));
+}
+
+/// A member runs the tenant-path runbook on its own group and follows its execution; a
+/// runbook with a step only admins run (freeze, a disaster failover) is refused before
+/// anything runs; and a site runbook a member runs acts on its own groups only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_runs_runbooks_on_its_own_groups_only() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut admin = cluster.clients().await;
+    groups(&admin, "own", 2).await;
+    drover_tests::replicated_group_in(&mut admin, "other", "theirs", 1).await;
+    let t = admin
+        .tokens
+        .create_token(pb::CreateTokenRequest { name: "m".into(), project: "tests".into(), role: "member".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let ca = drover_tests::cluster::ca_file(cluster.dir.path());
+    let mut m = Clients::connect(&cluster.orchestrator.endpoint, Duration::from_secs(60), Some(&t.secret), Some(&ca))
+        .await
+        .unwrap();
+
+    let e = m
+        .runbooks
+        .run_runbook(request("group-failover.yaml", &[("group", "own-000"), ("project", "tests")]))
+        .await
+        .expect("a member runs the tenant-path runbook")
+        .into_inner();
+    let e = wait_ended(&mut m, &e.id).await;
+    assert_eq!((e.status.as_str(), e.project.as_str()), ("succeeded", "tests"), "{}", e.error);
+
+    for (file, params, word) in [
+        ("group-failover.yaml", vec![("group", "own-001"), ("project", "tests"), ("force", "true")], "forced"),
+        ("site-failover-planned.yaml", vec![("site", "site-a")], "freeze"),
+    ] {
+        let s = m.runbooks.run_runbook(request(file, &params)).await.unwrap_err();
+        assert_eq!(s.code(), tonic::Code::PermissionDenied, "{file}: {}", s.message());
+        assert!(s.message().contains(word), "{file}: {}", s.message());
+    }
+    // The member's plan naming another project's group holds no item.
+    let plan = m
+        .runbooks
+        .plan_runbook(request("group-failover.yaml", &[("group", "theirs"), ("project", "other")]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(plan.steps.iter().all(|s| s.items.is_empty()), "another project's group is not planned: {plan:?}");
+    let gs = all_groups(&mut admin).await;
+    let status = |name: &str| gs.iter().find(|g| g.name == name).unwrap().replication_status.clone();
+    assert_eq!((status("own-000").as_str(), status("own-001").as_str()), ("failed-over", "enabled"));
+    let theirs = admin.groups.get_group(pb::GetGroupRequest { group: "theirs".into(), project: "other".into() }).await;
+    assert_eq!(theirs.unwrap().into_inner().replication_status, "enabled");
 }

@@ -190,11 +190,21 @@ async fn tenants_see_and_touch_only_their_project() {
         assert_eq!(s.unwrap_err().code(), Code::NotFound, "failover of B's group");
     }
     // Naming B is refused; lists with no project hold only A's records.
-    let s = m.groups.list_groups(pb::ListGroupsRequest { project: "other".into() }).await;
+    let s = m.groups.list_groups(pb::ListGroupsRequest { project: "other".into(), ..Default::default() }).await;
     assert_eq!(s.unwrap_err().code(), Code::PermissionDenied);
-    let groups = m.groups.list_groups(pb::ListGroupsRequest { project: String::new() }).await.unwrap().into_inner();
+    let groups = m
+        .groups
+        .list_groups(pb::ListGroupsRequest { project: String::new(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(groups.groups.iter().map(|g| g.id.clone()).collect::<Vec<_>>(), vec![group_a.clone()]);
-    let vols = m.volumes.list_volumes(pb::ListVolumesRequest { project: String::new() }).await.unwrap().into_inner();
+    let vols = m
+        .volumes
+        .list_volumes(pb::ListVolumesRequest { project: String::new(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(vols.volumes.iter().all(|v| v.project == "tests") && !vols.volumes.is_empty());
     // The admin's view of the backends names agents; a tenant's does not.
     let b = m.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();
@@ -417,12 +427,49 @@ async fn malformed_requests_are_invalid_arguments_and_change_nothing() {
     assert_eq!(s.code(), Code::InvalidArgument);
     // An invalid project name on a list is an error, not an empty list.
     for project in ["bad project", "../etc", "x\u{7}"] {
-        let s = c.groups.list_groups(pb::ListGroupsRequest { project: project.into() }).await.unwrap_err();
+        let s = c
+            .groups
+            .list_groups(pb::ListGroupsRequest { project: project.into(), ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(s.code(), Code::InvalidArgument, "groups, {project:?}");
         assert!(s.message().contains("project"), "{}", s.message());
-        let s = c.volumes.list_volumes(pb::ListVolumesRequest { project: project.into() }).await.unwrap_err();
+        let s = c
+            .volumes
+            .list_volumes(pb::ListVolumesRequest { project: project.into(), ..Default::default() })
+            .await
+            .unwrap_err();
         assert_eq!(s.code(), Code::InvalidArgument, "volumes, {project:?}");
     }
+    // Group-type specs: an unknown key, `maybe` for a boolean, a 20,000-entry map.
+    let types_before = c.groups.list_group_types(pb::ListGroupTypesRequest {}).await.unwrap().into_inner();
+    let spec = |pairs: Vec<(String, String)>| pb::CreateGroupTypeRequest {
+        name: "custom".into(),
+        description: String::new(),
+        specs: pairs.into_iter().collect(),
+    };
+    for (req, word) in [
+        (spec(vec![("colour".into(), "blue".into())]), "colour"),
+        (spec(vec![("group_replication_enabled".into(), "maybe".into())]), "maybe"),
+        (spec((0..20_000).map(|i| (format!("x:{i}"), "v".into())).collect()), "at most 64"),
+        (spec(vec![("x:a\u{7}".into(), "v".into())]), "printable"),
+    ] {
+        let s = c.groups.create_group_type(req).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{}", s.message());
+        assert!(s.message().contains(word), "{:?} does not name {word:?}", s.message());
+    }
+    // A scoped key for other tools and a boolean spec written out are accepted.
+    let ok = spec(vec![
+        ("capabilities:tier".into(), "gold".into()),
+        ("group_replication_enabled".into(), "<is> False".into()),
+    ]);
+    let made = c.groups.create_group_type(ok).await.unwrap().into_inner();
+    let types_after = c.groups.list_group_types(pb::ListGroupTypesRequest {}).await.unwrap().into_inner();
+    assert_eq!(
+        types_after.group_types.len(),
+        types_before.group_types.len() + 1,
+        "only the valid type was made: {made:?}"
+    );
     assert_eq!(drover_tests::state_snapshot(&mut c).await, before, "nothing changed");
 }
 
@@ -567,4 +614,245 @@ async fn attacks_on_agents_and_registration_are_refused() {
     // The group still fails over: no fence moved.
     let out = c.replication.failover_group(failover_request(&group, "backend-b", false)).await.unwrap().into_inner();
     assert_eq!(out.group.unwrap().active_backend, "backend-b");
+}
+
+/// A tenant's mutating calls are rate limited per project (admins are not), with a
+/// ResourceExhausted that says when to retry; and a project with its maximum of running
+/// executions gets ResourceExhausted for its next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tenants_are_rate_limited_and_bounded_in_running_executions() {
+    let cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.latency=2s"],
+        &[
+            "--set",
+            "auth.tenant_mutation_burst=5",
+            "--set",
+            "auth.tenant_mutations_per_second=1",
+            "--set",
+            "auth.tenant_max_running_executions=1",
+        ],
+    )
+    .await;
+    let mut admin = cluster.clients().await;
+    let (_, member) = token(&mut admin, "m", "tests", "member").await;
+    let mut m = as_token(&cluster, &member).await;
+    let bad = || pb::CreateVolumeRequest { name: "bad name".into(), project: "tests".into(), ..Default::default() };
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(m.volumes.create_volume(bad()).await.unwrap_err());
+    }
+    let limited: Vec<_> = codes.iter().filter(|s| s.code() == Code::ResourceExhausted).collect();
+    assert!(
+        codes[..5].iter().all(|s| s.code() == Code::InvalidArgument),
+        "the burst of 5 passes the limit: {:?}",
+        codes.iter().map(|s| s.code()).collect::<Vec<_>>()
+    );
+    assert!(!limited.is_empty(), "the calls past the burst are limited");
+    assert!(limited[0].message().contains("retry in"), "{}", limited[0].message());
+    // The admin is not limited.
+    for _ in 0..8 {
+        assert_eq!(admin.volumes.create_volume(bad()).await.unwrap_err().code(), Code::InvalidArgument);
+    }
+    // One execution running (a create taking 2 s at the agent): the next change waits.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let slow = pb::CreateVolumeRequest {
+        name: "slow".into(),
+        project: "tests".into(),
+        size_bytes: 1 << 30,
+        backend: "backend-a".into(),
+    };
+    let mut m2 = m.clone();
+    let first = tokio::spawn(async move { m2.volumes.create_volume(slow).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let s = m
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "second".into(),
+            project: "tests".into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+    assert!(s.message().contains("executions running"), "{}", s.message());
+    first.await.unwrap().expect("the first create finishes");
+}
+
+/// Lists page: a page holds at most `limit`, markers lead through every record once, a
+/// tenant's pages hold only its project, and an oversized limit or a bad marker is
+/// refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_page_with_limit_and_marker() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    for (project, n) in [("tests", 7), ("other", 3)] {
+        for i in 0..n {
+            c.volumes
+                .create_volume(pb::CreateVolumeRequest {
+                    name: format!("v{i}"),
+                    project: project.into(),
+                    size_bytes: 1 << 20,
+                    backend: "backend-a".into(),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    for (project, want) in [("tests", 7), ("", 10)] {
+        let (mut seen, mut marker) = (Vec::new(), String::new());
+        loop {
+            let req = pb::ListVolumesRequest { project: project.into(), limit: 3, marker: marker.clone() };
+            let page = c.volumes.list_volumes(req).await.unwrap().into_inner();
+            assert!(page.volumes.len() <= 3);
+            seen.extend(page.volumes.iter().map(|v| v.id.clone()));
+            if page.next_marker.is_empty() {
+                break;
+            }
+            marker = page.next_marker;
+        }
+        let unique: std::collections::BTreeSet<_> = seen.iter().collect();
+        assert_eq!((seen.len(), unique.len()), (want, want), "project {project:?}");
+    }
+    let (_, member) = token(&mut c, "m", "other", "member").await;
+    let mut m = as_token(&cluster, &member).await;
+    let page = m
+        .volumes
+        .list_volumes(pb::ListVolumesRequest { project: String::new(), limit: 2, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        page.volumes.len() == 2 && page.volumes.iter().all(|v| v.project == "other") && !page.next_marker.is_empty()
+    );
+    let execs = c
+        .executions
+        .list_executions(pb::ListExecutionsRequest { limit: 4, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(execs.executions.len(), 4);
+    let next = c
+        .executions
+        .list_executions(pb::ListExecutionsRequest { limit: 4, marker: execs.next_marker, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(next.executions.iter().all(|e| e.id < execs.executions[3].id), "newest first, no repeats");
+    let s = c.volumes.list_volumes(pb::ListVolumesRequest { limit: 5000, ..Default::default() }).await.unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("limit"), "{}", s.message());
+    let s = c
+        .groups
+        .list_groups(pb::ListGroupsRequest { marker: "a\u{0}b".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert!(s.message().contains("marker"), "{}", s.message());
+}
+
+/// User messages: a periodic sync that fails (its target's agent is gone) becomes one
+/// message in the group's project, counted as it repeats; a failed execution becomes
+/// another; other projects see neither; a reader may read but not delete; a member
+/// deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_no_reply_could_tell_become_user_messages() {
+    // qemu agents: they take periodic recovery points themselves.
+    let mut cluster =
+        Cluster::start_custom(StoreChoice::Embedded, "qemu", &[], &["--set", "defaults.agent_call_timeout=5s"]).await;
+    let mut admin = cluster.clients().await;
+    // A group replicating every second.
+    let v = admin
+        .volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "app-v0".into(),
+            project: "tests".into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let group = admin
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: "app".into(),
+            project: "tests".into(),
+            group_type: "replication".into(),
+            backend: "backend-a".into(),
+            volumes: vec![v.id],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let on = admin
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: group.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(on.group.unwrap().replication_status, "enabled");
+    let (_, member) = token(&mut admin, "m", "tests", "member").await;
+    let (_, reader) = token(&mut admin, "r", "tests", "reader").await;
+    let (_, stranger) = token(&mut admin, "s", "other", "member").await;
+    let (mut m, mut r, mut s) =
+        (as_token(&cluster, &member).await, as_token(&cluster, &reader).await, as_token(&cluster, &stranger).await);
+
+    // The target's agent goes away: the primary's periodic syncs fail.
+    cluster.agents[1].proc.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let msg = loop {
+        let list = r.messages.list_messages(pb::ListMessagesRequest::default()).await.unwrap().into_inner();
+        if let Some(x) = list.messages.iter().find(|x| x.event == "periodic-sync-failed" && x.count >= 2) {
+            break x.clone();
+        }
+        if Instant::now() > deadline {
+            let log = std::fs::read_to_string(&cluster.agents[0].proc.log).unwrap_or_default();
+            let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().join("\n");
+            panic!("no repeated sync-failure message: {list:?}\nagent-backend-a log (newest first):\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert_eq!(
+        (msg.project.as_str(), msg.resource_name.as_str(), msg.resource_id.as_str()),
+        ("tests", "app", group.as_str())
+    );
+    assert!(msg.next_step.contains("replication-info") && msg.expires_ms > msg.updated_ms, "{msg:?}");
+
+    // A failed execution is a message too: the member's "sync now" cannot reach the target.
+    let failed = m
+        .replication
+        .sync_group(pb::SyncGroupRequest { group: group.clone(), project: "tests".into(), ..Default::default() })
+        .await;
+    let answered = format!("{failed:?}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let list = m.messages.list_messages(pb::ListMessagesRequest::default()).await.unwrap().into_inner();
+        if list.messages.iter().any(|x| x.event == "execution-failed" && x.detail.contains("sync")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no execution-failed message after {answered}: {list:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    // Another project sees none of them, not even by id.
+    let theirs = s.messages.list_messages(pb::ListMessagesRequest::default()).await.unwrap().into_inner();
+    assert!(theirs.messages.is_empty(), "{theirs:?}");
+    let e = s.messages.get_message(pb::GetMessageRequest { id: msg.id.clone(), project: String::new() }).await;
+    assert_eq!(e.unwrap_err().code(), Code::NotFound);
+    // A reader may not delete; the member does.
+    let e = r.messages.delete_message(pb::GetMessageRequest { id: msg.id.clone(), project: String::new() }).await;
+    assert_eq!(e.unwrap_err().code(), Code::PermissionDenied);
+    m.messages.delete_message(pb::GetMessageRequest { id: msg.id.clone(), project: String::new() }).await.unwrap();
+    let e = m.messages.get_message(pb::GetMessageRequest { id: msg.id.clone(), project: String::new() }).await;
+    assert!(e.is_err() || e.unwrap().into_inner().count == 1, "deleted (or raised anew by the next failure)");
 }

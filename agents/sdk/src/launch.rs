@@ -114,7 +114,8 @@ pub async fn start(
         };
         let to_orchestrator =
             tls.map(|f| f.client(drover_proto::tls::ORCHESTRATOR_NAME)).transpose().map_err(LaunchError::Tls)?;
-        tokio::spawn(crate::registration::run(orchestrator, me, fencing, to_orchestrator, shutdown));
+        let failures = running.failures.clone();
+        tokio::spawn(crate::registration::run(orchestrator, me, fencing, to_orchestrator, failures, shutdown));
     }
     Ok(StartedAgent { local_addr: running.local_addr, config, driver, handle: running.handle })
 }

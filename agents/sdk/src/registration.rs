@@ -60,6 +60,7 @@ pub async fn run(
     me: Announcement,
     fencing: Option<crate::returning::Fencing>,
     tls: Option<tonic::transport::ClientTlsConfig>,
+    failures: crate::server::SyncFailures,
     cancel: CancellationToken,
 ) {
     let list = endpoints(&orchestrators);
@@ -114,11 +115,14 @@ pub async fn run(
                     Ok(period)
                 }
                 Some((id, period)) => {
+                    // At most once: failures of a heartbeat that does not arrive are not
+                    // sent again (a sync that keeps failing is reported at its next try).
                     let beat = client
                         .heartbeat(HeartbeatRequest {
                             agent_id: me.agent_id.clone(),
                             backend: me.backend.clone(),
                             lease_id: id,
+                            sync_failures: failures.drain(),
                         })
                         .await;
                     match beat {

@@ -5,9 +5,10 @@ use std::time::Duration;
 use drover_proto::v1::{
     audit_service_client::AuditServiceClient, cluster_service_client::ClusterServiceClient,
     execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
-    replication_service_client::ReplicationServiceClient, runbook_service_client::RunbookServiceClient,
-    site_service_client::SiteServiceClient, token_service_client::TokenServiceClient,
-    version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
+    message_service_client::MessageServiceClient, replication_service_client::ReplicationServiceClient,
+    runbook_service_client::RunbookServiceClient, site_service_client::SiteServiceClient,
+    token_service_client::TokenServiceClient, version_service_client::VersionServiceClient,
+    volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -47,6 +48,7 @@ pub struct Clients {
     pub cluster: ClusterServiceClient<Ch>,
     pub tokens: TokenServiceClient<Ch>,
     pub audit: AuditServiceClient<Ch>,
+    pub messages: MessageServiceClient<Ch>,
 }
 
 impl Clients {
@@ -111,6 +113,7 @@ impl Clients {
             cluster: ClusterServiceClient::new(ch()),
             tokens: TokenServiceClient::new(ch()),
             audit: AuditServiceClient::new(ch()),
+            messages: MessageServiceClient::new(ch()),
         })
     }
 }

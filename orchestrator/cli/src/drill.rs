@@ -360,7 +360,7 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
         .into_inner();
     let vols = c
         .volumes
-        .list_volumes(pb::ListVolumesRequest { project: PROJECT.into() })
+        .list_volumes(pb::ListVolumesRequest { project: PROJECT.into(), ..Default::default() })
         .await
         .map_err(|s| fail("list volumes", s, &dir))?
         .into_inner()

@@ -78,6 +78,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::runbook::RunbookCmd,
     },
+    /// User messages: failures no reply could tell (list, show, delete).
+    Message {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::message::MessageCmd,
+    },
     /// API tokens: create, list and revoke (admin).
     Token {
         #[command(flatten)]

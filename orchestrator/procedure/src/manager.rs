@@ -68,7 +68,12 @@ pub struct Manager {
     /// What this orchestrator announces of itself (see [`Manager::announce`]).
     member: Mutex<Option<serde_json::Value>>,
     wake: tokio::sync::Notify,
+    /// Called with each execution this orchestrator ends (see [`Manager::on_end`]).
+    ended: RwLock<Option<EndHook>>,
 }
+
+/// What [`Manager::on_end`] calls.
+pub type EndHook = Arc<dyn Fn(&ExecutionRec) + Send + Sync>;
 
 fn encode(rec: &ExecutionRec) -> Vec<u8> {
     serde_json::to_vec(rec).expect("execution records serialise")
@@ -99,6 +104,7 @@ impl Manager {
             shutdown,
             member: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
+            ended: RwLock::new(None),
         })
     }
 
@@ -674,7 +680,17 @@ impl Manager {
         }
         if self.write(id, txn, token).await {
             tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");
+            let hook = self.ended.read().expect("end hook").clone();
+            if let Some(hook) = hook {
+                hook(&rec);
+            }
         }
+    }
+
+    /// Calls `hook` with every execution this orchestrator ends, right after its end is
+    /// stored (once per end; not again if the orchestrator dies in between).
+    pub fn on_end(&self, hook: EndHook) {
+        *self.ended.write().expect("end hook") = Some(hook);
     }
 
     async fn write(&self, id: &str, txn: Txn, token: &CancellationToken) -> bool {

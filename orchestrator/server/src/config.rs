@@ -124,6 +124,9 @@ pub struct OrchestratorConfig {
     pub backends: BTreeMap<String, BackendOverrides>,
     /// API tokens and the audit trail.
     pub auth: AuthConfig,
+    /// How long a user message is kept after it last happened.
+    #[serde(with = "humantime_serde")]
+    pub message_retention: Duration,
     /// TLS: the CA, and this orchestrator's certificate and key (`drover certs init`).
     pub tls: drover_proto::tls::TlsFiles,
     /// Serve and call in plain text, for development only (logged as a warning).
@@ -146,6 +149,14 @@ pub struct AuthConfig {
     /// How long audit records are kept.
     #[serde(with = "humantime_serde")]
     pub audit_retention: Duration,
+    /// Mutating calls a project's non-admin tokens may make per second on one
+    /// orchestrator (a token bucket; admins are not limited).
+    pub tenant_mutations_per_second: u32,
+    /// How many such calls may come at once before the rate applies.
+    pub tenant_mutation_burst: u32,
+    /// Executions of one project that may run at once before a tenant's next change is
+    /// refused (admins are not limited).
+    pub tenant_max_running_executions: u32,
 }
 
 impl Default for AuthConfig {
@@ -154,6 +165,9 @@ impl Default for AuthConfig {
             token_file: PathBuf::from("/var/lib/drover/admin.token"),
             token_cache_ttl: Duration::from_secs(2),
             audit_retention: Duration::from_secs(90 * 24 * 3600),
+            tenant_mutations_per_second: 10,
+            tenant_mutation_burst: 20,
+            tenant_max_running_executions: 16,
         }
     }
 }
@@ -169,6 +183,7 @@ impl Default for OrchestratorConfig {
             defaults: BackendSettings::default(),
             backends: BTreeMap::new(),
             auth: AuthConfig::default(),
+            message_retention: Duration::from_secs(30 * 24 * 3600),
             tls: Default::default(),
             insecure: false,
         }
@@ -241,6 +256,11 @@ impl OrchestratorConfig {
             return Err(ConfigError::Invalid("`owner_lease_ttl` must be at least 2s".into()));
         }
         self.tls.required(self.insecure, "orchestrator").map_err(ConfigError::Invalid)?;
+        if self.auth.tenant_mutations_per_second == 0 || self.auth.tenant_mutation_burst == 0 {
+            return Err(ConfigError::Invalid(
+                "`auth.tenant_mutations_per_second` and `auth.tenant_mutation_burst` must be at least 1".into(),
+            ));
+        }
         if self.volume_parallelism == 0 {
             return Err(ConfigError::Invalid("`volume_parallelism` must be at least 1".into()));
         }

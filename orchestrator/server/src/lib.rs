@@ -69,6 +69,11 @@ pub async fn serve(
     service::groups::seed_group_types(&core).await?;
     // Executions left by a previous orchestrator (or one that died) resume from here on.
     procedures::register(&manager, &core);
+    // A project's failed executions become user messages there.
+    manager.on_end({
+        let core = core.clone();
+        Arc::new(move |rec: &drover_procedure::ExecutionRec| service::messages::execution_ended(&core, rec))
+    });
     manager.announce(serde_json::json!({
         "id": manager.owner_id(),
         "endpoint": format!("{}://{local_addr}", core.config.scheme()),
@@ -105,10 +110,27 @@ pub async fn serve(
             }
         }
     });
+    tokio::spawn({
+        let repo = core.repo.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                () = service::messages::prune_forever(repo, std::time::Duration::from_secs(600)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    });
     let guard = Arc::new(auth::layer::Guard {
         verifier: auth::tokens::Verifier::new(core.repo.clone(), core.config.auth.token_cache_ttl),
         repo: core.repo.clone(),
         tls: core.config.tls_files().is_some(),
+        limits: auth::layer::TenantLimits {
+            per_second: f64::from(core.config.auth.tenant_mutations_per_second),
+            burst: f64::from(core.config.auth.tenant_mutation_burst),
+            max_running: core.config.auth.tenant_max_running_executions as usize,
+            procedures: manager.clone(),
+            buckets: Default::default(),
+        },
     });
 
     let mut server = tonic::transport::Server::builder();
@@ -168,6 +190,10 @@ pub async fn serve(
         ))
         .add_service(InterceptedService::new(
             pb::audit_service_server::AuditServiceServer::new(auth::audit::AuditApi { core: core.clone() }),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::message_service_server::MessageServiceServer::new(service::messages::MessageApi { core: core.clone() }),
             check_api_version,
         ));
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()));

@@ -66,6 +66,44 @@ impl Repo {
         self.resolve("volume", id_or_name, project, keys::volume, keys::volume_name).await
     }
 
+    /// One page of the records under `all` (every project, in key order), or, with
+    /// `index` (a name index prefix such as `names/groups/<project>/`), of that index's
+    /// records in name order. Returns them and the marker of the next page (empty when
+    /// none follows).
+    pub async fn page<T: DeserializeOwned>(
+        &self,
+        all: &str,
+        index: Option<String>,
+        request: &PageRequest,
+    ) -> ApiResult<(Vec<T>, String)> {
+        let limit = request.limit()?;
+        let prefix = index.clone().unwrap_or_else(|| all.to_string());
+        let after = if request.marker.is_empty() { String::new() } else { format!("{prefix}{}", request.marker) };
+        let page = self.store.range_page(prefix.as_bytes(), after.as_bytes(), limit).await?;
+        let next = match (page.more, page.kvs.last()) {
+            (true, Some(last)) => String::from_utf8_lossy(&last.key[prefix.len()..]).into_owned(),
+            _ => String::new(),
+        };
+        let mut out = Vec::new();
+        if index.is_some() {
+            let keys: Vec<String> =
+                page.kvs.iter().map(|kv| format!("{all}{}", String::from_utf8_lossy(&kv.value))).collect();
+            let recs = futures::future::join_all(keys.iter().map(|k| self.get::<T>(k))).await;
+            for r in recs {
+                // A name whose record went meanwhile (deleted between the two reads).
+                if let Some(v) = r? {
+                    out.push(v.rec);
+                }
+            }
+        } else {
+            for kv in &page.kvs {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                out.push(serde_json::from_slice(&kv.value).map_err(|e| corrupt(&key, e))?);
+            }
+        }
+        Ok((out, next))
+    }
+
     /// Resolves a group by id, or by name within a project.
     pub async fn group(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<GroupRec>> {
         self.resolve("group", id_or_name, project, keys::group, keys::group_name).await
@@ -98,6 +136,33 @@ impl Repo {
             "{kind} {id_or_name:?} not found{}; list them with `drover {kind} list`",
             if project.is_empty() { String::new() } else { format!(" in project {project}") }
         )))
+    }
+}
+
+/// The most records one page of a listing holds.
+pub const MAX_PAGE: u32 = 1000;
+
+/// The paging fields of a list request.
+pub struct PageRequest {
+    pub limit: u32,
+    pub marker: String,
+}
+
+impl PageRequest {
+    /// The page size: 0 means the maximum; above it is refused.
+    pub fn limit(&self) -> ApiResult<usize> {
+        if self.marker.chars().any(char::is_control) || self.marker.len() > 512 {
+            return Err(ApiError::InvalidArgument(
+                "`marker` is not a marker this server gave (pass the previous page's next_marker)".into(),
+            ));
+        }
+        match self.limit {
+            0 => Ok(MAX_PAGE as usize),
+            n if n > MAX_PAGE => {
+                Err(ApiError::InvalidArgument(format!("`limit` {n} is above the maximum page of {MAX_PAGE}")))
+            }
+            n => Ok(n as usize),
+        }
     }
 }
 
@@ -207,5 +272,29 @@ mod tests {
         assert!(validate_size("size_bytes", -5).is_err());
         assert!(validate_size("size_bytes", i64::MAX).unwrap_err().to_string().contains("64 TiB"));
         assert!(validate_size("size_bytes", 1000).unwrap_err().to_string().contains("512"));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any string: no panic, and what is accepted is a valid name by the rules.
+        #[test]
+        fn any_name_is_judged_without_panic(name in ".{0,80}") {
+            if validate_name("name", &name).is_ok() {
+                proptest::prop_assert!(name.len() <= MAX_NAME_LEN && !name.is_empty());
+                proptest::prop_assert!(name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')));
+            }
+            if validate_new_name("name", &name).is_ok() {
+                proptest::prop_assert!(uuid::Uuid::parse_str(&name).is_err());
+            }
+        }
+
+        /// Any size: no panic, and what is accepted is positive, aligned and bounded.
+        #[test]
+        fn any_size_is_judged_without_panic(size in proptest::prelude::any::<i64>()) {
+            if let Ok(s) = validate_size("size_bytes", size) {
+                proptest::prop_assert!(s > 0 && s % 512 == 0 && s <= MAX_VOLUME_BYTES as u64);
+            }
+        }
     }
 }

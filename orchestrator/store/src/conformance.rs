@@ -20,6 +20,7 @@ where
 {
     revisions_follow_etcd(fresh().await).await;
     range_returns_only_the_prefix_in_key_order(fresh().await).await;
+    pages_cover_the_prefix_once_in_order(fresh().await).await;
     txn_compares_mod_revision(fresh().await).await;
     txn_compares_value_and_absence(fresh().await).await;
     failed_txn_applies_failure_ops_only(fresh().await).await;
@@ -57,6 +58,35 @@ pub async fn range_returns_only_the_prefix_in_key_order(store: Arc<dyn KvStore>)
     let (kvs, _) = store.range(b"a/").await.unwrap();
     let keys: Vec<_> = kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
     assert_eq!(keys, ["a/1", "a/2", "a/3"]);
+}
+
+/// Pages of any size read every key under the prefix exactly once, in order, and say
+/// whether more follow; a marker past the prefix, or a page of a missing prefix, is empty.
+pub async fn pages_cover_the_prefix_once_in_order(store: Arc<dyn KvStore>) {
+    let keys: Vec<String> = (0..23).map(|i| format!("p/{i:03}")).collect();
+    for k in keys.iter().rev() {
+        store.put(k.as_bytes(), b"x").await.unwrap();
+    }
+    for k in ["o/1", "p", "pa/1", "q/1"] {
+        store.put(k.as_bytes(), b"y").await.unwrap();
+    }
+    for size in [1, 5, 23, 100] {
+        let (mut seen, mut after) = (Vec::new(), Vec::new());
+        loop {
+            let page = store.range_page(b"p/", &after, size).await.unwrap();
+            assert!(page.kvs.len() <= size, "a page of {size} holds {}", page.kvs.len());
+            seen.extend(page.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()));
+            match page.kvs.last() {
+                Some(last) if page.more => after = last.key.clone(),
+                _ => break,
+            }
+        }
+        assert_eq!(seen, keys, "pages of {size}");
+    }
+    let page = store.range_page(b"p/", b"p/022", 10).await.unwrap();
+    assert!(page.kvs.is_empty() && !page.more, "{page:?}");
+    let page = store.range_page(b"z/", b"", 10).await.unwrap();
+    assert!(page.kvs.is_empty() && !page.more);
 }
 
 /// A compare on mod_revision lets exactly the writer that read the current revision win.

@@ -17,7 +17,10 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::broadcast;
 
-use crate::{Compare, KeyValue, KvStore, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream, prefix_end};
+use crate::{
+    Compare, KeyValue, KvStore, Page, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream, page_start,
+    prefix_end,
+};
 
 const KV: TableDefinition<&[u8], &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
@@ -370,6 +373,30 @@ impl KvStore for EmbeddedStore {
                 out.push(decode_record(k.value(), v.value())?);
             }
             Ok((out, revision))
+        })
+        .await
+    }
+
+    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Page, StoreError> {
+        let (prefix, start) = (prefix.to_vec(), page_start(prefix, after));
+        self.blocking(move |inner| {
+            let r = inner.db.begin_read().map_err(internal)?;
+            let kv = r.open_table(KV).map_err(internal)?;
+            let iter = match prefix_end(&prefix) {
+                Some(end) => kv.range::<&[u8]>(start.as_slice()..end.as_slice()).map_err(internal)?,
+                None => kv.range::<&[u8]>(start.as_slice()..).map_err(internal)?,
+            };
+            let mut kvs = Vec::new();
+            let mut more = false;
+            for row in iter {
+                if kvs.len() == limit {
+                    more = true;
+                    break;
+                }
+                let (k, v) = row.map_err(internal)?;
+                kvs.push(decode_record(k.value(), v.value())?);
+            }
+            Ok(Page { kvs, more })
         })
         .await
     }

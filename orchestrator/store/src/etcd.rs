@@ -12,7 +12,10 @@ use etcd_client::{
     Txn as ETxn, TxnOp as ETxnOp, WatchOptions,
 };
 
-use crate::{Compare, KeyValue, KvStore, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream};
+use crate::{
+    Compare, KeyValue, KvStore, Page, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream, page_start,
+    prefix_end,
+};
 
 /// A store on an etcd cluster.
 #[derive(Clone)]
@@ -100,6 +103,19 @@ impl KvStore for EtcdStore {
             let resp = kv.get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(map_err)?;
             let revision = resp.header().map_or(0, |h| h.revision());
             Ok((resp.kvs().iter().map(convert_kv).collect(), revision))
+        })
+        .await
+    }
+
+    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Page, StoreError> {
+        let mut kv = self.client.kv_client();
+        let start = page_start(prefix, after);
+        // etcd's range end for a prefix; an all-0xff prefix has none: read to the end.
+        let end = prefix_end(prefix).unwrap_or_else(|| vec![0]);
+        self.deadline("range", async move {
+            let opts = GetOptions::new().with_range(end).with_limit(limit as i64);
+            let resp = kv.get(start, Some(opts)).await.map_err(map_err)?;
+            Ok(Page { kvs: resp.kvs().iter().map(convert_kv).collect(), more: resp.more() })
         })
         .await
     }

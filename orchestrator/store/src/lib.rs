@@ -121,6 +121,25 @@ impl Txn {
     }
 }
 
+/// One page of a ranged read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    pub kvs: Vec<KeyValue>,
+    /// Whether keys under the prefix follow the last one returned.
+    pub more: bool,
+}
+
+/// The first key of a page that starts after `after` under `prefix`.
+pub fn page_start(prefix: &[u8], after: &[u8]) -> Vec<u8> {
+    if after.is_empty() || after < prefix {
+        prefix.to_vec()
+    } else {
+        let mut k = after.to_vec();
+        k.push(0);
+        k
+    }
+}
+
 /// What a transaction did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxnResponse {
@@ -191,6 +210,11 @@ pub trait KvStore: Send + Sync + 'static {
 
     /// Reads every key under a prefix, in key order, and the store revision of the read.
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), StoreError>;
+
+    /// Reads at most `limit` keys under `prefix` that sort after `after` (from the first
+    /// when `after` is empty), in key order, and whether more follow: one page of a
+    /// listing, without reading the rest of the prefix.
+    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Page, StoreError>;
 
     /// Runs a conditional transaction atomically.
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError>;

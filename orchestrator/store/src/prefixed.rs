@@ -4,7 +4,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use std::sync::Arc;
 
-use crate::{Compare, KeyValue, KvStore, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream};
+use crate::{Compare, KeyValue, KvStore, Page, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream};
 
 /// Wraps a store so that every key is read and written under `prefix`, and callers see
 /// keys without it.
@@ -48,6 +48,12 @@ impl KvStore for Prefixed {
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), StoreError> {
         let (kvs, rev) = self.inner.range(&self.full(prefix)).await?;
         Ok((kvs.into_iter().map(|kv| self.strip(kv)).collect(), rev))
+    }
+
+    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Page, StoreError> {
+        let after = if after.is_empty() { Vec::new() } else { self.full(after) };
+        let page = self.inner.range_page(&self.full(prefix), &after, limit).await?;
+        Ok(Page { kvs: page.kvs.into_iter().map(|kv| self.strip(kv)).collect(), more: page.more })
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {

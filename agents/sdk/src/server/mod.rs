@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use crate::driver::{Driver, EnableSpec, Peer, Role};
 use crate::ledger::Ledger;
 use convert::{driver_err, replication_info, require, size, volume_info};
+pub use scheduler::SyncFailures;
 use scheduler::run_scheduler;
 
 /// The agent's implementation of `drover.agent.v1.Agent`.
@@ -381,6 +382,8 @@ pub struct RunningAgent {
     pub local_addr: SocketAddr,
     /// Resolves when the server stops.
     pub handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Periodic syncs that failed, for the registration's heartbeats to report.
+    pub failures: SyncFailures,
 }
 
 /// Serves `drover.agent.v1`, health and reflection on `listener` until `shutdown` fires.
@@ -404,7 +407,8 @@ pub async fn serve(
         ledger: ledger.clone(),
     })
     .max_decoding_message_size(64 << 20);
-    tokio::spawn(run_scheduler(driver.clone(), shutdown.clone()));
+    let failures = SyncFailures::default();
+    tokio::spawn(run_scheduler(driver.clone(), failures.clone(), shutdown.clone()));
     let incoming = drover_proto::incoming(listener);
     let mut server = tonic::transport::Server::builder();
     let gated = match tls {
@@ -433,5 +437,5 @@ pub async fn serve(
             .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
-    Ok(RunningAgent { local_addr, handle })
+    Ok(RunningAgent { local_addr, handle, failures })
 }

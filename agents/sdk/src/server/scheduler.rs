@@ -6,9 +6,38 @@ use std::sync::Arc;
 
 use crate::driver::Driver;
 
+/// Periodic syncs that failed, waiting for the next heartbeat to tell the orchestrator
+/// (which makes them user messages). Bounded: the oldest go first when it is full.
+#[derive(Clone, Default)]
+pub struct SyncFailures(Arc<std::sync::Mutex<Vec<drover_proto::v1::SyncFailure>>>);
+
+/// The most failures kept between two heartbeats.
+const MAX_KEPT: usize = 100;
+
+impl SyncFailures {
+    fn push(&self, group_id: &str, error: String) {
+        let mut q = self.0.lock().expect("sync failures");
+        if q.len() == MAX_KEPT {
+            q.remove(0);
+        }
+        let at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        q.push(drover_proto::v1::SyncFailure { group_id: group_id.to_string(), error, at_ms });
+    }
+
+    /// Takes every failure kept so far.
+    pub fn drain(&self) -> Vec<drover_proto::v1::SyncFailure> {
+        std::mem::take(&mut *self.0.lock().expect("sync failures"))
+    }
+}
+
 /// Runs each replicated group's periodic sync on the primary side, so the RPO holds even
 /// while no orchestrator is up. The driver serialises syncs of one group.
-pub(super) async fn run_scheduler(driver: Arc<dyn Driver>, shutdown: tokio_util::sync::CancellationToken) {
+pub(super) async fn run_scheduler(
+    driver: Arc<dyn Driver>,
+    failures: SyncFailures,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
     let mut last: HashMap<String, tokio::time::Instant> = HashMap::new();
     let mut running: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
     loop {
@@ -27,12 +56,16 @@ pub(super) async fn run_scheduler(driver: Arc<dyn Driver>, shutdown: tokio_util:
             last.insert(group.clone(), now);
             let d = driver.clone();
             let g = group.clone();
+            let failures = failures.clone();
             running.insert(
                 group,
                 tokio::spawn(async move {
                     match d.sync_group(&g, false, None).await {
                         Ok(r) => tracing::info!(group = %g, rp = %r.recovery_point_id, bytes = r.bytes, ms = r.duration_ms, "periodic sync"),
-                        Err(e) => tracing::warn!(group = %g, error = %e, "periodic sync failed; will retry at the next interval"),
+                        Err(e) => {
+                            tracing::warn!(group = %g, error = %e, "periodic sync failed; will retry at the next interval");
+                            failures.push(&g, e.to_string());
+                        }
                     }
                 }),
             );

@@ -111,8 +111,18 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
     let api = &mut ctx.api.executions;
     match cmd {
         ExecutionCmd::List { status } => {
-            let r = api.list_executions(pb::ListExecutionsRequest { status }).await?.into_inner();
-            emit(ctx.fmt, &r, |r| list_table(&r.executions));
+            // Every page, newest first.
+            let mut all = pb::ListExecutionsResponse::default();
+            loop {
+                let req = pb::ListExecutionsRequest { status: status.clone(), limit: 0, marker: all.next_marker };
+                let page = api.list_executions(req).await?.into_inner();
+                all.executions.extend(page.executions);
+                all.next_marker = page.next_marker;
+                if all.next_marker.is_empty() {
+                    break;
+                }
+            }
+            emit(ctx.fmt, &all, |r| list_table(&r.executions));
         }
         ExecutionCmd::Show { id } => {
             let e = api.get_execution(pb::GetExecutionRequest { id }).await?;

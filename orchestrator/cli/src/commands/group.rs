@@ -116,8 +116,18 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
         }
         GroupCmd::List { all_projects } => {
             let project = if all_projects { String::new() } else { project };
-            let r = groups.list_groups(pb::ListGroupsRequest { project }).await?.into_inner();
-            emit(fmt, &r, |r| output::groups(&r.groups));
+            // Every page, in order.
+            let mut all = pb::ListGroupsResponse::default();
+            loop {
+                let req = pb::ListGroupsRequest { project: project.clone(), limit: 0, marker: all.next_marker };
+                let page = groups.list_groups(req).await?.into_inner();
+                all.groups.extend(page.groups);
+                all.next_marker = page.next_marker;
+                if all.next_marker.is_empty() {
+                    break;
+                }
+            }
+            emit(fmt, &all, |r| output::groups(&r.groups));
         }
         GroupCmd::Show { group } => {
             let g = groups.get_group(pb::GetGroupRequest { group, project }).await?;
@@ -153,7 +163,7 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             emit(fmt, g.get_ref(), output::group_detail);
         }
         GroupCmd::EnableReplication { group, target, interval, no_wait } => {
-            let sync_interval_seconds = interval.map_or(0, |d| d.as_secs().max(if d.is_zero() { 0 } else { 1 }) as i64);
+            let sync_interval_seconds = super::interval_seconds(interval)?;
             let req = pb::EnableReplicationRequest {
                 group,
                 project,

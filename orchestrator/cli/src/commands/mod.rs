@@ -6,6 +6,7 @@ pub mod certs;
 pub mod execution;
 pub mod group;
 pub mod group_type;
+pub mod message;
 pub mod runbook;
 pub mod site;
 pub mod token;
@@ -88,6 +89,22 @@ impl Ctx {
     }
 }
 
+/// The `--interval` of an enable as whole seconds (0: not given, the server's default of
+/// 30 s). A value the API cannot carry is refused instead of rounded.
+pub fn interval_seconds(interval: Option<Duration>) -> Result<i64> {
+    let Some(d) = interval else { return Ok(0) };
+    if d.is_zero() {
+        anyhow::bail!("--interval 0 is not an interval; omit --interval for the default (30s)");
+    }
+    if d.subsec_nanos() != 0 {
+        anyhow::bail!(
+            "--interval {} is not whole seconds; recovery points are taken at most once a second (use 1s or more)",
+            humantime::format_duration(d)
+        );
+    }
+    Ok(d.as_secs() as i64)
+}
+
 /// `drover version`.
 pub async fn version(ctx: &mut Ctx) -> Result<()> {
     let v = ctx.api.version.get_version(pb::GetVersionRequest {}).await?.into_inner();
@@ -111,4 +128,21 @@ pub fn deleted(fmt: Format, what: &str, id: &str) {
         t.row(vec![format!("{what} {id}")]);
         t
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::interval_seconds;
+
+    #[test]
+    fn intervals_are_whole_seconds_or_refused() {
+        assert_eq!(interval_seconds(None).unwrap(), 0, "not given: the server's default");
+        assert_eq!(interval_seconds(Some(Duration::from_secs(90))).unwrap(), 90);
+        for bad in [Duration::ZERO, Duration::from_millis(1), Duration::from_millis(500), Duration::from_millis(1500)] {
+            let e = interval_seconds(Some(bad)).unwrap_err().to_string();
+            assert!(e.contains("--interval"), "{e}");
+        }
+    }
 }

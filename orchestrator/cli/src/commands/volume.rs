@@ -110,8 +110,18 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::List { all_projects } => {
             let project = if all_projects { String::new() } else { project };
-            let r = api.list_volumes(pb::ListVolumesRequest { project }).await?.into_inner();
-            emit(fmt, &r, |r| output::volumes(&r.volumes));
+            // Every page, in order.
+            let mut all = pb::ListVolumesResponse::default();
+            loop {
+                let req = pb::ListVolumesRequest { project: project.clone(), limit: 0, marker: all.next_marker };
+                let page = api.list_volumes(req).await?.into_inner();
+                all.volumes.extend(page.volumes);
+                all.next_marker = page.next_marker;
+                if all.next_marker.is_empty() {
+                    break;
+                }
+            }
+            emit(fmt, &all, |r| output::volumes(&r.volumes));
         }
         VolumeCmd::Show { volume } => {
             let v = api.get_volume(pb::GetVolumeRequest { volume, project }).await?;
@@ -154,7 +164,7 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
             emit(fmt, v.get_ref(), one);
         }
         VolumeCmd::EnableReplication { volume, target, interval, no_wait } => {
-            let sync_interval_seconds = interval.map_or(0, |d| d.as_secs().max(1) as i64);
+            let sync_interval_seconds = super::interval_seconds(interval)?;
             let req = pb::VolumeReplicationRequest {
                 volume,
                 project,

@@ -22,6 +22,58 @@ pub struct Guard {
     pub repo: Repo,
     /// Whether the server runs TLS: agents' calls then need an agent certificate.
     pub tls: bool,
+    /// Tenants' limits.
+    pub limits: TenantLimits,
+}
+
+/// Per-project limits on non-admin callers' mutating calls.
+pub struct TenantLimits {
+    pub per_second: f64,
+    pub burst: f64,
+    pub max_running: usize,
+    pub procedures: std::sync::Arc<drover_procedure::Manager>,
+    /// Each project's token bucket: tokens left and when it was last filled.
+    pub buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, std::time::Instant)>>,
+}
+
+impl TenantLimits {
+    /// Takes one call from the project's bucket, or says when the next one fits.
+    fn take(&self, project: &str) -> Result<(), std::time::Duration> {
+        let now = std::time::Instant::now();
+        let mut buckets = self.buckets.lock().expect("rate buckets");
+        let (tokens, at) = buckets.entry(project.to_string()).or_insert((self.burst, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * self.per_second).min(self.burst);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64((1.0 - *tokens) / self.per_second))
+        }
+    }
+
+    /// Refuses a tenant's mutating call over the rate or the running-executions limit.
+    async fn check(&self, caller: &Caller) -> Result<(), Status> {
+        if let Err(wait) = self.take(&caller.project) {
+            return Err(Status::resource_exhausted(format!(
+                "project {} made more than {} changes a second (bursts of {}); retry in {} ms",
+                caller.project,
+                self.per_second,
+                self.burst,
+                wait.as_millis().max(1)
+            )));
+        }
+        let all = self.procedures.list().await.map_err(|e| Status::unavailable(format!("{e}; retry shortly")))?;
+        let running = all.iter().filter(|e| e.project == caller.project && !e.status.is_terminal()).count();
+        if running >= self.max_running {
+            return Err(Status::resource_exhausted(format!(
+                "project {} has {running} executions running, the most it may; wait for one to end \
+                 (`drover execution list --status running`) and retry",
+                caller.project
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The SHA-256 of the client certificate an agent's call came with (attached by the
@@ -95,6 +147,9 @@ impl Guard {
                 )),
                 Some(caller),
             ));
+        }
+        if rule.mutates && !caller.is_admin() {
+            self.limits.check(&caller).await.map_err(|s| (s, Some(caller.clone())))?;
         }
         Ok(Some(caller))
     }

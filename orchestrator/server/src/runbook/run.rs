@@ -80,6 +80,10 @@ pub struct RunState {
     /// a run that made them, whatever ended it).
     #[serde(default)]
     pub failing: Option<String>,
+    /// The project of the member who ran it (its execution is then that project's);
+    /// empty when an admin ran it.
+    #[serde(default)]
+    pub project: String,
 }
 
 /// A runbook run.
@@ -115,8 +119,15 @@ impl RunbookRun {
             started_ms: now_ms(),
             clones: Vec::new(),
             failing: None,
+            project: String::new(),
         };
         Self { core, state }
+    }
+
+    /// The run as a member of `project` asked for it: its execution is that project's.
+    pub fn for_project(mut self, project: &str) -> Self {
+        self.state.project = project.to_string();
+        self
     }
 
     pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
@@ -277,6 +288,10 @@ impl Procedure for RunbookRun {
     fn summary(&self) -> String {
         let params: Vec<String> = self.state.params.iter().map(|(k, v)| format!("{k}={v}")).collect();
         format!("runbook {} ({})", self.state.runbook.name, params.join(" "))
+    }
+
+    fn project(&self) -> String {
+        self.state.project.clone()
     }
 
     fn locks(&self) -> Vec<String> {

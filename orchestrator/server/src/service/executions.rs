@@ -69,20 +69,28 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         req: Request<pb::ListExecutionsRequest>,
     ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
         let who = caller(&req);
-        let want = req.into_inner().status;
+        let r = req.into_inner();
+        let want = r.status;
+        let limit = crate::repo::PageRequest { limit: r.limit, marker: r.marker.clone() }.limit()?;
         if !want.is_empty() && !["running", "succeeded", "failed", "cancelled"].contains(&want.as_str()) {
             return Err(ApiError::InvalidArgument(format!(
                 "`status` {want:?} is not one of running, succeeded, failed, cancelled"
             ))
             .into());
         }
+        // Newest first (ids are time-ordered); a page starts below the marker.
         let all = self.core.procedures.list().await.map_err(ApiError::from)?;
-        let executions = all
-            .into_iter()
-            .filter(|r| who.sees(&r.project) && (want.is_empty() || r.status.as_str() == want))
-            .map(to_pb)
-            .collect();
-        Ok(Response::new(pb::ListExecutionsResponse { executions }))
+        let mut chosen = all.into_iter().filter(|e| {
+            who.sees(&e.project)
+                && (want.is_empty() || e.status.as_str() == want)
+                && (r.marker.is_empty() || e.id.as_str() < r.marker.as_str())
+        });
+        let executions: Vec<pb::Execution> = chosen.by_ref().take(limit).map(to_pb).collect();
+        let next_marker = match (chosen.next(), executions.last()) {
+            (Some(_), Some(last)) => last.id.clone(),
+            _ => String::new(),
+        };
+        Ok(Response::new(pb::ListExecutionsResponse { executions, next_marker }))
     }
 
     async fn get_execution(&self, req: Request<pb::GetExecutionRequest>) -> Result<Response<pb::Execution>, Status> {

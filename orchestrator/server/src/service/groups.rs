@@ -274,11 +274,7 @@ impl pb::group_service_server::GroupService for GroupApi {
     ) -> Result<Response<pb::GroupType>, Status> {
         let r = req.into_inner();
         validate_name("name", &r.name)?;
-        for k in r.specs.keys() {
-            if k.trim().is_empty() || k.len() > 255 {
-                return Err(ApiError::InvalidArgument(format!("spec key {k:?} must be 1 to 255 characters")).into());
-            }
-        }
+        validate_specs(&r.specs)?;
         let rec = GroupTypeRec {
             name: r.name.clone(),
             description: r.description,
@@ -318,19 +314,19 @@ impl pb::group_service_server::GroupService for GroupApi {
         &self,
         req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        let project = crate::auth::scoped(req)?.project;
-        if !project.is_empty() {
-            validate_name("project", &project)?;
-        }
-        let all = self.core.repo.list::<GroupRec>(keys::GROUPS).await?;
+        let r = crate::auth::scoped(req)?;
+        let index = if r.project.is_empty() {
+            None
+        } else {
+            validate_name("project", &r.project)?;
+            Some(keys::group_name(&r.project, ""))
+        };
+        let paging = crate::repo::PageRequest { limit: r.limit, marker: r.marker };
+        let (groups, next_marker) = self.core.repo.page::<GroupRec>(keys::GROUPS, index, &paging).await?;
         Ok(Response::new(pb::ListGroupsResponse {
-            groups: all
-                .into_iter()
-                .filter(|g| project.is_empty() || g.rec.project == project)
-                // A volume's own replication group is shown through the volume.
-                .filter(|g| g.rec.for_volume.is_empty())
-                .map(|g| g.rec.to_pb())
-                .collect(),
+            // A volume's own replication group is shown through the volume.
+            groups: groups.iter().filter(|g| g.for_volume.is_empty()).map(GroupRec::to_pb).collect(),
+            next_marker,
         }))
     }
 
@@ -354,6 +350,48 @@ fn validate_label(key: &str, value: &str) -> ApiResult<()> {
         return Err(ApiError::InvalidArgument(format!(
             "label {key}={value:?}: a value is at most 128 characters, without spaces"
         )));
+    }
+    Ok(())
+}
+
+/// The most specs one group type may carry.
+const MAX_SPECS: usize = 64;
+const SPEC_FALSE: &str = "<is> False";
+
+/// Checks a group type's specs: the two boolean specs Drover acts on take `<is> True` or
+/// `<is> False`; other keys must be scoped (`scope:key`, as Cinder's `capabilities:…`)
+/// and are kept for other tools; keys and values are 1 to 255 printable characters.
+fn validate_specs(specs: &std::collections::HashMap<String, String>) -> Result<(), ApiError> {
+    use crate::model::{SPEC_CONSISTENT_SNAPSHOT, SPEC_REPLICATION, SPEC_TRUE};
+    if specs.len() > MAX_SPECS {
+        return Err(ApiError::InvalidArgument(format!(
+            "`specs` has {} entries; a group type takes at most {MAX_SPECS}",
+            specs.len()
+        )));
+    }
+    let printable = |t: &str| !t.is_empty() && t.len() <= 255 && !t.chars().any(char::is_control);
+    for (k, v) in specs {
+        if !printable(k) || k.trim() != k {
+            return Err(ApiError::InvalidArgument(format!(
+                "spec key {k:?} must be 1 to 255 printable characters without surrounding spaces"
+            )));
+        }
+        if k == SPEC_REPLICATION || k == SPEC_CONSISTENT_SNAPSHOT {
+            if v != SPEC_TRUE && v != SPEC_FALSE {
+                return Err(ApiError::InvalidArgument(format!(
+                    "spec {k} is a boolean: give {SPEC_TRUE:?} or {SPEC_FALSE:?}, not {v:?}"
+                )));
+            }
+        } else if !k.contains(':') {
+            return Err(ApiError::InvalidArgument(format!(
+                "spec key {k:?} is not one Drover knows ({SPEC_REPLICATION}, {SPEC_CONSISTENT_SNAPSHOT}); keys for \
+                 other tools must be scoped, like capabilities:{k}"
+            )));
+        } else if !printable(v) {
+            return Err(ApiError::InvalidArgument(format!(
+                "spec {k}: the value must be 1 to 255 printable characters"
+            )));
+        }
     }
     Ok(())
 }

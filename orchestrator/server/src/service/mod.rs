@@ -3,6 +3,7 @@
 pub mod cluster;
 pub mod executions;
 pub mod groups;
+pub mod messages;
 pub mod replication;
 pub mod returning;
 pub mod runbooks;

@@ -32,6 +32,23 @@ fn to_plan(l: &Loaded, steps: &[PlannedStep]) -> pb::RunbookPlan {
     }
 }
 
+/// What a non-admin may run: only step kinds open to tenants, and only on its own
+/// project's groups (others are dropped from the plan, never named to it).
+fn tenant_scope(who: &crate::auth::Caller, l: &Loaded, steps: &mut [PlannedStep]) -> ApiResult<()> {
+    if who.is_admin() {
+        return Ok(());
+    }
+    for s in &l.runbook.steps {
+        s.as_kind().tenant_may_run().map_err(|why| {
+            ApiError::PermissionDenied(format!("step {:?}: {why}; ask an admin to run this runbook", s.name()))
+        })?;
+    }
+    for s in steps.iter_mut() {
+        s.items.retain(|i| i.project == who.project);
+    }
+    Ok(())
+}
+
 impl RunbookApi {
     /// The plan, with each acting group's current RPO as its predicted one (asked of all
     /// groups at once, each with the probe deadline).
@@ -67,7 +84,9 @@ impl RunbookApi {
 #[tonic::async_trait]
 impl pb::runbook_service_server::RunbookService for RunbookApi {
     async fn validate_runbook(&self, req: Request<pb::RunbookRequest>) -> Result<Response<pb::RunbookPlan>, Status> {
+        let who = crate::auth::caller(&req);
         let l = loaded(req.get_ref(), false)?;
+        tenant_scope(&who, &l, &mut [])?;
         let steps = l
             .runbook
             .steps
@@ -78,17 +97,24 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
     }
 
     async fn plan_runbook(&self, req: Request<pb::RunbookRequest>) -> Result<Response<pb::RunbookPlan>, Status> {
+        let who = crate::auth::caller(&req);
         let r = req.into_inner();
         let l = loaded(&r, true)?;
-        let steps = self.predicted(&l, &r.text).await?;
+        let mut steps = self.predicted(&l, &r.text).await?;
+        tenant_scope(&who, &l, &mut steps)?;
         Ok(Response::new(to_plan(&l, &steps)))
     }
 
     async fn run_runbook(&self, req: Request<pb::RunbookRequest>) -> Result<Response<pb::Execution>, Status> {
+        let who = crate::auth::caller(&req);
         let r = req.into_inner();
         let l = loaded(&r, true)?;
-        let steps = plan(&self.core, &l, &r.text).await?;
-        let run = RunbookRun::new(self.core.clone(), &l, steps);
+        let mut steps = plan(&self.core, &l, &r.text).await?;
+        tenant_scope(&who, &l, &mut steps)?;
+        let mut run = RunbookRun::new(self.core.clone(), &l, steps);
+        if !who.is_admin() {
+            run = run.for_project(&who.project);
+        }
         // One execution at a time per group: a group another execution holds is refused
         // with that execution's id, before anything runs.
         for g in run.groups() {

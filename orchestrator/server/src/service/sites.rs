@@ -265,6 +265,12 @@ impl pb::agent_registry_server::AgentRegistry for SiteApi {
 
     async fn heartbeat(&self, req: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let r = req.into_inner();
+        if !r.sync_failures.is_empty() {
+            // User messages in the groups' projects; the heartbeat does not wait for them.
+            let core = self.core.clone();
+            let failures = r.sync_failures.clone();
+            tokio::spawn(async move { super::messages::sync_failures(&core, &failures).await });
+        }
         match self.core.repo.store().keep_alive(r.lease_id).await {
             Ok(ttl) => Ok(Response::new(pb::HeartbeatResponse { ttl_seconds: ttl })),
             Err(StoreError::LeaseNotFound(_)) => Err(Status::not_found(format!(

@@ -459,18 +459,16 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         &self,
         req: Request<pb::ListVolumesRequest>,
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
-        let project = crate::auth::scoped(req)?.project;
-        if !project.is_empty() {
-            validate_name("project", &project)?;
-        }
-        let all = self.core.repo.list::<VolumeRec>(keys::VOLUMES).await?;
-        Ok(Response::new(pb::ListVolumesResponse {
-            volumes: all
-                .into_iter()
-                .filter(|v| project.is_empty() || v.rec.project == project)
-                .map(|v| v.rec.to_pb())
-                .collect(),
-        }))
+        let r = crate::auth::scoped(req)?;
+        let index = if r.project.is_empty() {
+            None
+        } else {
+            validate_name("project", &r.project)?;
+            Some(keys::volume_name(&r.project, ""))
+        };
+        let paging = crate::repo::PageRequest { limit: r.limit, marker: r.marker };
+        let (vols, next_marker) = self.core.repo.page::<VolumeRec>(keys::VOLUMES, index, &paging).await?;
+        Ok(Response::new(pb::ListVolumesResponse { volumes: vols.iter().map(VolumeRec::to_pb).collect(), next_marker }))
     }
 
     async fn delete_volume(

@@ -58,6 +58,12 @@ pub trait StepKind: Send + Sync {
     fn forced(&self) -> bool {
         false
     }
+    /// Whether a tenant (a member, on its own project's groups) may run this step; else
+    /// why not. Only admins run steps on backends, commands and test clones, and
+    /// disaster moves.
+    fn tenant_may_run(&self) -> Result<(), String> {
+        Err(format!("only an admin may run {} steps", self.kind()))
+    }
     /// Submits the group's execution (no wait); returns its id.
     async fn submit(&self, _api: &ReplicationApi, g: &GroupRec) -> ApiResult<String> {
         Err(ApiError::Internal(format!("step kind {} has no group executions (group {})", self.kind(), g.name)))

@@ -73,6 +73,10 @@ pub struct Failback {
 
 #[async_trait]
 impl StepKind for SyncNow {
+    fn tenant_may_run(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "sync"
     }
@@ -106,6 +110,13 @@ impl StepKind for SyncNow {
 
 #[async_trait]
 impl StepKind for Failover {
+    fn tenant_may_run(&self) -> Result<(), String> {
+        if self.force {
+            return Err("only an admin may run a forced (disaster) failover".into());
+        }
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "failover"
     }
@@ -152,6 +163,13 @@ impl StepKind for Failover {
 
 #[async_trait]
 impl StepKind for Failback {
+    fn tenant_may_run(&self) -> Result<(), String> {
+        if self.discard_diverged {
+            return Err("only an admin may discard a side's diverged changes".into());
+        }
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "failback"
     }

@@ -30,6 +30,10 @@ pub struct Prompt {
 
 #[async_trait]
 impl StepKind for Prompt {
+    fn tenant_may_run(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     fn kind(&self) -> &'static str {
         "prompt"
     }

@@ -174,3 +174,30 @@ fn every_shipped_runbook_is_valid() {
     }
     assert!(n >= 4, "the shipped runbooks are there ({n})");
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+    /// Any text, and any mangling of a good runbook (a byte range cut out, a parameter of
+    /// any value): the loader answers without panicking, and every refusal names the file.
+    #[test]
+    fn any_text_loads_or_is_refused_without_panic(
+        text in "(?s).{0,400}",
+        cut in 0usize..GOOD.len(),
+        len in 0usize..40,
+        value in ".{0,30}",
+    ) {
+        for t in [text.clone(), {
+            let mut g = GOOD.to_string();
+            let end = (cut + len).min(g.len());
+            if g.is_char_boundary(cut) && g.is_char_boundary(end) {
+                g.replace_range(cut..end, "");
+            }
+            g
+        }] {
+            if let Err(e) = load("rb.yaml", &t, &params(&[("site", &value)]), true) {
+                proptest::prop_assert!(e.to_string().contains("rb.yaml"), "{e}");
+            }
+        }
+    }
+}
