@@ -131,6 +131,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// The orchestrator's key prefix in etcd, when it runs on etcd.
+    pub fn store_prefix(&self) -> Option<&str> {
+        let at = self.store_args.iter().position(|a| a == "--store-prefix")?;
+        self.store_args.get(at + 1).map(String::as_str)
+    }
+
     /// Starts the cluster with mock agents and waits until both backends are up.
     pub async fn start(store: StoreChoice<'_>, agent_extra: &[&str]) -> Self {
         Self::start_with(store, "mock", agent_extra).await

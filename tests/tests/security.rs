@@ -222,6 +222,24 @@ async fn tenants_see_and_touch_only_their_project() {
     assert_eq!(s.code(), Code::PermissionDenied);
     assert!(s.message().contains("admin"), "{}", s.message());
 
+    // Once an admin allows it for the project, the member may (checked below, after the
+    // planned moves); another project's policy does not count.
+    let p = admin
+        .projects
+        .set_project_policy(pb::ProjectPolicy { project: "other".into(), allow_member_disaster_failover: true })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(p.allow_member_disaster_failover);
+    let s = m.replication.failover_group(failover_request(&group_a, "backend-b", true)).await.unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
+    let s = m
+        .projects
+        .set_project_policy(pb::ProjectPolicy { project: "tests".into(), allow_member_disaster_failover: true })
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::PermissionDenied, "a member cannot allow itself");
+
     // The member fails its own group over and back (planned).
     let out = m.replication.failover_group(failover_request(&group_a, "backend-b", false)).await.unwrap().into_inner();
     let g = out.group.expect("the group");
@@ -229,6 +247,18 @@ async fn tenants_see_and_touch_only_their_project() {
     let back = m.replication.failover_group(failover_request(&group_a, "default", false)).await.unwrap().into_inner();
     let g = back.group.expect("the group");
     assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"), "{g:?}");
+
+    // With the project allowed, the member's disaster failover runs.
+    admin
+        .projects
+        .set_project_policy(pb::ProjectPolicy { project: "tests".into(), allow_member_disaster_failover: true })
+        .await
+        .unwrap();
+    let shown = m.projects.get_project_policy(pb::GetProjectPolicyRequest::default()).await.unwrap().into_inner();
+    assert_eq!((shown.project.as_str(), shown.allow_member_disaster_failover), ("tests", true));
+    let forced =
+        m.replication.failover_group(failover_request(&group_a, "backend-b", true)).await.unwrap().into_inner();
+    assert_eq!(forced.group.unwrap().active_backend, "backend-b");
 
     // Executions: the member sees its own and none of B's, which the admin made.
     let own = m.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();

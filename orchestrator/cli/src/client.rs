@@ -5,10 +5,10 @@ use std::time::Duration;
 use drover_proto::v1::{
     audit_service_client::AuditServiceClient, cluster_service_client::ClusterServiceClient,
     execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
-    message_service_client::MessageServiceClient, replication_service_client::ReplicationServiceClient,
-    runbook_service_client::RunbookServiceClient, site_service_client::SiteServiceClient,
-    token_service_client::TokenServiceClient, version_service_client::VersionServiceClient,
-    volume_service_client::VolumeServiceClient,
+    message_service_client::MessageServiceClient, project_service_client::ProjectServiceClient,
+    replication_service_client::ReplicationServiceClient, runbook_service_client::RunbookServiceClient,
+    site_service_client::SiteServiceClient, token_service_client::TokenServiceClient,
+    version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -49,6 +49,7 @@ pub struct Clients {
     pub tokens: TokenServiceClient<Ch>,
     pub audit: AuditServiceClient<Ch>,
     pub messages: MessageServiceClient<Ch>,
+    pub projects: ProjectServiceClient<Ch>,
 }
 
 impl Clients {
@@ -114,6 +115,7 @@ impl Clients {
             tokens: TokenServiceClient::new(ch()),
             audit: AuditServiceClient::new(ch()),
             messages: MessageServiceClient::new(ch()),
+            projects: ProjectServiceClient::new(ch()),
         })
     }
 }

@@ -85,6 +85,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::message::MessageCmd,
     },
+    /// Project policy: what an admin allows a project's members.
+    Project {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::project::ProjectCmd,
+    },
     /// API tokens: create, list and revoke (admin).
     Token {
         #[command(flatten)]

@@ -36,6 +36,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Execution { client, cmd } => commands::execution::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Group { client, cmd } => commands::group::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Message { client, cmd } => commands::message::run(&mut Ctx::connect(&client).await?, cmd).await,
+        Command::Project { client, cmd } => commands::project::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Certs { cmd } => commands::certs::run(cmd),
         Command::Token { client, cmd } => commands::token::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Audit { client, cmd } => commands::token::run_audit(&mut Ctx::connect(&client).await?, cmd).await,

@@ -195,6 +195,10 @@ pub async fn serve(
         .add_service(InterceptedService::new(
             pb::message_service_server::MessageServiceServer::new(service::messages::MessageApi { core: core.clone() }),
             check_api_version,
+        ))
+        .add_service(InterceptedService::new(
+            pb::project_service_server::ProjectServiceServer::new(service::projects::ProjectApi { core: core.clone() }),
+            check_api_version,
         ));
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()));
 

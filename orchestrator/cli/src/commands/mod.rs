@@ -7,6 +7,7 @@ pub mod execution;
 pub mod group;
 pub mod group_type;
 pub mod message;
+pub mod project;
 pub mod runbook;
 pub mod site;
 pub mod token;

@@ -229,6 +229,8 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/drover.v1.TokenService/ListTokens", read(Admin)),
     ("/drover.v1.TokenService/RevokeToken", change(Admin)),
     ("/drover.v1.AuditService/ListAudit", read(Admin)),
+    ("/drover.v1.ProjectService/GetProjectPolicy", read(Reader)),
+    ("/drover.v1.ProjectService/SetProjectPolicy", change(Admin)),
     ("/drover.v1.MessageService/ListMessages", read(Reader)),
     ("/drover.v1.MessageService/GetMessage", read(Reader)),
     ("/drover.v1.MessageService/DeleteMessage", change(Member)),

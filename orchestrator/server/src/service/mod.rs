@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod executions;
 pub mod groups;
 pub mod messages;
+pub mod projects;
 pub mod replication;
 pub mod returning;
 pub mod runbooks;

@@ -641,7 +641,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
     ) -> Result<Response<pb::ReplicationResult>, Status> {
         let who = crate::auth::caller(&req);
         let r = crate::auth::scoped(req)?;
-        disaster_needs_admin(&who, r.force, &r.discard_changes_on)?;
+        disaster_needs_admin(&self.core, &who, &r.project, r.force, &r.discard_changes_on).await?;
         Ok(Response::new(self.failover(r).await?))
     }
 
@@ -703,7 +703,7 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
     ) -> Result<Response<pb::ReplicationResult>, Status> {
         let who = crate::auth::caller(&req);
         let r = crate::auth::scoped(req)?;
-        disaster_needs_admin(&who, r.force, &r.discard_changes_on)?;
+        disaster_needs_admin(&self.core, &who, &r.project, r.force, &r.discard_changes_on).await?;
         Ok(Response::new(ReplicationApi::failover_volume(self, r).await?))
     }
 
@@ -720,16 +720,28 @@ impl pb::replication_service_server::ReplicationService for ReplicationApi {
 }
 
 /// A disaster failover (which may leave two diverged copies) and discarding a side's
-/// changes are an admin's decision; members fail over and back planned.
-fn disaster_needs_admin(who: &crate::auth::Caller, force: bool, discard_on: &str) -> Result<(), Status> {
+/// changes are an admin's decision, unless an admin allowed the project's members
+/// (`ProjectPolicy.allow_member_disaster_failover`); members fail over and back planned.
+async fn disaster_needs_admin(
+    core: &Core,
+    who: &crate::auth::Caller,
+    project: &str,
+    force: bool,
+    discard_on: &str,
+) -> Result<(), Status> {
     if who.is_admin() || (!force && discard_on.is_empty()) {
         return Ok(());
     }
+    if super::projects::policy(&core.repo, project).await?.allow_member_disaster_failover {
+        return Ok(());
+    }
     Err(ApiError::PermissionDenied(format!(
-        "a forced (disaster) failover and --discard-changes-on need an admin token; this token is a {} of project {}: \
-         ask an admin, or fail over without --force while both sites answer",
-        who.role.as_str(),
-        who.project
+        "a forced (disaster) failover and --discard-changes-on need an admin token, unless an admin allows them for \
+         project {} (`drover project allow-disaster-failover {}`); this token is a {} of it: ask an admin, or fail \
+         over without --force while both sites answer",
+        who.project,
+        who.project,
+        who.role.as_str()
     ))
     .into())
 }

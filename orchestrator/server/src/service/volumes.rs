@@ -322,6 +322,18 @@ impl VolumeApi {
                 "`reference` is required; see `drover volume manageable-list`".into(),
             ));
         }
+        if r.reference.len() > 255
+            || r.reference.contains('/')
+            || r.reference == ".."
+            || r.reference.starts_with('.')
+            || r.reference.chars().any(char::is_control)
+        {
+            return Err(ApiError::InvalidArgument(format!(
+                "`reference` {:?} must be a volume name of the backend's pool (no path, no leading dot); see \
+                 `drover volume manageable-list`",
+                r.reference
+            )));
+        }
         writable_backend(&self.core, &r.backend, "manage-existing").await?;
         let candidates = self.list_manageable(&r.backend).await?;
         let Some(found) = candidates.iter().find(|m| m.reference == r.reference) else {
