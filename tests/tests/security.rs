@@ -631,6 +631,19 @@ async fn attacks_on_agents_and_registration_are_refused() {
         .unwrap_err();
     assert_eq!(s.code(), Code::PermissionDenied, "{}", s.message());
 
+    // 4. The CLI without a token is refused, and says how to pass one.
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&cluster.bin)
+        .args(["group", "list", "--endpoint", &cluster.orchestrator.endpoint, "--project", "tests"])
+        .env("DROVER_CA_FILE", certs.join("ca.pem"))
+        .env_remove("DROVER_TOKEN")
+        .env_remove("DROVER_TOKEN_FILE")
+        .env("HOME", home.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("Unauthenticated") && err.contains("--token-file"), "{err}");
+
     // Nothing changed: the store, the roles on both agents, and backend-a is up.
     assert_eq!(drover_tests::state_snapshot(&mut c).await, before);
     for (i, want) in [(0, apb::ReplicationRole::Primary), (1, apb::ReplicationRole::Secondary)] {

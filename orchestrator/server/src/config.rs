@@ -356,3 +356,32 @@ mod layering_tests {
         assert!(bad.to_string().contains("KEY=VALUE"), "{bad}");
     }
 }
+
+#[cfg(test)]
+mod property_tests {
+    use super::*;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(128))]
+
+        /// Any file text, and any `--set` value for a few typed keys: the loader answers
+        /// (a config or an error naming the problem) without panicking.
+        #[test]
+        fn any_config_text_loads_or_is_refused_without_panic(
+            text in "(?s).{0,300}",
+            key in proptest::sample::select(vec!["listen", "agent_lease_ttl", "volume_parallelism", "store.kind", "auth.token_cache_ttl", "insecure", "defaults.probe_timeout"]),
+            value in ".{0,40}",
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("o.toml");
+            std::fs::write(&path, &text).unwrap();
+            let _ = OrchestratorConfig::from_file(&path);
+            let sources = drover_config::Sources::default().with_sets(&[format!("{key}={value}")]);
+            if let Ok(sources) = sources {
+                if let Err(e) = OrchestratorConfig::load(&sources) {
+                    proptest::prop_assert!(!e.to_string().is_empty());
+                }
+            }
+        }
+    }
+}

@@ -137,6 +137,23 @@ mod tests {
 
     use super::interval_seconds;
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Any duration text the flag parser takes, and any duration: no panic, and an
+        /// accepted interval is the same whole number of seconds.
+        #[test]
+        fn any_interval_is_judged_without_panic(text in ".{0,24}", secs in 0u64..200_000, nanos in 0u32..1_000_000_000) {
+            if let Ok(d) = humantime::parse_duration(&text) {
+                let _ = interval_seconds(Some(d));
+            }
+            let d = Duration::new(secs, nanos);
+            if let Ok(s) = interval_seconds(Some(d)) {
+                proptest::prop_assert!(s as u64 == secs && nanos == 0 && secs > 0);
+            }
+        }
+    }
+
     #[test]
     fn intervals_are_whole_seconds_or_refused() {
         assert_eq!(interval_seconds(None).unwrap(), 0, "not given: the server's default");
