@@ -377,10 +377,10 @@ mod property_tests {
             std::fs::write(&path, &text).unwrap();
             let _ = OrchestratorConfig::from_file(&path);
             let sources = drover_config::Sources::default().with_sets(&[format!("{key}={value}")]);
-            if let Ok(sources) = sources {
-                if let Err(e) = OrchestratorConfig::load(&sources) {
-                    proptest::prop_assert!(!e.to_string().is_empty());
-                }
+            if let Ok(sources) = sources
+                && let Err(e) = OrchestratorConfig::load(&sources)
+            {
+                proptest::prop_assert!(!e.to_string().is_empty());
             }
         }
     }
