@@ -21,6 +21,7 @@ where
     revisions_follow_etcd(fresh().await).await;
     range_returns_only_the_prefix_in_key_order(fresh().await).await;
     pages_cover_the_prefix_once_in_order(fresh().await).await;
+    a_range_larger_than_one_reply_is_read_whole(fresh().await).await;
     txn_compares_mod_revision(fresh().await).await;
     txn_compares_value_and_absence(fresh().await).await;
     failed_txn_applies_failure_ops_only(fresh().await).await;
@@ -87,6 +88,21 @@ pub async fn pages_cover_the_prefix_once_in_order(store: Arc<dyn KvStore>) {
     assert!(page.kvs.is_empty() && !page.more, "{page:?}");
     let page = store.range_page(b"z/", b"", 10).await.unwrap();
     assert!(page.kvs.is_empty() && !page.more);
+}
+
+/// A prefix holding more than one gRPC reply may carry (4 MiB) is read whole, in order:
+/// 1,200 records of 4 KiB, as a large deployment's groups would be.
+pub async fn a_range_larger_than_one_reply_is_read_whole(store: Arc<dyn KvStore>) {
+    let value = vec![b'g'; 4096];
+    let keys: Vec<String> = (0..1200).map(|i| format!("big/{i:05}")).collect();
+    for chunk in keys.chunks(100) {
+        let txn = chunk.iter().fold(Txn::new(), |t, k| t.and_then(TxnOp::put(k.as_bytes(), value.clone())));
+        store.txn(txn).await.unwrap();
+    }
+    let (kvs, _) = store.range(b"big/").await.expect("a range past 4 MiB is read");
+    let got: Vec<String> = kvs.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
+    assert_eq!(got, keys);
+    assert!(kvs.iter().all(|kv| kv.value.len() == 4096));
 }
 
 /// A compare on mod_revision lets exactly the writer that read the current revision win.

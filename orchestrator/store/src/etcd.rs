@@ -62,6 +62,10 @@ fn convert_op(op: TxnOp) -> ETxnOp {
     }
 }
 
+/// Keys per request of a full range read: small enough that a page of large records
+/// stays far below the 4 MiB reply limit.
+const RANGE_PAGE: i64 = 100;
+
 impl EtcdStore {
     /// Connects to etcd at the given endpoints (e.g. `http://127.0.0.1:2379`). `timeout`
     /// bounds every call.
@@ -98,13 +102,31 @@ impl KvStore for EtcdStore {
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), StoreError> {
-        let mut kv = self.client.kv_client();
-        self.deadline("range", async move {
-            let resp = kv.get(prefix, Some(GetOptions::new().with_prefix())).await.map_err(map_err)?;
-            let revision = resp.header().map_or(0, |h| h.revision());
-            Ok((resp.kvs().iter().map(convert_kv).collect(), revision))
-        })
-        .await
+        // Read in pages, all at the revision of the first, so no reply passes the gRPC
+        // message limit (4 MiB: about 5,000 groups in one reply did) and the result is one
+        // consistent snapshot. Each page has the store deadline.
+        let end = prefix_end(prefix).unwrap_or_else(|| vec![0]);
+        let (mut out, mut start, mut revision) = (Vec::new(), prefix.to_vec(), 0);
+        loop {
+            let mut kv = self.client.kv_client();
+            let mut opts = GetOptions::new().with_range(end.clone()).with_limit(RANGE_PAGE);
+            if revision > 0 {
+                opts = opts.with_revision(revision);
+            }
+            let from = start.clone();
+            let resp = self.deadline("range", async move { kv.get(from, Some(opts)).await.map_err(map_err) }).await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            out.extend(resp.kvs().iter().map(convert_kv));
+            match out.last() {
+                Some(last) if resp.more() => {
+                    start = last.key.clone();
+                    start.push(0);
+                }
+                _ => return Ok((out, revision)),
+            }
+        }
     }
 
     async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Page, StoreError> {
