@@ -76,11 +76,6 @@ impl TenantLimits {
     }
 }
 
-/// The SHA-256 of the client certificate an agent's call came with (attached by the
-/// layer for agent calls over TLS): what binds an agent id to its certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PeerCert(pub String);
-
 impl Guard {
     /// The caller a request may go ahead as, or the status that refuses it.
     async fn admit(
@@ -249,11 +244,6 @@ where
                 Ok(caller) => {
                     if let Some(c) = &caller {
                         req.extensions_mut().insert(c.clone());
-                    }
-                    if let Some(cert) = drover_proto::tls::peer_certs(req.extensions()).and_then(|c| c.first().cloned())
-                    {
-                        let fp = drover_proto::tls::fingerprint(&cert);
-                        req.extensions_mut().insert(PeerCert(fp));
                     }
                     let mut resp = inner.call(req).await?;
                     undecodable_is_invalid(&mut resp);

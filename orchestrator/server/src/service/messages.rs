@@ -95,7 +95,12 @@ pub async fn raise(repo: &Repo, retention: Duration, mut m: MessageRec) {
 
 /// Periodic syncs an agent reported failing: one message per group, in its project.
 pub async fn sync_failures(core: &Core, failures: &[pb::SyncFailure]) {
+    // One message write per group, with its newest failure, however many a heartbeat holds.
+    let mut newest: std::collections::BTreeMap<&str, &pb::SyncFailure> = std::collections::BTreeMap::new();
     for f in failures {
+        newest.entry(f.group_id.as_str()).and_modify(|n| *n = if f.at_ms >= n.at_ms { f } else { n }).or_insert(f);
+    }
+    for f in newest.into_values() {
         let Ok(Some(g)) = core.repo.get::<GroupRec>(&keys::group(&f.group_id)).await else { continue };
         let g = g.rec;
         let (kind, name) = if g.for_volume.is_empty() { ("group", g.name.clone()) } else { ("volume", g.name.clone()) };
@@ -188,7 +193,12 @@ impl MessageApi {
                 r.id
             )));
         }
-        self.visible(&project).await?.into_iter().find(|m| m.rec.id == r.id).ok_or_else(|| {
+        let found = if project.is_empty() {
+            self.visible("").await?.into_iter().find(|m| m.rec.id == r.id)
+        } else {
+            self.core.repo.get::<MessageRec>(&key(&project, &r.id)).await?.filter(|m| m.rec.expires_ms >= now_ms())
+        };
+        found.ok_or_else(|| {
             ApiError::NotFound(format!("message {:?} not found (or expired); see `drover message list`", r.id))
         })
     }

@@ -248,10 +248,11 @@ impl pb::agent_registry_server::AgentRegistry for SiteApi {
         &self,
         req: Request<pb::RegisterAgentRequest>,
     ) -> Result<Response<pb::RegisterAgentResponse>, Status> {
-        let cert = req.extensions().get::<crate::auth::layer::PeerCert>().cloned();
+        // Over TLS the layer admitted only an agent certificate; bind the id to it.
+        let cert = req.peer_certs().and_then(|c| c.first().map(drover_proto::tls::fingerprint));
         let r = req.into_inner();
-        if let Some(cert) = cert {
-            self.bind_certificate(&r.agent_id, &cert.0).await?;
+        if let Some(fingerprint) = cert {
+            self.bind_certificate(&r.agent_id, &fingerprint).await?;
         }
         Ok(Response::new(self.register(r).await?))
     }
