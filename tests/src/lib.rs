@@ -341,6 +341,27 @@ pub async fn replicated_group(c: &mut Clients, name: &str, n: usize) -> String {
 
 /// [`replicated_group`] in another project.
 pub async fn replicated_group_in(c: &mut Clients, project: &str, name: &str, n: usize) -> String {
+    let id = plain_group_in(c, project, name, n).await;
+    let r = c
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            no_wait: false,
+            group: id.clone(),
+            project: project.into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 0,
+        })
+        .await
+        .expect("enable replication")
+        .into_inner();
+    let g2 = r.group.expect("group");
+    assert_eq!(g2.replication_status, "enabled", "{}: {} {:?}", g2.name, g2.status_reason, r.items);
+    id
+}
+
+/// A group of `n` new volumes on backend-a in `project`, replication not enabled;
+/// returns its id.
+pub async fn plain_group_in(c: &mut Clients, project: &str, name: &str, n: usize) -> String {
     let mut vols = Vec::new();
     for i in 0..n {
         let v = c
@@ -368,20 +389,6 @@ pub async fn replicated_group_in(c: &mut Clients, project: &str, name: &str, n: 
         .await
         .expect("create group")
         .into_inner();
-    let r = c
-        .replication
-        .enable_replication(pb::EnableReplicationRequest {
-            no_wait: false,
-            group: g.id.clone(),
-            project: project.into(),
-            target_backend: "backend-b".into(),
-            sync_interval_seconds: 0,
-        })
-        .await
-        .expect("enable replication")
-        .into_inner();
-    let g2 = r.group.expect("group");
-    assert_eq!(g2.replication_status, "enabled", "{}: {} {:?}", g2.name, g2.status_reason, r.items);
     g.id
 }
 

@@ -2,16 +2,18 @@
 //! while its owner is SIGKILLed (20 times), SIGSTOPped past its lease, or etcd itself is
 //! SIGKILLed (5 times). The agents' op logs and roles prove the invariants: nothing ran
 //! twice, one primary per volume, every execution ended, the final state is the one a
-//! run without faults reaches.
+//! run without faults reaches. A group enable whose owner lost its claim without noticing
+//! leaves no trace of its refused calls.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
+use drover_store::{EtcdStore, KvStore};
 use drover_tests::cluster::{AgentSpec, Server, connect, locate_drover, start_agent, start_orchestrator};
 use drover_tests::invariants::{op_log, repeated_op_ids, role_violations};
-use drover_tests::{Etcd, fresh_prefix, replicated_group, wait_backends_up};
+use drover_tests::{Etcd, fresh_prefix, plain_group_in, replicated_group, wait_backends_up};
 
 const TTL: Duration = Duration::from_secs(3);
 
@@ -71,6 +73,12 @@ impl Trio {
     /// The member whose owner id is `owner` (ids carry the listen address).
     fn index_of(&self, owner: &str) -> Option<usize> {
         self.orchestrators.iter().position(|o| owner.contains(&format!("-{}-", o.addr())))
+    }
+
+    /// The store prefix the members share.
+    fn prefix(&self) -> &str {
+        let at = self.store.iter().position(|a| a == "--store-prefix").expect("a prefix");
+        &self.store[at + 1]
     }
 
     /// Starts member `i` again on its address, as a restarted service would be.
@@ -304,6 +312,82 @@ async fn a_paused_owner_that_wakes_is_fenced() {
     assert!(stale.is_empty(), "the woken owner's calls ran: {stale:#?}");
     assert_ne!(ended.owner, before.owner, "the woken owner wrote the run's record");
     assert!(violations.is_empty(), "{violations:#?}");
+}
+
+/// A group enable's owner loses its claim while its first agent calls are in flight, the
+/// way a lease lost under load is lost: etcd drops the claim, the owner has not noticed
+/// yet (here its claim key is deleted; its lease, and so its keepalives, go on). Another
+/// member takes the enable over at once and raises the fence; the old owner's next calls
+/// are refused (stale epoch). Its final write must be refused too: before the group's final
+/// write compared the owner's claim, it landed first and the group ended in error with
+/// "the caller no longer owns this operation" (seen in CI under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enable_whose_owner_lost_its_claim_unnoticed_ends_as_without_it() {
+    let etcd = Etcd::start().await;
+    let trio = Trio::start(&etcd, "1s").await;
+    let mut c = trio.client().await;
+    let id = plain_group_in(&mut c, "tests", "aa-enable", 3).await;
+    let r = c
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: id.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 0,
+            no_wait: true,
+        })
+        .await
+        .expect("enable is accepted")
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let run = loop {
+        let e = execution(&mut c, &r.execution_id).await;
+        if !e.owner.is_empty() {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "nobody claimed the enable: {e:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Its first calls (1 s each on the mock) are in flight; etcd drops the claim.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let raw = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
+    let claim = format!("{}execution-owners/{}", trio.prefix(), run.id);
+    assert!(raw.get(claim.as_bytes()).await.unwrap().is_some(), "the claim key {claim} exists");
+    raw.delete(claim.as_bytes()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let e = execution(&mut c, &run.id).await;
+        if e.status != "running" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the enable never ended: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Time for the old owner to try its write, had it not been refused.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: id.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let events: Vec<String> =
+        g.history.iter().map(|e| format!("{} at epoch {}: {}", e.action, e.epoch, e.detail)).collect();
+    println!(
+        "active/active: enable owner lost its claim mid-call; execution {} after {} claims (epoch {} -> {}); \
+         group {} at epoch {}",
+        ended.status, ended.claims, run.epoch, ended.epoch, g.replication_status, g.epoch
+    );
+    assert!(ended.claims >= 2 && ended.epoch > run.epoch, "another member took the enable over: {ended:?}");
+    assert_eq!(ended.status, "succeeded", "{ended:?}");
+    assert!(ended.output_json.contains("\"ok\""), "{}", ended.output_json);
+    assert!(!ended.output_json.contains("\"error\""), "an item ended in error: {}", ended.output_json);
+    assert_eq!(g.replication_status, "enabled", "{}: {events:#?}", g.status_reason);
+    assert_eq!(g.epoch as i64, ended.epoch, "the group was last written by an owner other than the last");
+    assert!(!events.iter().any(|e| e.contains("failed")), "{events:#?}");
+    let (a, b) = (trio.oplog("backend-a"), trio.oplog("backend-b"));
+    let (repeated, _) = repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    assert!(repeated.is_empty(), "{repeated:#?}");
 }
 
 /// etcd is SIGKILLed 5 times during the run and restarted on its data dir: the

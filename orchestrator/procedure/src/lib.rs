@@ -89,6 +89,16 @@ pub struct Context {
     pub children: Vec<ExecutionRec>,
 }
 
+impl Context {
+    /// A comparison that holds only while this owner still holds its claim on the
+    /// execution. A step that writes records of its own (outside the engine) puts it in
+    /// every such write: an owner that lost its lease without noticing, while another
+    /// took the execution over, then changes nothing.
+    pub fn claim(&self) -> drover_store::Compare {
+        drover_store::Compare::ModRevisionEquals(keys::owner(&self.execution_id).into_bytes(), self.epoch)
+    }
+}
+
 /// A typed state machine whose state survives crashes.
 #[async_trait]
 pub trait Procedure: Send + Sync {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use drover_store::{KvStore, Txn, TxnOp, TxnResponse};
+use drover_store::{Compare, KvStore, Txn, TxnOp, TxnResponse};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::error::{ApiError, ApiResult};
@@ -13,6 +13,32 @@ use crate::model::{GroupRec, VolumeRec, keys};
 pub struct Versioned<T> {
     pub rec: T,
     pub rev: i64,
+}
+
+/// What the final write of a procedure step must still find: its records at the revision
+/// the step read them, and the step's owner still holding its claim on the execution (an
+/// owner that lost its lease without noticing, while another took over, writes nothing).
+#[derive(Debug, Clone)]
+pub struct Expect {
+    pub rev: i64,
+    pub claim: Compare,
+}
+
+impl Expect {
+    /// The step of `ctx` read its records at `rev`.
+    pub fn of(ctx: &drover_procedure::Context, rev: i64) -> Self {
+        Self { rev, claim: ctx.claim() }
+    }
+
+    /// `txn` with the owner's claim compared.
+    pub fn claimed(&self, txn: Txn) -> Txn {
+        txn.when(self.claim.clone())
+    }
+
+    /// `txn` comparing `key` at the revision read.
+    pub fn at(&self, txn: Txn, key: &str) -> Txn {
+        txn.when(Compare::ModRevisionEquals(key.as_bytes().to_vec(), self.rev))
+    }
 }
 
 /// Typed reads and transactions over the store.

@@ -8,10 +8,11 @@ use drover_procedure::{Context, Procedure, ProcedureError, Status};
 use drover_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
 
-use super::{Answer, step_error};
+use super::{Answer, step_error, still_owner};
 use crate::agents::Deadline;
 use crate::error::ApiError;
 use crate::model::{GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
+use crate::repo::Expect;
 use crate::service::Core;
 use crate::service::replication::{FailoverProgress, FailoverState, ReplicationApi};
 
@@ -171,12 +172,13 @@ impl Procedure for GroupTransition {
             volumes.push(v.rec);
         }
         let api = ReplicationApi { core: self.core.clone(), parent: String::new() };
+        let at = Expect::of(ctx, g.rev);
         let result = match (s.action.as_str(), s.state) {
-            ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, g.rev).await,
-            ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, g.rev).await,
+            ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, &at).await,
+            ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, &at).await,
             ("failover" | "failback", Some(state)) => {
                 let mut progress = s.progress.clone();
-                match api.failover_state(state, g.rec, volumes, ctx.epoch, g.rev, &mut progress).await {
+                match api.failover_state(state, g.rec, volumes, ctx.epoch, &at, &mut progress).await {
                     Ok(None) => {
                         let note = progress
                             .blocked
@@ -204,17 +206,17 @@ impl Procedure for GroupTransition {
         match result {
             Ok(r) => Answer::from_result(Ok(r)).done(),
             Err(e) => {
+                if !still_owner(&self.core, ctx).await? {
+                    // This owner lost its claim without noticing (its lease lapsed under
+                    // load); its final write was refused. The new owner carries on.
+                    return Err(ProcedureError::Retry(format!(
+                        "this orchestrator no longer owns the execution ({e}); its new owner carries on"
+                    )));
+                }
                 // Still pending: the final write did not land; run the step again.
                 let now = self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)?;
                 match now {
                     Some(n) if n.rec.pending.as_ref().is_some_and(|p| p.op_id == s.op_id) => Err(step_error(e)),
-                    // The transition was finished meanwhile by the owner that took the
-                    // execution over while this one had lost its lease without knowing:
-                    // its outcome is the group as it is now, as for a resumed execution.
-                    Some(n) if n.rec.pending.is_none() => {
-                        tracing::warn!(group = %s.group_name, error = %e, "the transition was finished by another owner");
-                        Answer::from_result(self.report(n.rec).await).done()
-                    }
                     _ => Answer::from_result::<pb::ReplicationResult>(Err(e)).done(),
                 }
             }

@@ -73,6 +73,14 @@ pub fn step_error(e: ApiError) -> ProcedureError {
     }
 }
 
+/// Whether the owner running `ctx` still holds its claim on the execution. A step whose
+/// own write was refused asks, so that an owner that lost its claim without noticing stops
+/// quietly (the engine's writes are refused too) and leaves the outcome to the new owner.
+pub async fn still_owner(core: &Core, ctx: &drover_procedure::Context) -> Result<bool, ProcedureError> {
+    let probe = drover_store::Txn::new().when(ctx.claim());
+    Ok(core.repo.txn(probe).await.map_err(step_error)?.succeeded)
+}
+
 /// Maps a refused submit into the API error the caller returns.
 pub fn submit_error(e: SubmitError, what: &str) -> ApiError {
     match e {

@@ -6,9 +6,10 @@ use async_trait::async_trait;
 use drover_procedure::{Context, Procedure, ProcedureError, Status};
 use serde::{Deserialize, Serialize};
 
-use super::{Answer, step_error};
+use super::{Answer, step_error, still_owner};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{PendingOp, VolumeRec, keys, volume_status};
+use crate::repo::Expect;
 use crate::service::Core;
 use crate::service::volumes::VolumeApi;
 
@@ -108,27 +109,28 @@ impl Procedure for VolumeTransition {
             return self.finished(now).done();
         };
         let api = VolumeApi { core: self.core.clone() };
-        let (epoch, rev) = (ctx.epoch, v.rev);
+        let (epoch, at) = (ctx.epoch, Expect::of(ctx, v.rev));
         let result: ApiResult<serde_json::Value> = match s.action.as_str() {
-            "create" => api.drive_create(v.rec, epoch, rev).await.map(to_json),
-            "delete" => api.drive_delete(v.rec, epoch, rev).await.map(to_json),
-            "extend" => api.drive_extend(v.rec, epoch, rev).await.map(to_json),
-            "manage" => api.drive_manage(v.rec, epoch, rev).await.map(to_json),
-            "unmanage" => api.drive_unmanage(v.rec, epoch, rev).await.map(to_json),
+            "create" => api.drive_create(v.rec, epoch, &at).await.map(to_json),
+            "delete" => api.drive_delete(v.rec, epoch, &at).await.map(to_json),
+            "extend" => api.drive_extend(v.rec, epoch, &at).await.map(to_json),
+            "manage" => api.drive_manage(v.rec, epoch, &at).await.map(to_json),
+            "unmanage" => api.drive_unmanage(v.rec, epoch, &at).await.map(to_json),
             other => return Err(ProcedureError::Fail(format!("unknown volume action {other}"))),
         };
         match result {
             Ok(value) => Answer::Ok { value }.done(),
             Err(e) => {
+                if !still_owner(&self.core, ctx).await? {
+                    // The claim lapsed unnoticed and the final write was refused: the new
+                    // owner carries on.
+                    return Err(ProcedureError::Retry(format!(
+                        "this orchestrator no longer owns the execution ({e}); its new owner carries on"
+                    )));
+                }
                 let now = self.core.repo.get::<VolumeRec>(&key).await.map_err(step_error)?;
                 if now.as_ref().is_some_and(|n| n.rec.pending.as_ref().is_some_and(|p| p.op_id == s.op_id)) {
                     Err(step_error(e))
-                } else if matches!(e, ApiError::Aborted(_)) {
-                    // The final write lost to the owner that took this execution over
-                    // while this one had lost its lease without knowing: the outcome is
-                    // the volume as that owner left it, as for a resumed execution.
-                    tracing::warn!(volume = %s.volume_name, error = %e, "the transition was finished by another owner");
-                    self.finished(now.map(|n| n.rec)).done()
                 } else {
                     Answer::from_result::<()>(Err(e)).done()
                 }

@@ -142,8 +142,8 @@ pub async fn finished(
     Ok(Some(item))
 }
 
-/// Freezes or thaws a backend (idempotent).
-pub async fn set_frozen(core: &Core, backend: &str, frozen: bool) -> ApiResult<()> {
+/// Freezes or thaws a backend (idempotent), while `claim` (the step owner's) holds.
+pub async fn set_frozen(core: &Core, backend: &str, frozen: bool, claim: Compare) -> ApiResult<()> {
     for _ in 0..5 {
         let b = core
             .repo
@@ -157,9 +157,16 @@ pub async fn set_frozen(core: &Core, backend: &str, frozen: bool) -> ApiResult<(
         rec.frozen = frozen;
         let txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::backend(backend).into_bytes(), b.rev))
+            .when(claim.clone())
             .and_then(put(&keys::backend(backend), &rec));
         if core.repo.txn(txn).await?.succeeded {
             return Ok(());
+        }
+        if !core.repo.txn(Txn::new().when(claim.clone())).await?.succeeded {
+            return Err(ApiError::Aborted(format!(
+                "this orchestrator lost its claim on the execution before backend {backend} was {}; its new owner carries on",
+                if frozen { "frozen" } else { "thawed" }
+            )));
         }
     }
     Err(crate::error::raced(&format!("backend {backend}")))

@@ -31,7 +31,7 @@ use super::shared::{group_type, rpo_ms, volume_infos};
 use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
-use crate::repo::{Versioned, put};
+use crate::repo::{Expect, Versioned, put};
 use crate::transitions::{self, GroupAction, Rule, check, position, verify_end};
 
 mod failover;
@@ -140,7 +140,7 @@ impl ReplicationApi {
 
     /// Step 3: writes the final state if nobody else touched the group since the intent
     /// was written at `rev`.
-    async fn finish(&self, action: &str, group: &GroupRec, volumes: &[VolumeRec], rev: i64) -> ApiResult<()> {
+    async fn finish(&self, action: &str, group: &GroupRec, volumes: &[VolumeRec], at: &Expect) -> ApiResult<()> {
         // The table has the last word on what may be written.
         let action = GroupAction::parse(action)
             .ok_or_else(|| ApiError::Internal(format!("unknown group action {action} in a pending op")))?;
@@ -149,22 +149,18 @@ impl ReplicationApi {
         for v in volumes {
             verify_end(action, via, &v.replication_status)?;
         }
-        let epoch = rev;
-        let mut txn = Txn::new()
-            .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), epoch))
-            .and_then(put(&keys::group(&group.id), group));
+        let mut txn =
+            at.claimed(at.at(Txn::new(), &keys::group(&group.id))).and_then(put(&keys::group(&group.id), group));
         for v in volumes {
-            txn = txn
-                .when(Compare::ModRevisionEquals(keys::volume(&v.id).into_bytes(), epoch))
-                .and_then(put(&keys::volume(&v.id), v));
+            txn = at.at(txn, &keys::volume(&v.id)).and_then(put(&keys::volume(&v.id), v));
         }
         if !self.core.repo.txn(txn).await?.succeeded {
             return Err(ApiError::Aborted(format!(
-                "group {} was taken over by another orchestrator (its epoch moved past {epoch}); see `drover group show {}`",
-                group.name, group.name
+                "group {} was taken over by another orchestrator (it changed after revision {}, or this one lost its claim on the execution); see `drover group show {}`",
+                group.name, at.rev, group.name
             )));
         }
-        tracing::info!(group = %group.id, status = %group.replication_status, epoch, "group transition finished");
+        tracing::info!(group = %group.id, status = %group.replication_status, rev = at.rev, "group transition finished");
         Ok(())
     }
 
@@ -215,11 +211,23 @@ impl ReplicationApi {
             .map_err(|s| format!("{} sync on {backend}: {}", if final_sync { "final" } else { "initial" }, s.message()))
     }
 
+    /// One line for the failed volumes: each distinct reason once, with the volumes it
+    /// names ("2 of 3 volume(s) failed: <reason> (volumes a, b)").
     fn summarize(outcomes: &[Outcome]) -> Option<String> {
-        let failed: Vec<String> =
-            outcomes.iter().filter_map(|o| o.result.as_ref().err().map(|e| format!("{}: {e}", o.volume_id))).collect();
-        (!failed.is_empty())
-            .then(|| format!("{} of {} volume(s) failed: {}", failed.len(), outcomes.len(), failed.join("; ")))
+        let mut reasons: Vec<(&str, Vec<&str>)> = Vec::new();
+        for o in outcomes {
+            let Err(e) = &o.result else { continue };
+            match reasons.iter_mut().find(|(r, _)| *r == e.as_str()) {
+                Some((_, ids)) => ids.push(&o.volume_id),
+                None => reasons.push((e, vec![&o.volume_id])),
+            }
+        }
+        let failed: usize = reasons.iter().map(|(_, ids)| ids.len()).sum();
+        let parts: Vec<String> = reasons
+            .iter()
+            .map(|(r, ids)| format!("{r} (volume{} {})", if ids.len() > 1 { "s" } else { "" }, ids.join(", ")))
+            .collect();
+        (failed > 0).then(|| format!("{failed} of {} volume(s) failed: {}", outcomes.len(), parts.join("; ")))
     }
 
     fn result(group: &GroupRec, outcomes: &[Outcome]) -> pb::ReplicationResult {
@@ -324,7 +332,7 @@ impl ReplicationApi {
         mut group: GroupRec,
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
-        rev: i64,
+        at: &Expect,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("enable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
@@ -417,7 +425,7 @@ impl ReplicationApi {
                 group.record("enable-replication", format!("failed: {reason}"), epoch as u64);
             }
         }
-        self.finish(&op.action, &group, &volumes, rev).await?;
+        self.finish(&op.action, &group, &volumes, at).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -445,7 +453,7 @@ impl ReplicationApi {
         mut group: GroupRec,
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
-        rev: i64,
+        at: &Expect,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("disable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
@@ -494,7 +502,7 @@ impl ReplicationApi {
                 group.record("disable-replication", format!("failed: {reason}"), epoch as u64);
             }
         }
-        self.finish(&op.action, &group, &volumes, rev).await?;
+        self.finish(&op.action, &group, &volumes, at).await?;
         Ok(Self::result(&group, &outcomes))
     }
 
@@ -744,4 +752,29 @@ async fn disaster_needs_admin(
         who.role.as_str()
     ))
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(id: &str, result: Result<Option<String>, &str>) -> Outcome {
+        Outcome { volume_id: id.into(), result: result.map_err(str::to_string) }
+    }
+
+    #[test]
+    fn a_summary_names_each_reason_once_with_its_volumes() {
+        let all_ok = [outcome("a", Ok(None)), outcome("b", Ok(None))];
+        assert_eq!(ReplicationApi::summarize(&all_ok), None);
+        let mixed = [
+            outcome("a", Err("stale epoch 4")),
+            outcome("b", Ok(None)),
+            outcome("c", Err("no space")),
+            outcome("d", Err("stale epoch 4")),
+        ];
+        assert_eq!(
+            ReplicationApi::summarize(&mixed).as_deref(),
+            Some("3 of 4 volume(s) failed: stale epoch 4 (volumes a, d); no space (volume c)")
+        );
+    }
 }

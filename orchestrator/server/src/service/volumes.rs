@@ -17,7 +17,7 @@ use super::shared::{agent_refused, from_agent, writable_backend};
 use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult, raced};
 use crate::model::{BackendRec, PendingOp, VolumeRec, keys, now_ms, replication_status, volume_status};
-use crate::repo::{Versioned, put, validate_name, validate_size};
+use crate::repo::{Expect, Versioned, put, validate_name, validate_size};
 use crate::transitions::{VolumeAction, VolumeStatus, check_volume, verify_volume_end};
 
 /// `drover.v1.VolumeService`.
@@ -43,10 +43,11 @@ impl VolumeApi {
             .and_then(put(&keys::volume(&rec.id), rec))
     }
 
-    /// Writes `rec` if the volume is still at `expected_rev`; returns the new revision.
-    async fn save(&self, action: VolumeAction, rec: &VolumeRec, expected_rev: i64) -> ApiResult<i64> {
+    /// Writes `rec` if the volume is still as read and the step still owns its execution;
+    /// returns the new revision.
+    async fn save(&self, action: VolumeAction, rec: &VolumeRec, at: &Expect) -> ApiResult<i64> {
         verify_volume_end(action, Some(&rec.status))?;
-        let resp = self.core.repo.txn(Self::volume_txn(rec, expected_rev)).await?;
+        let resp = self.core.repo.txn(at.claimed(Self::volume_txn(rec, at.rev))).await?;
         if !resp.succeeded {
             return Err(raced(&format!("volume {}", rec.id)));
         }
@@ -84,21 +85,22 @@ impl VolumeApi {
         crate::procedures::wait_output(&self.core, &id).await
     }
 
-    /// Removes the volume and its name if it is still at `epoch`; returns whether it did.
-    async fn forget(&self, action: VolumeAction, rec: &VolumeRec, epoch: i64) -> ApiResult<bool> {
+    /// Removes the volume and its name if it is still as read and the step still owns its
+    /// execution; returns whether it did.
+    async fn forget(&self, action: VolumeAction, rec: &VolumeRec, at: &Expect) -> ApiResult<bool> {
         verify_volume_end(action, None)?;
-        let txn = Txn::new()
-            .when(Compare::ModRevisionEquals(keys::volume(&rec.id).into_bytes(), epoch))
+        let txn = at
+            .claimed(at.at(Txn::new(), &keys::volume(&rec.id)))
             .and_then(TxnOp::delete(keys::volume(&rec.id)))
             .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
         Ok(self.core.repo.txn(txn).await?.succeeded)
     }
 
-    async fn fail(&self, action: VolumeAction, mut rec: VolumeRec, epoch: i64, reason: String) -> ApiResult<()> {
+    async fn fail(&self, action: VolumeAction, mut rec: VolumeRec, at: &Expect, reason: String) -> ApiResult<()> {
         rec.status = volume_status::ERROR.into();
         rec.status_reason = reason;
         rec.pending = None;
-        self.save(action, &rec, epoch).await.map(|_| ())
+        self.save(action, &rec, at).await.map(|_| ())
     }
 
     async fn create(&self, r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
@@ -137,7 +139,7 @@ impl VolumeApi {
         .await
     }
 
-    pub(crate) async fn drive_create(&self, mut rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<VolumeRec> {
+    pub(crate) async fn drive_create(&self, mut rec: VolumeRec, epoch: i64, at: &Expect) -> ApiResult<VolumeRec> {
         let op = rec.pending.clone().expect("create has a pending op");
         let call = self
             .core
@@ -157,12 +159,12 @@ impl VolumeApi {
             Ok(_) => {
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(VolumeAction::Create, &rec, rev).await?;
+                self.save(VolumeAction::Create, &rec, at).await?;
                 Ok(rec)
             }
             Err(s) if agent_refused(&s) => {
                 // Nothing was created: forget the volume so its name is free again.
-                self.forget(VolumeAction::Create, &rec, rev).await?;
+                self.forget(VolumeAction::Create, &rec, at).await?;
                 Err(from_agent(&rec.backend, &format!("create volume {}", rec.name), &s))
             }
             Err(s) => {
@@ -170,7 +172,7 @@ impl VolumeApi {
                 self.fail(
                     VolumeAction::Create,
                     rec.clone(),
-                    rev,
+                    at,
                     format!("{err}; delete the volume and create it again"),
                 )
                 .await?;
@@ -189,7 +191,7 @@ impl VolumeApi {
         self.submit_op::<()>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
-    pub(crate) async fn drive_delete(&self, rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<()> {
+    pub(crate) async fn drive_delete(&self, rec: VolumeRec, epoch: i64, at: &Expect) -> ApiResult<()> {
         let op = rec.pending.clone().expect("delete has a pending op");
         let call = self
             .core
@@ -206,7 +208,7 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(VolumeAction::Delete, &rec, rev).await? {
+                if !self.forget(VolumeAction::Delete, &rec, at).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 tracing::info!(volume = %rec.id, "volume deleted");
@@ -214,7 +216,7 @@ impl VolumeApi {
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("delete volume {}", rec.name), &s);
-                self.fail(VolumeAction::Delete, rec, rev, format!("{err}; retry the delete")).await?;
+                self.fail(VolumeAction::Delete, rec, at, format!("{err}; retry the delete")).await?;
                 Err(err)
             }
         }
@@ -244,7 +246,7 @@ impl VolumeApi {
         self.submit_op::<VolumeRec>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
-    pub(crate) async fn drive_extend(&self, mut rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<VolumeRec> {
+    pub(crate) async fn drive_extend(&self, mut rec: VolumeRec, epoch: i64, at: &Expect) -> ApiResult<VolumeRec> {
         let op = rec.pending.clone().expect("extend has a pending op");
         let call = self
             .core
@@ -265,14 +267,14 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(VolumeAction::Extend, &rec, rev).await?;
+                self.save(VolumeAction::Extend, &rec, at).await?;
                 Ok(rec)
             }
             Err(s) if agent_refused(&s) => {
                 // The backend refused: the volume is as it was.
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(VolumeAction::Extend, &rec, rev).await?;
+                self.save(VolumeAction::Extend, &rec, at).await?;
                 Err(from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s))
             }
             Err(s) => {
@@ -280,7 +282,7 @@ impl VolumeApi {
                 self.fail(
                     VolumeAction::Extend,
                     rec,
-                    rev,
+                    at,
                     format!("{err}; the size is unknown until the extend is retried"),
                 )
                 .await?;
@@ -377,7 +379,7 @@ impl VolumeApi {
         .await
     }
 
-    pub(crate) async fn drive_manage(&self, mut rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<VolumeRec> {
+    pub(crate) async fn drive_manage(&self, mut rec: VolumeRec, epoch: i64, at: &Expect) -> ApiResult<VolumeRec> {
         let op = rec.pending.clone().expect("manage has a pending op");
         let call = self
             .core
@@ -398,17 +400,17 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(VolumeAction::Manage, &rec, rev).await?;
+                self.save(VolumeAction::Manage, &rec, at).await?;
                 tracing::info!(volume = %rec.id, reference = %op.reference, "volume managed");
                 Ok(rec)
             }
             Err(s) if agent_refused(&s) => {
-                self.forget(VolumeAction::Manage, &rec, rev).await?;
+                self.forget(VolumeAction::Manage, &rec, at).await?;
                 Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("manage {}", op.reference), &s);
-                self.fail(VolumeAction::Manage, rec, rev, format!("{err}; unmanage or delete the volume and retry"))
+                self.fail(VolumeAction::Manage, rec, at, format!("{err}; unmanage or delete the volume and retry"))
                     .await?;
                 Err(err)
             }
@@ -425,7 +427,7 @@ impl VolumeApi {
         self.submit_op::<String>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
 
-    pub(crate) async fn drive_unmanage(&self, rec: VolumeRec, epoch: i64, rev: i64) -> ApiResult<String> {
+    pub(crate) async fn drive_unmanage(&self, rec: VolumeRec, epoch: i64, at: &Expect) -> ApiResult<String> {
         let op = rec.pending.clone().expect("unmanage has a pending op");
         let call = self
             .core
@@ -442,14 +444,14 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(VolumeAction::Unmanage, &rec, rev).await? {
+                if !self.forget(VolumeAction::Unmanage, &rec, at).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 Ok(rec.id)
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
-                self.fail(VolumeAction::Unmanage, rec, rev, format!("{err}; retry the unmanage")).await?;
+                self.fail(VolumeAction::Unmanage, rec, at, format!("{err}; retry the unmanage")).await?;
                 Err(err)
             }
         }

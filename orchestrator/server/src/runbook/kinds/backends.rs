@@ -26,11 +26,11 @@ pub struct Thaw {
     pub backends: BackendSelector,
 }
 
-async fn set_all(run: &mut RunbookRun, name: &str, frozen: bool) -> Result<Status, ProcedureError> {
+async fn set_all(run: &mut RunbookRun, ctx: &Context, name: &str, frozen: bool) -> Result<Status, ProcedureError> {
     let at = run.state.at;
     let mut failed = 0;
     for item in &mut run.state.steps[at].items {
-        match steps::set_frozen(&run.core, &item.target, frozen).await {
+        match steps::set_frozen(&run.core, &item.target, frozen, ctx.claim()).await {
             Ok(()) => item.status = "succeeded".into(),
             Err(e) => {
                 item.status = "failed".into();
@@ -60,8 +60,8 @@ impl StepKind for Freeze {
     fn backends(&self) -> Option<&BackendSelector> {
         Some(&self.backends)
     }
-    async fn run(&self, run: &mut RunbookRun, _ctx: &Context) -> Result<Status, ProcedureError> {
-        set_all(run, &self.name, true).await
+    async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
+        set_all(run, ctx, &self.name, true).await
     }
 }
 
@@ -76,7 +76,7 @@ impl StepKind for Thaw {
     fn backends(&self) -> Option<&BackendSelector> {
         Some(&self.backends)
     }
-    async fn run(&self, run: &mut RunbookRun, _ctx: &Context) -> Result<Status, ProcedureError> {
-        set_all(run, &self.name, false).await
+    async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
+        set_all(run, ctx, &self.name, false).await
     }
 }

@@ -121,7 +121,7 @@ impl ReplicationApi {
         group: GroupRec,
         volumes: Vec<VolumeRec>,
         epoch: i64,
-        rev: i64,
+        at: &Expect,
         progress: &mut FailoverProgress,
     ) -> ApiResult<Option<pb::ReplicationResult>> {
         let op = group.pending.clone().expect("a move has a pending op");
@@ -129,7 +129,7 @@ impl ReplicationApi {
             FailoverState::Reprotect => self.reprotect(&group, &volumes, &op, epoch, progress).await,
             FailoverState::FinalSync => self.final_sync(&group, &volumes, &op, epoch, progress).await,
             FailoverState::Promote => self.promote(&volumes, &op, epoch, progress).await,
-            FailoverState::Record => return self.record(group, volumes, epoch, rev, progress).await.map(Some),
+            FailoverState::Record => return self.record(group, volumes, epoch, at, progress).await.map(Some),
         }
         Ok(None)
     }
@@ -272,7 +272,7 @@ impl ReplicationApi {
         mut group: GroupRec,
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
-        rev: i64,
+        at: &Expect,
         progress: &mut FailoverProgress,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("a move has a pending op");
@@ -327,7 +327,7 @@ impl ReplicationApi {
                 group.record(&op.action, format!("{kind} {} to {to} failed: {reason}", op.action), epoch as u64);
             }
         }
-        self.finish(&op.action, &group, &volumes, rev).await?;
+        self.finish(&op.action, &group, &volumes, at).await?;
         Ok(Self::result(&group, &outcomes))
     }
 }
