@@ -151,6 +151,17 @@ impl Layered {
             figment = figment.merge(Toml::file_exact(path));
         }
         if !sources.env_prefix.is_empty() {
+            // figment's value parser slices strings by char index at a backslash, and
+            // panics on non-ASCII text before one: such a variable is refused instead.
+            for (name, value) in std::env::vars_os() {
+                let (name, value) = (name.to_string_lossy().into_owned(), value.to_string_lossy().into_owned());
+                if name.starts_with(&sources.env_prefix) && !trusted_text(&value) {
+                    return Err(ConfigError::Invalid(format!(
+                        "environment variable {name} holds non-ASCII text with a backslash, which cannot be read; \
+                         set it in the config file instead"
+                    )));
+                }
+            }
             let env_keys = keys.clone();
             figment = figment.merge(
                 Env::prefixed(&sources.env_prefix)
@@ -163,7 +174,7 @@ impl Layered {
         }
         for (key, flag) in &sources.overrides {
             let value: figment::value::Value = match flag {
-                Flag::Parsed(raw) => raw.parse().unwrap_or_else(|_| raw.as_str().into()),
+                Flag::Parsed(raw) => parse_value(raw),
                 Flag::Text(text) => text.as_str().into(),
                 Flag::List(items) => {
                     items.iter().map(|i| figment::value::Value::from(i.as_str())).collect::<Vec<_>>().into()
@@ -243,6 +254,21 @@ impl Layered {
     }
 }
 
+/// Whether figment's value parser can read `text` without panicking: it indexes a string
+/// by char position at a backslash, which breaks on multi-byte characters before it.
+fn trusted_text(text: &str) -> bool {
+    text.is_ascii() || !text.contains('\\')
+}
+
+/// A `--set` value: a number, boolean, array or quoted string as figment reads them, else
+/// the text itself.
+fn parse_value(raw: &str) -> figment::value::Value {
+    if !trusted_text(raw) {
+        return raw.into();
+    }
+    raw.parse().unwrap_or_else(|_| raw.into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +286,18 @@ mod tests {
     struct Conf {
         listen: String,
         inner: Inner,
+    }
+
+    /// figment's parser panicked on this (found by the orchestrator's config property
+    /// test): a multi-byte character before a backslash in a quoted `--set` value.
+    #[test]
+    fn a_set_value_with_non_ascii_text_before_a_backslash_is_read_as_text() {
+        let raw = "\"\u{f3bf4}3\\x\"";
+        let sources = Sources::default().with_sets(&[format!("listen={raw}")]).unwrap();
+        let layered = Layered::load::<Conf>(&sources, &[]).unwrap();
+        let conf: Conf = layered.extract().unwrap();
+        assert_eq!(conf.listen, raw);
+        assert!(trusted_text("plain \\ ascii") && trusted_text("caf\u{e9}") && !trusted_text("\u{e9}\\"));
     }
 
     #[test]
