@@ -371,6 +371,7 @@ pub async fn plain_group_in(c: &mut Clients, project: &str, name: &str, n: usize
                 project: project.into(),
                 size_bytes: 1 << 30,
                 backend: "backend-a".into(),
+                ..Default::default()
             })
             .await
             .expect("create volume")

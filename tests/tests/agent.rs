@@ -49,6 +49,7 @@ fn create(op: &str, epoch: u64, vol: &str) -> apb::CreateVolumeRequest {
         ctx: ctx(op, epoch, &format!("volume/{vol}")),
         volume_id: vol.into(),
         size_bytes: 1 << 20,
+        ..Default::default()
     }
 }
 
@@ -187,7 +188,12 @@ async fn mutations_without_a_context_are_invalid() {
     let server = agent(dir.path(), &[]);
     let mut c = client(&server).await;
     let e = c
-        .create_volume(apb::CreateVolumeRequest { ctx: None, volume_id: "v".into(), size_bytes: 1 << 20 })
+        .create_volume(apb::CreateVolumeRequest {
+            ctx: None,
+            volume_id: "v".into(),
+            size_bytes: 1 << 20,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
@@ -198,6 +204,7 @@ async fn mutations_without_a_context_are_invalid() {
             ctx: ctx("op", 1, "elsewhere"),
             volume_id: "v".into(),
             size_bytes: 1 << 20,
+            ..Default::default()
         })
         .await
         .unwrap_err();

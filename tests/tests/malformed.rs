@@ -54,6 +54,7 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
             project: "tests".into(),
             size_bytes: 1 << 30,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -82,6 +83,7 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
         project: project.into(),
         size_bytes: size,
         backend: backend.into(),
+        ..Default::default()
     };
     let group_req = |name: &str, ty: &str, vols: Vec<String>| pb::CreateGroupRequest {
         name: name.into(),

@@ -219,6 +219,7 @@ async fn bad_input_is_refused_and_changes_nothing() {
         project: "tests".into(),
         size_bytes: size,
         backend: "backend-a".into(),
+        ..Default::default()
     };
 
     expect_err(
@@ -421,6 +422,7 @@ async fn an_agent_call_that_times_out_after_the_work_is_asked_about_not_run_agai
             project: "tests".into(),
             size_bytes: 1 << 30,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .expect("the create completes although every agent call times out")

@@ -49,6 +49,7 @@ async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> 
                 project: "tests".into(),
                 size_bytes: size as i64,
                 backend: "backend-a".into(),
+                ..Default::default()
             })
             .await
             .expect("create volume")
@@ -610,6 +611,7 @@ async fn agent_restarts_a_dead_daemon() {
             project: "tests".into(),
             size_bytes: (16 * MIB) as i64,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -647,9 +649,14 @@ async fn tcp_nbd_exports_attach() {
     let agent = start_agent(&locate_drover().unwrap(), dir.path(), spec).unwrap();
     let mut c = drover_tests::cluster::agent_client(&agent.endpoint, dir.path()).await;
     let ctx = |op: &str| Some(apb::OpContext { op_id: op.into(), epoch: 1, fence_scope: "volume/t".into() });
-    c.create_volume(apb::CreateVolumeRequest { ctx: ctx("c"), volume_id: "t".into(), size_bytes: (8 * MIB) as i64 })
-        .await
-        .unwrap();
+    c.create_volume(apb::CreateVolumeRequest {
+        ctx: ctx("c"),
+        volume_id: "t".into(),
+        size_bytes: (8 * MIB) as i64,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let conn =
         c.attach_volume(apb::AttachVolumeRequest { ctx: ctx("a"), volume_id: "t".into() }).await.unwrap().into_inner();
     assert_eq!(conn.uri, format!("nbd://127.0.0.1:{port}/t"));
@@ -749,6 +756,7 @@ async fn agent_restarts_a_hung_daemon() {
             project: "tests".into(),
             size_bytes: (16 * MIB) as i64,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -52,6 +52,7 @@ async fn groups_on(c: &Clients, prefix: &str, n: usize, from: &str, to: &str) ->
                 project: "tests".into(),
                 size_bytes: 1 << 30,
                 backend: from.into(),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -448,6 +449,7 @@ async fn a_whole_backend_fails_over_and_back() {
                 project: "tests".into(),
                 size_bytes: 1 << 30,
                 backend: "backend-a".into(),
+                ..Default::default()
             })
             .await
             .unwrap();

@@ -295,6 +295,7 @@ async fn mutations_are_audited_and_tokens_can_be_revoked() {
             project: "tests".into(),
             size_bytes: 1 << 30,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -438,6 +439,7 @@ async fn malformed_requests_are_invalid_arguments_and_change_nothing() {
             project: "tests".into(),
             size_bytes: 1 << 30,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -705,6 +707,7 @@ async fn tenants_are_rate_limited_and_bounded_in_running_executions() {
         project: "tests".into(),
         size_bytes: 1 << 30,
         backend: "backend-a".into(),
+        ..Default::default()
     };
     let mut m2 = m.clone();
     let first = tokio::spawn(async move { m2.volumes.create_volume(slow).await });
@@ -716,6 +719,7 @@ async fn tenants_are_rate_limited_and_bounded_in_running_executions() {
             project: "tests".into(),
             size_bytes: 1 << 30,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -739,6 +743,7 @@ async fn lists_page_with_limit_and_marker() {
                     project: project.into(),
                     size_bytes: 1 << 20,
                     backend: "backend-a".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap();
@@ -814,6 +819,7 @@ async fn failures_no_reply_could_tell_become_user_messages() {
             project: "tests".into(),
             size_bytes: 1 << 30,
             backend: "backend-a".into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -76,6 +76,9 @@ struct MockVolume {
     #[serde(default)]
     shipping: String,
     last_sync_ms: i64,
+    /// Made from a snapshot: (snapshot id, source volume id).
+    #[serde(default)]
+    origin: Option<(String, String)>,
 }
 
 impl MockVolume {
@@ -94,6 +97,9 @@ impl MockVolume {
 struct State {
     volumes: HashMap<String, MockVolume>,
     snapshots: HashMap<String, GroupSnapshotInfo>,
+    /// Each snapshot's volume sizes at the instant.
+    #[serde(default)]
+    snapshot_sizes: HashMap<String, HashMap<String, u64>>,
     unmanaged: HashMap<String, u64>,
     /// Test clones: clone id -> (volume id, recovery point).
     #[serde(default)]
@@ -352,6 +358,12 @@ impl Driver for MockDriver {
                 "volume {volume_id} is replicated; disable replication first"
             )));
         }
+        if let Some(s) = state.snapshots.values().find(|s| s.volume_ids.iter().any(|v| v == volume_id)) {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} has snapshot {}; delete it before the volume",
+                s.snapshot_id
+            )));
+        }
         // Deleting a missing volume succeeds: the caller wanted it gone.
         state.volumes.remove(volume_id);
         Ok(())
@@ -382,22 +394,95 @@ impl Driver for MockDriver {
     ) -> Result<GroupSnapshotInfo, DriverError> {
         self.enter("create_group_snapshot", snapshot_id).await?;
         let mut state = self.lock();
-        if let Some(missing) = volume_ids.iter().find(|id| !state.volumes.contains_key(*id)) {
-            return Err(DriverError::NotFound(format!("volume {missing} does not exist on this mock backend")));
+        let mut wanted: Vec<String> = volume_ids.to_vec();
+        wanted.sort();
+        wanted.dedup();
+        if wanted.is_empty() || wanted.len() != volume_ids.len() {
+            return Err(DriverError::InvalidArgument(
+                "a snapshot names each of its volumes once, and at least one".into(),
+            ));
         }
-        let snap = GroupSnapshotInfo {
-            snapshot_id: snapshot_id.to_string(),
-            volume_ids: volume_ids.to_vec(),
-            created_at_ms: now_ms(),
-        };
+        if let Some(s) = state.snapshots.get(snapshot_id) {
+            let mut have = s.volume_ids.clone();
+            have.sort();
+            return if have == wanted {
+                Ok(s.clone())
+            } else {
+                Err(DriverError::AlreadyExists(format!(
+                    "snapshot {snapshot_id} exists already, of other volumes; pick another id"
+                )))
+            };
+        }
+        let mut sizes = HashMap::new();
+        for id in volume_ids {
+            let Some(v) = state.volumes.get(id) else {
+                return Err(DriverError::NotFound(format!("volume {id} does not exist on this mock backend")));
+            };
+            if v.role == Some(Role::Secondary) {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "volume {id} is a secondary replica on this backend; snapshots are taken where the volume \
+                     serves writes (its primary)"
+                )));
+            }
+            sizes.insert(id.clone(), v.size_bytes);
+        }
+        let snap =
+            GroupSnapshotInfo { snapshot_id: snapshot_id.to_string(), volume_ids: wanted, created_at_ms: now_ms() };
         state.snapshots.insert(snapshot_id.to_string(), snap.clone());
+        state.snapshot_sizes.insert(snapshot_id.to_string(), sizes);
         Ok(snap)
     }
 
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), DriverError> {
         self.enter("delete_snapshot", snapshot_id).await?;
-        self.lock().snapshots.remove(snapshot_id);
+        let mut state = self.lock();
+        let made: Vec<&String> = state
+            .volumes
+            .iter()
+            .filter(|(_, v)| v.origin.as_ref().is_some_and(|(s, _)| s == snapshot_id))
+            .map(|(id, _)| id)
+            .collect();
+        if !made.is_empty() {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume(s) {made:?} were made from snapshot {snapshot_id}; delete them first"
+            )));
+        }
+        state.snapshots.remove(snapshot_id);
+        state.snapshot_sizes.remove(snapshot_id);
         Ok(())
+    }
+
+    async fn create_volume_from_snapshot(
+        &self,
+        volume_id: &str,
+        size_bytes: u64,
+        snapshot_id: &str,
+        source_volume_id: &str,
+    ) -> Result<VolumeState, DriverError> {
+        self.enter("create_volume", volume_id).await?;
+        let mut state = self.lock();
+        let Some(&size) = state.snapshot_sizes.get(snapshot_id).and_then(|m| m.get(source_volume_id)) else {
+            return Err(DriverError::NotFound(format!(
+                "snapshot {snapshot_id} of volume {source_volume_id} does not exist on this mock backend"
+            )));
+        };
+        if size_bytes < size {
+            return Err(DriverError::InvalidArgument(format!(
+                "size {size_bytes} is smaller than the snapshot's {size} bytes"
+            )));
+        }
+        let origin = Some((snapshot_id.to_string(), source_volume_id.to_string()));
+        if let Some(v) = state.volumes.get(volume_id) {
+            return if v.origin == origin && v.size_bytes == size_bytes {
+                Ok(Self::view(volume_id, v))
+            } else {
+                Err(DriverError::AlreadyExists(format!("volume {volume_id} already exists; pick another id")))
+            };
+        }
+        let v = MockVolume { size_bytes, origin, ..MockVolume::default() };
+        let view = Self::view(volume_id, &v);
+        state.volumes.insert(volume_id.to_string(), v);
+        Ok(view)
     }
 
     async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError> {

@@ -9,6 +9,11 @@ impl QemuDriver {
     pub(crate) async fn open_chain(&self, id: &str, v: &Vol) -> Result<(), DriverError> {
         let d = self.daemon();
         let mut below: Option<String> = None;
+        // A volume made from a snapshot reads through its own nodes of the snapshot's files.
+        for (i, f) in v.origin.iter().flat_map(|o| o.files.iter()).enumerate() {
+            d.add_pinned_qcow2(&origin_node(v, i), f, below.as_deref()).await?;
+            below = Some(origin_node(v, i));
+        }
         for l in &v.layers {
             let backing = below.as_deref().map_or(commands::Backing::None, commands::Backing::Node);
             d.add_qcow2(&node(v, l.seq), &self.layer_path(id, l.seq), backing, true).await?;
@@ -54,7 +59,34 @@ impl QemuDriver {
         for l in v.layers.iter().rev() {
             self.daemon().remove_node(&node(v, l.seq)).await?;
         }
+        for i in (0..v.origin.as_ref().map_or(0, |o| o.files.len())).rev() {
+            self.daemon().remove_node(&origin_node(v, i)).await?;
+        }
         Ok(())
+    }
+
+    /// Folds layers `base+1..=top` of a volume whose chain is open into layer `base`
+    /// (a live block-commit under the active layer), makes that durable, and takes the
+    /// folded layers' nodes out. Returns their seqs: the caller drops them from the state
+    /// and then their files. `top` must be below the active layer, and nothing may read
+    /// through `base` but this chain (see [`QemuDriver::pinned_top`]).
+    pub(crate) async fn fold(&self, v: &Vol, base: usize, top: usize) -> Result<Vec<u32>, DriverError> {
+        if top <= base {
+            return Ok(Vec::new());
+        }
+        let job = format!("c{}", v.index);
+        self.daemon()
+            .start_commit(&job, &node(v, v.top().seq), &node(v, v.layers[top].seq), &node(v, v.layers[base].seq))
+            .await?;
+        self.wait_job(&job).await?;
+        // The base holds the committed data only once it is flushed; until then the
+        // layers above it are the only durable copy, so they stay.
+        self.flush_node(v, v.layers[base].seq).await?;
+        // Top down: a node still serves as the backing of the one above it.
+        for l in v.layers[base + 1..=top].iter().rev() {
+            self.daemon().remove_node(&node(v, l.seq)).await?;
+        }
+        Ok(v.layers[base + 1..=top].iter().map(|l| l.seq).collect())
     }
 
     /// Re-creates nodes and exports after a (re)start of the daemon. Each group's chains
@@ -143,17 +175,19 @@ impl QemuDriver {
         loop {
             let v = self.vol(id)?;
             // A test clone reads through these layers: they stay as they are until it goes.
-            if v.layers.len() <= 2 || v.role != Some(Role::Secondary) || self.has_clones(id) {
+            // Layers a snapshot reads through stay too: merging starts above them.
+            let start = self.pinned_top(id, &v).map_or(0, |p| p + 1);
+            if v.layers.len() <= start + 2 || v.role != Some(Role::Secondary) || self.has_clones(id) {
                 return Ok(());
             }
-            let (base, mid, above) = (v.layers[0].seq, v.layers[1].seq, v.layers[2].seq);
+            let (base, mid, above) = (v.layers[start].seq, v.layers[start + 1].seq, v.layers[start + 2].seq);
             image::commit(&self.layer_path(id, mid)).await?;
             image::rebase_unsafe(&self.layer_path(id, above), &self.layer_path(id, base)).await?;
-            let mid_layer = v.layers[1].clone();
+            let mid_layer = v.layers[start + 1].clone();
             self.update(|st| {
                 let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
-                sv.layers[0].rp = mid_layer.rp.clone();
-                sv.layers[0].rp_created_ms = mid_layer.rp_created_ms;
+                sv.layers[start].rp = mid_layer.rp.clone();
+                sv.layers[start].rp_created_ms = mid_layer.rp_created_ms;
                 sv.layers.retain(|l| l.seq != mid);
                 Ok(())
             })
@@ -178,6 +212,10 @@ impl QemuDriver {
                     .filter(|&i| v.layers[i].rp.is_some() && !v.layers[i].acked)
                     .collect();
                 if v.role != Some(Role::Primary) || waiting.len() <= MAX_WAITING {
+                    break;
+                }
+                // Never into a layer a snapshot reads through.
+                if self.pinned_top(id, &v).is_some_and(|p| p >= waiting[0]) {
                     break;
                 }
                 let (lower, upper) = (waiting[0], waiting[0] + 1);

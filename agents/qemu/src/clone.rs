@@ -20,9 +20,16 @@ impl QemuDriver {
         self.pool.join("clones").join(format!("{clone_id}.qcow2"))
     }
 
-    /// Whether some clone reads through this file.
+    /// Whether some clone or snapshot reads through this file.
     pub(crate) fn pinned(&self, file: &Path) -> bool {
-        self.state.lock().expect("state poisoned").clones.values().any(|c| c.backing.iter().any(|b| b == file))
+        self.state.lock().expect("state poisoned").pins(file)
+    }
+
+    /// The index of the highest layer of `v` that a clone or snapshot reads through:
+    /// chain housekeeping merges only above it.
+    pub(crate) fn pinned_top(&self, id: &str, v: &Vol) -> Option<usize> {
+        let st = self.state.lock().expect("state poisoned");
+        v.layers.iter().rposition(|l| st.pins(&self.layer_path(id, l.seq)))
     }
 
     /// Whether some clone reads through a layer of this volume.

@@ -62,6 +62,24 @@ impl Daemon {
         }
     }
 
+    /// Opens a pinned qcow2 file (a snapshot's layer, which nothing writes while it is
+    /// pinned) read-only as node `node` on `below`, without file locks: the volume the
+    /// snapshot was taken of may hold the same file open in another node of the daemon.
+    /// Adding a node that exists succeeds.
+    pub async fn add_pinned_qcow2(&self, node: &str, file: &Path, below: Option<&str>) -> Result<(), DriverError> {
+        let args = json!({
+            "driver": "qcow2",
+            "node-name": node,
+            "read-only": true,
+            "file": {"driver": "file", "filename": file, "locking": "off"},
+            "backing": below,
+        });
+        match self.qmp("blockdev-add", args).await {
+            Err(DriverError::Internal(m)) if m.contains("Duplicate") || m.contains("already") => Ok(()),
+            other => other.map(|_| ()),
+        }
+    }
+
     /// Removes a node; one that is already gone counts as removed.
     pub async fn remove_node(&self, node: &str) -> Result<(), DriverError> {
         self.qmp_lenient("blockdev-del", json!({"node-name": node})).await

@@ -25,6 +25,8 @@ impl Driver for QemuDriver {
             capability::MANAGE_EXISTING,
             capability::ATTACH,
             capability::CLONE_RECOVERY_POINT,
+            capability::SNAPSHOT,
+            capability::CONSISTENT_GROUP_SNAPSHOT,
         ]
         .map(String::from)
         .to_vec()
@@ -51,6 +53,7 @@ impl Driver for QemuDriver {
     }
 
     async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.refuse_with_snapshots(volume_id, "deleted")?;
         if self.close_unreplicated(volume_id).await?.is_none() {
             return Ok(());
         }
@@ -98,16 +101,24 @@ impl Driver for QemuDriver {
 
     async fn create_group_snapshot(
         &self,
-        _snapshot_id: &str,
-        _volume_ids: &[String],
+        snapshot_id: &str,
+        volume_ids: &[String],
     ) -> Result<GroupSnapshotInfo, DriverError> {
-        Err(DriverError::Unsupported(
-            "the qemu backend takes crash-consistent group snapshots only as replication recovery points".into(),
-        ))
+        self.do_snapshot(snapshot_id, volume_ids).await
     }
 
-    async fn delete_snapshot(&self, _snapshot_id: &str) -> Result<(), DriverError> {
-        Err(DriverError::Unsupported("the qemu backend has no user snapshots".into()))
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), DriverError> {
+        self.do_delete_snapshot(snapshot_id).await
+    }
+
+    async fn create_volume_from_snapshot(
+        &self,
+        volume_id: &str,
+        size_bytes: u64,
+        snapshot_id: &str,
+        source_volume_id: &str,
+    ) -> Result<VolumeState, DriverError> {
+        self.do_create_from_snapshot(volume_id, size_bytes, snapshot_id, source_volume_id).await
     }
 
     async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError> {
@@ -186,6 +197,13 @@ impl Driver for QemuDriver {
     }
 
     async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        self.refuse_with_snapshots(volume_id, "unmanaged")?;
+        if let Some(o) = self.vol(volume_id).ok().and_then(|v| v.origin) {
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} was made from snapshot {} and reads through it, so it is no standalone image to                  hand back; copy its data to a new volume to unmanage that one",
+                o.snapshot_id
+            )));
+        }
         let Some(v) = self.close_unreplicated(volume_id).await? else { return Ok(()) };
         // Flatten into the bottom layer so the file stands alone.
         for l in v.layers.iter().skip(1).rev() {

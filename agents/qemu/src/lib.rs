@@ -40,6 +40,7 @@ mod driver;
 mod image;
 mod nbd;
 mod qmp;
+mod snapshot;
 mod source;
 mod state;
 mod target;
@@ -124,6 +125,11 @@ fn io(what: &str, e: std::io::Error) -> DriverError {
 
 fn node(v: &Vol, seq: u32) -> String {
     format!("v{}l{seq}", v.index)
+}
+
+/// A volume's own read-only node of the `i`th file of the snapshot it was made from.
+fn origin_node(v: &Vol, i: usize) -> String {
+    format!("o{}-{i}", v.index)
 }
 
 fn export_id(v: &Vol) -> String {

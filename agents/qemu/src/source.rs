@@ -157,10 +157,13 @@ impl QemuDriver {
                 return Err(e);
             }
         };
-        // The lock was let go while the point shipped: the volumes must be as they were.
+        // The lock was let go while the point shipped: the volumes must be as they were,
+        // apart from layers a snapshot may have put on top.
         for (id, v) in ids.iter().zip(&vols) {
             let now = self.vol(id)?;
-            if now.role != Some(Role::Primary) || !now.layers.iter().map(|l| l.seq).eq(v.layers.iter().map(|l| l.seq)) {
+            let kept =
+                now.layers.len() >= v.layers.len() && now.layers.iter().zip(&v.layers).all(|(a, b)| a.seq == b.seq);
+            if now.role != Some(Role::Primary) || !kept {
                 return Err(DriverError::FailedPrecondition(format!(
                     "volume {id} changed while recovery point {rp_id} was shipping (demoted, disabled or promoted); \
                      the point is not recorded here, and the next sync starts from what the peer holds"
@@ -175,43 +178,31 @@ impl QemuDriver {
         self.update(|st| {
             for (id, bytes) in ids.iter().zip(&per_volume) {
                 let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
-                let n = sv.layers.len();
-                let frozen = &mut sv.layers[n - 2];
-                frozen.acked = true;
+                let at = point_index(sv, &rp_id)?;
+                // Older points below it are covered by it (the peer holds their data too).
+                for l in sv.layers[..=at].iter_mut().filter(|l| l.rp.is_some()) {
+                    l.acked = true;
+                }
                 sv.last =
                     SyncStats { rp_created_ms: created, duration_ms: elapsed, bytes: *bytes, error: String::new() };
             }
             Ok(())
         })
         .await?;
-        //    Then fold everything below the active layer into the bottom one: the chain is
-        //    two layers again, the bottom holding the point the peer has.
-        for (id, v) in ids.iter().zip(&vols) {
-            let frozen = v.layers.len() - 2;
-            if frozen > 0 {
-                let job = format!("c{}", v.index);
-                self.daemon()
-                    .start_commit(
-                        &job,
-                        &node(v, v.top().seq),
-                        &node(v, v.layers[frozen].seq),
-                        &node(v, v.layers[0].seq),
-                    )
-                    .await?;
-                self.wait_job(&job).await?;
-                // The base holds the committed data only once it is flushed; until then the
-                // layers above it are the only durable copy, so they stay.
-                self.flush_node(v, v.layers[0].seq).await?;
-                // Top down: a node still serves as the backing of the one above it.
-                for l in v.layers[1..=frozen].iter().rev() {
-                    self.daemon().remove_node(&node(v, l.seq)).await?;
-                }
-            }
-            let dropped: Vec<u32> = v.layers[1..=frozen].iter().map(|l| l.seq).collect();
+        //    Then fold the point and everything below it into the bottom layer: the chain
+        //    is two layers again, the bottom holding the point the peer has. A snapshot's
+        //    layers are never folded into: the fold's base is the layer above the highest
+        //    one a snapshot reads through (and without room for a fold, the point's own
+        //    layer stays as it is).
+        for id in &ids {
+            let v = &self.vol(id)?;
+            let at = point_index(v, &rp_id)?;
+            let base = self.pinned_top(id, v).map_or(0, |p| p + 1).min(at);
+            let dropped = self.fold(v, base, at).await?;
             self.update(|st| {
                 let sv = st.volumes.get_mut(id).ok_or_else(|| not_found(id))?;
                 sv.layers.retain(|l| !dropped.contains(&l.seq));
-                let b = &mut sv.layers[0];
+                let b = &mut sv.layers[base];
                 b.rp = Some(rp_id.clone());
                 b.acked = true;
                 b.rp_created_ms = created;
@@ -315,7 +306,8 @@ impl QemuDriver {
         let asked = drover_agent::driver::current_op().is_some();
         let reuse = !final_sync && !asked && vols.iter().all(|v| waiting(v) >= MAX_WAITING);
         let (rp_id, created, snapshot_pause_us) = if reuse {
-            let newest = &vols[0].layers[vols[0].layers.len() - 2];
+            // The newest waiting point (a snapshot's layer may be above it).
+            let newest = vols[0].layers.iter().rev().find(|l| l.rp.is_some() && !l.acked).expect("points wait");
             tracing::info!(
                 group = group_id,
                 waiting = waiting(&vols[0]),
@@ -445,4 +437,11 @@ impl Delta {
     fn data_bytes(&self) -> u64 {
         self.extents.iter().filter(|e| e.depth < self.changed_depth && e.data).map(|e| e.length).sum()
     }
+}
+
+/// Where the layer completing point `rp_id` is in `v`'s chain.
+fn point_index(v: &Vol, rp_id: &str) -> Result<usize, DriverError> {
+    v.layers.iter().position(|l| l.rp.as_deref() == Some(rp_id)).ok_or_else(|| {
+        DriverError::Internal(format!("recovery point {rp_id} is not in the chain any more; the next sync starts over"))
+    })
 }

@@ -57,6 +57,34 @@ pub(crate) struct Vol {
     pub(crate) discard_allowed: bool,
     #[serde(default)]
     pub(crate) last: SyncStats,
+    /// For a volume made from a snapshot: the snapshot's files its bottom layer reads
+    /// through (see `snapshot.rs`).
+    #[serde(default)]
+    pub(crate) origin: Option<Origin>,
+}
+
+/// Where a volume made from a snapshot comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Origin {
+    pub(crate) snapshot_id: String,
+    pub(crate) volume_id: String,
+    /// The snapshot's files, bottom to top.
+    pub(crate) files: Vec<PathBuf>,
+}
+
+/// A user snapshot of one or more volumes taken at one instant (`snapshot.rs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SnapRec {
+    pub(crate) created_ms: i64,
+    /// Per volume: what it read through at that instant.
+    pub(crate) members: BTreeMap<String, SnapMember>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SnapMember {
+    /// The layer files, bottom to top; pinned while the snapshot exists.
+    pub(crate) files: Vec<PathBuf>,
+    pub(crate) size_bytes: u64,
 }
 
 impl Vol {
@@ -74,6 +102,7 @@ impl Vol {
             peer_demoted: false,
             discard_allowed: false,
             last: SyncStats::default(),
+            origin: None,
         }
     }
 
@@ -111,6 +140,9 @@ pub(crate) struct State {
     /// Test clones of recovery points, by clone id.
     #[serde(default)]
     pub(crate) clones: BTreeMap<String, CloneRec>,
+    /// User snapshots, by snapshot id.
+    #[serde(default)]
+    pub(crate) snapshots: BTreeMap<String, SnapRec>,
 }
 
 /// A test clone ([`QemuDriver::do_clone`]).
@@ -121,6 +153,15 @@ pub(crate) struct CloneRec {
     pub(crate) index: u32,
     /// The replica layer files it reads through, kept on disk while it exists.
     pub(crate) backing: Vec<PathBuf>,
+}
+
+impl State {
+    /// Whether a test clone or a user snapshot reads through this file: it must not be
+    /// written into or deleted.
+    pub(crate) fn pins(&self, file: &Path) -> bool {
+        self.clones.values().any(|c| c.backing.iter().any(|b| b == file))
+            || self.snapshots.values().any(|s| s.members.values().any(|m| m.files.iter().any(|f| f == file)))
+    }
 }
 
 impl QemuDriver {
@@ -187,7 +228,7 @@ impl QemuDriver {
             }
             for f in std::fs::read_dir(dir.path()).into_iter().flatten().flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if !keep.contains(&name) && !st.clones.values().any(|c| c.backing.contains(&f.path())) {
+                if !keep.contains(&name) && !st.pins(&f.path()) {
                     tracing::info!(volume = %id, file = %name, "removing a leftover layer file");
                     let _ = std::fs::remove_file(f.path());
                 }

@@ -32,7 +32,9 @@ impl QemuDriver {
                     header.source_backend
                 )));
             }
-            let local_changes = v.layers.iter().any(|l| l.rp.is_none());
+            // A snapshot's layer (no point of its own, pinned) holds data some later point
+            // carries; it is not a local change.
+            let local_changes = v.layers.iter().any(|l| l.rp.is_none() && !self.pinned(&self.layer_path(id, l.seq)));
             let keep = if header.base_recovery_point_id.is_empty() {
                 if local_changes && !v.discard_allowed {
                     return Err(DriverError::FailedPrecondition(format!(

@@ -37,7 +37,12 @@ async fn a_long_chain_is_merged_at_start() {
     v.group_id = "g".into();
     v.peer = Some(PeerRec { backend: "b".into(), endpoint: "http://127.0.0.1:9".into() });
     v.interval_ms = 3_600_000;
-    let state = State { next_index: 1, volumes: [("v".to_string(), v)].into(), clones: Default::default() };
+    let state = State {
+        next_index: 1,
+        volumes: [("v".to_string(), v)].into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
     std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
 
     let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };

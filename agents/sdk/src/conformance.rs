@@ -109,6 +109,15 @@ impl Driver for Gated {
     async fn delete_snapshot(&self, s: &str) -> Result<(), DriverError> {
         self.inner.delete_snapshot(s).await
     }
+    async fn create_volume_from_snapshot(
+        &self,
+        id: &str,
+        size: u64,
+        snap: &str,
+        of: &str,
+    ) -> Result<VolumeState, DriverError> {
+        self.inner.create_volume_from_snapshot(id, size, snap, of).await
+    }
     async fn attach_volume(&self, id: &str) -> Result<Connection, DriverError> {
         self.inner.attach_volume(id).await
     }
@@ -166,7 +175,7 @@ fn vctx(op: &str, epoch: u64, vol: &str) -> Option<pb::OpContext> {
 }
 
 fn create(op: &str, vol: &str, size: i64) -> pb::CreateVolumeRequest {
-    pb::CreateVolumeRequest { ctx: vctx(op, 1, vol), volume_id: vol.into(), size_bytes: size }
+    pb::CreateVolumeRequest { ctx: vctx(op, 1, vol), volume_id: vol.into(), size_bytes: size, ..Default::default() }
 }
 
 fn expect_code<T: std::fmt::Debug>(
@@ -217,6 +226,7 @@ pub async fn run_all(pair: &mut Pair) {
     error_codes(pair).await;
     promote_demote_resync_rules(pair).await;
     clones_of_recovery_points(pair).await;
+    snapshots(pair).await;
 }
 
 /// A repeated op_id returns the first outcome, even with other arguments: the operation is
@@ -237,6 +247,7 @@ pub async fn stale_epoch_is_refused(pair: &mut Pair) {
         ctx: vctx("fence-1", 10, "fence"),
         volume_id: "fence".into(),
         size_bytes: 1 << 20,
+        ..Default::default()
     })
     .await
     .expect("epoch 10");
@@ -311,7 +322,13 @@ pub async fn error_codes(pair: &mut Pair) {
         "promoting a volume that is not replicated",
     );
     expect_code(
-        c.create_volume(pb::CreateVolumeRequest { ctx: None, volume_id: "noctx".into(), size_bytes: 1 << 20 }).await,
+        c.create_volume(pb::CreateVolumeRequest {
+            ctx: None,
+            volume_id: "noctx".into(),
+            size_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .await,
         Code::InvalidArgument,
         "a mutation without a context",
     );
@@ -436,5 +453,134 @@ pub async fn clones_of_recovery_points(pair: &mut Pair) {
         .await,
         Code::FailedPrecondition,
         "cloning a volume that is not a secondary",
+    );
+}
+
+/// Group snapshots and volumes made from them: idempotent per op_id and per snapshot id,
+/// fenced by epoch, bad input refused with its code; a snapshot that a volume was made
+/// from, and a volume that has snapshots, cannot be deleted; a snapshot survives syncs of
+/// its replicated volume; a replica cannot be snapshotted. Only for drivers with the
+/// `snapshot` capability.
+pub async fn snapshots(pair: &mut Pair) {
+    let caps = pair.primary.get_capabilities(pb::GetCapabilitiesRequest {}).await.unwrap().into_inner();
+    if !caps.capabilities.iter().any(|c| c == crate::driver::capability::SNAPSHOT) {
+        return;
+    }
+    let (p, s) = (&mut pair.primary, &mut pair.secondary);
+    for (i, v) in ["snap-a", "snap-b"].iter().enumerate() {
+        p.create_volume(create(&format!("snap-0{i}"), v, 4 << 20)).await.expect("create");
+    }
+    let gctx = |op: &str, epoch: u64| ctx(op, epoch, "group/snaps");
+    let snap = |op: &str, epoch: u64, id: &str, vols: &[&str]| pb::CreateGroupSnapshotRequest {
+        ctx: gctx(op, epoch),
+        group_id: "snaps".into(),
+        snapshot_id: id.into(),
+        volume_ids: vols.iter().map(|v| v.to_string()).collect(),
+    };
+    let first = p.create_group_snapshot(snap("snap-1", 2, "gs1", &["snap-a", "snap-b"])).await.expect("snapshot");
+    let first = first.into_inner();
+    let mut members = first.volume_ids.clone();
+    members.sort();
+    assert_eq!(members, ["snap-a", "snap-b"], "{first:?}");
+    let again = p.create_group_snapshot(snap("snap-1", 2, "gs1", &["snap-a"])).await.expect("repeat").into_inner();
+    assert_eq!(first, again, "a repeated op_id answers with the first outcome");
+    let same = p.create_group_snapshot(snap("snap-2", 2, "gs1", &["snap-b", "snap-a"])).await.expect("same id");
+    assert_eq!(same.into_inner().volume_ids.len(), 2, "the same snapshot id and volumes give the same snapshot");
+    expect_code(
+        p.create_group_snapshot(snap("snap-3", 2, "gs1", &["snap-a"])).await,
+        Code::AlreadyExists,
+        "a snapshot id taken by other volumes",
+    );
+    expect_code(
+        p.create_group_snapshot(snap("snap-4", 1, "gs2", &["snap-a"])).await,
+        Code::FailedPrecondition,
+        "a stale epoch",
+    );
+    expect_code(
+        p.create_group_snapshot(snap("snap-5", 2, "gs3", &["snap-a", "snap-a"])).await,
+        Code::InvalidArgument,
+        "a volume named twice",
+    );
+    expect_code(
+        p.create_group_snapshot(snap("snap-6", 2, "gs4", &["snap-missing"])).await,
+        Code::NotFound,
+        "a missing volume",
+    );
+    let from = |op: &str, vol: &str, size: i64, snap: &str, of: &str| pb::CreateVolumeRequest {
+        ctx: vctx(op, 1, vol),
+        volume_id: vol.into(),
+        size_bytes: size,
+        snapshot_id: snap.into(),
+        snapshot_volume_id: of.into(),
+    };
+    let made = p.create_volume(from("snap-7", "snap-c", 8 << 20, "gs1", "snap-a")).await.expect("from snapshot");
+    assert_eq!(made.into_inner().size_bytes, 8 << 20, "a volume made from a snapshot may be larger");
+    let made = p.create_volume(from("snap-8", "snap-c", 8 << 20, "gs1", "snap-a")).await.expect("the same again");
+    assert_eq!(made.into_inner().size_bytes, 8 << 20);
+    expect_code(
+        p.create_volume(from("snap-9", "snap-d", 1 << 20, "gs1", "snap-a")).await,
+        Code::InvalidArgument,
+        "a volume smaller than its snapshot",
+    );
+    expect_code(
+        p.create_volume(from("snap-10", "snap-d", 4 << 20, "gs-none", "snap-a")).await,
+        Code::NotFound,
+        "a snapshot that does not exist",
+    );
+    expect_code(
+        p.create_volume(pb::CreateVolumeRequest {
+            snapshot_id: "gs1".into(),
+            ..from("snap-11", "snap-d", 4 << 20, "", "")
+        })
+        .await,
+        Code::InvalidArgument,
+        "a snapshot without the volume it is of",
+    );
+    let del_snap = |op: &str, id: &str| pb::DeleteSnapshotRequest { ctx: gctx(op, 2), snapshot_id: id.into() };
+    expect_code(p.delete_snapshot(del_snap("snap-12", "gs1")).await, Code::FailedPrecondition, "a snapshot in use");
+    let del_vol = |op: &str, vol: &str| pb::DeleteVolumeRequest { ctx: vctx(op, 1, vol), volume_id: vol.into() };
+    expect_code(
+        p.delete_volume(del_vol("snap-13", "snap-a")).await,
+        Code::FailedPrecondition,
+        "a volume with snapshots",
+    );
+    p.delete_volume(del_vol("snap-14", "snap-c")).await.expect("delete the volume made from it");
+    p.delete_snapshot(del_snap("snap-15", "gs1")).await.expect("delete the snapshot");
+    p.delete_snapshot(del_snap("snap-16", "gs1")).await.expect("a deleted snapshot counts as deleted");
+    p.delete_volume(del_vol("snap-17", "snap-a")).await.expect("no snapshot holds it any more");
+
+    // With replication: a snapshot survives syncs; the replica cannot be snapshotted.
+    let enable = |role: pb::ReplicationRole, peer: &str, op: &str| pb::EnableReplicationRequest {
+        ctx: gctx(op, 2),
+        volume_id: "snap-b".into(),
+        group_id: "snaps".into(),
+        role: role as i32,
+        peer: Some(pb::ReplicationPeer { backend: "conf-peer".into(), endpoint: peer.into() }),
+        size_bytes: 4 << 20,
+        parameters: [("sync_interval_ms".to_string(), "3600000".to_string())].into(),
+    };
+    s.enable_replication(enable(pb::ReplicationRole::Secondary, &pair.primary_endpoint, "snap-20")).await.unwrap();
+    p.enable_replication(enable(pb::ReplicationRole::Primary, &pair.secondary_endpoint, "snap-21")).await.unwrap();
+    let sync = |op: &str| pb::SyncGroupRequest {
+        ctx: gctx(op, 2),
+        group_id: "snaps".into(),
+        r#final: false,
+        peer_endpoint: String::new(),
+    };
+    p.sync_group(sync("snap-22")).await.expect("initial sync");
+    p.create_group_snapshot(snap("snap-23", 2, "gs5", &["snap-b"])).await.expect("snapshot of a replicated volume");
+    p.sync_group(sync("snap-24")).await.expect("a sync after the snapshot");
+    p.sync_group(sync("snap-25")).await.expect("and another");
+    p.create_volume(from("snap-26", "snap-e", 4 << 20, "gs5", "snap-b")).await.expect("the snapshot is still there");
+    expect_code(
+        s.create_group_snapshot(pb::CreateGroupSnapshotRequest {
+            ctx: gctx("snap-27", 2),
+            group_id: "snaps".into(),
+            snapshot_id: "gs6".into(),
+            volume_ids: vec!["snap-b".into()],
+        })
+        .await,
+        Code::FailedPrecondition,
+        "a snapshot of a replica",
     );
 }

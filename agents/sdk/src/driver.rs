@@ -257,7 +257,26 @@ pub trait Driver: Send + Sync + 'static {
         snapshot_id: &str,
         volume_ids: &[String],
     ) -> Result<GroupSnapshotInfo, DriverError>;
+    /// Deletes a snapshot (one that is gone counts as deleted). A snapshot that volumes
+    /// made from it still read through is refused (FailedPrecondition).
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<(), DriverError>;
+    /// A new volume holding `source_volume_id` as snapshot `snapshot_id` saw it, at least
+    /// as large; independent of the source from then on. The same call again returns
+    /// the same volume.
+    async fn create_volume_from_snapshot(
+        &self,
+        volume_id: &str,
+        size_bytes: u64,
+        snapshot_id: &str,
+        source_volume_id: &str,
+    ) -> Result<VolumeState, DriverError> {
+        let _ = (volume_id, size_bytes, snapshot_id, source_volume_id);
+        Err(DriverError::Unsupported(format!(
+            "the {} driver cannot make volumes from snapshots (no `{}` capability)",
+            self.name(),
+            capability::SNAPSHOT
+        )))
+    }
     async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError>;
     async fn detach_volume(&self, volume_id: &str) -> Result<(), DriverError>;
 

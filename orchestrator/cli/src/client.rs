@@ -7,8 +7,9 @@ use drover_proto::v1::{
     execution_service_client::ExecutionServiceClient, group_service_client::GroupServiceClient,
     message_service_client::MessageServiceClient, project_service_client::ProjectServiceClient,
     replication_service_client::ReplicationServiceClient, runbook_service_client::RunbookServiceClient,
-    site_service_client::SiteServiceClient, token_service_client::TokenServiceClient,
-    version_service_client::VersionServiceClient, volume_service_client::VolumeServiceClient,
+    site_service_client::SiteServiceClient, snapshot_service_client::SnapshotServiceClient,
+    token_service_client::TokenServiceClient, version_service_client::VersionServiceClient,
+    volume_service_client::VolumeServiceClient,
 };
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
@@ -41,6 +42,7 @@ pub struct Clients {
     pub version: VersionServiceClient<Ch>,
     pub sites: SiteServiceClient<Ch>,
     pub volumes: VolumeServiceClient<Ch>,
+    pub snapshots: SnapshotServiceClient<Ch>,
     pub groups: GroupServiceClient<Ch>,
     pub replication: ReplicationServiceClient<Ch>,
     pub executions: ExecutionServiceClient<Ch>,
@@ -107,6 +109,7 @@ impl Clients {
             version: VersionServiceClient::new(ch()),
             sites: SiteServiceClient::new(ch()),
             volumes: VolumeServiceClient::new(ch()),
+            snapshots: SnapshotServiceClient::new(ch()),
             groups: GroupServiceClient::new(ch()),
             replication: ReplicationServiceClient::new(ch()),
             executions: ExecutionServiceClient::new(ch()),

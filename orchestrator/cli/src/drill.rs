@@ -240,6 +240,7 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
                 project: PROJECT.into(),
                 size_bytes: 64 << 20,
                 backend: "backend-a".into(),
+                ..Default::default()
             })
             .await
             .map_err(|s| fail("create volume", s, &dir))?;

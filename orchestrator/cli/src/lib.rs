@@ -49,6 +49,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::volume::VolumeCmd,
     },
+    /// Snapshots of volumes (group snapshots: `drover group snapshot`).
+    Snapshot {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::snapshot::SnapshotCmd,
+    },
     /// Group types.
     #[command(name = "group-type")]
     GroupType {

@@ -146,6 +146,45 @@ pub fn groups(groups: &[pb::Group]) -> Table {
 }
 
 /// One group in detail: its fields, then its history.
+pub fn snapshots(list: &[pb::Snapshot]) -> Table {
+    let mut t = Table::new(&["ID", "NAME", "PROJECT", "GROUP", "BACKEND", "VOLUMES", "STATUS", "CREATED"]);
+    for s in list {
+        t.row(vec![
+            s.id.clone(),
+            s.name.clone(),
+            s.project.clone(),
+            short(&s.group_id),
+            s.backend.clone(),
+            s.members.iter().map(|m| m.volume_name.as_str()).collect::<Vec<_>>().join(", "),
+            if s.status_reason.is_empty() { s.status.clone() } else { format!("{} ({})", s.status, s.status_reason) },
+            timestamp(s.created_at_ms),
+        ]);
+    }
+    t
+}
+
+pub fn snapshot_detail(s: &pb::Snapshot) -> Table {
+    let mut t = Table::new(&["FIELD", "VALUE"]);
+    for (k, v) in [
+        ("id", s.id.clone()),
+        ("name", s.name.clone()),
+        ("project", s.project.clone()),
+        ("group", s.group_id.clone()),
+        ("backend", s.backend.clone()),
+        ("status", s.status.clone()),
+        ("status reason", s.status_reason.clone()),
+        ("created", timestamp(s.created_at_ms)),
+        ("note", s.note.clone()),
+        ("execution", s.execution_id.clone()),
+    ] {
+        t.row(vec![k.into(), v]);
+    }
+    for m in &s.members {
+        t.row(vec![format!("volume {}", m.volume_name), format!("{} ({})", m.volume_id, format_size(m.size_bytes))]);
+    }
+    t
+}
+
 pub fn group_detail(g: &pb::Group) -> Table {
     let mut t = Table::new(&["FIELD", "VALUE"]);
     for (k, v) in [

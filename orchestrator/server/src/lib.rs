@@ -165,6 +165,12 @@ pub async fn serve(
             check_api_version,
         ))
         .add_service(InterceptedService::new(
+            pb::snapshot_service_server::SnapshotServiceServer::new(service::snapshots::SnapshotApi {
+                core: core.clone(),
+            }),
+            check_api_version,
+        ))
+        .add_service(InterceptedService::new(
             pb::group_service_server::GroupServiceServer::new(service::groups::GroupApi { core: core.clone() }),
             check_api_version,
         ))

@@ -41,6 +41,13 @@ pub mod keys {
     pub fn group_name(project: &str, name: &str) -> String {
         format!("names/groups/{project}/{name}")
     }
+    pub fn snapshot(id: &str) -> String {
+        format!("snapshots/{id}")
+    }
+    pub const SNAPSHOTS: &str = "snapshots/";
+    pub fn snapshot_name(project: &str, name: &str) -> String {
+        format!("names/snapshots/{project}/{name}")
+    }
 }
 
 /// Milliseconds since the Unix epoch.
@@ -73,6 +80,70 @@ pub mod volume_status {
     pub const EXTENDING: &str = "extending";
     pub const DELETING: &str = "deleting";
     pub const ERROR: &str = "error";
+}
+
+/// Snapshot status values.
+pub mod snapshot_status {
+    pub const CREATING: &str = "creating";
+    pub const AVAILABLE: &str = "available";
+    pub const DELETING: &str = "deleting";
+    pub const ERROR: &str = "error";
+}
+
+/// A snapshot of one volume, or of a group's volumes at one instant.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRec {
+    pub id: String,
+    pub name: String,
+    pub project: String,
+    /// The group of a group snapshot; empty for a volume snapshot.
+    #[serde(default)]
+    pub group_id: String,
+    pub backend: String,
+    pub status: String,
+    #[serde(default)]
+    pub status_reason: String,
+    pub created_at_ms: i64,
+    pub members: Vec<SnapshotMemberRec>,
+    #[serde(default)]
+    pub pending: Option<PendingOp>,
+    /// The execution that took it, or the last that changed it.
+    #[serde(default)]
+    pub execution_id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotMemberRec {
+    pub volume_id: String,
+    pub volume_name: String,
+    pub size_bytes: u64,
+}
+
+impl SnapshotRec {
+    /// The API form; `note` says which members are no longer active at its backend.
+    pub fn to_pb(&self, note: String) -> pb::Snapshot {
+        pb::Snapshot {
+            id: self.id.clone(),
+            name: self.name.clone(),
+            project: self.project.clone(),
+            group_id: self.group_id.clone(),
+            backend: self.backend.clone(),
+            status: self.status.clone(),
+            status_reason: self.status_reason.clone(),
+            created_at_ms: self.created_at_ms,
+            members: self
+                .members
+                .iter()
+                .map(|m| pb::SnapshotMember {
+                    volume_id: m.volume_id.clone(),
+                    volume_name: m.volume_name.clone(),
+                    size_bytes: m.size_bytes as i64,
+                })
+                .collect(),
+            note,
+            execution_id: self.execution_id.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -197,6 +268,11 @@ pub struct VolumeRec {
     pub created_at_ms: i64,
     #[serde(default)]
     pub pending: Option<PendingOp>,
+    /// Made from a snapshot: the snapshot, and which of its volumes.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub snapshot_volume_id: String,
 }
 
 impl VolumeRec {

@@ -6,7 +6,7 @@ use drover_store::{Compare, KvStore, Txn, TxnOp, TxnResponse};
 use serde::{Serialize, de::DeserializeOwned};
 
 use crate::error::{ApiError, ApiResult};
-use crate::model::{GroupRec, VolumeRec, keys};
+use crate::model::{GroupRec, SnapshotRec, VolumeRec, keys};
 
 /// A record with the mod_revision it was read at: what a transaction compares against.
 #[derive(Debug, Clone)]
@@ -90,6 +90,11 @@ impl Repo {
     /// Resolves a volume by id, or by name within a project.
     pub async fn volume(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<VolumeRec>> {
         self.resolve("volume", id_or_name, project, keys::volume, keys::volume_name).await
+    }
+
+    /// Resolves a snapshot by id, or by name within a project.
+    pub async fn snapshot(&self, id_or_name: &str, project: &str) -> ApiResult<Versioned<SnapshotRec>> {
+        self.resolve("snapshot", id_or_name, project, keys::snapshot, keys::snapshot_name).await
     }
 
     /// One page of the records under `all` (every project, in key order), or, with
@@ -198,6 +203,12 @@ pub trait InProject {
 }
 
 impl InProject for VolumeRec {
+    fn project(&self) -> &str {
+        &self.project
+    }
+}
+
+impl InProject for SnapshotRec {
     fn project(&self) -> &str {
         &self.project
     }

@@ -275,6 +275,7 @@ async fn main() -> std::process::ExitCode {
                     project: "soak".into(),
                     size_bytes: (64 * MIB) as i64,
                     backend: "backend-a".into(),
+                    ..Default::default()
                 })
                 .await
                 .expect("create volume");

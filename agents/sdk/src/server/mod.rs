@@ -54,8 +54,19 @@ impl Agent for AgentService {
         require("volume_id", &r.volume_id)?;
         let bytes = size("size_bytes", r.size_bytes)?;
         let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
+        if r.snapshot_id.is_empty() != r.snapshot_volume_id.is_empty() {
+            return Err(Status::invalid_argument(
+                "`snapshot_id` and `snapshot_volume_id` go together: name the snapshot and which of its volumes",
+            ));
+        }
         self.guarded(ctx, &target, "create_volume", move |d| async move {
-            d.create_volume(&r.volume_id, bytes).await.map(volume_info)
+            if r.snapshot_id.is_empty() {
+                d.create_volume(&r.volume_id, bytes).await.map(volume_info)
+            } else {
+                d.create_volume_from_snapshot(&r.volume_id, bytes, &r.snapshot_id, &r.snapshot_volume_id)
+                    .await
+                    .map(volume_info)
+            }
         })
         .await
     }

@@ -103,6 +103,9 @@ pub enum GroupCmd {
     /// Each volume's replication state and the group's RPO.
     #[command(name = "replication-info")]
     ReplicationInfo { group: String },
+    /// Group snapshots: every volume of a group at one instant.
+    #[command(subcommand)]
+    Snapshot(super::snapshot::GroupSnapshotCmd),
 }
 
 /// Runs one group command.
@@ -110,6 +113,7 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
     let (fmt, project) = (ctx.fmt, ctx.project.clone());
     let (mut groups, mut replication) = (ctx.api.groups.clone(), ctx.api.replication.clone());
     match cmd {
+        GroupCmd::Snapshot(cmd) => return super::snapshot::run_group(ctx, cmd).await,
         GroupCmd::Create { name, group_type, backend, volumes } => {
             let g = groups.create_group(pb::CreateGroupRequest { name, project, group_type, backend, volumes }).await?;
             emit(fmt, g.get_ref(), output::group_detail);

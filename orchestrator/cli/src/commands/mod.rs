@@ -10,6 +10,7 @@ pub mod message;
 pub mod project;
 pub mod runbook;
 pub mod site;
+pub mod snapshot;
 pub mod token;
 pub mod volume;
 

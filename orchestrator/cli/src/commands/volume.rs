@@ -11,14 +11,22 @@ use crate::size::{format_size, parse_size};
 /// `drover volume …`
 #[derive(Subcommand)]
 pub enum VolumeCmd {
-    /// Create a volume on a backend.
+    /// Create a volume on a backend, empty or from a snapshot.
     Create {
         name: String,
-        /// Size, e.g. 10GiB or 512MiB.
-        #[arg(long, allow_hyphen_values = true)]
-        size: String,
-        #[arg(long)]
+        /// Size, e.g. 10GiB or 512MiB (from a snapshot: at least its size, which is the
+        /// default).
+        #[arg(long, allow_hyphen_values = true, required_unless_present = "from_snapshot")]
+        size: Option<String>,
+        /// Where to create it (from a snapshot: where the snapshot is, the default).
+        #[arg(long, required_unless_present = "from_snapshot", default_value = "")]
         backend: String,
+        /// Make it from this snapshot (id or name).
+        #[arg(long, default_value = "")]
+        from_snapshot: String,
+        /// Which volume of a group snapshot (id or name).
+        #[arg(long, default_value = "", requires = "from_snapshot")]
+        from_volume: String,
     },
     /// List the project's volumes.
     List {
@@ -103,9 +111,13 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
     let (fmt, project) = (ctx.fmt, ctx.project.clone());
     let api = &mut ctx.api.volumes;
     match cmd {
-        VolumeCmd::Create { name, size, backend } => {
-            let size_bytes = parse_size(&size).map_err(|e| anyhow!("--size: {e}"))?;
-            let v = api.create_volume(pb::CreateVolumeRequest { name, project, size_bytes, backend }).await?;
+        VolumeCmd::Create { name, size, backend, from_snapshot, from_volume } => {
+            let size_bytes = match size {
+                Some(s) => parse_size(&s).map_err(|e| anyhow!("--size: {e}"))?,
+                None => 0,
+            };
+            let req = pb::CreateVolumeRequest { name, project, size_bytes, backend, from_snapshot, from_volume };
+            let v = api.create_volume(req).await?;
             emit(fmt, v.get_ref(), one);
         }
         VolumeCmd::List { all_projects } => {

@@ -112,6 +112,11 @@ macro_rules! in_project {
 
 in_project!(
     AttachVolumeRequest,
+    CreateGroupSnapshotRequest,
+    CreateSnapshotRequest,
+    DeleteSnapshotRequest,
+    GetSnapshotRequest,
+    ListSnapshotsRequest,
     CreateGroupRequest,
     CreateVolumeRequest,
     DeleteGroupRequest,
@@ -186,6 +191,11 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/drover.v1.AgentRegistry/RegisterAgent", Rule { need: Need::Agent, mutates: false }),
     ("/drover.v1.AgentRegistry/Heartbeat", Rule { need: Need::Agent, mutates: false }),
     ("/drover.v1.AgentRegistry/ConfirmPrimaries", Rule { need: Need::Agent, mutates: false }),
+    ("/drover.v1.SnapshotService/CreateSnapshot", change(Member)),
+    ("/drover.v1.SnapshotService/CreateGroupSnapshot", change(Member)),
+    ("/drover.v1.SnapshotService/GetSnapshot", read(Reader)),
+    ("/drover.v1.SnapshotService/ListSnapshots", read(Reader)),
+    ("/drover.v1.SnapshotService/DeleteSnapshot", change(Member)),
     ("/drover.v1.VolumeService/CreateVolume", change(Member)),
     ("/drover.v1.VolumeService/GetVolume", read(Reader)),
     ("/drover.v1.VolumeService/ListVolumes", read(Reader)),

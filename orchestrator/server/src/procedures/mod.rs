@@ -1,4 +1,4 @@
-//! The orchestrator's procedures: every group and volume transition, and "sync now",
+//! The orchestrator's procedures: every group, volume and snapshot transition, and "sync now",
 //! runs on the procedure engine (`drover-procedure`), so it outlives the request that
 //! asked for it, has one owner at a time, and is resumed by any orchestrator.
 //!
@@ -8,10 +8,12 @@
 //! done and the step only reports it.
 
 mod group;
+mod snapshot;
 mod sync;
 mod volume;
 
 pub use group::GroupTransition;
+pub use snapshot::SnapshotTransition;
 pub use sync::SyncNow;
 pub use volume::VolumeTransition;
 
@@ -34,6 +36,11 @@ pub fn register(manager: &Manager, core: &Arc<Core>) {
     manager.register(
         volume::KIND,
         Box::new(move |state| Ok(Box::new(VolumeTransition::load(c.clone(), state)?) as Box<_>)),
+    );
+    let c = core.clone();
+    manager.register(
+        snapshot::KIND,
+        Box::new(move |state| Ok(Box::new(SnapshotTransition::load(c.clone(), state)?) as Box<_>)),
     );
     let c = core.clone();
     manager.register(sync::KIND, Box::new(move |state| Ok(Box::new(SyncNow::load(c.clone(), state)?) as Box<_>)));

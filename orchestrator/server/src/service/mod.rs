@@ -10,6 +10,7 @@ pub mod returning;
 pub mod runbooks;
 pub mod shared;
 pub mod sites;
+pub mod snapshots;
 pub mod version;
 pub mod volumes;
 

@@ -103,11 +103,38 @@ impl VolumeApi {
         self.save(action, &rec, at).await.map(|_| ())
     }
 
-    async fn create(&self, r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
+    async fn create(&self, mut r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
         crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
+        // From a snapshot: made where the snapshot is, at least as large as its volume was.
+        let source = if r.from_snapshot.is_empty() {
+            if !r.from_volume.is_empty() {
+                return Err(ApiError::InvalidArgument("`from_volume` goes with `from_snapshot`".into()));
+            }
+            None
+        } else {
+            let (snap, member, keep) =
+                super::snapshots::source_of(&self.core, &r.project, &r.from_snapshot, &r.from_volume).await?;
+            if !r.backend.is_empty() && r.backend != snap.rec.backend {
+                return Err(ApiError::InvalidArgument(format!(
+                    "snapshot {} is at backend {}; a volume made from it is made there (leave `backend` empty)",
+                    snap.rec.name, snap.rec.backend
+                )));
+            }
+            r.backend = snap.rec.backend.clone();
+            if r.size_bytes == 0 {
+                r.size_bytes = member.size_bytes as i64;
+            }
+            if (r.size_bytes as u64) < member.size_bytes {
+                return Err(ApiError::InvalidArgument(format!(
+                    "size_bytes {} is smaller than the {} bytes volume {} had in snapshot {}",
+                    r.size_bytes, member.size_bytes, member.volume_name, snap.rec.name
+                )));
+            }
+            Some((snap.rec.id.clone(), member.volume_id, keep))
+        };
         let size = validate_size("size_bytes", r.size_bytes)?;
-        writable_backend(&self.core, &r.backend, "volume").await?;
+        writable_backend(&self.core, &r.backend, if source.is_some() { "snapshot" } else { "volume" }).await?;
         let id = uuid::Uuid::now_v7().to_string();
         let rec = VolumeRec {
             id: id.clone(),
@@ -122,9 +149,16 @@ impl VolumeApi {
             status_reason: String::new(),
             created_at_ms: now_ms(),
             pending: Some(PendingOp { new_size_bytes: size, ..PendingOp::new("create", &r.backend) }),
+            snapshot_id: source.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            snapshot_volume_id: source.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
-        let txn = Txn::new()
+        let mut txn = Txn::new();
+        if let Some((_, _, keep)) = source {
+            // The snapshot stays as read (not being deleted) until this volume's intent is in.
+            txn = txn.when(keep);
+        }
+        let txn = txn
             .when(Compare::Absent(name_key.clone().into_bytes()))
             .when(Compare::Absent(keys::volume(&id).into_bytes()))
             .and_then(TxnOp::put(name_key, id.clone()))
@@ -151,6 +185,8 @@ impl VolumeApi {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     volume_id: rec.id.clone(),
                     size_bytes: op.new_size_bytes as i64,
+                    snapshot_id: rec.snapshot_id.clone(),
+                    snapshot_volume_id: rec.snapshot_volume_id.clone(),
                 },
                 |mut c, req| async move { c.create_volume(req).await },
             )
@@ -184,6 +220,14 @@ impl VolumeApi {
     async fn delete(&self, r: pb::DeleteVolumeRequest) -> ApiResult<()> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
         require_ungrouped(&v.rec)?;
+        let snaps = super::snapshots::snapshots_of(&self.core, &v.rec.id).await?;
+        if !snaps.is_empty() {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} has snapshot(s) {}; delete them first (`drover snapshot delete`)",
+                v.rec.name,
+                snaps.join(", ")
+            )));
+        }
         check_volume(VolumeAction::Delete, &v.rec.status, &v.rec.name)?;
         writable_backend(&self.core, &v.rec.backend, "volume").await?;
         let op = PendingOp::new("delete", &v.rec.backend);
@@ -364,6 +408,8 @@ impl VolumeApi {
             status_reason: String::new(),
             created_at_ms: now_ms(),
             pending: Some(PendingOp { reference: r.reference.clone(), ..PendingOp::new("manage", &r.backend) }),
+            snapshot_id: String::new(),
+            snapshot_volume_id: String::new(),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
         let txn = Txn::new()
