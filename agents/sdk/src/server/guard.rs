@@ -63,9 +63,14 @@ pub(super) fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, 
     if ctx.epoch == 0 {
         return Err(Status::invalid_argument("`ctx.epoch` must be positive"));
     }
-    if !(ctx.fence_scope.starts_with("group/") || ctx.fence_scope.starts_with("volume/")) || ctx.fence_scope.len() < 7 {
+    // A snapshot's operations have a scope of their own, so that taking one never raises
+    // the fence of the group it covers under a running transition of that group.
+    let known = ["group/", "volume/", "snapshot/"]
+        .iter()
+        .any(|p| ctx.fence_scope.strip_prefix(p).is_some_and(|id| !id.is_empty()));
+    if !known {
         return Err(Status::invalid_argument(format!(
-            "`ctx.fence_scope` must be group/<id> or volume/<id>, got {:?}",
+            "`ctx.fence_scope` must be group/<id>, volume/<id> or snapshot/<id>, got {:?}",
             ctx.fence_scope
         )));
     }
