@@ -386,6 +386,7 @@ pub async fn plain_group_in(c: &mut Clients, project: &str, name: &str, n: usize
             group_type: "replication".into(),
             backend: "backend-a".into(),
             volumes: vols,
+            ..Default::default()
         })
         .await
         .expect("create group")

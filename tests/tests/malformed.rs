@@ -68,6 +68,7 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
             group_type: "replication".into(),
             backend: "backend-a".into(),
             volumes: vec![plain_vol],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -91,6 +92,7 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
         group_type: ty.into(),
         backend: "backend-a".into(),
         volumes: vols,
+        ..Default::default()
     };
     let spec = |pairs: Vec<(String, String)>| pb::CreateGroupTypeRequest {
         name: "t".into(),
@@ -121,6 +123,13 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
         let rb = |c: &Clients| c.runbooks.clone();
         let m = |c: &Clients| c.messages.clone();
         let a = |c: &Clients| c.audit.clone();
+        let sn = |c: &Clients| c.snapshots.clone();
+        let snap_req = |volume: &str, name: &str| pb::CreateSnapshotRequest {
+            volume: volume.into(),
+            project: "tests".into(),
+            name: name.into(),
+        };
+        let uuid_name = uuid::Uuid::now_v7().to_string();
         macro_rules! case {
             ($what:expr, $code:expr, $word:expr, $client:expr, $call:ident, $req:expr) => {{
                 let mut cl = $client;
@@ -521,6 +530,84 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
                 m(&c),
                 list_messages,
                 pb::ListMessagesRequest { project: "a b".into() }
+            ),
+            case!("snapshot without a name", Inv, "name", sn(&c), create_snapshot, snap_req(&vol, "")),
+            case!("snapshot with a UUID name", Inv, "name", sn(&c), create_snapshot, snap_req(&vol, &uuid_name)),
+            case!("snapshot of a missing volume", Nf, "volume", sn(&c), create_snapshot, snap_req("nope", "s")),
+            case!(
+                "snapshot of a missing group",
+                Nf,
+                "group",
+                sn(&c),
+                create_group_snapshot,
+                pb::CreateGroupSnapshotRequest { group: "nope".into(), project: "tests".into(), name: "s".into() }
+            ),
+            case!(
+                "missing snapshot",
+                Nf,
+                "snapshot",
+                sn(&c),
+                get_snapshot,
+                pb::GetSnapshotRequest { snapshot: "nope".into(), project: "tests".into() }
+            ),
+            case!(
+                "delete a missing snapshot",
+                Nf,
+                "snapshot",
+                sn(&c),
+                delete_snapshot,
+                pb::DeleteSnapshotRequest { snapshot: "nope".into(), project: "tests".into() }
+            ),
+            case!(
+                "snapshots of a bad project",
+                Inv,
+                "project",
+                sn(&c),
+                list_snapshots,
+                pb::ListSnapshotsRequest { project: "a b".into(), ..Default::default() }
+            ),
+            case!(
+                "snapshots page too large",
+                Inv,
+                "limit",
+                sn(&c),
+                list_snapshots,
+                pb::ListSnapshotsRequest { project: "tests".into(), limit: 5000, ..Default::default() }
+            ),
+            case!(
+                "volume from a missing snapshot",
+                Nf,
+                "snapshot",
+                v(&c),
+                create_volume,
+                pb::CreateVolumeRequest { from_snapshot: "nope".into(), ..vol_req("fs", 0, "", "tests") }
+            ),
+            case!(
+                "from_volume without a snapshot",
+                Inv,
+                "from_volume",
+                v(&c),
+                create_volume,
+                pb::CreateVolumeRequest { from_volume: "x".into(), ..vol_req("fs", 1 << 30, "backend-a", "tests") }
+            ),
+            case!(
+                "group from a missing snapshot",
+                Nf,
+                "snapshot",
+                g(&c),
+                create_group,
+                pb::CreateGroupRequest { from_group_snapshot: "nope".into(), ..group_req("fg", "replication", vec![]) }
+            ),
+            case!(
+                "group from a snapshot and volumes",
+                Inv,
+                "volumes",
+                g(&c),
+                create_group,
+                pb::CreateGroupRequest {
+                    from_group_snapshot: "nope".into(),
+                    ..group_req("fg", "replication", vec![vol.clone()])
+                }
             ),
         ]
     };

@@ -63,6 +63,7 @@ async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> 
             group_type: "consistent-replication".into(),
             backend: "backend-a".into(),
             volumes: vols.clone(),
+            ..Default::default()
         })
         .await
         .expect("create group");

@@ -65,6 +65,7 @@ async fn groups_on(c: &Clients, prefix: &str, n: usize, from: &str, to: &str) ->
                 group_type: "replication".into(),
                 backend: from.into(),
                 volumes: vec![v.id],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -453,6 +453,7 @@ async fn malformed_requests_are_invalid_arguments_and_change_nothing() {
             group_type: "replication".into(),
             backend: "backend-a".into(),
             volumes: vec![],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -832,6 +833,7 @@ async fn failures_no_reply_could_tell_become_user_messages() {
             group_type: "replication".into(),
             backend: "backend-a".into(),
             volumes: vec![v.id],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -59,6 +59,7 @@ async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> 
             group_type: "consistent-replication".into(),
             backend: "backend-a".into(),
             volumes: vols.clone(),
+            ..Default::default()
         })
         .await
         .expect("create group");
@@ -277,6 +278,13 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
         .into_inner();
     let names: Vec<&str> = listed.snapshots.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, ["cg-s1", "solo-s"], "nothing else was made");
+    let vols_now = c
+        .volumes
+        .list_volumes(pb::ListVolumesRequest { project: "tests".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(vols_now.volumes.len(), 3 + 3 + 1, "the refused requests made no volume: {:?}", vols_now.volumes);
     let grouped = c
         .snapshots
         .list_snapshots(pb::ListSnapshotsRequest { project: "tests".into(), group: "cg".into(), ..Default::default() })
@@ -284,6 +292,41 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
         .unwrap()
         .into_inner();
     assert_eq!(grouped.snapshots.len(), 1);
+
+    // A group made from the group snapshot: a new volume per member, holding the same.
+    let made_group = c
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: "cgr".into(),
+            project: "tests".into(),
+            group_type: "consistent-replication".into(),
+            from_group_snapshot: "cg-s1".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a group from the group snapshot")
+        .into_inner();
+    assert_eq!(made_group.volume_ids.len(), 3);
+    for (i, v) in vols.iter().enumerate() {
+        let name = format!("cgr-{v}");
+        let u = uri(&mut c, &name).await;
+        assert_eq!(slots(cluster.path(), &u, &name), actual[i], "{name} holds what {v} held at the snapshot");
+    }
+    expect_code(
+        c.groups
+            .create_group(pb::CreateGroupRequest {
+                name: "cgx".into(),
+                project: "tests".into(),
+                group_type: "consistent-replication".into(),
+                volumes: vec![vols[0].clone()],
+                from_group_snapshot: "cg-s1".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+        "volumes and a snapshot at once",
+    );
+    c.groups.delete_group(pb::DeleteGroupRequest { group: "cgr".into(), project: "tests".into() }).await.unwrap();
 
     // Snapshots and the volumes made from them survive SIGKILLs of the daemon and the agent.
     let before: Vec<Vec<u8>> = made.iter().map(|(n, u)| slots(cluster.path(), u, n)).collect();
@@ -314,7 +357,8 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
     assert_eq!(slots(cluster.path(), &u, "cg-again"), actual[2], "a new volume from the snapshot holds the same");
 
     // Clean up in order: the volumes made from it, then the snapshot.
-    for name in made.iter().map(|(n, _)| n.as_str()).chain(["cg-again"]) {
+    let group_vols: Vec<String> = vols.iter().map(|v| format!("cgr-{v}")).collect();
+    for name in made.iter().map(|(n, _)| n.as_str()).chain(["cg-again"]).chain(group_vols.iter().map(String::as_str)) {
         c.volumes
             .delete_volume(pb::DeleteVolumeRequest { volume: name.into(), project: "tests".into() })
             .await

@@ -258,6 +258,7 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
             group_type: "consistent-replication".into(),
             backend: "backend-a".into(),
             volumes: names.clone(),
+            ..Default::default()
         })
         .await
         .map_err(|s| fail("create group", s, &dir))?;

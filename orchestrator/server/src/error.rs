@@ -46,6 +46,12 @@ impl ApiError {
         }
     }
 
+    /// The same error (same code), its message prefixed with what was being done.
+    pub fn with_context(self, doing: &str) -> Self {
+        let code = self.code_name();
+        ApiError::from_code_name(code, format!("{doing}: {self}"))
+    }
+
     /// The error a [`ApiError::code_name`] and message stand for.
     pub fn from_code_name(code: &str, message: String) -> Self {
         match code {

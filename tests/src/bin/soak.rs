@@ -288,6 +288,7 @@ async fn main() -> std::process::ExitCode {
                 group_type: "consistent-replication".into(),
                 backend: "backend-a".into(),
                 volumes: volumes.clone(),
+                ..Default::default()
             })
             .await
             .expect("create group");

@@ -13,16 +13,22 @@ use crate::output::{self, Format, Table, emit};
 /// `drover group …`
 #[derive(Subcommand)]
 pub enum GroupCmd {
-    /// Create a group of volumes of one backend.
+    /// Create a group of volumes of one backend, or of new volumes made from a group
+    /// snapshot.
     Create {
         name: String,
         #[arg(long = "type")]
         group_type: String,
-        #[arg(long)]
+        /// Where the volumes are (from a snapshot: where it is, the default).
+        #[arg(long, required_unless_present = "from_group_snapshot", default_value = "")]
         backend: String,
         /// A volume (id or name) to include; repeat for more.
-        #[arg(long = "volume")]
+        #[arg(long = "volume", conflicts_with = "from_group_snapshot")]
         volumes: Vec<String>,
+        /// Make the group's volumes from this (group) snapshot, one per volume in it,
+        /// named GROUP-VOLUME.
+        #[arg(long, default_value = "")]
+        from_group_snapshot: String,
     },
     /// List the project's groups.
     List {
@@ -114,8 +120,9 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
     let (mut groups, mut replication) = (ctx.api.groups.clone(), ctx.api.replication.clone());
     match cmd {
         GroupCmd::Snapshot(cmd) => return super::snapshot::run_group(ctx, cmd).await,
-        GroupCmd::Create { name, group_type, backend, volumes } => {
-            let g = groups.create_group(pb::CreateGroupRequest { name, project, group_type, backend, volumes }).await?;
+        GroupCmd::Create { name, group_type, backend, volumes, from_group_snapshot } => {
+            let req = pb::CreateGroupRequest { name, project, group_type, backend, volumes, from_group_snapshot };
+            let g = groups.create_group(req).await?;
             emit(fmt, g.get_ref(), output::group_detail);
         }
         GroupCmd::List { all_projects } => {

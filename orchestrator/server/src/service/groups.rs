@@ -83,6 +83,68 @@ impl GroupApi {
         Ok(())
     }
 
+    /// A group of new volumes made from a snapshot's volumes (Cinder's group create from a
+    /// group snapshot). Each volume is made by its own execution, then the group of them
+    /// is written; everything is checked first, so bad input makes nothing.
+    async fn create_from_snapshot(&self, mut r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
+        crate::repo::validate_new_name("name", &r.name)?;
+        validate_name("project", &r.project)?;
+        if !r.volumes.is_empty() {
+            return Err(ApiError::InvalidArgument(
+                "`volumes` must be empty with `from_group_snapshot`: the group's volumes are made from the snapshot"
+                    .into(),
+            ));
+        }
+        group_type(&self.core, &r.group_type).await?;
+        let snap = self.core.repo.snapshot(&r.from_group_snapshot, &r.project).await?.rec;
+        if !r.backend.is_empty() && r.backend != snap.backend {
+            return Err(ApiError::InvalidArgument(format!(
+                "snapshot {} is at backend {}; a group made from it is made there (leave `backend` empty)",
+                snap.name, snap.backend
+            )));
+        }
+        if self.core.repo.store().get(keys::group_name(&r.project, &r.name).as_bytes()).await?.is_some() {
+            return Err(ApiError::AlreadyExists(format!(
+                "group {} already exists in project {}; pick another name",
+                r.name, r.project
+            )));
+        }
+        let names: Vec<String> = snap.members.iter().map(|m| format!("{}-{}", r.name, m.volume_name)).collect();
+        for n in &names {
+            crate::repo::validate_new_name("volume name made from the group name", n)?;
+            if self.core.repo.store().get(keys::volume_name(&r.project, n).as_bytes()).await?.is_some() {
+                return Err(ApiError::AlreadyExists(format!(
+                    "volume {n} (the name the group's volume would take) already exists; pick another group name"
+                )));
+            }
+        }
+        let volumes = super::volumes::VolumeApi { core: self.core.clone() };
+        let mut made = Vec::new();
+        for (m, name) in snap.members.iter().zip(&names) {
+            let v = volumes
+                .create(pb::CreateVolumeRequest {
+                    name: name.clone(),
+                    project: r.project.clone(),
+                    from_snapshot: snap.id.clone(),
+                    from_volume: m.volume_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    let so_far = if made.is_empty() { "none".to_string() } else { made.join(", ") };
+                    e.with_context(&format!(
+                        "making volume {name} of group {}; volumes made so far: {so_far} (delete them, or make the \
+                         group of them with `drover group create`)",
+                        r.name
+                    ))
+                })?;
+            made.push(v.name);
+        }
+        r.backend = snap.backend.clone();
+        r.volumes = made;
+        self.create(r).await
+    }
+
     pub(crate) async fn create(&self, r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
         crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
@@ -295,7 +357,10 @@ impl pb::group_service_server::GroupService for GroupApi {
     }
 
     async fn create_group(&self, req: Request<pb::CreateGroupRequest>) -> Result<Response<pb::Group>, Status> {
-        Ok(Response::new(self.create(crate::auth::scoped(req)?).await?.to_pb()))
+        let r = crate::auth::scoped(req)?;
+        let g =
+            if r.from_group_snapshot.is_empty() { self.create(r).await? } else { self.create_from_snapshot(r).await? };
+        Ok(Response::new(g.to_pb()))
     }
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::Group>, Status> {

@@ -1,5 +1,6 @@
 //! Helpers several services use: loading a writable backend or a group type, mapping an
-//! agent's error into an API error, and a group's replication info and RPO. They live
+//! agent's error into an API error, a group's replication info and RPO, and the snapshot
+//! a new volume is made from. They live
 //! here, below the services, so no service imports another.
 
 use drover_proto::agent::v1 as apb;
@@ -9,8 +10,12 @@ use tonic::{Code, Status};
 use super::Core;
 use crate::agents::Deadline;
 use crate::error::{ApiError, ApiResult};
-use crate::model::{BackendRec, GroupRec, GroupTypeRec, VolumeRec, keys, now_ms};
-use crate::repo::validate_name;
+use drover_store::Compare;
+
+use crate::model::{
+    BackendRec, GroupRec, GroupTypeRec, SnapshotMemberRec, SnapshotRec, VolumeRec, keys, now_ms, snapshot_status,
+};
+use crate::repo::{Versioned, validate_name};
 
 /// Errors from an agent that no retry can fix (the one classifier decides).
 pub fn agent_refused(s: &Status) -> bool {
@@ -114,4 +119,53 @@ pub fn rpo_ms(volumes: &[pb::VolumeReplicationInfo]) -> i64 {
         Some(t) if t > 0 => (now_ms() - t).max(0),
         _ => -1,
     }
+}
+
+/// The snapshot a new volume is made from, checked: the member it copies, and a
+/// comparison that keeps the snapshot as read until the volume's intent is written.
+pub(crate) async fn snapshot_source(
+    core: &Core,
+    project: &str,
+    snapshot: &str,
+    volume: &str,
+) -> ApiResult<(Versioned<SnapshotRec>, SnapshotMemberRec, Compare)> {
+    let snap = core.repo.snapshot(snapshot, project).await?;
+    let s = &snap.rec;
+    if s.status != snapshot_status::AVAILABLE {
+        return Err(ApiError::FailedPrecondition(format!(
+            "snapshot {} is {}; volumes are made only from an available snapshot",
+            s.name, s.status
+        )));
+    }
+    let m = match volume {
+        "" if s.members.len() == 1 => s.members[0].clone(),
+        "" => {
+            return Err(ApiError::InvalidArgument(format!(
+                "snapshot {} holds {} volumes ({}); name one with `from_volume`",
+                s.name,
+                s.members.len(),
+                s.members.iter().map(|m| m.volume_name.as_str()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        v => s
+            .members
+            .iter()
+            .find(|m| m.volume_id == v || m.volume_name == v)
+            .cloned()
+            .ok_or_else(|| ApiError::InvalidArgument(format!("snapshot {} holds no volume {v:?}", s.name)))?,
+    };
+    let keep = Compare::ModRevisionEquals(keys::snapshot(&s.id).into_bytes(), snap.rev);
+    Ok((snap, m, keep))
+}
+
+/// The snapshots that hold `volume_id`, by name (for refusing to delete the volume).
+pub(crate) async fn snapshots_of(core: &Core, volume_id: &str) -> ApiResult<Vec<String>> {
+    Ok(core
+        .repo
+        .list::<SnapshotRec>(keys::SNAPSHOTS)
+        .await?
+        .into_iter()
+        .filter(|s| s.rec.members.iter().any(|m| m.volume_id == volume_id))
+        .map(|s| s.rec.name)
+        .collect())
 }

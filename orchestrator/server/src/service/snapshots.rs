@@ -25,7 +25,7 @@ use crate::model::{
     PendingOp, SnapshotMemberRec, SnapshotRec, VolumeRec, keys, now_ms, replication_status, snapshot_status,
     volume_status,
 };
-use crate::repo::{Expect, Versioned, put, validate_name, validate_new_name};
+use crate::repo::{Expect, put, validate_name, validate_new_name};
 
 /// The backend capabilities a volume snapshot and a group snapshot need.
 const SNAPSHOT: &str = "snapshot";
@@ -340,55 +340,6 @@ impl SnapshotApi {
         }
         Ok(pb::ListSnapshotsResponse { snapshots: out, next_marker })
     }
-}
-
-/// The snapshot a new volume is made from, checked: the member it copies, and a
-/// comparison that keeps the snapshot as read until the volume's intent is written.
-pub(crate) async fn source_of(
-    core: &Core,
-    project: &str,
-    snapshot: &str,
-    volume: &str,
-) -> ApiResult<(Versioned<SnapshotRec>, SnapshotMemberRec, Compare)> {
-    let snap = core.repo.snapshot(snapshot, project).await?;
-    let s = &snap.rec;
-    if s.status != snapshot_status::AVAILABLE {
-        return Err(ApiError::FailedPrecondition(format!(
-            "snapshot {} is {}; volumes are made only from an available snapshot",
-            s.name, s.status
-        )));
-    }
-    let m = match volume {
-        "" if s.members.len() == 1 => s.members[0].clone(),
-        "" => {
-            return Err(ApiError::InvalidArgument(format!(
-                "snapshot {} holds {} volumes ({}); name one with `from_volume`",
-                s.name,
-                s.members.len(),
-                s.members.iter().map(|m| m.volume_name.as_str()).collect::<Vec<_>>().join(", ")
-            )));
-        }
-        v => s
-            .members
-            .iter()
-            .find(|m| m.volume_id == v || m.volume_name == v)
-            .cloned()
-            .ok_or_else(|| ApiError::InvalidArgument(format!("snapshot {} holds no volume {v:?}", s.name)))?,
-    };
-    let keep = Compare::ModRevisionEquals(keys::snapshot(&s.id).into_bytes(), snap.rev);
-    Ok((snap, m, keep))
-}
-
-/// The snapshots that hold `volume_id`, by name (for refusing to delete the volume).
-pub(crate) async fn snapshots_of(core: &Core, volume_id: &str) -> ApiResult<Vec<String>> {
-    Ok(core
-        .repo
-        .list::<SnapshotRec>(keys::SNAPSHOTS)
-        .await?
-        .into_iter()
-        .filter(|s| s.rec.members.iter().any(|m| m.volume_id == volume_id))
-        .map(|s| s.rec.name)
-        .collect())
 }
 
 #[tonic::async_trait]

@@ -103,7 +103,7 @@ impl VolumeApi {
         self.save(action, &rec, at).await.map(|_| ())
     }
 
-    async fn create(&self, mut r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
+    pub(crate) async fn create(&self, mut r: pb::CreateVolumeRequest) -> ApiResult<VolumeRec> {
         crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
         // From a snapshot: made where the snapshot is, at least as large as its volume was.
@@ -114,7 +114,7 @@ impl VolumeApi {
             None
         } else {
             let (snap, member, keep) =
-                super::snapshots::source_of(&self.core, &r.project, &r.from_snapshot, &r.from_volume).await?;
+                super::shared::snapshot_source(&self.core, &r.project, &r.from_snapshot, &r.from_volume).await?;
             if !r.backend.is_empty() && r.backend != snap.rec.backend {
                 return Err(ApiError::InvalidArgument(format!(
                     "snapshot {} is at backend {}; a volume made from it is made there (leave `backend` empty)",
@@ -220,7 +220,7 @@ impl VolumeApi {
     async fn delete(&self, r: pb::DeleteVolumeRequest) -> ApiResult<()> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
         require_ungrouped(&v.rec)?;
-        let snaps = super::snapshots::snapshots_of(&self.core, &v.rec.id).await?;
+        let snaps = super::shared::snapshots_of(&self.core, &v.rec.id).await?;
         if !snaps.is_empty() {
             return Err(ApiError::FailedPrecondition(format!(
                 "volume {} has snapshot(s) {}; delete them first (`drover snapshot delete`)",

@@ -50,6 +50,7 @@ impl ReplicationApi {
                         group_type: "replication".into(),
                         backend: v.backend.clone(),
                         volumes: vec![v.id.clone()],
+                        ..Default::default()
                     })
                     .await?;
                 let current = self.core.repo.get::<GroupRec>(&keys::group(&created.id)).await?.ok_or_else(|| {
