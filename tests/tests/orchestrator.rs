@@ -638,3 +638,97 @@ async fn a_returning_old_primary_cannot_sync_into_the_new_primary() {
     assert_eq!(info.role, apb::ReplicationRole::Primary as i32, "the new primary stays primary");
     assert_eq!(info.recovery_point_id, point_before, "nothing from the old primary landed");
 }
+
+/// Snapshot operations under faults, on mock agents that take 800 ms per call: the
+/// orchestrator is SIGKILLed while a group snapshot is being taken (its client gets an
+/// error), and the agent while the snapshot is being deleted. Each resumes to its end on
+/// its own; the snapshot was taken once, and no op_id entered a driver twice (the delete
+/// the kill cut short is tried again as its next attempt, `op#2`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_operations_survive_orchestrator_and_agent_kills_and_run_once() {
+    let mut cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.latency=800ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"],
+        &[],
+    )
+    .await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "snaps", 2).await;
+    let mut bg = c.clone();
+    let g2 = group.clone();
+    let call = tokio::spawn(async move {
+        bg.snapshots
+            .create_group_snapshot(pb::CreateGroupSnapshotRequest {
+                group: g2,
+                project: "tests".into(),
+                name: "s1".into(),
+            })
+            .await
+    });
+    let snapshot = |c: &mut drover_cli::client::Clients| {
+        let mut c = c.clone();
+        async move {
+            c.snapshots
+                .get_snapshot(pb::GetSnapshotRequest { snapshot: "s1".into(), project: "tests".into() })
+                .await
+                .map(tonic::Response::into_inner)
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !snapshot(&mut c).await.is_ok_and(|s| s.status == "creating") {
+        assert!(Instant::now() < deadline, "never saw the snapshot creating");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.restart_orchestrator().await;
+    assert!(call.await.unwrap().is_err(), "the killed orchestrator cannot have answered");
+    let mut c = cluster.clients().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        let s = snapshot(&mut c).await.expect("the snapshot record stays");
+        if s.status != "creating" {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the resumed snapshot did not finish within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(s.status, "available", "{}", s.status_reason);
+    assert_eq!(s.members.len(), 2);
+    let taken = oplog(&cluster.path().join("oplog-backend-a.jsonl"), "create_group_snapshot");
+    assert_eq!(taken.len(), 1, "the driver took the snapshot once: {taken:?}");
+
+    // The agent dies while the delete is in flight; the execution retries until the
+    // restarted agent answers (its ledger knows whether the driver ran).
+    let mut bg = c.clone();
+    let call = tokio::spawn(async move {
+        bg.snapshots.delete_snapshot(pb::DeleteSnapshotRequest { snapshot: "s1".into(), project: "tests".into() }).await
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !snapshot(&mut c).await.is_ok_and(|s| s.status == "deleting") {
+        assert!(Instant::now() < deadline, "never saw the snapshot deleting");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    cluster.agents[0].proc.kill();
+    cluster.restart_agent_with(
+        0,
+        "mock",
+        &["--set", "mock.latency=800ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"],
+    );
+    let answer = tokio::time::timeout(Duration::from_secs(60), call).await.expect("the delete ends").unwrap();
+    answer.expect("the delete completes after the agent's restart");
+    assert_eq!(snapshot(&mut c).await.unwrap_err().code(), Code::NotFound, "the snapshot is gone");
+    // The attempt the kill cut short is recorded as interrupted; the pool tries again
+    // under the next attempt's op_id (`base#2`): each op_id entered the driver once.
+    let deleted = oplog(&cluster.path().join("oplog-backend-a.jsonl"), "delete_snapshot");
+    assert!(!deleted.is_empty() && deleted.len() <= 3, "{deleted:?}");
+    let base = deleted[0].0.clone();
+    for (i, (op_id, _)) in deleted.iter().enumerate().skip(1) {
+        assert_eq!(op_id, &format!("{base}#{}", i + 1), "a later attempt of the same delete: {deleted:?}");
+    }
+    let (repeated, _) = drover_tests::invariants::repeated_op_ids(&[
+        ("backend-a", &cluster.path().join("oplog-backend-a.jsonl")),
+        ("backend-b", &cluster.path().join("oplog-backend-b.jsonl")),
+    ]);
+    assert!(repeated.is_empty(), "{repeated:?}");
+}

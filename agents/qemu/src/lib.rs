@@ -31,6 +31,13 @@
 //! to it. A crash before that write leaves the previous point as it was. Old replica
 //! layers are merged offline (`qemu-img commit` and an unsafe rebase onto identical
 //! data) so replica chains stay at most two layers long.
+//!
+//! # Snapshots
+//!
+//! A user snapshot freezes the active layers of its volumes in one QMP `transaction`, like
+//! a recovery point, and pins the files each volume read through at that instant; the
+//! housekeeping above merges only above the highest pinned layer. Volumes made from a
+//! snapshot are chains on top of its files. See `snapshot.rs`.
 
 mod chain;
 mod clone;
