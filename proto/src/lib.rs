@@ -18,6 +18,7 @@ pub mod agent {
     }
 }
 
+pub mod reflection;
 pub mod tls;
 
 /// The encoded descriptor set of every Drover proto, for gRPC reflection.

@@ -907,3 +907,73 @@ async fn failures_no_reply_could_tell_become_user_messages() {
     let e = m.messages.get_message(pb::GetMessageRequest { id: msg.id.clone(), project: String::new() }).await;
     assert!(e.is_err() || e.unwrap().into_inner().count == 1, "deleted (or raised anew by the next failure)");
 }
+
+/// The service names a server's reflection lists, asked through `grpc.reflection.v1`
+/// and through `v1alpha`.
+async fn reflected(channel: tonic::transport::Channel) -> (Vec<String>, Vec<String>) {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let mut c1 = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = c1.server_reflection_info(tokio_stream::iter([req])).await.expect("v1 reflection").into_inner();
+    let first = answers.message().await.unwrap().expect("a v1 answer");
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(l)) = first.message_response else {
+        panic!("not a service list: {first:?}")
+    };
+    let mut one: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    let mut ca = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1alpha::server_reflection_request::MessageRequest::ListServices(String::new())),
+    };
+    let mut answers =
+        ca.server_reflection_info(tokio_stream::iter([req])).await.expect("v1alpha reflection").into_inner();
+    let first = answers.message().await.unwrap().expect("a v1alpha answer");
+    let Some(v1alpha::server_reflection_response::MessageResponse::ListServicesResponse(l)) = first.message_response
+    else {
+        panic!("not a service list: {first:?}")
+    };
+    let mut alpha: Vec<String> = l.service.into_iter().map(|s| s.name).collect();
+    one.sort();
+    alpha.sort();
+    (one, alpha)
+}
+
+/// grpcurl, Postman and Evans find their way in: both reflection versions answer on the
+/// orchestrator and on an agent, and each lists exactly what that server serves (health
+/// included; the orchestrator does not list the agent APIs it does not serve).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_lists_exactly_the_served_services_in_both_versions() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let dir = cluster.dir.path();
+    let orchestrator = tonic::transport::Endpoint::from_shared(cluster.orchestrator.endpoint.clone())
+        .unwrap()
+        .tls_config(drover_proto::tls::user_client(&drover_tests::cluster::ca_file(dir)).unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (one, alpha) = reflected(orchestrator).await;
+    let mut want: Vec<String> = drover_orchestrator::SERVED
+        .iter()
+        .chain(drover_proto::reflection::COMMON.iter())
+        .map(|s| s.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(one, want, "the orchestrator through v1");
+    assert_eq!(alpha, want, "the orchestrator through v1alpha");
+    assert!(!one.iter().any(|s| s.starts_with("drover.agent.")), "{one:?}");
+
+    let agent = drover_tests::cluster::agent_channel(&cluster.agents[0].endpoint, dir).await;
+    let (one, alpha) = reflected(agent).await;
+    let mut want: Vec<String> = ["drover.agent.v1.Agent", "drover.agent.v1.Replica"]
+        .iter()
+        .chain(drover_proto::reflection::COMMON.iter())
+        .map(|s| s.to_string())
+        .collect();
+    want.sort();
+    assert_eq!(one, want, "an agent through v1");
+    assert_eq!(alpha, want, "an agent through v1alpha");
+}

@@ -46,6 +46,25 @@ pub struct RunningOrchestrator {
     pub handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
 }
 
+/// The drover.v1 services the orchestrator serves (reflection lists these, plus health
+/// and reflection itself).
+pub const SERVED: [&str; 14] = [
+    pb::version_service_server::SERVICE_NAME,
+    pb::site_service_server::SERVICE_NAME,
+    pb::agent_registry_server::SERVICE_NAME,
+    pb::volume_service_server::SERVICE_NAME,
+    pb::snapshot_service_server::SERVICE_NAME,
+    pb::group_service_server::SERVICE_NAME,
+    pb::replication_service_server::SERVICE_NAME,
+    pb::runbook_service_server::SERVICE_NAME,
+    pb::cluster_service_server::SERVICE_NAME,
+    pb::execution_service_server::SERVICE_NAME,
+    pb::token_service_server::SERVICE_NAME,
+    pb::audit_service_server::SERVICE_NAME,
+    pb::message_service_server::SERVICE_NAME,
+    pb::project_service_server::SERVICE_NAME,
+];
+
 /// Serves drover.v1, health and reflection on `listener` until `shutdown` fires. Seeds
 /// the built-in group types and starts the procedure manager, which resumes every
 /// execution no live orchestrator owns.
@@ -90,10 +109,10 @@ pub async fn serve(
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<pb::volume_service_server::VolumeServiceServer<service::volumes::VolumeApi>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| error::ApiError::Internal(e.to_string()))?;
+    // Reflection lists exactly what this server serves (not the agent APIs in the same
+    // descriptor set), in both reflection versions.
+    let (reflection, reflection_alpha) =
+        drover_proto::reflection::services(&SERVED).map_err(|e| error::ApiError::Internal(e.to_string()))?;
 
     match auth::tokens::bootstrap(&core.repo, &core.config.auth.token_file).await {
         Ok(line) => tracing::info!("{line}"),
@@ -151,6 +170,7 @@ pub async fn serve(
         .layer(auth::layer::AuthLayer { guard })
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_alpha)
         .add_service(pb::version_service_server::VersionServiceServer::new(service::version::VersionApi))
         .add_service(InterceptedService::new(
             pb::site_service_server::SiteServiceServer::new(sites()),

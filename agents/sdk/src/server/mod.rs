@@ -408,10 +408,9 @@ pub async fn serve(
     let local_addr = listener.local_addr()?;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<AgentServer<AgentService>>().await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(std::io::Error::other)?;
+    let (reflection, reflection_alpha) =
+        drover_proto::reflection::services(&[pb::agent_server::SERVICE_NAME, pb::replica_server::SERVICE_NAME])
+            .map_err(std::io::Error::other)?;
     driver.attach_fences(crate::driver::Fences(ledger.clone()));
     let replica = pb::replica_server::ReplicaServer::new(crate::replica::ReplicaService {
         driver: driver.clone(),
@@ -444,6 +443,7 @@ pub async fn serve(
             .initial_connection_window_size(Some(2 * crate::replica::WINDOW_BYTES))
             .add_service(health_service)
             .add_service(reflection)
+            .add_service(reflection_alpha)
             .add_service(AgentServer::new(AgentService::new(driver.clone(), ledger)))
             .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
