@@ -18,6 +18,7 @@ pub mod agent {
     }
 }
 
+pub mod metrics;
 pub mod reflection;
 pub mod tls;
 

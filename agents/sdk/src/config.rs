@@ -42,6 +42,8 @@ pub struct AgentConfig {
     pub tls: drover_proto::tls::TlsFiles,
     /// Serve and call in plain text, for development only (logged as a warning).
     pub insecure: bool,
+    /// Serve Prometheus metrics (`/metrics`) on this address; empty: off.
+    pub metrics_listen: String,
 }
 
 impl Default for AgentConfig {
@@ -58,6 +60,7 @@ impl Default for AgentConfig {
             fence_on_return: true,
             tls: Default::default(),
             insecure: false,
+            metrics_listen: String::new(),
         }
     }
 }

@@ -100,6 +100,16 @@ pub async fn start(
     let running = crate::server::serve(driver.clone(), ledger, listener, tls, shutdown.clone())
         .await
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
+    if !config.metrics_listen.is_empty() {
+        drover_proto::metrics::listen(
+            &config.metrics_listen,
+            running.metrics.registry.clone(),
+            None,
+            shutdown.clone().cancelled_owned(),
+        )
+        .await
+        .map_err(|source| LaunchError::Listen { addr: config.metrics_listen.clone(), source })?;
+    }
     if let Some(orchestrator) = config.orchestrator.clone() {
         let me = crate::registration::Announcement {
             agent_id: config.agent_id.clone(),

@@ -24,6 +24,7 @@ pub mod conformance;
 pub mod driver;
 pub mod launch;
 pub mod ledger;
+pub mod metrics;
 pub mod registration;
 pub mod replica;
 pub mod returning;

@@ -177,6 +177,7 @@ pub struct ReplicaService {
     pub driver: Arc<dyn Driver>,
     /// The agent's fencing records: a point from a source with a stale epoch is refused.
     pub ledger: crate::ledger::Ledger,
+    pub metrics: std::sync::Arc<crate::metrics::AgentMetrics>,
 }
 
 fn header_from(b: pb::ApplyBegin) -> Result<ApplyHeader, Status> {
@@ -269,6 +270,7 @@ impl pb::replica_server::Replica for ReplicaService {
             .map_err(|e| Status::internal(format!("the apply task failed: {e}")))?;
         feeder.abort();
         let bytes = result.map_err(|e| e.to_status())?;
+        self.metrics.received_bytes.inc_by(bytes);
         Ok(Response::new(pb::ApplyAck { recovery_point_id: rp, bytes_received: bytes as i64 }))
     }
 }

@@ -712,6 +712,11 @@ impl Manager {
     }
 
     /// One execution.
+    /// How many executions have not ended (the size of the pending index).
+    pub async fn running_count(&self) -> Result<usize, StoreError> {
+        Ok(self.store.range(keys::PENDING.as_bytes()).await?.0.len())
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<ExecutionRec>, StoreError> {
         match self.store.get(keys::execution(id).as_bytes()).await? {
             Some(kv) => Ok(Some(decode(&kv.value)?)),

@@ -131,6 +131,8 @@ pub struct OrchestratorConfig {
     pub tls: drover_proto::tls::TlsFiles,
     /// Serve and call in plain text, for development only (logged as a warning).
     pub insecure: bool,
+    /// Serve Prometheus metrics (`/metrics`) on this address; empty: off.
+    pub metrics_listen: String,
 }
 
 /// API tokens and the audit trail.
@@ -186,6 +188,7 @@ impl Default for OrchestratorConfig {
             message_retention: Duration::from_secs(30 * 24 * 3600),
             tls: Default::default(),
             insecure: false,
+            metrics_listen: String::new(),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod config;
 pub mod error;
 pub mod launch;
+pub mod metrics;
 pub mod model;
 pub mod procedures;
 pub mod repo;
@@ -150,7 +151,25 @@ pub async fn serve(
             procedures: manager.clone(),
             buckets: Default::default(),
         },
+        metrics: core.metrics.clone(),
     });
+    if !core.config.metrics_listen.is_empty() {
+        let refresh: drover_proto::metrics::Refresh = {
+            let core = core.clone();
+            Arc::new(move || {
+                let core = core.clone();
+                Box::pin(async move { core.metrics.refresh(&core).await })
+            })
+        };
+        drover_proto::metrics::listen(
+            &core.config.metrics_listen,
+            core.metrics.registry.clone(),
+            Some(refresh),
+            shutdown.clone().cancelled_owned(),
+        )
+        .await
+        .map_err(|e| error::ApiError::InvalidArgument(format!("{e}; fix `metrics_listen`")))?;
+    }
 
     let mut server = tonic::transport::Server::builder();
     match core.config.tls_files() {

@@ -45,6 +45,7 @@ impl Expect {
 #[derive(Clone)]
 pub struct Repo {
     store: Arc<dyn KvStore>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
@@ -53,7 +54,13 @@ fn corrupt(key: &str, e: serde_json::Error) -> ApiError {
 
 impl Repo {
     pub fn new(store: Arc<dyn KvStore>) -> Self {
-        Self { store }
+        Self { store, metrics: None }
+    }
+
+    /// The same, timing its transactions and counting their conflicts in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     pub fn store(&self) -> &Arc<dyn KvStore> {
@@ -84,7 +91,15 @@ impl Repo {
     }
 
     pub async fn txn(&self, txn: Txn) -> ApiResult<TxnResponse> {
-        Ok(self.store.txn(txn).await?)
+        let started = std::time::Instant::now();
+        let r = self.store.txn(txn).await?;
+        if let Some(m) = &self.metrics {
+            m.store_txn_seconds.observe(started.elapsed().as_secs_f64());
+            if !r.succeeded {
+                m.store_txn_conflicts.inc();
+            }
+        }
+        Ok(r)
     }
 
     /// Resolves a volume by id, or by name within a project.

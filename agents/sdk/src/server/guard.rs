@@ -79,8 +79,8 @@ pub(super) fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, 
 
 impl AgentService {
     /// A service over `driver`, with its ledger.
-    pub fn new(driver: Arc<dyn Driver>, ledger: Ledger) -> Self {
-        Self { driver, ledger, in_flight: Arc::new(Mutex::new(HashMap::new())) }
+    pub fn new(driver: Arc<dyn Driver>, ledger: Ledger, metrics: Arc<crate::metrics::AgentMetrics>) -> Self {
+        Self { driver, ledger, metrics, in_flight: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     /// Runs one mutation under fencing, idempotency and the one-at-a-time rule, to the
@@ -110,12 +110,22 @@ impl AgentService {
     {
         let ctx = validate_ctx(ctx)?;
         let span = tracing::info_span!("mutation", op, target, op_id = %ctx.op_id, epoch = ctx.epoch, scope = %ctx.fence_scope);
-        async {
+        let started = std::time::Instant::now();
+        self.metrics.in_flight.inc();
+        let result = async {
             self.target_exists(op, target, &ctx.op_id).await?;
             self.guarded_in_span(ctx, target, f).await
         }
         .instrument(span)
-        .await
+        .await;
+        self.metrics.in_flight.dec();
+        let outcome = match &result {
+            Ok(_) => "ok".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        let labels = crate::metrics::OpLabels { op: op.to_string(), outcome };
+        self.metrics.op_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+        result
     }
 
     async fn guarded_in_span<M, F, Fut>(&self, ctx: pb::OpContext, target: &str, f: F) -> Result<Response<M>, Status>

@@ -24,6 +24,7 @@ use scheduler::run_scheduler;
 pub struct AgentService {
     driver: Arc<dyn Driver>,
     ledger: Ledger,
+    metrics: Arc<crate::metrics::AgentMetrics>,
     /// Volume or group id to the op_id of the mutation running on it.
     in_flight: guard::InFlight,
 }
@@ -308,9 +309,12 @@ impl Agent for AgentService {
         let mut r = req.into_inner();
         require("group_id", &r.group_id)?;
         let (ctx, target) = (r.ctx.take(), r.group_id.clone());
+        let metrics = self.metrics.clone();
         self.guarded(ctx, &target, "sync_group", move |d| async move {
             let peer = (!r.peer_endpoint.is_empty()).then_some(r.peer_endpoint.as_str());
-            d.sync_group(&r.group_id, r.r#final, peer).await.map(|rep| pb::SyncGroupResponse {
+            let result = d.sync_group(&r.group_id, r.r#final, peer).await;
+            metrics.synced(&r.group_id, "asked", &result);
+            result.map(|rep| pb::SyncGroupResponse {
                 recovery_point_id: rep.recovery_point_id,
                 bytes: rep.bytes as i64,
                 duration_ms: rep.duration_ms as i64,
@@ -395,6 +399,8 @@ pub struct RunningAgent {
     pub handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Periodic syncs that failed, for the registration's heartbeats to report.
     pub failures: SyncFailures,
+    /// The agent's metrics, for its metrics endpoint.
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 /// Serves `drover.agent.v1`, health and reflection on `listener` until `shutdown` fires.
@@ -412,13 +418,15 @@ pub async fn serve(
         drover_proto::reflection::services(&[pb::agent_server::SERVICE_NAME, pb::replica_server::SERVICE_NAME])
             .map_err(std::io::Error::other)?;
     driver.attach_fences(crate::driver::Fences(ledger.clone()));
+    let metrics = crate::metrics::AgentMetrics::new();
     let replica = pb::replica_server::ReplicaServer::new(crate::replica::ReplicaService {
         driver: driver.clone(),
         ledger: ledger.clone(),
+        metrics: metrics.clone(),
     })
     .max_decoding_message_size(64 << 20);
     let failures = SyncFailures::default();
-    tokio::spawn(run_scheduler(driver.clone(), failures.clone(), shutdown.clone()));
+    tokio::spawn(run_scheduler(driver.clone(), failures.clone(), metrics.clone(), shutdown.clone()));
     let incoming = drover_proto::incoming(listener);
     let mut server = tonic::transport::Server::builder();
     let gated = match tls {
@@ -444,9 +452,9 @@ pub async fn serve(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(AgentServer::new(AgentService::new(driver.clone(), ledger)))
+            .add_service(AgentServer::new(AgentService::new(driver.clone(), ledger, metrics.clone())))
             .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
-    Ok(RunningAgent { local_addr, handle, failures })
+    Ok(RunningAgent { local_addr, handle, failures, metrics })
 }

@@ -36,6 +36,7 @@ impl SyncFailures {
 pub(super) async fn run_scheduler(
     driver: Arc<dyn Driver>,
     failures: SyncFailures,
+    metrics: Arc<crate::metrics::AgentMetrics>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
     let mut last: HashMap<String, tokio::time::Instant> = HashMap::new();
@@ -57,10 +58,13 @@ pub(super) async fn run_scheduler(
             let d = driver.clone();
             let g = group.clone();
             let failures = failures.clone();
+            let metrics = metrics.clone();
             running.insert(
                 group,
                 tokio::spawn(async move {
-                    match d.sync_group(&g, false, None).await {
+                    let result = d.sync_group(&g, false, None).await;
+                    metrics.synced(&g, "scheduled", &result);
+                    match result {
                         Ok(r) => tracing::info!(group = %g, rp = %r.recovery_point_id, bytes = r.bytes, ms = r.duration_ms, "periodic sync"),
                         Err(e) => {
                             tracing::warn!(group = %g, error = %e, "periodic sync failed; will retry at the next interval");

@@ -24,6 +24,33 @@ pub struct Guard {
     pub tls: bool,
     /// Tenants' limits.
     pub limits: TenantLimits,
+    /// Where request latencies go.
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// The status a response carries in its headers (a refusal is trailers-only); an answer
+/// carries its status in trailers, OK for every unary reply.
+fn header_code<B>(resp: &http::Response<B>) -> tonic::Code {
+    resp.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+        .unwrap_or(tonic::Code::Ok)
+}
+
+impl Guard {
+    /// Records a request's latency under its method (any path that is no known method
+    /// counts as `unknown`, so callers cannot grow the label set) and code.
+    fn observe(&self, path: &str, code: tonic::Code, started: std::time::Instant) {
+        let known =
+            rule_for(path).is_some() || path.starts_with("/grpc.health.v1.") || path.starts_with("/grpc.reflection.");
+        let labels = crate::metrics::Api {
+            method: if known { path.to_string() } else { "unknown".into() },
+            code: format!("{code:?}"),
+        };
+        self.metrics.api_seconds.get_or_create(&labels).observe(started.elapsed().as_secs_f64());
+    }
 }
 
 /// Per-project limits on non-admin callers' mutating calls.
@@ -210,6 +237,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let guard = self.guard.clone();
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let path = req.uri().path().to_string();
             let mutates = rule_for(&path).is_none_or(|r| r.mutates);
             let ext = req.extensions();
@@ -236,6 +264,7 @@ where
             };
             match guard.admit(&path, req.headers(), req.extensions()).await {
                 Err((status, caller)) => {
+                    guard.observe(&path, status.code(), started);
                     if mutates {
                         tokio::spawn(audit(caller.as_ref(), status.code(), status.message().to_string()));
                     }
@@ -247,16 +276,9 @@ where
                     }
                     let mut resp = inner.call(req).await?;
                     undecodable_is_invalid(&mut resp);
+                    let code = header_code(&resp);
+                    guard.observe(&path, code, started);
                     if mutates {
-                        // A refusal comes back trailers-only, its status in the headers; an
-                        // answer carries its status in trailers (OK for every unary reply).
-                        let code = resp
-                            .headers()
-                            .get("grpc-status")
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<i32>().ok())
-                            .map(tonic::Code::from_i32)
-                            .unwrap_or(tonic::Code::Ok);
                         let message = resp
                             .headers()
                             .get("grpc-message")

@@ -27,10 +27,13 @@ pub struct Core {
     pub agents: AgentPool,
     pub procedures: Arc<drover_procedure::Manager>,
     pub config: OrchestratorConfig,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Core {
     pub fn new(repo: Repo, config: OrchestratorConfig, procedures: Arc<drover_procedure::Manager>) -> Arc<Self> {
-        Arc::new(Self { agents: AgentPool::new(repo.clone(), config.clone()), repo, procedures, config })
+        let metrics = crate::metrics::Metrics::new();
+        let repo = repo.with_metrics(metrics.clone());
+        Arc::new(Self { agents: AgentPool::new(repo.clone(), config.clone()), repo, procedures, config, metrics })
     }
 }

@@ -1,0 +1,152 @@
+//! Prometheus metrics, scraped over HTTP from a real orchestrator and two real qemu
+//! agents while a group replicates: the group's RPO gauge rises between syncs and drops
+//! after `sync`, and the source agent's bytes-shipped counter grows by exactly the bytes
+//! the sync reported.
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use drover_proto::v1 as pb;
+use drover_tests::cluster::qemu_io;
+use drover_tests::{Cluster, StoreChoice};
+
+const MIB: u64 = 1 << 20;
+
+/// The metrics address a server logged at start.
+fn metrics_addr(log: &Path) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(at) = text.find("serving Prometheus metrics on http://") {
+            let rest = &text[at + "serving Prometheus metrics on http://".len()..];
+            return rest.split("/metrics").next().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "{} logged no metrics address", log.display());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One scrape: the body of `GET /metrics`.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
+    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
+    body.to_string()
+}
+
+/// The value of the series whose name and labels are exactly `series`.
+fn value(body: &str, series: &str) -> Option<f64> {
+    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).map(|v| v.parse().unwrap()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents() {
+    let on = ["--set", "metrics_listen=127.0.0.1:0"];
+    let cluster = Cluster::start_custom(StoreChoice::Embedded, "qemu", &on, &on).await;
+    let (orch, agent_a, agent_b) = (
+        metrics_addr(&cluster.orchestrator.proc.log),
+        metrics_addr(&cluster.agents[0].proc.log),
+        metrics_addr(&cluster.agents[1].proc.log),
+    );
+    let mut c = cluster.clients().await;
+    let mut vols = Vec::new();
+    for i in 0..2 {
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("mg-{i}"),
+                project: "tests".into(),
+                size_bytes: (16 * MIB) as i64,
+                backend: "backend-a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        vols.push(v.name);
+    }
+    let g = c
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: "mg".into(),
+            project: "tests".into(),
+            group_type: "consistent-replication".into(),
+            backend: "backend-a".into(),
+            volumes: vols.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let u = c
+        .volumes
+        .attach_volume(pb::AttachVolumeRequest { volume: vols[0].clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .uri;
+    qemu_io(&u, &["write -P 0x07 0 1M".to_string()]).unwrap();
+    c.replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: "mg".into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 3600,
+            no_wait: false,
+        })
+        .await
+        .expect("enable");
+
+    let rpo = r#"drover_group_rpo_seconds{group="mg",project="tests"}"#;
+    let shipped = format!(r#"drover_agent_shipped_bytes_total{{group="{}"}}"#, g.id);
+    let first = scrape(&orch);
+    let r1 = value(&first, rpo).unwrap_or_else(|| panic!("no RPO series:\n{first}"));
+    assert!(
+        value(&first, r#"drover_group_replication_status{group="mg",project="tests",status="enabled"}"#) == Some(1.0),
+        "{first}"
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r2 = value(&scrape(&orch), rpo).unwrap();
+    assert!(r2 >= r1 + 2.0, "the RPO rises between syncs: {r1} then {r2}");
+    let b1 = value(&scrape(&agent_a), &shipped).expect("the initial copy was counted");
+
+    qemu_io(&u, &["write -P 0x08 4M 512k".to_string()]).unwrap();
+    let s = c
+        .replication
+        .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), no_wait: false })
+        .await
+        .expect("sync")
+        .into_inner();
+    let after = scrape(&orch);
+    let r3 = value(&after, rpo).unwrap();
+    let a = scrape(&agent_a);
+    let b2 = value(&a, &shipped).unwrap();
+    println!(
+        "metrics: RPO {r1:.2} s, {r2:.2} s after 2.5 s, {r3:.2} s after the sync; shipped {b1} then {b2} bytes \
+         (the sync reported {})",
+        s.bytes
+    );
+    assert!(r3 < r2 && r3 < 2.0, "the RPO drops after the sync: {r2} then {r3}");
+    assert_eq!(b2 - b1, s.bytes as f64, "the counter grew by the bytes the sync reported");
+    assert!(s.bytes >= 512 * 1024, "{s:?}");
+
+    // The other series exist, with bounded labels.
+    assert!(
+        after.contains(
+            r#"drover_api_request_seconds_count{method="/drover.v1.ReplicationService/SyncGroup",code="Ok"} "#
+        ),
+        "{after}"
+    );
+    assert!(value(&after, "drover_store_txn_seconds_count").unwrap() > 0.0, "{after}");
+    assert!(value(&after, r#"drover_executions{status="running"}"#).is_some(), "{after}");
+    assert!(value(&a, r#"drover_agent_op_seconds_count{op="sync_group",outcome="ok"}"#).unwrap() >= 1.0, "{a}");
+    assert!(value(&a, "drover_agent_ops_in_flight").is_some(), "{a}");
+    let b = scrape(&agent_b);
+    assert!(value(&b, "drover_agent_received_bytes_total").unwrap() >= s.bytes as f64, "{b}");
+    assert!(!after.contains("op_id") && !a.contains(&vols[0]), "no per-operation or per-volume labels");
+}
