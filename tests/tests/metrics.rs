@@ -144,6 +144,13 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     );
     assert!(value(&after, "drover_store_txn_seconds_count").unwrap() > 0.0, "{after}");
     assert!(value(&after, r#"drover_executions{status="running"}"#).is_some(), "{after}");
+    assert_eq!(value(&after, "drover_executions_at_prompt"), Some(0.0), "{after}");
+    let ended = r#"drover_execution_seconds_count{kind="group-transition",status="succeeded"}"#;
+    assert!(value(&after, ended).unwrap() >= 1.0, "the enable's execution was timed: {after}");
+    for backend in ["backend-a", "backend-b"] {
+        assert_eq!(value(&after, &format!(r#"drover_backend_up{{backend="{backend}"}}"#)), Some(1.0), "{after}");
+        assert_eq!(value(&after, &format!(r#"drover_backend_frozen{{backend="{backend}"}}"#)), Some(0.0), "{after}");
+    }
     assert!(value(&a, r#"drover_agent_op_seconds_count{op="sync_group",outcome="ok"}"#).unwrap() >= 1.0, "{a}");
     assert!(value(&a, "drover_agent_ops_in_flight").is_some(), "{a}");
     let b = scrape(&agent_b);

@@ -6,7 +6,8 @@
 //!   `.cargo/config.toml` points PROTOC at), either a link to the system protoc or the
 //!   pure-Rust protox installed with cargo;
 //! - for tests, an etcd server: Debian's `etcd-server`, installed with apt-get if missing;
-//! - for the drill and tests, qemu-storage-daemon, qemu-img and qemu-io (`qemu-utils`).
+//! - for the drill and tests, qemu-storage-daemon, qemu-img and qemu-io (`qemu-utils`);
+//! - for the alert rule tests, promtool (`prometheus`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -92,6 +93,14 @@ fn ensure_qemu() -> Result<(), String> {
     apt_install("qemu-utils")
 }
 
+/// Makes promtool available (Debian's prometheus), for the alert rule tests.
+fn ensure_promtool() -> Result<(), String> {
+    if which("promtool").is_some() {
+        return Ok(());
+    }
+    apt_install("prometheus")
+}
+
 fn demo(extra: &[String]) -> Result<(), String> {
     ensure_protoc()?;
     ensure_qemu()?;
@@ -102,6 +111,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     ensure_protoc()?;
     ensure_etcd()?;
     ensure_qemu()?;
+    ensure_promtool()?;
     release_has_no_test_code()?;
     // Integration tests start the drover binary as separate processes.
     run(cargo().args(["build", "--workspace", "--bins"]))?;

@@ -712,9 +712,17 @@ impl Manager {
     }
 
     /// One execution.
-    /// How many executions have not ended (the size of the pending index).
-    pub async fn running_count(&self) -> Result<usize, StoreError> {
-        Ok(self.store.range(keys::PENDING.as_bytes()).await?.0.len())
+    /// The executions that have not ended (read through the pending index).
+    pub async fn running(&self) -> Result<Vec<ExecutionRec>, StoreError> {
+        let (index, _) = self.store.range(keys::PENDING.as_bytes()).await?;
+        let mut out = Vec::new();
+        for kv in index {
+            let id = String::from_utf8_lossy(&kv.key[keys::PENDING.len()..]).into_owned();
+            if let Some(rec) = self.get(&id).await? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<ExecutionRec>, StoreError> {

@@ -92,7 +92,12 @@ pub async fn serve(
     // A project's failed executions become user messages there.
     manager.on_end({
         let core = core.clone();
-        Arc::new(move |rec: &drover_procedure::ExecutionRec| service::messages::execution_ended(&core, rec))
+        Arc::new(move |rec: &drover_procedure::ExecutionRec| {
+            let labels = metrics::ExecEnd { kind: rec.kind.clone(), status: rec.status.as_str().to_string() };
+            let seconds = (rec.updated_ms - rec.created_ms).max(0) as f64 / 1000.0;
+            core.metrics.execution_seconds.get_or_create(&labels).observe(seconds);
+            service::messages::execution_ended(&core, rec)
+        })
     });
     manager.announce(serde_json::json!({
         "id": manager.owner_id(),

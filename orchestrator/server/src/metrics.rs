@@ -49,6 +49,17 @@ pub struct ExecState {
     pub status: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ExecEnd {
+    pub kind: String,
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabel {
+    pub backend: String,
+}
+
 type FGauge = Gauge<f64, AtomicU64>;
 
 /// Every metric of one orchestrator.
@@ -63,6 +74,10 @@ pub struct Metrics {
     pub group_last_sync_bytes: Family<GroupLabel, Gauge>,
     pub group_status: Family<GroupState, Gauge>,
     pub executions: Family<ExecState, Gauge>,
+    pub at_prompt: Gauge,
+    pub execution_seconds: Family<ExecEnd, Histogram, fn() -> Histogram>,
+    pub backend_up: Family<BackendLabel, Gauge>,
+    pub backend_frozen: Family<BackendLabel, Gauge>,
     refreshed: tokio::sync::Mutex<Option<Instant>>,
 }
 
@@ -118,6 +133,23 @@ impl Metrics {
         );
         let executions = Family::<ExecState, Gauge>::default();
         r.register("executions", "Executions that have not ended", executions.clone());
+        let execution_seconds =
+            Family::<ExecEnd, Histogram, fn() -> Histogram>::new_with_constructor(latency as fn() -> Histogram);
+        r.register(
+            "execution_seconds",
+            "Executions that ended here, from submit to end, by kind and final status",
+            execution_seconds.clone(),
+        );
+        let at_prompt = Gauge::default();
+        r.register("executions_at_prompt", "Runbook runs waiting at a prompt for approve or reject", at_prompt.clone());
+        let backend_up = Family::<BackendLabel, Gauge>::default();
+        r.register("backend_up", "1 when at least one of the backend's agents answers its probe", backend_up.clone());
+        let backend_frozen = Family::<BackendLabel, Gauge>::default();
+        r.register(
+            "backend_frozen",
+            "1 while the backend is frozen (management changes refused)",
+            backend_frozen.clone(),
+        );
         Arc::new(Self {
             registry: Arc::new(r),
             api_seconds,
@@ -129,13 +161,17 @@ impl Metrics {
             group_last_sync_bytes,
             group_status,
             executions,
+            at_prompt,
+            execution_seconds,
+            backend_up,
+            backend_frozen,
             refreshed: tokio::sync::Mutex::new(None),
         })
     }
 
     /// Brings the read gauges up to date. Scrapes that arrive while a refresh runs wait
     /// for it and use its values (it started after they asked only if it is newer).
-    pub async fn refresh(&self, core: &Core) {
+    pub async fn refresh(&self, core: &Arc<Core>) {
         let asked = Instant::now();
         let mut last = self.refreshed.lock().await;
         if last.is_some_and(|started| started >= asked) {
@@ -148,7 +184,7 @@ impl Metrics {
         *last = Some(started);
     }
 
-    async fn read(&self, core: &Core) -> crate::error::ApiResult<()> {
+    async fn read(&self, core: &Arc<Core>) -> crate::error::ApiResult<()> {
         let groups: Vec<GroupRec> =
             core.repo.list::<GroupRec>(keys::GROUPS).await?.into_iter().map(|g| g.rec).collect();
         // Series of groups that are gone go with them.
@@ -176,8 +212,19 @@ impl Metrics {
             let bytes: i64 = infos.iter().map(|i| i.last_sync_bytes).sum();
             self.group_last_sync_bytes.get_or_create(&l).set(bytes);
         }
-        let running = core.procedures.running_count().await.unwrap_or(0);
-        self.executions.get_or_create(&ExecState { status: "running".into() }).set(running as i64);
+        let running = core.procedures.running().await?;
+        self.executions.get_or_create(&ExecState { status: "running".into() }).set(running.len() as i64);
+        let prompting = running.iter().filter(|e| e.step.starts_with("prompt:")).count();
+        self.at_prompt.set(prompting as i64);
+        self.backend_up.clear();
+        self.backend_frozen.clear();
+        let sites = crate::service::sites::SiteApi { core: core.clone() };
+        for b in core.repo.list::<crate::model::BackendRec>(keys::BACKENDS).await? {
+            let label = BackendLabel { backend: b.rec.name.clone() };
+            let d = sites.describe(&b.rec).await?;
+            self.backend_up.get_or_create(&label).set(i64::from(d.status == "up"));
+            self.backend_frozen.get_or_create(&label).set(i64::from(b.rec.frozen));
+        }
         Ok(())
     }
 }
