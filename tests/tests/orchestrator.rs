@@ -614,7 +614,7 @@ async fn a_returning_old_primary_cannot_sync_into_the_new_primary() {
     let mut old = drover_tests::cluster::agent_client(&cluster.agents[0].endpoint, cluster.dir.path()).await;
     let mut new = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     let point_before = new
-        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone(), estimate_pending: false })
         .await
         .unwrap()
         .into_inner()
@@ -633,8 +633,11 @@ async fn a_returning_old_primary_cannot_sync_into_the_new_primary() {
         .await
         .unwrap_err();
     assert!(refused.message().contains("stale epoch"), "{}", refused.message());
-    let info =
-        new.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume }).await.unwrap().into_inner();
+    let info = new
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume, estimate_pending: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.role, apb::ReplicationRole::Primary as i32, "the new primary stays primary");
     assert_eq!(info.recovery_point_id, point_before, "nothing from the old primary landed");
 }

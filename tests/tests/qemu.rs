@@ -216,7 +216,10 @@ async fn planned_failover_moves_every_byte() {
         for agent in &cluster.agents {
             let mut a = drover_tests::cluster::agent_client(&agent.endpoint, cluster.dir.path()).await;
             let info = a
-                .get_replication_info(drover_proto::agent::v1::GetReplicationInfoRequest { volume_id: id.clone() })
+                .get_replication_info(drover_proto::agent::v1::GetReplicationInfoRequest {
+                    volume_id: id.clone(),
+                    estimate_pending: false,
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -825,7 +828,11 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
     // The group's replication info says points are waiting for the peer.
     let info = c
         .replication
-        .get_replication_info(pb::GetReplicationInfoRequest { group: "bounded".into(), project: "tests".into() })
+        .get_replication_info(pb::GetReplicationInfoRequest {
+            group: "bounded".into(),
+            project: "tests".into(),
+            predict: false,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -907,8 +914,11 @@ async fn a_stalled_source_does_not_block_a_promote() {
         .expect_err("the stalled point lands nowhere");
     drop(tx);
     assert!(refused.message().contains("changed while recovery point stalled-point arrived"), "{}", refused.message());
-    let info =
-        agent_b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume }).await.unwrap().into_inner();
+    let info = agent_b
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume, estimate_pending: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.role, apb::ReplicationRole::Primary as i32);
 }
 
@@ -1178,7 +1188,7 @@ async fn test_failover_clones_a_point_while_replication_goes_on() {
     let mut b = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     let point = |info: apb::ReplicationInfo| info.recovery_point_id;
     let first = point(
-        b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: ids[0].clone() })
+        b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: ids[0].clone(), estimate_pending: false })
             .await
             .unwrap()
             .into_inner(),
@@ -1186,10 +1196,13 @@ async fn test_failover_clones_a_point_while_replication_goes_on() {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = point(
-            b.get_replication_info(apb::GetReplicationInfoRequest { volume_id: ids[0].clone() })
-                .await
-                .unwrap()
-                .into_inner(),
+            b.get_replication_info(apb::GetReplicationInfoRequest {
+                volume_id: ids[0].clone(),
+                estimate_pending: false,
+            })
+            .await
+            .unwrap()
+            .into_inner(),
         );
         if now != first {
             break;
@@ -1259,7 +1272,7 @@ async fn a_source_that_vanishes_mid_point_leaves_the_target_usable() {
         .await
         .expect("a sync after the vanished sources");
     let now = b
-        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone(), estimate_pending: false })
         .await
         .unwrap()
         .into_inner()
@@ -1283,7 +1296,7 @@ async fn one_replicated(c: &mut Clients, cluster: &Cluster, name: &str) -> (pb::
     let volume = g.volume_ids[0].clone();
     let mut b = drover_tests::cluster::agent_client(&cluster.agents[1].endpoint, cluster.dir.path()).await;
     let base = b
-        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() })
+        .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone(), estimate_pending: false })
         .await
         .unwrap()
         .into_inner()
@@ -1328,4 +1341,57 @@ async fn raw_source(
             async move { replica.apply_recovery_point(tokio_stream::wrappers::ReceiverStream::new(rx)).await },
         );
     (tx, call)
+}
+
+/// The prediction before acting: after known writes at site A, `replication-info` with
+/// `predict` says what a planned failover's final sync would ship, within 5% of what the
+/// failover then ships (rounded to clusters), and the RPO a disaster failover would have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_failover_ships_what_was_predicted() {
+    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "pr", 2, 16 * MIB).await;
+    let (u0, u1) = (uri(&mut c, &vols[0]).await, uri(&mut c, &vols[1]).await);
+    // Data before the initial copy, so that the copy measures a rate.
+    io(&u0, &["write -P 0x20 12M 2M"]);
+    enable(&mut c, "pr", 3600).await;
+    io(&u0, &["write -P 0x21 0 3M"]);
+    io(&u1, &["write -P 0x22 5M 1M", "write -P 0x23 9M 100k"]);
+    let written = cluster_bytes(0, 3 * MIB) + cluster_bytes(5 * MIB, MIB) + cluster_bytes(9 * MIB, 100 << 10);
+    let info = c
+        .replication
+        .get_replication_info(pb::GetReplicationInfoRequest {
+            group: "pr".into(),
+            project: "tests".into(),
+            predict: true,
+        })
+        .await
+        .expect("replication info with a prediction")
+        .into_inner();
+    let predicted = info.predicted_final_sync_bytes;
+    assert!(info.rpo_ms >= 0, "a disaster failover now has a known RPO: {info:?}");
+    assert!(info.measured_rate_bytes_per_s > 0 && info.predicted_final_sync_ms >= 0, "{info:?}");
+    let r = failover(&mut c, "pr", "backend-b", false).await.expect("planned failover");
+    assert_all_succeeded(&r);
+    let actual = shipped(&r.group.unwrap(), "failover");
+    println!(
+        "prediction: {predicted} bytes in about {} ms at {} bytes/s; the final sync shipped {actual} bytes; {written} \
+         bytes of clusters written; RPO of a disaster failover was {} ms",
+        info.predicted_final_sync_ms, info.measured_rate_bytes_per_s, info.rpo_ms
+    );
+    let error = (predicted - actual as i64).unsigned_abs() as f64 / actual as f64;
+    assert!(error <= 0.05, "predicted {predicted}, shipped {actual}");
+    assert_eq!(actual, written, "the final sync shipped the written clusters");
+    // Without `predict` nothing is measured.
+    let plain = c
+        .replication
+        .get_replication_info(pb::GetReplicationInfoRequest {
+            group: "pr".into(),
+            project: "tests".into(),
+            predict: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plain.predicted_final_sync_bytes, -1);
 }

@@ -651,7 +651,10 @@ async fn attacks_on_agents_and_registration_are_refused() {
     assert_eq!(drover_tests::state_snapshot(&mut c).await, before);
     for (i, want) in [(0, apb::ReplicationRole::Primary), (1, apb::ReplicationRole::Secondary)] {
         let mut a = drover_tests::cluster::agent_client(&cluster.agents[i].endpoint, dir).await;
-        let info = a.get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone() }).await.unwrap();
+        let info = a
+            .get_replication_info(apb::GetReplicationInfoRequest { volume_id: volume.clone(), estimate_pending: false })
+            .await
+            .unwrap();
         assert_eq!(info.into_inner().role, want as i32, "agent {i}");
     }
     let b = c.sites.get_backend(pb::GetBackendRequest { name: "backend-a".into() }).await.unwrap().into_inner();

@@ -385,6 +385,10 @@ impl Driver for QemuDriver {
         Ok(true)
     }
 
+    async fn pending_bytes(&self, volume_id: &str) -> Result<Option<u64>, DriverError> {
+        self.estimate_pending(volume_id).await
+    }
+
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError> {
         let v = self.vol(volume_id)?;
         let rp = match v.role {

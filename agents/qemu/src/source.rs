@@ -362,7 +362,8 @@ impl QemuDriver {
     async fn ship(&self, group_id: &str, final_sync: bool, f: &Frozen) -> Result<Vec<u64>, DriverError> {
         let mut deltas = Vec::new();
         for (id, v) in f.ids.iter().zip(&f.vols) {
-            let frozen = v.layers.len() - 2;
+            // The point's layer (a snapshot's layer may sit above a point sent again).
+            let frozen = point_index(v, &f.rp_id)?;
             let changed_depth = match (f.full, v.acked_index()) {
                 // Depth counts down from the frozen layer: everything above the acknowledged
                 // layer changed since the peer's point.
@@ -436,6 +437,26 @@ pub(crate) struct Delta {
 impl Delta {
     fn data_bytes(&self) -> u64 {
         self.extents.iter().filter(|e| e.depth < self.changed_depth && e.data).map(|e| e.length).sum()
+    }
+}
+
+impl QemuDriver {
+    /// The bytes a sync now would ship for a primary volume: the data allocated above the
+    /// layer the peer holds (everything without one). The active layer is flushed first,
+    /// so its on-disk map is current (qcow2 keeps new metadata in memory until a flush).
+    pub(crate) async fn estimate_pending(&self, id: &str) -> Result<Option<u64>, DriverError> {
+        let v = self.vol(id)?;
+        if v.role == Some(Role::Secondary) || v.layers.is_empty() {
+            return Ok(None);
+        }
+        let top = v.layers.len() - 1;
+        self.flush_node(&v, v.top().seq).await?;
+        let changed_depth = match v.acked_index() {
+            Some(a) => (top - a) as u32,
+            None => u32::MAX,
+        };
+        let extents = image::map(&self.layer_path(id, v.top().seq)).await?;
+        Ok(Some(extents.iter().filter(|e| e.depth < changed_depth && e.data).map(|e| e.length).sum()))
     }
 }
 

@@ -109,6 +109,9 @@ impl Driver for Gated {
     async fn delete_snapshot(&self, s: &str) -> Result<(), DriverError> {
         self.inner.delete_snapshot(s).await
     }
+    async fn pending_bytes(&self, id: &str) -> Result<Option<u64>, DriverError> {
+        self.inner.pending_bytes(id).await
+    }
     async fn create_volume_from_snapshot(
         &self,
         id: &str,
@@ -363,8 +366,11 @@ pub async fn promote_demote_resync_rules(pair: &mut Pair) {
         peer_endpoint: String::new(),
     };
     p.sync_group(sync("rules-3", false)).await.expect("initial sync");
-    let info =
-        s.get_replication_info(pb::GetReplicationInfoRequest { volume_id: "rules".into() }).await.unwrap().into_inner();
+    let info = s
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "rules".into(), estimate_pending: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!info.recovery_point_id.is_empty(), "the secondary holds a recovery point: {info:?}");
 
     let promote = |op: &str, force: bool| pb::PromoteVolumeRequest { ctx: gctx(op), volume_id: "rules".into(), force };
@@ -382,8 +388,11 @@ pub async fn promote_demote_resync_rules(pair: &mut Pair) {
 
     p.sync_group(sync("rules-6", true)).await.expect("final sync");
     s.promote_volume(promote("rules-7", false)).await.expect("promote after the primary demoted itself");
-    let info =
-        p.get_replication_info(pb::GetReplicationInfoRequest { volume_id: "rules".into() }).await.unwrap().into_inner();
+    let info = p
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "rules".into(), estimate_pending: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(info.role, pb::ReplicationRole::Secondary as i32, "the old primary is a secondary now");
     p.resync_volume(pb::ResyncVolumeRequest { ctx: gctx("rules-8"), volume_id: "rules".into() })
         .await
@@ -420,7 +429,7 @@ pub async fn clones_of_recovery_points(pair: &mut Pair) {
     };
     p.sync_group(sync("clones-3")).await.expect("initial sync");
     let point = s
-        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "clones".into() })
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "clones".into(), estimate_pending: false })
         .await
         .unwrap()
         .into_inner();
@@ -436,7 +445,7 @@ pub async fn clones_of_recovery_points(pair: &mut Pair) {
     assert_eq!(first, again, "the same clone id gives the same clone");
     p.sync_group(sync("clones-6")).await.expect("replication goes on while a clone exists");
     let later = s
-        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "clones".into() })
+        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "clones".into(), estimate_pending: false })
         .await
         .unwrap()
         .into_inner();

@@ -295,6 +295,13 @@ pub trait Driver: Send + Sync + 'static {
     /// Resynchronises a demoted volume from its peer. Returns whether it is in sync.
     async fn resync(&self, volume_id: &str) -> Result<bool, DriverError>;
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError>;
+    /// On a primary: the bytes a sync now would ship for this volume (what changed since
+    /// the point the peer holds, or everything without one); `None` when the driver cannot
+    /// tell or the volume is not a primary. Used for predictions, so it may cost some work.
+    async fn pending_bytes(&self, volume_id: &str) -> Result<Option<u64>, DriverError> {
+        let _ = volume_id;
+        Ok(None)
+    }
 
     /// Source side: takes a crash-consistent recovery point of the group's primary volumes
     /// on this backend and ships it to the peer. With `final_sync`, writes are stopped

@@ -68,7 +68,10 @@ pub async fn peer_point(endpoint: &str, volume_id: &str) -> Result<String, Drive
         .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
     let mut client = drover_proto::agent::v1::agent_client::AgentClient::new(channel);
     let info = client
-        .get_replication_info(pb::GetReplicationInfoRequest { volume_id: volume_id.to_string() })
+        .get_replication_info(pb::GetReplicationInfoRequest {
+            volume_id: volume_id.to_string(),
+            estimate_pending: false,
+        })
         .await
         .map_err(|s| DriverError::Unavailable(format!("peer agent at {endpoint}: {}", s.message())))?;
     Ok(info.into_inner().recovery_point_id)

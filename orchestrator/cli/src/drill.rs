@@ -313,7 +313,11 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
     }
     let info = c
         .replication
-        .get_replication_info(pb::GetReplicationInfoRequest { group: "app".into(), project: PROJECT.into() })
+        .get_replication_info(pb::GetReplicationInfoRequest {
+            group: "app".into(),
+            project: PROJECT.into(),
+            predict: false,
+        })
         .await
         .map_err(|s| fail("replication info", s, &dir))?
         .into_inner();

@@ -270,8 +270,19 @@ pub fn replication_info(i: &pb::GroupReplicationInfo) -> Table {
     t.footer(if i.rpo_ms < 0 {
         "RPO: unknown (a volume has no complete recovery point yet, or its agent did not answer)".into()
     } else {
-        format!("RPO: {} ms", i.rpo_ms)
+        format!("RPO: {} ms (a disaster failover now would lose the writes of the last {} ms)", i.rpo_ms, i.rpo_ms)
     });
+    if i.predicted_final_sync_bytes >= 0 {
+        let time = if i.predicted_final_sync_ms >= 0 {
+            format!("about {} ms at {} bytes/s measured", i.predicted_final_sync_ms, i.measured_rate_bytes_per_s)
+        } else {
+            "time unknown (no sync measured yet)".into()
+        };
+        t.footer(format!(
+            "planned failover now: its final sync would ship {} bytes, {time}",
+            i.predicted_final_sync_bytes
+        ));
+    }
     t
 }
 
@@ -315,10 +326,26 @@ mod tests {
                 ..Default::default()
             }],
             rpo_ms: 1500,
+            predicted_final_sync_bytes: -1,
+            predicted_final_sync_ms: -1,
+            measured_rate_bytes_per_s: 0,
         };
         let out = replication_info(&info).render();
         let rpo = out.lines().find(|l| l.contains("RPO")).unwrap();
-        assert_eq!(rpo, "RPO: 1500 ms");
+        assert_eq!(rpo, "RPO: 1500 ms (a disaster failover now would lose the writes of the last 1500 ms)");
         assert!(out.lines().any(|l| l.starts_with("v1") && l.ends_with("backend b: no answer")), "{out}");
+        assert!(!out.contains("planned failover"), "no prediction was asked: {out}");
+        let predicted = pb::GroupReplicationInfo {
+            predicted_final_sync_bytes: 3 << 20,
+            predicted_final_sync_ms: 40,
+            measured_rate_bytes_per_s: 80 << 20,
+            ..info
+        };
+        let out = replication_info(&predicted).render();
+        let line = out.lines().find(|l| l.starts_with("planned failover now")).expect(&out);
+        assert_eq!(
+            line,
+            "planned failover now: its final sync would ship 3145728 bytes, about 40 ms at 83886080 bytes/s measured"
+        );
     }
 }

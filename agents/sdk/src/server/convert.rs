@@ -45,6 +45,7 @@ pub(super) fn replication_info(volume_id: String, s: ReplicationState) -> pb::Re
         last_sync_bytes: s.last_sync_bytes,
         recovery_point_id: s.recovery_point_id,
         error: s.error,
+        pending_bytes: -1,
     }
 }
 

@@ -302,7 +302,12 @@ impl Agent for AgentService {
         let r = req.into_inner();
         require("volume_id", &r.volume_id)?;
         let state = self.driver.replication_info(&r.volume_id).await.map_err(driver_err)?;
-        Ok(Response::new(replication_info(r.volume_id, state)))
+        let pending = if r.estimate_pending {
+            self.driver.pending_bytes(&r.volume_id).await.map_err(driver_err)?.map_or(-1, |b| b as i64)
+        } else {
+            -1
+        };
+        Ok(Response::new(pb::ReplicationInfo { pending_bytes: pending, ..replication_info(r.volume_id, state) }))
     }
 
     async fn sync_group(&self, req: Request<pb::SyncGroupRequest>) -> Result<Response<pb::SyncGroupResponse>, Status> {

@@ -234,7 +234,7 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             });
         }
         GroupCmd::ReplicationInfo { group } => {
-            let req = pb::GetReplicationInfoRequest { group, project };
+            let req = pb::GetReplicationInfoRequest { group, project, predict: true };
             let r = replication.get_replication_info(req).await?.into_inner();
             emit(fmt, &r, output::replication_info);
         }

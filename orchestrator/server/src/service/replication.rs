@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status};
 
 use super::Core;
 use super::shared::writable_backend;
-use super::shared::{group_type, rpo_ms, volume_infos};
+use super::shared::{group_type, rpo_ms, volume_infos_with};
 use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, PendingOp, VolumeRec, keys, replication_status as rs};
@@ -621,10 +621,45 @@ impl ReplicationApi {
 
     async fn info(&self, r: pb::GetReplicationInfoRequest) -> ApiResult<pb::GroupReplicationInfo> {
         let g = self.core.repo.group(&r.group, &r.project).await?;
-        let volumes = volume_infos(&self.core, &g.rec).await?;
+        let infos = volume_infos_with(&self.core, &g.rec, r.predict).await?;
+        let volumes: Vec<pb::VolumeReplicationInfo> = infos.iter().map(|(v, _)| v.clone()).collect();
         let rpo_ms = rpo_ms(&volumes);
-        Ok(pb::GroupReplicationInfo { group: Some(g.rec.to_pb()), volumes, rpo_ms })
+        let p = predict(&infos);
+        Ok(pb::GroupReplicationInfo {
+            group: Some(g.rec.to_pb()),
+            volumes,
+            rpo_ms,
+            predicted_final_sync_bytes: p.bytes,
+            predicted_final_sync_ms: p.ms,
+            measured_rate_bytes_per_s: p.rate,
+        })
     }
+}
+
+/// What a planned failover now would do: the bytes its final sync would ship (the sum
+/// of what each volume's source measured; -1 when any is unknown), the rate the group's
+/// last syncs ran at (bytes over time, the volumes of one point shipping together), and
+/// so the time the final sync would take.
+struct Prediction {
+    bytes: i64,
+    ms: i64,
+    rate: i64,
+}
+
+fn predict(infos: &[(pb::VolumeReplicationInfo, i64)]) -> Prediction {
+    let bytes =
+        if infos.is_empty() || infos.iter().any(|(_, p)| *p < 0) { -1 } else { infos.iter().map(|(_, p)| p).sum() };
+    // The last point's volumes shipped in one sync: its bytes over its duration.
+    let shipped: i64 = infos.iter().map(|(v, _)| v.last_sync_bytes).sum();
+    let took = infos.iter().map(|(v, _)| v.last_sync_duration_ms).max().unwrap_or(0);
+    let rate = if took > 0 && shipped > 0 { shipped * 1000 / took } else { 0 };
+    let ms = match (bytes, rate) {
+        (b, _) if b < 0 => -1,
+        (0, _) => 0,
+        (_, 0) => -1,
+        (b, r) => (b * 1000 / r).max(1),
+    };
+    Prediction { bytes, ms, rate }
 }
 
 #[tonic::async_trait]
@@ -760,6 +795,22 @@ mod tests {
 
     fn outcome(id: &str, result: Result<Option<String>, &str>) -> Outcome {
         Outcome { volume_id: id.into(), result: result.map_err(str::to_string) }
+    }
+
+    #[test]
+    fn a_prediction_sums_the_sources_and_divides_by_the_measured_rate() {
+        let v = |bytes: i64, ms: i64| pb::VolumeReplicationInfo {
+            last_sync_bytes: bytes,
+            last_sync_duration_ms: ms,
+            ..Default::default()
+        };
+        let p = predict(&[(v(4_000_000, 1000), 1_000_000), (v(4_000_000, 800), 3_000_000)]);
+        assert_eq!((p.bytes, p.rate, p.ms), (4_000_000, 8_000_000, 500));
+        let unknown = predict(&[(v(1, 1), -1), (v(1, 1), 5)]);
+        assert_eq!((unknown.bytes, unknown.ms), (-1, -1));
+        let unmeasured = predict(&[(v(0, 0), 10)]);
+        assert_eq!((unmeasured.bytes, unmeasured.ms, unmeasured.rate), (10, -1, 0));
+        assert_eq!(predict(&[(v(10, 10), 0)]).ms, 0, "nothing to ship takes no time");
     }
 
     #[test]

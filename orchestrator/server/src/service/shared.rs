@@ -71,13 +71,23 @@ pub async fn group_type(core: &Core, name: &str) -> ApiResult<GroupTypeRec> {
 /// Each volume's replication state, asked of the agent serving it now (all at once, each
 /// with the probe deadline, so a dead site costs one deadline, not one per volume).
 pub async fn volume_infos(core: &Core, g: &GroupRec) -> ApiResult<Vec<pb::VolumeReplicationInfo>> {
+    Ok(volume_infos_with(core, g, false).await?.into_iter().map(|(v, _)| v).collect())
+}
+
+/// [`volume_infos`], each with the bytes a sync now would ship (`estimate`; -1 when not
+/// asked or unknown).
+pub async fn volume_infos_with(
+    core: &Core,
+    g: &GroupRec,
+    estimate: bool,
+) -> ApiResult<Vec<(pb::VolumeReplicationInfo, i64)>> {
     let timeout = Deadline::Probe;
     let mut asks = Vec::new();
     for id in &g.volume_ids {
         let vol = core.repo.get::<VolumeRec>(&keys::volume(id)).await?;
         let backend = vol.map(|v| v.rec.active_backend).unwrap_or_else(|| g.active_backend.clone());
         asks.push(async move {
-            let req = apb::GetReplicationInfoRequest { volume_id: id.clone() };
+            let req = apb::GetReplicationInfoRequest { volume_id: id.clone(), estimate_pending: estimate };
             let info = core
                 .agents
                 .call(&backend, timeout, false, |mut c| {
@@ -86,26 +96,32 @@ pub async fn volume_infos(core: &Core, g: &GroupRec) -> ApiResult<Vec<pb::Volume
                 })
                 .await;
             match info {
-                Ok(i) => pb::VolumeReplicationInfo {
-                    volume_id: id.clone(),
-                    role: match apb::ReplicationRole::try_from(i.role) {
-                        Ok(apb::ReplicationRole::Primary) => "primary".into(),
-                        Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
-                        _ => String::new(),
+                Ok(i) => (
+                    pb::VolumeReplicationInfo {
+                        volume_id: id.clone(),
+                        role: match apb::ReplicationRole::try_from(i.role) {
+                            Ok(apb::ReplicationRole::Primary) => "primary".into(),
+                            Ok(apb::ReplicationRole::Secondary) => "secondary".into(),
+                            _ => String::new(),
+                        },
+                        status: i.status,
+                        last_sync_time_ms: i.last_sync_time_ms,
+                        last_sync_duration_ms: i.last_sync_duration_ms,
+                        last_sync_bytes: i.last_sync_bytes,
+                        recovery_point_id: i.recovery_point_id,
+                        error: i.error,
                     },
-                    status: i.status,
-                    last_sync_time_ms: i.last_sync_time_ms,
-                    last_sync_duration_ms: i.last_sync_duration_ms,
-                    last_sync_bytes: i.last_sync_bytes,
-                    recovery_point_id: i.recovery_point_id,
-                    error: i.error,
-                },
-                Err(s) => pb::VolumeReplicationInfo {
-                    volume_id: id.clone(),
-                    status: "error".into(),
-                    error: format!("backend {backend}: {}", s.message()),
-                    ..Default::default()
-                },
+                    i.pending_bytes,
+                ),
+                Err(s) => (
+                    pb::VolumeReplicationInfo {
+                        volume_id: id.clone(),
+                        status: "error".into(),
+                        error: format!("backend {backend}: {}", s.message()),
+                        ..Default::default()
+                    },
+                    -1,
+                ),
             }
         });
     }

@@ -95,7 +95,7 @@ impl ReplicationApi {
     }
 
     async fn seen(&self, backend: &str, volume_id: &str) -> Result<Seen, String> {
-        let req = apb::GetReplicationInfoRequest { volume_id: volume_id.to_string() };
+        let req = apb::GetReplicationInfoRequest { volume_id: volume_id.to_string(), estimate_pending: false };
         let info = self
             .core
             .agents

@@ -100,6 +100,6 @@ impl ReplicationApi {
     pub(crate) async fn volume_info(&self, r: pb::VolumeReplicationRequest) -> ApiResult<pb::GroupReplicationInfo> {
         let (v, own) = self.own_group(&r.volume, &r.project).await?;
         let g = own.ok_or_else(|| Self::not_replicated(&v))?;
-        self.info(pb::GetReplicationInfoRequest { group: g.id, project: v.project }).await
+        self.info(pb::GetReplicationInfoRequest { group: g.id, project: v.project, predict: false }).await
     }
 }
