@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 pub mod cluster;
 pub mod invariants;
+pub mod writer;
 
 use cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator, token_file};
 use drover_proto::v1 as pb;
@@ -357,6 +358,40 @@ pub async fn replicated_group_in(c: &mut Clients, project: &str, name: &str, n: 
     let g2 = r.group.expect("group");
     assert_eq!(g2.replication_status, "enabled", "{}: {} {:?}", g2.name, g2.status_reason, r.items);
     id
+}
+
+/// `n` new volumes of `size` bytes on backend-a in project `tests`, named `<name>-<i>`,
+/// and a consistent-replication group `name` of them (not replicating yet); returns the
+/// volume names.
+pub async fn consistent_group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> {
+    let mut vols = Vec::new();
+    for i in 0..n {
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("{name}-{i}"),
+                project: "tests".into(),
+                size_bytes: size as i64,
+                backend: "backend-a".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create volume")
+            .into_inner();
+        vols.push(v.name);
+    }
+    c.groups
+        .create_group(pb::CreateGroupRequest {
+            name: name.into(),
+            project: "tests".into(),
+            group_type: "consistent-replication".into(),
+            backend: "backend-a".into(),
+            volumes: vols.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("create group");
+    vols
 }
 
 /// A group of `n` new volumes on backend-a in `project`, replication not enabled;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use drover_proto::v1 as pb;
 use drover_tests::cluster::qemu_io;
-use drover_tests::{Cluster, StoreChoice};
+use drover_tests::{Cluster, StoreChoice, consistent_group};
 
 const MIB: u64 = 1 << 20;
 
@@ -54,32 +54,10 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
         metrics_addr(&cluster.agents[1].proc.log),
     );
     let mut c = cluster.clients().await;
-    let mut vols = Vec::new();
-    for i in 0..2 {
-        let v = c
-            .volumes
-            .create_volume(pb::CreateVolumeRequest {
-                name: format!("mg-{i}"),
-                project: "tests".into(),
-                size_bytes: (16 * MIB) as i64,
-                backend: "backend-a".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        vols.push(v.name);
-    }
+    let vols = consistent_group(&mut c, "mg", 2, 16 * MIB).await;
     let g = c
         .groups
-        .create_group(pb::CreateGroupRequest {
-            name: "mg".into(),
-            project: "tests".into(),
-            group_type: "consistent-replication".into(),
-            backend: "backend-a".into(),
-            volumes: vols.clone(),
-            ..Default::default()
-        })
+        .get_group(pb::GetGroupRequest { group: "mg".into(), project: "tests".into() })
         .await
         .unwrap()
         .into_inner();

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::cluster::qemu_io;
-use drover_tests::{Cluster, Etcd, StoreChoice, wait_backend_up};
+use drover_tests::{Cluster, Etcd, StoreChoice, consistent_group as group, wait_backend_up};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
@@ -36,38 +36,6 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 
 fn io(uri: &str, cmds: &[&str]) {
     qemu_io(uri, &cmds.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_or_else(|e| panic!("{e}"));
-}
-
-/// Creates `n` volumes of `size` on backend-a and a consistent-replication group of them.
-async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> {
-    let mut vols = Vec::new();
-    for i in 0..n {
-        let v = c
-            .volumes
-            .create_volume(pb::CreateVolumeRequest {
-                name: format!("{name}-{i}"),
-                project: "tests".into(),
-                size_bytes: size as i64,
-                backend: "backend-a".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("create volume")
-            .into_inner();
-        vols.push(v.name);
-    }
-    c.groups
-        .create_group(pb::CreateGroupRequest {
-            name: name.into(),
-            project: "tests".into(),
-            group_type: "consistent-replication".into(),
-            backend: "backend-a".into(),
-            volumes: vols.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("create group");
-    vols
 }
 
 async fn enable(c: &mut Clients, group: &str, interval_s: i64) -> pb::ReplicationResult {
@@ -322,17 +290,6 @@ async fn failback_ships_only_the_delta() {
     }
 }
 
-/// One write of the continuous writer: which volume and 64 KiB slot, with what pattern.
-#[derive(Clone, Copy, Debug)]
-struct Logged {
-    vol: usize,
-    slot: u64,
-    pattern: u8,
-    done_at: Option<Instant>,
-}
-
-const SLOTS: u64 = 32;
-
 /// (b) While writes run to a group of 3 volumes, SIGKILL the source agent and its
 /// qemu-storage-daemon, then fail over as a disaster. Site B holds one complete earlier
 /// recovery point: every volume at the same point of the write sequence, no torn slot, and
@@ -349,37 +306,11 @@ async fn disaster_failover_lands_on_one_consistent_point() {
     for v in &vols {
         uris.push(uri(&mut c, v).await);
     }
-    // The writer records each write before issuing it and when it completed. A write is
-    // issued only after the previous one completed, so any instant splits the sequence
-    // into a prefix that happened and a suffix that did not.
-    let log = Arc::new(std::sync::Mutex::new(Vec::<Logged>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (log, stop, uris) = (log.clone(), stop.clone(), uris.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let entry = Logged {
-                    vol: (i % 3) as usize,
-                    slot: (i / 3) % SLOTS,
-                    pattern: (i % 250 + 1) as u8,
-                    done_at: None,
-                };
-                log.lock().unwrap().push(entry);
-                let cmd = format!("write -P {} {} 64k", entry.pattern, entry.slot * CLUSTER);
-                if qemu_io(&uris[entry.vol], &[cmd]).is_err() {
-                    return;
-                }
-                log.lock().unwrap().last_mut().unwrap().done_at = Some(Instant::now());
-                i += 1;
-            }
-        })
-    };
+    let writer = drover_tests::writer::Writer::start(uris.clone());
     tokio::time::sleep(Duration::from_millis(4500)).await;
     cluster.agents[0].proc.kill();
     let killed_at = Instant::now();
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
+    let log = writer.stop();
     let r = failover(&mut c, "dr", "backend-b", true).await.expect("disaster failover");
     assert_all_succeeded(&r);
     let g = r.group.unwrap();
@@ -389,36 +320,11 @@ async fn disaster_failover_lands_on_one_consistent_point() {
     let mut actual: Vec<Vec<u8>> = Vec::new();
     for (i, v) in vols.iter().enumerate() {
         let u = uri(&mut c, v).await;
-        let raw = cluster.path().join(format!("b{i}.raw"));
-        let out = std::process::Command::new("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "raw", &u])
-            .arg(&raw)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-        let data = std::fs::read(&raw).unwrap();
-        let mut slots = Vec::new();
-        for s in 0..SLOTS {
-            let chunk = &data[(s * CLUSTER) as usize..((s + 1) * CLUSTER) as usize];
-            assert!(chunk.iter().all(|b| *b == chunk[0]), "volume {i} slot {s} is torn");
-            slots.push(chunk[0]);
-        }
-        actual.push(slots);
+        actual.push(drover_tests::writer::slots(cluster.path(), &u, &format!("b{i}")));
     }
-    let log = log.lock().unwrap().clone();
     assert!(log.len() > 30, "the writer made only {} writes", log.len());
     // The recovery point is the state after the first k writes, for one k.
-    let mut state = vec![vec![0u8; SLOTS as usize]; 3];
-    let mut matches = Vec::new();
-    for k in 0..=log.len() {
-        if k > 0 {
-            let w = log[k - 1];
-            state[w.vol][w.slot as usize] = w.pattern;
-        }
-        if state == actual {
-            matches.push(k);
-        }
-    }
+    let matches = drover_tests::writer::prefixes(&log, &actual);
     let k = *matches
         .last()
         .unwrap_or_else(|| panic!("site B matches no prefix of the write sequence: not crash-consistent"));

@@ -5,19 +5,16 @@
 //! SIGKILLs of the agent and its daemon, do not inflate replication deltas, and stay at
 //! their backend after a failover; bad requests are refused and change nothing.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::cluster::qemu_io;
-use drover_tests::{Cluster, StoreChoice, wait_backend_up};
+use drover_tests::writer::{Writer, prefixes, slots};
+use drover_tests::{Cluster, StoreChoice, consistent_group as group, wait_backend_up};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
-const SLOT: u64 = 64 << 10;
-const SLOTS: u64 = 32;
 
 async fn uri(c: &mut Clients, volume: &str) -> String {
     c.volumes
@@ -45,27 +42,6 @@ async fn volume(c: &mut Clients, name: &str, size: u64) {
         .expect("create volume");
 }
 
-async fn group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> {
-    let mut vols = Vec::new();
-    for i in 0..n {
-        let v = format!("{name}-{i}");
-        volume(c, &v, size).await;
-        vols.push(v);
-    }
-    c.groups
-        .create_group(pb::CreateGroupRequest {
-            name: name.into(),
-            project: "tests".into(),
-            group_type: "consistent-replication".into(),
-            backend: "backend-a".into(),
-            volumes: vols.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("create group");
-    vols
-}
-
 async fn from_snapshot(
     c: &mut Clients,
     name: &str,
@@ -86,34 +62,6 @@ async fn from_snapshot(
         .map(tonic::Response::into_inner)
 }
 
-/// Every slot of a volume (read whole with qemu-img, an independent reader): the byte
-/// each 64 KiB slot holds; a slot holding more than one byte value is torn.
-fn slots(dir: &std::path::Path, uri: &str, tag: &str) -> Vec<u8> {
-    let raw = dir.join(format!("{tag}.raw"));
-    let out =
-        std::process::Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", uri]).arg(&raw).output();
-    let out = out.unwrap();
-    assert!(out.status.success(), "qemu-img convert: {}", String::from_utf8_lossy(&out.stderr));
-    let data = std::fs::read(&raw).unwrap();
-    let _ = std::fs::remove_file(&raw);
-    (0..SLOTS)
-        .map(|s| {
-            let chunk = &data[(s * SLOT) as usize..((s + 1) * SLOT) as usize];
-            assert!(chunk.iter().all(|b| *b == chunk[0]), "{tag}: slot {s} is torn");
-            chunk[0]
-        })
-        .collect()
-}
-
-#[derive(Clone, Copy)]
-struct Logged {
-    vol: usize,
-    slot: u64,
-    pattern: u8,
-    issued_at: Instant,
-    done_at: Option<Instant>,
-}
-
 fn expect_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: Code, what: &str) -> tonic::Status {
     let s = r.expect_err(what);
     assert_eq!(s.code(), code, "{what}: {}", s.message());
@@ -129,32 +77,8 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
     for v in &vols {
         uris.push(uri(&mut c, v).await);
     }
-    // Ordered writes across the three volumes, each issued after the previous one was
-    // acknowledged: any instant splits them into a prefix that happened and the rest.
-    let log = Arc::new(std::sync::Mutex::new(Vec::<Logged>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let (log, stop, uris) = (log.clone(), stop.clone(), uris.clone());
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::SeqCst) {
-                let entry = Logged {
-                    vol: (i % 3) as usize,
-                    slot: (i / 3) % SLOTS,
-                    pattern: (i % 250 + 1) as u8,
-                    issued_at: Instant::now(),
-                    done_at: None,
-                };
-                log.lock().unwrap().push(entry);
-                let cmd = format!("write -P {} {} 64k", entry.pattern, entry.slot * SLOT);
-                if qemu_io(&uris[entry.vol], &[cmd]).is_err() {
-                    return;
-                }
-                log.lock().unwrap().last_mut().unwrap().done_at = Some(Instant::now());
-                i += 1;
-            }
-        })
-    };
+    // Ordered writes across the three volumes (`drover_tests::writer`).
+    let writer = Writer::start(uris.clone());
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let asked = Instant::now();
     let snap = c
@@ -169,8 +93,7 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
         .into_inner();
     let answered = Instant::now();
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    stop.store(true, Ordering::SeqCst);
-    writer.join().unwrap();
+    let log = writer.stop();
     assert_eq!(snap.status, "available", "{snap:?}");
     assert_eq!(snap.members.len(), 3, "{snap:?}");
     assert!(!snap.execution_id.is_empty() && snap.note.is_empty(), "{snap:?}");
@@ -186,18 +109,7 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
         actual.push(slots(cluster.path(), &u, &name));
         made.push((name, u));
     }
-    let log = log.lock().unwrap().clone();
-    let mut state = vec![vec![0u8; SLOTS as usize]; 3];
-    let mut matches = Vec::new();
-    for k in 0..=log.len() {
-        if k > 0 {
-            let w = log[k - 1];
-            state[w.vol][w.slot as usize] = w.pattern;
-        }
-        if state == actual {
-            matches.push(k);
-        }
-    }
+    let matches = prefixes(&log, &actual);
     let k = *matches.last().unwrap_or_else(|| panic!("the volumes made from the snapshot match no prefix: torn"));
     let done_before = log.iter().take_while(|w| w.done_at.is_some_and(|d| d < asked)).count();
     let issued_before = log.iter().filter(|w| w.issued_at < answered).count();
