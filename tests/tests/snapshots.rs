@@ -375,4 +375,42 @@ async fn snapshots_of_a_replicating_group_keep_deltas_small_and_stay_at_their_ba
     let m2 = from_snapshot(&mut c, "rg-r1", "rg-s2", &vols[0], 0).await.expect("the second snapshot is there");
     let u2 = uri(&mut c, &m2.name).await;
     io(&u2, &["read -P 0x01 0 1M", "read -P 0x10 4M 256k", "read -P 0 5M 128k"]);
+
+    // Deleting the snapshots of a replicating volume: the next syncs fold their layers
+    // and ship only what changed, and the target holds every write.
+    for v in ["rg-r0", "rg-r1"] {
+        c.volumes.delete_volume(pb::DeleteVolumeRequest { volume: v.into(), project: "tests".into() }).await.unwrap();
+    }
+    for s in ["rg-s1", "rg-s2"] {
+        c.snapshots
+            .delete_snapshot(pb::DeleteSnapshotRequest { snapshot: s.into(), project: "tests".into() })
+            .await
+            .expect("delete a snapshot of a replicating volume");
+    }
+    io(&v0, &["write -P 0x30 8M 192k"]);
+    let shipped = sync(&mut c, "rg").await.bytes as u64;
+    assert_eq!(shipped, 192 * 1024, "after the deletes a sync ships what changed");
+    io(&v0, &["write -P 0x31 9M 64k"]);
+    assert_eq!(sync(&mut c, "rg").await.bytes as u64, 64 * 1024);
+    c.replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: "rg".into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("planned failover after the deletes");
+    let at_b = uri(&mut c, &vols[0]).await;
+    io(
+        &at_b,
+        &[
+            "read -P 0x01 0 1M",
+            "read -P 0x10 4M 256k",
+            "read -P 0x11 5M 128k",
+            "read -P 0x12 6M 512k",
+            "read -P 0x30 8M 192k",
+            "read -P 0x31 9M 64k",
+        ],
+    );
 }

@@ -445,6 +445,8 @@ impl QemuDriver {
     /// layer the peer holds (everything without one). The active layer is flushed first,
     /// so its on-disk map is current (qcow2 keeps new metadata in memory until a flush).
     pub(crate) async fn estimate_pending(&self, id: &str) -> Result<Option<u64>, DriverError> {
+        // Under the group's lock: a sync's fold flushes through the same export id.
+        let _g = self.lock_for(id).await;
         let v = self.vol(id)?;
         if v.role == Some(Role::Secondary) || v.layers.is_empty() {
             return Ok(None);
