@@ -131,7 +131,7 @@ impl VolumeApi {
                     r.size_bytes, member.size_bytes, member.volume_name, snap.rec.name
                 )));
             }
-            Some((snap.rec.id.clone(), member.volume_id, keep))
+            Some((snap.rec.clone(), member.volume_id, keep))
         };
         let size = validate_size("size_bytes", r.size_bytes)?;
         writable_backend(&self.core, &r.backend, if source.is_some() { "snapshot" } else { "volume" }).await?;
@@ -149,14 +149,16 @@ impl VolumeApi {
             status_reason: String::new(),
             created_at_ms: now_ms(),
             pending: Some(PendingOp { new_size_bytes: size, ..PendingOp::new("create", &r.backend) }),
-            snapshot_id: source.as_ref().map(|s| s.0.clone()).unwrap_or_default(),
+            snapshot_id: source.as_ref().map(|s| s.0.id.clone()).unwrap_or_default(),
             snapshot_volume_id: source.as_ref().map(|s| s.1.clone()).unwrap_or_default(),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
         let mut txn = Txn::new();
-        if let Some((_, _, keep)) = source {
-            // The snapshot stays as read (not being deleted) until this volume's intent is in.
-            txn = txn.when(keep);
+        if let Some((snap, _, keep)) = &source {
+            // The snapshot stays as read (not being deleted) until this volume's intent is
+            // in, and the intent rewrites it: a delete that read it before this volume
+            // existed then loses its own comparison and looks again.
+            txn = txn.when(keep.clone()).and_then(put(&keys::snapshot(&snap.id), snap));
         }
         let txn = txn
             .when(Compare::Absent(name_key.clone().into_bytes()))
