@@ -204,13 +204,26 @@ impl AgentPool {
         let mut attempt = 1;
         let mut unreachable = 0u32;
         let mut backoff = Duration::from_millis(100);
+        let (mut store_wait, mut store_waited) = (Duration::from_millis(100), Duration::ZERO);
         loop {
             let op_id = attempt_op_id(&base, attempt);
             let mut req = req.clone();
             if let Some(ctx) = req.ctx_mut() {
                 ctx.op_id = op_id.clone();
             }
-            let agent = self.first_agent(backend).await?;
+            let agent = match self.registrations(backend).await {
+                Ok(list) => pick_agent(backend, list)?,
+                // The orchestrator's own store did not answer (an etcd restart): nothing was
+                // sent, so waiting for the store is safe, up to the call's deadline.
+                Err(e) if store_waited < timeout => {
+                    tracing::warn!(backend, error = %e, "cannot read the backend's agents from the store; waiting for it");
+                    tokio::time::sleep(store_wait).await;
+                    store_waited += store_wait;
+                    store_wait = (store_wait * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+                Err(e) => return Err(Status::from(e)),
+            };
             let client = self.client(&agent.endpoint, timeout).map_err(Status::from)?;
             let answer = match tokio::time::timeout(timeout, f(client, req)).await {
                 Ok(r) => r.map(tonic::Response::into_inner),
@@ -292,18 +305,6 @@ impl AgentPool {
             }
         }
         Ok(())
-    }
-
-    /// The agent that serves a backend's mutations: its first live registration (by
-    /// agent id), so an op and the question about it reach the same ledger.
-    async fn first_agent(&self, backend: &str) -> Result<AgentRec, Status> {
-        let mut agents = self.registrations(backend).await.map_err(Status::from)?;
-        agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
-        agents.into_iter().next().ok_or_else(|| {
-            Status::unavailable(format!(
-                "backend {backend} has no live agent; start its agent, or check `drover backend show {backend}`"
-            ))
-        })
     }
 
     /// Asks an agent what became of an op.
@@ -391,4 +392,15 @@ impl AgentPool {
         }
         Err(last)
     }
+}
+
+/// The agent that serves a backend's mutations: its first live registration (by agent
+/// id), so an op and the question about it reach the same ledger; or why there is none.
+fn pick_agent(backend: &str, mut agents: Vec<AgentRec>) -> Result<AgentRec, Status> {
+    agents.sort_by(|a, b| a.agent_id.cmp(&b.agent_id));
+    agents.into_iter().next().ok_or_else(|| {
+        Status::unavailable(format!(
+            "backend {backend} has no live agent; start its agent, or check `drover backend show {backend}`"
+        ))
+    })
 }
