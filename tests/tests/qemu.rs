@@ -1250,8 +1250,10 @@ async fn raw_source(
 }
 
 /// The prediction before acting: after known writes at site A, `replication-info` with
-/// `predict` says what a planned failover's final sync would ship, within 5% of what the
-/// failover then ships (rounded to clusters), and the RPO a disaster failover would have.
+/// `predict` and `drover group show` say what a planned failover's final sync would ship,
+/// within 5% of what the failover then ships (rounded to clusters), and the RPO a
+/// disaster failover would have. The failover runs as a runbook, whose DR report puts
+/// the prediction it made at submit beside what the final sync shipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_planned_failover_ships_what_was_predicted() {
     let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
@@ -1277,9 +1279,32 @@ async fn a_planned_failover_ships_what_was_predicted() {
     let predicted = info.predicted_final_sync_bytes;
     assert!(info.rpo_ms >= 0, "a disaster failover now has a known RPO: {info:?}");
     assert!(info.measured_rate_bytes_per_s > 0 && info.predicted_final_sync_ms >= 0, "{info:?}");
-    let r = failover(&mut c, "pr", "backend-b", false).await.expect("planned failover");
-    assert_all_succeeded(&r);
-    let actual = shipped(&r.group.unwrap(), "failover");
+    let out = cluster.cli(&["group", "show", "pr", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["predicted_final_sync_bytes"], predicted, "group show predicts the same: {shown}");
+    let e = run_to_end(&mut c, runbook_request("group-failover.yaml", &[("group", "pr"), ("project", "tests")])).await;
+    assert_eq!(e.status, "succeeded", "{}", e.error);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "pr".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let actual = shipped(&g, "failover");
+    let report = c
+        .executions
+        .get_execution_report(pb::GetExecutionReportRequest { id: e.id.clone(), format: "json".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    let row = &report["groups"][0];
+    assert_eq!(row["sync_bytes"], actual, "the report's achieved final sync is the one the group recorded: {row}");
+    assert_eq!(row["predicted"]["sync_bytes"], predicted, "the report's prediction, made at submit: {row}");
+    assert!(row["predicted"]["sync_ms"].as_i64().unwrap() >= 0 && row["sync_ms"].as_i64().unwrap() >= 0, "{row}");
+    assert_eq!((row["predicted"]["rpo_ms"].as_i64(), row["rpo_ms"].as_i64()), (Some(0), Some(0)), "{row}");
     println!(
         "prediction: {predicted} bytes in about {} ms at {} bytes/s; the final sync shipped {actual} bytes; {written} \
          bytes of clusters written; RPO of a disaster failover was {} ms",

@@ -190,6 +190,10 @@ async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
         assert_eq!(g["outcome"], "succeeded", "{g}");
         assert_eq!(g["rpo_ms"], 0, "a planned move loses nothing: {g}");
         assert!(g["rto_ms"].as_i64().unwrap() > 0, "{g}");
+        assert_eq!(g["predicted"]["rpo_ms"], 0, "and was predicted to lose nothing: {g}");
+        // The mock cannot estimate what a sync would ship; its final sync did run.
+        assert_eq!(g["predicted"]["sync_bytes"], -1, "{g}");
+        assert!(g["sync_bytes"].as_i64().unwrap() >= 0 && g["sync_ms"].as_i64().unwrap() >= 0, "{g}");
     }
     assert_eq!(r["totals"]["failed"], 0, "{}", r["totals"]);
     // Tier by tier: every group of a tier ended before the next tier's first started.
@@ -244,6 +248,10 @@ async fn a_disaster_then_a_failback_that_asks_first() {
     for g in r["groups"].as_array().unwrap() {
         assert_eq!(g["outcome"], "succeeded", "{g}");
         assert!(g["rpo_ms"].as_i64().unwrap() >= 0, "the achieved RPO is known: {g}");
+        // Predicted at submit from site B alone (site A was dead), so no later than the
+        // move itself: it can only have grown since.
+        let predicted = g["predicted"]["rpo_ms"].as_i64().unwrap();
+        assert!(predicted >= 0 && predicted <= g["rpo_ms"].as_i64().unwrap(), "{g}");
     }
 
     let oplog = cluster.path().join("oplog-backend-a.jsonl");

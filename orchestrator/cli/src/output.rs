@@ -201,6 +201,14 @@ pub fn group_detail(g: &pb::Group) -> Table {
         ("sync interval", format!("{} s", g.sync_interval_seconds)),
         ("divergence point", g.divergence_point.clone()),
         ("rpo", if g.rpo_ms < 0 { "unknown".into() } else { format!("{} ms", g.rpo_ms) }),
+        (
+            "final sync now",
+            match (g.predicted_final_sync_bytes, g.predicted_final_sync_ms) {
+                (b, _) if b < 0 => "unknown".into(),
+                (b, ms) if ms < 0 => format!("{b} bytes (time unknown: no sync measured yet)"),
+                (b, ms) => format!("{b} bytes in about {ms} ms"),
+            },
+        ),
         ("epoch", g.epoch.to_string()),
         ("tier", g.tier.to_string()),
         ("labels", {

@@ -391,6 +391,8 @@ impl GroupRec {
             labels: self.labels.clone().into_iter().collect(),
             tier: self.tier,
             for_volume: self.for_volume.clone(),
+            predicted_final_sync_bytes: -1,
+            predicted_final_sync_ms: -1,
         }
     }
 

@@ -141,8 +141,17 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             emit(fmt, &all, |r| output::groups(&r.groups));
         }
         GroupCmd::Show { group } => {
-            let g = groups.get_group(pb::GetGroupRequest { group, project }).await?;
-            emit(fmt, g.get_ref(), output::group_detail);
+            let mut g = groups.get_group(pb::GetGroupRequest { group, project: project.clone() }).await?.into_inner();
+            // What a planned failover now would ship, from the active side's estimate.
+            if matches!(g.replication_status.as_str(), "enabled" | "failed-over") {
+                let req = pb::GetReplicationInfoRequest { group: g.id.clone(), project, predict: true };
+                if let Ok(info) = replication.get_replication_info(req).await {
+                    let info = info.into_inner();
+                    g.predicted_final_sync_bytes = info.predicted_final_sync_bytes;
+                    g.predicted_final_sync_ms = info.predicted_final_sync_ms;
+                }
+            }
+            emit(fmt, &g, output::group_detail);
         }
         GroupCmd::Delete { group } => {
             groups.delete_group(pb::DeleteGroupRequest { group: group.clone(), project }).await?;

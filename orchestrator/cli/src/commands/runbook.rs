@@ -56,10 +56,12 @@ fn request(file: &PathBuf, params: Vec<(String, String)>) -> Result<pb::RunbookR
 
 /// The plan as a table: one row per item, steps in order.
 pub fn plan_table(p: &pb::RunbookPlan) -> Table {
-    let mut t = Table::new(&["STEP", "KIND", "TIER", "TARGET", "PREDICTED", "RPO NOW"]);
+    let mut t = Table::new(&["STEP", "KIND", "TIER", "TARGET", "PREDICTED", "RPO NOW", "FINAL SYNC NOW"]);
     for s in &p.steps {
         if s.items.is_empty() {
-            t.row(vec![s.name.clone(), s.kind.clone(), String::new(), String::new(), String::new(), String::new()]);
+            let mut row = vec![s.name.clone(), s.kind.clone()];
+            row.resize(7, String::new());
+            t.row(row);
         }
         for i in &s.items {
             t.row(vec![
@@ -69,6 +71,11 @@ pub fn plan_table(p: &pb::RunbookPlan) -> Table {
                 if i.project.is_empty() { i.name.clone() } else { format!("{}/{}", i.project, i.name) },
                 i.predicted.clone(),
                 if i.rpo_ms < 0 { String::new() } else { format!("{} ms", i.rpo_ms) },
+                match (i.predicted_final_sync_bytes, i.predicted_final_sync_ms) {
+                    (b, _) if b < 0 => String::new(),
+                    (b, ms) if ms < 0 => format!("{} (time unknown)", crate::size::format_size(b)),
+                    (b, ms) => format!("{} in ~{ms} ms", crate::size::format_size(b)),
+                },
             ]);
         }
     }

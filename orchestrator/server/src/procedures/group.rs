@@ -85,7 +85,7 @@ impl GroupTransition {
                 reason: if failed { group.status_reason.clone() } else { String::new() },
             });
         }
-        Ok(pb::ReplicationResult { group: Some(group.to_pb()), items, execution_id: String::new() })
+        Ok(pb::ReplicationResult { group: Some(group.to_pb()), items, ..Default::default() })
     }
 }
 

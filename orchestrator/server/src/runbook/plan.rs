@@ -42,6 +42,31 @@ pub struct Item {
     /// What the plan expected: `act`, or why the item would be skipped.
     #[serde(default)]
     pub predicted: String,
+    /// Predictions made when the run was submitted, beside what a move then achieved:
+    /// the RPO a disaster failover would have (age of the newest complete point), and
+    /// what a planned move's final sync would ship and how long it would take. -1 when
+    /// unknown or not asked.
+    #[serde(default)]
+    pub predictions: Predictions,
+    /// What the planned move's final sync shipped and how long it took; -1 when none ran.
+    #[serde(default = "unknown")]
+    pub sync_bytes: i64,
+    #[serde(default = "unknown")]
+    pub sync_ms: i64,
+}
+
+/// What was predicted for a group before it moved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Predictions {
+    pub rpo_ms: i64,
+    pub sync_bytes: i64,
+    pub sync_ms: i64,
+}
+
+impl Default for Predictions {
+    fn default() -> Self {
+        Predictions { rpo_ms: -1, sync_bytes: -1, sync_ms: -1 }
+    }
 }
 
 fn unknown() -> i64 {
@@ -63,6 +88,9 @@ impl Item {
             rpo_ms: -1,
             rto_ms: -1,
             predicted: "act".into(),
+            predictions: Predictions::default(),
+            sync_bytes: -1,
+            sync_ms: -1,
         }
     }
 

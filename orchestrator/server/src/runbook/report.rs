@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::plan::Item;
+use super::plan::{Item, Predictions};
 use super::run::{RunState, StepState};
 use crate::service::Core;
 
@@ -31,6 +31,18 @@ pub struct GroupResult {
     pub rpo_ms: i64,
     /// From the execution's start to the group serving at its new side; -1 when it did not.
     pub rto_ms: i64,
+    /// What was predicted when the run was submitted (see [`Predictions`]).
+    #[serde(default)]
+    pub predicted: Predictions,
+    /// What a planned move's final sync shipped, and how long it took; -1 when none ran.
+    #[serde(default = "unknown")]
+    pub sync_bytes: i64,
+    #[serde(default = "unknown")]
+    pub sync_ms: i64,
+}
+
+fn unknown() -> i64 {
+    -1
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,6 +96,9 @@ pub async fn build(core: &Core, state: &RunState, execution_id: &str, status: &s
                 reason: i.reason.clone(),
                 rpo_ms: i.rpo_ms,
                 rto_ms: i.rto_ms,
+                predicted: i.predictions.clone(),
+                sync_bytes: i.sync_bytes,
+                sync_ms: i.sync_ms,
             };
             match groups.iter_mut().find(|g| g.group == r.group && g.project == r.project) {
                 Some(g) if r.outcome != "skipped" => *g = r,
@@ -110,6 +125,15 @@ pub async fn build(core: &Core, state: &RunState, execution_id: &str, status: &s
 
 fn ms(v: i64) -> String {
     if v < 0 { "unknown".into() } else { format!("{:.1} s", v as f64 / 1000.0) }
+}
+
+/// A final sync's bytes and time ("-" when none ran or nothing is known).
+pub fn shipped(bytes: i64, ms: i64) -> String {
+    match (bytes, ms) {
+        (b, _) if b < 0 => "-".into(),
+        (b, t) if t < 0 => format!("{b} bytes"),
+        (b, t) => format!("{b} bytes in {:.1} s", t as f64 / 1000.0),
+    }
 }
 
 fn time(v: i64) -> String {
@@ -169,16 +193,23 @@ pub fn markdown(r: &Report) -> String {
         }
     }
     if !r.groups.is_empty() {
-        out.push_str("\n## Groups\n\n| tier | group | project | step | outcome | RPO | RTO | reason |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n");
+        out.push_str(
+            "\n## Groups\n\nPredictions were made when the run was submitted.\n\n| tier | group | project | step | \
+             outcome | RPO | RPO predicted | final sync | final sync predicted | RTO | reason |\n| --- | --- | --- | --- \
+             | --- | --- | --- | --- | --- | --- | --- |\n",
+        );
         for g in &r.groups {
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 g.tier,
                 g.group,
                 g.project,
                 g.step,
                 g.outcome,
                 ms(g.rpo_ms),
+                ms(g.predicted.rpo_ms),
+                shipped(g.sync_bytes, g.sync_ms),
+                shipped(g.predicted.sync_bytes, g.predicted.sync_ms),
                 ms(g.rto_ms),
                 g.reason.replace('|', "\\|")
             ));

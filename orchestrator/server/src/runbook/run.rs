@@ -379,6 +379,9 @@ pub(super) fn exec_item(command: &[String]) -> Item {
         rpo_ms: -1,
         rto_ms: -1,
         predicted: "act".into(),
+        predictions: Default::default(),
+        sync_bytes: -1,
+        sync_ms: -1,
     }
 }
 
@@ -404,6 +407,8 @@ pub fn plan_to_pb(steps: &[PlannedStep]) -> Vec<pb::PlannedStep> {
                     tier: i.tier,
                     predicted: i.predicted.clone(),
                     rpo_ms: i.rpo_ms,
+                    predicted_final_sync_bytes: i.predictions.sync_bytes,
+                    predicted_final_sync_ms: i.predictions.sync_ms,
                 })
                 .collect(),
         })

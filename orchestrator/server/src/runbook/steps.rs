@@ -18,14 +18,7 @@ use crate::procedures::{Answer, step_error};
 use crate::repo::put;
 use crate::service::Core;
 use crate::service::replication::ReplicationApi;
-
-/// The creation time of a recovery point whose id is a UUIDv7 (both drivers name points
-/// so), in ms since the epoch.
-fn point_time_ms(point: &str) -> Option<i64> {
-    let u = uuid::Uuid::parse_str(point).ok()?;
-    let (secs, nanos) = u.get_timestamp()?.to_unix();
-    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
-}
+use crate::service::shared::point_time_ms;
 
 /// Submits the item's execution (as a child of `parent`), or adopts the one a crash of
 /// this run left: the group's lock held by an execution of this run, or the group at the
@@ -122,6 +115,9 @@ pub async fn finished(
                         } else {
                             0
                         };
+                        let field = |k: &str| value.get(k).and_then(|v| v.as_i64()).unwrap_or(-1);
+                        item.sync_bytes = field("final_sync_bytes");
+                        item.sync_ms = field("final_sync_ms");
                     }
                     None
                 }

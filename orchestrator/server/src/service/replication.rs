@@ -131,7 +131,7 @@ impl ReplicationApi {
         let (id, rev) = submitted.map_err(|e| crate::procedures::submit_error(e, &format!("group {}", group.name)))?;
         tracing::info!(group = %group.id, status, execution = %id, rev, "group transition submitted");
         if no_wait {
-            return Ok(pb::ReplicationResult { group: Some(group.to_pb()), items: Vec::new(), execution_id: id });
+            return Ok(pb::ReplicationResult { group: Some(group.to_pb()), execution_id: id, ..Default::default() });
         }
         let mut result: pb::ReplicationResult = crate::procedures::wait_output(&self.core, &id).await?;
         result.execution_id = id;
@@ -234,7 +234,7 @@ impl ReplicationApi {
         pb::ReplicationResult {
             group: Some(group.to_pb()),
             items: outcomes.iter().map(Outcome::to_pb).collect(),
-            execution_id: String::new(),
+            ..Default::default()
         }
     }
 
@@ -640,13 +640,13 @@ impl ReplicationApi {
 /// of what each volume's source measured; -1 when any is unknown), the rate the group's
 /// last syncs ran at (bytes over time, the volumes of one point shipping together), and
 /// so the time the final sync would take.
-struct Prediction {
-    bytes: i64,
-    ms: i64,
-    rate: i64,
+pub(crate) struct Prediction {
+    pub bytes: i64,
+    pub ms: i64,
+    pub rate: i64,
 }
 
-fn predict(infos: &[(pb::VolumeReplicationInfo, i64)]) -> Prediction {
+pub(crate) fn predict(infos: &[(pb::VolumeReplicationInfo, i64)]) -> Prediction {
     let bytes =
         if infos.is_empty() || infos.iter().any(|(_, p)| *p < 0) { -1 } else { infos.iter().map(|(_, p)| p).sum() };
     // The last point's volumes shipped in one sync: its bytes over its duration.

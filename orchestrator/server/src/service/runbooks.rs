@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use super::Core;
 use crate::error::{ApiError, ApiResult};
-use crate::runbook::plan::{PlannedStep, plan};
+use crate::runbook::plan::{PlannedStep, Predictions, plan};
 use crate::runbook::run::{RunbookRun, plan_to_pb};
 use crate::runbook::schema::{Loaded, load};
 
@@ -50,31 +50,56 @@ fn tenant_scope(who: &crate::auth::Caller, l: &Loaded, steps: &mut [PlannedStep]
 }
 
 impl RunbookApi {
-    /// The plan, with each acting group's current RPO as its predicted one (asked of all
-    /// groups at once, each with the probe deadline).
+    /// The plan, with predictions for each acting group (asked of up to 256 groups at
+    /// once, each with the probe deadline): the RPO a disaster failover would achieve
+    /// (asked of the side it would move to), and for a planned move the bytes its final
+    /// sync would ship and the time that would take (the active side's estimate; a
+    /// forced move's side, which may be lost, is not asked).
     async fn predicted(&self, l: &Loaded, text: &str) -> ApiResult<Vec<PlannedStep>> {
+        use futures::StreamExt;
         let mut steps = plan(&self.core, l, text).await?;
-        let mut rpo: BTreeMap<String, i64> = BTreeMap::new();
-        let ids: Vec<String> = steps
-            .iter()
-            .filter(|s| matches!(s.kind.as_str(), "failover" | "failback" | "sync"))
-            .flat_map(|s| s.items.iter().map(|i| i.target.clone()))
-            .collect::<std::collections::BTreeSet<_>>()
-            .into_iter()
-            .collect();
-        let asks = ids.iter().map(|id| async move {
-            let g =
-                self.core.repo.get::<crate::model::GroupRec>(&crate::model::keys::group(id)).await.ok().flatten()?;
-            let infos = super::shared::volume_infos(&self.core, &g.rec).await.ok()?;
-            Some((id.clone(), super::shared::rpo_ms(&infos)))
-        });
-        for (id, r) in futures::future::join_all(asks).await.into_iter().flatten() {
-            rpo.insert(id, r);
+        // Group id -> whether some step moves it planned (so its source is asked too).
+        let mut ids: BTreeMap<String, bool> = BTreeMap::new();
+        for (def, s) in l.runbook.steps.iter().zip(&steps) {
+            if !matches!(s.kind.as_str(), "failover" | "failback" | "sync") {
+                continue;
+            }
+            let planned = matches!(s.kind.as_str(), "failover" | "failback") && !def.as_kind().forced();
+            for i in &s.items {
+                *ids.entry(i.target.clone()).or_default() |= planned;
+            }
         }
-        // A failover loses what its group's newest complete point does not hold.
-        for s in steps.iter_mut().filter(|s| s.kind == "failover") {
+        let asks = ids.into_iter().map(|(id, planned)| async move {
+            let g =
+                self.core.repo.get::<crate::model::GroupRec>(&crate::model::keys::group(&id)).await.ok().flatten()?;
+            let rpo_ms = super::shared::target_rpo_ms(&self.core, &g.rec).await;
+            let (sync_bytes, sync_ms) = if planned {
+                let infos = super::shared::volume_infos_with(&self.core, &g.rec, true).await.ok()?;
+                let p = super::replication::predict(&infos);
+                (p.bytes, p.ms)
+            } else {
+                (-1, -1)
+            };
+            Some((id, Predictions { rpo_ms, sync_bytes, sync_ms }))
+        });
+        let found: BTreeMap<String, Predictions> =
+            futures::stream::iter(asks).buffer_unordered(256).filter_map(|p| async { p }).collect().await;
+        for (def, s) in l.runbook.steps.iter().zip(steps.iter_mut()) {
+            if !matches!(s.kind.as_str(), "failover" | "failback") {
+                continue;
+            }
+            let forced = def.as_kind().forced();
             for i in &mut s.items {
-                i.rpo_ms = rpo.get(&i.target).copied().unwrap_or(-1);
+                let Some(p) = found.get(&i.target) else { continue };
+                // A failover loses what its group's newest complete point does not hold.
+                if s.kind == "failover" {
+                    i.rpo_ms = p.rpo_ms;
+                }
+                i.predictions = Predictions {
+                    rpo_ms: if forced { p.rpo_ms } else { 0 },
+                    sync_bytes: if forced { -1 } else { p.sync_bytes },
+                    sync_ms: if forced { -1 } else { p.sync_ms },
+                };
             }
         }
         Ok(steps)
@@ -109,7 +134,8 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
         let who = crate::auth::caller(&req);
         let r = req.into_inner();
         let l = loaded(&r, true)?;
-        let mut steps = plan(&self.core, &l, &r.text).await?;
+        // Predictions first, so the report can set each beside what the move achieves.
+        let mut steps = self.predicted(&l, &r.text).await?;
         tenant_scope(&who, &l, &mut steps)?;
         let mut run = RunbookRun::new(self.core.clone(), &l, steps);
         if !who.is_admin() {

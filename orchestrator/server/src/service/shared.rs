@@ -137,6 +137,41 @@ pub fn rpo_ms(volumes: &[pb::VolumeReplicationInfo]) -> i64 {
     }
 }
 
+/// When a recovery point was taken (its id is a UUIDv7).
+pub fn point_time_ms(point: &str) -> Option<i64> {
+    let u = uuid::Uuid::parse_str(point).ok()?;
+    let (secs, nanos) = u.get_timestamp()?.to_unix();
+    Some(secs as i64 * 1000 + i64::from(nanos / 1_000_000))
+}
+
+/// The RPO a disaster failover of `g` would achieve now: the age of the newest point
+/// every volume holds at the side it would move to, asked of that side alone (the
+/// active side may be the one that is lost). -1 when a volume has none there or the
+/// side does not answer.
+pub async fn target_rpo_ms(core: &Core, g: &GroupRec) -> i64 {
+    let to = if g.active_backend == g.replication_target { &g.primary_backend } else { &g.replication_target };
+    if to.is_empty() {
+        return -1;
+    }
+    let asks = g.volume_ids.iter().map(|id| async move {
+        let req = apb::GetReplicationInfoRequest { volume_id: id.clone(), estimate_pending: false };
+        let info = core
+            .agents
+            .call(to, Deadline::Probe, false, |mut c| {
+                let req = req.clone();
+                async move { c.get_replication_info(req).await }
+            })
+            .await
+            .ok()?;
+        point_time_ms(&info.recovery_point_id)
+    });
+    let times: Vec<Option<i64>> = futures::future::join_all(asks).await;
+    match times.iter().copied().collect::<Option<Vec<i64>>>().and_then(|t| t.into_iter().min()) {
+        Some(oldest) if !g.volume_ids.is_empty() => (now_ms() - oldest).max(0),
+        _ => -1,
+    }
+}
+
 /// The snapshot a new volume is made from, checked: the member it copies, and a
 /// comparison that keeps the snapshot as read until the volume's intent is written.
 pub(crate) async fn snapshot_source(

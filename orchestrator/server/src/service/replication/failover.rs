@@ -73,6 +73,9 @@ pub struct FailoverProgress {
     pub blocked: Option<String>,
     /// Per volume, once promoted: the divergence point of a forced promote, or why it failed.
     pub outcomes: Vec<(String, Result<Option<String>, String>)>,
+    /// What the final sync shipped (bytes, milliseconds), once it ran.
+    #[serde(default)]
+    pub final_sync: Option<(i64, i64)>,
 }
 
 /// One volume's role and point on a backend, as its agent reports them.
@@ -211,9 +214,13 @@ impl ReplicationApi {
         }
         let to_ep = self.endpoint(&to).await;
         match self.sync_call(&from, &group.id, format!("{}/final-sync", op.op_id), epoch, true, to_ep).await {
-            Ok(r) => progress
-                .notes
-                .push(format!("final sync {} shipped {} bytes in {} ms", r.recovery_point_id, r.bytes, r.duration_ms)),
+            Ok(r) => {
+                progress.final_sync = Some((r.bytes, r.duration_ms));
+                progress.notes.push(format!(
+                    "final sync {} shipped {} bytes in {} ms",
+                    r.recovery_point_id, r.bytes, r.duration_ms
+                ))
+            }
             Err(e) => {
                 // Name the side that is really unreachable: a dead target needs its agent
                 // back, not a forced failover of a healthy source.
@@ -328,6 +335,11 @@ impl ReplicationApi {
             }
         }
         self.finish(&op.action, &group, &volumes, at).await?;
-        Ok(Self::result(&group, &outcomes))
+        let mut result = Self::result(&group, &outcomes);
+        if let Some((bytes, ms)) = progress.final_sync {
+            result.final_sync_bytes = Some(bytes);
+            result.final_sync_ms = Some(ms);
+        }
+        Ok(result)
     }
 }
