@@ -7,7 +7,8 @@
 //!   pure-Rust protox installed with cargo;
 //! - for tests, an etcd server: Debian's `etcd-server`, installed with apt-get if missing;
 //! - for the drill and tests, qemu-storage-daemon, qemu-img and qemu-io (`qemu-utils`);
-//! - for the alert rule tests, promtool (`prometheus`).
+//! - for the alert rule tests, promtool (`prometheus`);
+//! - for the dashboard test, a headless browser (`chromium`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -101,6 +102,14 @@ fn ensure_promtool() -> Result<(), String> {
     apt_install("prometheus")
 }
 
+/// Makes Chromium available (Debian's chromium), for the dashboard's browser test.
+fn ensure_chromium() -> Result<(), String> {
+    if which("chromium").is_some() || which("chromium-browser").is_some() {
+        return Ok(());
+    }
+    apt_install("chromium")
+}
+
 fn demo(extra: &[String]) -> Result<(), String> {
     ensure_protoc()?;
     ensure_qemu()?;
@@ -112,6 +121,7 @@ fn test(extra: &[String]) -> Result<(), String> {
     ensure_etcd()?;
     ensure_qemu()?;
     ensure_promtool()?;
+    ensure_chromium()?;
     release_has_no_test_code()?;
     // Integration tests start the drover binary as separate processes.
     run(cargo().args(["build", "--workspace", "--bins"]))?;

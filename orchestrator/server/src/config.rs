@@ -133,6 +133,9 @@ pub struct OrchestratorConfig {
     pub insecure: bool,
     /// Serve Prometheus metrics (`/metrics`) on this address; empty: off.
     pub metrics_listen: String,
+    /// Serve the web dashboard on this address (plain HTTP; loopback only when TLS is
+    /// configured); empty: off.
+    pub dashboard_listen: String,
 }
 
 /// API tokens and the audit trail.
@@ -189,6 +192,7 @@ impl Default for OrchestratorConfig {
             tls: Default::default(),
             insecure: false,
             metrics_listen: String::new(),
+            dashboard_listen: String::new(),
         }
     }
 }

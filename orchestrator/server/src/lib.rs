@@ -7,6 +7,7 @@
 pub mod agents;
 pub mod auth;
 pub mod config;
+pub mod dashboard;
 pub mod error;
 pub mod launch;
 pub mod metrics;
@@ -174,6 +175,11 @@ pub async fn serve(
         )
         .await
         .map_err(|e| error::ApiError::InvalidArgument(format!("{e}; fix `metrics_listen`")))?;
+    }
+    if !core.config.dashboard_listen.is_empty() {
+        dashboard::listen(core.clone(), &core.config.dashboard_listen, shutdown.clone().cancelled_owned())
+            .await
+            .map_err(|e| error::ApiError::InvalidArgument(format!("{e}; fix `dashboard_listen`")))?;
     }
 
     let mut server = tonic::transport::Server::builder();
