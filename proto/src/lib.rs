@@ -21,6 +21,7 @@ pub mod agent {
 pub mod metrics;
 pub mod reflection;
 pub mod tls;
+pub mod trace;
 
 /// The encoded descriptor set of every Drover proto, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/drover_descriptor.bin"));

@@ -96,8 +96,10 @@ impl Shipment {
             .connect()
             .await
             .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
-        let mut client =
-            ReplicaClient::new(channel).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20);
+        // The stream carries the caller's trace, so the peer's spans join it.
+        let mut client = ReplicaClient::with_interceptor(channel, drover_proto::trace::Inject)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::ReplicaMessage>(4);
         let begin = pb::ApplyBegin {
             group_id: header.group_id.clone(),
@@ -114,10 +116,10 @@ impl Shipment {
             epoch: header.epoch,
         };
         tx.send(pb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.expect("receiver alive");
-        let task = tokio::spawn(async move {
+        let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
             client.apply_recovery_point(Request::new(stream)).await.map(Response::into_inner)
-        });
+        }));
         Ok(Self { tx, task })
     }
 

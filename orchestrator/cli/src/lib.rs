@@ -18,6 +18,10 @@ use clap::{Parser, Subcommand};
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// How logs are printed: `text` (for people) or `json` (one object per line, with
+    /// each event's spans and their trace ids).
+    #[arg(long, global = true, env = "DROVER_LOG_FORMAT", default_value = "text")]
+    pub log_format: drover_proto::trace::LogFormat,
 }
 
 /// Every `drover` subcommand.

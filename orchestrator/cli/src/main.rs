@@ -6,26 +6,24 @@ use clap::Parser;
 use drover_cli::commands::{self, Ctx};
 use drover_cli::{Cli, Command, drill, servers};
 
-fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG").unwrap_or_else(|_| default.into());
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
-}
+use drover_proto::trace::init as init_logging;
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let format = cli.log_format;
     match cli.command {
         Command::Orchestrator(a) => match &a.cmd {
             Some(servers::OrchestratorCmd::List { client }) => servers::list_orchestrators(client).await,
             None => {
-                init_logging("info");
+                init_logging("info", format);
                 servers::run_orchestrator(a).await
             }
         },
         Command::Agent(a) => {
-            init_logging("info");
+            init_logging("info", format);
             servers::run_agent(a).await
         }
         Command::Drill(a) => {
-            init_logging("warn");
+            init_logging("warn", format);
             drill::run(a).await.map_err(anyhow::Error::msg)
         }
         Command::Version { client } => commands::version(&mut Ctx::connect(&client).await?).await,
@@ -54,7 +52,7 @@ async fn main() -> ExitCode {
         _ => false,
     };
     if !serving {
-        init_logging("warn");
+        init_logging("warn", cli.log_format);
     }
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

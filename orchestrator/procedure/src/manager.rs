@@ -8,7 +8,7 @@ use drover_store::{Compare, KvStore, StoreError, Txn, TxnOp};
 use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
-use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, now_ms};
+use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, new_trace_id, now_ms};
 use crate::{Context, Loader, Procedure, ProcedureError, Status};
 
 mod control;
@@ -235,7 +235,7 @@ impl Manager {
             match loaded {
                 Ok(proc) => {
                     tracing::info!(execution = %id, kind = %rec.kind, epoch, step = %rec.step, "resuming execution");
-                    self.spawn_run(id, proc, epoch);
+                    self.spawn_run(id, proc, epoch, &rec);
                 }
                 Err(e) => {
                     let mut rec = rec;
@@ -386,6 +386,12 @@ impl Manager {
     ) -> Result<(String, i64), SubmitError> {
         let locks = proc.locks();
         let now = now_ms();
+        // A child is part of its parent's trace; anything else starts one.
+        let trace_id = match parent.is_empty() {
+            false => self.get(&parent).await?.map(|p| p.trace_id).filter(|t| !t.is_empty()),
+            true => None,
+        }
+        .unwrap_or_else(new_trace_id);
         let rec = ExecutionRec {
             id: id.clone(),
             kind: proc.kind().to_string(),
@@ -407,6 +413,7 @@ impl Manager {
             children: Vec::new(),
             paused: false,
             project: proc.project(),
+            trace_id,
         };
         let mut txn = intent
             .when(Compare::Absent(keys::execution(&id).into_bytes()))
@@ -430,7 +437,7 @@ impl Manager {
         tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, "execution submitted");
         // Run it here at once; if the claim fails, recovery (here or elsewhere) runs it.
         match self.claim(&id, None).await {
-            Ok(Some(epoch)) => self.spawn_run(id.clone(), proc, epoch),
+            Ok(Some(epoch)) => self.spawn_run(id.clone(), proc, epoch, &rec),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!(execution = %id, error = %e, "could not claim the new execution; recovery will");
@@ -440,12 +447,16 @@ impl Manager {
         Ok((id, resp.revision))
     }
 
-    fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64) {
+    fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64, rec: &ExecutionRec) {
         let token = self.shutdown.child_token();
         let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.running.lock().expect("running poisoned").insert(id.clone(), (run, token.clone()));
         let me = self.clone();
-        let span = tracing::info_span!("execution", execution = %id, epoch);
+        // The execution's span starts (or, resumed, continues) its trace; every step,
+        // agent call and child below it carries the trace id.
+        let trace = if rec.trace_id.is_empty() { new_trace_id() } else { rec.trace_id.clone() };
+        let group = rec.locks.iter().find_map(|l| l.strip_prefix("group/")).unwrap_or_default();
+        let span = tracing::info_span!(parent: None, "execution", execution = %id, kind = %rec.kind, epoch, group, trace_id = %trace);
         tokio::spawn(tracing::Instrument::instrument(
             async move {
                 me.run(&id, proc, epoch, token.clone()).await;
@@ -545,7 +556,7 @@ impl Manager {
             let result = tokio::select! {
                 biased;
                 _ = token.cancelled() => return,
-                r = proc.execute(&ctx) => r,
+                r = tracing::Instrument::instrument(proc.execute(&ctx), tracing::info_span!("step", step = %step)) => r,
             };
             let record_step = |rec: &mut ExecutionRec, note: String| {
                 rec.steps.push(StepRec { name: step.clone(), started_ms: started, ended_ms: now_ms(), note, epoch });

@@ -129,6 +129,10 @@ pub struct ExecutionRec {
     /// The project it belongs to (see `Procedure::project`).
     #[serde(default)]
     pub project: String,
+    /// The trace (W3C trace id, 32 hex digits) its spans carry; a child's is its
+    /// parent's. Kept here so a resumed execution continues its trace.
+    #[serde(default)]
+    pub trace_id: String,
 }
 
 /// An operator's answer to a prompt.
@@ -145,4 +149,9 @@ pub struct Decision {
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// A new trace id for an execution that starts a trace: 32 hex digits (W3C Trace Context).
+pub fn new_trace_id() -> String {
+    format!("{:032x}", fastrand::u128(1..))
 }

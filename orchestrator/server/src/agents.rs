@@ -9,8 +9,10 @@ use std::time::Duration;
 use backon::{ExponentialBuilder, Retryable};
 use drover_proto::agent::v1 as apb;
 use drover_proto::agent::v1::agent_client::AgentClient;
+use drover_proto::trace::{Inject, Traced};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::Instrument;
 
 use crate::config::OrchestratorConfig;
 use crate::error::{ApiError, ApiResult};
@@ -163,8 +165,9 @@ impl AgentPool {
     }
 
     /// A client for one agent endpoint, with a per-call deadline.
-    pub fn client(&self, endpoint: &str, timeout: Duration) -> ApiResult<AgentClient<Channel>> {
-        Ok(AgentClient::new(self.channel(endpoint, timeout)?))
+    /// A client of one agent; its calls carry the current span's trace (`traceparent`).
+    pub fn client(&self, endpoint: &str, timeout: Duration) -> ApiResult<AgentClient<Traced>> {
+        Ok(AgentClient::with_interceptor(self.channel(endpoint, timeout)?, Inject))
     }
 
     /// Probes one agent; `Err` says why it is not ready.
@@ -196,7 +199,7 @@ impl AgentPool {
     pub async fn mutate<R, T, F, Fut>(&self, backend: &str, kind: Deadline, req: R, f: F) -> Result<T, Status>
     where
         R: Mutation,
-        F: Fn(AgentClient<Channel>, R) -> Fut,
+        F: Fn(AgentClient<Traced>, R) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let timeout = self.deadline(backend, kind);
@@ -225,7 +228,9 @@ impl AgentPool {
                 Err(e) => return Err(Status::from(e)),
             };
             let client = self.client(&agent.endpoint, timeout).map_err(Status::from)?;
-            let answer = match tokio::time::timeout(timeout, f(client, req)).await {
+            let epoch = req.clone().ctx_mut().as_ref().map_or(0, |c| c.epoch);
+            let span = tracing::info_span!("agent_call", backend, agent = %agent.agent_id, op_id = %op_id, epoch);
+            let answer = match tokio::time::timeout(timeout, f(client, req)).instrument(span).await {
                 Ok(r) => r.map(tonic::Response::into_inner),
                 Err(_) => Err(Status::deadline_exceeded(format!(
                     "agent {} of backend {backend} did not answer within {timeout:?}",
@@ -344,7 +349,7 @@ impl AgentPool {
     /// transient failures; others are tried once per agent.
     pub async fn call<T, F, Fut>(&self, backend: &str, kind: Deadline, idempotent: bool, f: F) -> Result<T, Status>
     where
-        F: Fn(AgentClient<Channel>) -> Fut,
+        F: Fn(AgentClient<Traced>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let timeout = self.deadline(backend, kind);
@@ -360,6 +365,7 @@ impl AgentPool {
             let once = || {
                 let client = client.clone();
                 let fut = f(client);
+                let span = tracing::debug_span!("agent_call", backend, agent = %agent.agent_id);
                 async move {
                     match tokio::time::timeout(timeout, fut).await {
                         Ok(r) => r.map(tonic::Response::into_inner),
@@ -369,6 +375,7 @@ impl AgentPool {
                         ))),
                     }
                 }
+                .instrument(span)
             };
             let result = if idempotent {
                 once.retry(

@@ -197,6 +197,7 @@ pub async fn serve(
     }
     let incoming = drover_proto::incoming(listener);
     let router = server
+        .trace_fn(drover_proto::trace::server_span)
         .layer(auth::layer::AuthLayer { guard })
         .add_service(health_service)
         .add_service(reflection)

@@ -451,6 +451,7 @@ pub async fn serve(
     };
     let handle = tokio::spawn(
         server
+            .trace_fn(drover_proto::trace::server_span)
             .layer(tower::util::option_layer(gated.then_some(gate::GateLayer)))
             .initial_stream_window_size(Some(crate::replica::WINDOW_BYTES))
             .initial_connection_window_size(Some(2 * crate::replica::WINDOW_BYTES))

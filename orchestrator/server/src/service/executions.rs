@@ -48,6 +48,7 @@ pub fn to_pb(r: ExecutionRec) -> pb::Execution {
         parent: r.parent,
         state_json: r.state.to_string(),
         project: r.project,
+        trace_id: r.trace_id,
     }
 }
 
