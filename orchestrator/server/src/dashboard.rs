@@ -276,7 +276,7 @@ async fn execution_page(
     let _ = write!(
         body,
         "<dl class=\"facts\"><dt>kind</dt><dd>{}</dd><dt>summary</dt><dd>{}</dd><dt>created</dt><dd>{}</dd>\
-         <dt>owner</dt><dd>{} (epoch {}, claimed {} time{})</dd>{}</dl>",
+         <dt>owner</dt><dd>{} (epoch {}, claimed {} time{})</dd><dt>trace</dt><dd><code>{}</code></dd>{}</dl>",
         esc(&e.kind),
         esc(&e.summary),
         time(e.created_ms),
@@ -284,6 +284,7 @@ async fn execution_page(
         e.epoch,
         e.claims,
         if e.claims == 1 { "" } else { "s" },
+        esc(&e.trace_id),
         if e.project.is_empty() { String::new() } else { format!("<dt>project</dt><dd>{}</dd>", esc(&e.project)) },
     );
     body.push_str(&live);

@@ -94,6 +94,7 @@ pub fn detail(e: &pb::Execution) -> Table {
         ("cancel requested", e.cancel_requested.to_string()),
         ("paused", e.paused.to_string()),
         ("parent", e.parent.clone()),
+        ("trace", e.trace_id.clone()),
     ] {
         t.row(vec![k.into(), v]);
     }
