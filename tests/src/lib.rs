@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 pub mod cluster;
 pub mod invariants;
+pub mod scrape;
 pub mod writer;
 
 use cluster::{AgentSpec, Proc, Server, locate_drover, start_agent, start_orchestrator, token_file};

@@ -3,46 +3,14 @@
 //! after `sync`, and the source agent's bytes-shipped counter grows by exactly the bytes
 //! the sync reported.
 
-use std::io::{Read, Write};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use drover_proto::v1 as pb;
 use drover_tests::cluster::qemu_io;
+use drover_tests::scrape::{metrics_addr, scrape, value};
 use drover_tests::{Cluster, StoreChoice, consistent_group};
 
 const MIB: u64 = 1 << 20;
-
-/// The metrics address a server logged at start.
-fn metrics_addr(log: &Path) -> String {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if let Some(at) = text.find("serving Prometheus metrics on http://") {
-            let rest = &text[at + "serving Prometheus metrics on http://".len()..];
-            return rest.split("/metrics").next().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline, "{} logged no metrics address", log.display());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// One scrape: the body of `GET /metrics`.
-fn scrape(addr: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect to the metrics endpoint");
-    s.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let (head, body) = out.split_once("\r\n\r\n").expect("an HTTP answer");
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_ascii_lowercase().contains("content-type: application/openmetrics-text"), "{head}");
-    body.to_string()
-}
-
-/// The value of the series whose name and labels are exactly `series`.
-fn value(body: &str, series: &str) -> Option<f64> {
-    body.lines().find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')).map(|v| v.parse().unwrap()))
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents() {

@@ -510,10 +510,15 @@ async fn manageable_volumes_are_listed_managed_and_unmanaged() {
     );
 }
 
-/// If qemu-storage-daemon dies, the agent starts it again and its exports come back.
+/// If qemu-storage-daemon dies, the agent starts it again and its exports come back; the
+/// agent's restart counter says so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restarts_a_dead_daemon() {
-    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    use drover_tests::scrape::{metrics_addr, scrape, value};
+    let metrics = ["--set", "metrics_listen=127.0.0.1:0"];
+    let cluster = Cluster::start_custom(StoreChoice::Embedded, "qemu", &metrics, &[]).await;
+    let at = metrics_addr(&cluster.agents[0].proc.log);
+    assert_eq!(value(&scrape(&at), "drover_agent_backend_restarts_total"), Some(0.0));
     let mut c = cluster.clients().await;
     c.volumes
         .create_volume(pb::CreateVolumeRequest {
@@ -539,6 +544,7 @@ async fn agent_restarts_a_dead_daemon() {
         assert!(Instant::now() < deadline, "the export did not come back within 20 s");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert_eq!(value(&scrape(&at), "drover_agent_backend_restarts_total"), Some(1.0), "one restart counted");
 }
 
 /// With `--nbd-tcp`, exports are served on TCP and attach URIs say so.

@@ -34,6 +34,8 @@ pub struct Daemon {
     qmp: Mutex<Option<Arc<Qmp>>>,
     /// How long one QMP command may take before the daemon counts as hung.
     qmp_timeout: Duration,
+    /// Restarts after the daemon exited (died, or killed as hung).
+    restarts: std::sync::atomic::AtomicU64,
 }
 
 fn qmp_err(e: QmpError) -> DriverError {
@@ -58,7 +60,7 @@ impl Daemon {
     /// Starts the daemon and its supervisor.
     pub async fn start(paths: DaemonPaths, restore: Restore, qmp_timeout: Duration) -> Result<Arc<Self>, DriverError> {
         kill_stale(&paths.pidfile);
-        let daemon = Arc::new(Self { paths, qmp: Mutex::new(None), qmp_timeout });
+        let daemon = Arc::new(Self { paths, qmp: Mutex::new(None), qmp_timeout, restarts: Default::default() });
         let child = daemon.launch().await?;
         let weak = Arc::downgrade(&daemon);
         tokio::spawn(async move {
@@ -81,10 +83,16 @@ impl Daemon {
                     }
                 }
                 restore().await;
+                d.restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("qemu-storage-daemon restarted and its exports restored");
             }
         });
         Ok(daemon)
+    }
+
+    /// How many times the daemon was restarted since the agent started.
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn launch(&self) -> Result<Child, DriverError> {

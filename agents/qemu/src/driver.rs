@@ -385,6 +385,10 @@ impl Driver for QemuDriver {
         Ok(true)
     }
 
+    fn backend_restarts(&self) -> u64 {
+        self.daemon.get().map_or(0, |d| d.restarts())
+    }
+
     async fn pending_bytes(&self, volume_id: &str) -> Result<Option<u64>, DriverError> {
         self.estimate_pending(volume_id).await
     }

@@ -109,6 +109,10 @@ impl Driver for Gated {
     async fn delete_snapshot(&self, s: &str) -> Result<(), DriverError> {
         self.inner.delete_snapshot(s).await
     }
+    fn backend_restarts(&self) -> u64 {
+        self.inner.backend_restarts()
+    }
+
     async fn pending_bytes(&self, id: &str) -> Result<Option<u64>, DriverError> {
         self.inner.pending_bytes(id).await
     }

@@ -295,6 +295,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Resynchronises a demoted volume from its peer. Returns whether it is in sync.
     async fn resync(&self, volume_id: &str) -> Result<bool, DriverError>;
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError>;
+    /// How many times the backend's data-plane process was restarted since the agent
+    /// started (after it died or hung); 0 for a backend without one.
+    fn backend_restarts(&self) -> u64 {
+        0
+    }
+
     /// On a primary: the bytes a sync now would ship for this volume (what changed since
     /// the point the peer holds, or everything without one); `None` when the driver cannot
     /// tell or the volume is not a primary. Used for predictions, so it may cost some work.

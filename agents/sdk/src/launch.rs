@@ -101,10 +101,17 @@ pub async fn start(
         .await
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
     if !config.metrics_listen.is_empty() {
+        let refresh: drover_proto::metrics::Refresh = {
+            let (metrics, driver) = (running.metrics.clone(), driver.clone());
+            Arc::new(move || {
+                metrics.refresh(driver.as_ref());
+                Box::pin(async {})
+            })
+        };
         drover_proto::metrics::listen(
             &config.metrics_listen,
             running.metrics.registry.clone(),
-            None,
+            Some(refresh),
             shutdown.clone().cancelled_owned(),
         )
         .await

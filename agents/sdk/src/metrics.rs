@@ -33,6 +33,9 @@ pub struct AgentMetrics {
     pub shipped_bytes: Family<GroupLabel, Counter>,
     pub syncs: Family<OpLabels, Counter>,
     pub received_bytes: Counter,
+    /// Restarts of the backend's data-plane process, as the driver counts them (brought
+    /// up to date before each scrape).
+    pub backend_restarts: Counter,
 }
 
 fn latency() -> Histogram {
@@ -54,7 +57,30 @@ impl AgentMetrics {
         r.register("syncs", "Syncs this side ran as the source (op: asked or scheduled), by outcome", syncs.clone());
         let received_bytes = Counter::default();
         r.register("received_bytes", "Bytes of recovery points received from peers", received_bytes.clone());
-        Arc::new(Self { registry: Arc::new(r), op_seconds, in_flight, shipped_bytes, syncs, received_bytes })
+        let backend_restarts = Counter::default();
+        r.register(
+            "backend_restarts",
+            "Times the backend's data-plane process (qemu-storage-daemon) was restarted after it died or hung",
+            backend_restarts.clone(),
+        );
+        Arc::new(Self {
+            registry: Arc::new(r),
+            op_seconds,
+            in_flight,
+            shipped_bytes,
+            syncs,
+            received_bytes,
+            backend_restarts,
+        })
+    }
+
+    /// Brings the counters the driver keeps up to date.
+    pub fn refresh(&self, driver: &dyn crate::driver::Driver) {
+        let now = driver.backend_restarts();
+        let seen = self.backend_restarts.get();
+        if now > seen {
+            self.backend_restarts.inc_by(now - seen);
+        }
     }
 
     /// A sync this side ran as the source: `how` is `asked` or `scheduled`.

@@ -11,6 +11,7 @@
 //! That is one agent call per replicated volume per scrape, fine for hundreds of groups;
 //! a deployment of many thousands should scrape less often.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Instant;
@@ -79,6 +80,32 @@ pub struct Metrics {
     pub backend_up: Family<BackendLabel, Gauge>,
     pub backend_frozen: Family<BackendLabel, Gauge>,
     refreshed: tokio::sync::Mutex<Option<Instant>>,
+    /// The label sets the last refresh set, per read family: a refresh removes only those
+    /// it did not set again, so a scrape encoding meanwhile never misses a live series.
+    live: std::sync::Mutex<Live>,
+}
+
+#[derive(Default)]
+struct Live {
+    rpo: HashSet<GroupLabel>,
+    interval: HashSet<GroupLabel>,
+    last_sync: HashSet<GroupLabel>,
+    last_bytes: HashSet<GroupLabel>,
+    status: HashSet<GroupState>,
+    backends: HashSet<BackendLabel>,
+}
+
+/// Removes from `family` the label sets in `before` that are not in `now`, and keeps
+/// `now` as the live ones.
+fn retire<L, M, C>(family: &Family<L, M, C>, before: &mut HashSet<L>, now: HashSet<L>)
+where
+    L: Clone + std::hash::Hash + Eq,
+    C: prometheus_client::metrics::family::MetricConstructor<M>,
+{
+    for gone in before.difference(&now) {
+        family.remove(gone);
+    }
+    *before = now;
 }
 
 fn latency() -> Histogram {
@@ -166,6 +193,7 @@ impl Metrics {
             backend_up,
             backend_frozen,
             refreshed: tokio::sync::Mutex::new(None),
+            live: Default::default(),
         })
     }
 
@@ -187,44 +215,74 @@ impl Metrics {
     async fn read(&self, core: &Arc<Core>) -> crate::error::ApiResult<()> {
         let groups: Vec<GroupRec> =
             core.repo.list::<GroupRec>(keys::GROUPS).await?.into_iter().map(|g| g.rec).collect();
-        // Series of groups that are gone go with them.
-        self.group_rpo_seconds.clear();
-        self.group_interval_seconds.clear();
-        self.group_last_sync_seconds.clear();
-        self.group_last_sync_bytes.clear();
-        self.group_status.clear();
+        // Series of groups that are gone (or no longer replicate) go with them.
+        let mut now = Live::default();
         for g in &groups {
             let l = GroupLabel { group: g.name.clone(), project: g.project.clone() };
             for s in STATUSES {
                 let state = GroupState { group: g.name.clone(), project: g.project.clone(), status: s.into() };
                 self.group_status.get_or_create(&state).set(i64::from(g.replication_status == s));
+                now.status.insert(state);
             }
             self.group_interval_seconds.get_or_create(&l).set(g.sync_interval_seconds as f64);
+            now.interval.insert(l.clone());
             if !matches!(g.replication_status.as_str(), rs::ENABLED | rs::FAILED_OVER) {
                 continue;
             }
             let infos = crate::service::shared::volume_infos(core, g).await?;
             let rpo = crate::service::shared::rpo_ms(&infos);
             self.group_rpo_seconds.get_or_create(&l).set(if rpo < 0 { -1.0 } else { rpo as f64 / 1000.0 });
+            now.rpo.insert(l.clone());
             if let Some(last) = infos.iter().max_by_key(|i| i.last_sync_time_ms) {
                 self.group_last_sync_seconds.get_or_create(&l).set(last.last_sync_duration_ms as f64 / 1000.0);
+                now.last_sync.insert(l.clone());
             }
             let bytes: i64 = infos.iter().map(|i| i.last_sync_bytes).sum();
             self.group_last_sync_bytes.get_or_create(&l).set(bytes);
+            now.last_bytes.insert(l);
         }
         let running = core.procedures.running().await?;
         self.executions.get_or_create(&ExecState { status: "running".into() }).set(running.len() as i64);
         let prompting = running.iter().filter(|e| e.step.starts_with("prompt:")).count();
         self.at_prompt.set(prompting as i64);
-        self.backend_up.clear();
-        self.backend_frozen.clear();
         let sites = crate::service::sites::SiteApi { core: core.clone() };
         for b in core.repo.list::<crate::model::BackendRec>(keys::BACKENDS).await? {
             let label = BackendLabel { backend: b.rec.name.clone() };
             let d = sites.describe(&b.rec).await?;
             self.backend_up.get_or_create(&label).set(i64::from(d.status == "up"));
             self.backend_frozen.get_or_create(&label).set(i64::from(b.rec.frozen));
+            now.backends.insert(label);
         }
+        let mut live = self.live.lock().expect("live label sets");
+        retire(&self.group_rpo_seconds, &mut live.rpo, now.rpo);
+        retire(&self.group_interval_seconds, &mut live.interval, now.interval);
+        retire(&self.group_last_sync_seconds, &mut live.last_sync, now.last_sync);
+        retire(&self.group_last_sync_bytes, &mut live.last_bytes, now.last_bytes);
+        retire(&self.group_status, &mut live.status, now.status);
+        let mut backends = live.backends.clone();
+        retire(&self.backend_up, &mut backends, now.backends.clone());
+        retire(&self.backend_frozen, &mut live.backends, now.backends);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refresh_removes_only_the_series_it_did_not_set_again() {
+        let family = Family::<BackendLabel, Gauge>::default();
+        let (a, b) = (BackendLabel { backend: "a".into() }, BackendLabel { backend: "b".into() });
+        family.get_or_create(&a).set(1);
+        family.get_or_create(&b).set(1);
+        let mut live: HashSet<BackendLabel> = [a.clone(), b.clone()].into();
+        retire(&family, &mut live, [b.clone()].into());
+        let mut registry = Registry::default();
+        registry.register("up", "test", family.clone());
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        assert!(out.contains("up{backend=\"b\"} 1") && !out.contains("backend=\"a\""), "{out}");
+        assert_eq!(live, [b].into());
     }
 }
