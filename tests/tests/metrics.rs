@@ -102,4 +102,27 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     let b = scrape(&agent_b);
     assert!(value(&b, "drover_agent_received_bytes_total").unwrap() >= s.bytes as f64, "{b}");
     assert!(!after.contains("op_id") && !a.contains(&vols[0]), "no per-operation or per-volume labels");
+
+    // The target's agent dies: a sync the operator asks for fails, and the source counts
+    // the failure against the group.
+    let failures = format!(r#"drover_agent_sync_failures_total{{group="{}"}}"#, g.id);
+    assert_eq!(value(&a, &failures), None, "no failure yet: {a}");
+    let mut cluster = cluster;
+    cluster.agents[1].proc.kill();
+    let r = c
+        .replication
+        .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), no_wait: false })
+        .await;
+    assert!(r.is_err(), "a sync to a dead target fails: {r:?}");
+    // The orchestrator tries a transient failure again under new op_ids: each attempt is
+    // a sync that failed, counted once, as the op latency histogram counts them.
+    let a = scrape(&agent_a);
+    let failed = value(&a, &failures).expect("failures counted");
+    let ops: f64 = a
+        .lines()
+        .filter(|l| l.starts_with(r#"drover_agent_op_seconds_count{op="sync_group",outcome="#) && !l.contains("\"ok\""))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum();
+    println!("a sync to a dead target: {failed} failed attempts counted, {ops} failed sync ops");
+    assert!(failed >= 1.0 && failed == ops, "{a}");
 }

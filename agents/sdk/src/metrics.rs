@@ -36,6 +36,8 @@ pub struct AgentMetrics {
     /// Restarts of the backend's data-plane process, as the driver counts them (brought
     /// up to date before each scrape).
     pub backend_restarts: Counter,
+    /// Failed syncs, per group (by design: a failing group must be named).
+    pub sync_failures: Family<GroupLabel, Counter>,
 }
 
 fn latency() -> Histogram {
@@ -63,6 +65,8 @@ impl AgentMetrics {
             "Times the backend's data-plane process (qemu-storage-daemon) was restarted after it died or hung",
             backend_restarts.clone(),
         );
+        let sync_failures = Family::<GroupLabel, Counter>::default();
+        r.register("sync_failures", "Syncs of the group that failed on this side (the source)", sync_failures.clone());
         Arc::new(Self {
             registry: Arc::new(r),
             op_seconds,
@@ -71,6 +75,7 @@ impl AgentMetrics {
             syncs,
             received_bytes,
             backend_restarts,
+            sync_failures,
         })
     }
 
@@ -95,7 +100,10 @@ impl AgentMetrics {
                 self.shipped_bytes.get_or_create(&GroupLabel { group: group.to_string() }).inc_by(r.bytes);
                 "ok".to_string()
             }
-            Err(e) => format!("{:?}", e.to_status().code()),
+            Err(e) => {
+                self.sync_failures.get_or_create(&GroupLabel { group: group.to_string() }).inc();
+                format!("{:?}", e.to_status().code())
+            }
         };
         self.syncs.get_or_create(&OpLabels { op: how.into(), outcome }).inc();
     }
