@@ -103,6 +103,21 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     assert!(value(&b, "drover_agent_received_bytes_total").unwrap() >= s.bytes as f64, "{b}");
     assert!(!after.contains("op_id") && !a.contains(&vols[0]), "no per-operation or per-volume labels");
 
+    // Syncs reuse the source's connection to the peer (and the orchestrator's to each
+    // agent): the target accepts no new connection for five more syncs.
+    let accepted = "drover_agent_accepted_connections_total";
+    let before = value(&scrape(&agent_b), accepted).expect("accepted connections counted");
+    for i in 0..5 {
+        qemu_io(&u, &[format!("write -P 0x{:02x} {}M 64k", 0x40 + i, 6 + i)]).unwrap();
+        c.replication
+            .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), no_wait: false })
+            .await
+            .expect("sync");
+    }
+    let after_syncs = value(&scrape(&agent_b), accepted).unwrap();
+    println!("backend-b accepted {before} connections before 5 syncs, {after_syncs} after");
+    assert_eq!(after_syncs, before, "no connection per sync");
+
     // The target's agent dies: a sync the operator asks for fails, and the source counts
     // the failure against the group.
     let failures = format!(r#"drover_agent_sync_failures_total{{group="{}"}}"#, g.id);

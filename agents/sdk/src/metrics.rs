@@ -38,6 +38,9 @@ pub struct AgentMetrics {
     pub backend_restarts: Counter,
     /// Failed syncs, per group (by design: a failing group must be named).
     pub sync_failures: Family<GroupLabel, Counter>,
+    /// TCP connections accepted (from orchestrators and peer agents, each kept for many
+    /// calls): steady once its callers connected.
+    pub accepted_connections: Counter,
 }
 
 fn latency() -> Histogram {
@@ -67,6 +70,12 @@ impl AgentMetrics {
         );
         let sync_failures = Family::<GroupLabel, Counter>::default();
         r.register("sync_failures", "Syncs of the group that failed on this side (the source)", sync_failures.clone());
+        let accepted_connections = Counter::default();
+        r.register(
+            "accepted_connections",
+            "TCP connections this agent accepted (callers keep and reuse theirs)",
+            accepted_connections.clone(),
+        );
         Arc::new(Self {
             registry: Arc::new(r),
             op_seconds,
@@ -76,6 +85,7 @@ impl AgentMetrics {
             received_bytes,
             backend_restarts,
             sync_failures,
+            accepted_connections,
         })
     }
 

@@ -8,6 +8,7 @@ use drover_proto::agent::v1 as pb;
 use drover_proto::agent::v1::replica_client::ReplicaClient;
 use drover_proto::agent::v1::replica_message::Kind;
 use tokio::sync::mpsc;
+use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::driver::{ApplyHeader, Driver, DriverError, Incoming};
@@ -55,24 +56,49 @@ fn peer_endpoint(endpoint: &str) -> Result<tonic::transport::Endpoint, DriverErr
     }
 }
 
+/// Channels to peer agents, one per endpoint, shared by every sync of this process: one
+/// HTTP/2 connection multiplexes concurrent streams, and a broken one is dialed again on
+/// the next call. Dialing per sync cost a TCP and HTTP/2 handshake (and TLS) twice per
+/// sync. Deadlines are per call, not per channel.
+static PEERS: std::sync::LazyLock<std::sync::Mutex<std::collections::HashMap<String, Channel>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn peer_channel(endpoint: &str) -> Result<Channel, DriverError> {
+    let mut peers = PEERS.lock().expect("peer channels poisoned");
+    if let Some(ch) = peers.get(endpoint) {
+        return Ok(ch.clone());
+    }
+    let ch = peer_endpoint(endpoint)?
+        .connect_timeout(Duration::from_secs(3))
+        // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.
+        .initial_stream_window_size(Some(WINDOW_BYTES))
+        .initial_connection_window_size(Some(2 * WINDOW_BYTES))
+        // A peer that vanished without closing is noticed between syncs too.
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .connect_lazy();
+    peers.insert(endpoint.to_string(), ch.clone());
+    Ok(ch)
+}
+
+/// A client of the peer agent at `endpoint` whose calls carry the caller's trace.
+fn traced(endpoint: &str) -> Result<drover_proto::trace::Traced, DriverError> {
+    Ok(tonic::service::interceptor::InterceptedService::new(peer_channel(endpoint)?, drover_proto::trace::Inject))
+}
+
 /// The recovery point the peer agent at `endpoint` holds for `volume_id` (empty when it
 /// holds none). A source asks before it ships: after an interrupted sync the peer may
 /// already hold the point the source was shipping, and the source goes on from there
 /// instead of shipping from an older base the peer no longer has.
 pub async fn peer_point(endpoint: &str, volume_id: &str) -> Result<String, DriverError> {
-    let channel = peer_endpoint(endpoint)?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(Duration::from_secs(5))
-        .connect()
+    let mut client = drover_proto::agent::v1::agent_client::AgentClient::new(traced(endpoint)?);
+    let ask = client.get_replication_info(pb::GetReplicationInfoRequest {
+        volume_id: volume_id.to_string(),
+        estimate_pending: false,
+    });
+    let info = tokio::time::timeout(Duration::from_secs(5), ask)
         .await
-        .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
-    let mut client = drover_proto::agent::v1::agent_client::AgentClient::new(channel);
-    let info = client
-        .get_replication_info(pb::GetReplicationInfoRequest {
-            volume_id: volume_id.to_string(),
-            estimate_pending: false,
-        })
-        .await
+        .map_err(|_| DriverError::Unavailable(format!("the peer agent at {endpoint} did not answer within 5 s")))?
         .map_err(|s| DriverError::Unavailable(format!("peer agent at {endpoint}: {}", s.message())))?;
     Ok(info.into_inner().recovery_point_id)
 }
@@ -87,17 +113,8 @@ impl Shipment {
     /// Opens the stream to the peer and sends the header; the whole call (data, commit and
     /// the peer's acknowledgement) must end within `deadline` (see [`transfer_deadline`]).
     pub async fn open(endpoint: &str, header: &ApplyHeader, deadline: Duration) -> Result<Self, DriverError> {
-        let channel = peer_endpoint(endpoint)?
-            .connect_timeout(Duration::from_secs(3))
-            .timeout(deadline)
-            // HTTP/2's default 64 KiB windows would stall a bulk stream every few packets.
-            .initial_stream_window_size(Some(WINDOW_BYTES))
-            .initial_connection_window_size(Some(2 * WINDOW_BYTES))
-            .connect()
-            .await
-            .map_err(|e| DriverError::Unavailable(format!("cannot reach the peer agent at {endpoint}: {e}")))?;
         // The stream carries the caller's trace, so the peer's spans join it.
-        let mut client = ReplicaClient::with_interceptor(channel, drover_proto::trace::Inject)
+        let mut client = ReplicaClient::new(traced(endpoint)?)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel::<pb::ReplicaMessage>(4);
@@ -118,7 +135,12 @@ impl Shipment {
         tx.send(pb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.expect("receiver alive");
         let task = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
-            client.apply_recovery_point(Request::new(stream)).await.map(Response::into_inner)
+            let mut req = Request::new(stream);
+            req.set_timeout(deadline);
+            match tokio::time::timeout(deadline, client.apply_recovery_point(req)).await {
+                Ok(r) => r.map(Response::into_inner),
+                Err(_) => Err(Status::deadline_exceeded(format!("the transfer did not end within {deadline:?}"))),
+            }
         }));
         Ok(Self { tx, task })
     }

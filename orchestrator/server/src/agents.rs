@@ -24,6 +24,57 @@ pub struct AgentPool {
     repo: Repo,
     config: OrchestratorConfig,
     channels: Mutex<HashMap<String, Channel>>,
+    view: std::sync::Arc<RegistrationView>,
+}
+
+/// Every agent registration, as the store holds them, kept current by a watch (see
+/// [`AgentPool::follow_registrations`]): calls find their agents here instead of reading
+/// the store each time. While the watch is not live (at start, or after the store broke
+/// it) every lookup reads the store.
+#[derive(Default)]
+pub struct RegistrationView {
+    state: std::sync::RwLock<ViewState>,
+    /// Lookups answered from the view, and from the store (for tests and metrics).
+    pub hits: std::sync::atomic::AtomicU64,
+    pub misses: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Default)]
+struct ViewState {
+    /// A snapshot was read and the watch from its revision runs.
+    live: bool,
+    /// The store revision the view reflects.
+    revision: i64,
+    /// Registration key to record.
+    agents: std::collections::BTreeMap<String, AgentRec>,
+}
+
+impl RegistrationView {
+    /// A backend's registrations, when the view is live and knows some.
+    fn lookup(&self, backend: &str) -> Option<Vec<AgentRec>> {
+        let state = self.state.read().expect("registration view poisoned");
+        if !state.live {
+            return None;
+        }
+        let prefix = keys::agents_of(backend);
+        let found: Vec<AgentRec> = state
+            .agents
+            .range(prefix.clone()..)
+            .take_while(|(k, _)| k.starts_with(&prefix))
+            .map(|(_, r)| r.clone())
+            .collect();
+        (!found.is_empty()).then_some(found)
+    }
+
+    /// The revision the view reflects, while it is live.
+    pub fn revision(&self) -> Option<i64> {
+        let state = self.state.read().expect("registration view poisoned");
+        state.live.then_some(state.revision)
+    }
+
+    fn stale(&self) {
+        self.state.write().expect("registration view poisoned").live = false;
+    }
 }
 
 /// Which of a backend's deadlines a call gets (each may be set per backend).
@@ -126,7 +177,36 @@ pub fn ctx(op_id: String, epoch: u64, fence_scope: String) -> Option<apb::OpCont
 
 impl AgentPool {
     pub fn new(repo: Repo, config: OrchestratorConfig) -> Self {
-        Self { repo, config, channels: Mutex::new(HashMap::new()) }
+        Self { repo, config, channels: Mutex::new(HashMap::new()), view: Default::default() }
+    }
+
+    /// The registration view, for its counters.
+    pub fn view(&self) -> &RegistrationView {
+        &self.view
+    }
+
+    /// Keeps the registration view current until `shutdown`: reads every registration at
+    /// one revision, then applies the watch's changes from the next one (a lease that
+    /// lapses deletes its registration, which the watch reports). A broken watch makes
+    /// the view stale (lookups read the store) until a new snapshot is read.
+    pub fn follow_registrations(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let (view, store) = (self.view.clone(), self.repo.store().clone());
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let ended = tokio::select! {
+                    r = follow(&view, store.as_ref()) => r,
+                    () = shutdown.cancelled() => return,
+                };
+                view.stale();
+                tracing::debug!(error = %ended, "the agent registration watch ended; reading the store until it is back");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
     }
 
     /// The deadline of a call of `kind` to `backend`.
@@ -140,8 +220,22 @@ impl AgentPool {
         }
     }
 
-    /// The live registrations of a backend's agents (their leases are current).
+    /// The live registrations of a backend's agents (their leases are current): from
+    /// the view when it is live and knows the backend, else from the store (a backend
+    /// with no agent in the view is always read, so a registration the watch has not
+    /// delivered yet is found).
     pub async fn registrations(&self, backend: &str) -> ApiResult<Vec<AgentRec>> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if let Some(found) = self.view.lookup(backend) {
+            self.view.hits.fetch_add(1, Relaxed);
+            return Ok(found);
+        }
+        self.view.misses.fetch_add(1, Relaxed);
+        self.stored_registrations(backend).await
+    }
+
+    /// A backend's registrations read from the store now.
+    pub async fn stored_registrations(&self, backend: &str) -> ApiResult<Vec<AgentRec>> {
         Ok(self.repo.list::<AgentRec>(&keys::agents_of(backend)).await?.into_iter().map(|v| v.rec).collect())
     }
 
@@ -353,14 +447,24 @@ impl AgentPool {
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let timeout = self.deadline(backend, kind);
-        let agents = self.registrations(backend).await.map_err(Status::from)?;
+        let mut agents = self.registrations(backend).await.map_err(Status::from)?;
         if agents.is_empty() {
             return Err(Status::unavailable(format!(
                 "backend {backend} has no live agent; start its agent, or check `drover backend show {backend}`"
             )));
         }
+        agents.reverse();
         let mut last = Status::unavailable(format!("no agent of backend {backend} answered"));
-        for agent in &agents {
+        let mut tried: Vec<String> = Vec::new();
+        // Agents as the view knows them; if none answers, once more with any registration
+        // the store holds that was not tried (an agent that came back on a new address an
+        // instant ago, before the watch told the view).
+        while let Some(agent) = agents.pop() {
+            if tried.contains(&agent.endpoint) {
+                continue;
+            }
+            tried.push(agent.endpoint.clone());
+            let agent = &agent;
             let client = self.client(&agent.endpoint, timeout).map_err(Status::from)?;
             let once = || {
                 let client = client.clone();
@@ -396,9 +500,64 @@ impl AgentPool {
                 Err(s) if retryable(&s) && (idempotent || s.code() == Code::Unavailable) => last = s,
                 Err(s) => return Err(s),
             }
+            if agents.is_empty()
+                && self.view.revision().is_some()
+                && let Ok(stored) = self.stored_registrations(backend).await
+            {
+                agents = stored.into_iter().rev().filter(|a| !tried.contains(&a.endpoint)).collect();
+            }
         }
         Err(last)
     }
+}
+
+/// Reads every registration at one revision into `view`, then applies the watch from the
+/// next revision until it breaks; returns why it ended.
+async fn follow(view: &RegistrationView, store: &dyn drover_store::KvStore) -> drover_store::StoreError {
+    use futures::StreamExt;
+    let (kvs, revision) = match store.range(keys::AGENTS.as_bytes()).await {
+        Ok(r) => r,
+        Err(e) => return e,
+    };
+    let mut events = match store.watch(keys::AGENTS.as_bytes(), revision + 1).await {
+        Ok(w) => w,
+        Err(e) => return e,
+    };
+    {
+        let mut state = view.state.write().expect("registration view poisoned");
+        state.agents = kvs
+            .into_iter()
+            .filter_map(|kv| {
+                let rec = serde_json::from_slice::<AgentRec>(&kv.value).ok()?;
+                Some((String::from_utf8_lossy(&kv.key).into_owned(), rec))
+            })
+            .collect();
+        state.revision = revision;
+        state.live = true;
+    }
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(e) => return e,
+        };
+        let mut state = view.state.write().expect("registration view poisoned");
+        let key = String::from_utf8_lossy(event.key()).into_owned();
+        match &event {
+            drover_store::WatchEvent::Put(kv) => match serde_json::from_slice::<AgentRec>(&kv.value) {
+                Ok(rec) => {
+                    state.agents.insert(key, rec);
+                }
+                Err(_) => {
+                    state.agents.remove(&key);
+                }
+            },
+            drover_store::WatchEvent::Delete(_) => {
+                state.agents.remove(&key);
+            }
+        }
+        state.revision = event.revision();
+    }
+    drover_store::StoreError::Unavailable("the watch stream ended".into())
 }
 
 /// The agent that serves a backend's mutations: its first live registration (by agent
@@ -410,4 +569,70 @@ fn pick_agent(backend: &str, mut agents: Vec<AgentRec>) -> Result<AgentRec, Stat
             "backend {backend} has no live agent; start its agent, or check `drover backend show {backend}`"
         ))
     })
+}
+
+#[cfg(test)]
+mod view_tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use drover_store::KvStore;
+
+    use super::*;
+
+    fn rec(backend: &str, id: &str, endpoint: &str) -> Vec<u8> {
+        serde_json::to_vec(&AgentRec {
+            agent_id: id.into(),
+            site: "s".into(),
+            backend: backend.into(),
+            endpoint: endpoint.into(),
+            driver: "mock".into(),
+            driver_version: "1".into(),
+            capabilities: Vec::new(),
+            registered_at_ms: 0,
+        })
+        .unwrap()
+    }
+
+    async fn until(what: &str, ok: impl Fn() -> bool) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !ok() {
+            assert!(tokio::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn registrations_come_from_the_watched_view_and_follow_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KvStore> =
+            Arc::new(drover_store::EmbeddedStore::open(&dir.path().join("store.redb")).await.unwrap());
+        store.put(keys::agent("b1", "a1").as_bytes(), &rec("b1", "a1", "http://one")).await.unwrap();
+        let pool = AgentPool::new(Repo::new(store.clone()), OrchestratorConfig::default());
+        // Not following yet: the store answers.
+        assert_eq!(pool.registrations("b1").await.unwrap()[0].endpoint, "http://one");
+        assert_eq!((pool.view().hits.load(Relaxed), pool.view().misses.load(Relaxed)), (0, 1));
+        let stop = tokio_util::sync::CancellationToken::new();
+        pool.follow_registrations(stop.clone());
+        until("the view goes live", || pool.view().revision().is_some()).await;
+        for _ in 0..10 {
+            assert_eq!(pool.registrations("b1").await.unwrap()[0].endpoint, "http://one");
+        }
+        assert_eq!(pool.view().hits.load(Relaxed), 10, "ten lookups, no store read");
+        // An agent that comes back on a new address, a second agent, and one that goes.
+        store.put(keys::agent("b1", "a1").as_bytes(), &rec("b1", "a1", "http://two")).await.unwrap();
+        store.put(keys::agent("b2", "a9").as_bytes(), &rec("b2", "a9", "http://nine")).await.unwrap();
+        let rev = store.put(keys::agent("b1", "a2").as_bytes(), &rec("b1", "a2", "http://three")).await.unwrap();
+        until("the view reaches the last write", || pool.view().revision() >= Some(rev)).await;
+        let b1: Vec<String> = pool.registrations("b1").await.unwrap().into_iter().map(|a| a.endpoint).collect();
+        assert_eq!(b1, ["http://two", "http://three"], "only b1's, in key order");
+        let rev = store.delete(keys::agent("b1", "a1").as_bytes()).await.unwrap();
+        until("the delete arrives", || pool.view().revision() >= Some(rev)).await;
+        assert_eq!(pool.registrations("b1").await.unwrap().len(), 1);
+        // A backend the view does not know is read from the store.
+        let misses = pool.view().misses.load(Relaxed);
+        assert!(pool.registrations("b3").await.unwrap().is_empty());
+        assert_eq!(pool.view().misses.load(Relaxed), misses + 1);
+        stop.cancel();
+    }
 }

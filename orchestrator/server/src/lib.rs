@@ -107,6 +107,7 @@ pub async fn serve(
         "started_at_ms": crate::model::now_ms(),
     }));
     manager.start();
+    core.agents.follow_registrations(shutdown.clone());
 
     let sites = || service::sites::SiteApi { core: core.clone() };
     let volumes = Arc::new(service::volumes::VolumeApi { core: core.clone() });

@@ -17,6 +17,8 @@ pub mod keys {
         format!("backends/{name}")
     }
     pub const BACKENDS: &str = "backends/";
+    /// Every agent registration.
+    pub const AGENTS: &str = "agents/";
     pub fn agents_of(backend: &str) -> String {
         format!("agents/{backend}/")
     }

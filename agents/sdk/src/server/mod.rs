@@ -432,7 +432,13 @@ pub async fn serve(
     .max_decoding_message_size(64 << 20);
     let failures = SyncFailures::default();
     tokio::spawn(run_scheduler(driver.clone(), failures.clone(), metrics.clone(), shutdown.clone()));
-    let incoming = drover_proto::incoming(listener);
+    let accepted = metrics.accepted_connections.clone();
+    let incoming = tokio_stream::StreamExt::map(drover_proto::incoming(listener), move |c| {
+        if c.is_ok() {
+            accepted.inc();
+        }
+        c
+    });
     let mut server = tonic::transport::Server::builder();
     let gated = match tls {
         Some(files) => {

@@ -1,0 +1,214 @@
+//! Site failover at scale, with its floors measured in the same run: N single-volume
+//! groups on 4 mock agents (two backends per site) answering every call after 20 ms,
+//! the orchestrator on a real etcd, moved by `runbooks/site-failover-planned.yaml`
+//! (freeze, final sync, move, check, thaw) with 64 groups in flight.
+//!
+//! Printed per N: wall time; the agent floor (every agent call the run made, from the
+//! mock op logs, × 20 ms ÷ 64 in flight); the store floor (as many conditional etcd
+//! transactions as the run made, through the same client at the same concurrency);
+//! transactions per group (etcd revisions, heartbeats included); CPU-ms per group
+//! across the orchestrator and the agents (from /proc). Then T(2N)/T(N).
+//!
+//! Run with `cargo bench -p drover-tests --bench site_failover` (`DROVER_BENCH_GROUPS`
+//! sets N, default 1000).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::v1 as pb;
+use drover_store::{Compare, KvStore, Txn, TxnOp};
+use drover_tests::{Cluster, Etcd, StoreChoice};
+
+const LATENCY_MS: u64 = 20;
+const PARALLEL: usize = 64;
+
+/// CPU time (user + system) of a process so far, in ms.
+fn cpu_ms(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at its closing ')'.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    ticks * 1000.0 / clock_ticks()
+}
+
+fn clock_ticks() -> f64 {
+    let out = std::process::Command::new("getconf").arg("CLK_TCK").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(100.0)
+}
+
+fn ops(dir: &Path) -> usize {
+    ["backend-a", "backend-a2", "backend-b", "backend-b2"]
+        .iter()
+        .map(|b| std::fs::read_to_string(dir.join(format!("oplog-{b}.jsonl"))).unwrap_or_default().lines().count())
+        .sum()
+}
+
+async fn make_groups(c: &Clients, n: usize) {
+    let mut set = tokio::task::JoinSet::new();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..32 {
+        let (mut c, next) = (c.clone(), next.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let (from, to) = if i % 2 == 0 { ("backend-a", "backend-b") } else { ("backend-a2", "backend-b2") };
+                let name = format!("g{i:05}");
+                let v = c
+                    .volumes
+                    .create_volume(pb::CreateVolumeRequest {
+                        name: format!("{name}-v"),
+                        project: "bench".into(),
+                        size_bytes: 1 << 30,
+                        backend: from.into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let g = c
+                    .groups
+                    .create_group(pb::CreateGroupRequest {
+                        name: name.clone(),
+                        project: "bench".into(),
+                        group_type: "replication".into(),
+                        backend: from.into(),
+                        volumes: vec![v.id],
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                c.replication
+                    .enable_replication(pb::EnableReplicationRequest {
+                        group: g.id,
+                        project: "bench".into(),
+                        target_backend: to.into(),
+                        sync_interval_seconds: 0,
+                        no_wait: false,
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+}
+
+/// `count` conditional writes through the same etcd client, `PARALLEL` at a time: the
+/// store's floor for a run that made as many transactions.
+async fn store_floor(store: Arc<dyn KvStore>, count: usize) -> Duration {
+    let started = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..PARALLEL {
+        let (store, next) = (store.clone(), next.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= count {
+                    return;
+                }
+                let key = format!("floor/{}", i % 4096);
+                let txn = Txn::new()
+                    .when(Compare::Absent(key.clone().into_bytes()))
+                    .and_then(TxnOp::put(key.clone(), vec![1u8; 512]))
+                    .or_else(TxnOp::put(key, vec![2u8; 512]));
+                store.txn(txn).await.unwrap();
+            }
+        });
+    }
+    while set.join_next().await.is_some() {}
+    started.elapsed()
+}
+
+struct Run {
+    wall: Duration,
+    agent_floor: Duration,
+    store_floor: Duration,
+    txns_per_group: f64,
+    cpu_ms_per_group: f64,
+}
+
+async fn run(n: usize) -> Run {
+    let etcd = Etcd::start().await;
+    let sites = [("site-a", "backend-a"), ("site-a", "backend-a2"), ("site-b", "backend-b"), ("site-b", "backend-b2")];
+    let latency = format!("mock.latency={LATENCY_MS}ms");
+    let agent_extra = ["--set", latency.as_str(), "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"];
+    let cluster = Cluster::start_sites(StoreChoice::Etcd(&etcd), "mock", &sites, &agent_extra, &[]).await;
+    let c = cluster.clients().await;
+    let setup = Instant::now();
+    make_groups(&c, n).await;
+    eprintln!("bench: {n} replicated groups made in {:.1} s", setup.elapsed().as_secs_f64());
+
+    let probe = etcd.store().await;
+    let pids: Vec<u32> =
+        std::iter::once(cluster.orchestrator.proc.pid()).chain(cluster.agents.iter().map(|a| a.proc.pid())).collect();
+    let cpu_before: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
+    let rev_before = probe.put(b"bench/mark", b"before").await.unwrap();
+    let ops_before = ops(cluster.path());
+    let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
+    let started = Instant::now();
+    let mut runbooks = c.runbooks.clone();
+    let e = runbooks
+        .run_runbook(pb::RunbookRequest {
+            file_name: runbook.display().to_string(),
+            text: std::fs::read_to_string(&runbook).unwrap(),
+            params: [("site".to_string(), "site-a".to_string()), ("max_parallel".to_string(), PARALLEL.to_string())]
+                .into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut executions = c.executions.clone();
+    let ended = loop {
+        let now = executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if now.status != "running" {
+            break now;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let wall = started.elapsed();
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let rev_after = probe.put(b"bench/mark", b"after").await.unwrap();
+    let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
+    let calls = ops(cluster.path()) - ops_before;
+    let txns = (rev_after - rev_before - 1).max(0) as usize;
+    let agent_floor = Duration::from_millis(calls as u64 * LATENCY_MS) / PARALLEL as u32;
+    let store_floor = store_floor(probe, txns).await;
+    Run {
+        wall,
+        agent_floor,
+        store_floor,
+        txns_per_group: txns as f64 / n as f64,
+        cpu_ms_per_group: (cpu_after - cpu_before) / n as f64,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let n: usize = std::env::var("DROVER_BENCH_GROUPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let mut results = Vec::new();
+    for size in [n, 2 * n] {
+        let r = run(size).await;
+        let floor = r.agent_floor.max(r.store_floor);
+        println!(
+            "site failover of {size} groups: {:.2} s; agent floor {:.2} s, store floor {:.2} s: {:.2}x the floor; \
+             {:.1} store transactions and {:.2} CPU-ms per group",
+            r.wall.as_secs_f64(),
+            r.agent_floor.as_secs_f64(),
+            r.store_floor.as_secs_f64(),
+            r.wall.as_secs_f64() / floor.as_secs_f64(),
+            r.txns_per_group,
+            r.cpu_ms_per_group
+        );
+        results.push(r);
+    }
+    println!("T({})/T({n}) = {:.2}", 2 * n, results[1].wall.as_secs_f64() / results[0].wall.as_secs_f64());
+}
