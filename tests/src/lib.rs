@@ -257,6 +257,11 @@ impl Cluster {
         drover(&self.bin, &self.orchestrator.endpoint, &token_file(self.dir.path()), args)
     }
 
+    /// [`Cluster::cli`] acting in `project`.
+    pub fn cli_in(&self, project: &str, args: &[&str]) -> Output {
+        drover_in(&self.bin, &self.orchestrator.endpoint, &token_file(self.dir.path()), project, args)
+    }
+
     /// Starts agent `i` (0: backend-a, 1: backend-b) again after it was killed.
     pub fn restart_agent(&mut self, i: usize, driver: &str) {
         self.restart_agent_with(i, driver, &[]);
@@ -325,10 +330,15 @@ pub fn failover_request(group: &str, target: &str, force: bool) -> pb::FailoverG
 
 /// Runs the `drover` CLI with an endpoint and returns its output.
 pub fn drover(bin: &Path, endpoint: &str, token_file: &Path, args: &[&str]) -> Output {
+    drover_in(bin, endpoint, token_file, "tests", args)
+}
+
+/// [`drover`] acting in `project`.
+pub fn drover_in(bin: &Path, endpoint: &str, token_file: &Path, project: &str, args: &[&str]) -> Output {
     // Client flags follow the resource word (`drover volume list --endpoint …`).
     std::process::Command::new(bin)
         .args(args)
-        .args(["--endpoint", endpoint, "--project", "tests"])
+        .args(["--endpoint", endpoint, "--project", project])
         .env("DROVER_TOKEN_FILE", token_file)
         .env("DROVER_CA_FILE", token_file.with_file_name("certs").join("ca.pem"))
         .output()
