@@ -4,6 +4,18 @@
 //! outcome of each op_id. Both are committed (fsynced) before the agent answers, so a
 //! restarted agent still refuses a stale owner and still answers a repeated op_id with the
 //! first outcome.
+//!
+//! A mutation costs two commits, and neither can go:
+//! - [`Ledger::admit`] (the epoch check, the fence raise and the "started" mark, in one
+//!   transaction) must be durable before the driver acts: if the agent dies after the
+//!   driver changed the backend, the mark is what makes a retry of the same op_id answer
+//!   "interrupted" instead of running the change a second time; and a raised fence must
+//!   outlive a crash, or an old owner could be admitted again after it.
+//! - [`Ledger::record`] (the outcome, which clears the mark) must be durable before the
+//!   answer leaves, or a caller that saw success could, after an agent crash, find the op
+//!   "interrupted" and take a second attempt for a change that happened.
+//! Merging them would mean acting on the backend inside a ledger transaction, which holds
+//! redb's single writer for the whole driver call.
 
 use std::path::Path;
 use std::sync::Arc;

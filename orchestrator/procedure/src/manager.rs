@@ -9,6 +9,12 @@ use futures::StreamExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, new_trace_id, now_ms};
+
+/// The most locks one transaction takes or frees. etcd refuses a transaction of more
+/// than 128 comparisons or operations (its default `--max-txn-ops`), and the submit and
+/// end transactions carry a few of their own; an execution with more locks (a site
+/// runbook over hundreds of groups) takes and frees them in several.
+pub const LOCKS_PER_TXN: usize = 100;
 use crate::{Context, Loader, Procedure, ProcedureError, Status};
 
 mod control;
@@ -214,6 +220,7 @@ impl Manager {
 
     /// Claims and resumes every pending execution nobody owns.
     async fn scan(self: &Arc<Self>) -> Result<(), StoreError> {
+        self.abandon_stalled().await?;
         let (pending, _) = self.store.range(keys::PENDING.as_bytes()).await?;
         for kv in pending {
             let id = String::from_utf8_lossy(&kv.key[keys::PENDING.len()..]).into_owned();
@@ -415,24 +422,34 @@ impl Manager {
             project: proc.project(),
             trace_id,
         };
+        // Locks beyond what one transaction holds are taken after the record is written
+        // (see `acquire_rest`); the execution is not pending (runnable) until then.
+        let (first, rest) = locks.split_at(locks.len().min(LOCKS_PER_TXN));
         let mut txn = intent
             .when(Compare::Absent(keys::execution(&id).into_bytes()))
             .and_then(TxnOp::put(keys::execution(&id), encode(&rec)))
-            .and_then(TxnOp::put(keys::pending(&id), Vec::new()));
-        for l in &locks {
+            .and_then(match rest.is_empty() {
+                true => TxnOp::put(keys::pending(&id), Vec::new()),
+                false => TxnOp::put(keys::acquiring(&id), now.to_string()),
+            });
+        for l in first {
             txn = txn.when(Compare::Absent(keys::lock(l).into_bytes())).and_then(TxnOp::put(keys::lock(l), id.clone()));
         }
-        let resp = self.store.txn(txn).await?;
+        let mut resp = self.store.txn(txn.clone()).await?;
+        if !resp.succeeded && self.free_stale_locks(first).await? {
+            resp = self.store.txn(txn).await?;
+        }
         if !resp.succeeded {
-            for l in &locks {
-                if let Some(kv) = self.store.get(keys::lock(l).as_bytes()).await? {
-                    return Err(SubmitError::Locked {
-                        key: l.clone(),
-                        holder: String::from_utf8_lossy(&kv.value).into_owned(),
-                    });
+            return Err(self.locked(first, &id).await?);
+        }
+        if !rest.is_empty() {
+            match self.acquire_rest(&id, rest).await {
+                Ok(revision) => resp.revision = revision,
+                Err(e) => {
+                    self.abandon(&id, &locks).await;
+                    return Err(e);
                 }
             }
-            return Err(SubmitError::Conflict);
         }
         tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, "execution submitted");
         // Run it here at once; if the claim fails, recovery (here or elsewhere) runs it.
@@ -445,6 +462,124 @@ impl Manager {
             }
         }
         Ok((id, resp.revision))
+    }
+
+    /// Why a transaction taking `locks` for `id` failed: the first lock another
+    /// execution holds, or a conflict with the caller's own comparisons.
+    async fn locked(&self, locks: &[String], id: &str) -> Result<SubmitError, StoreError> {
+        for l in locks {
+            if let Some(kv) = self.store.get(keys::lock(l).as_bytes()).await?
+                && kv.value != id.as_bytes()
+            {
+                return Ok(SubmitError::Locked {
+                    key: l.clone(),
+                    holder: String::from_utf8_lossy(&kv.value).into_owned(),
+                });
+            }
+        }
+        Ok(SubmitError::Conflict)
+    }
+
+    /// The execution holding `lock`, if one that has not ended does. A lock whose holder
+    /// ended (its locks are freed after its end when they did not fit the end's
+    /// transaction, and a crash can fall in between) or never came to be is freed here.
+    pub async fn lock_holder(&self, lock: &str) -> Result<Option<String>, StoreError> {
+        let Some(kv) = self.store.get(keys::lock(lock).as_bytes()).await? else { return Ok(None) };
+        let holder = String::from_utf8_lossy(&kv.value).into_owned();
+        let live = match self.get(&holder).await? {
+            Some(rec) => !rec.status.is_terminal(),
+            // No record: the holder is mid-submit only while its acquisition is marked.
+            None => self.store.get(keys::acquiring(&holder).as_bytes()).await?.is_some(),
+        };
+        if live {
+            return Ok(Some(holder));
+        }
+        let free = Txn::new()
+            .when(Compare::ModRevisionEquals(kv.key.clone(), kv.mod_revision))
+            .and_then(TxnOp::delete(kv.key.clone()));
+        self.store.txn(free).await?;
+        tracing::info!(lock, holder = %holder, "freed a lock its ended execution left");
+        Ok(None)
+    }
+
+    /// Frees the locks among `locks` whose holders ended; whether any was freed.
+    async fn free_stale_locks(&self, locks: &[String]) -> Result<bool, StoreError> {
+        let mut freed = false;
+        for l in locks {
+            if self.store.get(keys::lock(l).as_bytes()).await?.is_some() && self.lock_holder(l).await?.is_none() {
+                freed = true;
+            }
+        }
+        Ok(freed)
+    }
+
+    /// Takes the locks that did not fit the submit's transaction, a transaction per
+    /// [`LOCKS_PER_TXN`], each only while the acquisition is still marked (a scan that
+    /// gives up a stalled acquisition removes the mark first); then makes the execution
+    /// pending. Returns the last transaction's revision.
+    async fn acquire_rest(&self, id: &str, rest: &[String]) -> Result<i64, SubmitError> {
+        let mark = keys::acquiring(id).into_bytes();
+        for chunk in rest.chunks(LOCKS_PER_TXN) {
+            let mut txn = Txn::new().when(Compare::Exists(mark.clone()));
+            for l in chunk {
+                txn = txn
+                    .when(Compare::Absent(keys::lock(l).into_bytes()))
+                    .and_then(TxnOp::put(keys::lock(l), id.to_string()));
+            }
+            let mut r = self.store.txn(txn.clone()).await?;
+            if !r.succeeded && self.free_stale_locks(chunk).await? {
+                r = self.store.txn(txn).await?;
+            }
+            if !r.succeeded {
+                return Err(self.locked(chunk, id).await?);
+            }
+        }
+        let start = Txn::new()
+            .when(Compare::Exists(mark.clone()))
+            .and_then(TxnOp::put(keys::pending(id), Vec::new()))
+            .and_then(TxnOp::delete(mark));
+        let r = self.store.txn(start).await?;
+        if !r.succeeded {
+            return Err(SubmitError::Conflict);
+        }
+        Ok(r.revision)
+    }
+
+    /// Undoes a submit whose locks could not all be taken: the mark goes first (so no
+    /// further lock is taken for it), then every lock it holds, then its record.
+    async fn abandon(&self, id: &str, locks: &[String]) {
+        let _ = self.store.delete(keys::acquiring(id).as_bytes()).await;
+        self.release(id, locks).await;
+        let _ = self.store.delete(keys::execution(id).as_bytes()).await;
+        tracing::info!(execution = %id, "gave up taking the execution's locks");
+    }
+
+    /// Deletes those of `locks` that `id` holds, a transaction per lock (each compares
+    /// the holder, so a lock someone else took since is left alone).
+    async fn release(&self, id: &str, locks: &[String]) {
+        for l in locks {
+            let txn = Txn::new()
+                .when(Compare::ValueEquals(keys::lock(l).into_bytes(), id.as_bytes().to_vec()))
+                .and_then(TxnOp::delete(keys::lock(l)));
+            if let Err(e) = self.store.txn(txn).await {
+                tracing::warn!(execution = %id, lock = %l, error = %e, "could not free a lock; the next taker frees it");
+            }
+        }
+    }
+
+    /// Gives up acquisitions marked for over a minute: their submitter died mid-way.
+    async fn abandon_stalled(&self) -> Result<(), StoreError> {
+        let (marks, _) = self.store.range(keys::ACQUIRING.as_bytes()).await?;
+        for kv in marks {
+            let id = String::from_utf8_lossy(&kv.key[keys::ACQUIRING.len()..]).into_owned();
+            let since: i64 = String::from_utf8_lossy(&kv.value).parse().unwrap_or(0);
+            if now_ms() - since < 60_000 {
+                continue;
+            }
+            let locks = self.get(&id).await?.map(|r| r.locks).unwrap_or_default();
+            self.abandon(&id, &locks).await;
+        }
+        Ok(())
     }
 
     fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64, rec: &ExecutionRec) {
@@ -686,10 +821,14 @@ impl Manager {
             .and_then(TxnOp::delete(keys::cancel(id)))
             .and_then(TxnOp::delete(keys::pause(id)))
             .and_then(TxnOp::DeletePrefix { prefix: keys::decisions(id).into_bytes() });
-        for l in &rec.locks {
+        // The locks that fit go with the end; the others are freed right after it (a
+        // crash in between leaves them to `lock_holder`, which frees an ended holder's).
+        let (with_end, after) = rec.locks.split_at(rec.locks.len().min(LOCKS_PER_TXN));
+        for l in with_end {
             txn = txn.and_then(TxnOp::delete(keys::lock(l)));
         }
         if self.write(id, txn, token).await {
+            self.release(id, after).await;
             tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");
             let hook = self.ended.read().expect("end hook").clone();
             if let Some(hook) = hook {

@@ -40,6 +40,12 @@ pub mod keys {
         format!("orchestrators/{owner_id}")
     }
     pub const MEMBERS: &str = "orchestrators/";
+    /// An execution whose locks did not fit one transaction, while it takes the rest
+    /// (the value is when it started, in ms): it runs once they are all taken.
+    pub fn acquiring(id: &str) -> String {
+        format!("executions-acquiring/{id}")
+    }
+    pub const ACQUIRING: &str = "executions-acquiring/";
     /// A lock: the key a procedure holds, naming the execution that holds it.
     pub fn lock(key: &str) -> String {
         format!("locks/{key}")

@@ -275,3 +275,161 @@ async fn cancel_stops_at_the_next_step_boundary() {
     assert!(matches!(m.cancel(&id).await, Err(SubmitError::Ended { .. })));
     assert!(store.get(keys::lock("counter/c").as_bytes()).await.unwrap().is_none());
 }
+
+/// A store that refuses transactions etcd refuses by default: more than 128 comparisons,
+/// or more than 128 operations in a branch.
+struct EtcdLimits(Arc<dyn KvStore>);
+
+#[async_trait]
+impl KvStore for EtcdLimits {
+    async fn get(&self, key: &[u8]) -> Result<Option<drover_store::KeyValue>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn range(&self, prefix: &[u8]) -> Result<(Vec<drover_store::KeyValue>, i64), StoreError> {
+        self.0.range(prefix).await
+    }
+    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<drover_store::Page, StoreError> {
+        self.0.range_page(prefix, after, limit).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<drover_store::TxnResponse, StoreError> {
+        if txn.compares.len() > 128 || txn.success.len() > 128 || txn.failure.len() > 128 {
+            return Err(StoreError::Invalid("etcdserver: too many operations in txn request".into()));
+        }
+        self.0.txn(txn).await
+    }
+    async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
+        self.0.grant_lease(ttl_secs).await
+    }
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        self.0.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.0.revoke_lease(lease).await
+    }
+    async fn watch(&self, prefix: &[u8], from_revision: i64) -> Result<drover_store::WatchStream, StoreError> {
+        self.0.watch(prefix, from_revision).await
+    }
+}
+
+/// Holds many locks; ends when its gate opens.
+#[derive(Serialize, Deserialize)]
+struct Many {
+    locks: Vec<String>,
+    #[serde(skip, default = "closed_gate")]
+    gate: Arc<tokio::sync::Semaphore>,
+}
+
+#[async_trait]
+impl Procedure for Many {
+    fn kind(&self) -> &'static str {
+        "many"
+    }
+    fn summary(&self) -> String {
+        format!("hold {} locks", self.locks.len())
+    }
+    fn locks(&self) -> Vec<String> {
+        self.locks.clone()
+    }
+    fn step(&self) -> String {
+        "hold".into()
+    }
+    fn dump(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap()
+    }
+    async fn execute(&mut self, _ctx: &Context) -> Result<Status, ProcedureError> {
+        self.gate.acquire().await.unwrap().forget();
+        Ok(Status::Done { output: serde_json::Value::Null })
+    }
+}
+
+async fn held(store: &Arc<dyn KvStore>) -> Vec<(String, String)> {
+    let (kvs, _) = store.range(b"locks/").await.unwrap();
+    kvs.into_iter()
+        .map(|kv| (String::from_utf8_lossy(&kv.key).into_owned(), String::from_utf8_lossy(&kv.value).into_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn more_locks_than_a_transaction_holds_are_taken_and_freed_in_several() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits(store(&dir).await));
+    let rig = rig();
+    let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    m.register(
+        "many",
+        Box::new(move |state| {
+            let mut p: Many = serde_json::from_value(state).map_err(|e| e.to_string())?;
+            p.gate = g.clone();
+            Ok(Box::new(p) as Box<dyn Procedure>)
+        }),
+    );
+    let many = |range: std::ops::Range<usize>| -> Box<dyn Procedure> {
+        Box::new(Many { locks: range.map(|i| format!("group/g{i:04}")).collect(), gate: gate.clone() })
+    };
+    // 350 locks: four transactions' worth; all taken, by the one execution.
+    let first = m.submit(many(0..350)).await.expect("submit with 350 locks");
+    let locks = held(&store).await;
+    assert_eq!(locks.len(), 350);
+    assert!(locks.iter().all(|(_, holder)| *holder == first), "all held by {first}");
+    // Another execution whose last lock is held: refused with the holder, and it leaves
+    // no lock and no record behind.
+    match m.submit(many(349..600)).await {
+        Err(SubmitError::Locked { key, holder }) => {
+            assert_eq!((key.as_str(), holder.as_str()), ("group/g0349", first.as_str()))
+        }
+        other => panic!("expected Locked, got {other:?}"),
+    }
+    assert_eq!(held(&store).await.len(), 350, "the refused one took nothing");
+    let (marks, _) = store.range(keys::ACQUIRING.as_bytes()).await.unwrap();
+    assert!(marks.is_empty());
+    // One that fits after the first 350 (several transactions too) runs alongside.
+    let second = m.submit(many(350..700)).await.expect("disjoint locks");
+    assert_eq!(held(&store).await.len(), 700);
+    // Both end; every lock is freed.
+    gate.add_permits(2);
+    for id in [&first, &second] {
+        assert_eq!(m.wait(id, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !held(&store).await.is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "locks left: {}", held(&store).await.len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn locks_left_by_an_ended_holder_or_a_stalled_submit_are_freed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits(store(&dir).await));
+    let rig = rig();
+    let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+    // An ended execution's lock (a crash fell between its end and freeing the rest).
+    let done = m.submit(counter(&rig, "x", 1, 0)).await.unwrap();
+    m.wait(&done, Duration::from_secs(10)).await.unwrap();
+    store.put(keys::lock("counter/y").as_bytes(), done.as_bytes()).await.unwrap();
+    assert_eq!(m.lock_holder("counter/y").await.unwrap(), None, "an ended holder holds nothing");
+    assert!(store.get(keys::lock("counter/y").as_bytes()).await.unwrap().is_none(), "and the lock is gone");
+    store.put(keys::lock("counter/y").as_bytes(), done.as_bytes()).await.unwrap();
+    let y = m.submit(counter(&rig, "y", 1, 0)).await.expect("a stale lock does not refuse a submit");
+    assert_eq!(m.wait(&y, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    // A submit that died while taking its locks, two minutes ago: the scan gives it up.
+    let ghost = "ghost-exec";
+    store.put(keys::acquiring(ghost).as_bytes(), (now_ms() - 120_000).to_string().as_bytes()).await.unwrap();
+    store.put(keys::lock("counter/z").as_bytes(), ghost.as_bytes()).await.unwrap();
+    let rec = serde_json::json!({
+        "id": ghost, "kind": "counter", "summary": "", "status": "running", "state": null, "step": "",
+        "steps": [], "locks": ["counter/z"], "created_ms": 0, "updated_ms": 0
+    });
+    store.put(keys::execution(ghost).as_bytes(), rec.to_string().as_bytes()).await.unwrap();
+    assert_eq!(m.lock_holder("counter/z").await.unwrap().as_deref(), Some(ghost), "live while marked");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    // Its record goes last, after the mark and its locks.
+    while store.get(keys::execution(ghost).as_bytes()).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the stalled acquisition was not given up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(store.get(keys::lock("counter/z").as_bytes()).await.unwrap().is_none());
+    assert!(store.get(keys::acquiring(ghost).as_bytes()).await.unwrap().is_none());
+}

@@ -142,12 +142,23 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
             run = run.for_project(&who.project);
         }
         // One execution at a time per group: a group another execution holds is refused
-        // with that execution's id, before anything runs.
+        // with that execution's id, before anything runs. The held group locks are read
+        // in two ranges (as many keys as executions hold), not one read per group.
+        let mut held = std::collections::HashSet::new();
+        for prefix in ["group/", "runbook/group/"] {
+            let lock_prefix = drover_procedure::keys::lock(prefix);
+            let (kvs, _) = self.core.repo.store().range(lock_prefix.as_bytes()).await.map_err(ApiError::from)?;
+            for kv in kvs {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                held.insert(key[lock_prefix.len() - prefix.len()..].to_string());
+            }
+        }
         for g in run.groups() {
             for key in [format!("group/{g}"), format!("runbook/group/{g}")] {
-                let lock = drover_procedure::keys::lock(&key);
-                if let Some(kv) = self.core.repo.store().get(lock.as_bytes()).await.map_err(ApiError::from)? {
-                    let holder = String::from_utf8_lossy(&kv.value).into_owned();
+                if !held.contains(&key) {
+                    continue;
+                }
+                if let Some(holder) = self.core.procedures.lock_holder(&key).await.map_err(ApiError::from)? {
                     return Err(ApiError::FailedPrecondition(format!(
                         "group {g} is held by execution {holder}; wait for it (`drover execution watch {holder}`) \
                          or cancel it, then run again"
