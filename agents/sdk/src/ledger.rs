@@ -14,6 +14,7 @@
 //! - [`Ledger::record`] (the outcome, which clears the mark) must be durable before the
 //!   answer leaves, or a caller that saw success could, after an agent crash, find the op
 //!   "interrupted" and take a second attempt for a change that happened.
+//!
 //! Merging them would mean acting on the backend inside a ledger transaction, which holds
 //! redb's single writer for the whole driver call.
 
