@@ -176,6 +176,7 @@ async fn run(n: usize) -> Run {
     };
     let wall = started.elapsed();
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    eprintln!("bench: the run's state is {} KiB", ended.state_json.len() / 1024);
     let rev_after = probe.put(b"bench/mark", b"after").await.unwrap();
     let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
     let calls = ops(cluster.path()) - ops_before;

@@ -752,7 +752,16 @@ impl Manager {
                 }
                 Ok(Status::Executing { note }) => {
                     tracing::info!(step = %step, note = %note, "step done");
-                    record_step(&mut rec, note);
+                    // Rounds of one step (a runbook step over many groups returns after
+                    // each batch) update one record, so the execution record does not
+                    // grow with every round; a new owner's rounds get their own.
+                    match rec.steps.last_mut() {
+                        Some(last) if last.name == step && last.epoch == epoch => {
+                            last.ended_ms = now_ms();
+                            last.note = note;
+                        }
+                        _ => record_step(&mut rec, note),
+                    }
                     rec.state = proc.dump();
                     rec.step = proc.step();
                     rec.error.clear();

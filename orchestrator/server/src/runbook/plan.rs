@@ -18,41 +18,63 @@ pub struct Item {
     pub target: String,
     /// Group name (or the backend name).
     pub name: String,
-    #[serde(default)]
+    // Fields at their defaults are left out of the record: a run over thousands of
+    // groups keeps an item per group and step in one execution record.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub project: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub tier: u32,
     /// pending, starting, running, succeeded, failed, skipped.
     pub status: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
     /// The execution doing the item's work, once submitted.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub execution_id: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub started_ms: i64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub ended_ms: i64,
     /// Predicted (in a plan) or achieved (after a move) RPO; -1 when unknown.
-    #[serde(default = "unknown")]
+    #[serde(default = "unknown", skip_serializing_if = "is_unknown")]
     pub rpo_ms: i64,
     /// From the execution's start to the group serving at the target; -1 until then.
-    #[serde(default = "unknown")]
+    #[serde(default = "unknown", skip_serializing_if = "is_unknown")]
     pub rto_ms: i64,
     /// What the plan expected: `act`, or why the item would be skipped.
-    #[serde(default)]
+    #[serde(default = "act", skip_serializing_if = "is_act")]
     pub predicted: String,
     /// Predictions made when the run was submitted, beside what a move then achieved:
     /// the RPO a disaster failover would have (age of the newest complete point), and
     /// what a planned move's final sync would ship and how long it would take. -1 when
     /// unknown or not asked.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Predictions::is_unknown")]
     pub predictions: Predictions,
     /// What the planned move's final sync shipped and how long it took; -1 when none ran.
-    #[serde(default = "unknown")]
+    #[serde(default = "unknown", skip_serializing_if = "is_unknown")]
     pub sync_bytes: i64,
-    #[serde(default = "unknown")]
+    #[serde(default = "unknown", skip_serializing_if = "is_unknown")]
     pub sync_ms: i64,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+fn is_zero_u32(v: &u32) -> bool {
+    *v == 0
+}
+
+fn is_unknown(v: &i64) -> bool {
+    *v == -1
+}
+
+fn act() -> String {
+    "act".into()
+}
+
+fn is_act(v: &String) -> bool {
+    v == "act"
 }
 
 /// What was predicted for a group before it moved.
@@ -66,6 +88,12 @@ pub struct Predictions {
 impl Default for Predictions {
     fn default() -> Self {
         Predictions { rpo_ms: -1, sync_bytes: -1, sync_ms: -1 }
+    }
+}
+
+impl Predictions {
+    fn is_unknown(&self) -> bool {
+        *self == Self::default()
     }
 }
 

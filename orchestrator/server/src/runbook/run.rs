@@ -190,9 +190,13 @@ impl RunbookRun {
     pub(super) async fn fanout(&mut self, def: &dyn StepKind, ctx: &Context) -> Result<Status, ProcedureError> {
         let at = self.state.at;
         let (max_parallel, continue_on_error) = def.fanout().unwrap_or((1, false));
-        let round_ends = tokio::time::Instant::now() + Duration::from_secs(5);
+        let round_started = tokio::time::Instant::now();
+        let round_ends = round_started + Duration::from_secs(5);
         loop {
             let mut changed = false;
+            // Whether this pass marked items `starting`: their intent must be saved before
+            // they are submitted, so the round ends at once.
+            let mut intents = false;
             // 1. Items whose executions ended.
             for i in 0..self.state.steps[at].items.len() {
                 let item = self.state.steps[at].items[i].clone();
@@ -215,6 +219,13 @@ impl RunbookRun {
                 let busy = items.iter().filter(|i| matches!(i.status.as_str(), "running" | "starting")).count();
                 let tier = items.iter().filter(|i| !i.done()).map(|i| i.tier).min();
                 let mut room = (max_parallel as usize).saturating_sub(busy);
+                // Refill in batches (a quarter of the slots, or whatever is left), so a
+                // step over thousands of groups saves its record a few times a second,
+                // not once per group.
+                let pending = items.iter().filter(|i| i.status == "pending" && Some(i.tier) == tier).count();
+                if busy > 0 && room < (max_parallel as usize / 4).max(1).min(pending) {
+                    room = 0;
+                }
                 let core = self.core.clone();
                 for item in items.iter_mut() {
                     if room == 0 || Some(item.tier) != tier || item.status != "pending" {
@@ -236,6 +247,7 @@ impl RunbookRun {
                             item.status = "starting".into();
                             item.started_ms = now_ms();
                             room -= 1;
+                            intents = true;
                         }
                     }
                     changed = true;
@@ -265,7 +277,10 @@ impl RunbookRun {
                 }
                 return Ok(self.end_step(if failed > 0 { "failed" } else { "succeeded" }, note));
             }
-            if changed || tokio::time::Instant::now() > round_ends || self.signalled(ctx).await {
+            // Items that only ended are saved with the next batch (or after a second): a
+            // resume finds their outcomes in their executions anyway.
+            let settle = round_started.elapsed() >= Duration::from_secs(1);
+            if intents || (changed && settle) || tokio::time::Instant::now() > round_ends || self.signalled(ctx).await {
                 let tier = self.state.steps[at].items.iter().filter(|i| !i.done()).map(|i| i.tier).min().unwrap_or(0);
                 return Ok(Status::Executing {
                     note: format!("{} tier {tier}: {}", def.name(), Self::progress(&self.state.steps[at].items)),
