@@ -808,13 +808,30 @@ impl Manager {
     }
 
     /// Writes the record if our claim still stands; retries while the store is away.
-    /// Returns false when the claim is gone (another owner has the execution).
+    /// Returns false when the claim is gone (another owner has the execution), or when
+    /// the store refuses the record for good (past its request limit): retrying could
+    /// never succeed, so the execution ends as failed, without its state, saying why.
     async fn persist(&self, id: &str, rec: &mut ExecutionRec, epoch: i64, token: &CancellationToken) -> bool {
         rec.updated_ms = now_ms();
         let txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
             .and_then(TxnOp::put(keys::execution(id), encode(rec)));
-        self.write(id, txn, token).await
+        match self.try_write(id, txn, token).await {
+            Ok(saved) => saved,
+            Err(why) => {
+                tracing::error!(execution = %id, error = %why, "the store refuses the execution's record; ending it as failed");
+                let mut failed = rec.clone();
+                failed.state = serde_json::Value::Null;
+                failed.status = ExecutionStatus::Failed;
+                failed.error = format!(
+                    "the store refused this execution's record ({why}): it grew past what one store write holds; \
+                     what its steps started is in its child executions (`drover execution list`); run it again over \
+                     fewer groups"
+                );
+                self.finish(id, failed, epoch, token).await;
+                false
+            }
+        }
     }
 
     /// Ends an execution: the record, the pending index, the locks and the claim go in
@@ -853,18 +870,25 @@ impl Manager {
     }
 
     async fn write(&self, id: &str, txn: Txn, token: &CancellationToken) -> bool {
+        matches!(self.try_write(id, txn, token).await, Ok(true))
+    }
+
+    /// [`Manager::write`], telling a write the store refuses for good (`Err`: a record
+    /// past its request limit) from one the claim lost (`Ok(false)`).
+    async fn try_write(&self, id: &str, txn: Txn, token: &CancellationToken) -> Result<bool, String> {
         let mut wait = Duration::from_millis(100);
         loop {
             match self.store.txn(txn.clone()).await {
-                Ok(r) if r.succeeded => return true,
+                Ok(r) if r.succeeded => return Ok(true),
                 Ok(_) => {
                     tracing::warn!(execution = %id, "the claim on this execution is gone; another owner has it");
-                    return false;
+                    return Ok(false);
                 }
+                Err(StoreError::Invalid(m)) => return Err(m),
                 Err(e) => tracing::warn!(execution = %id, error = %e, "persisting the execution failed; retrying"),
             }
             if pause(wait, token).await {
-                return false;
+                return Ok(false);
             }
             wait = (wait * 2).min(Duration::from_secs(2));
         }

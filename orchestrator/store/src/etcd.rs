@@ -31,6 +31,14 @@ fn map_err(e: etcd_client::Error) -> StoreError {
         {
             StoreError::Invalid(s.message().to_string())
         }
+        // Refused for what the request is (too large, too many operations), not for the
+        // server's state: the same request can never succeed.
+        etcd_client::Error::GRpcStatus(s)
+            if s.code() == tonic::Code::InvalidArgument
+                || (s.code() == tonic::Code::ResourceExhausted && s.message().contains("larger than max")) =>
+        {
+            StoreError::Invalid(s.message().to_string())
+        }
         other => StoreError::Unavailable(other.to_string()),
     }
 }

@@ -295,6 +295,17 @@ impl KvStore for EtcdLimits {
         if txn.compares.len() > 128 || txn.success.len() > 128 || txn.failure.len() > 128 {
             return Err(StoreError::Invalid("etcdserver: too many operations in txn request".into()));
         }
+        let bytes: usize = txn
+            .success
+            .iter()
+            .map(|op| match op {
+                TxnOp::Put { value, .. } => value.len(),
+                _ => 0,
+            })
+            .sum();
+        if bytes > 1_572_864 {
+            return Err(StoreError::Invalid("etcdserver: request is too large".into()));
+        }
         self.0.txn(txn).await
     }
     async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
@@ -432,4 +443,62 @@ async fn locks_left_by_an_ended_holder_or_a_stalled_submit_are_freed() {
     }
     assert!(store.get(keys::lock("counter/z").as_bytes()).await.unwrap().is_none());
     assert!(store.get(keys::acquiring(ghost).as_bytes()).await.unwrap().is_none());
+}
+
+/// Its state grows past what the store takes once its first step ran.
+#[derive(Serialize, Deserialize)]
+struct Grow {
+    big: bool,
+}
+
+#[async_trait]
+impl Procedure for Grow {
+    fn kind(&self) -> &'static str {
+        "grow"
+    }
+    fn summary(&self) -> String {
+        "grow".into()
+    }
+    fn locks(&self) -> Vec<String> {
+        vec!["grow/one".into()]
+    }
+    fn step(&self) -> String {
+        "grow".into()
+    }
+    fn dump(&self) -> serde_json::Value {
+        if self.big {
+            serde_json::json!({ "big": true, "pad": "x".repeat(2 << 20) })
+        } else {
+            serde_json::json!({ "big": false })
+        }
+    }
+    async fn execute(&mut self, _ctx: &Context) -> Result<Status, ProcedureError> {
+        self.big = true;
+        Ok(Status::Executing { note: "grew".into() })
+    }
+}
+
+#[tokio::test]
+async fn a_record_the_store_refuses_ends_the_execution_instead_of_retrying_forever() {
+    let dir = tempfile::tempdir().unwrap();
+    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits(store(&dir).await));
+    let rig = rig();
+    let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+    m.register(
+        "grow",
+        Box::new(|state| {
+            let big = state.get("big").and_then(|b| b.as_bool()).unwrap_or(false);
+            Ok(Box::new(Grow { big }) as Box<dyn Procedure>)
+        }),
+    );
+    let id = m.submit(Box::new(Grow { big: false })).await.unwrap();
+    let rec = m.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rec.status, ExecutionStatus::Failed, "{rec:?}");
+    assert!(
+        rec.error.contains("the store refused this execution's record") && rec.error.contains("too large"),
+        "{}",
+        rec.error
+    );
+    assert!(store.get(keys::lock("grow/one").as_bytes()).await.unwrap().is_none(), "its lock is freed");
+    assert!(store.get(keys::pending(&id).as_bytes()).await.unwrap().is_none(), "nothing resumes it");
 }
