@@ -839,21 +839,42 @@ impl Manager {
     async fn finish(&self, id: &str, mut rec: ExecutionRec, epoch: i64, token: &CancellationToken) {
         rec.updated_ms = now_ms();
         rec.paused = false;
-        let mut txn = Txn::new()
-            .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
-            .and_then(TxnOp::put(keys::execution(id), encode(&rec)))
-            .and_then(TxnOp::delete(keys::pending(id)))
-            .and_then(TxnOp::delete(keys::owner(id)))
-            .and_then(TxnOp::delete(keys::cancel(id)))
-            .and_then(TxnOp::delete(keys::pause(id)))
-            .and_then(TxnOp::DeletePrefix { prefix: keys::decisions(id).into_bytes() });
         // The locks that fit go with the end; the others are freed right after it (a
         // crash in between leaves them to `lock_holder`, which frees an ended holder's).
         let (with_end, after) = rec.locks.split_at(rec.locks.len().min(LOCKS_PER_TXN));
-        for l in with_end {
-            txn = txn.and_then(TxnOp::delete(keys::lock(l)));
-        }
-        if self.write(id, txn, token).await {
+        let end = |rec: &ExecutionRec| {
+            let mut txn = Txn::new()
+                .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
+                .and_then(TxnOp::put(keys::execution(id), encode(rec)))
+                .and_then(TxnOp::delete(keys::pending(id)))
+                .and_then(TxnOp::delete(keys::owner(id)))
+                .and_then(TxnOp::delete(keys::cancel(id)))
+                .and_then(TxnOp::delete(keys::pause(id)))
+                .and_then(TxnOp::DeletePrefix { prefix: keys::decisions(id).into_bytes() });
+            for l in with_end {
+                txn = txn.and_then(TxnOp::delete(keys::lock(l)));
+            }
+            txn
+        };
+        let ended = match self.try_write(id, end(&rec), token).await {
+            Ok(ended) => ended,
+            // The store refuses the end for good (a record past its request limit): end
+            // it without its state and output, so it is not resumed and ended again and
+            // again, and say what was dropped.
+            Err(why) => {
+                tracing::error!(execution = %id, error = %why, "the store refuses the execution's end; ending it without its state");
+                rec.state = serde_json::Value::Null;
+                rec.output = serde_json::Value::Null;
+                rec.error = format!(
+                    "{}the store refused this execution's full record ({why}); it ended {} without its state and \
+                     output; its child executions keep their outcomes",
+                    if rec.error.is_empty() { String::new() } else { format!("{}; ", rec.error) },
+                    rec.status.as_str()
+                );
+                self.write(id, end(&rec), token).await
+            }
+        };
+        if ended {
             self.release(id, after).await;
             tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");
             let hook = self.ended.read().expect("end hook").clone();

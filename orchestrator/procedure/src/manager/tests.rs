@@ -445,10 +445,13 @@ async fn locks_left_by_an_ended_holder_or_a_stalled_submit_are_freed() {
     assert!(store.get(keys::acquiring(ghost).as_bytes()).await.unwrap().is_none());
 }
 
-/// Its state grows past what the store takes once its first step ran.
+/// Its state grows past what the store takes once its first step ran (or, with
+/// `output`, it ends at once with an output past it).
 #[derive(Serialize, Deserialize)]
 struct Grow {
     big: bool,
+    #[serde(default)]
+    output: bool,
 }
 
 #[async_trait]
@@ -473,6 +476,9 @@ impl Procedure for Grow {
         }
     }
     async fn execute(&mut self, _ctx: &Context) -> Result<Status, ProcedureError> {
+        if self.output {
+            return Ok(Status::Done { output: serde_json::json!({ "pad": "y".repeat(2 << 20) }) });
+        }
         self.big = true;
         Ok(Status::Executing { note: "grew".into() })
     }
@@ -488,10 +494,10 @@ async fn a_record_the_store_refuses_ends_the_execution_instead_of_retrying_forev
         "grow",
         Box::new(|state| {
             let big = state.get("big").and_then(|b| b.as_bool()).unwrap_or(false);
-            Ok(Box::new(Grow { big }) as Box<dyn Procedure>)
+            Ok(Box::new(Grow { big, output: false }) as Box<dyn Procedure>)
         }),
     );
-    let id = m.submit(Box::new(Grow { big: false })).await.unwrap();
+    let id = m.submit(Box::new(Grow { big: false, output: false })).await.unwrap();
     let rec = m.wait(&id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(rec.status, ExecutionStatus::Failed, "{rec:?}");
     assert!(
@@ -501,4 +507,11 @@ async fn a_record_the_store_refuses_ends_the_execution_instead_of_retrying_forev
     );
     assert!(store.get(keys::lock("grow/one").as_bytes()).await.unwrap().is_none(), "its lock is freed");
     assert!(store.get(keys::pending(&id).as_bytes()).await.unwrap().is_none(), "nothing resumes it");
+    // An end whose output the store refuses: it ends once, without its output.
+    let id = m.submit(Box::new(Grow { big: false, output: true })).await.unwrap();
+    let rec = m.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rec.status, ExecutionStatus::Succeeded, "{}", rec.error);
+    assert!(rec.output.is_null() && rec.error.contains("without its state and output"), "{}", rec.error);
+    assert_eq!(rec.claims, 1, "ended by its first owner, not resumed");
+    assert!(store.get(keys::pending(&id).as_bytes()).await.unwrap().is_none());
 }
