@@ -69,6 +69,9 @@ pub struct Manager {
     lease: tokio::sync::Mutex<Option<i64>>,
     /// Executions running here: their run number (to tell runs apart) and stop token.
     running: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Executions being submitted here: claimed by their submit, not yet running, so
+    /// this member's own scan must not take them for claims whose task is gone.
+    submitting: Mutex<std::collections::HashSet<String>>,
     runs: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
     /// What this orchestrator announces of itself (see [`Manager::announce`]).
@@ -80,6 +83,25 @@ pub struct Manager {
 
 /// What [`Manager::on_end`] calls.
 pub type EndHook = Arc<dyn Fn(&ExecutionRec) + Send + Sync>;
+
+/// Marks an execution as being submitted here for as long as the submit runs.
+struct Submitting<'a> {
+    manager: &'a Manager,
+    id: String,
+}
+
+impl<'a> Submitting<'a> {
+    fn new(manager: &'a Manager, id: &str) -> Self {
+        manager.submitting.lock().expect("submitting poisoned").insert(id.to_string());
+        Self { manager, id: id.to_string() }
+    }
+}
+
+impl Drop for Submitting<'_> {
+    fn drop(&mut self) {
+        self.manager.submitting.lock().expect("submitting poisoned").remove(&self.id);
+    }
+}
 
 fn encode(rec: &ExecutionRec) -> Vec<u8> {
     serde_json::to_vec(rec).expect("execution records serialise")
@@ -106,6 +128,7 @@ impl Manager {
             loaders: RwLock::new(HashMap::new()),
             lease: tokio::sync::Mutex::new(None),
             running: Mutex::new(HashMap::new()),
+            submitting: Mutex::new(Default::default()),
             runs: std::sync::atomic::AtomicU64::new(0),
             shutdown,
             member: Mutex::new(None),
@@ -228,6 +251,13 @@ impl Manager {
                 continue;
             }
             let owner = self.store.get(keys::owner(&id).as_bytes()).await?;
+            // Asked again after the read, and in this order: a submit here inserts its
+            // run before it stops marking the execution as being submitted.
+            if self.submitting.lock().expect("submitting poisoned").contains(&id)
+                || self.running.lock().expect("running poisoned").contains_key(&id)
+            {
+                continue;
+            }
             let mine = *self.lease.lock().await;
             let expected = match owner {
                 None => None,
@@ -308,7 +338,11 @@ impl Manager {
             None => Compare::Absent(key.clone().into_bytes()),
             Some(rev) => Compare::ModRevisionEquals(key.clone().into_bytes(), rev),
         };
-        let txn = Txn::new().when(compare).and_then(TxnOp::put_with_lease(key, value.to_string(), lease));
+        // Only while it is pending: a scan's list may be older than the execution's end.
+        let txn = Txn::new()
+            .when(compare)
+            .when(Compare::Exists(keys::pending(id).into_bytes()))
+            .and_then(TxnOp::put_with_lease(key, value.to_string(), lease));
         let resp = self.store.txn(txn).await?;
         Ok(resp.succeeded.then_some(resp.revision))
     }
@@ -425,9 +459,16 @@ impl Manager {
         // Locks beyond what one transaction holds are taken after the record is written
         // (see `acquire_rest`); the execution is not pending (runnable) until then.
         let (first, rest) = locks.split_at(locks.len().min(LOCKS_PER_TXN));
+        // The submitter's claim is part of the submit, so no other member's scan can
+        // take a new execution between its being made pending and its being claimed;
+        // the epoch is the submit's revision (the claim key's mod revision).
+        let lease = self.lease().await?;
+        let _submitting = Submitting::new(self, &id);
+        let claim = serde_json::json!({ "owner": self.config.owner_id, "lease": lease, "at_ms": now });
         let mut txn = intent
             .when(Compare::Absent(keys::execution(&id).into_bytes()))
             .and_then(TxnOp::put(keys::execution(&id), encode(&rec)))
+            .and_then(TxnOp::put_with_lease(keys::owner(&id), claim.to_string(), lease))
             .and_then(match rest.is_empty() {
                 true => TxnOp::put(keys::pending(&id), Vec::new()),
                 false => TxnOp::put(keys::acquiring(&id), now.to_string()),
@@ -442,25 +483,20 @@ impl Manager {
         if !resp.succeeded {
             return Err(self.locked(first, &id).await?);
         }
+        let epoch = resp.revision;
         if !rest.is_empty() {
             match self.acquire_rest(&id, rest).await {
                 Ok(revision) => resp.revision = revision,
                 Err(e) => {
-                    self.abandon(&id, &locks).await;
+                    self.abandon(&id, &locks, true).await;
                     return Err(e);
                 }
             }
         }
-        tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, "execution submitted");
-        // Run it here at once; if the claim fails, recovery (here or elsewhere) runs it.
-        match self.claim(&id, None).await {
-            Ok(Some(epoch)) => self.spawn_run(id.clone(), proc, epoch, &rec),
-            Ok(None) => {}
-            Err(e) => {
-                tracing::warn!(execution = %id, error = %e, "could not claim the new execution; recovery will");
-                self.wake.notify_one();
-            }
-        }
+        tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, epoch, "execution submitted");
+        // Run it here at once. Should the lease lapse meanwhile, the claim goes with it:
+        // this run's first write is refused and recovery (here or elsewhere) runs it.
+        self.spawn_run(id.clone(), proc, epoch, &rec);
         Ok((id, resp.revision))
     }
 
@@ -546,11 +582,29 @@ impl Manager {
     }
 
     /// Undoes a submit whose locks could not all be taken: the mark goes first (so no
-    /// further lock is taken for it), then every lock it holds, then its record.
-    async fn abandon(&self, id: &str, locks: &[String]) {
-        let _ = self.store.delete(keys::acquiring(id).as_bytes()).await;
+    /// further lock is taken for it), then every lock it holds, then its record and
+    /// claim. The mark is removed only if it is still there: a scan that read it before
+    /// the submitter finished (`own` false) must not undo an execution that started.
+    async fn abandon(&self, id: &str, locks: &[String], own: bool) {
+        let mark = keys::acquiring(id);
+        let unmark = Txn::new().when(Compare::Exists(mark.clone().into_bytes())).and_then(TxnOp::delete(mark));
+        match self.store.txn(unmark).await {
+            Ok(r) if !r.succeeded && !own => return,
+            Ok(_) => {}
+            Err(e) => {
+                // The mark stays, so a later scan gives the acquisition up again.
+                tracing::warn!(execution = %id, error = %e, "could not give up the execution's locks; a later scan will");
+                return;
+            }
+        }
         self.release(id, locks).await;
-        let _ = self.store.delete(keys::execution(id).as_bytes()).await;
+        let forget = Txn::new()
+            .and_then(TxnOp::delete(keys::execution(id)))
+            .and_then(TxnOp::delete(keys::owner(id)))
+            .and_then(TxnOp::delete(keys::pending(id)));
+        if let Err(e) = self.store.txn(forget).await {
+            tracing::warn!(execution = %id, error = %e, "could not delete an abandoned execution's record");
+        }
         tracing::info!(execution = %id, "gave up taking the execution's locks");
     }
 
@@ -577,7 +631,7 @@ impl Manager {
                 continue;
             }
             let locks = self.get(&id).await?.map(|r| r.locks).unwrap_or_default();
-            self.abandon(&id, &locks).await;
+            self.abandon(&id, &locks, false).await;
         }
         Ok(())
     }
@@ -622,6 +676,9 @@ impl Manager {
 
     async fn run(self: &Arc<Self>, id: &str, mut proc: Box<dyn Procedure>, epoch: i64, token: CancellationToken) {
         let Some(mut rec) = self.read(id, &token).await else { return };
+        if rec.status.is_terminal() {
+            return;
+        }
         rec.epoch = epoch;
         rec.owner = self.config.owner_id.clone();
         rec.claims += 1;

@@ -175,6 +175,41 @@ async fn a_dead_owners_execution_is_resumed_elsewhere_with_a_higher_epoch_and_no
     assert!(ran[2].1 > epoch_a && ran[3].1 > epoch_a, "B ran steps 3 and 4 under its epoch");
 }
 
+#[tokio::test]
+async fn a_new_execution_is_its_submitters_even_while_another_member_scans() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let rig = rig();
+    let (a, _stop_a) = manager(&store, &rig, Duration::from_secs(5));
+    let (b, _stop_b) = manager(&store, &rig, Duration::from_secs(5));
+    // B (and A's own recovery) scan as often as they can. Seen failing before the
+    // fixes: a scan claimed a new execution between its being made pending and the
+    // submitter's claim, a stale scan list let a member claim an ended execution (and
+    // rewrite its record), and A's scan took A's own fresh claim for one whose task was
+    // gone (claims 2).
+    let scanning = tokio::spawn({
+        let (a2, b) = (a.clone(), b.clone());
+        async move {
+            loop {
+                b.wake.notify_one();
+                a2.wake.notify_one();
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        ids.push(a.submit(counter(&rig, &format!("s{i}"), 1, 0)).await.unwrap());
+    }
+    for id in &ids {
+        let rec = a.wait(id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(rec.status, ExecutionStatus::Succeeded, "{rec:?}");
+        assert_eq!((rec.owner.as_str(), rec.claims), (a.owner_id(), 1), "{id} was claimed by another member");
+    }
+    scanning.abort();
+    assert_eq!(rig.ran.lock().unwrap().len(), 30, "each ran once");
+}
+
 /// Starts three counters as children, then reports how many succeeded.
 #[derive(Serialize, Deserialize)]
 struct Parent {
