@@ -246,7 +246,8 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
                     name: "m".into(),
                     project: "tests".into(),
                     backend: "backend-a".into(),
-                    reference: "../../etc/passwd".into()
+                    reference: "../../etc/passwd".into(),
+                    ..Default::default()
                 }
             ),
             case!(
@@ -259,7 +260,8 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
                     name: "m".into(),
                     project: "tests".into(),
                     backend: "backend-a".into(),
-                    reference: ".hidden".into()
+                    reference: ".hidden".into(),
+                    ..Default::default()
                 }
             ),
             case!(
@@ -272,7 +274,8 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
                     name: "m".into(),
                     project: "tests".into(),
                     backend: "backend-a".into(),
-                    reference: String::new()
+                    reference: String::new(),
+                    ..Default::default()
                 }
             ),
             case!(

@@ -450,15 +450,18 @@ async fn manageable_volumes_are_listed_managed_and_unmanaged() {
 
     let list = c
         .volumes
-        .list_manageable_volumes(pb::ListManageableVolumesRequest { backend: "backend-a".into() })
+        .list_manageable_volumes(pb::ListManageableVolumesRequest { backend: "backend-a".into(), ..Default::default() })
         .await
         .unwrap()
         .into_inner();
     let by: HashMap<_, _> = list.volumes.iter().map(|m| (m.reference.as_str(), m)).collect();
+    // Taking legacy over would move it from under child, which reads through it.
     let l = by.get("legacy").expect("legacy listed");
-    assert!(l.safe_to_manage && l.size_bytes == (32 * MIB) as i64, "{l:?}");
+    assert!(!l.safe_to_manage && l.reason_not_safe.contains("backing file of child"), "{l:?}");
+    assert_eq!(l.size_bytes, (32 * MIB) as i64);
     let ch = by.get("child").expect("child listed");
     assert!(!ch.safe_to_manage && ch.reason_not_safe.contains("backing"), "{ch:?}");
+    assert_eq!(ch.backing_file, legacy.to_str().unwrap());
 
     let err = c
         .volumes
@@ -467,10 +470,13 @@ async fn manageable_volumes_are_listed_managed_and_unmanaged() {
             reference: "child".into(),
             name: "c".into(),
             project: "tests".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{}", err.message());
+    // With child gone, legacy stands alone.
+    std::fs::remove_file(&child).unwrap();
 
     let v = c
         .volumes
@@ -479,6 +485,7 @@ async fn manageable_volumes_are_listed_managed_and_unmanaged() {
             reference: "legacy".into(),
             name: "legacy".into(),
             project: "tests".into(),
+            ..Default::default()
         })
         .await
         .expect("manage")

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 use drover_agent::driver::{
-    ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable, Peer,
-    ReplicationState, Role, SyncReport, VolumeState, capability,
+    AdoptSnapshot, ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
+    Peer, ReplicationState, Role, SyncReport, VolumeState, capability,
 };
 use drover_agent::replica::Shipment;
 use drover_agent::roles::{self, RoleFacts, Verdict};
@@ -506,15 +506,31 @@ impl Driver for MockDriver {
                 size_bytes: *size,
                 safe_to_manage: true,
                 reason_not_safe: String::new(),
+                snapshots: Vec::new(),
+                backing_file: String::new(),
             })
             .collect();
         out.sort_by(|a, b| a.reference.cmp(&b.reference));
         Ok(out)
     }
 
-    async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError> {
+    async fn manage_volume(
+        &self,
+        reference: &str,
+        volume_id: &str,
+        snapshots: &[AdoptSnapshot],
+    ) -> Result<VolumeState, DriverError> {
         self.enter("manage_volume", reference).await?;
+        if let Some(s) = snapshots.first() {
+            return Err(DriverError::InvalidArgument(format!(
+                "mock volume {reference} carries no snapshot {:?}; manage it without snapshots",
+                s.reference
+            )));
+        }
         let mut state = self.lock();
+        if let Some(v) = state.volumes.get(volume_id) {
+            return Ok(Self::view(volume_id, v));
+        }
         let size = state
             .unmanaged
             .remove(reference)

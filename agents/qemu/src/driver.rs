@@ -49,7 +49,7 @@ impl Driver for QemuDriver {
         }
         std::fs::create_dir_all(self.vol_dir(volume_id)).map_err(|e| io("volume dir", e))?;
         image::create(&self.layer_path(volume_id, 0), size_bytes, None).await?;
-        self.add_volume(volume_id, size_bytes).await
+        self.add_volume(volume_id, size_bytes, Vec::new()).await
     }
 
     async fn delete_volume(&self, volume_id: &str) -> Result<(), DriverError> {
@@ -136,7 +136,7 @@ impl Driver for QemuDriver {
     }
 
     async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError> {
-        let mut out = Vec::new();
+        let mut images = Vec::new();
         let entries = std::fs::read_dir(&self.pool).map_err(|e| io("pool listing", e))?;
         for entry in entries.flatten() {
             let path = entry.path();
@@ -144,63 +144,140 @@ impl Driver for QemuDriver {
                 continue;
             }
             let reference = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-            let shared = image::info(&path, true).await;
-            let (size, mut reason) = match &shared {
-                Ok(i) if i["format"] != "qcow2" => (0, format!("format is {}, not qcow2", i["format"])),
-                Ok(i) if i.get("backing-filename").is_some() => {
-                    (i["virtual-size"].as_u64().unwrap_or(0), "it has a backing file; flatten it first".to_string())
-                }
-                Ok(i) => (i["virtual-size"].as_u64().unwrap_or(0), String::new()),
-                Err(e) => (0, format!("unreadable: {e}")),
-            };
-            if reason.is_empty() && image::info(&path, false).await.is_err() {
-                reason = "it is in use by another process".into();
-            }
-            out.push(Manageable {
+            images.push((reference, path.clone(), image::info(&path, true).await));
+        }
+        // Images another image of the pool reads through are layers of that one.
+        let backings: BTreeMap<PathBuf, String> =
+            images.iter().filter_map(|(r, p, i)| Some((backing_of(p, i.as_ref().ok()?)?, r.clone()))).collect();
+        let mut out = Vec::new();
+        for (reference, path, shared) in images {
+            let mut m = Manageable {
                 reference,
-                size_bytes: size,
-                safe_to_manage: reason.is_empty(),
-                reason_not_safe: reason,
-            });
+                size_bytes: 0,
+                safe_to_manage: false,
+                reason_not_safe: String::new(),
+                snapshots: Vec::new(),
+                backing_file: String::new(),
+            };
+            m.reason_not_safe = match &shared {
+                Err(e) => format!("unreadable: {e}"),
+                Ok(i) => {
+                    m.size_bytes = i["virtual-size"].as_u64().unwrap_or(0);
+                    m.backing_file = i["backing-filename"].as_str().unwrap_or_default().to_string();
+                    m.snapshots = internal_snapshots(i, m.size_bytes);
+                    self.unsafe_because(&path, i, &m, &backings)
+                }
+            };
+            if m.reason_not_safe.is_empty() && image::info(&path, false).await.is_err() {
+                m.reason_not_safe = "it is in use by another process (a writer has it open); stop that first".into();
+            }
+            m.safe_to_manage = m.reason_not_safe.is_empty();
+            out.push(m);
         }
         out.sort_by(|a, b| a.reference.cmp(&b.reference));
         Ok(out)
     }
 
-    async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError> {
+    async fn manage_volume(
+        &self,
+        reference: &str,
+        volume_id: &str,
+        snapshots: &[AdoptSnapshot],
+    ) -> Result<VolumeState, DriverError> {
         if let Ok(v) = self.vol(volume_id) {
             return Ok(Self::view(volume_id, &v));
         }
-        if reference.contains('/') || reference.starts_with('.') {
-            return Err(DriverError::InvalidArgument(format!(
-                "reference {reference:?} is not a file name in the pool"
-            )));
+        check_reference(reference)?;
+        check_id("volume", volume_id)?;
+        for s in snapshots {
+            check_id("snapshot", &s.snapshot_id)?;
+            if self.snapshot_state().snapshots.contains_key(&s.snapshot_id) {
+                return Err(DriverError::AlreadyExists(format!(
+                    "snapshot {} exists on this backend; adopt {:?} under another id",
+                    s.snapshot_id, s.reference
+                )));
+            }
         }
         let src = self.pool.join(format!("{reference}.qcow2"));
-        let found = self.list_manageable().await?.into_iter().find(|m| m.reference == reference);
-        let Some(m) = found else {
-            return Err(DriverError::NotFound(format!(
-                "no unmanaged volume {reference} in pool {}",
-                self.pool.display()
-            )));
+        let dest = self.layer_path(volume_id, 0);
+        // A retry after a crash that came after the image moved in finds it there.
+        let moved = !src.exists() && dest.exists();
+        let (size, carried) = if moved {
+            let i = image::info(&dest, true).await?;
+            let size = i["virtual-size"].as_u64().unwrap_or(0);
+            (size, internal_snapshots(&i, size))
+        } else {
+            let found = self.list_manageable().await?.into_iter().find(|m| m.reference == reference);
+            let Some(m) = found else {
+                return Err(DriverError::NotFound(format!(
+                    "no unmanaged volume {reference} in pool {}; list them with `drover volume manageable-list`",
+                    self.pool.display()
+                )));
+            };
+            if !m.safe_to_manage {
+                return Err(DriverError::FailedPrecondition(format!(
+                    "{reference} is not safe to manage: {}",
+                    m.reason_not_safe
+                )));
+            }
+            (m.size_bytes, m.snapshots)
         };
-        if !m.safe_to_manage {
-            return Err(DriverError::FailedPrecondition(format!(
-                "{reference} is not safe to manage: {}",
-                m.reason_not_safe
-            )));
+        let mut adopted = Vec::new();
+        for s in snapshots {
+            let Some(c) = carried.iter().find(|c| c.reference == s.reference) else {
+                return Err(DriverError::NotFound(format!(
+                    "image {reference} carries no snapshot {:?}; see `drover snapshot manageable-list`",
+                    s.reference
+                )));
+            };
+            adopted.push((s.clone(), c.clone()));
         }
         std::fs::create_dir_all(self.vol_dir(volume_id)).map_err(|e| io("volume dir", e))?;
-        std::fs::rename(&src, self.layer_path(volume_id, 0)).map_err(|e| io("moving the image into the pool", e))?;
+        // Each adopted snapshot becomes a standalone file, pinned like any snapshot's
+        // layers; the image keeps its internal snapshots, so handing it back loses none.
+        let image = if moved { &dest } else { &src };
+        let mut snaps = Vec::new();
+        for (s, c) in &adopted {
+            let file = self.vol_dir(volume_id).join(format!("snap-{}.qcow2", s.snapshot_id));
+            if !file.exists() {
+                let part = file.with_extension("part");
+                image::convert_snapshot(image, &s.reference, &part).await?;
+                std::fs::rename(&part, &file).map_err(|e| io("placing an adopted snapshot", e))?;
+            }
+            let member = SnapMember { files: vec![file], size_bytes: c.size_bytes };
+            let created_ms = c.created_at_ms;
+            let members = [(volume_id.to_string(), member)].into();
+            snaps.push((s.snapshot_id.clone(), SnapRec { created_ms, internal: s.reference.clone(), members }));
+        }
+        if !moved {
+            std::fs::rename(&src, &dest).map_err(|e| io("moving the image into the pool", e))?;
+        }
         fsync_dir(&self.pool)?;
-        self.add_volume(volume_id, m.size_bytes).await
+        fsync_dir(&self.vol_dir(volume_id))?;
+        self.add_volume(volume_id, size, snaps).await
     }
 
     async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
+        // Snapshots adopted with the image are still inside it: they go back with it.
+        // Snapshots taken here are not, and are refused as before.
+        let adopted = self.adopted_snapshots(volume_id).await;
+        if !adopted.is_empty() {
+            self.update(|st| {
+                for id in &adopted {
+                    st.snapshots.remove(id);
+                }
+                Ok(())
+            })
+            .await?;
+            for id in &adopted {
+                let _ = std::fs::remove_file(self.vol_dir(volume_id).join(format!("snap-{id}.qcow2")));
+            }
+        }
         self.refuse_with_snapshots(volume_id, "unmanaged")?;
         if let Some(o) = self.vol(volume_id).ok().and_then(|v| v.origin) {
             return Err(DriverError::FailedPrecondition(format!(
-                "volume {volume_id} was made from snapshot {} and reads through it, so it is no standalone image to                  hand back; copy its data to a new volume to unmanage that one",
+                "volume {volume_id} was made from snapshot {} and reads through it, so it is no standalone image to \
+                 hand back; copy its data to a new volume to unmanage that one",
                 o.snapshot_id
             )));
         }

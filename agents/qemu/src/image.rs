@@ -85,3 +85,12 @@ pub async fn commit(path: &Path) -> Result<(), DriverError> {
 pub async fn rebase_unsafe(path: &Path, backing: &Path) -> Result<(), DriverError> {
     run(&["rebase", "-q", "-u", "-f", "qcow2", "-b", s(backing), "-F", "qcow2", s(path)]).await.map(|_| ())
 }
+
+/// Writes the content of `image`'s internal snapshot `name` to a new standalone qcow2
+/// file, and flushes it.
+pub async fn convert_snapshot(image: &Path, name: &str, dest: &Path) -> Result<(), DriverError> {
+    let sel = format!("snapshot.name={name}");
+    run(&["convert", "-q", "-U", "-f", "qcow2", "-l", &sel, "-O", "qcow2", "-t", "writeback", s(image), s(dest)])
+        .await
+        .map(|_| ())
+}

@@ -45,6 +45,7 @@ mod commands;
 mod daemon;
 mod driver;
 mod image;
+mod manage;
 mod nbd;
 mod qmp;
 mod snapshot;
@@ -66,8 +67,8 @@ pub use nbd::{NbdAddr, NbdClient};
 
 use daemon::{Daemon, DaemonPaths};
 use drover_agent::driver::{
-    ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
-    ReplicationState, Role, SyncReport, VolumeState, capability,
+    AdoptSnapshot, ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
+    ManageableSnapshot, ReplicationState, Role, SyncReport, VolumeState, capability,
 };
 use drover_agent::replica::{CHUNK_BYTES, Shipment};
 use drover_agent::roles::{self, RoleFacts, Verdict};
@@ -100,7 +101,9 @@ impl Default for QemuConfig {
     }
 }
 
-use state::{Layer, PeerRec, State, SyncStats, Vol};
+use manage::{backing_of, check_reference, internal_snapshots};
+use snapshot::check_id;
+use state::{Layer, PeerRec, SnapMember, SnapRec, State, SyncStats, Vol};
 
 /// The qemu-storage-daemon driver.
 pub struct QemuDriver {
@@ -255,12 +258,19 @@ impl QemuDriver {
     }
 
     /// Records a new volume whose single layer `L0.qcow2` is in place, and exports it.
-    pub(crate) async fn add_volume(&self, volume_id: &str, size_bytes: u64) -> Result<VolumeState, DriverError> {
+    /// `snapshots` (adopted with a managed image) are recorded with it, in one update.
+    pub(crate) async fn add_volume(
+        &self,
+        volume_id: &str,
+        size_bytes: u64,
+        snapshots: Vec<(String, state::SnapRec)>,
+    ) -> Result<VolumeState, DriverError> {
         let v = self
             .update(|st| {
                 let v = Vol::new(st.next_index, size_bytes, vec![Layer::fresh()], None);
                 st.next_index += 1;
                 st.volumes.insert(volume_id.to_string(), v.clone());
+                st.snapshots.extend(snapshots.clone());
                 Ok(v)
             })
             .await?;

@@ -150,7 +150,7 @@ impl QemuDriver {
             files.extend(v.layers.iter().map(|l| self.layer_path(id, l.seq)));
             members.insert(id.clone(), SnapMember { files, size_bytes: v.size_bytes });
         }
-        let rec = SnapRec { created_ms, members };
+        let rec = SnapRec { created_ms, internal: String::new(), members };
         self.update(|st| {
             st.snapshots.insert(snapshot_id.to_string(), rec.clone());
             Ok(())

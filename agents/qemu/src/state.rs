@@ -76,6 +76,10 @@ pub(crate) struct Origin {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct SnapRec {
     pub(crate) created_ms: i64,
+    /// For a snapshot adopted with a managed image: the internal snapshot of the image's
+    /// bottom layer it was copied from (still there, so unmanaging hands it back).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub(crate) internal: String,
     /// Per volume: what it read through at that instant.
     pub(crate) members: BTreeMap<String, SnapMember>,
 }

@@ -16,7 +16,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 
 use crate::driver::{
-    ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
+    AdoptSnapshot, ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
     ReplicationState, SyncReport, VolumeState,
 };
 
@@ -134,8 +134,8 @@ impl Driver for Gated {
     async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError> {
         self.inner.list_manageable().await
     }
-    async fn manage_volume(&self, r: &str, id: &str) -> Result<VolumeState, DriverError> {
-        self.inner.manage_volume(r, id).await
+    async fn manage_volume(&self, r: &str, id: &str, snaps: &[AdoptSnapshot]) -> Result<VolumeState, DriverError> {
+        self.inner.manage_volume(r, id, snaps).await
     }
     async fn unmanage_volume(&self, id: &str) -> Result<(), DriverError> {
         self.inner.unmanage_volume(id).await

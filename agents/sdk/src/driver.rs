@@ -117,6 +117,25 @@ pub struct Manageable {
     pub size_bytes: u64,
     pub safe_to_manage: bool,
     pub reason_not_safe: String,
+    /// Snapshots the volume carries on the backend, adoptable with it.
+    pub snapshots: Vec<ManageableSnapshot>,
+    /// The backing file the image names, if any.
+    pub backing_file: String,
+}
+
+/// A snapshot an unmanaged volume carries on the backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManageableSnapshot {
+    pub reference: String,
+    pub size_bytes: u64,
+    pub created_at_ms: i64,
+}
+
+/// One of an unmanaged volume's snapshots to take over with it, under `snapshot_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdoptSnapshot {
+    pub reference: String,
+    pub snapshot_id: String,
 }
 
 /// A crash-consistent snapshot of several volumes.
@@ -281,8 +300,15 @@ pub trait Driver: Send + Sync + 'static {
     async fn detach_volume(&self, volume_id: &str) -> Result<(), DriverError>;
 
     async fn list_manageable(&self) -> Result<Vec<Manageable>, DriverError>;
-    /// Takes over an existing backend volume under a new id.
-    async fn manage_volume(&self, reference: &str, volume_id: &str) -> Result<VolumeState, DriverError>;
+    /// Takes over an existing backend volume under a new id, and those of its snapshots
+    /// `snapshots` names as snapshots of it. Idempotent: a volume already taken over is
+    /// reported as it is.
+    async fn manage_volume(
+        &self,
+        reference: &str,
+        volume_id: &str,
+        snapshots: &[AdoptSnapshot],
+    ) -> Result<VolumeState, DriverError>;
     /// Forgets a volume without deleting its data.
     async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError>;
 

@@ -236,6 +236,20 @@ pub struct PendingOp {
     /// whose divergent changes the operator chose to discard.
     #[serde(default)]
     pub reference: String,
+    /// Manage: the snapshots the volume carries on the backend, to take over with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshots: Vec<AdoptedSnapshot>,
+}
+
+/// A snapshot taken over with a managed volume: the backend's reference, and the id and
+/// name it gets (chosen, and the name reserved, when the manage is submitted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdoptedSnapshot {
+    pub reference: String,
+    pub id: String,
+    pub name: String,
+    pub size_bytes: u64,
+    pub created_at_ms: i64,
 }
 
 impl PendingOp {
@@ -249,6 +263,7 @@ impl PendingOp {
             new_size_bytes: 0,
             started_at_ms: now_ms(),
             reference: String::new(),
+            snapshots: Vec::new(),
         }
     }
 }

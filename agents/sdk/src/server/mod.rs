@@ -14,7 +14,7 @@ use drover_proto::agent::v1 as pb;
 use drover_proto::agent::v1::agent_server::{Agent, AgentServer};
 use tonic::{Request, Response, Status};
 
-use crate::driver::{Driver, EnableSpec, Peer, Role};
+use crate::driver::{AdoptSnapshot, Driver, EnableSpec, Peer, Role};
 use crate::ledger::Ledger;
 use convert::{driver_err, replication_info, require, size, volume_info};
 pub use scheduler::SyncFailures;
@@ -177,6 +177,16 @@ impl Agent for AgentService {
                     size_bytes: m.size_bytes as i64,
                     safe_to_manage: m.safe_to_manage,
                     reason_not_safe: m.reason_not_safe,
+                    snapshots: m
+                        .snapshots
+                        .into_iter()
+                        .map(|s| pb::ManageableSnapshot {
+                            reference: s.reference,
+                            size_bytes: s.size_bytes as i64,
+                            created_at_ms: s.created_at_ms,
+                        })
+                        .collect(),
+                    backing_file: m.backing_file,
                 })
                 .collect(),
         }))
@@ -188,7 +198,12 @@ impl Agent for AgentService {
         require("volume_id", &r.volume_id)?;
         let (ctx, target) = (r.ctx.take(), r.volume_id.clone());
         self.guarded(ctx, &target, "manage_volume", move |d| async move {
-            d.manage_volume(&r.reference, &r.volume_id).await.map(volume_info)
+            let snaps: Vec<AdoptSnapshot> = r
+                .snapshots
+                .iter()
+                .map(|s| AdoptSnapshot { reference: s.reference.clone(), snapshot_id: s.snapshot_id.clone() })
+                .collect();
+            d.manage_volume(&r.reference, &r.volume_id, &snaps).await.map(volume_info)
         })
         .await
     }

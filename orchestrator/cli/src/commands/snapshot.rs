@@ -31,6 +31,22 @@ pub enum SnapshotCmd {
     Show { snapshot: String },
     /// Delete a snapshot (refused while volumes made from it exist).
     Delete { snapshot: String },
+    /// Snapshots that unmanaged volumes on a backend carry (qcow2: internal snapshots);
+    /// `drover volume manage` takes them over with their volume.
+    #[command(name = "manageable-list")]
+    ManageableList {
+        #[arg(long)]
+        backend: String,
+        /// One page of at most this many rows (without it, every row).
+        #[arg(long)]
+        limit: Option<i32>,
+        /// Start after this row ("<volume reference>/<snapshot reference>").
+        #[arg(long, default_value = "")]
+        marker: String,
+        /// Order by name (the default) or size.
+        #[arg(long, default_value = "name", value_parser = ["name", "size"])]
+        sort: String,
+    },
 }
 
 /// `drover group snapshot …`
@@ -99,6 +115,44 @@ pub async fn run(ctx: &mut Ctx, cmd: SnapshotCmd) -> Result<()> {
         }
         SnapshotCmd::Show { snapshot } => show(ctx, snapshot).await?,
         SnapshotCmd::Delete { snapshot } => delete(ctx, snapshot).await?,
+        SnapshotCmd::ManageableList { backend, limit, marker, sort } => {
+            let one_page = limit.is_some() || !marker.is_empty();
+            let mut req = pb::ListManageableVolumesRequest { backend, limit: limit.unwrap_or(0), marker, sort };
+            let mut all = pb::ListManageableSnapshotsResponse::default();
+            loop {
+                let page = ctx.api.volumes.list_manageable_snapshots(req.clone()).await?.into_inner();
+                all.snapshots.extend(page.snapshots);
+                all.next_marker = page.next_marker;
+                if one_page || all.next_marker.is_empty() {
+                    break;
+                }
+                req.marker = all.next_marker.clone();
+            }
+            emit(ctx.fmt, &all, |r| {
+                let mut t = output::Table::new(&[
+                    "VOLUME REFERENCE",
+                    "SNAPSHOT",
+                    "SIZE",
+                    "CREATED",
+                    "SAFE TO MANAGE",
+                    "REASON NOT SAFE",
+                ]);
+                for s in &r.snapshots {
+                    t.row(vec![
+                        s.volume_reference.clone(),
+                        s.reference.clone(),
+                        crate::size::format_size(s.size_bytes),
+                        output::timestamp(s.created_at_ms),
+                        s.safe_to_manage.to_string(),
+                        s.reason_not_safe.clone(),
+                    ]);
+                }
+                if !r.next_marker.is_empty() {
+                    eprintln!("more rows: continue with --marker {}", r.next_marker);
+                }
+                t
+            });
+        }
     }
     Ok(())
 }

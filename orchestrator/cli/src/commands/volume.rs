@@ -52,14 +52,26 @@ pub enum VolumeCmd {
     ManageableList {
         #[arg(long)]
         backend: String,
+        /// One page of at most this many rows (without it, every row).
+        #[arg(long)]
+        limit: Option<i32>,
+        /// Start after this reference (a page's "next marker").
+        #[arg(long, default_value = "")]
+        marker: String,
+        /// Order by name (the default) or size.
+        #[arg(long, default_value = "name", value_parser = ["name", "size"])]
+        sort: String,
     },
-    /// Take over an unmanaged volume (Cinder's manage).
+    /// Take over an unmanaged volume (Cinder's manage), with the snapshots it carries.
     Manage {
         reference: String,
         #[arg(long)]
         backend: String,
         #[arg(long)]
         name: String,
+        /// Leave the snapshots it carries on the backend unmanaged.
+        #[arg(long)]
+        without_snapshots: bool,
     },
     /// Forget a volume without deleting its data (Cinder's unmanage).
     Unmanage { volume: String },
@@ -156,23 +168,40 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
                 t
             });
         }
-        VolumeCmd::ManageableList { backend } => {
-            let r = api.list_manageable_volumes(pb::ListManageableVolumesRequest { backend }).await?.into_inner();
-            emit(fmt, &r, |r| {
-                let mut t = Table::new(&["REFERENCE", "SIZE", "SAFE TO MANAGE", "REASON NOT SAFE"]);
+        VolumeCmd::ManageableList { backend, limit, marker, sort } => {
+            let one_page = limit.is_some() || !marker.is_empty();
+            let mut req = pb::ListManageableVolumesRequest { backend, limit: limit.unwrap_or(0), marker, sort };
+            let mut all = pb::ListManageableVolumesResponse::default();
+            loop {
+                let page = api.list_manageable_volumes(req.clone()).await?.into_inner();
+                all.volumes.extend(page.volumes);
+                all.next_marker = page.next_marker;
+                if one_page || all.next_marker.is_empty() {
+                    break;
+                }
+                req.marker = all.next_marker.clone();
+            }
+            emit(fmt, &all, |r| {
+                let mut t = Table::new(&["REFERENCE", "SIZE", "SAFE TO MANAGE", "SNAPSHOTS", "REASON NOT SAFE"]);
                 for m in &r.volumes {
+                    let snaps: Vec<&str> = m.snapshots.iter().map(|s| s.reference.as_str()).collect();
                     t.row(vec![
                         m.reference.clone(),
                         format_size(m.size_bytes),
                         m.safe_to_manage.to_string(),
+                        if snaps.is_empty() { "-".into() } else { snaps.join(",") },
                         m.reason_not_safe.clone(),
                     ]);
+                }
+                if !r.next_marker.is_empty() {
+                    eprintln!("more rows: continue with --marker {}", r.next_marker);
                 }
                 t
             });
         }
-        VolumeCmd::Manage { reference, backend, name } => {
-            let v = api.manage_volume(pb::ManageVolumeRequest { backend, reference, name, project }).await?;
+        VolumeCmd::Manage { reference, backend, name, without_snapshots } => {
+            let req = pb::ManageVolumeRequest { backend, reference, name, project, without_snapshots };
+            let v = api.manage_volume(req).await?;
             emit(fmt, v.get_ref(), one);
         }
         VolumeCmd::EnableReplication { volume, target, interval, no_wait } => {

@@ -203,6 +203,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/drover.v1.VolumeService/ExtendVolume", change(Member)),
     ("/drover.v1.VolumeService/AttachVolume", change(Member)),
     ("/drover.v1.VolumeService/ListManageableVolumes", read(Admin)),
+    ("/drover.v1.VolumeService/ListManageableSnapshots", read(Admin)),
     ("/drover.v1.VolumeService/ManageVolume", change(Admin)),
     ("/drover.v1.VolumeService/UnmanageVolume", change(Admin)),
     ("/drover.v1.GroupService/ListGroupTypes", read(Reader)),

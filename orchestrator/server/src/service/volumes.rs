@@ -16,7 +16,10 @@ use super::Core;
 use super::shared::{agent_refused, from_agent, writable_backend};
 use crate::agents::{Deadline, ctx};
 use crate::error::{ApiError, ApiResult, raced};
-use crate::model::{BackendRec, PendingOp, VolumeRec, keys, now_ms, replication_status, volume_status};
+use crate::model::{
+    AdoptedSnapshot, BackendRec, PendingOp, SnapshotMemberRec, SnapshotRec, VolumeRec, keys, now_ms,
+    replication_status, snapshot_status, volume_status,
+};
 use crate::repo::{Expect, Versioned, put, validate_name, validate_size};
 use crate::transitions::{VolumeAction, VolumeStatus, check_volume, verify_volume_end};
 
@@ -88,12 +91,73 @@ impl VolumeApi {
     /// Removes the volume and its name if it is still as read and the step still owns its
     /// execution; returns whether it did.
     async fn forget(&self, action: VolumeAction, rec: &VolumeRec, at: &Expect) -> ApiResult<bool> {
+        self.forget_with(action, rec, at, &[]).await
+    }
+
+    /// [`Self::forget`], with the snapshot records `snapshots` removed in the same
+    /// transaction.
+    async fn forget_with(
+        &self,
+        action: VolumeAction,
+        rec: &VolumeRec,
+        at: &Expect,
+        snapshots: &[SnapshotRec],
+    ) -> ApiResult<bool> {
         verify_volume_end(action, None)?;
-        let txn = at
+        let mut txn = at
             .claimed(at.at(Txn::new(), &keys::volume(&rec.id)))
             .and_then(TxnOp::delete(keys::volume(&rec.id)))
             .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+        for s in snapshots {
+            txn = txn
+                .and_then(TxnOp::delete(keys::snapshot(&s.id)))
+                .and_then(TxnOp::delete(keys::snapshot_name(&s.project, &s.name)));
+        }
         Ok(self.core.repo.txn(txn).await?.succeeded)
+    }
+
+    /// Writes a managed volume and the snapshots it brought, in one transaction.
+    async fn save_managed(&self, rec: &VolumeRec, op: &PendingOp, at: &Expect) -> ApiResult<i64> {
+        verify_volume_end(VolumeAction::Manage, Some(&rec.status))?;
+        let mut txn = at.claimed(Self::volume_txn(rec, at.rev));
+        for s in &op.snapshots {
+            let snap = SnapshotRec {
+                id: s.id.clone(),
+                name: s.name.clone(),
+                project: rec.project.clone(),
+                group_id: String::new(),
+                backend: rec.backend.clone(),
+                status: snapshot_status::AVAILABLE.into(),
+                status_reason: format!("taken over with volume {} from the backend's {:?}", rec.name, s.reference),
+                created_at_ms: s.created_at_ms,
+                members: vec![SnapshotMemberRec {
+                    volume_id: rec.id.clone(),
+                    volume_name: rec.name.clone(),
+                    size_bytes: s.size_bytes,
+                }],
+                pending: None,
+                execution_id: String::new(),
+            };
+            txn = txn.and_then(put(&keys::snapshot(&s.id), &snap));
+        }
+        let resp = self.core.repo.txn(txn).await?;
+        if !resp.succeeded {
+            return Err(raced(&format!("volume {}", rec.id)));
+        }
+        Ok(resp.revision)
+    }
+
+    /// Frees the snapshot names a manage that did not happen reserved.
+    async fn free_snapshot_names(&self, project: &str, snapshots: &[AdoptedSnapshot]) {
+        for s in snapshots {
+            let key = keys::snapshot_name(project, &s.name);
+            let txn = Txn::new()
+                .when(Compare::ValueEquals(key.clone().into_bytes(), s.id.clone().into_bytes()))
+                .and_then(TxnOp::delete(key));
+            if let Err(e) = self.core.repo.txn(txn).await {
+                tracing::warn!(snapshot = %s.name, error = %e, "could not free a reserved snapshot name");
+            }
+        }
     }
 
     async fn fail(&self, action: VolumeAction, mut rec: VolumeRec, at: &Expect, reason: String) -> ApiResult<()> {
@@ -354,12 +418,56 @@ impl VolumeApi {
             .volumes
             .into_iter()
             .map(|m| pb::ManageableVolume {
+                snapshots: m
+                    .snapshots
+                    .into_iter()
+                    .map(|s| pb::ManageableSnapshot {
+                        reference: s.reference,
+                        volume_reference: m.reference.clone(),
+                        size_bytes: s.size_bytes,
+                        created_at_ms: s.created_at_ms,
+                        safe_to_manage: m.safe_to_manage,
+                        reason_not_safe: m.reason_not_safe.clone(),
+                    })
+                    .collect(),
                 reference: m.reference,
                 size_bytes: m.size_bytes,
                 safe_to_manage: m.safe_to_manage,
                 reason_not_safe: m.reason_not_safe,
+                backing_file: m.backing_file,
             })
             .collect())
+    }
+
+    /// A page of the backend's unmanaged volumes, sorted as asked.
+    async fn manageable_page(
+        &self,
+        r: &pb::ListManageableVolumesRequest,
+    ) -> ApiResult<pb::ListManageableVolumesResponse> {
+        let (limit, by_size) = manageable_paging(r)?;
+        let mut list = self.list_manageable(&r.backend).await?;
+        if by_size {
+            list.sort_by(|a, b| (a.size_bytes, &a.reference).cmp(&(b.size_bytes, &b.reference)));
+        }
+        let (volumes, next_marker) = page_after(list, &r.marker, limit, |m| m.reference.clone())?;
+        Ok(pb::ListManageableVolumesResponse { volumes, next_marker })
+    }
+
+    /// A page of the snapshots the backend's unmanaged volumes carry.
+    async fn manageable_snapshots_page(
+        &self,
+        r: &pb::ListManageableVolumesRequest,
+    ) -> ApiResult<pb::ListManageableSnapshotsResponse> {
+        let (limit, by_size) = manageable_paging(r)?;
+        let mut list: Vec<pb::ManageableSnapshot> =
+            self.list_manageable(&r.backend).await?.into_iter().flat_map(|m| m.snapshots).collect();
+        let key = |s: &pb::ManageableSnapshot| format!("{}/{}", s.volume_reference, s.reference);
+        match by_size {
+            true => list.sort_by_key(|a| (a.size_bytes, key(a))),
+            false => list.sort_by_key(key),
+        }
+        let (snapshots, next_marker) = page_after(list, &r.marker, limit, key)?;
+        Ok(pb::ListManageableSnapshotsResponse { snapshots, next_marker })
     }
 
     async fn manage(&self, r: pb::ManageVolumeRequest) -> ApiResult<VolumeRec> {
@@ -397,6 +505,10 @@ impl VolumeApi {
             )));
         }
         let id = uuid::Uuid::now_v7().to_string();
+        let snapshots = match r.without_snapshots {
+            true => Vec::new(),
+            false => adopted_snapshots(&r.name, found)?,
+        };
         let rec = VolumeRec {
             id: id.clone(),
             name: r.name.clone(),
@@ -409,20 +521,37 @@ impl VolumeApi {
             replication_status: replication_status::DISABLED.into(),
             status_reason: String::new(),
             created_at_ms: now_ms(),
-            pending: Some(PendingOp { reference: r.reference.clone(), ..PendingOp::new("manage", &r.backend) }),
+            pending: Some(PendingOp {
+                reference: r.reference.clone(),
+                snapshots: snapshots.clone(),
+                ..PendingOp::new("manage", &r.backend)
+            }),
             snapshot_id: String::new(),
             snapshot_volume_id: String::new(),
         };
         let name_key = keys::volume_name(&r.project, &r.name);
-        let txn = Txn::new()
+        let mut txn = Txn::new()
             .when(Compare::Absent(name_key.clone().into_bytes()))
             .and_then(TxnOp::put(name_key, id.clone()))
             .and_then(put(&keys::volume(&id), &rec));
-        self.submit_op(&rec, txn, || {
-            ApiError::AlreadyExists(format!(
+        // The snapshots' names are reserved with the volume's.
+        for s in &snapshots {
+            let key = keys::snapshot_name(&r.project, &s.name);
+            txn = txn.when(Compare::Absent(key.clone().into_bytes())).and_then(TxnOp::put(key, s.id.clone()));
+        }
+        let names: Vec<String> = snapshots.iter().map(|s| s.name.clone()).collect();
+        self.submit_op(&rec, txn, || match names.is_empty() {
+            true => ApiError::AlreadyExists(format!(
                 "volume {} already exists in project {}; pick another name",
                 r.name, r.project
-            ))
+            )),
+            false => ApiError::AlreadyExists(format!(
+                "volume {} or one of the snapshot names it would bring ({}) already exists in project {}; pick \
+                 another volume name (the snapshots are named after it), or manage it --without-snapshots",
+                r.name,
+                names.join(", "),
+                r.project
+            )),
         })
         .await
     }
@@ -439,6 +568,11 @@ impl VolumeApi {
                     ctx: ctx(op.op_id.clone(), epoch as u64, format!("volume/{}", rec.id)),
                     reference: op.reference.clone(),
                     volume_id: rec.id.clone(),
+                    snapshots: op
+                        .snapshots
+                        .iter()
+                        .map(|s| apb::AdoptSnapshot { reference: s.reference.clone(), snapshot_id: s.id.clone() })
+                        .collect(),
                 },
                 |mut c, req| async move { c.manage_volume(req).await },
             )
@@ -448,12 +582,13 @@ impl VolumeApi {
                 rec.size_bytes = info.size_bytes as u64;
                 rec.status = volume_status::AVAILABLE.into();
                 rec.pending = None;
-                self.save(VolumeAction::Manage, &rec, at).await?;
-                tracing::info!(volume = %rec.id, reference = %op.reference, "volume managed");
+                self.save_managed(&rec, &op, at).await?;
+                tracing::info!(volume = %rec.id, reference = %op.reference, snapshots = op.snapshots.len(), "volume managed");
                 Ok(rec)
             }
             Err(s) if agent_refused(&s) => {
                 self.forget(VolumeAction::Manage, &rec, at).await?;
+                self.free_snapshot_names(&rec.project, &op.snapshots).await;
                 Err(from_agent(&rec.backend, &format!("manage {}", op.reference), &s))
             }
             Err(s) => {
@@ -492,7 +627,19 @@ impl VolumeApi {
             .await;
         match call {
             Ok(_) => {
-                if !self.forget(VolumeAction::Unmanage, &rec, at).await? {
+                // The backend handed back the snapshots the volume was taken over with
+                // (it refuses while any other holds it): their records go with it.
+                let snaps: Vec<SnapshotRec> = self
+                    .core
+                    .repo
+                    .list::<SnapshotRec>(keys::SNAPSHOTS)
+                    .await?
+                    .into_iter()
+                    .map(|s| s.rec)
+                    .filter(|s| s.backend == rec.backend && s.members.iter().all(|m| m.volume_id == rec.id))
+                    .filter(|s| s.members.len() == 1)
+                    .collect();
+                if !self.forget_with(VolumeAction::Unmanage, &rec, at, &snaps).await? {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 Ok(rec.id)
@@ -581,8 +728,14 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         &self,
         req: Request<pb::ListManageableVolumesRequest>,
     ) -> Result<Response<pb::ListManageableVolumesResponse>, Status> {
-        let volumes = self.list_manageable(&req.into_inner().backend).await?;
-        Ok(Response::new(pb::ListManageableVolumesResponse { volumes }))
+        Ok(Response::new(self.manageable_page(req.get_ref()).await?))
+    }
+
+    async fn list_manageable_snapshots(
+        &self,
+        req: Request<pb::ListManageableVolumesRequest>,
+    ) -> Result<Response<pb::ListManageableSnapshotsResponse>, Status> {
+        Ok(Response::new(self.manageable_snapshots_page(req.get_ref()).await?))
     }
 
     async fn manage_volume(&self, req: Request<pb::ManageVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
@@ -596,4 +749,82 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         let reference = self.unmanage(crate::auth::scoped(req)?).await?;
         Ok(Response::new(pb::UnmanageVolumeResponse { reference }))
     }
+}
+
+/// The most rows a manageable list answers with.
+pub const MAX_MANAGEABLE_PAGE: i32 = 1000;
+
+/// A manageable list's page size and whether it sorts by size.
+fn manageable_paging(r: &pb::ListManageableVolumesRequest) -> ApiResult<(usize, bool)> {
+    let limit = match r.limit {
+        0 => MAX_MANAGEABLE_PAGE,
+        l if (1..=MAX_MANAGEABLE_PAGE).contains(&l) => l,
+        l => {
+            return Err(ApiError::InvalidArgument(format!(
+                "`limit` {l} is out of range; ask for 1 to {MAX_MANAGEABLE_PAGE} rows (0: {MAX_MANAGEABLE_PAGE})"
+            )));
+        }
+    };
+    let by_size = match r.sort.as_str() {
+        "" | "name" => false,
+        "size" => true,
+        other => return Err(ApiError::InvalidArgument(format!("`sort` {other:?} is not known; use name or size"))),
+    };
+    Ok((limit as usize, by_size))
+}
+
+/// The `limit` rows of the sorted `rows` after the one whose key is `marker` (from the
+/// start when it is empty), and the marker of the next page (empty on the last).
+fn page_after<T>(rows: Vec<T>, marker: &str, limit: usize, key: impl Fn(&T) -> String) -> ApiResult<(Vec<T>, String)> {
+    let start = match marker {
+        "" => 0,
+        m => rows.iter().position(|r| key(r) == m).ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "marker {m:?} is not on the backend any more (taken over or deleted since); list again without a marker"
+            ))
+        })? + 1,
+    };
+    let page: Vec<T> = rows.into_iter().skip(start).take(limit + 1).collect();
+    let mut page = page;
+    let next = match page.len() > limit {
+        true => {
+            page.truncate(limit);
+            page.last().map(&key).unwrap_or_default()
+        }
+        false => String::new(),
+    };
+    Ok((page, next))
+}
+
+/// The Drover snapshots a managed volume named `volume` brings: one per snapshot it
+/// carries, named "<volume>.<reference>" (characters a name cannot hold become '_').
+fn adopted_snapshots(volume: &str, m: &pb::ManageableVolume) -> ApiResult<Vec<AdoptedSnapshot>> {
+    let mut out = Vec::new();
+    for s in &m.snapshots {
+        let clean: String =
+            s.reference.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
+        let name = format!("{volume}.{clean}");
+        validate_name("snapshot name", &name).map_err(|e| {
+            ApiError::InvalidArgument(format!(
+                "{e} (made from the volume name and the backend's snapshot {:?}); pick a shorter volume name, or manage \
+                 it --without-snapshots",
+                s.reference
+            ))
+        })?;
+        if out.iter().any(|o: &AdoptedSnapshot| o.name == name) {
+            return Err(ApiError::InvalidArgument(format!(
+                "two of {}'s snapshots would both be named {name}; rename one on the backend, or manage it \
+                 --without-snapshots",
+                m.reference
+            )));
+        }
+        out.push(AdoptedSnapshot {
+            reference: s.reference.clone(),
+            id: uuid::Uuid::now_v7().to_string(),
+            name,
+            size_bytes: s.size_bytes.max(0) as u64,
+            created_at_ms: s.created_at_ms,
+        });
+    }
+    Ok(out)
 }
