@@ -6,11 +6,14 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
+use drover_store::{EtcdStore, KvStore, Prefixed, Txn, TxnOp};
 use drover_tests::cluster::qemu_io;
-use drover_tests::{Cluster, StoreChoice};
+use drover_tests::{Cluster, Etcd, StoreChoice};
 
 const MIB: i64 = 1 << 20;
 
@@ -207,6 +210,212 @@ async fn images_made_outside_drover_are_classified_and_taken_over_with_their_sna
     let again = c.volumes.list_manageable_volumes(listing("backend-b", 0, "", "")).await.unwrap().into_inner();
     let m = again.volumes.iter().find(|m| m.reference == r.reference).expect("listed again");
     assert!(m.safe_to_manage && m.snapshots.len() == 2, "{m:?}");
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+}
+
+fn cli_ok(cluster: &Cluster, args: &[&str]) -> String {
+    let out = cluster.cli(args);
+    assert!(out.status.success(), "drover {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn items(plan: &serde_json::Value) -> HashMap<String, serde_json::Value> {
+    let list = plan["items"].as_array().expect("items");
+    list.iter()
+        .map(|i| {
+            let key = match i["reference"].as_str().unwrap_or_default() {
+                "" => format!("missing:{}", i["name"].as_str().unwrap()),
+                r => r.to_string(),
+            };
+            (key, i.clone())
+        })
+        .collect()
+}
+
+/// After a disaster: site B's pool holds images Drover never managed. The plan
+/// classifies each; the apply adopts exactly the adoptable ones with their snapshots and
+/// puts them in their group; a second apply changes nothing; an image added after a plan
+/// makes its apply refuse.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_the_adoptable() {
+    let etcd = Etcd::start().await;
+    let cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let pool = cluster.path().join("pool-agent-backend-b");
+    let outside_dir = tempfile::tempdir().unwrap();
+
+    // What Drover already knows at B: volume "taken", and group "apps" holding "seed".
+    for name in ["taken", "seed"] {
+        let req = pb::CreateVolumeRequest {
+            name: name.into(),
+            project: "tests".into(),
+            size_bytes: 4 * MIB,
+            backend: "backend-b".into(),
+            ..Default::default()
+        };
+        c.volumes.create_volume(req).await.unwrap();
+    }
+    let req = pb::CreateGroupRequest {
+        name: "apps".into(),
+        project: "tests".into(),
+        group_type: "consistent-replication".into(),
+        backend: "backend-b".into(),
+        volumes: vec!["seed".into()],
+        ..Default::default()
+    };
+    c.groups.create_group(req).await.unwrap();
+    let taken = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { volume: "taken".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    // A record whose image is gone: a copy of taken's under a new id and name.
+    let raw: Arc<dyn KvStore> =
+        Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap());
+    let store = Prefixed::new(raw, cluster.store_prefix().expect("on etcd").to_string());
+    let kv = store.get(format!("volumes/{}", taken.id).as_bytes()).await.unwrap().expect("taken's record");
+    let mut ghost: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+    let ghost_id = uuid::Uuid::now_v7().to_string();
+    ghost["id"] = ghost_id.clone().into();
+    ghost["name"] = "ghost".into();
+    let put = Txn::new()
+        .and_then(TxnOp::put(format!("volumes/{ghost_id}"), serde_json::to_vec(&ghost).unwrap()))
+        .and_then(TxnOp::put("names/volumes/tests/ghost".to_string(), ghost_id.clone()));
+    store.txn(put).await.unwrap();
+
+    let make = |name: &str, size: &str| {
+        let p = pool.join(format!("{name}.qcow2"));
+        run(&["qemu-img", "create", "-q", "-f", "qcow2", img(&p), size]);
+        p
+    };
+    let db = make("app-db", "8M");
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x61 0 1M", img(&db)]);
+    run(&["qemu-img", "snapshot", "-c", "pre-dr", img(&db)]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x62 0 1M", img(&db)]);
+    let web = make("app-web", "4M");
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x63 1M 1M", img(&web)]);
+    make("taken", "4M");
+    make("twin-1", "4M");
+    make("twin-2", "4M");
+    make("stray", "4M");
+    make(&taken.id, "4M");
+    let base = outside_dir.path().join("base.qcow2");
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", img(&base), "4M"]);
+    let out = pool.join("app-out.qcow2");
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", "-b", img(&base), "-F", "qcow2", img(&out)]);
+    let busy = make("app-busy", "4M");
+    let mut writer = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x44 0 64k", "-c", "sleep 600000", img(&busy)])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let held = std::time::Instant::now();
+    while Command::new("qemu-img").args(["info", img(&busy)]).output().unwrap().status.success() {
+        assert!(held.elapsed().as_secs() < 10, "the writer never took its lock");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // A map with a mistake is refused at its line and column.
+    let bad_map = cluster.path().join("bad.yaml");
+    std::fs::write(&bad_map, "rules:\n  - match: \"app-*\"\n    projct: tests\n").unwrap();
+    let out = cluster.cli(&["adopt", "plan", "--backend", "backend-b", "--map", bad_map.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("bad.yaml:3:5") && err.contains("projct"), "{err}");
+
+    let map = cluster.path().join("map.yaml");
+    std::fs::write(
+        &map,
+        "rules:\n  - match: \"app-*\"\n    name: \"prod-{reference}\"\n    group: apps\n  - match: taken\n  \
+         - match: \"twin-*\"\n    name: twin\n",
+    )
+    .unwrap();
+    let plan =
+        cli_ok(&cluster, &["adopt", "plan", "--backend", "backend-b", "--map", map.to_str().unwrap(), "-o", "json"]);
+    let plan: serde_json::Value = serde_json::from_str(&plan).unwrap();
+    let plan_id = plan["id"].as_str().unwrap().to_string();
+    let by = items(&plan);
+    let category = |k: &str| by.get(k).unwrap_or_else(|| panic!("{k} not in the plan: {plan}"))["category"].clone();
+    for (k, want) in [
+        ("app-db", "adoptable"),
+        ("app-web", "adoptable"),
+        ("app-out", "unsafe"),
+        ("app-busy", "unsafe"),
+        ("taken", "duplicate"),
+        ("twin-1", "duplicate"),
+        ("twin-2", "duplicate"),
+        ("stray", "unmatched"),
+        (taken.id.as_str(), "managed"),
+        ("missing:ghost", "missing"),
+    ] {
+        assert_eq!(category(k), want, "{k}: {}", by[k]);
+    }
+    assert_eq!(by.len(), 10, "exactly the images and the ghost: {plan}");
+    assert_eq!(by["app-db"]["name"], "prod-app-db");
+    assert_eq!(by["app-db"]["snapshots"], serde_json::json!(["prod-app-db.pre-dr"]));
+    assert!(by["app-out"]["reason"].as_str().unwrap().contains("outside the pool"));
+    assert!(by["taken"]["reason"].as_str().unwrap().contains("already has a volume taken"));
+    assert_eq!(by["missing:ghost"]["volume_id"], ghost_id.as_str());
+
+    // An image added after a plan makes its apply refuse, and nothing is adopted.
+    let stale =
+        cli_ok(&cluster, &["adopt", "plan", "--backend", "backend-b", "--map", map.to_str().unwrap(), "-o", "json"]);
+    let stale_id = serde_json::from_str::<serde_json::Value>(&stale).unwrap()["id"].as_str().unwrap().to_string();
+    let late = make("late", "4M");
+    let out = cluster.cli(&["adopt", "apply", &stale_id]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("changed since plan") && err.contains("added: late"), "{err}");
+    std::fs::remove_file(&late).unwrap();
+    let missing = c.volumes.get_volume(pb::GetVolumeRequest { volume: "prod-app-db".into(), project: "tests".into() });
+    assert_eq!(missing.await.unwrap_err().code(), tonic::Code::NotFound);
+
+    // The first plan (the late image gone again, so the backend is as it saw it).
+    let applied = cli_ok(&cluster, &["adopt", "apply", &plan_id, "-o", "json"]);
+    let applied: serde_json::Value = serde_json::from_str(&applied).unwrap();
+    let by = items(&applied);
+    for (k, v) in &by {
+        let want = if ["app-db", "app-web"].contains(&k.as_str()) { "adopted" } else { "" };
+        assert_eq!(v["outcome"], want, "{k}: {v}");
+    }
+    let db_vol = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { volume: "prod-app-db".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((db_vol.status.as_str(), db_vol.size_bytes, db_vol.group_id.is_empty()), ("available", 8 * MIB, false));
+    assert_eq!(by["app-db"]["volume_id"], db_vol.id.as_str());
+    let u = uri(&mut c, "prod-app-db").await;
+    io(&u, &["read -P 0x62 0 1M", "read -P 0 1M 7M"]);
+    let u = uri(&mut c, "prod-app-web").await;
+    io(&u, &["read -P 0 0 1M", "read -P 0x63 1M 1M"]);
+    let req = pb::CreateVolumeRequest {
+        name: "db-pre-dr".into(),
+        project: "tests".into(),
+        from_snapshot: "prod-app-db.pre-dr".into(),
+        ..Default::default()
+    };
+    c.volumes.create_volume(req).await.expect("a volume from the adopted snapshot");
+    let u = uri(&mut c, "db-pre-dr").await;
+    io(&u, &["read -P 0x61 0 1M"]);
+    let group = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "apps".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(group.volume_ids.len(), 3, "seed and the two adopted: {group:?}");
+
+    // A second apply of the same plan adopts nothing more and changes no outcome.
+    let before = c.volumes.list_volumes(pb::ListVolumesRequest { project: "tests".into(), ..Default::default() });
+    let before = before.await.unwrap().into_inner().volumes.len();
+    let again = cli_ok(&cluster, &["adopt", "apply", &plan_id, "-o", "json"]);
+    let again: serde_json::Value = serde_json::from_str(&again).unwrap();
+    assert_eq!(items(&again), by, "the second apply changed an outcome");
+    assert_eq!(again["executions"].as_array().unwrap().len(), 2);
+    let after = c.volumes.list_volumes(pb::ListVolumesRequest { project: "tests".into(), ..Default::default() });
+    assert_eq!(after.await.unwrap().into_inner().volumes.len(), before);
     writer.kill().unwrap();
     writer.wait().unwrap();
 }

@@ -60,6 +60,13 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::snapshot::SnapshotCmd,
     },
+    /// After a disaster: plan and apply the adoption of volumes Drover does not manage.
+    Adopt {
+        #[command(flatten)]
+        client: commands::ClientArgs,
+        #[command(subcommand)]
+        cmd: commands::adopt::AdoptCmd,
+    },
     /// Group types.
     #[command(name = "group-type")]
     GroupType {

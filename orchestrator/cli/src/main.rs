@@ -30,6 +30,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Site { client, cmd } => commands::site::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Backend { client, cmd } => commands::backend::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Volume { client, cmd } => commands::volume::run(&mut Ctx::connect(&client).await?, cmd).await,
+        Command::Adopt { client, cmd } => commands::adopt::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Snapshot { client, cmd } => commands::snapshot::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::GroupType { client, cmd } => commands::group_type::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Execution { client, cmd } => commands::execution::run(&mut Ctx::connect(&client).await?, cmd).await,

@@ -1,6 +1,7 @@
 //! Client commands, one module per resource. Each turns its arguments into drover.v1
 //! requests and prints the answers as a table or JSON.
 
+pub mod adopt;
 pub mod backend;
 pub mod certs;
 pub mod execution;

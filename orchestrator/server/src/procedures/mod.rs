@@ -7,11 +7,13 @@
 //! re-reads the record, and when the record no longer carries its op the work is already
 //! done and the step only reports it.
 
+mod adopt;
 mod group;
 mod snapshot;
 mod sync;
 mod volume;
 
+pub use adopt::Adopt;
 pub use group::GroupTransition;
 pub use snapshot::SnapshotTransition;
 pub use sync::SyncNow;
@@ -44,6 +46,8 @@ pub fn register(manager: &Manager, core: &Arc<Core>) {
     );
     let c = core.clone();
     manager.register(sync::KIND, Box::new(move |state| Ok(Box::new(SyncNow::load(c.clone(), state)?) as Box<_>)));
+    let c = core.clone();
+    manager.register(adopt::KIND, Box::new(move |state| Ok(Box::new(Adopt::load(c.clone(), state)?) as Box<_>)));
     manager.register(crate::runbook::run::KIND, crate::runbook::run::loader(core.clone()));
 }
 

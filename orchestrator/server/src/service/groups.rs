@@ -234,7 +234,7 @@ impl GroupApi {
         Ok(rec)
     }
 
-    async fn update(&self, r: pb::UpdateGroupRequest) -> ApiResult<GroupRec> {
+    pub(crate) async fn update(&self, r: pb::UpdateGroupRequest) -> ApiResult<GroupRec> {
         let placement = !r.set_labels.is_empty() || !r.remove_labels.is_empty() || r.tier != 0;
         let membership = !r.add_volumes.is_empty() || !r.remove_volumes.is_empty();
         if placement && membership {

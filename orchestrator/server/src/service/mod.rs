@@ -1,5 +1,6 @@
 //! The drover.v1 services. Each holds the shared [`Core`].
 
+pub mod adoption;
 pub mod cluster;
 pub mod executions;
 pub mod groups;

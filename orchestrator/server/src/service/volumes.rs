@@ -401,7 +401,7 @@ impl VolumeApi {
         }
     }
 
-    async fn list_manageable(&self, backend: &str) -> ApiResult<Vec<pb::ManageableVolume>> {
+    pub(crate) async fn list_manageable(&self, backend: &str) -> ApiResult<Vec<pb::ManageableVolume>> {
         validate_name("backend", backend)?;
         self.core.repo.get::<BackendRec>(&keys::backend(backend)).await?.ok_or_else(|| {
             ApiError::NotFound(format!("backend {backend:?} not found; list backends with `drover backend list`"))
@@ -470,7 +470,7 @@ impl VolumeApi {
         Ok(pb::ListManageableSnapshotsResponse { snapshots, next_marker })
     }
 
-    async fn manage(&self, r: pb::ManageVolumeRequest) -> ApiResult<VolumeRec> {
+    pub(crate) async fn manage(&self, r: pb::ManageVolumeRequest) -> ApiResult<VolumeRec> {
         crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
         if r.reference.trim().is_empty() {
@@ -736,6 +736,25 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         req: Request<pb::ListManageableVolumesRequest>,
     ) -> Result<Response<pb::ListManageableSnapshotsResponse>, Status> {
         Ok(Response::new(self.manageable_snapshots_page(req.get_ref()).await?))
+    }
+
+    async fn plan_adoption(&self, req: Request<pb::PlanAdoptionRequest>) -> Result<Response<pb::AdoptionPlan>, Status> {
+        Ok(Response::new(VolumeApi::plan_adoption(self, req.get_ref()).await?))
+    }
+
+    async fn get_adoption_plan(
+        &self,
+        req: Request<pb::GetAdoptionPlanRequest>,
+    ) -> Result<Response<pb::AdoptionPlan>, Status> {
+        Ok(Response::new(self.adoption_plan(&req.get_ref().plan_id).await?.plan))
+    }
+
+    async fn apply_adoption(
+        &self,
+        req: Request<pb::GetAdoptionPlanRequest>,
+    ) -> Result<Response<pb::Execution>, Status> {
+        let rec = VolumeApi::apply_adoption(self, &req.get_ref().plan_id).await?;
+        Ok(Response::new(super::executions::to_pb(rec)))
     }
 
     async fn manage_volume(&self, req: Request<pb::ManageVolumeRequest>) -> Result<Response<pb::Volume>, Status> {
