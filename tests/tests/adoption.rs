@@ -419,3 +419,75 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
     writer.kill().unwrap();
     writer.wait().unwrap();
 }
+
+/// The shipped adopt-after-dr runbook: the plan is there to read at the prompt; once
+/// approved, the adoptable image is taken over with its snapshot, and the report lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_adopt_after_dr_runbook_plans_waits_for_approval_and_adopts() {
+    let cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let pool = cluster.path().join("pool-agent-backend-b");
+    let one = pool.join("restored.qcow2");
+    run(&["qemu-img", "create", "-q", "-f", "qcow2", img(&one), "4M"]);
+    run(&["qemu-io", "-f", "qcow2", "-c", "write -P 0x71 0 1M", img(&one)]);
+    run(&["qemu-img", "snapshot", "-c", "last-good", img(&one)]);
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks/adopt-after-dr.yaml");
+    let req = pb::RunbookRequest {
+        file_name: path.display().to_string(),
+        text: std::fs::read_to_string(&path).unwrap(),
+        params: [("backend", "backend-b"), ("project", "tests")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let e = c.runbooks.run_runbook(req).await.unwrap().into_inner();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let waiting = loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if now.step == "prompt:review" {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline && now.status == "running", "never reached the prompt: {now:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Nothing is adopted before the approval; the plan is in the first step's items.
+    let state: serde_json::Value = serde_json::from_str(&waiting.state_json).unwrap();
+    let items = state["steps"][0]["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!((items[0]["target"].as_str(), items[0]["status"].as_str()), (Some("restored"), Some("pending")));
+    let none = c.volumes.get_volume(pb::GetVolumeRequest { volume: "restored".into(), project: "tests".into() });
+    assert_eq!(none.await.unwrap_err().code(), tonic::Code::NotFound);
+    let decide = pb::DecidePromptRequest { id: e.id.clone(), approve: true, by: "tester".into(), ..Default::default() };
+    c.executions.decide_prompt(decide).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let done = loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if now.status != "running" {
+            break now;
+        }
+        assert!(std::time::Instant::now() < deadline, "still running at {}", now.step);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(done.status, "succeeded", "{}", done.error);
+    let u = uri(&mut c, "restored").await;
+    io(&u, &["read -P 0x71 0 1M"]);
+    let snaps = c
+        .snapshots
+        .list_snapshots(pb::ListSnapshotsRequest {
+            project: "tests".into(),
+            volume: "restored".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snaps.snapshots.iter().map(|s| s.name.as_str()).collect::<Vec<_>>(), ["restored.last-good"]);
+    let md = c
+        .executions
+        .get_execution_report(pb::GetExecutionReportRequest { id: e.id.clone(), format: "md".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    assert!(md.contains("restored") && md.contains("succeeded"), "{md}");
+}

@@ -84,6 +84,18 @@ pub struct RunState {
     /// empty when an admin ran it.
     #[serde(default)]
     pub project: String,
+    /// Adoption plans made by adopt-plan steps, and the executions applying them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adoptions: Vec<AdoptionRec>,
+}
+
+/// An adoption plan a run made, and the execution that applies it (once submitted).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdoptionRec {
+    pub step: String,
+    pub plan_id: String,
+    #[serde(default)]
+    pub execution_id: String,
 }
 
 /// A runbook run.
@@ -120,6 +132,7 @@ impl RunbookRun {
             clones: Vec::new(),
             failing: None,
             project: String::new(),
+            adoptions: Vec::new(),
         };
         Self { core, state }
     }

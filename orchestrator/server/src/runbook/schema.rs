@@ -62,6 +62,8 @@ pub enum Step {
     TestClone(kinds::TestClone),
     TestCleanup(kinds::TestCleanup),
     Exec(kinds::Exec),
+    AdoptPlan(kinds::AdoptPlan),
+    AdoptApply(kinds::AdoptApply),
 }
 
 /// Which groups a step acts on; every given field must match.
@@ -148,6 +150,8 @@ impl Step {
             Step::TestClone(s) => s,
             Step::TestCleanup(s) => s,
             Step::Exec(s) => s,
+            Step::AdoptPlan(s) => s,
+            Step::AdoptApply(s) => s,
         }
     }
 

@@ -3,6 +3,7 @@
 //! and what one round of it does in a run. Adding a kind is adding its type here and
 //! one line naming it in `schema::Step` (and in `Step::as_kind`).
 
+mod adopt;
 mod backends;
 mod checks;
 mod exec;
@@ -13,6 +14,7 @@ mod testing;
 use async_trait::async_trait;
 use drover_procedure::{Context, ProcedureError, Status};
 
+pub use adopt::{AdoptApply, AdoptPlan};
 pub use backends::{Freeze, Thaw};
 pub use checks::{Verify, Wait, WaitUntil};
 pub use exec::Exec;
