@@ -491,3 +491,111 @@ async fn the_adopt_after_dr_runbook_plans_waits_for_approval_and_adopts() {
         .text;
     assert!(md.contains("restored") && md.contains("succeeded"), "{md}");
 }
+
+/// An apply outlives its caller and the orchestrator: the CLI that asked is killed at
+/// once, the orchestrator is SIGKILLed after a random number of adoptions, and the
+/// resumed apply adopts every image exactly once (the mock agent's op log has one manage
+/// per image, each under its own op_id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_image_once() {
+    const IMAGES: usize = 8;
+    let mut extra: Vec<String> =
+        ["--set", "mock.latency=300ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"].map(String::from).into();
+    for i in 0..IMAGES {
+        extra.extend(["--set".to_string(), format!("mock.unmanaged.img-{i}={}", 4 * MIB)]);
+    }
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &extra).await;
+    let mut c = cluster.clients().await;
+    let plan = c
+        .volumes
+        .plan_adoption(pb::PlanAdoptionRequest {
+            backend: "backend-b".into(),
+            project: "tests".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(plan.items.iter().filter(|i| i.category == "adoptable").count(), IMAGES, "{plan:?}");
+
+    // The caller leaves at once.
+    let mut caller = Command::new(&cluster.bin)
+        .args(["adopt", "apply", &plan.id, "--endpoint", &cluster.orchestrator.endpoint, "--project", "tests"])
+        .env("DROVER_TOKEN_FILE", drover_tests::cluster::token_file(cluster.path()))
+        .env("DROVER_CA_FILE", cluster.path().join("certs").join("ca.pem"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |c: &mut Clients| {
+        let mut c = c.clone();
+        let id = plan.id.clone();
+        async move { c.volumes.get_adoption_plan(pb::GetAdoptionPlanRequest { plan_id: id }).await.unwrap().into_inner() }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while get(&mut c).await.executions.is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the apply never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    caller.kill().unwrap();
+    caller.wait().unwrap();
+
+    // The orchestrator dies after 1 to IMAGES - 2 adoptions.
+    let kill_after = 1
+        + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize
+            % (IMAGES - 2));
+    eprintln!("killing the orchestrator after {kill_after} adoption(s)");
+    let adopted = |p: &pb::AdoptionPlan| p.items.iter().filter(|i| i.outcome == "adopted").count();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while adopted(&get(&mut c).await) < kill_after {
+        assert!(std::time::Instant::now() < deadline, "adoptions stalled before the kill");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.restart_orchestrator().await;
+    let mut c = cluster.clients().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let done = loop {
+        let p = get(&mut c).await;
+        if adopted(&p) == IMAGES {
+            break p;
+        }
+        assert!(std::time::Instant::now() < deadline, "not every image adopted after the restart: {p:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(done.executions.len(), 1, "one apply, resumed: {:?}", done.executions);
+    let e = loop {
+        let e = c
+            .executions
+            .get_execution(pb::GetExecutionRequest { id: done.executions[0].clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(e.status, "succeeded", "{}", e.error);
+    let vols = c.volumes.list_volumes(pb::ListVolumesRequest { project: "tests".into(), ..Default::default() });
+    let vols = vols.await.unwrap().into_inner().volumes;
+    let mut names: Vec<&str> = vols.iter().map(|v| v.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, (0..IMAGES).map(|i| format!("img-{i}")).collect::<Vec<_>>(), "each image once, nothing else");
+    assert!(vols.iter().all(|v| v.status == "available"), "{vols:?}");
+
+    // The agent's op log: exactly one manage per image, no op_id twice.
+    let log = std::fs::read_to_string(cluster.path().join("oplog-backend-b.jsonl")).unwrap();
+    let manages: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["op"] == "manage_volume")
+        .collect();
+    let mut targets: Vec<&str> = manages.iter().map(|e| e["target"].as_str().unwrap()).collect();
+    targets.sort_unstable();
+    assert_eq!(targets, (0..IMAGES).map(|i| format!("img-{i}")).collect::<Vec<_>>(), "one manage per image");
+    let mut ops: Vec<&str> = manages.iter().map(|e| e["op_id"].as_str().unwrap()).collect();
+    ops.sort_unstable();
+    ops.dedup();
+    assert_eq!(ops.len(), IMAGES, "no op_id ran twice");
+}
