@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["drover/v1/drover.proto", "drover/agent/v1/agent.proto"];
+    let files = ["drover/v1/drover.proto", "drover/agent/v1/agent.proto", "drover/compute/v1/compute.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }
@@ -17,6 +17,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // The CLI prints user-API messages as JSON.
         // Procedures keep results as JSON, and read them back.
         .type_attribute(".drover.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
+        // Webhooks and commands get the compute calls as JSON.
+        .type_attribute(".drover.compute.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
         .compile_fds(descriptors)?;
     Ok(())
 }

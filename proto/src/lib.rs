@@ -18,6 +18,14 @@ pub mod agent {
     }
 }
 
+/// The compute side of a site (`drover.compute.v1`).
+pub mod compute {
+    /// Drover to a site's compute service.
+    pub mod v1 {
+        tonic::include_proto!("drover.compute.v1");
+    }
+}
+
 pub mod metrics;
 pub mod reflection;
 pub mod tls;

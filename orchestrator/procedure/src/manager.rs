@@ -79,6 +79,8 @@ pub struct Manager {
     wake: tokio::sync::Notify,
     /// Called with each execution this orchestrator ends (see [`Manager::on_end`]).
     ended: RwLock<Option<EndHook>>,
+    /// Called with each execution submitted here (see [`Manager::on_start`]).
+    started: RwLock<Option<EndHook>>,
 }
 
 /// What [`Manager::on_end`] calls.
@@ -134,6 +136,7 @@ impl Manager {
             member: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             ended: RwLock::new(None),
+            started: RwLock::new(None),
         })
     }
 
@@ -494,6 +497,9 @@ impl Manager {
             }
         }
         tracing::info!(execution = %id, kind = %rec.kind, summary = %rec.summary, epoch, "execution submitted");
+        if let Some(hook) = self.started.read().expect("start hook").clone() {
+            hook(&rec);
+        }
         // Run it here at once. Should the lease lapse meanwhile, the claim goes with it:
         // this run's first write is refused and recovery (here or elsewhere) runs it.
         self.spawn_run(id.clone(), proc, epoch, &rec);
@@ -939,6 +945,12 @@ impl Manager {
                 hook(&rec);
             }
         }
+    }
+
+    /// Calls `hook` with every execution submitted to this orchestrator, right after its
+    /// submit is stored (once per execution; children included).
+    pub fn on_start(&self, hook: EndHook) {
+        *self.started.write().expect("start hook") = Some(hook);
     }
 
     /// Calls `hook` with every execution this orchestrator ends, right after its end is

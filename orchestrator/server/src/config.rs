@@ -136,6 +136,9 @@ pub struct OrchestratorConfig {
     /// Serve the web dashboard on this address (plain HTTP; loopback only when TLS is
     /// configured); empty: off.
     pub dashboard_listen: String,
+    /// How each site's compute side is reached, by site name (`[compute.site-a]`):
+    /// docs/compute.md.
+    pub compute: BTreeMap<String, crate::compute::ComputeSite>,
 }
 
 /// API tokens and the audit trail.
@@ -193,6 +196,7 @@ impl Default for OrchestratorConfig {
             insecure: false,
             metrics_listen: String::new(),
             dashboard_listen: String::new(),
+            compute: BTreeMap::new(),
         }
     }
 }
@@ -267,6 +271,9 @@ impl OrchestratorConfig {
             return Err(ConfigError::Invalid(
                 "`auth.tenant_mutations_per_second` and `auth.tenant_mutation_burst` must be at least 1".into(),
             ));
+        }
+        for (site, c) in &self.compute {
+            c.validate(site).map_err(ConfigError::Invalid)?;
         }
         if self.volume_parallelism == 0 {
             return Err(ConfigError::Invalid("`volume_parallelism` must be at least 1".into()));

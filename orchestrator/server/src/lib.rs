@@ -6,6 +6,7 @@
 
 pub mod agents;
 pub mod auth;
+pub mod compute;
 pub mod config;
 pub mod dashboard;
 pub mod error;
@@ -97,7 +98,16 @@ pub async fn serve(
             let labels = metrics::ExecEnd { kind: rec.kind.clone(), status: rec.status.as_str().to_string() };
             let seconds = (rec.updated_ms - rec.created_ms).max(0) as f64 / 1000.0;
             core.metrics.execution_seconds.get_or_create(&labels).observe(seconds);
+            core.hooks.notify_execution("execution.finished", rec, report_link(&core.config, &rec.id));
             service::messages::execution_ended(&core, rec)
+        })
+    });
+    // The compute sides hear when an execution starts, from the orchestrator it was
+    // submitted to.
+    manager.on_start({
+        let core = core.clone();
+        Arc::new(move |rec: &drover_procedure::ExecutionRec| {
+            core.hooks.notify_execution("execution.started", rec, report_link(&core.config, &rec.id))
         })
     });
     manager.announce(serde_json::json!({
@@ -261,4 +271,13 @@ pub async fn serve(
     let handle = tokio::spawn(router.serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()));
 
     Ok(RunningOrchestrator { local_addr, handle })
+}
+
+/// Where a person reads an execution's report: the dashboard's page when it is served,
+/// else the command that prints it.
+fn report_link(config: &config::OrchestratorConfig, id: &str) -> String {
+    match config.dashboard_listen.is_empty() {
+        true => format!("drover execution report {id}"),
+        false => format!("http://{}/executions/{id}", config.dashboard_listen),
+    }
 }

@@ -64,6 +64,7 @@ pub enum Step {
     Exec(kinds::Exec),
     AdoptPlan(kinds::AdoptPlan),
     AdoptApply(kinds::AdoptApply),
+    Notify(kinds::Notify),
 }
 
 /// Which groups a step acts on; every given field must match.
@@ -152,6 +153,7 @@ impl Step {
             Step::Exec(s) => s,
             Step::AdoptPlan(s) => s,
             Step::AdoptApply(s) => s,
+            Step::Notify(s) => s,
         }
     }
 

@@ -29,12 +29,22 @@ pub struct Core {
     pub procedures: Arc<drover_procedure::Manager>,
     pub config: OrchestratorConfig,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The sites' compute sides.
+    pub hooks: crate::compute::Hooks,
 }
 
 impl Core {
     pub fn new(repo: Repo, config: OrchestratorConfig, procedures: Arc<drover_procedure::Manager>) -> Arc<Self> {
         let metrics = crate::metrics::Metrics::new();
         let repo = repo.with_metrics(metrics.clone());
-        Arc::new(Self { agents: AgentPool::new(repo.clone(), config.clone()), repo, procedures, config, metrics })
+        let hooks = crate::compute::Hooks::new(config.compute.clone(), config.tls_files().cloned());
+        Arc::new(Self {
+            agents: AgentPool::new(repo.clone(), config.clone()),
+            repo,
+            procedures,
+            config,
+            metrics,
+            hooks,
+        })
     }
 }

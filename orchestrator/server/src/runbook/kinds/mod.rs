@@ -8,6 +8,7 @@ mod backends;
 mod checks;
 mod exec;
 mod moves;
+mod notify;
 mod prompt;
 mod testing;
 
@@ -19,6 +20,7 @@ pub use backends::{Freeze, Thaw};
 pub use checks::{Verify, Wait, WaitUntil};
 pub use exec::Exec;
 pub use moves::{Failback, Failover, SyncNow};
+pub use notify::Notify;
 pub use prompt::Prompt;
 pub use testing::{TestCleanup, TestClone};
 
