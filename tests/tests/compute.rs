@@ -147,8 +147,8 @@ async fn webhook_calls_are_signed_announced_once_and_retried_only_on_server_erro
         assert!(Instant::now() < deadline, "the runbook never ended");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert_eq!(run.status, "succeeded", "{}", run.error);
     let state: serde_json::Value = serde_json::from_str(&run.state_json).unwrap();
+    assert_eq!(run.status, "succeeded", "{}: {state}", run.error);
     assert_eq!(state["steps"][0]["items"][0]["status"], "succeeded");
     assert_eq!(state["steps"][1]["status"], "failed");
     assert!(state["steps"][1]["items"][0]["reason"].as_str().unwrap().contains("400"), "{state}");
@@ -196,4 +196,220 @@ async fn webhook_calls_are_signed_announced_once_and_retried_only_on_server_erro
     let finished = &deliveries[&(e.id.clone(), "execution.finished".to_string())][0].body["request"];
     assert_eq!((finished["status"].as_str(), finished["kind"].as_str()), (Some("succeeded"), Some("runbook")));
     assert!(finished["report"].as_str().unwrap().contains(&e.id));
+}
+
+/// A reference compute service of one site, as a process; its address and state dir.
+struct ComputeSide {
+    proc: std::process::Child,
+    addr: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for ComputeSide {
+    fn drop(&mut self) {
+        let _ = self.proc.kill();
+        let _ = self.proc.wait();
+    }
+}
+
+fn start_compute(bin: &std::path::Path, site: &str, instances: &std::path::Path, dir: &std::path::Path) -> ComputeSide {
+    use std::io::BufRead;
+    let state = dir.join(format!("compute-{site}"));
+    let mut proc = std::process::Command::new(bin)
+        .args(["compute", "--site", site, "--listen", "127.0.0.1:0", "--interval", "5ms"])
+        .arg("--instances")
+        .arg(instances)
+        .arg("--state-dir")
+        .arg(&state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.join(format!("compute-{site}.log"))).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(proc.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    assert!(addr.starts_with("http://"), "compute service said {line:?}");
+    ComputeSide { proc, addr, dir: state }
+}
+
+fn check_log(bin: &std::path::Path, id: &str, uris: &[String], acked: &std::path::Path) -> String {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.args(["compute", "check", "--instance", id, "--acked-file"]).arg(acked);
+    for u in uris {
+        cmd.args(["--uri", u]);
+    }
+    let out = cmd.output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "compute check {id}: {said}");
+    said
+}
+
+/// A planned site failover with the reference compute at both sites, on the qemu
+/// backend: three instances writing verifiable logs to two groups' volumes at site A are
+/// stopped before the final sync, the groups move, the instances get the replicas'
+/// connection info and start at site B tier by tier, and `drover compute check` at B
+/// finds every record they acknowledged at A (and at B), an exact prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_logs_hold() {
+    use drover_proto::compute::v1 as cpb;
+    let work = tempfile::tempdir().unwrap();
+    let instances = work.path().join("instances.yaml");
+    std::fs::write(&instances, "instances: []\n").unwrap();
+    let bin = drover_tests::cluster::locate_drover().unwrap();
+    let a = start_compute(&bin, "site-a", &instances, work.path());
+    let b = start_compute(&bin, "site-b", &instances, work.path());
+    let (ea, eb) = (format!("compute.site-a.endpoint={}", a.addr), format!("compute.site-b.endpoint={}", b.addr));
+    let orch = ["--set", "compute.site-a.kind=grpc", "--set", &ea, "--set", "compute.site-b.kind=grpc", "--set", &eb];
+    let cluster = Cluster::start_custom(StoreChoice::Embedded, "qemu", &[], &orch).await;
+    let mut c = cluster.clients().await;
+
+    // Two groups at site A, tiers 1 and 2, replicated to backend-b.
+    let mut vols: HashMap<String, Vec<String>> = HashMap::new();
+    for (group, tier) in [("g1", 1u32), ("g2", 2)] {
+        let mut ids = Vec::new();
+        for i in 0..2 {
+            let v = c
+                .volumes
+                .create_volume(pb::CreateVolumeRequest {
+                    name: format!("{group}-v{i}"),
+                    project: "tests".into(),
+                    size_bytes: 16 << 20,
+                    backend: "backend-a".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            ids.push(v.id);
+        }
+        let req = pb::CreateGroupRequest {
+            name: group.into(),
+            project: "tests".into(),
+            group_type: "consistent-replication".into(),
+            backend: "backend-a".into(),
+            volumes: ids.clone(),
+            ..Default::default()
+        };
+        c.groups.create_group(req).await.unwrap();
+        let tier_req =
+            pb::UpdateGroupRequest { group: group.into(), project: "tests".into(), tier, ..Default::default() };
+        c.groups.update_group(tier_req).await.unwrap();
+        let enable = pb::EnableReplicationRequest {
+            group: group.into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 2,
+            no_wait: false,
+        };
+        c.replication.enable_replication(enable).await.unwrap();
+        vols.insert(group.into(), ids);
+    }
+    let layout = [("i1", vec![vols["g1"][0].clone()]), ("i2", vec![vols["g1"][1].clone()]), ("i3", vols["g2"].clone())];
+    let mut yaml = String::from("instances:\n");
+    for (id, v) in &layout {
+        yaml.push_str(&format!("  - id: {id}\n    project: tests\n    volume_ids: [{}]\n", v.join(", ")));
+    }
+    std::fs::write(&instances, yaml).unwrap();
+
+    // The instances start at site A on the primaries.
+    let mut at_a = cpb::compute_hook_client::ComputeHookClient::connect(a.addr.clone()).await.unwrap();
+    let mut attachments = Vec::new();
+    for v in layout.iter().flat_map(|(_, v)| v.iter()) {
+        let r = c
+            .volumes
+            .attach_volume(pb::AttachVolumeRequest { volume: v.clone(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        attachments.push(cpb::Attachment {
+            volume_id: v.clone(),
+            driver_volume_type: r.driver_volume_type,
+            uri: r.uri,
+        });
+    }
+    let ids: Vec<String> = layout.iter().map(|(i, _)| i.to_string()).collect();
+    let refresh = cpb::RefreshRequest { op_id: "at-a".into(), instance_ids: ids.clone(), attachments };
+    let r = at_a.refresh_attachments(refresh).await.unwrap().into_inner();
+    assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
+    let start = cpb::InstancesRequest { op_id: "start-a".into(), instance_ids: ids.clone(), deadline_ms: 0 };
+    let r = at_a.start(start).await.unwrap().into_inner();
+    assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
+    let acked = |side: &ComputeSide, id: &str| -> Option<u64> {
+        std::fs::read_to_string(side.dir.join(format!("{id}.ack"))).ok()?.trim().parse().ok()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids.iter().any(|i| acked(&a, i).is_none_or(|n| n < 50)) {
+        assert!(Instant::now() < deadline, "the instances did not write at site A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The planned site failover, with the compute steps.
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
+    let req = pb::RunbookRequest {
+        file_name: path.display().to_string(),
+        text: std::fs::read_to_string(&path).unwrap(),
+        params: [("site", "site-a"), ("target_site", "site-b")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    };
+    let e = c.runbooks.run_runbook(req).await.unwrap().into_inner();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if now.status != "running" {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the site failover is still at {}", now.step);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let state: serde_json::Value = serde_json::from_str(&run.state_json).unwrap();
+    if run.status != "succeeded" {
+        let log = std::fs::read_to_string(work.path().join("compute-site-a.log")).unwrap_or_default();
+        panic!("{}: {state}\ncompute at site A:\n{log}", run.error);
+    }
+    let step = |name: &str| state["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone();
+    for name in ["stop-instances", "point-instances", "start-instances"] {
+        let s = step(name);
+        let items = s["items"].as_array().unwrap();
+        assert_eq!(items.len(), 3, "{name}: {s}");
+        assert!(items.iter().all(|i| i["status"] == "succeeded"), "{name}: {s}");
+    }
+    // Tier 1's instances started before tier 2's.
+    let started: Vec<(u64, String)> = step("start-instances")["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| (i["tier"].as_u64().unwrap_or(0), i["target"].as_str().unwrap().to_string()))
+        .collect();
+    assert_eq!(started, [(1, "i1".to_string()), (1, "i2".into()), (2, "i3".into())]);
+    let stopped_at_a: HashMap<String, u64> = ids.iter().map(|i| (i.clone(), acked(&a, i).unwrap())).collect();
+
+    // At site B they write on (their logs continue), then are stopped for the check.
+    let mut at_b = cpb::compute_hook_client::ComputeHookClient::connect(b.addr.clone()).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids.iter().any(|i| acked(&b, i).is_none_or(|n| n < stopped_at_a[i] + 20)) {
+        assert!(Instant::now() < deadline, "the instances did not write on at site B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stop = cpb::InstancesRequest { op_id: "stop-b".into(), instance_ids: ids.clone(), deadline_ms: 10_000 };
+    let r = at_b.stop(stop).await.unwrap().into_inner();
+    assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
+    for (id, v) in &layout {
+        let mut uris = Vec::new();
+        for vol in v {
+            let r = c
+                .volumes
+                .attach_volume(pb::AttachVolumeRequest { volume: vol.clone(), project: "tests".into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.backend, "backend-b");
+            uris.push(r.uri);
+        }
+        // Every record acknowledged at A, and every one acknowledged at B, is there.
+        check_log(&bin, id, &uris, &a.dir.join(format!("{id}.ack")));
+        let said = check_log(&bin, id, &uris, &b.dir.join(format!("{id}.ack")));
+        assert!(said.contains("exact prefix"), "{said}");
+    }
 }

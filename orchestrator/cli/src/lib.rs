@@ -4,6 +4,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod compute;
 pub mod drill;
 pub mod output;
 pub mod progress;
@@ -60,6 +61,9 @@ pub enum Command {
         #[command(subcommand)]
         cmd: commands::snapshot::SnapshotCmd,
     },
+    /// The reference compute service of a site (`drover compute --site S`), and the check
+    /// of its instances' logs (`drover compute check`): docs/compute.md.
+    Compute(compute::ComputeArgs),
     /// After a disaster: plan and apply the adoption of volumes Drover does not manage.
     Adopt {
         #[command(flatten)]

@@ -30,6 +30,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Site { client, cmd } => commands::site::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Backend { client, cmd } => commands::backend::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Volume { client, cmd } => commands::volume::run(&mut Ctx::connect(&client).await?, cmd).await,
+        Command::Compute(a) => {
+            if a.cmd.is_none() {
+                init_logging("info", format);
+            }
+            drover_cli::compute::run(a).await
+        }
         Command::Adopt { client, cmd } => commands::adopt::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::Snapshot { client, cmd } => commands::snapshot::run(&mut Ctx::connect(&client).await?, cmd).await,
         Command::GroupType { client, cmd } => commands::group_type::run(&mut Ctx::connect(&client).await?, cmd).await,
@@ -50,6 +56,7 @@ async fn main() -> ExitCode {
     let serving = match &cli.command {
         Command::Orchestrator(a) => a.cmd.is_none(),
         Command::Agent(_) | Command::Drill(_) => true,
+        Command::Compute(a) => a.cmd.is_none(),
         _ => false,
     };
     if !serving {

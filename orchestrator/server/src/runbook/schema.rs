@@ -65,6 +65,16 @@ pub enum Step {
     AdoptPlan(kinds::AdoptPlan),
     AdoptApply(kinds::AdoptApply),
     Notify(kinds::Notify),
+    #[serde(rename = "compute.stop")]
+    ComputeStop(kinds::ComputeStop),
+    #[serde(rename = "compute.quiesce")]
+    ComputeQuiesce(kinds::ComputeQuiesce),
+    #[serde(rename = "compute.unquiesce")]
+    ComputeUnquiesce(kinds::ComputeUnquiesce),
+    #[serde(rename = "compute.refresh")]
+    ComputeRefresh(kinds::ComputeRefresh),
+    #[serde(rename = "compute.start")]
+    ComputeStart(kinds::ComputeStart),
 }
 
 /// Which groups a step acts on; every given field must match.
@@ -154,6 +164,11 @@ impl Step {
             Step::AdoptPlan(s) => s,
             Step::AdoptApply(s) => s,
             Step::Notify(s) => s,
+            Step::ComputeStop(s) => s,
+            Step::ComputeQuiesce(s) => s,
+            Step::ComputeUnquiesce(s) => s,
+            Step::ComputeRefresh(s) => s,
+            Step::ComputeStart(s) => s,
         }
     }
 

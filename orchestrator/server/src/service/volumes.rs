@@ -116,6 +116,30 @@ impl VolumeApi {
         Ok(self.core.repo.txn(txn).await?.succeeded)
     }
 
+    /// Where to attach a volume now (its active backend's connection info).
+    pub(crate) async fn attach(&self, volume: &str, project: &str) -> ApiResult<pb::AttachVolumeResponse> {
+        let v = self.core.repo.volume(volume, project).await?;
+        if v.rec.status != volume_status::AVAILABLE {
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} is {}; only an available volume can be attached",
+                v.rec.name, v.rec.status
+            )));
+        }
+        let backend = v.rec.active_backend.clone();
+        let op_id = uuid::Uuid::now_v7().to_string();
+        let req = apb::AttachVolumeRequest {
+            ctx: ctx(op_id, v.rev as u64, format!("volume/{}", v.rec.id)),
+            volume_id: v.rec.id.clone(),
+        };
+        let conn = self
+            .core
+            .agents
+            .mutate(&backend, Deadline::Call, req.clone(), |mut c, req| async move { c.attach_volume(req).await })
+            .await
+            .map_err(|s| from_agent(&backend, &format!("attach volume {}", v.rec.name), &s))?;
+        Ok(pb::AttachVolumeResponse { backend, driver_volume_type: conn.driver_volume_type, uri: conn.uri })
+    }
+
     /// Writes a managed volume and the snapshots it brought, in one transaction.
     async fn save_managed(&self, rec: &VolumeRec, op: &PendingOp, at: &Expect) -> ApiResult<i64> {
         verify_volume_end(VolumeAction::Manage, Some(&rec.status))?;
@@ -697,31 +721,7 @@ impl pb::volume_service_server::VolumeService for VolumeApi {
         req: Request<pb::AttachVolumeRequest>,
     ) -> Result<Response<pb::AttachVolumeResponse>, Status> {
         let r = crate::auth::scoped(req)?;
-        let v = self.core.repo.volume(&r.volume, &r.project).await?;
-        if v.rec.status != volume_status::AVAILABLE {
-            return Err(ApiError::FailedPrecondition(format!(
-                "volume {} is {}; only an available volume can be attached",
-                v.rec.name, v.rec.status
-            ))
-            .into());
-        }
-        let backend = v.rec.active_backend.clone();
-        let op_id = uuid::Uuid::now_v7().to_string();
-        let req = apb::AttachVolumeRequest {
-            ctx: ctx(op_id, v.rev as u64, format!("volume/{}", v.rec.id)),
-            volume_id: v.rec.id.clone(),
-        };
-        let conn = self
-            .core
-            .agents
-            .mutate(&backend, Deadline::Call, req.clone(), |mut c, req| async move { c.attach_volume(req).await })
-            .await
-            .map_err(|s| from_agent(&backend, &format!("attach volume {}", v.rec.name), &s))?;
-        Ok(Response::new(pb::AttachVolumeResponse {
-            backend,
-            driver_volume_type: conn.driver_volume_type,
-            uri: conn.uri,
-        }))
+        Ok(Response::new(self.attach(&r.volume, &r.project).await?))
     }
 
     async fn list_manageable_volumes(

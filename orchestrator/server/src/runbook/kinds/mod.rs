@@ -6,6 +6,7 @@
 mod adopt;
 mod backends;
 mod checks;
+mod compute;
 mod exec;
 mod moves;
 mod notify;
@@ -18,6 +19,7 @@ use drover_procedure::{Context, ProcedureError, Status};
 pub use adopt::{AdoptApply, AdoptPlan};
 pub use backends::{Freeze, Thaw};
 pub use checks::{Verify, Wait, WaitUntil};
+pub use compute::{ComputeQuiesce, ComputeRefresh, ComputeStart, ComputeStop, ComputeUnquiesce};
 pub use exec::Exec;
 pub use moves::{Failback, Failover, SyncNow};
 pub use notify::Notify;
