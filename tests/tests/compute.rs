@@ -209,6 +209,9 @@ impl Drop for ComputeSide {
     fn drop(&mut self) {
         let _ = self.proc.kill();
         let _ = self.proc.wait();
+        // Its instances too (a killed service leaves them): their command lines name
+        // this state directory.
+        let _ = std::process::Command::new("pkill").args(["-9", "-f", &self.dir.display().to_string()]).status();
     }
 }
 
@@ -244,13 +247,25 @@ fn check_log(bin: &std::path::Path, id: &str, uris: &[String], acked: &std::path
     said
 }
 
-/// A planned site failover with the reference compute at both sites, on the qemu
-/// backend: three instances writing verifiable logs to two groups' volumes at site A are
-/// stopped before the final sync, the groups move, the instances get the replicas'
-/// connection info and start at site B tier by tier, and `drover compute check` at B
-/// finds every record they acknowledged at A (and at B), an exact prefix.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_logs_hold() {
+/// Two sites with reference compute services, two groups at site A (tiers 1 and 2)
+/// replicated to backend-b, and three instances writing at site A (at least 50 records
+/// each).
+struct Stage {
+    work: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    a: ComputeSide,
+    b: ComputeSide,
+    cluster: Cluster,
+    c: drover_cli::client::Clients,
+    layout: Vec<(&'static str, Vec<String>)>,
+    ids: Vec<String>,
+}
+
+fn acked(side: &ComputeSide, id: &str) -> Option<u64> {
+    std::fs::read_to_string(side.dir.join(format!("{id}.ack"))).ok()?.trim().parse().ok()
+}
+
+async fn stage() -> Stage {
     use drover_proto::compute::v1 as cpb;
     let work = tempfile::tempdir().unwrap();
     let instances = work.path().join("instances.yaml");
@@ -334,15 +349,69 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
     let start = cpb::InstancesRequest { op_id: "start-a".into(), instance_ids: ids.clone(), deadline_ms: 0 };
     let r = at_a.start(start).await.unwrap().into_inner();
     assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
-    let acked = |side: &ComputeSide, id: &str| -> Option<u64> {
-        std::fs::read_to_string(side.dir.join(format!("{id}.ack"))).ok()?.trim().parse().ok()
-    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while ids.iter().any(|i| acked(&a, i).is_none_or(|n| n < 50)) {
         assert!(Instant::now() < deadline, "the instances did not write at site A");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    Stage { work, bin, a, b, cluster, c, layout: layout.to_vec(), ids }
+}
+
+async fn run_book(
+    c: &mut drover_cli::client::Clients,
+    file: &str,
+    params: &[(&str, &str)],
+) -> (pb::Execution, serde_json::Value) {
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks").join(file);
+    let req = pb::RunbookRequest {
+        file_name: path.display().to_string(),
+        text: std::fs::read_to_string(&path).unwrap(),
+        params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+    };
+    let e = c.runbooks.run_runbook(req).await.unwrap().into_inner();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let run = loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+        if now.status != "running" {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "{file} is still at {}", now.step);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let state: serde_json::Value = serde_json::from_str(&run.state_json).unwrap();
+    (run, state)
+}
+
+fn step_of(state: &serde_json::Value, name: &str) -> serde_json::Value {
+    state["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone()
+}
+
+/// Each instance's volumes' URIs where they are active now.
+async fn uris_now(c: &mut drover_cli::client::Clients, vols: &[String], backend: &str) -> Vec<String> {
+    let mut uris = Vec::new();
+    for vol in vols {
+        let r = c
+            .volumes
+            .attach_volume(pb::AttachVolumeRequest { volume: vol.clone(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.backend, backend);
+        uris.push(r.uri);
+    }
+    uris
+}
+
+/// A planned site failover with the reference compute at both sites, on the qemu
+/// backend: three instances writing verifiable logs to two groups' volumes at site A are
+/// stopped before the final sync, the groups move, the instances get the replicas'
+/// connection info and start at site B tier by tier, and `drover compute check` at B
+/// finds every record they acknowledged at A (and at B), an exact prefix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_logs_hold() {
+    use drover_proto::compute::v1 as cpb;
+    let Stage { work, bin, a, b, cluster: _cluster, mut c, layout, ids } = stage().await;
     // The planned site failover, with the compute steps.
     let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
     let req = pb::RunbookRequest {
@@ -409,6 +478,55 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
         }
         // Every record acknowledged at A, and every one acknowledged at B, is there.
         check_log(&bin, id, &uris, &a.dir.join(format!("{id}.ack")));
+        let said = check_log(&bin, id, &uris, &b.dir.join(format!("{id}.ack")));
+        assert!(said.contains("exact prefix"), "{said}");
+    }
+}
+
+/// A disaster: site A's agent, compute service and instances are killed while the
+/// instances write. The disaster runbook asks the lost site to stop them, is refused at
+/// once and skips it (never waiting past `stop_deadline`), fails the groups over with
+/// force, and starts the instances at site B on the replicas; their logs there are an
+/// exact prefix, continued at B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disaster_failover_skips_the_lost_site_and_starts_the_instances_at_the_target() {
+    use drover_proto::compute::v1 as cpb;
+    let Stage { work: _work, bin, mut a, b, mut cluster, mut c, layout, ids } = stage().await;
+    // Let a sync or two ship some of the log (interval 2 s).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // Site A is lost: its compute service, its instances, its agent.
+    a.proc.kill().unwrap();
+    a.proc.wait().unwrap();
+    let pattern = a.dir.display().to_string();
+    let _ = std::process::Command::new("pkill").args(["-9", "-f", &pattern]).status();
+    cluster.agents[0].proc.kill();
+    let (run, state) = run_book(
+        &mut c,
+        "site-failover-disaster.yaml",
+        &[("site", "site-a"), ("target_site", "site-b"), ("stop_deadline", "2s")],
+    )
+    .await;
+    assert_eq!(run.status, "succeeded", "{}: {state}", run.error);
+    let stop = step_of(&state, "stop-instances");
+    assert_eq!(stop["status"], "skipped", "{stop}");
+    let waited = stop["ended_ms"].as_i64().unwrap() - stop["started_ms"].as_i64().unwrap();
+    assert!(waited <= 2_000 + 1_000, "the lost site held the run for {waited} ms (stop_deadline 2s)");
+    for name in ["point-instances", "start-instances"] {
+        let s = step_of(&state, name);
+        let items = s["items"].as_array().unwrap();
+        assert!(items.len() == 3 && items.iter().all(|i| i["status"] == "succeeded"), "{name}: {s}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids.iter().any(|i| acked(&b, i).is_none_or(|n| n < 20)) {
+        assert!(Instant::now() < deadline, "the instances did not write at site B");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut at_b = cpb::compute_hook_client::ComputeHookClient::connect(b.addr.clone()).await.unwrap();
+    let stop = cpb::InstancesRequest { op_id: "stop-b".into(), instance_ids: ids.clone(), deadline_ms: 10_000 };
+    let r = at_b.stop(stop).await.unwrap().into_inner();
+    assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
+    for (id, v) in &layout {
+        let uris = uris_now(&mut c, v, "backend-b").await;
         let said = check_log(&bin, id, &uris, &b.dir.join(format!("{id}.ack")));
         assert!(said.contains("exact prefix"), "{said}");
     }
