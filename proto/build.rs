@@ -19,6 +19,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".drover.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
         // Webhooks and commands get the compute calls as JSON.
         .type_attribute(".drover.compute.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
+        // Webhooks and commands answer with only the fields they have.
+        .message_attribute(".drover.compute.v1", "#[serde(default)]")
         .compile_fds(descriptors)?;
     Ok(())
 }

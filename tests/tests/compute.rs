@@ -531,3 +531,69 @@ async fn a_disaster_failover_skips_the_lost_site_and_starts_the_instances_at_the
         assert!(said.contains("exact prefix"), "{said}");
     }
 }
+
+/// `drover group sync --quiesce` through a command compute side (mock backend): the
+/// instances are quiesced for the point and unquiesced after, and the point is the
+/// group's application-consistent one; when the quiesce never answers, it is cut at its
+/// bound, unquiesce is still sent, and the point is crash-consistent only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiesced_sync_is_application_consistent_and_one_whose_quiesce_hangs_is_not() {
+    let work = tempfile::tempdir().unwrap();
+    let dir = work.path().display().to_string();
+    let script = work.path().join("compute.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncat > /dev/null\necho \"$DROVER_COMPUTE_CALL\" >> {dir}/calls.log\ncase \"$DROVER_COMPUTE_CALL\" in\n  \
+             list_instances) cat {dir}/instances.json ;;\n  quiesce) if [ -e {dir}/hang ]; then exec sleep 30; fi\n    \
+             echo '{{\"outcomes\":[{{\"instance_id\":\"db-1\",\"kind\":1}}]}}' ;;\n  unquiesce) \
+             echo '{{\"outcomes\":[{{\"instance_id\":\"db-1\",\"kind\":1}}]}}' ;;\nesac\n"
+        ),
+    )
+    .unwrap();
+    let command = format!("compute.site-a.command=[\"/bin/sh\", \"{}\"]", script.display());
+    let orch = ["--set", "compute.site-a.kind=exec", "--set", &command, "--set", "compute.site-a.notify_kinds=[]"];
+    let cluster = Cluster::start_custom(StoreChoice::Embedded, "mock", &[], &orch).await;
+    let mut c = cluster.clients().await;
+    replicated_group(&mut c, "db", 2).await;
+    let get = pb::GetGroupRequest { group: "db".into(), project: "tests".into() };
+    let g = c.groups.get_group(get.clone()).await.unwrap().into_inner();
+    let instances = serde_json::json!({ "instances": [{ "id": "db-1", "project": "tests", "volume_ids": [g.volume_ids[0]] }, { "id": "other", "volume_ids": ["not-ours"] }] });
+    std::fs::write(work.path().join("instances.json"), instances.to_string()).unwrap();
+    let calls = || -> Vec<String> {
+        std::fs::read_to_string(work.path().join("calls.log")).unwrap_or_default().lines().map(String::from).collect()
+    };
+    let sync = |timeout_ms: i64| pb::SyncGroupRequest {
+        group: "db".into(),
+        project: "tests".into(),
+        quiesce: true,
+        quiesce_timeout_ms: timeout_ms,
+        ..Default::default()
+    };
+
+    let r = c.replication.sync_group(sync(5_000)).await.unwrap().into_inner();
+    assert!(r.application_consistent, "{r:?}");
+    assert!(r.consistency_note.contains("1 instance(s) quiesced"), "{}", r.consistency_note);
+    assert_eq!(calls(), ["list_instances", "quiesce", "unquiesce"]);
+    let g = c.groups.get_group(get.clone()).await.unwrap().into_inner();
+    assert_eq!(g.app_consistent_point, r.recovery_point_id);
+
+    std::fs::write(work.path().join("hang"), "").unwrap();
+    let started = Instant::now();
+    let r2 = c.replication.sync_group(sync(1_000)).await.unwrap().into_inner();
+    assert!(!r2.application_consistent, "{r2:?}");
+    assert!(
+        r2.consistency_note.contains("did not answer within") && r2.consistency_note.contains("crash-consistent"),
+        "{}",
+        r2.consistency_note
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "the hanging quiesce held the sync for {:?}",
+        started.elapsed()
+    );
+    assert_eq!(calls()[3..], ["list_instances", "quiesce", "unquiesce"]);
+    assert_ne!(r2.recovery_point_id, r.recovery_point_id, "a point was still taken");
+    let g = c.groups.get_group(get).await.unwrap().into_inner();
+    assert_eq!(g.app_consistent_point, r.recovery_point_id, "the crash-consistent point is not recorded as consistent");
+}

@@ -64,7 +64,7 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     qemu_io(&u, &["write -P 0x08 4M 512k".to_string()]).unwrap();
     let s = c
         .replication
-        .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), no_wait: false })
+        .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), ..Default::default() })
         .await
         .expect("sync")
         .into_inner();
@@ -110,7 +110,7 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     for i in 0..5 {
         qemu_io(&u, &[format!("write -P 0x{:02x} {}M 64k", 0x40 + i, 6 + i)]).unwrap();
         c.replication
-            .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), no_wait: false })
+            .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), ..Default::default() })
             .await
             .expect("sync");
     }
@@ -126,7 +126,7 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     cluster.agents[1].proc.kill();
     let r = c
         .replication
-        .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), no_wait: false })
+        .sync_group(pb::SyncGroupRequest { group: "mg".into(), project: "tests".into(), ..Default::default() })
         .await;
     assert!(r.is_err(), "a sync to a dead target fails: {r:?}");
     // The orchestrator tries a transient failure again under new op_ids: each attempt is

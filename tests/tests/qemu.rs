@@ -366,7 +366,7 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
     let mut bg = c.clone();
     let sync = tokio::spawn(async move {
         bg.replication
-            .sync_group(pb::SyncGroupRequest { no_wait: false, group: "mt".into(), project: "tests".into() })
+            .sync_group(pb::SyncGroupRequest { group: "mt".into(), project: "tests".into(), ..Default::default() })
             .await
     });
     let vol_dir = cluster.path().join("pool-agent-backend-b/volumes").join(&id);
@@ -402,7 +402,7 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
     let done = loop {
         match c
             .replication
-            .sync_group(pb::SyncGroupRequest { no_wait: false, group: "mt".into(), project: "tests".into() })
+            .sync_group(pb::SyncGroupRequest { group: "mt".into(), project: "tests".into(), ..Default::default() })
             .await
         {
             Ok(r) => break r.into_inner(),
@@ -609,7 +609,7 @@ async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
     .await;
 
     c.replication
-        .sync_group(pb::SyncGroupRequest { no_wait: false, group: "sb".into(), project: "tests".into() })
+        .sync_group(pb::SyncGroupRequest { group: "sb".into(), project: "tests".into(), ..Default::default() })
         .await
         .expect("sync");
     io(&at_a, &["write -P 0x12 2M 1M"]); // never reaches site B
@@ -762,7 +762,7 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
     loop {
         let synced = c
             .replication
-            .sync_group(pb::SyncGroupRequest { group: "bounded".into(), project: "tests".into(), no_wait: false })
+            .sync_group(pb::SyncGroupRequest { group: "bounded".into(), project: "tests".into(), ..Default::default() })
             .await;
         if synced.is_ok() && layer_files(&cluster, &volume) <= 3 {
             break;
@@ -857,7 +857,7 @@ async fn re_enabling_copies_every_write_even_with_points_waiting() {
         // Each failed sync leaves a frozen point waiting for the peer.
         let r = c
             .replication
-            .sync_group(pb::SyncGroupRequest { group: "reen".into(), project: "tests".into(), no_wait: false })
+            .sync_group(pb::SyncGroupRequest { group: "reen".into(), project: "tests".into(), ..Default::default() })
             .await;
         assert!(r.is_err(), "a sync to a dead peer fails");
     }
@@ -915,7 +915,7 @@ async fn daemon_kills_during_syncs_leave_sound_chains() {
     loop {
         let r = c
             .replication
-            .sync_group(pb::SyncGroupRequest { group: "dk".into(), project: "tests".into(), no_wait: false })
+            .sync_group(pb::SyncGroupRequest { group: "dk".into(), project: "tests".into(), ..Default::default() })
             .await;
         if r.is_ok() {
             break;
@@ -999,7 +999,7 @@ async fn site_runbooks_move_real_data() {
         io(&u, &[&format!("write -P {:#x} 6M 1M", 0x40 + i)]);
     }
     c.replication
-        .sync_group(pb::SyncGroupRequest { group: "rbq".into(), project: "tests".into(), no_wait: false })
+        .sync_group(pb::SyncGroupRequest { group: "rbq".into(), project: "tests".into(), ..Default::default() })
         .await
         .expect("sync");
     for (i, v) in vols.iter().enumerate() {
@@ -1156,7 +1156,7 @@ async fn test_failover_clones_a_point_while_replication_goes_on() {
     }
     // Once a point arrives after the clones went, the replica chain is short again.
     c.replication
-        .sync_group(pb::SyncGroupRequest { group: "tf".into(), project: "tests".into(), no_wait: false })
+        .sync_group(pb::SyncGroupRequest { group: "tf".into(), project: "tests".into(), ..Default::default() })
         .await
         .expect("sync");
     for id in &ids {
@@ -1187,7 +1187,7 @@ async fn a_source_that_vanishes_mid_point_leaves_the_target_usable() {
     }
     io(&uri(&mut c, vol_name).await, &["write -P 0x66 0 1M"]);
     c.replication
-        .sync_group(pb::SyncGroupRequest { group: "gone".into(), project: "tests".into(), no_wait: false })
+        .sync_group(pb::SyncGroupRequest { group: "gone".into(), project: "tests".into(), ..Default::default() })
         .await
         .expect("a sync after the vanished sources");
     let now = b

@@ -291,7 +291,12 @@ async fn a_group_snapshot_is_one_prefix_of_the_writes_and_its_volumes_are_indepe
 
 async fn sync(c: &mut Clients, group: &str) -> pb::SyncGroupResponse {
     c.replication
-        .sync_group(pb::SyncGroupRequest { no_wait: false, group: group.into(), project: "tests".into() })
+        .sync_group(pb::SyncGroupRequest {
+            no_wait: false,
+            group: group.into(),
+            project: "tests".into(),
+            ..Default::default()
+        })
         .await
         .expect("sync")
         .into_inner()

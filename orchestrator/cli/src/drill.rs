@@ -304,7 +304,12 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
         written.extend(w);
         let s = c
             .replication
-            .sync_group(pb::SyncGroupRequest { group: "app".into(), project: PROJECT.into(), no_wait: false })
+            .sync_group(pb::SyncGroupRequest {
+                group: "app".into(),
+                project: PROJECT.into(),
+                no_wait: false,
+                ..Default::default()
+            })
             .await
             .map_err(|s| fail("sync", s, &dir))?
             .into_inner();

@@ -358,6 +358,9 @@ pub struct GroupRec {
     /// The group of one that replicates this volume on its own (hidden from listings).
     #[serde(default)]
     pub for_volume: String,
+    /// The newest recovery point taken with the group's instances quiesced.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub app_consistent_point: String,
 }
 
 /// The tiers groups may have: 1 (first) to 9 (last).
@@ -410,6 +413,7 @@ impl GroupRec {
             for_volume: self.for_volume.clone(),
             predicted_final_sync_bytes: -1,
             predicted_final_sync_ms: -1,
+            app_consistent_point: self.app_consistent_point.clone(),
         }
     }
 

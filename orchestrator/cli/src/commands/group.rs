@@ -78,6 +78,13 @@ pub enum GroupCmd {
         /// Print the execution id and return.
         #[arg(long)]
         no_wait: bool,
+        /// Quiesce the instances using the group's volumes for the point
+        /// (application-consistent; docs/compute.md), unquiesce them after.
+        #[arg(long)]
+        quiesce: bool,
+        /// How long the quiesce may take before the point is taken crash-consistent.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        quiesce_timeout: std::time::Duration,
     },
     /// Stop replicating a group.
     #[command(name = "disable-replication")]
@@ -194,8 +201,15 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             let r = replication.enable_replication(req).await?.into_inner();
             finish_group_op(ctx, r, no_wait).await?;
         }
-        GroupCmd::Sync { group, no_wait } => {
-            let r = replication.sync_group(pb::SyncGroupRequest { group, project, no_wait: true }).await?.into_inner();
+        GroupCmd::Sync { group, no_wait, quiesce, quiesce_timeout } => {
+            let req = pb::SyncGroupRequest {
+                group,
+                project,
+                no_wait: true,
+                quiesce,
+                quiesce_timeout_ms: quiesce_timeout.as_millis() as i64,
+            };
+            let r = replication.sync_group(req).await?.into_inner();
             if no_wait {
                 submitted(fmt, &r.execution_id);
                 return Ok(());
@@ -204,13 +218,17 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
             let mut r: pb::SyncGroupResponse = execution::follow(ctx, &id).await?;
             r.execution_id = id;
             emit(fmt, &r, |r| {
-                let mut t = Table::new(&["RECOVERY POINT", "FULL", "BYTES", "DURATION (ms)"]);
+                let mut t = Table::new(&["RECOVERY POINT", "FULL", "BYTES", "DURATION (ms)", "CONSISTENCY"]);
                 t.row(vec![
                     r.recovery_point_id.clone(),
                     r.full.to_string(),
                     r.bytes.to_string(),
                     r.duration_ms.to_string(),
+                    if r.application_consistent { "application" } else { "crash" }.into(),
                 ]);
+                if !r.consistency_note.is_empty() {
+                    eprintln!("{}", r.consistency_note);
+                }
                 t
             });
         }

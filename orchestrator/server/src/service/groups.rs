@@ -173,6 +173,7 @@ impl GroupApi {
             labels: Default::default(),
             tier: crate::model::DEFAULT_TIER,
             for_volume: String::new(),
+            app_consistent_point: String::new(),
         };
         rec.record("create", format!("created on backend {} with {} volume(s)", r.backend, members.len()), 0);
         let name_key = keys::group_name(&r.project, &r.name);

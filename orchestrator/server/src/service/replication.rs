@@ -561,7 +561,14 @@ impl ReplicationApi {
     pub(crate) async fn sync_now(&self, r: pb::SyncGroupRequest) -> ApiResult<pb::SyncGroupResponse> {
         let g = self.core.repo.group(&r.group, &r.project).await?;
         check(GroupAction::Sync, &g.rec.replication_status, position(&g.rec), &g.rec.name)?;
-        let proc = crate::procedures::SyncNow::new(self.core.clone(), &g.rec);
+        if r.quiesce_timeout_ms < 0 || r.quiesce_timeout_ms > 600_000 {
+            return Err(ApiError::InvalidArgument(format!(
+                "`quiesce_timeout_ms` {} is out of range; give 1 to 600000 (0: 10 s)",
+                r.quiesce_timeout_ms
+            )));
+        }
+        let proc = crate::procedures::SyncNow::new(self.core.clone(), &g.rec)
+            .quiesced(r.quiesce, if r.quiesce_timeout_ms == 0 { 10_000 } else { r.quiesce_timeout_ms });
         let submitted = if self.parent.is_empty() {
             self.core.procedures.submit(Box::new(proc)).await
         } else {
@@ -614,6 +621,8 @@ impl ReplicationApi {
             duration_ms: resp.duration_ms,
             full: resp.full,
             execution_id: String::new(),
+            application_consistent: false,
+            consistency_note: String::new(),
         })
     }
 

@@ -38,6 +38,12 @@ pub struct SyncNow {
     /// Go on with the next groups and tiers after one fails (else start no new one).
     #[serde(default)]
     pub continue_on_error: bool,
+    /// Quiesce each group's instances for its point (application-consistent), through
+    /// the active site's compute side; `quiesce_timeout` bounds it (default 10s).
+    #[serde(default)]
+    pub quiesce: bool,
+    #[serde(default)]
+    pub quiesce_timeout: Option<crate::runbook::schema::Dur>,
 }
 
 /// Fail the selected groups over to their replication target, tier by tier.
@@ -100,7 +106,13 @@ impl StepKind for SyncNow {
         Ok(())
     }
     async fn submit(&self, api: &ReplicationApi, g: &GroupRec) -> ApiResult<String> {
-        let r = pb::SyncGroupRequest { group: g.id.clone(), project: g.project.clone(), no_wait: true };
+        let r = pb::SyncGroupRequest {
+            group: g.id.clone(),
+            project: g.project.clone(),
+            no_wait: true,
+            quiesce: self.quiesce,
+            quiesce_timeout_ms: self.quiesce_timeout.as_ref().map_or(0, |d| d.0.as_millis() as i64),
+        };
         api.sync_now(r).await.map(|r| r.execution_id)
     }
     async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
