@@ -454,31 +454,35 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
     assert_eq!(started, [(1, "i1".to_string()), (1, "i2".into()), (2, "i3".into())]);
     let stopped_at_a: HashMap<String, u64> = ids.iter().map(|i| (i.clone(), acked(&a, i).unwrap())).collect();
 
-    // At site B they write on (their logs continue), then are stopped for the check.
-    let mut at_b = cpb::compute_hook_client::ComputeHookClient::connect(b.addr.clone()).await.unwrap();
+    // At site B they write on (their logs continue).
     let deadline = Instant::now() + Duration::from_secs(30);
     while ids.iter().any(|i| acked(&b, i).is_none_or(|n| n < stopped_at_a[i] + 20)) {
         assert!(Instant::now() < deadline, "the instances did not write on at site B");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let stop = cpb::InstancesRequest { op_id: "stop-b".into(), instance_ids: ids.clone(), deadline_ms: 10_000 };
-    let r = at_b.stop(stop).await.unwrap().into_inner();
+    // The failback is the reverse: stopped at B, the groups come home, started at A.
+    let (back, state) = run_book(&mut c, "site-failback.yaml", &[("site", "site-a"), ("from_site", "site-b")]).await;
+    assert_eq!(back.status, "succeeded", "{}: {state}", back.error);
+    for name in ["stop-instances", "point-instances", "start-instances"] {
+        let s = step_of(&state, name);
+        let items = s["items"].as_array().unwrap();
+        assert!(items.len() == 3 && items.iter().all(|i| i["status"] == "succeeded"), "{name}: {s}");
+    }
+    let stopped_at_b: HashMap<String, u64> = ids.iter().map(|i| (i.clone(), acked(&b, i).unwrap())).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids.iter().any(|i| acked(&a, i).is_none_or(|n| n < stopped_at_b[i] + 20)) {
+        assert!(Instant::now() < deadline, "the instances did not write on back at site A");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut at_a = cpb::compute_hook_client::ComputeHookClient::connect(a.addr.clone()).await.unwrap();
+    let stop = cpb::InstancesRequest { op_id: "stop-a".into(), instance_ids: ids.clone(), deadline_ms: 10_000 };
+    let r = at_a.stop(stop).await.unwrap().into_inner();
     assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
     for (id, v) in &layout {
-        let mut uris = Vec::new();
-        for vol in v {
-            let r = c
-                .volumes
-                .attach_volume(pb::AttachVolumeRequest { volume: vol.clone(), project: "tests".into() })
-                .await
-                .unwrap()
-                .into_inner();
-            assert_eq!(r.backend, "backend-b");
-            uris.push(r.uri);
-        }
-        // Every record acknowledged at A, and every one acknowledged at B, is there.
-        check_log(&bin, id, &uris, &a.dir.join(format!("{id}.ack")));
-        let said = check_log(&bin, id, &uris, &b.dir.join(format!("{id}.ack")));
+        let uris = uris_now(&mut c, v, "backend-a").await;
+        // Every record acknowledged at A (before and after) and at B is there.
+        check_log(&bin, id, &uris, &b.dir.join(format!("{id}.ack")));
+        let said = check_log(&bin, id, &uris, &a.dir.join(format!("{id}.ack")));
         assert!(said.contains("exact prefix"), "{said}");
     }
 }
