@@ -1,5 +1,6 @@
-//! The drill leaves no process behind: every qemu-storage-daemon it started is gone when
-//! it ends, whether it finished or was interrupted.
+//! The drill leaves no process behind: every qemu-storage-daemon (and compute instance)
+//! it started is gone when it ends, whether it finished or was interrupted; a whole drill
+//! also moves an application to site B and back with its log intact.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,6 +15,14 @@ fn the_drill_leaves_no_daemon_behind_when_it_ends_or_is_interrupted() {
     let out = Command::new(&bin).args(["drill", "--workdir"]).arg(done.path()).output().unwrap();
     assert!(out.status.success(), "the drill failed: {}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(daemons_under(done.path()), Vec::<String>::new(), "daemons outlived the drill");
+    // Its application went to site B and back, its log checked at each.
+    let said = String::from_utf8_lossy(&out.stdout);
+    for site in ["B", "A"] {
+        let at = said.find(&format!("check the instance's log at site {site}")).unwrap_or_else(|| panic!("{said}"));
+        assert!(said[at..].contains("an exact prefix holding every acknowledged one"), "{said}");
+    }
+    let instances = Command::new("pgrep").args(["-f", &done.path().display().to_string()]).output().unwrap();
+    assert!(instances.stdout.is_empty(), "instances outlived the drill: {}", String::from_utf8_lossy(&instances.stdout));
 
     // An interrupted one: SIGINT once its daemons run.
     let cut = tempfile::tempdir().unwrap();

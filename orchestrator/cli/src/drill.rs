@@ -4,7 +4,8 @@
 //! With the qemu driver (the default) it moves real data: it writes known patterns with
 //! `qemu-io` (an NBD client independent of Drover), and after each move reads every
 //! pattern back at the other site with `qemu-io read -P`. Each step prints the equivalent
-//! `drover` command and how long it took; the end prints RPO and bytes shipped.
+//! `drover` command and how long it took; the end prints RPO and bytes shipped. With
+//! qemu it also runs an application through a site failover and back ([`apps`]).
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -17,6 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::client::Clients;
 use crate::output;
 use crate::servers::BACKENDS;
+
+mod apps;
+use apps::start_compute;
 
 /// `drover drill` settings.
 #[derive(clap::Args)]
@@ -48,14 +52,14 @@ pub fn qemu_io(uri: &str, commands: &[String]) -> Result<String, String> {
     Ok(text)
 }
 
-struct Steps {
+pub(crate) struct Steps {
     n: usize,
     started: Instant,
     phases: Vec<(String, u128)>,
 }
 
 impl Steps {
-    fn begin(&mut self, what: &str, cli: &str) -> (Instant, String) {
+    pub(crate) fn begin(&mut self, what: &str, cli: &str) -> (Instant, String) {
         self.n += 1;
         println!("[{}] {what}", self.n);
         if !cli.is_empty() {
@@ -64,7 +68,7 @@ impl Steps {
         (Instant::now(), what.to_string())
     }
 
-    fn done(&mut self, (t, what): (Instant, String), note: &str) {
+    pub(crate) fn done(&mut self, (t, what): (Instant, String), note: &str) {
         let ms = t.elapsed().as_millis();
         println!("    ok in {ms} ms{}", if note.is_empty() { String::new() } else { format!(": {note}") });
         self.phases.push((what, ms));
@@ -91,7 +95,7 @@ const PROJECT: &str = "demo";
 /// One written region: volume index, pattern byte, offset and length in MiB.
 type Write = (usize, u8, u64, u64);
 
-async fn uri(c: &mut Clients, volume: &str) -> Result<String, String> {
+pub(crate) async fn uri(c: &mut Clients, volume: &str) -> Result<String, String> {
     let r = c
         .volumes
         .attach_volume(pb::AttachVolumeRequest { volume: volume.into(), project: PROJECT.into() })
@@ -125,7 +129,7 @@ async fn verify(c: &mut Clients, names: &[String], writes: &[Write]) -> Result<(
     Ok(())
 }
 
-fn fail(step: &str, s: tonic::Status, dir: &std::path::Path) -> String {
+pub(crate) fn fail(step: &str, s: tonic::Status, dir: &std::path::Path) -> String {
     format!("{step} failed: {} ({:?}); state is in {}", s.message(), s.code(), dir.display())
 }
 
@@ -176,18 +180,29 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
     crate::commands::certs::init(&certs, &agent_ids, &[])
         .map_err(|e| format!("making the drill's certificates: {e:#}"))?;
     let pem = |name: &str| certs.join(name).display().to_string();
-    let orch = drover_orchestrator::launch::start(
-        &Sources::default()
-            .flag("listen", Some("127.0.0.1:0"))
-            .flag("store.path", Some(store))
-            .flag("auth.token_file", Some(token_file.display()))
-            .flag("tls.ca", Some(pem("ca.pem")))
-            .flag("tls.cert", Some(pem("orchestrator.pem")))
-            .flag("tls.key", Some(pem("orchestrator.key"))),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(|e| format!("starting the orchestrator: {e}"))?;
+    // With real data, each site has the reference compute service (docs/compute.md): the
+    // applications part of the drill runs an instance through a site failover.
+    let compute = match data {
+        true => Some(start_compute(&dir, &shutdown).await?),
+        false => None,
+    };
+    let mut sources = Sources::default()
+        .flag("listen", Some("127.0.0.1:0"))
+        .flag("store.path", Some(store))
+        .flag("auth.token_file", Some(token_file.display()))
+        .flag("tls.ca", Some(pem("ca.pem")))
+        .flag("tls.cert", Some(pem("orchestrator.pem")))
+        .flag("tls.key", Some(pem("orchestrator.key")));
+    if let Some(sides) = &compute {
+        for side in sides {
+            sources = sources
+                .flag(&format!("compute.{}.kind", side.site), Some("grpc"))
+                .flag(&format!("compute.{}.endpoint", side.site), Some(&side.endpoint));
+        }
+    }
+    let orch = drover_orchestrator::launch::start(&sources, shutdown.clone())
+        .await
+        .map_err(|e| format!("starting the orchestrator: {e}"))?;
     let orch_endpoint = format!("https://{}", orch.local_addr);
     steps.done(t, &orch_endpoint);
 
@@ -363,6 +378,10 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
         steps.done(t, &format!("{} regions match", written.len() + names.len()));
     }
 
+    if let Some(sides) = &compute {
+        apps::run(&mut c, &mut steps, sides, &dir).await?;
+    }
+
     let g = c
         .groups
         .get_group(pb::GetGroupRequest { group: "app".into(), project: PROJECT.into() })
@@ -398,8 +417,15 @@ async fn drill(opts: DrillArgs) -> Result<(), String> {
     for (what, ms) in &steps.phases {
         println!("  {ms:>7} ms  {what}");
     }
-    let healthy = g.replication_status == "enabled"
-        && g.active_backend == "backend-a"
+    // Every group (the applications' one too, with qemu) is home and replicating.
+    let groups = c
+        .groups
+        .list_groups(pb::ListGroupsRequest { project: PROJECT.into(), ..Default::default() })
+        .await
+        .map_err(|s| fail("list groups", s, &dir))?
+        .into_inner()
+        .groups;
+    let healthy = groups.iter().all(|g| g.replication_status == "enabled" && g.active_backend == "backend-a")
         && vols.iter().all(|v| v.active_backend == "backend-a" && v.replication_status == "enabled");
     if !healthy {
         return Err(format!(

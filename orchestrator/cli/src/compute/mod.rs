@@ -421,28 +421,43 @@ fn load_instances(file: &std::path::Path) -> Result<Vec<InstanceDef>> {
 async fn serve(args: ComputeArgs) -> Result<()> {
     anyhow::ensure!(!args.site.is_empty(), "give the site this service is the compute side of (--site)");
     let file = args.instances.clone().ok_or_else(|| anyhow::anyhow!("give the instances file (--instances)"))?;
-    let defs = load_instances(&file)?;
     let dir = args.state_dir.clone().ok_or_else(|| anyhow::anyhow!("give a state directory (--state-dir)"))?;
+    let listener =
+        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    println!("compute service of site {} listening on http://{addr}", args.site);
+    serve_on(listener, &args.site, file, dir, args.interval, tokio_util::sync::CancellationToken::new()).await
+}
+
+/// Serves the compute side of `site` on `listener` until `shutdown` (the drill runs two
+/// in its own process); instances stop with it.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    site: &str,
+    instances: PathBuf,
+    dir: PathBuf,
+    interval: Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> Result<()> {
+    let defs = load_instances(&instances)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let saved: Saved = match std::fs::read(dir.join("compute-state.json")) {
         Ok(b) => serde_json::from_slice(&b).context("reading compute-state.json")?,
         Err(_) => Saved::default(),
     };
     let service = Arc::new(Service {
-        site: args.site.clone(),
-        instances: file,
+        site: site.to_string(),
+        instances,
         dir,
-        interval: args.interval,
+        interval,
         state: Mutex::new(State { defs, saved, running: HashMap::new() }),
     });
-    let listener =
-        tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-    let addr = listener.local_addr()?;
-    println!("compute service of site {} listening on http://{addr}", args.site);
     tracing::warn!("the reference compute service serves plain HTTP: for drills and tests, not production");
     tonic::transport::Server::builder()
-        .add_service(cpb::compute_hook_server::ComputeHookServer::from_arc(service))
-        .serve_with_incoming(drover_proto::incoming(listener))
+        .add_service(cpb::compute_hook_server::ComputeHookServer::from_arc(service.clone()))
+        .serve_with_incoming_shutdown(drover_proto::incoming(listener), shutdown.cancelled_owned())
         .await?;
+    // Instances are killed with their handles.
+    service.state.lock().await.running.clear();
     Ok(())
 }
