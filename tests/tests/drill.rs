@@ -22,7 +22,11 @@ fn the_drill_leaves_no_daemon_behind_when_it_ends_or_is_interrupted() {
         assert!(said[at..].contains("an exact prefix holding every acknowledged one"), "{said}");
     }
     let instances = Command::new("pgrep").args(["-f", &done.path().display().to_string()]).output().unwrap();
-    assert!(instances.stdout.is_empty(), "instances outlived the drill: {}", String::from_utf8_lossy(&instances.stdout));
+    assert!(
+        instances.stdout.is_empty(),
+        "instances outlived the drill: {}",
+        String::from_utf8_lossy(&instances.stdout)
+    );
 
     // An interrupted one: SIGINT once its daemons run.
     let cut = tempfile::tempdir().unwrap();

@@ -462,6 +462,18 @@ async fn manageable_volumes_are_listed_managed_and_unmanaged() {
     let ch = by.get("child").expect("child listed");
     assert!(!ch.safe_to_manage && ch.reason_not_safe.contains("backing"), "{ch:?}");
     assert_eq!(ch.backing_file, legacy.to_str().unwrap());
+    // legacy is listed as a layer of child.
+    let snaps = c
+        .volumes
+        .list_manageable_snapshots(pb::ListManageableVolumesRequest {
+            backend: "backend-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let layer = snaps.snapshots.iter().find(|s| s.volume_reference == "child").expect("child's backing layer");
+    assert_eq!((layer.reference.as_str(), layer.kind.as_str()), ("legacy", "backing-file"));
 
     let err = c
         .volumes

@@ -165,6 +165,21 @@ impl Driver for QemuDriver {
                     m.size_bytes = i["virtual-size"].as_u64().unwrap_or(0);
                     m.backing_file = i["backing-filename"].as_str().unwrap_or_default().to_string();
                     m.snapshots = internal_snapshots(i, m.size_bytes);
+                    // A backing file in the pool is a layer of this image: listed with it.
+                    let pool = std::fs::canonicalize(&self.pool).ok();
+                    if let Some(b) = backing_of(&path, i).filter(|b| b.parent() == pool.as_deref()) {
+                        let created_at_ms = std::fs::metadata(&b)
+                            .and_then(|md| md.modified())
+                            .ok()
+                            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_millis() as i64);
+                        m.snapshots.push(ManageableSnapshot {
+                            reference: b.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                            size_bytes: m.size_bytes,
+                            created_at_ms,
+                            kind: "backing-file".into(),
+                        });
+                    }
                     self.unsafe_because(&path, i, &m, &backings)
                 }
             };
@@ -224,7 +239,7 @@ impl Driver for QemuDriver {
         };
         let mut adopted = Vec::new();
         for s in snapshots {
-            let Some(c) = carried.iter().find(|c| c.reference == s.reference) else {
+            let Some(c) = carried.iter().find(|c| c.reference == s.reference && c.kind == "internal") else {
                 return Err(DriverError::NotFound(format!(
                     "image {reference} carries no snapshot {:?}; see `drover snapshot manageable-list`",
                     s.reference

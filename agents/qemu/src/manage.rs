@@ -41,6 +41,7 @@ pub(crate) fn internal_snapshots(info: &serde_json::Value, size_bytes: u64) -> V
             size_bytes,
             created_at_ms: s["date-sec"].as_i64().unwrap_or(0) * 1000
                 + s["date-nsec"].as_i64().unwrap_or(0) / 1_000_000,
+            kind: "internal".into(),
         })
         .collect()
 }

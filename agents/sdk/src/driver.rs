@@ -129,6 +129,8 @@ pub struct ManageableSnapshot {
     pub reference: String,
     pub size_bytes: u64,
     pub created_at_ms: i64,
+    /// `internal` (adoptable with its image) or `backing-file` (a layer it reads through).
+    pub kind: String,
 }
 
 /// One of an unmanaged volume's snapshots to take over with it, under `snapshot_id`.

@@ -184,6 +184,7 @@ impl Agent for AgentService {
                             reference: s.reference,
                             size_bytes: s.size_bytes as i64,
                             created_at_ms: s.created_at_ms,
+                            kind: s.kind,
                         })
                         .collect(),
                     backing_file: m.backing_file,

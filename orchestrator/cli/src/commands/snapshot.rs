@@ -132,6 +132,7 @@ pub async fn run(ctx: &mut Ctx, cmd: SnapshotCmd) -> Result<()> {
                 let mut t = output::Table::new(&[
                     "VOLUME REFERENCE",
                     "SNAPSHOT",
+                    "KIND",
                     "SIZE",
                     "CREATED",
                     "SAFE TO MANAGE",
@@ -141,6 +142,7 @@ pub async fn run(ctx: &mut Ctx, cmd: SnapshotCmd) -> Result<()> {
                     t.row(vec![
                         s.volume_reference.clone(),
                         s.reference.clone(),
+                        s.kind.clone(),
                         crate::size::format_size(s.size_bytes),
                         output::timestamp(s.created_at_ms),
                         s.safe_to_manage.to_string(),

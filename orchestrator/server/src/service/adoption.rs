@@ -258,7 +258,12 @@ impl VolumeApi {
             };
             item.project = rule.and_then(|rule| rule.project.clone()).unwrap_or_else(|| r.project.clone());
             item.group = rule.and_then(|rule| rule.group.clone()).unwrap_or_default();
-            item.snapshots = m.snapshots.iter().map(|s| format!("{}.{}", item.name, as_name(&s.reference))).collect();
+            item.snapshots = m
+                .snapshots
+                .iter()
+                .filter(|s| s.kind != "backing-file")
+                .map(|s| format!("{}.{}", item.name, as_name(&s.reference)))
+                .collect();
             item.category = "adoptable".into();
             if let Err(e) = validate_new_name("name", &item.name) {
                 (item.category, item.reason) = ("invalid".into(), e.to_string());

@@ -452,6 +452,7 @@ impl VolumeApi {
                         created_at_ms: s.created_at_ms,
                         safe_to_manage: m.safe_to_manage,
                         reason_not_safe: m.reason_not_safe.clone(),
+                        kind: s.kind,
                     })
                     .collect(),
                 reference: m.reference,
@@ -819,7 +820,7 @@ fn page_after<T>(rows: Vec<T>, marker: &str, limit: usize, key: impl Fn(&T) -> S
 /// carries, named "<volume>.<reference>" (characters a name cannot hold become '_').
 fn adopted_snapshots(volume: &str, m: &pb::ManageableVolume) -> ApiResult<Vec<AdoptedSnapshot>> {
     let mut out = Vec::new();
-    for s in &m.snapshots {
+    for s in m.snapshots.iter().filter(|s| s.kind != "backing-file") {
         let clean: String =
             s.reference.chars().map(|c| if c.is_ascii_alphanumeric() || "._-".contains(c) { c } else { '_' }).collect();
         let name = format!("{volume}.{clean}");

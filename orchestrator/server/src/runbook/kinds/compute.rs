@@ -33,6 +33,12 @@ pub struct ComputeFields {
     pub site: String,
     /// Instances attached to a volume of these groups.
     pub groups: Selector,
+    /// And, when given, only instances of this project…
+    #[serde(default)]
+    pub project: Option<String>,
+    /// …carrying every one of these labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
     /// Stop: the grace time; quiesce: the bound. Also how long the site may take to
     /// answer at all.
     #[serde(default)]
@@ -95,16 +101,23 @@ async fn targets(run: &RunbookRun, f: &ComputeFields, within: Duration) -> Resul
     let answer = tokio::time::timeout(within, run.core.hooks.call(&f.site, &call))
         .await
         .map_err(|_| format!("site {}'s compute side did not answer within {within:?}", f.site))??;
-    let mut out: Vec<Target> = answer
-        .instances
+    Ok(pick(answer.instances, &tier_of, f))
+}
+
+/// The instances attached to a volume in `tier_of` (volume id to its group's tier) that
+/// match the step's project and labels, lowest tier first.
+fn pick(instances: Vec<cpb::Instance>, tier_of: &BTreeMap<String, u32>, f: &ComputeFields) -> Vec<Target> {
+    let mut out: Vec<Target> = instances
         .into_iter()
+        .filter(|i| f.project.as_ref().is_none_or(|p| &i.project == p))
+        .filter(|i| f.labels.iter().all(|(k, v)| i.labels.get(k) == Some(v)))
         .filter_map(|i| {
             let tier = i.volume_ids.iter().filter_map(|v| tier_of.get(v)).min().copied()?;
             Some(Target { instance: i, tier })
         })
         .collect();
     out.sort_by(|a, b| (a.tier, &a.instance.id).cmp(&(b.tier, &b.instance.id)));
-    Ok(out)
+    out
 }
 
 /// The connection info of every volume of `targets`, where each is active now.
@@ -272,5 +285,51 @@ async fn run_step(
                 f.name, ctx.execution_id
             )))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instances_are_picked_by_their_groups_volumes_project_and_labels_lowest_tier_first() {
+        let inst = |id: &str, project: &str, vols: &[&str], labels: &[(&str, &str)]| cpb::Instance {
+            id: id.into(),
+            project: project.into(),
+            volume_ids: vols.iter().map(|v| v.to_string()).collect(),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        };
+        let all = vec![
+            inst("web", "shop", &["v2"], &[("app", "web")]),
+            inst("db", "shop", &["v1", "v9"], &[("app", "db")]),
+            inst("other", "shop", &["v9"], &[]),
+            inst("hr", "hr", &["v3"], &[("app", "web")]),
+        ];
+        let tiers: BTreeMap<String, u32> = [("v1", 1), ("v2", 2), ("v3", 1)].map(|(v, t)| (v.to_string(), t)).into();
+        let fields = |project: Option<&str>, labels: &[(&str, &str)]| ComputeFields {
+            name: "s".into(),
+            site: "site-b".into(),
+            groups: Selector::default(),
+            project: project.map(String::from),
+            labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            deadline: None,
+            skip_if_unreachable: false,
+            continue_on_error: false,
+        };
+        let ids = |t: Vec<Target>| t.into_iter().map(|t| (t.tier, t.instance.id)).collect::<Vec<_>>();
+        assert_eq!(
+            ids(pick(all.clone(), &tiers, &fields(None, &[]))),
+            [(1, "db".to_string()), (1, "hr".into()), (2, "web".into())]
+        );
+        assert_eq!(
+            ids(pick(all.clone(), &tiers, &fields(Some("shop"), &[]))),
+            [(1, "db".to_string()), (2, "web".into())]
+        );
+        assert_eq!(
+            ids(pick(all, &tiers, &fields(None, &[("app", "web")]))),
+            [(1, "hr".to_string()), (2, "web".into())]
+        );
     }
 }
