@@ -493,8 +493,8 @@ async fn the_adopt_after_dr_runbook_plans_waits_for_approval_and_adopts() {
 }
 
 /// An apply outlives its caller and the orchestrator: the CLI that asked is killed at
-/// once, the orchestrator is SIGKILLed after a random number of adoptions, and the
-/// resumed apply adopts every image exactly once (the mock agent's op log has one manage
+/// once, the orchestrator is SIGKILLed after a random number of adoptions while the next
+/// image's manage is in flight, and the resumed apply adopts every image exactly once (the mock agent's op log has one manage
 /// per image, each under its own op_id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_image_once() {
@@ -547,10 +547,18 @@ async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_i
             % (IMAGES - 2));
     eprintln!("killing the orchestrator after {kill_after} adoption(s)");
     let adopted = |p: &pb::AdoptionPlan| p.items.iter().filter(|i| i.outcome == "adopted").count();
+    // … while the next image's manage is in flight (its volume still being created).
+    let creating = |c: &mut Clients| {
+        let mut c = c.clone();
+        async move {
+            let req = pb::ListVolumesRequest { project: "tests".into(), ..Default::default() };
+            c.volumes.list_volumes(req).await.unwrap().into_inner().volumes.iter().any(|v| v.status == "creating")
+        }
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while adopted(&get(&mut c).await) < kill_after {
+    while adopted(&get(&mut c).await) < kill_after || !creating(&mut c).await {
         assert!(std::time::Instant::now() < deadline, "adoptions stalled before the kill");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     cluster.restart_orchestrator().await;
     let mut c = cluster.clients().await;

@@ -105,6 +105,17 @@ impl Adopt {
             Err(e) => return Err(step_error(e)),
         };
         let (outcome, reason, volume_id) = match existing {
+            // The manage this apply submitted before a restart is still running (its own
+            // execution, resumed too): wait for its end.
+            Some(v)
+                if v.backend == self.state.backend
+                    && v.pending.as_ref().is_some_and(|p| p.action == "manage" && p.reference == item.reference) =>
+            {
+                return Err(ProcedureError::Retry(format!(
+                    "volume {} is still being taken over from {}",
+                    item.name, item.reference
+                )));
+            }
             // Made by this apply before a restart: the image went into it.
             Some(v)
                 if v.backend == self.state.backend && {
