@@ -36,6 +36,22 @@ fn io(uri: &str, cmds: &[&str]) {
     qemu_io(uri, &cmds.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap_or_else(|e| panic!("{e}"));
 }
 
+/// Polls execution `id` until `ok` holds (within a minute); fails if it ends first.
+async fn execution_until(c: &mut Clients, id: &str, what: &str, ok: impl Fn(&pb::Execution) -> bool) -> pb::Execution {
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: id.into() }).await.unwrap().into_inner();
+        if ok(&now) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline && now.status == "running",
+            "execution {id} never reached {what}: {now:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn listing(backend: &str, limit: i32, marker: &str, sort: &str) -> pb::ListManageableVolumesRequest {
     pb::ListManageableVolumesRequest { backend: backend.into(), limit, marker: marker.into(), sort: sort.into() }
 }
@@ -441,15 +457,7 @@ async fn the_adopt_after_dr_runbook_plans_waits_for_approval_and_adopts() {
             .collect(),
     };
     let e = c.runbooks.run_runbook(req).await.unwrap().into_inner();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let waiting = loop {
-        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
-        if now.step == "prompt:review" {
-            break now;
-        }
-        assert!(std::time::Instant::now() < deadline && now.status == "running", "never reached the prompt: {now:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let waiting = execution_until(&mut c, &e.id, "the prompt", |x| x.step == "prompt:review").await;
     // Nothing is adopted before the approval; the plan is in the first step's items.
     let state: serde_json::Value = serde_json::from_str(&waiting.state_json).unwrap();
     let items = state["steps"][0]["items"].as_array().unwrap();
@@ -459,15 +467,7 @@ async fn the_adopt_after_dr_runbook_plans_waits_for_approval_and_adopts() {
     assert_eq!(none.await.unwrap_err().code(), tonic::Code::NotFound);
     let decide = pb::DecidePromptRequest { id: e.id.clone(), approve: true, by: "tester".into(), ..Default::default() };
     c.executions.decide_prompt(decide).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let done = loop {
-        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
-        if now.status != "running" {
-            break now;
-        }
-        assert!(std::time::Instant::now() < deadline, "still running at {}", now.step);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let done = execution_until(&mut c, &e.id, "its end", |x| x.status != "running").await;
     assert_eq!(done.status, "succeeded", "{}", done.error);
     let u = uri(&mut c, "restored").await;
     io(&u, &["read -P 0x71 0 1M"]);
@@ -572,18 +572,7 @@ async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_i
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert_eq!(done.executions.len(), 1, "one apply, resumed: {:?}", done.executions);
-    let e = loop {
-        let e = c
-            .executions
-            .get_execution(pb::GetExecutionRequest { id: done.executions[0].clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if e.status != "running" {
-            break e;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let e = execution_until(&mut c, &done.executions[0], "its end", |x| x.status != "running").await;
     assert_eq!(e.status, "succeeded", "{}", e.error);
     let vols = c.volumes.list_volumes(pb::ListVolumesRequest { project: "tests".into(), ..Default::default() });
     let vols = vols.await.unwrap().into_inner().volumes;

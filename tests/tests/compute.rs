@@ -265,6 +265,16 @@ fn acked(side: &ComputeSide, id: &str) -> Option<u64> {
     std::fs::read_to_string(side.dir.join(format!("{id}.ack"))).ok()?.trim().parse().ok()
 }
 
+/// Waits (up to 30 s) until every instance at `side` has acknowledged the record
+/// `at_least` gives for it.
+async fn wait_acked(side: &ComputeSide, ids: &[String], what: &str, at_least: impl Fn(&str) -> u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while ids.iter().any(|i| acked(side, i).is_none_or(|n| n < at_least(i))) {
+        assert!(Instant::now() < deadline, "the instances did not write {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn stage() -> Stage {
     use drover_proto::compute::v1 as cpb;
     let work = tempfile::tempdir().unwrap();
@@ -349,11 +359,7 @@ async fn stage() -> Stage {
     let start = cpb::InstancesRequest { op_id: "start-a".into(), instance_ids: ids.clone(), deadline_ms: 0 };
     let r = at_a.start(start).await.unwrap().into_inner();
     assert!(r.outcomes.iter().all(|o| o.kind == cpb::OutcomeKind::Success as i32), "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ids.iter().any(|i| acked(&a, i).is_none_or(|n| n < 50)) {
-        assert!(Instant::now() < deadline, "the instances did not write at site A");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_acked(&a, &ids, "at site A", |_| 50).await;
 
     Stage { work, bin, a, b, cluster, c, layout: layout.to_vec(), ids }
 }
@@ -413,31 +419,13 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
     use drover_proto::compute::v1 as cpb;
     let Stage { work, bin, a, b, cluster: _cluster, mut c, layout, ids } = stage().await;
     // The planned site failover, with the compute steps.
-    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
-    let req = pb::RunbookRequest {
-        file_name: path.display().to_string(),
-        text: std::fs::read_to_string(&path).unwrap(),
-        params: [("site", "site-a"), ("target_site", "site-b")]
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect(),
-    };
-    let e = c.runbooks.run_runbook(req).await.unwrap().into_inner();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let run = loop {
-        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
-        if now.status != "running" {
-            break now;
-        }
-        assert!(Instant::now() < deadline, "the site failover is still at {}", now.step);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    let state: serde_json::Value = serde_json::from_str(&run.state_json).unwrap();
+    let (run, state) =
+        run_book(&mut c, "site-failover-planned.yaml", &[("site", "site-a"), ("target_site", "site-b")]).await;
     if run.status != "succeeded" {
         let log = std::fs::read_to_string(work.path().join("compute-site-a.log")).unwrap_or_default();
         panic!("{}: {state}\ncompute at site A:\n{log}", run.error);
     }
-    let step = |name: &str| state["steps"].as_array().unwrap().iter().find(|s| s["name"] == name).unwrap().clone();
+    let step = |name: &str| step_of(&state, name);
     for name in ["stop-instances", "point-instances", "start-instances"] {
         let s = step(name);
         let items = s["items"].as_array().unwrap();
@@ -455,11 +443,7 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
     let stopped_at_a: HashMap<String, u64> = ids.iter().map(|i| (i.clone(), acked(&a, i).unwrap())).collect();
 
     // At site B they write on (their logs continue).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ids.iter().any(|i| acked(&b, i).is_none_or(|n| n < stopped_at_a[i] + 20)) {
-        assert!(Instant::now() < deadline, "the instances did not write on at site B");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_acked(&b, &ids, "on at site B", |i| stopped_at_a[i] + 20).await;
     // The failback is the reverse: stopped at B, the groups come home, started at A.
     let (back, state) = run_book(&mut c, "site-failback.yaml", &[("site", "site-a"), ("from_site", "site-b")]).await;
     assert_eq!(back.status, "succeeded", "{}: {state}", back.error);
@@ -469,11 +453,7 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
         assert!(items.len() == 3 && items.iter().all(|i| i["status"] == "succeeded"), "{name}: {s}");
     }
     let stopped_at_b: HashMap<String, u64> = ids.iter().map(|i| (i.clone(), acked(&b, i).unwrap())).collect();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ids.iter().any(|i| acked(&a, i).is_none_or(|n| n < stopped_at_b[i] + 20)) {
-        assert!(Instant::now() < deadline, "the instances did not write on back at site A");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_acked(&a, &ids, "on back at site A", |i| stopped_at_b[i] + 20).await;
     let mut at_a = cpb::compute_hook_client::ComputeHookClient::connect(a.addr.clone()).await.unwrap();
     let stop = cpb::InstancesRequest { op_id: "stop-a".into(), instance_ids: ids.clone(), deadline_ms: 10_000 };
     let r = at_a.stop(stop).await.unwrap().into_inner();
@@ -520,11 +500,7 @@ async fn a_disaster_failover_skips_the_lost_site_and_starts_the_instances_at_the
         let items = s["items"].as_array().unwrap();
         assert!(items.len() == 3 && items.iter().all(|i| i["status"] == "succeeded"), "{name}: {s}");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ids.iter().any(|i| acked(&b, i).is_none_or(|n| n < 20)) {
-        assert!(Instant::now() < deadline, "the instances did not write at site B");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_acked(&b, &ids, "at site B", |_| 20).await;
     let mut at_b = cpb::compute_hook_client::ComputeHookClient::connect(b.addr.clone()).await.unwrap();
     let stop = cpb::InstancesRequest { op_id: "stop-b".into(), instance_ids: ids.clone(), deadline_ms: 10_000 };
     let r = at_b.stop(stop).await.unwrap().into_inner();

@@ -31,21 +31,13 @@ pub enum SnapshotCmd {
     Show { snapshot: String },
     /// Delete a snapshot (refused while volumes made from it exist).
     Delete { snapshot: String },
-    /// Snapshots that unmanaged volumes on a backend carry (qcow2: internal snapshots);
-    /// `drover volume manage` takes them over with their volume.
+    /// Snapshots that unmanaged volumes on a backend carry (qcow2: internal snapshots,
+    /// and backing-file layers); `drover volume manage` takes the internal ones over with
+    /// their volume. A row's marker is "<volume reference>/<snapshot reference>".
     #[command(name = "manageable-list")]
     ManageableList {
-        #[arg(long)]
-        backend: String,
-        /// One page of at most this many rows (without it, every row).
-        #[arg(long)]
-        limit: Option<i32>,
-        /// Start after this row ("<volume reference>/<snapshot reference>").
-        #[arg(long, default_value = "")]
-        marker: String,
-        /// Order by name (the default) or size.
-        #[arg(long, default_value = "name", value_parser = ["name", "size"])]
-        sort: String,
+        #[command(flatten)]
+        list: super::volume::ManageableArgs,
     },
 }
 
@@ -115,9 +107,8 @@ pub async fn run(ctx: &mut Ctx, cmd: SnapshotCmd) -> Result<()> {
         }
         SnapshotCmd::Show { snapshot } => show(ctx, snapshot).await?,
         SnapshotCmd::Delete { snapshot } => delete(ctx, snapshot).await?,
-        SnapshotCmd::ManageableList { backend, limit, marker, sort } => {
-            let one_page = limit.is_some() || !marker.is_empty();
-            let mut req = pb::ListManageableVolumesRequest { backend, limit: limit.unwrap_or(0), marker, sort };
+        SnapshotCmd::ManageableList { list } => {
+            let (one_page, mut req) = list.request();
             let mut all = pb::ListManageableSnapshotsResponse::default();
             loop {
                 let page = ctx.api.volumes.list_manageable_snapshots(req.clone()).await?.into_inner();

@@ -50,17 +50,8 @@ pub enum VolumeCmd {
     /// Volumes on a backend that Drover does not manage (Cinder's manageable-list).
     #[command(name = "manageable-list")]
     ManageableList {
-        #[arg(long)]
-        backend: String,
-        /// One page of at most this many rows (without it, every row).
-        #[arg(long)]
-        limit: Option<i32>,
-        /// Start after this reference (a page's "next marker").
-        #[arg(long, default_value = "")]
-        marker: String,
-        /// Order by name (the default) or size.
-        #[arg(long, default_value = "name", value_parser = ["name", "size"])]
-        sort: String,
+        #[command(flatten)]
+        list: ManageableArgs,
     },
     /// Take over an unmanaged volume (Cinder's manage), with the snapshots it carries.
     Manage {
@@ -168,9 +159,8 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
                 t
             });
         }
-        VolumeCmd::ManageableList { backend, limit, marker, sort } => {
-            let one_page = limit.is_some() || !marker.is_empty();
-            let mut req = pb::ListManageableVolumesRequest { backend, limit: limit.unwrap_or(0), marker, sort };
+        VolumeCmd::ManageableList { list } => {
+            let (one_page, mut req) = list.request();
             let mut all = pb::ListManageableVolumesResponse::default();
             loop {
                 let page = api.list_manageable_volumes(req.clone()).await?.into_inner();
@@ -248,4 +238,34 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The flags of `drover volume manageable-list` and `drover snapshot manageable-list`.
+#[derive(clap::Args)]
+pub struct ManageableArgs {
+    #[arg(long)]
+    backend: String,
+    /// One page of at most this many rows (without it, every row).
+    #[arg(long)]
+    limit: Option<i32>,
+    /// Start after this row (a page's "next marker").
+    #[arg(long, default_value = "")]
+    marker: String,
+    /// Order by name (the default) or size.
+    #[arg(long, default_value = "name", value_parser = ["name", "size"])]
+    sort: String,
+}
+
+impl ManageableArgs {
+    /// Whether one page was asked for, and the first request.
+    pub fn request(self) -> (bool, pb::ListManageableVolumesRequest) {
+        let one_page = self.limit.is_some() || !self.marker.is_empty();
+        let req = pb::ListManageableVolumesRequest {
+            backend: self.backend,
+            limit: self.limit.unwrap_or(0),
+            marker: self.marker,
+            sort: self.sort,
+        };
+        (one_page, req)
+    }
 }

@@ -86,24 +86,58 @@ pub fn parse_uri(uri: &str) -> Result<(NbdAddr, String)> {
     bail!("{uri:?} is not an NBD URI (nbd://host:port/export or nbd+unix:///export?socket=PATH)")
 }
 
-async fn connect(uri: &str) -> Result<NbdClient> {
-    let (addr, export) = parse_uri(uri)?;
-    NbdClient::connect(&addr, &export).await.with_context(|| format!("connecting to {uri}"))
+/// A log's volumes: one connection each, and how many record slots they hold together.
+struct Volumes {
+    vols: Vec<NbdClient>,
+    slots: u64,
+}
+
+impl Volumes {
+    async fn open(uris: &[String]) -> Result<Self> {
+        let mut vols = Vec::new();
+        for uri in uris {
+            let (addr, export) = parse_uri(uri)?;
+            vols.push(NbdClient::connect(&addr, &export).await.with_context(|| format!("connecting to {uri}"))?);
+        }
+        let slots = vols.iter().map(|v| v.size() / RECORD as u64).min().unwrap_or(0) * vols.len() as u64;
+        Ok(Self { vols, slots })
+    }
+
+    /// The volume and offset of slot `seq`.
+    fn at(&mut self, seq: u64) -> (&mut NbdClient, u64) {
+        let n = self.vols.len() as u64;
+        (&mut self.vols[(seq % n) as usize], (seq / n) * RECORD as u64)
+    }
+
+    async fn read(&mut self, seq: u64) -> Result<Vec<u8>> {
+        let (v, off) = self.at(seq);
+        Ok(v.read(off, RECORD as u32).await?)
+    }
+
+    async fn flush(&mut self) -> Result<()> {
+        for v in &mut self.vols {
+            v.flush().await?;
+        }
+        Ok(())
+    }
+
+    async fn close(mut self) -> Result<()> {
+        self.flush().await?;
+        for v in self.vols {
+            v.disconnect().await;
+        }
+        Ok(())
+    }
 }
 
 /// The log on `volumes`: the records of the exact prefix, or why it is not one.
 pub async fn read_log(id: &str, uris: &[String]) -> Result<u64> {
     let tag = tag(id);
-    let mut vols = Vec::new();
-    for u in uris {
-        vols.push(connect(u).await?);
-    }
-    let n = vols.len() as u64;
-    let slots = vols.iter().map(|v| v.size() / RECORD as u64).min().unwrap_or(0) * n;
+    let mut vols = Volumes::open(uris).await?;
+    let slots = vols.slots;
     let mut seq = 0;
     while seq < slots {
-        let v = &mut vols[(seq % n) as usize];
-        let data = v.read((seq / n) * RECORD as u64, RECORD as u32).await?;
+        let data = vols.read(seq).await?;
         match classify(tag, &data) {
             Slot::Empty => break,
             Slot::Record(s) if s == seq => seq += 1,
@@ -113,15 +147,11 @@ pub async fn read_log(id: &str, uris: &[String]) -> Result<u64> {
     }
     // After the prefix, nothing: a record past a gap would mean a lost write.
     for after in seq + 1..(seq + 64).min(slots) {
-        let v = &mut vols[(after % n) as usize];
-        let data = v.read((after / n) * RECORD as u64, RECORD as u32).await?;
-        if classify(tag, &data) != Slot::Empty {
+        if classify(tag, &vols.read(after).await?) != Slot::Empty {
             bail!("slot {after} is written after the empty slot {seq}: a write was lost");
         }
     }
-    for v in vols {
-        v.disconnect().await;
-    }
+    vols.close().await?;
     Ok(seq)
 }
 
@@ -129,12 +159,7 @@ pub async fn read_log(id: &str, uris: &[String]) -> Result<u64> {
 pub async fn run(id: &str, uris: &[String], ack_file: &Path, interval: Duration) -> Result<()> {
     let next_start = read_log(id, uris).await.context("reading the log to continue it")?;
     let tag = tag(id);
-    let mut vols = Vec::new();
-    for u in uris {
-        vols.push(connect(u).await?);
-    }
-    let n = vols.len() as u64;
-    let slots = vols.iter().map(|v| v.size() / RECORD as u64).min().unwrap_or(0) * n;
+    let mut vols = Volumes::open(uris).await?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
@@ -154,9 +179,7 @@ pub async fn run(id: &str, uris: &[String], ack_file: &Path, interval: Duration)
                 break;
             }
             Some("quiesce") => {
-                for v in &mut vols {
-                    v.flush().await?;
-                }
+                vols.flush().await?;
                 println!("quiesced");
                 loop {
                     match rx.recv().await.as_deref() {
@@ -164,16 +187,16 @@ pub async fn run(id: &str, uris: &[String], ack_file: &Path, interval: Duration)
                             println!("unquiesced");
                             break;
                         }
-                        Some("stop") | None => return finish(vols).await,
+                        Some("stop") | None => return vols.close().await,
                         _ => {}
                     }
                 }
             }
             _ => {}
         }
-        if seq < slots {
-            let v = &mut vols[(seq % n) as usize];
-            v.write((seq / n) * RECORD as u64, &record(tag, seq)).await?;
+        if seq < vols.slots {
+            let (v, off) = vols.at(seq);
+            v.write(off, &record(tag, seq)).await?;
             v.flush().await?;
             let tmp = ack_file.with_extension("tmp");
             std::fs::write(&tmp, seq.to_string())?;
@@ -182,15 +205,7 @@ pub async fn run(id: &str, uris: &[String], ack_file: &Path, interval: Duration)
         }
         tokio::time::sleep(interval).await;
     }
-    finish(vols).await
-}
-
-async fn finish(vols: Vec<NbdClient>) -> Result<()> {
-    for mut v in vols {
-        v.flush().await?;
-        v.disconnect().await;
-    }
-    Ok(())
+    vols.close().await
 }
 
 #[cfg(test)]

@@ -205,7 +205,7 @@ impl fmt::Display for RunbookError {
 impl std::error::Error for RunbookError {}
 
 /// The 1-based line and column of byte `index` of `text`.
-fn position(text: &str, index: usize) -> (usize, usize) {
+pub(crate) fn position(text: &str, index: usize) -> (usize, usize) {
     let before = &text[..index.min(text.len())];
     let line = before.matches('\n').count() + 1;
     let column = before.rfind('\n').map_or(before.len(), |n| before.len() - n - 1) + 1;

@@ -29,6 +29,7 @@ use crate::agents::Deadline;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{VolumeRec, now_ms};
 use crate::repo::{put, validate_name, validate_new_name};
+use crate::runbook::schema::position;
 
 /// Where plans are kept.
 pub fn plan_key(id: &str) -> String {
@@ -93,14 +94,6 @@ pub fn wildcard(pattern: &str, text: &str) -> bool {
         }
     }
     p[pi..].iter().all(|c| *c == '*')
-}
-
-/// 1-based line and column of byte `index` in `text`.
-fn position(text: &str, index: usize) -> (usize, usize) {
-    let before = &text[..index.min(text.len())];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |n| before.len() - n - 1) + 1;
-    (line, column)
 }
 
 /// Parses and checks a mapping file; errors name `file:line:col`.
