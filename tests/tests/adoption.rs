@@ -316,6 +316,7 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
     make("twin-1", "4M");
     make("twin-2", "4M");
     make("stray", "4M");
+    make("new-1", "4M");
     make(&taken.id, "4M");
     let base = outside_dir.path().join("base.qcow2");
     run(&["qemu-img", "create", "-q", "-f", "qcow2", img(&base), "4M"]);
@@ -344,7 +345,7 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
     std::fs::write(
         &map,
         "rules:\n  - match: \"app-*\"\n    name: \"prod-{reference}\"\n    group: apps\n  - match: taken\n  \
-         - match: \"twin-*\"\n    name: twin\n",
+         - match: \"twin-*\"\n    name: twin\n  - match: \"new-*\"\n    group: fresh\n    type: consistent-replication\n",
     )
     .unwrap();
     let plan =
@@ -364,10 +365,12 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
         ("stray", "unmatched"),
         (taken.id.as_str(), "managed"),
         ("missing:ghost", "missing"),
+        ("new-1", "adoptable"),
     ] {
         assert_eq!(category(k), want, "{k}: {}", by[k]);
     }
-    assert_eq!(by.len(), 10, "exactly the images and the ghost: {plan}");
+    assert_eq!(by.len(), 11, "exactly the images and the ghost: {plan}");
+    assert!(by["new-1"]["reason"].as_str().unwrap().contains("created with type"), "{}", by["new-1"]);
     assert_eq!(by["app-db"]["name"], "prod-app-db");
     assert_eq!(by["app-db"]["snapshots"], serde_json::json!(["prod-app-db.pre-dr"]));
     assert!(by["app-out"]["reason"].as_str().unwrap().contains("outside the pool"));
@@ -391,7 +394,7 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
     let applied: serde_json::Value = serde_json::from_str(&applied).unwrap();
     let by = items(&applied);
     for (k, v) in &by {
-        let want = if ["app-db", "app-web"].contains(&k.as_str()) { "adopted" } else { "" };
+        let want = if ["app-db", "app-web", "new-1"].contains(&k.as_str()) { "adopted" } else { "" };
         assert_eq!(v["outcome"], want, "{k}: {v}");
     }
     let db_vol = c
@@ -422,6 +425,15 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
         .unwrap()
         .into_inner();
     assert_eq!(group.volume_ids.len(), 3, "seed and the two adopted: {group:?}");
+    // The map's new group was created, of its type, holding the adopted volume.
+    let fresh = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "fresh".into(), project: "tests".into() })
+        .await
+        .expect("the map's new group")
+        .into_inner();
+    assert_eq!(fresh.group_type, "consistent-replication");
+    assert_eq!(fresh.volume_ids, [by["new-1"]["volume_id"].as_str().unwrap()]);
 
     // A second apply of the same plan adopts nothing more and changes no outcome.
     let before = c.volumes.list_volumes(pb::ListVolumesRequest { project: "tests".into(), ..Default::default() });

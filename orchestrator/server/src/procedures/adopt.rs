@@ -157,11 +157,24 @@ impl Adopt {
                 add_volumes: vec![volume_id.clone()],
                 ..Default::default()
             };
-            let member = match self.core.repo.group(&item.group, &item.project).await {
-                Ok(g) => g.rec.volume_ids.contains(&volume_id),
-                Err(_) => false,
+            let done = match self.core.repo.group(&item.group, &item.project).await {
+                Ok(g) if g.rec.volume_ids.contains(&volume_id) => Ok(()),
+                Ok(_) => groups.update(add).await.map(|_| ()),
+                // Missing, and the map gave its type: the first adoption creates it.
+                Err(ApiError::NotFound(_)) if !item.group_type.is_empty() => {
+                    let create = pb::CreateGroupRequest {
+                        name: item.group.clone(),
+                        project: item.project.clone(),
+                        group_type: item.group_type.clone(),
+                        backend: self.state.backend.clone(),
+                        volumes: vec![volume_id.clone()],
+                        ..Default::default()
+                    };
+                    groups.create(create).await.map(|_| ())
+                }
+                Err(e) => Err(e),
             };
-            if !member && let Err(e) = groups.update(add).await {
+            if let Err(e) = done {
                 reason =
                     format!("adopted, but not added to group {}: {e}; add it with `drover group update`", item.group);
             }

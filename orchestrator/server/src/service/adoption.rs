@@ -67,6 +67,10 @@ pub struct MapRule {
     /// A group of the project to add the volume to once adopted.
     #[serde(default)]
     pub group: Option<String>,
+    /// The group's type: when the group does not exist, the first adoption creates it
+    /// with this type (on the plan's backend).
+    #[serde(default, rename = "type")]
+    pub group_type: Option<String>,
     /// Leave what matches alone (listed as unmatched).
     #[serde(default)]
     pub skip: bool,
@@ -131,6 +135,16 @@ pub fn parse_map(file: &str, text: &str) -> ApiResult<AdoptMap> {
         }
         if let Some(g) = &rule.group {
             validate_name("group", g).map_err(|e| bad(line, col, format!("rule {}: {e}", i + 1)))?;
+        }
+        if let Some(t) = &rule.group_type {
+            if rule.group.is_none() {
+                return Err(bad(
+                    line,
+                    col,
+                    format!("rule {}: `type` {t:?} is the type of its `group`; name the group", i + 1),
+                ));
+            }
+            validate_name("type", t).map_err(|e| bad(line, col, format!("rule {}: {e}", i + 1)))?;
         }
     }
     Ok(map)
@@ -251,6 +265,7 @@ impl VolumeApi {
             };
             item.project = rule.and_then(|rule| rule.project.clone()).unwrap_or_else(|| r.project.clone());
             item.group = rule.and_then(|rule| rule.group.clone()).unwrap_or_default();
+            item.group_type = rule.and_then(|rule| rule.group_type.clone()).unwrap_or_default();
             item.snapshots = m
                 .snapshots
                 .iter()
@@ -277,10 +292,28 @@ impl VolumeApi {
                         );
                     }
                     Ok(_) => {}
+                    Err(ApiError::NotFound(_)) if !item.group_type.is_empty() => {
+                        let known = self
+                            .core
+                            .repo
+                            .get::<crate::model::GroupTypeRec>(&crate::model::keys::group_type(&item.group_type))
+                            .await?
+                            .is_some();
+                        item.reason = match known {
+                            true => format!("group {} is created with type {}", item.group, item.group_type),
+                            false => {
+                                item.category = "invalid".into();
+                                format!("there is no group type {}; see `drover group-type list`", item.group_type)
+                            }
+                        };
+                    }
                     Err(ApiError::NotFound(_)) => {
                         (item.category, item.reason) = (
                             "invalid".into(),
-                            format!("project {} has no group {}; create it first", item.project, item.group),
+                            format!(
+                                "project {} has no group {}; create it first, or give its `type` in the map",
+                                item.project, item.group
+                            ),
                         );
                     }
                     Err(e) => return Err(e),
@@ -447,6 +480,8 @@ mod tests {
         assert!(e.contains("map.yaml:3:5") && e.contains("rule 2"), "{e}");
         let e = parse_map("m", "rules:\n  - match: x\n    name: \"{volume}\"\n").unwrap_err().to_string();
         assert!(e.contains("m:2:5") && e.contains("{reference}"), "{e}");
+        let e = parse_map("m", "rules:\n  - match: x\n    type: consistent-replication\n").unwrap_err().to_string();
+        assert!(e.contains("m:2:5") && e.contains("name the group"), "{e}");
         let ok =
             parse_map("m", "rules:\n  - match: \"db-*\"\n    name: \"prod-{reference}\"\n    project: fin\n").unwrap();
         assert_eq!(ok.rules[0].project.as_deref(), Some("fin"));
