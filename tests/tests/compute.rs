@@ -533,7 +533,7 @@ async fn a_quiesced_sync_is_application_consistent_and_one_whose_quiesce_hangs_i
     .unwrap();
     let command = format!("compute.site-a.command=[\"/bin/sh\", \"{}\"]", script.display());
     let orch = ["--set", "compute.site-a.kind=exec", "--set", &command, "--set", "compute.site-a.notify_kinds=[]"];
-    let cluster = Cluster::start_custom(StoreChoice::Embedded, "mock", &[], &orch).await;
+    let mut cluster = Cluster::start_custom(StoreChoice::Embedded, "mock", &[], &orch).await;
     let mut c = cluster.clients().await;
     replicated_group(&mut c, "db", 2).await;
     let get = pb::GetGroupRequest { group: "db".into(), project: "tests".into() };
@@ -576,4 +576,30 @@ async fn a_quiesced_sync_is_application_consistent_and_one_whose_quiesce_hangs_i
     assert_ne!(r2.recovery_point_id, r.recovery_point_id, "a point was still taken");
     let g = c.groups.get_group(get).await.unwrap().into_inner();
     assert_eq!(g.app_consistent_point, r.recovery_point_id, "the crash-consistent point is not recorded as consistent");
+
+    // The orchestrator dies while the quiesce hangs: the resumed sync quiesces again
+    // (same op_id), takes the point, and still unquiesces.
+    let e = c.replication.sync_group(pb::SyncGroupRequest { no_wait: true, ..sync(8_000) }).await.unwrap().into_inner();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while calls().len() < 8 {
+        assert!(Instant::now() < deadline, "the third sync never asked to quiesce: {:?}", calls());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cluster.restart_orchestrator().await;
+    let mut c = cluster.clients().await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let now = c.executions.get_execution(pb::GetExecutionRequest { id: e.execution_id.clone() }).await.unwrap();
+        let now = now.into_inner();
+        if now.status != "running" {
+            break now;
+        }
+        assert!(Instant::now() < deadline, "the resumed sync is still at {}", now.step);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    assert!(ended.claims >= 2, "resumed by the new orchestrator: {ended:?}");
+    let answer: serde_json::Value = serde_json::from_str(&ended.output_json).unwrap();
+    assert_eq!(answer["value"]["application_consistent"], false, "{answer}");
+    assert_eq!(calls()[6..], ["list_instances", "quiesce", "list_instances", "quiesce", "unquiesce"]);
 }
