@@ -173,17 +173,23 @@ fn all_failed(call: &Call, why: &str) -> Answer {
     Answer { instances: Vec::new(), outcomes }
 }
 
+/// Notifications sent at once, over every site.
+const NOTIFY_IN_FLIGHT: usize = 8;
+
 /// The compute sides of every configured site.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Hooks {
     sites: Arc<BTreeMap<String, ComputeSite>>,
+    /// Bounds the notifications in flight (a site failover of a thousand groups starts
+    /// and ends two thousand executions: not two thousand commands at once).
+    notifying: Arc<tokio::sync::Semaphore>,
     /// Drover's own TLS files, for gRPC hooks over https without a CA of their own.
     tls: Option<drover_proto::tls::TlsFiles>,
 }
 
 impl Hooks {
     pub fn new(sites: BTreeMap<String, ComputeSite>, tls: Option<drover_proto::tls::TlsFiles>) -> Self {
-        Self { sites: Arc::new(sites), tls }
+        Self { sites: Arc::new(sites), tls, notifying: Arc::new(tokio::sync::Semaphore::new(NOTIFY_IN_FLIGHT)) }
     }
 
     /// The sites with a compute side.
@@ -279,6 +285,7 @@ impl Hooks {
             }
             let (hooks, site, call) = (self.clone(), site.clone(), Call::Notify(req.clone()));
             tokio::spawn(async move {
+                let Ok(_slot) = hooks.notifying.clone().acquire_owned().await else { return };
                 if let Err(e) = hooks.call(&site, &call).await {
                     tracing::warn!(site = %site, error = %e, "could not notify the compute side; it is not sent again");
                 }
