@@ -420,11 +420,11 @@ async fn runs_that_cannot_start_are_refused_with_the_reason() {
         .await
         .expect_err("nothing at site-x");
     assert_eq!(none.code(), tonic::Code::FailedPrecondition);
-    assert!(none.message().contains("site-failover-planned.yaml:16:7: step `freeze` (freeze)"), "{}", none.message());
+    assert!(none.message().contains("site-failover-planned.yaml:27:7: step `freeze` (freeze)"), "{}", none.message());
 
     let missing = c.runbooks.plan_runbook(request("site-failover-planned.yaml", &[])).await.expect_err("no site");
     assert_eq!(missing.code(), tonic::Code::InvalidArgument);
-    assert!(missing.message().contains(":7:3: parameter `site` (string) is required"), "{}", missing.message());
+    assert!(missing.message().contains(":10:3: parameter `site` (string) is required"), "{}", missing.message());
 
     let held = c
         .replication
