@@ -193,6 +193,10 @@ async fn webhook_calls_are_signed_announced_once_and_retried_only_on_server_erro
     assert_eq!(attempts, [500, 200]);
     let refused: Vec<&Seen> = seen.iter().filter(|s| s.answered == 400).collect();
     assert_eq!(refused.len(), 1, "a 400 is not retried: {refused:?}");
+    // The failover is also announced as a group event, once.
+    let moved: Vec<&Seen> = seen.iter().filter(|s| s.body["request"]["event"] == "group.failed_over").collect();
+    assert_eq!(moved.len(), 1, "{moved:?}");
+    assert_eq!(moved[0].body["request"]["execution_id"], r.execution_id.as_str());
     let finished = &deliveries[&(e.id.clone(), "execution.finished".to_string())][0].body["request"];
     assert_eq!((finished["status"].as_str(), finished["kind"].as_str()), (Some("succeeded"), Some("runbook")));
     assert!(finished["report"].as_str().unwrap().contains(&e.id));

@@ -99,6 +99,17 @@ pub async fn serve(
             let seconds = (rec.updated_ms - rec.created_ms).max(0) as f64 / 1000.0;
             core.metrics.execution_seconds.get_or_create(&labels).observe(seconds);
             core.hooks.notify_execution("execution.finished", rec, report_link(&core.config, &rec.id));
+            // A group that moved is news of its own for the compute sides.
+            if rec.kind == procedures::GROUP_KIND && rec.status == drover_procedure::ExecutionStatus::Succeeded {
+                let event = match rec.state["action"].as_str() {
+                    Some("failover") => Some("group.failed_over"),
+                    Some("failback") => Some("group.failed_back"),
+                    _ => None,
+                };
+                if let Some(event) = event {
+                    core.hooks.notify_execution(event, rec, report_link(&core.config, &rec.id));
+                }
+            }
             service::messages::execution_ended(&core, rec)
         })
     });

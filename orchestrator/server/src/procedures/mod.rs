@@ -14,6 +14,8 @@ mod sync;
 mod volume;
 
 pub use adopt::Adopt;
+/// The kind of group transitions' executions.
+pub const GROUP_KIND: &str = group::KIND;
 pub use group::GroupTransition;
 pub use snapshot::SnapshotTransition;
 pub use sync::SyncNow;
