@@ -65,14 +65,19 @@ impl Adopt {
         VolumeApi { core: self.core.clone() }
     }
 
-    async fn save(&self, plan: &PlanRec) -> Result<(), ProcedureError> {
-        let txn = drover_store::Txn::new().and_then(put(&plan_key(&plan.plan.id), plan));
-        self.core.repo.txn(txn).await.map_err(step_error)?;
+    /// Writes the plan's outcomes, only while this owner holds the apply (an owner that
+    /// lost its claim unnoticed must not write over its successor's).
+    async fn save(&self, plan: &PlanRec, ctx: &Context) -> Result<(), ProcedureError> {
+        let txn = drover_store::Txn::new().when(ctx.claim()).and_then(put(&plan_key(&plan.plan.id), plan));
+        if !self.core.repo.txn(txn).await.map_err(step_error)?.succeeded {
+            return Err(ProcedureError::Retry("this orchestrator no longer owns the apply".into()));
+        }
         Ok(())
     }
 
     /// The backend's images now, against the plan's less those it adopted.
-    async fn check(&mut self, plan: &mut PlanRec, execution: &str) -> Result<Status, ProcedureError> {
+    async fn check(&mut self, plan: &mut PlanRec, ctx: &Context) -> Result<Status, ProcedureError> {
+        let execution = ctx.execution_id.as_str();
         let now = image_lines(&self.volumes().list_manageable(&self.state.backend).await.map_err(step_error)?);
         let mut then = plan.images.clone();
         for i in plan.plan.items.iter().filter(|i| i.outcome == "adopted") {
@@ -88,7 +93,7 @@ impl Adopt {
         }
         if !plan.plan.executions.iter().any(|e| e == execution) {
             plan.plan.executions.push(execution.to_string());
-            self.save(plan).await?;
+            self.save(plan, ctx).await?;
         }
         self.state.checked = true;
         let todo = plan.plan.items.iter().filter(|i| i.category == "adoptable" && i.outcome != "adopted").count();
@@ -96,7 +101,7 @@ impl Adopt {
     }
 
     /// Adopts item `n` of the plan and records its outcome.
-    async fn adopt(&mut self, plan: &mut PlanRec, n: usize) -> Result<String, ProcedureError> {
+    async fn adopt(&mut self, plan: &mut PlanRec, n: usize, ctx: &Context) -> Result<String, ProcedureError> {
         let item = plan.plan.items[n].clone();
         let volumes = self.volumes();
         let existing = match self.core.repo.volume(&item.name, &item.project).await {
@@ -185,7 +190,7 @@ impl Adopt {
         if !volume_id.is_empty() {
             it.volume_id = volume_id;
         }
-        self.save(plan).await?;
+        self.save(plan, ctx).await?;
         match outcome {
             "adopted" => self.state.adopted += 1,
             _ => self.state.failed += 1,
@@ -227,7 +232,7 @@ impl Procedure for Adopt {
             Err(e) => return Err(ProcedureError::Fail(e.to_string())),
         };
         if !self.state.checked {
-            return self.check(&mut plan, &ctx.execution_id).await;
+            return self.check(&mut plan, ctx).await;
         }
         let next = (self.state.next..plan.plan.items.len())
             .find(|n| plan.plan.items[*n].category == "adoptable" && plan.plan.items[*n].outcome != "adopted");
@@ -235,7 +240,7 @@ impl Procedure for Adopt {
             tracing::info!(plan = %self.state.plan_id, adopted = self.state.adopted, failed = self.state.failed, "adoption applied");
             return Answer::Ok { value: serde_json::to_value(&plan.plan).expect("plans serialise") }.done();
         };
-        let note = self.adopt(&mut plan, n).await?;
+        let note = self.adopt(&mut plan, n, ctx).await?;
         self.state.next = n + 1;
         Ok(Status::Executing { note })
     }
