@@ -436,6 +436,17 @@ async fn a_planned_site_failover_stops_moves_and_starts_the_instances_and_their_
         assert_eq!(items.len(), 3, "{name}: {s}");
         assert!(items.iter().all(|i| i["status"] == "succeeded"), "{name}: {s}");
     }
+    // The DR report lists every instance with its outcome, per compute step.
+    let md = c
+        .executions
+        .get_execution_report(pb::GetExecutionReportRequest { id: run.id.clone(), format: "md".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .text;
+    for line in ["i1 (site-a)", "i3 (site-a)", "i1 (site-b)", "i3 (site-b)"] {
+        assert!(md.lines().any(|l| l.contains(line) && l.contains("succeeded")), "{line} not in the report:\n{md}");
+    }
     // Tier 1's instances started before tier 2's.
     let started: Vec<(u64, String)> = step("start-instances")["items"]
         .as_array()
