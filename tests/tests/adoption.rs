@@ -27,6 +27,31 @@ fn img(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// A qemu-io process that holds `image` open for writing (its lock taken) until killed.
+/// Readiness is seen in /proc (the image among its open files), not by probing the lock:
+/// a probe racing its open makes it fail to lock and exit.
+fn hold_open(image: &Path) -> std::process::Child {
+    let writer = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x44 0 64k", "-c", "sleep 600000", img(image)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let target = std::fs::canonicalize(image).unwrap();
+    let fds = format!("/proc/{}/fd", writer.id());
+    let held = std::time::Instant::now();
+    while !std::fs::read_dir(&fds)
+        .map(|d| d.flatten().any(|e| std::fs::read_link(e.path()).is_ok_and(|l| l == target)))
+        .unwrap_or(false)
+    {
+        assert!(held.elapsed().as_secs() < 10, "the writer never opened {}", image.display());
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Its lock is taken right after the open.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    writer
+}
+
 async fn uri(c: &mut Clients, volume: &str) -> String {
     let req = pb::AttachVolumeRequest { volume: volume.into(), project: "tests".into() };
     c.volumes.attach_volume(req).await.expect("attach").into_inner().uri
@@ -82,16 +107,7 @@ async fn images_made_outside_drover_are_classified_and_taken_over_with_their_sna
     // busy: 4 MiB, held open by a writer for the whole test.
     let busy = pool.join("busy.qcow2");
     run(&["qemu-img", "create", "-q", "-f", "qcow2", img(&busy), "4M"]);
-    let mut writer = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x44 0 64k", "-c", "sleep 600000", img(&busy)])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let held = std::time::Instant::now();
-    while Command::new("qemu-img").args(["info", img(&busy)]).output().unwrap().status.success() {
-        assert!(held.elapsed().as_secs() < 10, "the writer never took its lock");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let mut writer = hold_open(&busy);
 
     let all = c.volumes.list_manageable_volumes(listing("backend-b", 0, "", "")).await.unwrap().into_inner();
     let by: HashMap<_, _> = all.volumes.iter().map(|m| (m.reference.as_str(), m)).collect();
@@ -323,16 +339,7 @@ async fn an_adoption_plan_classifies_every_image_and_its_apply_adopts_exactly_th
     let out = pool.join("app-out.qcow2");
     run(&["qemu-img", "create", "-q", "-f", "qcow2", "-b", img(&base), "-F", "qcow2", img(&out)]);
     let busy = make("app-busy", "4M");
-    let mut writer = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", "write -P 0x44 0 64k", "-c", "sleep 600000", img(&busy)])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let held = std::time::Instant::now();
-    while Command::new("qemu-img").args(["info", img(&busy)]).output().unwrap().status.success() {
-        assert!(held.elapsed().as_secs() < 10, "the writer never took its lock");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut writer = hold_open(&busy);
 
     // A map with a mistake is refused at its line and column.
     let bad_map = cluster.path().join("bad.yaml");
