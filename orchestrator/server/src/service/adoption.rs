@@ -322,7 +322,7 @@ impl VolumeApi {
             items.push(item);
         }
         self.mark_duplicates(&mut items, &by_name).await?;
-        items.extend(self.missing_images(r).await?);
+        items.extend(self.missing_images(r, &volumes).await?);
         let lines = image_lines(&images);
         let plan = pb::AdoptionPlan {
             id: uuid::Uuid::now_v7().to_string(),
@@ -400,10 +400,14 @@ impl VolumeApi {
 
     /// Volumes Drover knows active on the backend (in the plan's project, if it has one)
     /// whose image the backend no longer has.
-    async fn missing_images(&self, r: &pb::PlanAdoptionRequest) -> ApiResult<Vec<pb::AdoptionItem>> {
-        let volumes = self.core.repo.list::<VolumeRec>(crate::model::keys::VOLUMES).await?;
+    /// `volumes` are the records the plan read once.
+    async fn missing_images(
+        &self,
+        r: &pb::PlanAdoptionRequest,
+        volumes: &[VolumeRec],
+    ) -> ApiResult<Vec<pb::AdoptionItem>> {
         let mut out = Vec::new();
-        for v in volumes.into_iter().map(|v| v.rec) {
+        for v in volumes.iter().cloned() {
             if v.active_backend != r.backend || (!r.project.is_empty() && v.project != r.project) {
                 continue;
             }
