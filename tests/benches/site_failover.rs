@@ -154,6 +154,16 @@ async fn run(n: usize) -> Run {
     let rev_before = probe.put(b"bench/mark", b"before").await.unwrap();
     let ops_before = ops(cluster.path());
     let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
+    // DROVER_BENCH_PERF=FILE records the orchestrator and the agents with `perf` during
+    // the failover only (the profile behind docs/performance.md's findings).
+    let perf = std::env::var("DROVER_BENCH_PERF").ok().map(|file| {
+        let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+        std::process::Command::new("perf")
+            .args(["record", "-F", "999", "-g", "-o", &format!("{file}.{n}"), "-p", &list.join(",")])
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf runs")
+    });
     let started = Instant::now();
     let mut runbooks = c.runbooks.clone();
     let e = runbooks
@@ -166,17 +176,36 @@ async fn run(n: usize) -> Run {
         .await
         .unwrap()
         .into_inner();
+    // Followed as an operator would (`drover execution watch`): one update per saved
+    // round, not a poll that reads the whole record every few milliseconds.
     let mut executions = c.executions.clone();
-    let ended = loop {
-        let now = executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
-        if now.status != "running" {
-            break now;
+    let mut updates =
+        executions.watch_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
+    let mut ended = e.clone();
+    while let Some(update) = updates.message().await.unwrap() {
+        ended = update;
+        if ended.status != "running" {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    }
     let wall = started.elapsed();
+    if let Some(mut perf) = perf {
+        let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
+        let _ = perf.wait();
+    }
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
     eprintln!("bench: the run's state is {} KiB", ended.state_json.len() / 1024);
+    if let Ok(state) = serde_json::from_str::<serde_json::Value>(&ended.state_json) {
+        for s in state["steps"].as_array().into_iter().flatten() {
+            let ms = s["ended_ms"].as_i64().unwrap_or(0) - s["started_ms"].as_i64().unwrap_or(0);
+            eprintln!(
+                "bench:   step {}: {} ms ({})",
+                s["name"].as_str().unwrap_or("?"),
+                ms,
+                s["note"].as_str().unwrap_or("")
+            );
+        }
+    }
     let rev_after = probe.put(b"bench/mark", b"after").await.unwrap();
     let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
     let calls = ops(cluster.path()) - ops_before;

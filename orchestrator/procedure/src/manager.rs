@@ -81,6 +81,8 @@ pub struct Manager {
     ended: RwLock<Option<EndHook>>,
     /// Called with each execution submitted here (see [`Manager::on_start`]).
     started: RwLock<Option<EndHook>>,
+    /// Woken whenever an execution ends here (see [`Manager::ends`]).
+    ends: tokio::sync::Notify,
 }
 
 /// What [`Manager::on_end`] calls.
@@ -137,6 +139,7 @@ impl Manager {
             wake: tokio::sync::Notify::new(),
             ended: RwLock::new(None),
             started: RwLock::new(None),
+            ends: tokio::sync::Notify::new(),
         })
     }
 
@@ -940,6 +943,7 @@ impl Manager {
         if ended {
             self.release(id, after).await;
             tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");
+            self.ends.notify_waiters();
             let hook = self.ended.read().expect("end hook").clone();
             if let Some(hook) = hook {
                 hook(&rec);
@@ -951,6 +955,13 @@ impl Manager {
     /// submit is stored (once per execution; children included).
     pub fn on_start(&self, hook: EndHook) {
         *self.started.write().expect("start hook") = Some(hook);
+    }
+
+    /// Woken (`notify_waiters`) each time an execution ends on this orchestrator, so a
+    /// parent following its children here learns of an end at once instead of at its
+    /// next poll. Ends elsewhere are not announced: followers still poll.
+    pub fn ends(&self) -> &tokio::sync::Notify {
+        &self.ends
     }
 
     /// Calls `hook` with every execution this orchestrator ends, right after its end is

@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use drover_procedure::{Context, Decision, Procedure, ProcedureError, Status, keys as ekeys};
 use drover_proto::v1 as pb;
+use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use super::kinds::StepKind;
@@ -19,10 +20,14 @@ use super::schema::{Loaded, Runbook, Step};
 use super::steps;
 use crate::model::{GroupRec, keys, now_ms};
 use crate::procedures::step_error;
+use crate::repo::Versioned;
 use crate::service::Core;
 
 /// The procedure kind.
 pub const KIND: &str = "runbook";
+
+/// Items of one step checked, submitted or read at once within a pass.
+const ITEM_CONCURRENCY: usize = 16;
 
 /// A step's progress and outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -205,24 +210,53 @@ impl RunbookRun {
         let (max_parallel, continue_on_error) = def.fanout().unwrap_or((1, false));
         let round_started = tokio::time::Instant::now();
         let round_ends = round_started + Duration::from_secs(5);
+        let procedures = self.core.procedures.clone();
         loop {
             let mut changed = false;
             // Whether this pass marked items `starting`: their intent must be saved before
             // they are submitted, so the round ends at once.
             let mut intents = false;
-            // 1. Items whose executions ended.
-            for i in 0..self.state.steps[at].items.len() {
-                let item = self.state.steps[at].items[i].clone();
-                if item.status == "running" {
-                    if let Some(done) = steps::finished(&self.core, def, &item, self.state.started_ms).await? {
-                        self.state.steps[at].items[i] = done;
+            // Armed before this pass looks, so an end while it looks still wakes the wait.
+            let ended_here = procedures.ends().notified();
+            tokio::pin!(ended_here);
+            ended_here.as_mut().enable();
+            // 1. Items whose executions ended, and items whose intent is saved (submitted
+            // now), several at a time: each is a few store reads and writes of its own.
+            let work: Vec<(usize, Item)> = self.state.steps[at]
+                .items
+                .iter()
+                .enumerate()
+                .filter(|(_, i)| matches!(i.status.as_str(), "running" | "starting"))
+                .map(|(n, i)| (n, i.clone()))
+                .collect();
+            let (core, run_started, parent) = (&self.core, self.state.started_ms, ctx.execution_id.as_str());
+            let outcomes: Vec<(usize, Result<Option<Item>, ProcedureError>)> = futures::stream::iter(work)
+                .map(|(n, item)| async move {
+                    let outcome = if item.status == "running" {
+                        steps::finished(core, def, &item, run_started).await
+                    } else {
+                        steps::start(core, def, &item, parent).await.map(Some)
+                    };
+                    (n, outcome)
+                })
+                .buffer_unordered(ITEM_CONCURRENCY)
+                .collect()
+                .await;
+            // Every outcome is kept before an error is returned: an item submitted in
+            // this pass must not be forgotten because another one's read failed.
+            let mut first_error = None;
+            for (n, outcome) in outcomes {
+                match outcome {
+                    Ok(Some(item)) => {
+                        self.state.steps[at].items[n] = item;
                         changed = true;
                     }
-                } else if item.status == "starting" {
-                    let started = steps::start(&self.core, def, &item, &ctx.execution_id).await?;
-                    self.state.steps[at].items[i] = started;
-                    changed = true;
+                    Ok(None) => {}
+                    Err(e) => first_error = first_error.or(Some(e)),
                 }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
             let items = &mut self.state.steps[at].items;
             let stop = !continue_on_error && items.iter().any(|i| i.status == "failed");
@@ -239,14 +273,30 @@ impl RunbookRun {
                 if busy > 0 && room < (max_parallel as usize / 4).max(1).min(pending) {
                     room = 0;
                 }
-                let core = self.core.clone();
-                for item in items.iter_mut() {
-                    if room == 0 || Some(item.tier) != tier || item.status != "pending" {
-                        continue;
-                    }
-                    // Checked before the intent is persisted, so an item found at its goal
-                    // later (after a crash) can only have been moved by this run.
-                    let g = core.repo.get::<GroupRec>(&keys::group(&item.target)).await.map_err(step_error)?;
+                // Checked before the intent is persisted, so an item found at its goal
+                // later (after a crash) can only have been moved by this run. The groups
+                // are read several at a time; one found ineligible leaves its slot to the
+                // next pass.
+                let candidates: Vec<usize> = items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, i)| Some(i.tier) == tier && i.status == "pending")
+                    .map(|(n, _)| n)
+                    .take(room)
+                    .collect();
+                let repo = &self.core.repo;
+                let groups: Vec<(usize, crate::error::ApiResult<Option<Versioned<GroupRec>>>)> =
+                    futures::stream::iter(candidates)
+                        .map(|n| {
+                            let key = keys::group(&items[n].target);
+                            async move { (n, repo.get::<GroupRec>(&key).await) }
+                        })
+                        .buffered(ITEM_CONCURRENCY)
+                        .collect()
+                        .await;
+                for (n, g) in groups {
+                    let item = &mut items[n];
+                    let g = g.map_err(step_error)?;
                     match g.map(|g| def.eligibility(&g.rec)) {
                         None => {
                             item.status = "skipped".into();
@@ -259,7 +309,6 @@ impl RunbookRun {
                         Some(Ok(())) => {
                             item.status = "starting".into();
                             item.started_ms = now_ms();
-                            room -= 1;
                             intents = true;
                         }
                     }
@@ -299,8 +348,11 @@ impl RunbookRun {
                     note: format!("{} tier {tier}: {}", def.name(), Self::progress(&self.state.steps[at].items)),
                 });
             }
+            // Woken by an execution ending here (an item's, most often), else polled:
+            // children that run on another orchestrator are seen at the next pass.
             tokio::select! {
                 _ = ctx.cancelled.cancelled() => return Err(ProcedureError::Retry("the owner is stopping".into())),
+                _ = &mut ended_here => {}
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
             }
         }
