@@ -119,6 +119,14 @@ pub trait Procedure: Send + Sync {
     fn dump(&self) -> serde_json::Value;
     /// Runs the next step. Idempotent: it may run again after a crash.
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError>;
+    /// Writes of state kept apart from the record (a runbook's items, one key each, so
+    /// its record does not grow with the groups it moves): taken at submit, written
+    /// before the submit's transaction (and removed if the submit fails), and after
+    /// each step, written while the owner holds its claim. Either way before the record
+    /// that follows them, so a resumed owner never finds a record newer than them.
+    fn take_writes(&mut self, _execution_id: &str) -> Vec<drover_store::TxnOp> {
+        Vec::new()
+    }
 }
 
 /// Rebuilds a procedure of one kind from its persisted state.

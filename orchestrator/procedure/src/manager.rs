@@ -428,10 +428,52 @@ impl Manager {
         self: &Arc<Self>,
         id: String,
         parent: String,
-        proc: Box<dyn Procedure>,
+        mut proc: Box<dyn Procedure>,
         intent: Txn,
     ) -> Result<(String, i64), SubmitError> {
         let locks = proc.locks();
+        // State kept apart from the record is stored first: nothing reads it before the
+        // record exists, and a submit that fails removes it again.
+        let apart = proc.take_writes(&id);
+        for chunk in apart.chunks(LOCKS_PER_TXN) {
+            let mut txn = Txn::new();
+            for op in chunk {
+                txn = txn.and_then(op.clone());
+            }
+            self.store.txn(txn).await?;
+        }
+        let submitted = self.submit_record(id, parent, proc, intent, &locks).await;
+        if submitted.is_err() && !apart.is_empty() {
+            self.remove_writes(&apart).await;
+        }
+        submitted
+    }
+
+    /// Removes the keys `writes` put (best effort: a failed submit's leftovers).
+    async fn remove_writes(&self, writes: &[TxnOp]) {
+        for chunk in writes.chunks(LOCKS_PER_TXN) {
+            let mut txn = Txn::new();
+            for op in chunk {
+                if let TxnOp::Put { key, .. } = op {
+                    txn = txn.and_then(TxnOp::Delete { key: key.clone() });
+                }
+            }
+            if let Err(e) = self.store.txn(txn).await {
+                tracing::warn!(error = %e, "could not remove the state a failed submit stored");
+            }
+        }
+    }
+
+    /// The submit itself: record, claim, pending mark and the first locks in one
+    /// transaction (see [`Manager::submit_as`]).
+    async fn submit_record(
+        self: &Arc<Self>,
+        id: String,
+        parent: String,
+        proc: Box<dyn Procedure>,
+        intent: Txn,
+        locks: &[String],
+    ) -> Result<(String, i64), SubmitError> {
         let now = now_ms();
         // A child is part of its parent's trace; anything else starts one.
         let trace_id = match parent.is_empty() {
@@ -447,7 +489,7 @@ impl Manager {
             state: proc.dump(),
             step: proc.step(),
             steps: Vec::new(),
-            locks: locks.clone(),
+            locks: locks.to_vec(),
             created_ms: now,
             updated_ms: now,
             output: serde_json::Value::Null,
@@ -494,7 +536,7 @@ impl Manager {
             match self.acquire_rest(&id, rest).await {
                 Ok(revision) => resp.revision = revision,
                 Err(e) => {
-                    self.abandon(&id, &locks, true).await;
+                    self.abandon(&id, locks, true).await;
                     return Err(e);
                 }
             }
@@ -759,6 +801,10 @@ impl Manager {
                 _ = token.cancelled() => return,
                 r = tracing::Instrument::instrument(proc.execute(&ctx), tracing::info_span!("step", step = %step)) => r,
             };
+            let writes = proc.take_writes(id);
+            if !self.save_writes(id, epoch, writes, &token).await {
+                return;
+            }
             let record_step = |rec: &mut ExecutionRec, note: String| {
                 rec.steps.push(StepRec { name: step.clone(), started_ms: started, ended_ms: now_ms(), note, epoch });
             };
@@ -871,6 +917,28 @@ impl Manager {
                 }
             }
         }
+    }
+
+    /// Stores a procedure's [`Procedure::take_writes`], in transactions of at most
+    /// [`LOCKS_PER_TXN`] operations, each only while the claim stands. False when the
+    /// claim is gone or the store refuses them for good (the execution then stops here;
+    /// a new owner resumes from the record and the writes stored before).
+    async fn save_writes(&self, id: &str, epoch: i64, writes: Vec<TxnOp>, token: &CancellationToken) -> bool {
+        for chunk in writes.chunks(LOCKS_PER_TXN) {
+            let mut txn = Txn::new().when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch));
+            for op in chunk {
+                txn = txn.and_then(op.clone());
+            }
+            match self.try_write(id, txn, token).await {
+                Ok(true) => {}
+                Ok(false) => return false,
+                Err(why) => {
+                    tracing::error!(execution = %id, error = %why, "the store refuses the execution's own writes");
+                    return false;
+                }
+            }
+        }
+        true
     }
 
     /// Writes the record if our claim still stands; retries while the store is away.

@@ -42,6 +42,9 @@ pub struct StepState {
     pub ended_ms: i64,
     #[serde(default)]
     pub note: String,
+    /// The step's items: in memory while the run runs; in the record only until the
+    /// run is submitted (see [`RunState::items_apart`]).
+    #[serde(default)]
     pub items: Vec<Item>,
     /// A prompt's decision.
     #[serde(default)]
@@ -92,6 +95,66 @@ pub struct RunState {
     /// Adoption plans made by adopt-plan steps, and the executions applying them.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adoptions: Vec<AdoptionRec>,
+    /// The items live under [`items_prefix`] (a key each), not in this record, which
+    /// then stays the same size however many groups the run moves. Set when the run is
+    /// submitted; records written before it kept their items inline.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub items_apart: bool,
+}
+
+/// Where a run's items are kept: `execution-items/<id>/<step>/<item>`, indexes
+/// zero-padded so a range reads them in order.
+pub fn items_prefix(execution_id: &str) -> String {
+    format!("execution-items/{execution_id}/")
+}
+
+fn item_key(execution_id: &str, step: usize, item: usize) -> String {
+    format!("{}{step:03}/{item:06}", items_prefix(execution_id))
+}
+
+/// The step and item indexes of a key under [`items_prefix`].
+fn item_position(key: &[u8], prefix: &str) -> Option<(usize, usize)> {
+    let rest = std::str::from_utf8(key.strip_prefix(prefix.as_bytes())?).ok()?;
+    let (step, item) = rest.split_once('/')?;
+    Some((step.parse().ok()?, item.parse().ok()?))
+}
+
+/// Reads a run's items from the store, per step, in order.
+async fn read_items(store: &dyn drover_store::KvStore, execution_id: &str) -> Result<Vec<Vec<Item>>, String> {
+    let prefix = items_prefix(execution_id);
+    let (kvs, _) = store.range(prefix.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut steps: Vec<Vec<Item>> = Vec::new();
+    for kv in kvs {
+        let Some((step, n)) = item_position(&kv.key, &prefix) else { continue };
+        let item: Item = serde_json::from_slice(&kv.value)
+            .map_err(|e| format!("item {step}/{n} of execution {execution_id} is unreadable: {e}"))?;
+        if steps.len() <= step {
+            steps.resize_with(step + 1, Vec::new);
+        }
+        if steps[step].len() != n {
+            return Err(format!("execution {execution_id} lacks item {} of step {step}", steps[step].len()));
+        }
+        steps[step].push(item);
+    }
+    Ok(steps)
+}
+
+/// A runbook execution's record as readers want it: with its items put back in its
+/// state when they are kept apart (one range read). Other kinds are returned as they are.
+pub async fn with_items(
+    store: &dyn drover_store::KvStore,
+    mut rec: drover_procedure::ExecutionRec,
+) -> Result<drover_procedure::ExecutionRec, String> {
+    if rec.kind != KIND || rec.state.get("items_apart").and_then(|v| v.as_bool()) != Some(true) {
+        return Ok(rec);
+    }
+    let items = read_items(store, &rec.id).await?;
+    if let Some(steps) = rec.state.get_mut("steps").and_then(|s| s.as_array_mut()) {
+        for (step, items) in steps.iter_mut().zip(items) {
+            step["items"] = serde_json::to_value(items).map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(rec)
 }
 
 /// An adoption plan a run made, and the execution that applies it (once submitted).
@@ -107,6 +170,11 @@ pub struct AdoptionRec {
 pub struct RunbookRun {
     pub(super) core: Arc<Core>,
     pub(super) state: RunState,
+    /// Whether the items are in memory (a run loaded from a record that keeps them
+    /// apart reads them at its first step).
+    loaded: bool,
+    /// Each step's items as last stored, so only changed ones are written again.
+    saved: Vec<Vec<Item>>,
 }
 
 impl RunbookRun {
@@ -138,8 +206,9 @@ impl RunbookRun {
             failing: None,
             project: String::new(),
             adoptions: Vec::new(),
+            items_apart: false,
         };
-        Self { core, state }
+        Self { core, state, loaded: true, saved: Vec::new() }
     }
 
     /// The run as a member of `project` asked for it: its execution is that project's.
@@ -149,7 +218,9 @@ impl RunbookRun {
     }
 
     pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
-        Ok(Self { core, state: serde_json::from_value(state).map_err(|e| e.to_string())? })
+        let state: RunState = serde_json::from_value(state).map_err(|e| e.to_string())?;
+        let loaded = !state.items_apart;
+        Ok(Self { core, state, loaded, saved: Vec::new() })
     }
 
     /// Every group the run may touch.
@@ -386,10 +457,91 @@ impl Procedure for RunbookRun {
     }
 
     fn dump(&self) -> serde_json::Value {
-        serde_json::to_value(&self.state).expect("state serialises")
+        if !self.state.items_apart {
+            return serde_json::to_value(&self.state).expect("state serialises");
+        }
+        // The record without the items (they are stored apart, see `take_writes`).
+        let steps: Vec<StepState> = self
+            .state
+            .steps
+            .iter()
+            .map(|s| StepState {
+                name: s.name.clone(),
+                kind: s.kind.clone(),
+                status: s.status.clone(),
+                started_ms: s.started_ms,
+                ended_ms: s.ended_ms,
+                note: s.note.clone(),
+                items: Vec::new(),
+                decision: s.decision.clone(),
+                shown: s.shown.clone(),
+                until_ms: s.until_ms,
+            })
+            .collect();
+        let st = &self.state;
+        let state = RunState {
+            file: st.file.clone(),
+            params: st.params.clone(),
+            runbook: st.runbook.clone(),
+            steps,
+            at: st.at,
+            started_ms: st.started_ms,
+            clones: st.clones.clone(),
+            failing: st.failing.clone(),
+            project: st.project.clone(),
+            adoptions: st.adoptions.clone(),
+            items_apart: true,
+        };
+        serde_json::to_value(&state).expect("state serialises")
+    }
+
+    fn take_writes(&mut self, execution_id: &str) -> Vec<drover_store::TxnOp> {
+        if !self.loaded {
+            return Vec::new();
+        }
+        // Every item at submit; after that only those changed since they were stored
+        // (and the keys of items a step no longer has).
+        self.state.items_apart = true;
+        self.saved.resize_with(self.state.steps.len(), Vec::new);
+        let mut ops = Vec::new();
+        for (n, (step, saved)) in self.state.steps.iter().zip(self.saved.iter_mut()).enumerate() {
+            let before = ops.len();
+            for (i, item) in step.items.iter().enumerate() {
+                if saved.get(i) != Some(item) {
+                    let value = serde_json::to_vec(item).expect("items serialise");
+                    ops.push(drover_store::TxnOp::put(item_key(execution_id, n, i), value));
+                }
+            }
+            // From the last one down, so a reader between two transactions of these
+            // writes still finds each step's items without a gap.
+            for i in (step.items.len()..saved.len()).rev() {
+                ops.push(drover_store::TxnOp::delete(item_key(execution_id, n, i)));
+            }
+            if ops.len() != before {
+                saved.clone_from(&step.items);
+            }
+        }
+        ops
     }
 
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+        if !self.loaded {
+            let items =
+                read_items(self.core.repo.store().as_ref(), &ctx.execution_id).await.map_err(ProcedureError::Retry)?;
+            if items.len() > self.state.steps.len() {
+                return Err(ProcedureError::Fail(format!(
+                    "execution {} has items for {} steps, its runbook {}",
+                    ctx.execution_id,
+                    items.len(),
+                    self.state.steps.len()
+                )));
+            }
+            for (step, items) in self.state.steps.iter_mut().zip(items) {
+                step.items = items;
+            }
+            self.saved = self.state.steps.iter().map(|s| s.items.clone()).collect();
+            self.loaded = true;
+        }
         let result = self.step_once(ctx).await;
         let live = self.state.clones.iter().any(|c| !c.deleted);
         match result {
@@ -434,7 +586,21 @@ impl RunbookRun {
         let at = self.state.at;
         let Some(def) = self.state.runbook.steps.get(at).cloned() else {
             let report = super::report::build(&self.core, &self.state, &ctx.execution_id, "succeeded").await;
-            return Ok(Status::Done { output: serde_json::json!({"result": "ok", "value": report}) });
+            // With the items apart, the answer is the report's summary (the record stays
+            // small); `drover execution report` builds the whole report from the items.
+            let value = match self.state.items_apart {
+                false => serde_json::to_value(&report).expect("reports serialise"),
+                true => serde_json::json!({
+                    "execution_id": report.execution_id,
+                    "runbook": report.runbook,
+                    "status": report.status,
+                    "started_ms": report.started_ms,
+                    "ended_ms": report.ended_ms,
+                    "totals": report.totals,
+                    "report": format!("drover execution report {}", ctx.execution_id),
+                }),
+            };
+            return Ok(Status::Done { output: serde_json::json!({"result": "ok", "value": value}) });
         };
         if self.state.steps[at].status == "pending" {
             self.state.steps[at].status = "running".into();

@@ -86,7 +86,11 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
                 && (want.is_empty() || e.status.as_str() == want)
                 && (r.marker.is_empty() || e.id.as_str() < r.marker.as_str())
         });
-        let executions: Vec<pb::Execution> = chosen.by_ref().take(limit).map(to_pb).collect();
+        let page: Vec<ExecutionRec> = chosen.by_ref().take(limit).collect();
+        let mut executions = Vec::with_capacity(page.len());
+        for rec in page {
+            executions.push(self.full(rec).await?);
+        }
         let next_marker = match (chosen.next(), executions.last()) {
             (Some(_), Some(last)) => last.id.clone(),
             _ => String::new(),
@@ -97,7 +101,8 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
     async fn get_execution(&self, req: Request<pb::GetExecutionRequest>) -> Result<Response<pb::Execution>, Status> {
         let who = caller(&req);
         let id = req.into_inner().id;
-        Ok(Response::new(to_pb(self.visible(&who, &id).await?)))
+        let rec = self.visible(&who, &id).await?;
+        Ok(Response::new(self.full(rec).await?))
     }
 
     type WatchExecutionStream = futures::stream::BoxStream<'static, Result<pb::Execution, Status>>;
@@ -109,7 +114,17 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let who = caller(&req);
         let id = req.into_inner().id;
         self.visible(&who, &id).await?;
-        let stream = self.core.procedures.watch(&id).map(|r| r.map(to_pb).map_err(|e| Status::from(ApiError::from(e))));
+        let store = self.core.repo.store().clone();
+        let stream = self.core.procedures.watch(&id).then(move |r| {
+            let store = store.clone();
+            async move {
+                let rec = r.map_err(|e| Status::from(ApiError::from(e)))?;
+                crate::runbook::run::with_items(store.as_ref(), rec)
+                    .await
+                    .map(to_pb)
+                    .map_err(Status::unavailable)
+            }
+        });
         Ok(Response::new(stream.boxed()))
     }
 
@@ -121,7 +136,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let id = req.into_inner().id;
         self.visible(&who, &id).await?;
         match self.core.procedures.cancel(&id).await {
-            Ok(rec) => Ok(Response::new(to_pb(rec))),
+            Ok(rec) => Ok(Response::new(self.full(rec).await?)),
             Err(SubmitError::NotFound(_)) => Err(not_found(&id).into()),
             Err(e @ SubmitError::Ended { .. }) => Err(ApiError::FailedPrecondition(e.to_string()).into()),
             Err(SubmitError::Store(s)) => Err(ApiError::from(s).into()),
@@ -207,6 +222,9 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             ))
             .into());
         }
+        let rec = crate::runbook::run::with_items(self.core.repo.store().as_ref(), rec)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("reading the items of execution {}: {e}; try again", r.id)))?;
         let state: crate::runbook::run::RunState = serde_json::from_value(rec.state.clone())
             .map_err(|e| ApiError::Internal(format!("execution {} has an unreadable state: {e}", r.id)))?;
         let report = crate::runbook::report::build(&self.core, &state, &r.id, rec.status.as_str()).await;
@@ -232,7 +250,16 @@ impl ExecutionApi {
 
     async fn current(&self, id: &str) -> Result<Response<pb::Execution>, Status> {
         let rec = self.core.procedures.get(id).await.map_err(ApiError::from)?.ok_or_else(|| not_found(id))?;
-        Ok(Response::new(to_pb(rec)))
+        Ok(Response::new(self.full(rec).await?))
+    }
+
+    /// The execution as the API shows it: a runbook's items put back in its state.
+    async fn full(&self, rec: ExecutionRec) -> Result<pb::Execution, Status> {
+        let id = rec.id.clone();
+        crate::runbook::run::with_items(self.core.repo.store().as_ref(), rec)
+            .await
+            .map(to_pb)
+            .map_err(|e| ApiError::Unavailable(format!("reading the items of execution {id}: {e}; try again")).into())
     }
 }
 

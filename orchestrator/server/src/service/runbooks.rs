@@ -1,6 +1,6 @@
 //! `drover.v1.RunbookService`: validate, plan and run runbooks the client sends.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use drover_proto::v1 as pb;
@@ -10,31 +10,6 @@ use super::Core;
 use crate::error::{ApiError, ApiResult};
 use crate::runbook::plan::{PlannedStep, Predictions, plan};
 
-/// The most a runbook run's record may hold: under etcd's default request limit (1.5
-/// MiB) with room for the rest of the execution record.
-const MAX_RUN_STATE: usize = 1_280 << 10;
-
-/// What an item adds to the record as it runs (its execution id, times, status, a
-/// short reason), for the estimate at submit.
-const RUN_ITEM_GROWTH: usize = 160;
-
-/// Refuses a run whose record (`now` bytes at submit, `items` items over `groups`
-/// groups) would grow past [`MAX_RUN_STATE`], saying how to split it.
-fn fits_one_record(runbook: &str, now: usize, items: usize, groups: usize) -> ApiResult<()> {
-    let projected = now + items * RUN_ITEM_GROWTH;
-    if projected <= MAX_RUN_STATE {
-        return Ok(());
-    }
-    let per_group = (projected / groups.max(1)).max(1);
-    Err(ApiError::FailedPrecondition(format!(
-        "runbook {runbook} would act on {groups} groups ({items} items); its record would reach about {} KiB, more \
-         than the {} KiB one run may keep; split it into runs of at most {} groups (by tier, label or backend \
-         selectors, or a list of group names per run)",
-        projected / 1024,
-        MAX_RUN_STATE / 1024,
-        (MAX_RUN_STATE / per_group).max(1)
-    )))
-}
 use crate::runbook::run::{RunbookRun, plan_to_pb};
 use crate::runbook::schema::{Loaded, load};
 
@@ -163,17 +138,12 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
         // Predictions first, so the report can set each beside what the move achieves.
         let mut steps = self.predicted(&l, &r.text).await?;
         tenant_scope(&who, &l, &mut steps)?;
-        let items: usize = steps.iter().map(|s| s.items.len()).sum();
-        let groups = steps.iter().flat_map(|s| s.items.iter().map(|i| &i.target)).collect::<BTreeSet<_>>().len();
         let mut run = RunbookRun::new(self.core.clone(), &l, steps);
         if !who.is_admin() {
             run = run.for_project(&who.project);
         }
-        // The run's record keeps an item per group and step, and grows as items run:
-        // refuse a run whose record would outgrow one store write (etcd takes 1.5 MiB
-        // by default), instead of one that stops when it can no longer save itself.
-        let now = serde_json::to_vec(&drover_procedure::Procedure::dump(&run)).map_or(0, |v| v.len());
-        fits_one_record(&l.runbook.name, now, items, groups)?;
+        // The run's items (one per group and step) are kept a key each, apart from its
+        // record, so a run over any number of groups fits the store's request limit.
         // One execution at a time per group: a group another execution holds is refused
         // with that execution's id, before anything runs. The held group locks are read
         // in two ranges (as many keys as executions hold), not one read per group.
@@ -213,20 +183,9 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::Internal(format!("execution {id} vanished right after it was submitted")))?;
+        let rec = crate::runbook::run::with_items(self.core.repo.store().as_ref(), rec)
+            .await
+            .map_err(|e| ApiError::Unavailable(format!("execution {id} was submitted; reading its items: {e}")))?;
         Ok(Response::new(super::executions::to_pb(rec)))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_run_too_large_for_one_record_is_refused_with_how_to_split_it() {
-        assert!(fits_one_record("small", 100_000, 300, 100).is_ok());
-        let e = fits_one_record("site-failover-planned", 900_000, 6_000, 2_000).unwrap_err().to_string();
-        assert!(e.contains("2000 groups (6000 items)") && e.contains("split it into runs of at most"), "{e}");
-        let at_most: usize = e.split("at most ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
-        assert!(at_most < 2_000 && at_most > 500, "{e}");
     }
 }
