@@ -119,10 +119,18 @@ fn item_position(key: &[u8], prefix: &str) -> Option<(usize, usize)> {
     Some((step.parse().ok()?, item.parse().ok()?))
 }
 
-/// Reads a run's items from the store, per step, in order.
-async fn read_items(store: &dyn drover_store::KvStore, execution_id: &str) -> Result<Vec<Vec<Item>>, String> {
+/// Reads a run's items from the store, per step, in order (all steps, or only `step`).
+async fn read_items(
+    store: &dyn drover_store::KvStore,
+    execution_id: &str,
+    step: Option<usize>,
+) -> Result<Vec<Vec<Item>>, String> {
     let prefix = items_prefix(execution_id);
-    let (kvs, _) = store.range(prefix.as_bytes()).await.map_err(|e| e.to_string())?;
+    let range = match step {
+        Some(s) => format!("{prefix}{s:03}/"),
+        None => prefix.clone(),
+    };
+    let (kvs, _) = store.range(range.as_bytes()).await.map_err(|e| e.to_string())?;
     let mut steps: Vec<Vec<Item>> = Vec::new();
     for kv in kvs {
         let Some((step, n)) = item_position(&kv.key, &prefix) else { continue };
@@ -143,12 +151,32 @@ async fn read_items(store: &dyn drover_store::KvStore, execution_id: &str) -> Re
 /// state when they are kept apart (one range read). Other kinds are returned as they are.
 pub async fn with_items(
     store: &dyn drover_store::KvStore,
+    rec: drover_procedure::ExecutionRec,
+) -> Result<drover_procedure::ExecutionRec, String> {
+    put_items_back(store, rec, false).await
+}
+
+/// Like [`with_items`], but only the items of the step the run is at while it runs (what
+/// a watcher shows as progress): a watch gets an update per saved round, and reading
+/// every step's items for each would cost a run over many groups more than the run.
+pub async fn with_current_items(
+    store: &dyn drover_store::KvStore,
+    rec: drover_procedure::ExecutionRec,
+) -> Result<drover_procedure::ExecutionRec, String> {
+    let current = !rec.status.is_terminal();
+    put_items_back(store, rec, current).await
+}
+
+async fn put_items_back(
+    store: &dyn drover_store::KvStore,
     mut rec: drover_procedure::ExecutionRec,
+    current_only: bool,
 ) -> Result<drover_procedure::ExecutionRec, String> {
     if rec.kind != KIND || rec.state.get("items_apart").and_then(|v| v.as_bool()) != Some(true) {
         return Ok(rec);
     }
-    let items = read_items(store, &rec.id).await?;
+    let at = rec.state.get("at").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let items = read_items(store, &rec.id, current_only.then_some(at)).await?;
     if let Some(steps) = rec.state.get_mut("steps").and_then(|s| s.as_array_mut()) {
         for (step, items) in steps.iter_mut().zip(items) {
             step["items"] = serde_json::to_value(items).map_err(|e| e.to_string())?;
@@ -526,8 +554,9 @@ impl Procedure for RunbookRun {
 
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
         if !self.loaded {
-            let items =
-                read_items(self.core.repo.store().as_ref(), &ctx.execution_id).await.map_err(ProcedureError::Retry)?;
+            let items = read_items(self.core.repo.store().as_ref(), &ctx.execution_id, None)
+                .await
+                .map_err(ProcedureError::Retry)?;
             if items.len() > self.state.steps.len() {
                 return Err(ProcedureError::Fail(format!(
                     "execution {} has items for {} steps, its runbook {}",

@@ -119,10 +119,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             let store = store.clone();
             async move {
                 let rec = r.map_err(|e| Status::from(ApiError::from(e)))?;
-                crate::runbook::run::with_items(store.as_ref(), rec)
-                    .await
-                    .map(to_pb)
-                    .map_err(Status::unavailable)
+                crate::runbook::run::with_items(store.as_ref(), rec).await.map(to_pb).map_err(Status::unavailable)
             }
         });
         Ok(Response::new(stream.boxed()))
