@@ -1,7 +1,9 @@
 //! The embedded store: durable, single-node, on redb.
 //!
-//! Every transaction is one redb write transaction, committed with redb's default
-//! durability (fsync at commit), so an acknowledged write survives SIGKILL. Revisions,
+//! Transactions are committed with redb's default durability (fsync at commit), so an
+//! acknowledged write survives SIGKILL; concurrent writers share commits (group commit:
+//! one redb write transaction and one fsync for every transaction queued while the
+//! previous commit ran, each still its own revision; see `Inner::apply`). Revisions,
 //! create/mod revisions, versions and leases mean what they mean in etcd. Watch history is
 //! kept in an events table, trimmed to the newest [`HISTORY_REVISIONS`] revisions.
 //!
@@ -51,6 +53,8 @@ struct Inner {
     /// Held from the start of a write until its events are published, so that watchers
     /// see batches in revision order.
     write_lock: Mutex<()>,
+    /// Transactions waiting for the next commit (see [`Inner::apply`]).
+    queue: Mutex<Vec<Queued>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> StoreError {
@@ -101,7 +105,15 @@ impl EmbeddedStore {
             w.commit().map_err(internal)?;
         }
         let (events, _) = broadcast::channel(1024);
-        Ok(Self { inner: Arc::new(Inner { db, leases: Mutex::new(leases), events, write_lock: Mutex::new(()) }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                db,
+                leases: Mutex::new(leases),
+                events,
+                write_lock: Mutex::new(()),
+                queue: Mutex::new(Vec::new()),
+            }),
+        })
     }
 
     fn spawn_expiry(&self) {
@@ -207,89 +219,84 @@ fn compare_holds(kv: &impl ReadableTable<&'static [u8], &'static [u8]>, cmp: &Co
     })
 }
 
+/// A transaction waiting for the next commit, and where its answer goes.
+struct Queued {
+    txn: Txn,
+    reply: std::sync::mpsc::SyncSender<Result<(bool, i64), StoreError>>,
+}
+
+/// The tables one commit writes.
+struct Tables<'t> {
+    kv: redb::Table<'t, &'static [u8], &'static [u8]>,
+    meta: redb::Table<'t, &'static str, i64>,
+    lease_keys: redb::Table<'t, (i64, &'static [u8]), ()>,
+    leases: redb::Table<'t, i64, i64>,
+    history: redb::Table<'t, (i64, u32), &'static [u8]>,
+}
+
 impl Inner {
-    /// Applies ops in one write transaction. Returns the revision after it and the events.
-    fn apply(&self, compares: &[Compare], success: &[TxnOp], failure: &[TxnOp]) -> Result<(bool, i64), StoreError> {
-        let _serial = self.write_lock.lock().expect("write lock poisoned");
-        let w = self.db.begin_write().map_err(internal)?;
-        let (succeeded, revision, events) = {
-            let mut kv = w.open_table(KV).map_err(internal)?;
-            let mut meta = w.open_table(META).map_err(internal)?;
-            let mut lease_keys = w.open_table(LEASE_KEYS).map_err(internal)?;
-            let leases = w.open_table(LEASES).map_err(internal)?;
-            let mut succeeded = true;
-            for cmp in compares {
-                if !compare_holds(&kv, cmp)? {
-                    succeeded = false;
-                    break;
+    /// Applies a transaction and returns whether its comparisons held and the revision
+    /// after it, once it is durable.
+    ///
+    /// Group commit: a writer queues its transaction, then takes the write lock. If the
+    /// writer that held the lock took the queued transaction into its commit, the answer
+    /// is already there. Otherwise this writer commits everything queued meanwhile, in
+    /// arrival order, in one redb write transaction with one fsync. Each transaction still
+    /// gets its own revision and its comparisons see every earlier one's writes, exactly
+    /// as if they had been committed one by one; only the fsync is shared.
+    fn apply(&self, txn: Txn) -> Result<(bool, i64), StoreError> {
+        let (reply, answer) = std::sync::mpsc::sync_channel(1);
+        self.queue.lock().expect("commit queue poisoned").push(Queued { txn, reply });
+        let serial = self.write_lock.lock().expect("write lock poisoned");
+        if let Ok(done) = answer.try_recv() {
+            return done;
+        }
+        let batch = std::mem::take(&mut *self.queue.lock().expect("commit queue poisoned"));
+        self.commit(batch);
+        drop(serial);
+        answer.recv().unwrap_or_else(|_| Err(internal("the commit lost this transaction")))
+    }
+
+    /// Commits `batch` in one write transaction (the caller holds the write lock), then
+    /// answers each transaction and publishes its events in revision order. A failure of
+    /// the commit itself fails every transaction of the batch: none of them was applied.
+    fn commit(&self, batch: Vec<Queued>) {
+        let applied = (|| {
+            let w = self.db.begin_write().map_err(internal)?;
+            let outcomes = {
+                let mut t = Tables {
+                    kv: w.open_table(KV).map_err(internal)?,
+                    meta: w.open_table(META).map_err(internal)?,
+                    lease_keys: w.open_table(LEASE_KEYS).map_err(internal)?,
+                    leases: w.open_table(LEASES).map_err(internal)?,
+                    history: w.open_table(EVENTS).map_err(internal)?,
+                };
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for q in &batch {
+                    outcomes.push(apply_one(&mut t, &q.txn)?);
+                }
+                outcomes
+            };
+            w.commit().map_err(internal)?;
+            Ok::<_, StoreError>(outcomes)
+        })();
+        match applied {
+            Ok(outcomes) => {
+                for (q, outcome) in batch.into_iter().zip(outcomes) {
+                    let answer = outcome.map(|(succeeded, revision, events)| {
+                        self.publish(events);
+                        (succeeded, revision)
+                    });
+                    let _ = q.reply.send(answer);
                 }
             }
-            let ops = if succeeded { success } else { failure };
-            let current = read_revision(&meta, REVISION)?;
-            let next = current + 1;
-            let mut events = Vec::new();
-            for op in ops {
-                match op {
-                    TxnOp::Put { key, value, lease } => {
-                        if *lease != 0 && leases.get(*lease).map_err(internal)?.is_none() {
-                            return Err(StoreError::LeaseNotFound(*lease));
-                        }
-                        let old = match kv.get(key.as_slice()).map_err(internal)? {
-                            Some(v) => Some(decode_record(key, v.value())?),
-                            None => None,
-                        };
-                        if let Some(old) = &old
-                            && old.lease != 0
-                            && old.lease != *lease
-                        {
-                            lease_keys.remove((old.lease, key.as_slice())).map_err(internal)?;
-                        }
-                        let rec = KeyValue {
-                            key: key.clone(),
-                            value: value.clone(),
-                            create_revision: old.as_ref().map_or(next, |o| o.create_revision),
-                            mod_revision: next,
-                            version: old.as_ref().map_or(1, |o| o.version + 1),
-                            lease: *lease,
-                        };
-                        kv.insert(key.as_slice(), encode_record(&rec).as_slice()).map_err(internal)?;
-                        if *lease != 0 {
-                            lease_keys.insert((*lease, key.as_slice()), ()).map_err(internal)?;
-                        }
-                        events.push(WatchEvent::Put(rec));
-                    }
-                    TxnOp::Delete { key } => {
-                        delete_key(&mut kv, &mut lease_keys, key, next, &mut events)?;
-                    }
-                    TxnOp::DeletePrefix { prefix } => {
-                        let keys = keys_under(&kv, prefix)?;
-                        for key in keys {
-                            delete_key(&mut kv, &mut lease_keys, &key, next, &mut events)?;
-                        }
-                    }
+            Err(e) => {
+                let why = e.to_string();
+                for q in batch {
+                    let _ = q.reply.send(Err(StoreError::Internal(why.clone())));
                 }
             }
-            let revision = if events.is_empty() { current } else { next };
-            if !events.is_empty() {
-                meta.insert(REVISION, next).map_err(internal)?;
-                let mut history = w.open_table(EVENTS).map_err(internal)?;
-                for (i, ev) in events.iter().enumerate() {
-                    history.insert((next, i as u32), encode_event(ev).as_slice()).map_err(internal)?;
-                }
-                // Trim history now and then rather than on every commit.
-                if next % 1024 == 0 {
-                    let keep_from = next - HISTORY_REVISIONS;
-                    if keep_from > 0 {
-                        history.retain_in((0, 0)..(keep_from, 0), |_, _| false).map_err(internal)?;
-                        meta.insert(COMPACTED, keep_from).map_err(internal)?;
-                    }
-                }
-            }
-            (succeeded, revision, events)
-        };
-        w.commit().map_err(internal)?;
-        self.publish(events);
-        Ok((succeeded, revision))
+        }
     }
 
     fn publish(&self, events: Vec<WatchEvent>) {
@@ -298,6 +305,86 @@ impl Inner {
             let _ = self.events.send(events);
         }
     }
+}
+
+/// One transaction inside a commit. The outer error aborts the whole commit (the store
+/// itself failed); the inner one refuses this transaction alone, before it wrote
+/// anything (a put bound to a lease that does not exist).
+#[allow(clippy::type_complexity)]
+fn apply_one(t: &mut Tables<'_>, txn: &Txn) -> Result<Result<(bool, i64, Vec<WatchEvent>), StoreError>, StoreError> {
+    let mut succeeded = true;
+    for cmp in &txn.compares {
+        if !compare_holds(&t.kv, cmp)? {
+            succeeded = false;
+            break;
+        }
+    }
+    let ops = if succeeded { &txn.success } else { &txn.failure };
+    for op in ops {
+        if let TxnOp::Put { lease, .. } = op
+            && *lease != 0
+            && t.leases.get(*lease).map_err(internal)?.is_none()
+        {
+            return Ok(Err(StoreError::LeaseNotFound(*lease)));
+        }
+    }
+    let current = read_revision(&t.meta, REVISION)?;
+    let next = current + 1;
+    let mut events = Vec::new();
+    for op in ops {
+        match op {
+            TxnOp::Put { key, value, lease } => {
+                let old = match t.kv.get(key.as_slice()).map_err(internal)? {
+                    Some(v) => Some(decode_record(key, v.value())?),
+                    None => None,
+                };
+                if let Some(old) = &old
+                    && old.lease != 0
+                    && old.lease != *lease
+                {
+                    t.lease_keys.remove((old.lease, key.as_slice())).map_err(internal)?;
+                }
+                let rec = KeyValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                    create_revision: old.as_ref().map_or(next, |o| o.create_revision),
+                    mod_revision: next,
+                    version: old.as_ref().map_or(1, |o| o.version + 1),
+                    lease: *lease,
+                };
+                t.kv.insert(key.as_slice(), encode_record(&rec).as_slice()).map_err(internal)?;
+                if *lease != 0 {
+                    t.lease_keys.insert((*lease, key.as_slice()), ()).map_err(internal)?;
+                }
+                events.push(WatchEvent::Put(rec));
+            }
+            TxnOp::Delete { key } => {
+                delete_key(&mut t.kv, &mut t.lease_keys, key, next, &mut events)?;
+            }
+            TxnOp::DeletePrefix { prefix } => {
+                let keys = keys_under(&t.kv, prefix)?;
+                for key in keys {
+                    delete_key(&mut t.kv, &mut t.lease_keys, &key, next, &mut events)?;
+                }
+            }
+        }
+    }
+    let revision = if events.is_empty() { current } else { next };
+    if !events.is_empty() {
+        t.meta.insert(REVISION, next).map_err(internal)?;
+        for (i, ev) in events.iter().enumerate() {
+            t.history.insert((next, i as u32), encode_event(ev).as_slice()).map_err(internal)?;
+        }
+        // Trim history now and then rather than on every commit.
+        if next % 1024 == 0 {
+            let keep_from = next - HISTORY_REVISIONS;
+            if keep_from > 0 {
+                t.history.retain_in((0, 0)..(keep_from, 0), |_, _| false).map_err(internal)?;
+                t.meta.insert(COMPACTED, keep_from).map_err(internal)?;
+            }
+        }
+    }
+    Ok(Ok((succeeded, revision, events)))
 }
 
 fn keys_under(
@@ -402,8 +489,7 @@ impl KvStore for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let (succeeded, revision) =
-            self.blocking(move |inner| inner.apply(&txn.compares, &txn.success, &txn.failure)).await?;
+        let (succeeded, revision) = self.blocking(move |inner| inner.apply(txn)).await?;
         Ok(TxnResponse { succeeded, revision })
     }
 
