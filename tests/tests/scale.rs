@@ -161,3 +161,112 @@ async fn twenty_thousand_groups_list_by_project_and_a_move_among_them_survives_a
     let e = c3.executions.get_execution(pb::GetExecutionRequest { id: r.execution_id }).await.unwrap().into_inner();
     assert_eq!((e.status.as_str(), e.claims), ("succeeded", 2), "resumed by the new orchestrator: {e:?}");
 }
+
+/// A group's record stays the same size however many events it has seen: its history
+/// is kept a key each, read newest first page by page, pruned after its retention (the
+/// newest 50 always kept), and deleted with the group. Checked in etcd itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_groups_history_lives_apart_from_its_record_paged_and_pruned() {
+    let etcd = Etcd::start().await;
+    let cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
+    let mut c = cluster.clients().await;
+    let g = c
+        .groups
+        .create_group(pb::CreateGroupRequest {
+            name: "busy".into(),
+            project: "tests".into(),
+            group_type: "replication".into(),
+            backend: "backend-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let raw: Arc<dyn drover_store::KvStore> = Arc::new(
+        drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap(),
+    );
+    let store: Arc<dyn drover_store::KvStore> =
+        Arc::new(drover_store::Prefixed::new(raw, cluster.store_prefix().expect("on etcd").to_string()));
+    let record = |store: Arc<dyn drover_store::KvStore>, id: String| async move {
+        store.get(format!("groups/{id}").as_bytes()).await.unwrap().expect("the group's record").value
+    };
+    const UPDATES: usize = 120;
+    let mut sizes = Vec::new();
+    for i in 0..UPDATES {
+        let tier = if i % 2 == 0 { 3 } else { 4 };
+        c.groups
+            .update_group(pb::UpdateGroupRequest {
+                group: g.id.clone(),
+                project: "tests".into(),
+                tier,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        if i == 1 || i == UPDATES - 1 {
+            sizes.push(record(store.clone(), g.id.clone()).await.len());
+        }
+    }
+    let stored: serde_json::Value = serde_json::from_slice(&record(store.clone(), g.id.clone()).await).unwrap();
+    assert!(stored.get("history").is_none(), "no history in the record: {stored}");
+    assert_eq!(sizes[0], sizes[1], "the record's size after 2 and after {UPDATES} updates");
+
+    // Shown with the group: the newest 50, oldest first, ending with the last update.
+    let shown = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: g.id.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(shown.history.len(), 50);
+    assert!(shown.history.windows(2).all(|w| w[0].at_ms <= w[1].at_ms), "oldest first");
+    assert_eq!(shown.history.last().unwrap().detail, "tier 4, labels []");
+
+    // Paged, newest first, each event once: the create and every update.
+    let page = |c: &mut drover_cli::client::Clients, marker: String| {
+        let req = pb::ListGroupEventsRequest { group: "busy".into(), project: "tests".into(), limit: 7, marker };
+        let mut groups = c.groups.clone();
+        async move { groups.list_group_events(req).await.unwrap().into_inner() }
+    };
+    let mut all = Vec::new();
+    let mut marker = String::new();
+    loop {
+        let p = page(&mut c, marker).await;
+        assert!(p.events.len() <= 7);
+        all.extend(p.events);
+        marker = p.next_marker;
+        if marker.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(all.len(), UPDATES + 1, "the create and {UPDATES} updates");
+    assert!(all.windows(2).all(|w| w[0].at_ms >= w[1].at_ms), "newest first");
+    assert_eq!(all.last().unwrap().action, "create");
+    let bad = c
+        .groups
+        .list_group_events(pb::ListGroupEventsRequest {
+            group: "busy".into(),
+            project: "tests".into(),
+            limit: 5000,
+            marker: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad}");
+    let out = cluster.cli(&["group", "history", "busy", "--limit", "10", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["events"].as_array().unwrap().len(), 10, "{listed}");
+
+    // Retention: with none left, every event but the newest 50 goes.
+    let repo = drover_orchestrator::repo::Repo::new(store.clone());
+    let pruned = drover_orchestrator::service::groups::prune_history(&repo, Duration::ZERO).await.unwrap();
+    assert_eq!(pruned, UPDATES + 1 - 50);
+    let (left, _) = store.range(format!("group-events/{}/", g.id).as_bytes()).await.unwrap();
+    assert_eq!(left.len(), 50);
+
+    // Deleted with the group.
+    c.groups.delete_group(pb::DeleteGroupRequest { group: g.id.clone(), project: "tests".into() }).await.unwrap();
+    let (left, _) = store.range(format!("group-events/{}/", g.id).as_bytes()).await.unwrap();
+    assert!(left.is_empty(), "{} events left after the delete", left.len());
+}

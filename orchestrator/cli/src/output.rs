@@ -228,6 +228,15 @@ pub fn group_detail(g: &pb::Group) -> Table {
     t
 }
 
+/// A group's history events, as given (newest first).
+pub fn group_events(events: &[pb::GroupEvent]) -> Table {
+    let mut t = Table::new(&["TIME", "ACTION", "EPOCH", "DETAIL"]);
+    for e in events {
+        t.row(vec![timestamp(e.at_ms), e.action.clone(), e.epoch.to_string(), e.detail.clone()]);
+    }
+    t
+}
+
 pub fn replication_result(r: &pb::ReplicationResult) -> Table {
     let mut t = Table::new(&["VOLUME", "OUTCOME", "REASON"]);
     for i in &r.items {

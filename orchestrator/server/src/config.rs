@@ -127,6 +127,9 @@ pub struct OrchestratorConfig {
     /// How long a user message is kept after it last happened.
     #[serde(with = "humantime_serde")]
     pub message_retention: Duration,
+    /// How long a group's history events are kept (its newest 50 are always kept).
+    #[serde(with = "humantime_serde")]
+    pub history_retention: Duration,
     /// TLS: the CA, and this orchestrator's certificate and key (`drover certs init`).
     pub tls: drover_proto::tls::TlsFiles,
     /// Serve and call in plain text, for development only (logged as a warning).
@@ -192,6 +195,7 @@ impl Default for OrchestratorConfig {
             backends: BTreeMap::new(),
             auth: AuthConfig::default(),
             message_retention: Duration::from_secs(30 * 24 * 3600),
+            history_retention: Duration::from_secs(365 * 24 * 3600),
             tls: Default::default(),
             insecure: false,
             metrics_listen: String::new(),

@@ -168,6 +168,17 @@ pub async fn serve(
             }
         }
     });
+    tokio::spawn({
+        let repo = core.repo.clone();
+        let retention = core.config.history_retention;
+        let shutdown = shutdown.clone();
+        async move {
+            tokio::select! {
+                () = service::groups::prune_history_forever(repo, retention, std::time::Duration::from_secs(3600)) => {}
+                () = shutdown.cancelled() => {}
+            }
+        }
+    });
     let guard = Arc::new(auth::layer::Guard {
         verifier: auth::tokens::Verifier::new(core.repo.clone(), core.config.auth.token_cache_ttl),
         repo: core.repo.clone(),

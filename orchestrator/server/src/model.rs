@@ -40,6 +40,12 @@ pub mod keys {
         format!("groups/{id}")
     }
     pub const GROUPS: &str = "groups/";
+    /// A group's history events, a key each, newest first in key order (see
+    /// [`super::GroupRec::event_writes`]).
+    pub fn group_events(id: &str) -> String {
+        format!("group-events/{id}/")
+    }
+    pub const GROUP_EVENTS: &str = "group-events/";
     pub fn group_name(project: &str, name: &str) -> String {
         format!("names/groups/{project}/{name}")
     }
@@ -318,7 +324,8 @@ pub struct GroupEventRec {
     pub epoch: u64,
 }
 
-/// How many history events a group keeps.
+/// How many of its newest history events a group shows with it (`drover group show`);
+/// `drover group history` pages through all it keeps.
 pub const HISTORY_LIMIT: usize = 50;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,7 +345,11 @@ pub struct GroupRec {
     /// The epoch of the latest transition (the store revision that wrote it).
     #[serde(default)]
     pub epoch: u64,
-    #[serde(default)]
+    /// Events not yet in their own keys: those recorded since the record was read (and,
+    /// in records written before history moved out, the old inline ones). Every write
+    /// of the group stores them with it ([`GroupRec::writes`]), so the stored record
+    /// keeps none and stays the same size however many transitions the group has seen.
+    #[serde(default, skip_serializing)]
     pub history: Vec<GroupEventRec>,
     pub created_at_ms: i64,
     #[serde(default)]
@@ -417,12 +428,36 @@ impl GroupRec {
         }
     }
 
-    /// Appends a history event, keeping the newest [`HISTORY_LIMIT`].
+    /// Records a history event; the next write of the group stores it.
     pub fn record(&mut self, action: &str, detail: String, epoch: u64) {
         self.history.push(GroupEventRec { at_ms: now_ms(), action: action.into(), detail, epoch });
-        if self.history.len() > HISTORY_LIMIT {
-            let excess = self.history.len() - HISTORY_LIMIT;
-            self.history.drain(..excess);
-        }
+    }
+
+    /// The writes that store the group: its record (without history) and a key per
+    /// event recorded since it was read. Every write of a group goes through here.
+    pub fn writes(&self) -> Vec<drover_store::TxnOp> {
+        let mut ops = vec![crate::repo::put(&keys::group(&self.id), self)];
+        ops.extend(self.event_writes());
+        ops
+    }
+
+    /// A key per event in [`GroupRec::history`]: `group-events/<id>/<newest first>`,
+    /// the time inverted so a range reads the newest first, then a random suffix (two
+    /// events of one group in one millisecond stay apart). Storing an event twice (a
+    /// record's old inline events, kept in memory after a write) only writes the same
+    /// content under a second key: readers drop such duplicates.
+    fn event_writes(&self) -> Vec<drover_store::TxnOp> {
+        self.history
+            .iter()
+            .map(|e| {
+                let key = format!(
+                    "{}{:013}-{:06x}",
+                    keys::group_events(&self.id),
+                    9_999_999_999_999i64.saturating_sub(e.at_ms).max(0),
+                    fastrand::u32(..1 << 24)
+                );
+                crate::repo::put(&key, e)
+            })
+            .collect()
     }
 }

@@ -67,6 +67,56 @@ impl Repo {
         &self.store
     }
 
+    /// A page of a group's history, newest first: up to `limit` events after the
+    /// event key `after` (empty: from the newest), and the key to continue from (empty
+    /// at the end). Events stored twice (see `GroupRec::event_writes`) are shown once.
+    pub async fn group_history(
+        &self,
+        group_id: &str,
+        after: &str,
+        limit: usize,
+    ) -> ApiResult<(Vec<crate::model::GroupEventRec>, String)> {
+        let prefix = keys::group_events(group_id);
+        let start = if after.is_empty() { String::new() } else { format!("{prefix}{after}") };
+        let page = self.store.range_page(prefix.as_bytes(), start.as_bytes(), limit).await?;
+        let mut events: Vec<crate::model::GroupEventRec> = Vec::with_capacity(page.kvs.len());
+        for kv in &page.kvs {
+            let key = String::from_utf8_lossy(&kv.key).into_owned();
+            let e: crate::model::GroupEventRec = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&key, e))?;
+            let same = |o: &crate::model::GroupEventRec| {
+                (o.at_ms, &o.action, o.epoch, &o.detail) == (e.at_ms, &e.action, e.epoch, &e.detail)
+            };
+            if !events.iter().any(same) {
+                events.push(e);
+            }
+        }
+        let next = match (page.more, page.kvs.last()) {
+            (true, Some(last)) => String::from_utf8_lossy(&last.key[prefix.len()..]).into_owned(),
+            _ => String::new(),
+        };
+        Ok((events, next))
+    }
+
+    /// A group as the API shows it: with its newest [`crate::model::HISTORY_LIMIT`]
+    /// events, oldest first (and any the record still holds inline).
+    pub async fn group_pb(&self, rec: &GroupRec) -> ApiResult<drover_proto::v1::Group> {
+        let (mut events, _) = self.group_history(&rec.id, "", crate::model::HISTORY_LIMIT).await?;
+        events.reverse();
+        for e in &rec.history {
+            let same = |o: &crate::model::GroupEventRec| {
+                (o.at_ms, &o.action, o.epoch, &o.detail) == (e.at_ms, &e.action, e.epoch, &e.detail)
+            };
+            if !events.iter().any(same) {
+                events.push(e.clone());
+            }
+        }
+        events.sort_by_key(|e| e.at_ms);
+        let skip = events.len().saturating_sub(crate::model::HISTORY_LIMIT);
+        let mut shown = rec.clone();
+        shown.history = events.split_off(skip);
+        Ok(shown.to_pb())
+    }
+
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> ApiResult<Option<Versioned<T>>> {
         match self.store.get(key.as_bytes()).await? {
             Some(kv) => Ok(Some(Versioned {

@@ -114,6 +114,12 @@ impl Txn {
         self
     }
 
+    /// Adds ops applied when every comparison holds, in order.
+    pub fn and_then_all(mut self, ops: impl IntoIterator<Item = TxnOp>) -> Self {
+        self.success.extend(ops);
+        self
+    }
+
     /// Adds an op applied when a comparison fails.
     pub fn or_else(mut self, op: TxnOp) -> Self {
         self.failure.push(op);

@@ -36,8 +36,15 @@ pub enum GroupCmd {
         #[arg(long)]
         all_projects: bool,
     },
-    /// Show one group, its RPO and its history.
+    /// Show one group, its RPO and its newest history.
     Show { group: String },
+    /// A group's whole history, newest first (read page by page).
+    History {
+        group: String,
+        /// At most this many events (0: all that are kept).
+        #[arg(long, default_value_t = 0)]
+        limit: usize,
+    },
     /// Delete a group (its volumes stay).
     Delete { group: String },
     /// Set a group's labels and runbook tier.
@@ -146,6 +153,27 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
                 }
             }
             emit(fmt, &all, |r| output::groups(&r.groups));
+        }
+        GroupCmd::History { group, limit } => {
+            let mut all = pb::ListGroupEventsResponse::default();
+            loop {
+                let req = pb::ListGroupEventsRequest {
+                    group: group.clone(),
+                    project: project.clone(),
+                    limit: 0,
+                    marker: all.next_marker,
+                };
+                let page = groups.list_group_events(req).await?.into_inner();
+                all.events.extend(page.events);
+                all.next_marker = page.next_marker;
+                if all.next_marker.is_empty() || (limit > 0 && all.events.len() >= limit) {
+                    break;
+                }
+            }
+            if limit > 0 {
+                all.events.truncate(limit);
+            }
+            emit(fmt, &all, |r| output::group_events(&r.events));
         }
         GroupCmd::Show { group } => {
             let mut g = groups.get_group(pb::GetGroupRequest { group, project: project.clone() }).await?.into_inner();

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 use super::Answer;
 use crate::compute::Call;
 use crate::model::{BackendRec, GroupRec, keys};
-use crate::repo::put;
 use crate::service::Core;
 use crate::service::replication::ReplicationApi;
 
@@ -201,7 +200,7 @@ impl SyncNow {
             rec.app_consistent_point = point.to_string();
             let txn = drover_store::Txn::new()
                 .when(drover_store::Compare::ModRevisionEquals(keys::group(&rec.id).into_bytes(), g.rev))
-                .and_then(put(&keys::group(&rec.id), &rec));
+                .and_then_all(rec.writes());
             if self.core.repo.txn(txn).await.map_err(super::step_error)?.succeeded {
                 return Ok(());
             }

@@ -180,7 +180,7 @@ impl GroupApi {
         let mut txn = Txn::new()
             .when(Compare::Absent(name_key.clone().into_bytes()))
             .and_then(TxnOp::put(name_key, id.clone()))
-            .and_then(put(&keys::group(&id), &rec));
+            .and_then_all(rec.writes());
         for v in &members {
             let mut vol = v.rec.clone();
             vol.group_id = id.clone();
@@ -228,7 +228,7 @@ impl GroupApi {
         rec.record("update", format!("tier {}, labels [{}]", rec.tier, labels.join(", ")), 0);
         let txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&rec.id).into_bytes(), g.rev))
-            .and_then(put(&keys::group(&rec.id), &rec));
+            .and_then_all(rec.writes());
         if !self.core.repo.txn(txn).await?.succeeded {
             return Err(raced(&format!("group {}", rec.name)));
         }
@@ -284,7 +284,7 @@ impl GroupApi {
                 .and_then(put(&keys::volume(&vol.id), &vol));
         }
         rec.record("update", format!("added {}, removed {} volume(s)", adding.len(), removing.len()), 0);
-        txn = txn.and_then(put(&keys::group(&rec.id), &rec));
+        txn = txn.and_then_all(rec.writes());
         if !self.core.repo.txn(txn).await?.succeeded {
             return Err(raced(&format!("group {}", rec.name)));
         }
@@ -297,7 +297,8 @@ impl GroupApi {
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&g.rec.id).into_bytes(), g.rev))
             .and_then(TxnOp::delete(keys::group(&g.rec.id)))
-            .and_then(TxnOp::delete(keys::group_name(&g.rec.project, &g.rec.name)));
+            .and_then(TxnOp::delete(keys::group_name(&g.rec.project, &g.rec.name)))
+            .and_then(TxnOp::DeletePrefix { prefix: keys::group_events(&g.rec.id).into_bytes() });
         for id in &g.rec.volume_ids {
             let Some(v) = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await? else { continue };
             let mut vol = v.rec.clone();
@@ -361,13 +362,13 @@ impl pb::group_service_server::GroupService for GroupApi {
         let r = crate::auth::scoped(req)?;
         let g =
             if r.from_group_snapshot.is_empty() { self.create(r).await? } else { self.create_from_snapshot(r).await? };
-        Ok(Response::new(g.to_pb()))
+        Ok(Response::new(self.core.repo.group_pb(&g).await?))
     }
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::Group>, Status> {
         let r = crate::auth::scoped(req)?;
         let g = self.core.repo.group(&r.group, &r.project).await?.rec;
-        let mut out = g.to_pb();
+        let mut out = self.core.repo.group_pb(&g).await?;
         let s = g.replication_status.as_str();
         if s == replication_status::ENABLED || s == replication_status::FAILED_OVER {
             let infos = super::shared::volume_infos(&self.core, &g).await?;
@@ -404,8 +405,88 @@ impl pb::group_service_server::GroupService for GroupApi {
         Ok(Response::new(pb::DeleteGroupResponse {}))
     }
 
+    async fn list_group_events(
+        &self,
+        req: Request<pb::ListGroupEventsRequest>,
+    ) -> Result<Response<pb::ListGroupEventsResponse>, Status> {
+        let r = crate::auth::scoped(req)?;
+        let limit = crate::repo::PageRequest { limit: r.limit, marker: r.marker.clone() }.limit()?;
+        if r.marker.contains('/') {
+            return Err(ApiError::InvalidArgument(
+                "`marker` is not a marker this server gave (pass the previous page's next_marker)".into(),
+            )
+            .into());
+        }
+        let g = self.core.repo.group(&r.group, &r.project).await?.rec;
+        let (events, next_marker) = self.core.repo.group_history(&g.id, &r.marker, limit).await?;
+        let events = events
+            .into_iter()
+            .map(|e| pb::GroupEvent {
+                at_ms: e.at_ms,
+                action: e.action,
+                detail: crate::error::tidy(&e.detail),
+                epoch: e.epoch,
+            })
+            .collect();
+        Ok(Response::new(pb::ListGroupEventsResponse { events, next_marker }))
+    }
+
     async fn update_group(&self, req: Request<pb::UpdateGroupRequest>) -> Result<Response<pb::Group>, Status> {
-        Ok(Response::new(self.update(crate::auth::scoped(req)?).await?.to_pb()))
+        let g = self.update(crate::auth::scoped(req)?).await?;
+        Ok(Response::new(self.core.repo.group_pb(&g).await?))
+    }
+}
+
+/// Deletes history events older than `retention` (keeping each group's newest
+/// [`crate::model::HISTORY_LIMIT`] whatever their age), every `every`, until the process
+/// stops. Reads the events in pages, group by group, newest first.
+pub async fn prune_history_forever(
+    repo: crate::repo::Repo,
+    retention: std::time::Duration,
+    every: std::time::Duration,
+) {
+    loop {
+        if let Err(e) = prune_history(&repo, retention).await {
+            tracing::warn!(error = %e, "pruning group history failed; retrying later");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// One pass of [`prune_history_forever`]; how many events it deleted.
+pub async fn prune_history(repo: &crate::repo::Repo, retention: std::time::Duration) -> ApiResult<usize> {
+    let horizon = crate::model::now_ms() - retention.as_millis() as i64;
+    let prefix = keys::GROUP_EVENTS.as_bytes();
+    let (mut after, mut group, mut kept, mut doomed, mut deleted) = (Vec::new(), Vec::new(), 0, Vec::new(), 0);
+    loop {
+        let page = repo.store().range_page(prefix, &after, 500).await?;
+        for kv in &page.kvs {
+            // group-events/<group>/<inverted ms>-<salt>
+            let rest = &kv.key[prefix.len()..];
+            let Some(slash) = rest.iter().position(|b| *b == b'/') else { continue };
+            if rest[..slash] != group[..] {
+                group = rest[..slash].to_vec();
+                kept = 0;
+            }
+            kept += 1;
+            let at = std::str::from_utf8(&rest[slash + 1..])
+                .ok()
+                .and_then(|t| t.split('-').next())
+                .and_then(|t| t.parse::<i64>().ok())
+                .map(|inverted| 9_999_999_999_999 - inverted);
+            if kept > crate::model::HISTORY_LIMIT && at.is_some_and(|at| at < horizon) {
+                doomed.push(TxnOp::delete(kv.key.clone()));
+            }
+        }
+        while doomed.len() >= 100 || (!page.more && !doomed.is_empty()) {
+            let n = doomed.len().min(100);
+            repo.txn(Txn::new().and_then_all(doomed.drain(..n))).await?;
+            deleted += n;
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => after = last.key.clone(),
+            _ => return Ok(deleted),
+        }
     }
 }
 

@@ -98,7 +98,7 @@ impl ReplicationApi {
         group.pending = Some(op);
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), snap.group.rev))
-            .and_then(put(&keys::group(&group.id), &group));
+            .and_then_all(group.writes());
         for v in snap.volumes {
             let mut vol = v.rec;
             vol.replication_status = status.into();
@@ -149,8 +149,7 @@ impl ReplicationApi {
         for v in volumes {
             verify_end(action, via, &v.replication_status)?;
         }
-        let mut txn =
-            at.claimed(at.at(Txn::new(), &keys::group(&group.id))).and_then(put(&keys::group(&group.id), group));
+        let mut txn = at.claimed(at.at(Txn::new(), &keys::group(&group.id))).and_then_all(group.writes());
         for v in volumes {
             txn = at.at(txn, &keys::volume(&v.id)).and_then(put(&keys::volume(&v.id), v));
         }
@@ -635,7 +634,7 @@ impl ReplicationApi {
         let rpo_ms = rpo_ms(&volumes);
         let p = predict(&infos);
         Ok(pb::GroupReplicationInfo {
-            group: Some(g.rec.to_pb()),
+            group: Some(self.core.repo.group_pb(&g.rec).await?),
             volumes,
             rpo_ms,
             predicted_final_sync_bytes: p.bytes,

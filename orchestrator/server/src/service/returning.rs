@@ -9,7 +9,7 @@ use drover_store::{Compare, Txn};
 use super::sites::SiteApi;
 use crate::error::ApiResult;
 use crate::model::{GroupRec, keys};
-use crate::repo::{put, validate_name};
+use crate::repo::validate_name;
 
 /// How many times a verdict re-reads a group after losing a race to record it.
 const ATTEMPTS: usize = 5;
@@ -60,7 +60,10 @@ impl SiteApi {
                 rec.epoch,
                 if rec.divergence_point.is_empty() { String::new() } else { format!(" ({})", rec.divergence_point) },
             );
-            let recorded = rec.history.iter().any(|e| e.action == FENCED_ON_RETURN && e.epoch == rec.epoch);
+            // Once per epoch: the newest events tell whether this demotion is recorded.
+            let (newest, _) = self.core.repo.group_history(&rec.id, "", crate::model::HISTORY_LIMIT).await?;
+            let recorded =
+                newest.iter().chain(&rec.history).any(|e| e.action == FENCED_ON_RETURN && e.epoch == rec.epoch);
             if recorded {
                 return Ok(verdict(id, Demote, rec.epoch, reason));
             }
@@ -68,7 +71,7 @@ impl SiteApi {
             next.record(FENCED_ON_RETURN, reason.clone(), rec.epoch);
             let txn = Txn::new()
                 .when(Compare::ModRevisionEquals(keys::group(id).into_bytes(), g.rev))
-                .and_then(put(&keys::group(id), &next));
+                .and_then_all(next.writes());
             if self.core.repo.txn(txn).await?.succeeded {
                 tracing::warn!(group = %id, %backend, epoch = rec.epoch, "fenced on return: a returning old primary is demoted");
                 return Ok(verdict(id, Demote, rec.epoch, reason));

@@ -9,7 +9,6 @@ use drover_store::{Compare, Txn};
 use super::ReplicationApi;
 use crate::error::{ApiError, ApiResult, raced};
 use crate::model::{GroupRec, keys};
-use crate::repo::put;
 
 impl ReplicationApi {
     /// The volume's own replication group, if it has one; an error when the volume is in
@@ -60,7 +59,7 @@ impl ReplicationApi {
                 rec.for_volume = v.id.clone();
                 let txn = Txn::new()
                     .when(Compare::ModRevisionEquals(keys::group(&rec.id).into_bytes(), current.rev))
-                    .and_then(put(&keys::group(&rec.id), &rec));
+                    .and_then_all(rec.writes());
                 if !self.core.repo.txn(txn).await?.succeeded {
                     return Err(raced(&format!("the replication group of volume {}", v.name)));
                 }
