@@ -270,3 +270,74 @@ async fn a_groups_history_lives_apart_from_its_record_paged_and_pruned() {
     let (left, _) = store.range(format!("group-events/{}/", g.id).as_bytes()).await.unwrap();
     assert!(left.is_empty(), "{} events left after the delete", left.len());
 }
+
+/// Executions are listed from an index, newest first, a page at a time, each once; an
+/// orchestrator that finds no index (executions written before it existed) builds it
+/// at start, so they are listed again. Checked on etcd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executions_are_listed_page_by_page_from_their_index() {
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
+    let mut c = cluster.clients().await;
+    for i in 0..12 {
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: format!("v{i:02}"),
+                project: "tests".into(),
+                size_bytes: 1 << 20,
+                backend: "backend-a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.volumes.delete_volume(pb::DeleteVolumeRequest { volume: v.id, project: "tests".into() }).await.unwrap();
+    }
+    let list_all = |mut c: drover_cli::client::Clients| async move {
+        let (mut ids, mut marker) = (Vec::new(), String::new());
+        loop {
+            let page = c
+                .executions
+                .list_executions(pb::ListExecutionsRequest { status: String::new(), limit: 5, marker })
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(page.executions.len() <= 5);
+            ids.extend(page.executions.into_iter().map(|e| e.id));
+            marker = page.next_marker;
+            if marker.is_empty() {
+                return ids;
+            }
+        }
+    };
+    let ids = list_all(c.clone()).await;
+    assert!(ids.len() >= 12, "at least the 12 creates: {}", ids.len());
+    assert!(ids.windows(2).all(|w| w[0] > w[1]), "newest first, each once: {ids:?}");
+
+    // As if written before the index: drop it, restart, and find every one again.
+    let raw =
+        drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
+    let prefix = cluster.store_prefix().expect("on etcd").to_string();
+    let store = drover_store::Prefixed::new(Arc::new(raw), prefix);
+    use drover_store::KvStore;
+    store
+        .txn(
+            drover_store::Txn::new()
+                .and_then(drover_store::TxnOp::DeletePrefix { prefix: b"executions-newest/".to_vec() })
+                .and_then(drover_store::TxnOp::delete(b"executions-newest-built".to_vec())),
+        )
+        .await
+        .unwrap();
+    cluster.restart_orchestrator().await;
+    let c = cluster.clients().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let again = list_all(c.clone()).await;
+        if again == ids {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the index was not rebuilt: {} of {} listed", again.len(), ids.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

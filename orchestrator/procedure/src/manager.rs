@@ -115,6 +115,15 @@ fn decode(bytes: &[u8]) -> Result<ExecutionRec, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Internal(format!("unreadable execution record: {e}")))
 }
 
+/// The index entries of an execution (see [`keys::newest`]).
+fn index_writes(id: &str, project: &str) -> Vec<TxnOp> {
+    let mut ops = vec![TxnOp::put(keys::newest("all", id), id.to_string())];
+    if !project.is_empty() {
+        ops.push(TxnOp::put(keys::newest(&keys::project_scope(project), id), id.to_string()));
+    }
+    ops
+}
+
 /// Waits `d`, or less if `token` fires; returns whether it fired.
 async fn pause(d: Duration, token: &CancellationToken) -> bool {
     tokio::select! {
@@ -156,6 +165,7 @@ impl Manager {
     /// Starts the lease keeper and the recovery loop (which resumes unowned executions
     /// at once, then whenever an owner's claim disappears, and every scan interval).
     pub fn start(self: &Arc<Self>) {
+        tokio::spawn(self.clone().build_index());
         tokio::spawn(self.clone().keep_lease());
         tokio::spawn(self.clone().recover());
         tokio::spawn(self.clone().watch_owners());
@@ -518,9 +528,10 @@ impl Manager {
             .and_then(TxnOp::put(keys::execution(&id), encode(&rec)))
             .and_then(TxnOp::put_with_lease(keys::owner(&id), claim.to_string(), lease))
             .and_then(match rest.is_empty() {
-                true => TxnOp::put(keys::pending(&id), Vec::new()),
+                true => TxnOp::put(keys::pending(&id), rec.project.clone()),
                 false => TxnOp::put(keys::acquiring(&id), now.to_string()),
-            });
+            })
+            .and_then_all(index_writes(&id, &rec.project));
         for l in first {
             txn = txn.when(Compare::Absent(keys::lock(l).into_bytes())).and_then(TxnOp::put(keys::lock(l), id.clone()));
         }
@@ -533,7 +544,7 @@ impl Manager {
         }
         let epoch = resp.revision;
         if !rest.is_empty() {
-            match self.acquire_rest(&id, rest).await {
+            match self.acquire_rest(&id, &rec.project, rest).await {
                 Ok(revision) => resp.revision = revision,
                 Err(e) => {
                     self.abandon(&id, locks, true).await;
@@ -604,7 +615,7 @@ impl Manager {
     /// [`LOCKS_PER_TXN`], each only while the acquisition is still marked (a scan that
     /// gives up a stalled acquisition removes the mark first); then makes the execution
     /// pending. Returns the last transaction's revision.
-    async fn acquire_rest(&self, id: &str, rest: &[String]) -> Result<i64, SubmitError> {
+    async fn acquire_rest(&self, id: &str, project: &str, rest: &[String]) -> Result<i64, SubmitError> {
         let mark = keys::acquiring(id).into_bytes();
         for chunk in rest.chunks(LOCKS_PER_TXN) {
             let mut txn = Txn::new().when(Compare::Exists(mark.clone()));
@@ -623,7 +634,7 @@ impl Manager {
         }
         let start = Txn::new()
             .when(Compare::Exists(mark.clone()))
-            .and_then(TxnOp::put(keys::pending(id), Vec::new()))
+            .and_then(TxnOp::put(keys::pending(id), project.to_string()))
             .and_then(TxnOp::delete(mark));
         let r = self.store.txn(start).await?;
         if !r.succeeded {
@@ -1077,11 +1088,101 @@ impl Manager {
         Ok(out)
     }
 
+    /// How many executions of `project` have not ended, from the pending index alone
+    /// (its value names the project; an entry written before it did is read through
+    /// its record).
+    pub async fn running_in(&self, project: &str) -> Result<usize, StoreError> {
+        let (index, _) = self.store.range(keys::PENDING.as_bytes()).await?;
+        let mut n = 0;
+        for kv in index {
+            if !kv.value.is_empty() {
+                n += usize::from(kv.value == project.as_bytes());
+                continue;
+            }
+            let id = String::from_utf8_lossy(&kv.key[keys::PENDING.len()..]).into_owned();
+            if let Some(rec) = self.get(&id).await? {
+                n += usize::from(rec.project == project && !rec.status.is_terminal());
+            }
+        }
+        Ok(n)
+    }
+
     pub async fn get(&self, id: &str) -> Result<Option<ExecutionRec>, StoreError> {
         match self.store.get(keys::execution(id).as_bytes()).await? {
             Some(kv) => Ok(Some(decode(&kv.value)?)),
             None => Ok(None),
         }
+    }
+
+    /// Puts every execution written before the newest-first index existed into it, once
+    /// (marked done by [`keys::NEWEST_BUILT`]); retried while the store is away.
+    async fn build_index(self: Arc<Self>) {
+        let mut wait = Duration::from_millis(200);
+        loop {
+            match self.try_build_index().await {
+                Ok(n) => {
+                    if n > 0 {
+                        tracing::info!(executions = n, "indexed the executions written before the index existed");
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "building the execution index failed; retrying"),
+            }
+            if pause(wait, &self.shutdown).await {
+                return;
+            }
+            wait = (wait * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    async fn try_build_index(&self) -> Result<usize, StoreError> {
+        if self.store.get(keys::NEWEST_BUILT.as_bytes()).await?.is_some() {
+            return Ok(0);
+        }
+        let (mut after, mut n) = (Vec::new(), 0);
+        loop {
+            let page = self.store.range_page(keys::EXECUTIONS.as_bytes(), &after, 200).await?;
+            let mut ops = Vec::new();
+            for kv in &page.kvs {
+                let rec = decode(&kv.value)?;
+                ops.extend(index_writes(&rec.id, &rec.project));
+                n += 1;
+            }
+            for chunk in ops.chunks(LOCKS_PER_TXN) {
+                self.store.txn(Txn::new().and_then_all(chunk.iter().cloned())).await?;
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => after = last.key.clone(),
+                _ => break,
+            }
+        }
+        self.store.put(keys::NEWEST_BUILT.as_bytes(), b"1").await?;
+        Ok(n)
+    }
+
+    /// One page of executions, newest first: of every project (`project` None) or of
+    /// one, after the execution `after` (empty: from the newest), at most `limit`; and
+    /// whether more follow.
+    pub async fn list_page(
+        &self,
+        project: Option<&str>,
+        after: &str,
+        limit: usize,
+    ) -> Result<(Vec<ExecutionRec>, bool), StoreError> {
+        let scope = project.map_or_else(|| "all".to_string(), keys::project_scope);
+        let prefix = keys::newest_scope(&scope);
+        let start = if after.is_empty() { Vec::new() } else { keys::newest(&scope, after).into_bytes() };
+        let page = self.store.range_page(prefix.as_bytes(), &start, limit).await?;
+        let ids: Vec<String> = page.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.value).into_owned()).collect();
+        let recs: Vec<Result<Option<ExecutionRec>, StoreError>> =
+            futures::stream::iter(ids).map(|id| async move { self.get(&id).await }).buffered(16).collect().await;
+        let mut out = Vec::with_capacity(recs.len());
+        for r in recs {
+            if let Some(rec) = r? {
+                out.push(rec);
+            }
+        }
+        Ok((out, page.more))
     }
 
     /// Every execution, newest first.

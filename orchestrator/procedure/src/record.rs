@@ -46,6 +46,28 @@ pub mod keys {
         format!("executions-acquiring/{id}")
     }
     pub const ACQUIRING: &str = "executions-acquiring/";
+    /// Index of executions, newest first: `executions-newest/<scope>/<inverted id>`
+    /// naming the id, scope `all` for every execution and `p/<project>` for a
+    /// project's, so a listing reads one page of its own scope at a time.
+    pub fn newest(scope: &str, id: &str) -> String {
+        format!("{}{}", newest_scope(scope), inverted(id))
+    }
+    pub fn newest_scope(scope: &str) -> String {
+        format!("executions-newest/{scope}/")
+    }
+    /// The scope of a project's executions in the index.
+    pub fn project_scope(project: &str) -> String {
+        format!("p/{project}")
+    }
+    /// Set once the index holds every execution written before it existed.
+    pub const NEWEST_BUILT: &str = "executions-newest-built";
+    /// `id` with each byte inverted, in hex, then `ff`: ascending order of these is
+    /// descending order of the ids (ids are time-ordered), a longer id before its prefix.
+    fn inverted(id: &str) -> String {
+        let mut out: String = id.bytes().map(|b| format!("{:02x}", 255 - b)).collect();
+        out.push_str("ff");
+        out
+    }
     /// A lock: the key a procedure holds, naming the execution that holds it.
     pub fn lock(key: &str) -> String {
         format!("locks/{key}")

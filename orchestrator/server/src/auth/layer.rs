@@ -90,8 +90,12 @@ impl TenantLimits {
                 wait.as_millis().max(1)
             )));
         }
-        let all = self.procedures.list().await.map_err(|e| Status::unavailable(format!("{e}; retry shortly")))?;
-        let running = all.iter().filter(|e| e.project == caller.project && !e.status.is_terminal()).count();
+        // From the index of pending executions, not by reading every execution ever run.
+        let running = self
+            .procedures
+            .running_in(&caller.project)
+            .await
+            .map_err(|e| Status::unavailable(format!("{e}; retry shortly")))?;
         if running >= self.max_running {
             return Err(Status::resource_exhausted(format!(
                 "project {} has {running} executions running, the most it may; wait for one to end \

@@ -79,22 +79,49 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             ))
             .into());
         }
-        // Newest first (ids are time-ordered); a page starts below the marker.
-        let all = self.core.procedures.list().await.map_err(ApiError::from)?;
-        let mut chosen = all.into_iter().filter(|e| {
-            who.sees(&e.project)
-                && (want.is_empty() || e.status.as_str() == want)
-                && (r.marker.is_empty() || e.id.as_str() < r.marker.as_str())
-        });
-        let page: Vec<ExecutionRec> = chosen.by_ref().take(limit).collect();
+        // Newest first, from the index of the caller's scope (every execution for an
+        // admin, the project's for a member or reader), a page at a time. A status
+        // filter reads on until the page is full, or 10 pages' worth were read (the
+        // page may then hold fewer; `next_marker` goes on from there).
+        let scope = if who.is_admin() { None } else { Some(who.project.as_str()) };
+        if want == "running" {
+            // The running ones come from the index of pending executions.
+            let mut running = self.core.procedures.running().await.map_err(ApiError::from)?;
+            running.retain(|e| {
+                e.status.as_str() == "running" && who.sees(&e.project) && (r.marker.is_empty() || e.id < r.marker)
+            });
+            running.sort_by(|a, b| b.id.cmp(&a.id));
+            let more = running.len() > limit;
+            running.truncate(limit);
+            let next_marker =
+                if more { running.last().map(|e| e.id.clone()).unwrap_or_default() } else { String::new() };
+            let mut executions = Vec::with_capacity(running.len());
+            for rec in running {
+                executions.push(self.full(rec).await?);
+            }
+            return Ok(Response::new(pb::ListExecutionsResponse { executions, next_marker }));
+        }
+        let (mut page, mut marker, mut more, mut read) = (Vec::new(), r.marker.clone(), true, 0);
+        while page.len() < limit && more && read < limit * 10 {
+            let (recs, m) =
+                self.core.procedures.list_page(scope, &marker, limit - page.len()).await.map_err(ApiError::from)?;
+            more = m;
+            if recs.is_empty() {
+                break;
+            }
+            for rec in recs {
+                read += 1;
+                marker = rec.id.clone();
+                if want.is_empty() || rec.status.as_str() == want {
+                    page.push(rec);
+                }
+            }
+        }
+        let next_marker = if more { marker } else { String::new() };
         let mut executions = Vec::with_capacity(page.len());
         for rec in page {
             executions.push(self.full(rec).await?);
         }
-        let next_marker = match (chosen.next(), executions.last()) {
-            (Some(_), Some(last)) => last.id.clone(),
-            _ => String::new(),
-        };
         Ok(Response::new(pb::ListExecutionsResponse { executions, next_marker }))
     }
 
