@@ -154,12 +154,22 @@ async fn run(n: usize) -> Run {
     let rev_before = probe.put(b"bench/mark", b"before").await.unwrap();
     let ops_before = ops(cluster.path());
     let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
-    // DROVER_BENCH_PERF=FILE records the orchestrator and the agents with `perf` during
-    // the failover only (the profile behind docs/performance.md's findings).
+    // DROVER_BENCH_PERF=FILE records the orchestrator and the agents with `perf` (DWARF
+    // call chains) during the failover only.
     let perf = std::env::var("DROVER_BENCH_PERF").ok().map(|file| {
         let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
         std::process::Command::new("perf")
-            .args(["record", "-F", "999", "-g", "-o", &format!("{file}.{n}"), "-p", &list.join(",")])
+            .args([
+                "record",
+                "-F",
+                "499",
+                "--call-graph",
+                "dwarf,16384",
+                "-o",
+                &format!("{file}.{n}"),
+                "-p",
+                &list.join(","),
+            ])
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("perf runs")

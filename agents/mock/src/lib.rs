@@ -121,6 +121,9 @@ pub struct MockDriver {
 struct Locked<'a> {
     state: std::sync::MutexGuard<'a, State>,
     file: Option<&'a std::path::Path>,
+    /// Borrowed mutably: the state file is written when the lock is released. A call
+    /// that only read (replication info, lists) writes nothing.
+    changed: bool,
 }
 
 impl std::ops::Deref for Locked<'_> {
@@ -132,13 +135,14 @@ impl std::ops::Deref for Locked<'_> {
 
 impl std::ops::DerefMut for Locked<'_> {
     fn deref_mut(&mut self) -> &mut State {
+        self.changed = true;
         &mut self.state
     }
 }
 
 impl Drop for Locked<'_> {
     fn drop(&mut self) {
-        let Some(path) = self.file else { return };
+        let Some(path) = self.file.filter(|_| self.changed) else { return };
         let tmp = path.with_extension("json.tmp");
         let written = serde_json::to_vec(&*self.state)
             .map_err(std::io::Error::other)
@@ -189,7 +193,11 @@ impl MockDriver {
     }
 
     fn lock(&self) -> Locked<'_> {
-        Locked { state: self.state.lock().expect("mock state poisoned"), file: self.state_file.as_deref() }
+        Locked {
+            state: self.state.lock().expect("mock state poisoned"),
+            file: self.state_file.as_deref(),
+            changed: false,
+        }
     }
 
     /// Every driver call so far, in order.
