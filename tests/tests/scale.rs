@@ -340,4 +340,19 @@ async fn executions_are_listed_page_by_page_from_their_index() {
         assert!(Instant::now() < deadline, "the index was not rebuilt: {} of {} listed", again.len(), ids.len());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+
+    // Past their retention (none here), ended executions go with their index entries.
+    let store: Arc<dyn KvStore> = Arc::new(store);
+    let engine = drover_procedure::Manager::new(
+        store.clone(),
+        drover_procedure::ManagerConfig::default(),
+        tokio_util::sync::CancellationToken::new(),
+    );
+    let pruned = engine.prune_ended(Duration::ZERO).await.unwrap();
+    assert_eq!(pruned, ids.len(), "every ended execution");
+    assert!(list_all(c.clone()).await.is_empty(), "none listed after pruning");
+    for prefix in ["executions/", "executions-newest/all/", "execution-items/"] {
+        let (left, _) = store.range(prefix.as_bytes()).await.unwrap();
+        assert!(left.is_empty(), "{} keys left under {prefix}", left.len());
+    }
 }

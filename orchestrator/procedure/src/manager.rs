@@ -1185,6 +1185,43 @@ impl Manager {
         Ok((out, page.more))
     }
 
+    /// Deletes executions that ended more than `retention` ago: the record, its index
+    /// entries and the state it kept apart, each only if the record is still as read.
+    /// Executions are read oldest first (ids are time-ordered) until one newer than
+    /// the horizon; running ones are kept whatever their age. Returns how many went.
+    pub async fn prune_ended(&self, retention: Duration) -> Result<usize, StoreError> {
+        let horizon = now_ms() - retention.as_millis() as i64;
+        let (mut after, mut pruned) = (Vec::new(), 0);
+        loop {
+            let page = self.store.range_page(keys::EXECUTIONS.as_bytes(), &after, 200).await?;
+            for kv in &page.kvs {
+                let rec = decode(&kv.value)?;
+                if rec.created_ms >= horizon {
+                    return Ok(pruned);
+                }
+                if !rec.status.is_terminal() || rec.updated_ms >= horizon {
+                    continue;
+                }
+                let mut txn = Txn::new()
+                    .when(Compare::ModRevisionEquals(kv.key.clone(), kv.mod_revision))
+                    .and_then(TxnOp::delete(kv.key.clone()))
+                    .and_then(TxnOp::DeletePrefix { prefix: keys::apart(&rec.id).into_bytes() });
+                for op in index_writes(&rec.id, &rec.project) {
+                    if let TxnOp::Put { key, .. } = op {
+                        txn = txn.and_then(TxnOp::Delete { key });
+                    }
+                }
+                if self.store.txn(txn).await?.succeeded {
+                    pruned += 1;
+                }
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => after = last.key.clone(),
+                _ => return Ok(pruned),
+            }
+        }
+    }
+
     /// Every execution, newest first.
     pub async fn list(&self) -> Result<Vec<ExecutionRec>, StoreError> {
         let (kvs, _) = self.store.range(keys::EXECUTIONS.as_bytes()).await?;

@@ -127,6 +127,9 @@ pub struct OrchestratorConfig {
     /// How long a user message is kept after it last happened.
     #[serde(with = "humantime_serde")]
     pub message_retention: Duration,
+    /// How long an execution is kept after it ended (its record, report and items).
+    #[serde(with = "humantime_serde")]
+    pub execution_retention: Duration,
     /// How long a group's history events are kept (its newest 50 are always kept).
     #[serde(with = "humantime_serde")]
     pub history_retention: Duration,
@@ -196,6 +199,7 @@ impl Default for OrchestratorConfig {
             auth: AuthConfig::default(),
             message_retention: Duration::from_secs(30 * 24 * 3600),
             history_retention: Duration::from_secs(365 * 24 * 3600),
+            execution_retention: Duration::from_secs(90 * 24 * 3600),
             tls: Default::default(),
             insecure: false,
             metrics_listen: String::new(),

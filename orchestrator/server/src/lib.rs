@@ -179,6 +179,24 @@ pub async fn serve(
             }
         }
     });
+    tokio::spawn({
+        let procedures = core.procedures.clone();
+        let retention = core.config.execution_retention;
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                match procedures.prune_ended(retention).await {
+                    Ok(n) if n > 0 => tracing::info!(executions = n, "pruned executions past their retention"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "pruning ended executions failed; retrying later"),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+                    () = shutdown.cancelled() => return,
+                }
+            }
+        }
+    });
     let guard = Arc::new(auth::layer::Guard {
         verifier: auth::tokens::Verifier::new(core.repo.clone(), core.config.auth.token_cache_ttl),
         repo: core.repo.clone(),

@@ -105,7 +105,7 @@ pub struct RunState {
 /// Where a run's items are kept: `execution-items/<id>/<step>/<item>`, indexes
 /// zero-padded so a range reads them in order.
 pub fn items_prefix(execution_id: &str) -> String {
-    format!("execution-items/{execution_id}/")
+    ekeys::apart(execution_id)
 }
 
 fn item_key(execution_id: &str, step: usize, item: usize) -> String {
