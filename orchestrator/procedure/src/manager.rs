@@ -446,11 +446,7 @@ impl Manager {
         // record exists, and a submit that fails removes it again.
         let apart = proc.take_writes(&id);
         for chunk in apart.chunks(LOCKS_PER_TXN) {
-            let mut txn = Txn::new();
-            for op in chunk {
-                txn = txn.and_then(op.clone());
-            }
-            self.store.txn(txn).await?;
+            self.store.txn(Txn::new().and_then_all(chunk.iter().cloned())).await?;
         }
         let submitted = self.submit_record(id, parent, proc, intent, &locks).await;
         if submitted.is_err() && !apart.is_empty() {
@@ -462,13 +458,11 @@ impl Manager {
     /// Removes the keys `writes` put (best effort: a failed submit's leftovers).
     async fn remove_writes(&self, writes: &[TxnOp]) {
         for chunk in writes.chunks(LOCKS_PER_TXN) {
-            let mut txn = Txn::new();
-            for op in chunk {
-                if let TxnOp::Put { key, .. } = op {
-                    txn = txn.and_then(TxnOp::Delete { key: key.clone() });
-                }
-            }
-            if let Err(e) = self.store.txn(txn).await {
+            let deletes = chunk.iter().filter_map(|op| match op {
+                TxnOp::Put { key, .. } => Some(TxnOp::Delete { key: key.clone() }),
+                _ => None,
+            });
+            if let Err(e) = self.store.txn(Txn::new().and_then_all(deletes)).await {
                 tracing::warn!(error = %e, "could not remove the state a failed submit stored");
             }
         }
@@ -936,10 +930,9 @@ impl Manager {
     /// a new owner resumes from the record and the writes stored before).
     async fn save_writes(&self, id: &str, epoch: i64, writes: Vec<TxnOp>, token: &CancellationToken) -> bool {
         for chunk in writes.chunks(LOCKS_PER_TXN) {
-            let mut txn = Txn::new().when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch));
-            for op in chunk {
-                txn = txn.and_then(op.clone());
-            }
+            let txn = Txn::new()
+                .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
+                .and_then_all(chunk.iter().cloned());
             match self.try_write(id, txn, token).await {
                 Ok(true) => {}
                 Ok(false) => return false,
