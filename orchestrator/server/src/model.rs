@@ -46,6 +46,18 @@ pub mod keys {
         format!("group-events/{id}/")
     }
     pub const GROUP_EVENTS: &str = "group-events/";
+    /// Latest time an event key can hold: keys store it minus the event's time.
+    const EVENT_TIME_TOP: i64 = 9_999_999_999_999;
+    /// The key of a group's event at `at_ms`: the time inverted (a range reads the
+    /// newest first), then `salt` (two events of one group in one millisecond apart).
+    pub fn group_event(id: &str, at_ms: i64, salt: u32) -> String {
+        format!("{}{:013}-{:06x}", group_events(id), EVENT_TIME_TOP.saturating_sub(at_ms).max(0), salt & 0xff_ffff)
+    }
+    /// The time of an event from its key's part after `group-events/<id>/`.
+    pub fn group_event_time(suffix: &[u8]) -> Option<i64> {
+        let inverted = std::str::from_utf8(suffix).ok()?.split('-').next()?.parse::<i64>().ok()?;
+        Some(EVENT_TIME_TOP - inverted)
+    }
     pub fn group_name(project: &str, name: &str) -> String {
         format!("names/groups/{project}/{name}")
     }
@@ -316,7 +328,18 @@ impl VolumeRec {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+impl GroupEventRec {
+    pub fn to_pb(&self) -> pb::GroupEvent {
+        pb::GroupEvent {
+            at_ms: self.at_ms,
+            action: self.action.clone(),
+            detail: crate::error::tidy(&self.detail),
+            epoch: self.epoch,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupEventRec {
     pub at_ms: i64,
     pub action: String,
@@ -405,16 +428,7 @@ impl GroupRec {
             replication_status: self.replication_status.clone(),
             status_reason: crate::error::tidy(&self.status_reason),
             epoch: self.epoch,
-            history: self
-                .history
-                .iter()
-                .map(|e| pb::GroupEvent {
-                    at_ms: e.at_ms,
-                    action: e.action.clone(),
-                    detail: crate::error::tidy(&e.detail),
-                    epoch: e.epoch,
-                })
-                .collect(),
+            history: self.history.iter().map(GroupEventRec::to_pb).collect(),
             created_at_ms: self.created_at_ms,
             sync_interval_seconds: self.sync_interval_seconds,
             divergence_point: self.divergence_point.clone(),
@@ -449,15 +463,7 @@ impl GroupRec {
     fn event_writes(&self) -> Vec<drover_store::TxnOp> {
         self.history
             .iter()
-            .map(|e| {
-                let key = format!(
-                    "{}{:013}-{:06x}",
-                    keys::group_events(&self.id),
-                    9_999_999_999_999i64.saturating_sub(e.at_ms).max(0),
-                    fastrand::u32(..1 << 24)
-                );
-                crate::repo::put(&key, e)
-            })
+            .map(|e| crate::repo::put(&keys::group_event(&self.id, e.at_ms, fastrand::u32(..)), e))
             .collect()
     }
 }

@@ -83,10 +83,7 @@ impl Repo {
         for kv in &page.kvs {
             let key = String::from_utf8_lossy(&kv.key).into_owned();
             let e: crate::model::GroupEventRec = serde_json::from_slice(&kv.value).map_err(|e| corrupt(&key, e))?;
-            let same = |o: &crate::model::GroupEventRec| {
-                (o.at_ms, &o.action, o.epoch, &o.detail) == (e.at_ms, &e.action, e.epoch, &e.detail)
-            };
-            if !events.iter().any(same) {
+            if !events.contains(&e) {
                 events.push(e);
             }
         }
@@ -103,10 +100,7 @@ impl Repo {
         let (mut events, _) = self.group_history(&rec.id, "", crate::model::HISTORY_LIMIT).await?;
         events.reverse();
         for e in &rec.history {
-            let same = |o: &crate::model::GroupEventRec| {
-                (o.at_ms, &o.action, o.epoch, &o.detail) == (e.at_ms, &e.action, e.epoch, &e.detail)
-            };
-            if !events.iter().any(same) {
+            if !events.contains(e) {
                 events.push(e.clone());
             }
         }

@@ -419,15 +419,7 @@ impl pb::group_service_server::GroupService for GroupApi {
         }
         let g = self.core.repo.group(&r.group, &r.project).await?.rec;
         let (events, next_marker) = self.core.repo.group_history(&g.id, &r.marker, limit).await?;
-        let events = events
-            .into_iter()
-            .map(|e| pb::GroupEvent {
-                at_ms: e.at_ms,
-                action: e.action,
-                detail: crate::error::tidy(&e.detail),
-                epoch: e.epoch,
-            })
-            .collect();
+        let events = events.iter().map(crate::model::GroupEventRec::to_pb).collect();
         Ok(Response::new(pb::ListGroupEventsResponse { events, next_marker }))
     }
 
@@ -469,11 +461,7 @@ pub async fn prune_history(repo: &crate::repo::Repo, retention: std::time::Durat
                 kept = 0;
             }
             kept += 1;
-            let at = std::str::from_utf8(&rest[slash + 1..])
-                .ok()
-                .and_then(|t| t.split('-').next())
-                .and_then(|t| t.parse::<i64>().ok())
-                .map(|inverted| 9_999_999_999_999 - inverted);
+            let at = keys::group_event_time(&rest[slash + 1..]);
             if kept > crate::model::HISTORY_LIMIT && at.is_some_and(|at| at < horizon) {
                 doomed.push(TxnOp::delete(kv.key.clone()));
             }
