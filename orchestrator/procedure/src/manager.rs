@@ -654,10 +654,17 @@ impl Manager {
             }
         }
         self.release(id, locks).await;
+        // Its index entries go too (the project's is named by the record, if readable).
+        let project = self.get(id).await.ok().flatten().map(|r| r.project).unwrap_or_default();
         let forget = Txn::new()
             .and_then(TxnOp::delete(keys::execution(id)))
             .and_then(TxnOp::delete(keys::owner(id)))
-            .and_then(TxnOp::delete(keys::pending(id)));
+            .and_then(TxnOp::delete(keys::pending(id)))
+            .and_then(TxnOp::DeletePrefix { prefix: keys::apart(id).into_bytes() })
+            .and_then_all(index_writes(id, &project).into_iter().filter_map(|op| match op {
+                TxnOp::Put { key, .. } => Some(TxnOp::Delete { key }),
+                _ => None,
+            }));
         if let Err(e) = self.store.txn(forget).await {
             tracing::warn!(execution = %id, error = %e, "could not delete an abandoned execution's record");
         }
@@ -1154,19 +1161,22 @@ impl Manager {
     }
 
     /// One page of executions, newest first: of every project (`project` None) or of
-    /// one, after the execution `after` (empty: from the newest), at most `limit`; and
-    /// whether more follow.
+    /// one, after the execution `after` (empty: from the newest), at most `limit`; the
+    /// id to go on from (the page's last index entry, also when its record is gone:
+    /// an entry left by an abandoned submit must not stall a listing), empty when no
+    /// more follow.
     pub async fn list_page(
         &self,
         project: Option<&str>,
         after: &str,
         limit: usize,
-    ) -> Result<(Vec<ExecutionRec>, bool), StoreError> {
+    ) -> Result<(Vec<ExecutionRec>, String), StoreError> {
         let scope = project.map_or_else(|| "all".to_string(), keys::project_scope);
         let prefix = keys::newest_scope(&scope);
         let start = if after.is_empty() { Vec::new() } else { keys::newest(&scope, after).into_bytes() };
         let page = self.store.range_page(prefix.as_bytes(), &start, limit).await?;
         let ids: Vec<String> = page.kvs.iter().map(|kv| String::from_utf8_lossy(&kv.value).into_owned()).collect();
+        let next = if page.more { ids.last().cloned().unwrap_or_default() } else { String::new() };
         let recs: Vec<Result<Option<ExecutionRec>, StoreError>> =
             futures::stream::iter(ids).map(|id| async move { self.get(&id).await }).buffered(16).collect().await;
         let mut out = Vec::with_capacity(recs.len());
@@ -1175,7 +1185,7 @@ impl Manager {
                 out.push(rec);
             }
         }
-        Ok((out, page.more))
+        Ok((out, next))
     }
 
     /// Deletes executions that ended more than `retention` ago: the record, its index

@@ -101,23 +101,18 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             }
             return Ok(Response::new(pb::ListExecutionsResponse { executions, next_marker }));
         }
-        let (mut page, mut marker, mut more, mut read) = (Vec::new(), r.marker.clone(), true, 0);
-        while page.len() < limit && more && read < limit * 10 {
-            let (recs, m) =
+        let (mut page, mut marker, mut read) = (Vec::new(), r.marker.clone(), 0);
+        loop {
+            let (recs, next) =
                 self.core.procedures.list_page(scope, &marker, limit - page.len()).await.map_err(ApiError::from)?;
-            more = m;
-            if recs.is_empty() {
+            read += recs.len();
+            page.extend(recs.into_iter().filter(|rec| want.is_empty() || rec.status.as_str() == want));
+            marker = next;
+            if marker.is_empty() || page.len() >= limit || read >= limit * 10 {
                 break;
             }
-            for rec in recs {
-                read += 1;
-                marker = rec.id.clone();
-                if want.is_empty() || rec.status.as_str() == want {
-                    page.push(rec);
-                }
-            }
         }
-        let next_marker = if more { marker } else { String::new() };
+        let next_marker = marker;
         let mut executions = Vec::with_capacity(page.len());
         for rec in page {
             executions.push(self.full(rec).await?);
