@@ -21,6 +21,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .type_attribute(".drover.compute.v1", "#[derive(serde::Serialize, serde::Deserialize)]")
         // Webhooks and commands answer with only the fields they have.
         .message_attribute(".drover.compute.v1", "#[serde(default)]")
+        // Volume data crosses the replica stream as `Bytes`: decoding takes a slice of
+        // the receive buffer instead of copying every chunk into a new vector.
+        .bytes(".drover.agent.v1.DeltaChunk.data")
         .compile_fds(descriptors)?;
     Ok(())
 }

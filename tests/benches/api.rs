@@ -1,10 +1,17 @@
 //! Unary API overhead against the store underneath, measured in the same run: the
-//! orchestrator (on etcd, TLS, a token) answering `GetVolume` (one store read) and
-//! `GetGroup` (the record and a page of its history: two reads), against a raw etcd
-//! read of the same volume record through the same etcd client, at 1, 16 and 64
-//! requests in flight for `DROVER_BENCH_SECONDS` (3) each. Printed per point: p50 and
-//! p99 latency and throughput of each, and the differences and ratios the goals name
-//! (p50 within 0.5 ms of etcd, p99 within 2x, throughput at 64 at least 0.8x).
+//! orchestrator (TLS, a token) answering `GetVolume` (one store read) and `GetGroup` (the
+//! record and a page of its history: two reads), against a raw read of the same volume
+//! record, at 1, 16 and 64 requests in flight for `DROVER_BENCH_SECONDS` (3) each.
+//! Printed per point: p50 and p99 latency and throughput of each, and the differences and
+//! ratios the goals name (p50 within 0.5 ms of the raw read, p99 within 2x, throughput at
+//! 64 at least 0.8x).
+//!
+//! Two stores, `DROVER_BENCH_STORE` = `etcd`, `embedded` or `both` (the default):
+//! - on etcd, the raw read is an etcd get through the same etcd client the orchestrator
+//!   uses, interleaved with the API figures at each point;
+//! - on the embedded store, the raw read is the same redb file opened in this process
+//!   while the orchestrator is stopped (redb allows one process), then the orchestrator
+//!   is started again on it and the API is measured.
 //!
 //! Run with `cargo bench -p drover-tests --bench api`.
 
@@ -13,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use drover_proto::v1 as pb;
-use drover_store::{EtcdStore, KvStore, Prefixed};
+use drover_store::{EmbeddedStore, EtcdStore, KvStore, Prefixed};
 use drover_tests::{Cluster, Etcd, StoreChoice};
 
 struct Figures {
@@ -53,11 +60,10 @@ where
     Figures { p50_ms: at(0.50), p99_ms: at(0.99), per_second: all.len() as f64 / elapsed }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let seconds: u64 = std::env::var("DROVER_BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let etcd = Etcd::start().await;
-    let cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
+const POINTS: [usize; 3] = [1, 16, 64];
+
+/// A volume and a group to read, made through the API.
+async fn records(cluster: &Cluster) -> (String, String) {
     let mut c = cluster.clients().await;
     let v = c
         .volumes
@@ -83,51 +89,95 @@ async fn main() {
         .await
         .unwrap()
         .into_inner();
-    let raw: Arc<dyn KvStore> = Arc::new(Prefixed::new(
-        Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap()),
-        cluster.store_prefix().expect("on etcd").to_string(),
-    ));
-    let key = format!("volumes/{}", v.id);
-    assert!(raw.get(key.as_bytes()).await.unwrap().is_some(), "the raw read finds the volume's record");
-    for inflight in [1, 16, 64] {
-        let (store, key) = (raw.clone(), key.clone());
-        let etcd_get = measure(inflight, seconds, move || {
-            let (store, key) = (store.clone(), key.clone());
-            async move {
-                store.get(key.as_bytes()).await.unwrap();
-            }
-        })
-        .await;
-        let (volumes, id) = (c.volumes.clone(), v.id.clone());
-        let get_volume = measure(inflight, seconds, move || {
-            let (mut volumes, id) = (volumes.clone(), id.clone());
-            async move {
-                volumes.get_volume(pb::GetVolumeRequest { volume: id, project: "bench".into() }).await.unwrap();
-            }
-        })
-        .await;
-        let (groups, id) = (c.groups.clone(), g.id.clone());
-        let get_group = measure(inflight, seconds, move || {
-            let (mut groups, id) = (groups.clone(), id.clone());
-            async move {
-                groups.get_group(pb::GetGroupRequest { group: id, project: "bench".into() }).await.unwrap();
-            }
-        })
-        .await;
+    (v.id, g.id)
+}
+
+async fn raw_get(store: Arc<dyn KvStore>, key: String, inflight: usize, seconds: u64) -> Figures {
+    assert!(store.get(key.as_bytes()).await.unwrap().is_some(), "the raw read finds the volume's record");
+    measure(inflight, seconds, move || {
+        let (store, key) = (store.clone(), key.clone());
+        async move {
+            store.get(key.as_bytes()).await.unwrap();
+        }
+    })
+    .await
+}
+
+/// `GetVolume` and `GetGroup` at `inflight`.
+async fn api_gets(cluster: &Cluster, ids: &(String, String), inflight: usize, seconds: u64) -> (Figures, Figures) {
+    let c = cluster.clients().await;
+    let (volumes, id) = (c.volumes.clone(), ids.0.clone());
+    let get_volume = measure(inflight, seconds, move || {
+        let (mut volumes, id) = (volumes.clone(), id.clone());
+        async move {
+            volumes.get_volume(pb::GetVolumeRequest { volume: id, project: "bench".into() }).await.unwrap();
+        }
+    })
+    .await;
+    let (groups, id) = (c.groups.clone(), ids.1.clone());
+    let get_group = measure(inflight, seconds, move || {
+        let (mut groups, id) = (groups.clone(), id.clone());
+        async move {
+            groups.get_group(pb::GetGroupRequest { group: id, project: "bench".into() }).await.unwrap();
+        }
+    })
+    .await;
+    (get_volume, get_group)
+}
+
+fn print_point(store: &str, inflight: usize, raw: &Figures, api: &(Figures, Figures)) {
+    println!(
+        "{store:<8} {inflight:>2} in flight: raw get p50 {:.2} ms p99 {:.2} ms {:.0}/s",
+        raw.p50_ms, raw.p99_ms, raw.per_second
+    );
+    for (name, f) in [("GetVolume", &api.0), ("GetGroup", &api.1)] {
         println!(
-            "{inflight:>2} in flight: etcd get p50 {:.2} ms p99 {:.2} ms {:.0}/s",
-            etcd_get.p50_ms, etcd_get.p99_ms, etcd_get.per_second
+            "                      {name:<9} p50 {:.2} ms (+{:.2}) p99 {:.2} ms ({:.1}x) {:.0}/s ({:.2}x)",
+            f.p50_ms,
+            f.p50_ms - raw.p50_ms,
+            f.p99_ms,
+            f.p99_ms / raw.p99_ms,
+            f.per_second,
+            f.per_second / raw.per_second
         );
-        for (name, f) in [("GetVolume", &get_volume), ("GetGroup", &get_group)] {
-            println!(
-                "             {name:<9} p50 {:.2} ms (+{:.2}) p99 {:.2} ms ({:.1}x) {:.0}/s ({:.2}x)",
-                f.p50_ms,
-                f.p50_ms - etcd_get.p50_ms,
-                f.p99_ms,
-                f.p99_ms / etcd_get.p99_ms,
-                f.per_second,
-                f.per_second / etcd_get.per_second
-            );
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let seconds: u64 = std::env::var("DROVER_BENCH_SECONDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
+    let which = std::env::var("DROVER_BENCH_STORE").unwrap_or_else(|_| "both".into());
+    if which == "etcd" || which == "both" {
+        let etcd = Etcd::start().await;
+        let cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
+        let ids = records(&cluster).await;
+        let raw: Arc<dyn KvStore> = Arc::new(Prefixed::new(
+            Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap()),
+            cluster.store_prefix().expect("on etcd").to_string(),
+        ));
+        for inflight in POINTS {
+            let r = raw_get(raw.clone(), format!("volumes/{}", ids.0), inflight, seconds).await;
+            let api = api_gets(&cluster, &ids, inflight, seconds).await;
+            print_point("etcd", inflight, &r, &api);
+        }
+    }
+    if which == "embedded" || which == "both" {
+        let mut cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+        let ids = records(&cluster).await;
+        // The raw reads first, on the orchestrator's own file while it is stopped.
+        cluster.orchestrator.proc.kill();
+        let mut raw_figures = Vec::new();
+        {
+            let path = cluster.path().join("orchestrator.redb");
+            let raw: Arc<dyn KvStore> = Arc::new(EmbeddedStore::open(&path).await.unwrap());
+            for inflight in POINTS {
+                raw_figures.push(raw_get(raw.clone(), format!("volumes/{}", ids.0), inflight, seconds).await);
+            }
+        }
+        cluster.restart_orchestrator().await;
+        for (inflight, r) in POINTS.into_iter().zip(&raw_figures) {
+            let api = api_gets(&cluster, &ids, inflight, seconds).await;
+            print_point("embedded", inflight, r, &api);
         }
     }
 }

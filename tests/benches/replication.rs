@@ -11,58 +11,14 @@
 //! Run with `cargo bench -p drover-tests --bench replication`. Two agents run in this
 //! process (each with its own qemu-storage-daemon); volume data crosses real gRPC and NBD.
 
-use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use drover_agent::driver::{Driver, EnableSpec, Peer, Role};
-use drover_agent::ledger::Ledger;
-use drover_agent_qemu::{NbdAddr, NbdClient, QemuConfig, QemuDriver};
-use tokio_util::sync::CancellationToken;
+use drover_agent::driver::Driver;
+use drover_agent_qemu::{NbdAddr, NbdClient};
+use drover_tests::qemu_pair::{agent, qemu_io, replicate};
 
 const MIB: u64 = 1 << 20;
 const CLUSTER: u64 = 64 << 10;
-
-async fn agent(dir: &Path, name: &str) -> (Arc<QemuDriver>, String, CancellationToken) {
-    let pool = dir.join(format!("pool-{name}"));
-    std::fs::create_dir_all(&pool).unwrap();
-    let state = dir.join(format!("state-{name}"));
-    let driver = QemuDriver::start(QemuConfig { pool_dir: pool, ..Default::default() }, &state, name).await.unwrap();
-    let ledger = Ledger::open(&state.join("ledger.redb")).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let token = CancellationToken::new();
-    // Plain text, like the qemu-img baseline it is compared with (TLS costs are not in
-    // these figures).
-    let running = drover_agent::server::serve(driver.clone(), ledger, listener, None, token.clone()).await.unwrap();
-    (driver, format!("http://{}", running.local_addr), token)
-}
-
-async fn replicate(src: &QemuDriver, dst: &QemuDriver, dst_ep: &str, group: &str, vols: &[String], size: u64) {
-    for v in vols {
-        for (d, role, peer) in [(dst, Role::Secondary, "a"), (src, Role::Primary, "b")] {
-            d.enable_replication(&EnableSpec {
-                volume_id: v.clone(),
-                group_id: group.into(),
-                role,
-                peer: Peer { backend: peer.into(), endpoint: dst_ep.into() },
-                size_bytes: size,
-                interval_ms: Some(3_600_000),
-            })
-            .await
-            .unwrap();
-        }
-    }
-}
-
-fn qemu_io(uri: &str, cmds: &[String]) {
-    let mut c = std::process::Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.arg("-c").arg(cmd);
-    }
-    let out = c.arg(uri).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
@@ -81,7 +37,7 @@ async fn main() {
         let uri = a.attach_volume(&vol).await.unwrap().uri;
         let cmds: Vec<String> = (0..16).map(|i| format!("write -P {} {}M 64M", i + 1, i * 64)).collect();
         qemu_io(&uri, &cmds);
-        replicate(&a, &b, &b_ep, &format!("g{round}"), std::slice::from_ref(&vol), size).await;
+        replicate(&a, &b, &b_ep, &format!("g{round}"), std::slice::from_ref(&vol), size, 3_600_000).await;
         let image = dir.path().join(format!("pool-a/volumes/{vol}/L0.qcow2"));
         let copy = dir.path().join("convert.qcow2");
         // The baseline writes with the page cache and flushes at the end (-t writeback),
@@ -155,7 +111,7 @@ async fn main() {
     for v in &vols {
         a.create_volume(v, small).await.unwrap();
     }
-    replicate(&a, &b, &b_ep, "g16", &vols, small).await;
+    replicate(&a, &b, &b_ep, "g16", &vols, small, 3_600_000).await;
     a.sync_group("g16", false, None).await.unwrap();
     let nbd = match a.attach_volume("s0").await.unwrap().uri {
         u if u.starts_with("nbd+unix") => NbdAddr::Unix(u.split("socket=").nth(1).unwrap().into()),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 pub mod cluster;
 pub mod invariants;
+pub mod qemu_pair;
 pub mod scrape;
 pub mod writer;
 

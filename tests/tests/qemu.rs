@@ -1262,7 +1262,7 @@ async fn raw_source(
         epoch: g.epoch,
     };
     tx.send(apb::ReplicaMessage { kind: Some(Kind::Begin(begin)) }).await.unwrap();
-    let chunk = apb::DeltaChunk { volume_id: volume.into(), offset: 0, data: vec![0x55; 65536], zero_length: 0 };
+    let chunk = apb::DeltaChunk { volume_id: volume.into(), offset: 0, data: vec![0x55; 65536].into(), zero_length: 0 };
     tx.send(apb::ReplicaMessage { kind: Some(Kind::Chunk(chunk)) }).await.unwrap();
     let mut replica = apb::replica_client::ReplicaClient::new(
         drover_tests::cluster::agent_role_channel(&cluster.agents[1].endpoint, cluster.dir.path()).await,

@@ -73,13 +73,20 @@ use drover_agent::driver::{
 use drover_agent::replica::{CHUNK_BYTES, Shipment};
 use drover_agent::roles::{self, RoleFacts, Verdict};
 
-/// NBD reads a source keeps in flight while shipping.
-const READ_DEPTH: usize = 4;
+/// The size of one NBD read of a shipping source, and so of one data chunk on the
+/// replica stream and one NBD write on the target. Measured on the 1 GiB initial sync
+/// (`--bench replication`): with 4 MiB requests the target's qemu-storage-daemon spent
+/// about 2 CPU-seconds per GiB, with 1 MiB about 1; 256 KiB cost more per byte again in
+/// the agents (more messages) and 2 MiB was erratic. See docs/performance.md.
+const READ_BYTES: u64 = 1 << 20;
+const _: () = assert!(READ_BYTES as usize <= CHUNK_BYTES);
+/// NBD reads a source keeps in flight while shipping (16 MiB at [`READ_BYTES`]).
+const READ_DEPTH: usize = 16;
 /// Frozen points a primary keeps waiting for an unreachable peer before it stops
 /// freezing new ones (see `source.rs`).
 const MAX_WAITING: usize = 2;
 /// NBD writes a target keeps in flight while applying.
-const WRITE_DEPTH: usize = 4;
+const WRITE_DEPTH: usize = 16;
 
 /// Qemu driver settings (the `[qemu]` table of the agent config).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -64,6 +64,25 @@ pub enum NbdError {
     Server { errno: u32, what: &'static str },
 }
 
+/// Writes `head` then `body` with as few vectored writes as the socket allows.
+async fn write_both(sock: &mut Box<dyn Io>, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let mut done = 0usize;
+    let total = head.len() + body.len();
+    while done < total {
+        let n = if done < head.len() {
+            let parts = [std::io::IoSlice::new(&head[done..]), std::io::IoSlice::new(body)];
+            sock.write_vectored(&parts).await?
+        } else {
+            sock.write(&body[done - head.len()..]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// One connection to one export.
 pub struct NbdClient {
     sock: Box<dyn Io>,
@@ -141,15 +160,17 @@ impl NbdClient {
 
     async fn request(&mut self, cmd: u16, offset: u64, len: u32, payload: &[u8]) -> Result<u64, NbdError> {
         self.handle += 1;
-        let mut head = Vec::with_capacity(28 + payload.len());
+        let mut head = Vec::with_capacity(28);
         head.extend_from_slice(&REQUEST_MAGIC.to_be_bytes());
         head.extend_from_slice(&0u16.to_be_bytes());
         head.extend_from_slice(&cmd.to_be_bytes());
         head.extend_from_slice(&self.handle.to_be_bytes());
         head.extend_from_slice(&offset.to_be_bytes());
         head.extend_from_slice(&len.to_be_bytes());
-        head.extend_from_slice(payload);
-        timed(self.sock.write_all(&head)).await?;
+        // The payload goes from the caller's buffer as it is: copying megabytes of volume
+        // data behind a 28-byte header cost an allocation and a copy per request.
+        // One vectored write for both, so the server never wakes for a header alone.
+        timed(write_both(&mut self.sock, &head, payload)).await?;
         Ok(self.handle)
     }
 
@@ -195,9 +216,7 @@ impl NbdClient {
                 .iter()
                 .position(|x| *x == h)
                 .ok_or_else(|| NbdError::Protocol("reply for an unknown read".into()))?;
-            let mut buf = vec![0u8; ranges[i].1 as usize];
-            timed(self.sock.read_exact(&mut buf)).await?;
-            out[i] = Some(buf);
+            out[i] = Some(self.payload(ranges[i].1 as usize).await?);
         }
         Ok(out.into_iter().map(|b| b.expect("every read answered")).collect())
     }
@@ -236,8 +255,19 @@ impl NbdClient {
         self.settle().await?;
         let h = self.request(CMD_READ, offset, len, &[]).await?;
         self.reply(h, "read").await?;
-        let mut buf = vec![0u8; len as usize];
-        timed(self.sock.read_exact(&mut buf)).await?;
+        self.payload(len as usize).await
+    }
+
+    /// Reads a read reply's `len` bytes of data into a new buffer, without zeroing it
+    /// first (the socket fills it).
+    async fn payload(&mut self, len: usize) -> Result<Vec<u8>, NbdError> {
+        let mut buf = Vec::with_capacity(len);
+        while buf.len() < len {
+            let want = (len - buf.len()) as u64;
+            if timed((&mut self.sock).take(want).read_buf(&mut buf)).await? == 0 {
+                return Err(NbdError::Protocol("the server closed the connection in the middle of a reply".into()));
+            }
+        }
         Ok(buf)
     }
 

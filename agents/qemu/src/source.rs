@@ -31,7 +31,7 @@ impl QemuDriver {
                         while off < e.start + e.length {
                             let mut batch = Vec::new();
                             while off < e.start + e.length && batch.len() < READ_DEPTH {
-                                let n = (e.start + e.length - off).min(CHUNK_BYTES as u64) as u32;
+                                let n = (e.start + e.length - off).min(READ_BYTES) as u32;
                                 batch.push((off, n));
                                 off += u64::from(n);
                             }

@@ -193,7 +193,7 @@ pub struct HeldGroup {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Incoming {
     /// Bytes at an offset of a volume.
-    Data { volume_id: String, offset: u64, data: Vec<u8> },
+    Data { volume_id: String, offset: u64, data: bytes::Bytes },
     /// A range that reads as zeroes.
     Zero { volume_id: String, offset: u64, len: u64 },
     /// Everything arrived: apply the point atomically.

@@ -146,7 +146,8 @@ impl Shipment {
     }
 
     /// Sends data at an offset of a volume, split into chunks.
-    pub async fn data(&self, volume_id: &str, offset: u64, data: Vec<u8>) -> Result<(), DriverError> {
+    pub async fn data(&self, volume_id: &str, offset: u64, data: impl Into<bytes::Bytes>) -> Result<(), DriverError> {
+        let data = data.into();
         self.send(pb::DeltaChunk { volume_id: volume_id.into(), offset: offset as i64, data, zero_length: 0 }).await
     }
 
@@ -155,7 +156,7 @@ impl Shipment {
         self.send(pb::DeltaChunk {
             volume_id: volume_id.into(),
             offset: offset as i64,
-            data: Vec::new(),
+            data: bytes::Bytes::new(),
             zero_length: len as i64,
         })
         .await
