@@ -169,7 +169,9 @@ async fn main() {
         let mut raw_figures = Vec::new();
         {
             let path = cluster.path().join("orchestrator.redb");
-            let raw: Arc<dyn KvStore> = Arc::new(EmbeddedStore::open(&path).await.unwrap());
+            // Under the orchestrator's default key prefix, as it reads them.
+            let raw: Arc<dyn KvStore> =
+                Arc::new(Prefixed::new(Arc::new(EmbeddedStore::open(&path).await.unwrap()), "/drover/v1/"));
             for inflight in POINTS {
                 raw_figures.push(raw_get(raw.clone(), format!("volumes/{}", ids.0), inflight, seconds).await);
             }

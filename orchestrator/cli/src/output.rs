@@ -45,34 +45,125 @@ impl Table {
             }
             return out;
         }
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        let widths = self.widths();
+        let mut out = line(&widths, &self.headers.iter().map(|h| h.to_string()).collect::<Vec<_>>());
         for row in &self.rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        // Padding by hand: `format!("{c:<w$}")` panics for widths over 65,535.
-        let line = |cells: Vec<String>| {
-            let mut out = String::new();
-            for (i, w) in widths.iter().enumerate() {
-                let cell = cells.get(i).map(String::as_str).unwrap_or("");
-                if i > 0 {
-                    out.push_str("  ");
-                }
-                out.push_str(cell);
-                out.extend(std::iter::repeat_n(' ', w.saturating_sub(cell.chars().count())));
-            }
-            out.trim_end().to_string() + "\n"
-        };
-        let mut out = line(self.headers.iter().map(|h| h.to_string()).collect());
-        for row in &self.rows {
-            out.push_str(&line(row.clone()));
+            out.push_str(&line(&widths, row));
         }
         for f in &self.footer {
             out.push_str(f);
             out.push('\n');
         }
         out
+    }
+
+    /// Each column's width: its widest cell or its header.
+    fn widths(&self) -> Vec<usize> {
+        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
+        for row in &self.rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        widths
+    }
+}
+
+/// One row padded to `widths`. Padding by hand: `format!("{c:<w$}")` panics for widths
+/// over 65,535.
+fn line(widths: &[usize], cells: &[String]) -> String {
+    let mut out = String::new();
+    for (i, w) in widths.iter().enumerate() {
+        let cell = cells.get(i).map(String::as_str).unwrap_or("");
+        if i > 0 {
+            out.push_str("  ");
+        }
+        out.push_str(cell);
+        out.extend(std::iter::repeat_n(' ', w.saturating_sub(cell.chars().count())));
+    }
+    out.trim_end().to_string() + "\n"
+}
+
+/// Prints a listing page by page as the pages arrive, so a long listing starts at once
+/// and never sits whole in memory. A table's columns take their widths from the first
+/// page (a wider cell later only pushes its own row); JSON is the same document a
+/// whole-listing `emit` would print: `{"<field>": [...], "next_marker": ""}`.
+pub struct PageStream<T> {
+    format: Format,
+    field: &'static str,
+    table: fn(&[T]) -> Table,
+    widths: Option<Vec<usize>>,
+    rows: usize,
+}
+
+impl<T: Serialize> PageStream<T> {
+    /// A listing of `field` (its name in the response message), whose table `table` makes.
+    pub fn new(format: Format, field: &'static str, table: fn(&[T]) -> Table) -> Self {
+        Self { format, field, table, widths: None, rows: 0 }
+    }
+
+    /// Prints one page's rows.
+    pub fn page(&mut self, items: &[T]) {
+        use std::io::Write;
+        let out = self.render_page(items);
+        // A closed pipe (`| head`) ends the listing quietly, as `print!` would not.
+        if std::io::stdout().lock().write_all(out.as_bytes()).is_err() {
+            std::process::exit(0);
+        }
+    }
+
+    /// Ends the listing (an empty one says so).
+    pub fn finish(self) {
+        print!("{}", self.render_end());
+    }
+
+    fn render_page(&mut self, items: &[T]) -> String {
+        let mut out = String::new();
+        match self.format {
+            Format::Json => {
+                for item in items {
+                    if self.rows == 0 {
+                        out.push_str(&format!("{{\n  \"{}\": [\n", self.field));
+                    } else {
+                        out.push_str(",\n");
+                    }
+                    let json = serde_json::to_string_pretty(item).expect("API messages serialise");
+                    for (i, l) in json.lines().enumerate() {
+                        if i > 0 {
+                            out.push('\n');
+                        }
+                        out.push_str("    ");
+                        out.push_str(l);
+                    }
+                    self.rows += 1;
+                }
+            }
+            Format::Table => {
+                if items.is_empty() {
+                    return out;
+                }
+                let t = (self.table)(items);
+                let widths = self.widths.get_or_insert_with(|| {
+                    let w = t.widths();
+                    out.push_str(&line(&w, &t.headers.iter().map(|h| h.to_string()).collect::<Vec<_>>()));
+                    w
+                });
+                for row in &t.rows {
+                    out.push_str(&line(widths, row));
+                }
+                self.rows += items.len();
+            }
+        }
+        out
+    }
+
+    fn render_end(&self) -> String {
+        match self.format {
+            Format::Json if self.rows == 0 => format!("{{\n  \"{}\": [],\n  \"next_marker\": \"\"\n}}\n", self.field),
+            Format::Json => "\n  ],\n  \"next_marker\": \"\"\n}\n".to_string(),
+            Format::Table if self.rows == 0 => "(none)\n".to_string(),
+            Format::Table => String::new(),
+        }
     }
 }
 
@@ -306,6 +397,45 @@ pub fn replication_info(i: &pb::GroupReplicationInfo) -> Table {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn group(id: &str, name: &str) -> pb::Group {
+        pb::Group { id: id.into(), name: name.into(), project: "p".into(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_streamed_listing_prints_the_same_json_as_a_whole_one() {
+        let pages = [vec![], vec![group("1", "a"), group("2", "b")], vec![], vec![group("3", "c")]];
+        let mut s = PageStream::new(Format::Json, "groups", groups);
+        let mut out = String::new();
+        for p in &pages {
+            out.push_str(&s.render_page(p));
+        }
+        out.push_str(&s.render_end());
+        let whole = pb::ListGroupsResponse { groups: pages.concat(), next_marker: String::new() };
+        let parsed: serde_json::Value = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(parsed, serde_json::to_value(&whole).unwrap());
+        // Nothing listed: still the document, with an empty list.
+        let s = PageStream::new(Format::Json, "groups", groups);
+        let parsed: serde_json::Value = serde_json::from_str(&s.render_end()).expect("valid JSON");
+        assert_eq!(parsed, serde_json::to_value(pb::ListGroupsResponse::default()).unwrap());
+    }
+
+    #[test]
+    fn a_streamed_table_prints_its_header_once_with_the_first_pages_widths() {
+        let mut s = PageStream::new(Format::Table, "groups", groups);
+        let first = s.render_page(&[group("1", "a-long-name")]);
+        let second = s.render_page(&[group("2", "b")]);
+        let third = s.render_page(&[group("3", "a-name-longer-than-the-first")]);
+        assert!(first.starts_with("ID  NAME         PROJECT"), "{first}");
+        assert_eq!(first.lines().count(), 2);
+        assert!(second.starts_with("2   b            p"), "later rows pad to the first page's widths: {second:?}");
+        assert!(
+            third.starts_with("3   a-name-longer-than-the-first  p"),
+            "a wider cell pushes only its row: {third:?}"
+        );
+        assert_eq!(s.render_end(), "");
+        assert_eq!(PageStream::new(Format::Table, "groups", groups).render_end(), "(none)\n");
+    }
 
     #[test]
     fn table_aligns_columns_and_reports_empty() {

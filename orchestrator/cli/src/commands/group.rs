@@ -141,18 +141,19 @@ pub async fn run(ctx: &mut Ctx, cmd: GroupCmd) -> Result<()> {
         }
         GroupCmd::List { all_projects } => {
             let project = if all_projects { String::new() } else { project };
-            // Every page, in order.
-            let mut all = pb::ListGroupsResponse::default();
+            // Every page, in order, each printed as it arrives.
+            let mut out = output::PageStream::new(fmt, "groups", output::groups);
+            let mut marker = String::new();
             loop {
-                let req = pb::ListGroupsRequest { project: project.clone(), limit: 0, marker: all.next_marker };
+                let req = pb::ListGroupsRequest { project: project.clone(), limit: 0, marker };
                 let page = groups.list_groups(req).await?.into_inner();
-                all.groups.extend(page.groups);
-                all.next_marker = page.next_marker;
-                if all.next_marker.is_empty() {
+                out.page(&page.groups);
+                marker = page.next_marker;
+                if marker.is_empty() {
                     break;
                 }
             }
-            emit(fmt, &all, |r| output::groups(&r.groups));
+            out.finish();
         }
         GroupCmd::History { group, limit } => {
             let mut all = pb::ListGroupEventsResponse::default();

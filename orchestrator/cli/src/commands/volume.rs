@@ -125,18 +125,19 @@ pub async fn run(ctx: &mut Ctx, cmd: VolumeCmd) -> Result<()> {
         }
         VolumeCmd::List { all_projects } => {
             let project = if all_projects { String::new() } else { project };
-            // Every page, in order.
-            let mut all = pb::ListVolumesResponse::default();
+            // Every page, in order, each printed as it arrives.
+            let mut out = output::PageStream::new(fmt, "volumes", output::volumes);
+            let mut marker = String::new();
             loop {
-                let req = pb::ListVolumesRequest { project: project.clone(), limit: 0, marker: all.next_marker };
+                let req = pb::ListVolumesRequest { project: project.clone(), limit: 0, marker };
                 let page = api.list_volumes(req).await?.into_inner();
-                all.volumes.extend(page.volumes);
-                all.next_marker = page.next_marker;
-                if all.next_marker.is_empty() {
+                out.page(&page.volumes);
+                marker = page.next_marker;
+                if marker.is_empty() {
                     break;
                 }
             }
-            emit(fmt, &all, |r| output::volumes(&r.volumes));
+            out.finish();
         }
         VolumeCmd::Show { volume } => {
             let v = api.get_volume(pb::GetVolumeRequest { volume, project }).await?;
