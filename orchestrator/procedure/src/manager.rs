@@ -1225,6 +1225,42 @@ impl Manager {
         }
     }
 
+    /// Deletes the kept-apart state (`execution-items/<id>/`) of executions that have no
+    /// record and were submitted over `min_age` ago: a submit stores its items before the
+    /// transaction that writes the record, and a submitter that died between the two left
+    /// them behind where [`Manager::prune_ended`] (which finds state through records)
+    /// never looks. Skips from one execution's items to the next (one bounded read per
+    /// execution, not per item); an id that is not a time-ordered UUID is never taken
+    /// for old. Each delete compares the record's absence. Returns the executions swept.
+    pub async fn sweep_orphan_items(&self, min_age: Duration) -> Result<usize, StoreError> {
+        let horizon = now_ms() - min_age.as_millis() as i64;
+        let (mut after, mut swept) = (Vec::new(), 0);
+        loop {
+            let page = self.store.range_page(keys::APART.as_bytes(), &after, 1).await?;
+            let Some(kv) = page.kvs.first() else { return Ok(swept) };
+            let rest = String::from_utf8_lossy(&kv.key[keys::APART.len()..]).into_owned();
+            let id = rest.split('/').next().unwrap_or_default().to_string();
+            // Past every key of this execution: its prefix ends in '/', and 0xff sorts
+            // after any UTF-8 byte of an item's name.
+            after = keys::apart(&id).into_bytes();
+            after.push(0xff);
+            let submitted_ms = uuid::Uuid::parse_str(&id).ok().and_then(|u| u.get_timestamp()).map(|t| {
+                let (s, n) = t.to_unix();
+                s as i64 * 1000 + i64::from(n / 1_000_000)
+            });
+            if submitted_ms.is_none_or(|ms| ms >= horizon) || self.get(&id).await?.is_some() {
+                continue;
+            }
+            let txn = Txn::new()
+                .when(Compare::Absent(keys::execution(&id).into_bytes()))
+                .and_then(TxnOp::DeletePrefix { prefix: keys::apart(&id).into_bytes() });
+            if self.store.txn(txn).await?.succeeded {
+                tracing::info!(execution = %id, "deleted the items of a submit that never wrote its record");
+                swept += 1;
+            }
+        }
+    }
+
     /// Every execution, newest first.
     pub async fn list(&self) -> Result<Vec<ExecutionRec>, StoreError> {
         let (kvs, _) = self.store.range(keys::EXECUTIONS.as_bytes()).await?;

@@ -49,8 +49,9 @@ pub mod keys {
     /// Where a procedure keeps state apart from its record (`Procedure::take_writes`):
     /// removed with the record when an ended execution is pruned.
     pub fn apart(id: &str) -> String {
-        format!("execution-items/{id}/")
+        format!("{APART}{id}/")
     }
+    pub const APART: &str = "execution-items/";
     /// Index of executions, newest first: `executions-newest/<scope>/<inverted id>`
     /// naming the id, scope `all` for every execution and `p/<project>` for a
     /// project's, so a listing reads one page of its own scope at a time.

@@ -190,6 +190,10 @@ pub async fn serve(
                     Ok(_) => {}
                     Err(e) => tracing::warn!(error = %e, "pruning ended executions failed; retrying later"),
                 }
+                // Items a submit stored before its submitter died, an hour on.
+                if let Err(e) = procedures.sweep_orphan_items(std::time::Duration::from_secs(3600)).await {
+                    tracing::warn!(error = %e, "sweeping the items of unfinished submits failed; retrying later");
+                }
                 tokio::select! {
                     () = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
                     () = shutdown.cancelled() => return,

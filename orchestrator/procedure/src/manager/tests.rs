@@ -550,3 +550,37 @@ async fn a_record_the_store_refuses_ends_the_execution_instead_of_retrying_forev
     assert_eq!(rec.claims, 1, "ended by its first owner, not resumed");
     assert!(store.get(keys::pending(&id).as_bytes()).await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn items_of_a_submit_that_never_wrote_its_record_are_swept_once_old() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let rig = rig();
+    let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+    let two_hours_ago = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() - 7200;
+    let old = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, two_hours_ago, 0)).to_string();
+    let fresh = uuid::Uuid::now_v7().to_string();
+    let finished = m.submit(counter(&rig, "a", 1, 0)).await.unwrap();
+    m.wait(&finished, Duration::from_secs(10)).await.unwrap();
+    // Items under four ids: an old orphan, a fresh one, an execution with its record,
+    // and an id whose age cannot be told.
+    for id in [old.as_str(), fresh.as_str(), finished.as_str(), "not-a-uuid"] {
+        for item in ["000/000000", "000/000001", "001/000000"] {
+            store.put(format!("{}{item}", keys::apart(id)).as_bytes(), b"{}").await.unwrap();
+        }
+    }
+    let items = |id: String| {
+        let store = store.clone();
+        async move { store.range(keys::apart(&id).as_bytes()).await.unwrap().0.len() }
+    };
+    assert_eq!(m.sweep_orphan_items(Duration::from_secs(3600)).await.unwrap(), 1, "only the old orphan");
+    assert_eq!(items(old.clone()).await, 0);
+    assert_eq!(items(fresh.clone()).await, 3, "a submit under an hour old may still write its record");
+    // With no minimum age, the fresh orphan goes too; a recorded execution's items and
+    // an ageless id's stay.
+    assert_eq!(m.sweep_orphan_items(Duration::ZERO).await.unwrap(), 1);
+    assert_eq!(items(fresh).await, 0);
+    assert_eq!(items(finished).await, 3);
+    assert_eq!(items("not-a-uuid".into()).await, 3);
+    assert_eq!(m.sweep_orphan_items(Duration::ZERO).await.unwrap(), 0, "nothing left to sweep");
+}
