@@ -112,18 +112,19 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
     let api = &mut ctx.api.executions;
     match cmd {
         ExecutionCmd::List { status } => {
-            // Every page, newest first.
-            let mut all = pb::ListExecutionsResponse::default();
+            // Every page, newest first, each printed as it arrives.
+            let mut out = crate::output::PageStream::new(ctx.fmt, "executions", list_table);
+            let mut marker = String::new();
             loop {
-                let req = pb::ListExecutionsRequest { status: status.clone(), limit: 0, marker: all.next_marker };
+                let req = pb::ListExecutionsRequest { status: status.clone(), limit: 0, marker };
                 let page = api.list_executions(req).await?.into_inner();
-                all.executions.extend(page.executions);
-                all.next_marker = page.next_marker;
-                if all.next_marker.is_empty() {
+                out.page(&page.executions);
+                marker = page.next_marker;
+                if marker.is_empty() {
                     break;
                 }
             }
-            emit(ctx.fmt, &all, |r| list_table(&r.executions));
+            out.finish();
         }
         ExecutionCmd::Show { id } => {
             let e = api.get_execution(pb::GetExecutionRequest { id }).await?;
