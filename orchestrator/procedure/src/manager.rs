@@ -288,7 +288,7 @@ impl Manager {
             match loaded {
                 Ok(proc) => {
                     tracing::info!(execution = %id, kind = %rec.kind, epoch, step = %rec.step, "resuming execution");
-                    self.spawn_run(id, proc, epoch, &rec);
+                    self.spawn_run(id, proc, epoch, &rec, false);
                 }
                 Err(e) => {
                     let mut rec = rec;
@@ -499,9 +499,12 @@ impl Manager {
             output: serde_json::Value::Null,
             error: String::new(),
             cancel_requested: false,
+            // The submitter's claim is part of the submit, so the record names it from
+            // the start; the epoch (the submit's revision) is known only after it, and
+            // the first step's write records it.
             epoch: 0,
-            owner: String::new(),
-            claims: 0,
+            owner: self.config.owner_id.clone(),
+            claims: 1,
             parent,
             children: Vec::new(),
             paused: false,
@@ -552,7 +555,7 @@ impl Manager {
         }
         // Run it here at once. Should the lease lapse meanwhile, the claim goes with it:
         // this run's first write is refused and recovery (here or elsewhere) runs it.
-        self.spawn_run(id.clone(), proc, epoch, &rec);
+        self.spawn_run(id.clone(), proc, epoch, &rec, true);
         Ok((id, resp.revision))
     }
 
@@ -699,7 +702,9 @@ impl Manager {
         Ok(())
     }
 
-    fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64, rec: &ExecutionRec) {
+    /// Runs an execution here: `rec` is its record as just written by the submit
+    /// (`fresh`) or as read right after this member claimed it.
+    fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64, rec: &ExecutionRec, fresh: bool) {
         let token = self.shutdown.child_token();
         let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.running.lock().expect("running poisoned").insert(id.clone(), (run, token.clone()));
@@ -709,9 +714,10 @@ impl Manager {
         let trace = if rec.trace_id.is_empty() { new_trace_id() } else { rec.trace_id.clone() };
         let group = rec.locks.iter().find_map(|l| l.strip_prefix("group/")).unwrap_or_default();
         let span = tracing::info_span!(parent: None, "execution", execution = %id, kind = %rec.kind, epoch, group, trace_id = %trace);
+        let rec = rec.clone();
         tokio::spawn(tracing::Instrument::instrument(
             async move {
-                me.run(&id, proc, epoch, token.clone()).await;
+                me.run(&id, proc, epoch, token.clone(), rec, fresh).await;
                 let mut running = me.running.lock().expect("running poisoned");
                 // Remove only our own entry: a later claim may have replaced it.
                 if running.get(&id).is_some_and(|(r, _)| *r == run) {
@@ -722,31 +728,30 @@ impl Manager {
         ));
     }
 
-    async fn read(&self, id: &str, token: &CancellationToken) -> Option<ExecutionRec> {
-        let mut wait = Duration::from_millis(100);
-        loop {
-            match self.store.get(keys::execution(id).as_bytes()).await {
-                Ok(Some(kv)) => return decode(&kv.value).ok(),
-                Ok(None) => return None,
-                Err(e) => tracing::warn!(error = %e, "reading the execution failed; retrying"),
-            }
-            if pause(wait, token).await {
-                return None;
-            }
-            wait = (wait * 2).min(Duration::from_secs(2));
-        }
-    }
-
-    async fn run(self: &Arc<Self>, id: &str, mut proc: Box<dyn Procedure>, epoch: i64, token: CancellationToken) {
-        let Some(mut rec) = self.read(id, &token).await else { return };
+    /// Runs an execution's steps while this member's claim stands. Only the owner writes
+    /// the record (each write compares the claim), so the record is read once, before
+    /// the run, not again at every step.
+    async fn run(
+        self: &Arc<Self>,
+        id: &str,
+        mut proc: Box<dyn Procedure>,
+        epoch: i64,
+        token: CancellationToken,
+        mut rec: ExecutionRec,
+        fresh: bool,
+    ) {
         if rec.status.is_terminal() {
             return;
         }
         rec.epoch = epoch;
         rec.owner = self.config.owner_id.clone();
-        rec.claims += 1;
-        if !self.persist(id, &mut rec, epoch, &token).await {
-            return;
+        // A fresh submit wrote its record with its claim in the same transaction; a
+        // resumed run records its claim before its first step.
+        if !fresh {
+            rec.claims += 1;
+            if !self.persist(id, &mut rec, epoch, &token).await {
+                return;
+            }
         }
         let mut retry_wait = Duration::from_millis(200);
         loop {
@@ -755,10 +760,6 @@ impl Manager {
             }
             // Cancellation is its own key, so a cancel sent to any orchestrator counts and
             // no write of the record can lose it.
-            let Some(current) = self.read(id, &token).await else { return };
-            if current.status.is_terminal() {
-                return;
-            }
             let cancel = match self.store.get(keys::cancel(id).as_bytes()).await {
                 Ok(c) => c.is_some(),
                 Err(_) => false,
