@@ -36,7 +36,7 @@
 mod manager;
 mod record;
 
-pub use manager::{Manager, ManagerConfig, SubmitError};
+pub use manager::{Manager, ManagerConfig, Signal, SubmitError};
 pub use record::{Decision, ExecutionRec, ExecutionStatus, StepRec, keys};
 
 use async_trait::async_trait;

@@ -18,6 +18,7 @@ pub const LOCKS_PER_TXN: usize = 100;
 use crate::{Context, Loader, Procedure, ProcedureError, Status};
 
 mod control;
+mod signals;
 
 /// Manager settings.
 #[derive(Debug, Clone)]
@@ -61,6 +62,13 @@ pub enum SubmitError {
     Store(#[from] StoreError),
 }
 
+/// An operator's request to a running execution, checked at step boundaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    Cancel,
+    Pause,
+}
+
 /// Runs procedures for one orchestrator, and resumes those other owners left.
 pub struct Manager {
     store: Arc<dyn KvStore>,
@@ -81,6 +89,9 @@ pub struct Manager {
     ended: RwLock<Option<EndHook>>,
     /// Called with each execution submitted here (see [`Manager::on_start`]).
     started: RwLock<Option<EndHook>>,
+    /// Cancel and pause requests, kept by a watch (see `signals.rs`).
+    cancels: signals::Watched,
+    pauses: signals::Watched,
     /// Woken whenever an execution ends here (see [`Manager::ends`]).
     ends: tokio::sync::Notify,
 }
@@ -149,6 +160,8 @@ impl Manager {
             ended: RwLock::new(None),
             started: RwLock::new(None),
             ends: tokio::sync::Notify::new(),
+            cancels: Default::default(),
+            pauses: Default::default(),
         })
     }
 
@@ -169,6 +182,41 @@ impl Manager {
         tokio::spawn(self.clone().keep_lease());
         tokio::spawn(self.clone().recover());
         tokio::spawn(self.clone().watch_owners());
+        for (which, prefix) in [(Signal::Cancel, keys::CANCELS), (Signal::Pause, keys::PAUSES)] {
+            let me = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let why = tokio::select! {
+                        _ = me.shutdown.cancelled() => return,
+                        why = me.watched(which).follow(me.store.as_ref(), prefix) => why,
+                    };
+                    tracing::debug!(error = %why, prefix, "the watch of operator requests broke; reading them per step until it is back");
+                    if pause(Duration::from_secs(1), &me.shutdown).await {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    fn watched(&self, which: Signal) -> &signals::Watched {
+        match which {
+            Signal::Cancel => &self.cancels,
+            Signal::Pause => &self.pauses,
+        }
+    }
+
+    /// Whether an operator asked execution `id` to stop (`Signal::Cancel`) or to pause:
+    /// from the watched view, or from the store while the view is not live.
+    pub async fn requested(&self, id: &str, which: Signal) -> bool {
+        let key = match which {
+            Signal::Cancel => keys::cancel(id),
+            Signal::Pause => keys::pause(id),
+        };
+        match self.watched(which).is_set(&key) {
+            Some(set) => set,
+            None => matches!(self.store.get(key.as_bytes()).await, Ok(Some(_))),
+        }
     }
 
     async fn lease(&self) -> Result<i64, StoreError> {
@@ -760,11 +808,7 @@ impl Manager {
             }
             // Cancellation is its own key, so a cancel sent to any orchestrator counts and
             // no write of the record can lose it.
-            let cancel = match self.store.get(keys::cancel(id).as_bytes()).await {
-                Ok(c) => c.is_some(),
-                Err(_) => false,
-            };
-            if cancel {
+            if self.requested(id, Signal::Cancel).await {
                 rec.status = ExecutionStatus::Cancelled;
                 rec.cancel_requested = true;
                 rec.error = format!("cancelled before step {}", proc.step());
@@ -772,7 +816,7 @@ impl Manager {
                 return;
             }
             // Paused: no step starts (children already running go on) until resumed.
-            let paused = matches!(self.store.get(keys::pause(id).as_bytes()).await, Ok(Some(_)));
+            let paused = self.requested(id, Signal::Pause).await;
             if paused != rec.paused {
                 rec.paused = paused;
                 tracing::info!(execution = %id, paused, "pause state changed");
@@ -798,7 +842,7 @@ impl Manager {
                         Ok(None) => break,
                         _ => {}
                     }
-                    if matches!(self.store.get(keys::cancel(id).as_bytes()).await, Ok(Some(_))) {
+                    if self.requested(id, Signal::Cancel).await {
                         let _ = self.cancel(&child).await;
                     }
                     if pause(Duration::from_millis(200), &token).await {
@@ -1284,6 +1328,7 @@ impl Manager {
             let status = self.get(id).await?.map_or("ended".to_string(), |r| r.status.as_str().to_string());
             return Err(SubmitError::Ended { id: id.to_string(), status });
         }
+        self.cancels.note(&keys::cancel(id), true);
         Ok(ExecutionRec { cancel_requested: true, ..rec })
     }
 

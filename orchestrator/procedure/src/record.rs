@@ -21,12 +21,14 @@ pub mod keys {
     pub const OWNERS: &str = "execution-owners/";
     /// A request to cancel, read by the owner at step boundaries.
     pub fn cancel(id: &str) -> String {
-        format!("execution-cancels/{id}")
+        format!("{CANCELS}{id}")
     }
+    pub const CANCELS: &str = "execution-cancels/";
     /// A request to pause, read by the owner at step boundaries; removed to resume.
     pub fn pause(id: &str) -> String {
-        format!("execution-pauses/{id}")
+        format!("{PAUSES}{id}")
     }
+    pub const PAUSES: &str = "execution-pauses/";
     /// An operator's decision on a prompt of an execution.
     pub fn decision(id: &str, prompt: &str) -> String {
         format!("execution-decisions/{id}/{prompt}")

@@ -28,7 +28,9 @@ impl Manager {
     /// Asks a running execution to start no new step until [`Manager::resume`]; steps
     /// already running (and their children) go on.
     pub async fn pause(&self, id: &str) -> Result<ExecutionRec, SubmitError> {
-        self.signal(id, keys::pause(id), Vec::new()).await
+        let rec = self.signal(id, keys::pause(id), Vec::new()).await?;
+        self.pauses.note(&keys::pause(id), true);
+        Ok(rec)
     }
 
     /// Lets a paused execution go on.
@@ -38,6 +40,7 @@ impl Manager {
             return Err(SubmitError::Ended { id: id.to_string(), status: rec.status.as_str().into() });
         }
         self.store.delete(keys::pause(id).as_bytes()).await?;
+        self.pauses.note(&keys::pause(id), false);
         Ok(rec)
     }
 

@@ -584,3 +584,52 @@ async fn items_of_a_submit_that_never_wrote_its_record_are_swept_once_old() {
     assert_eq!(items("not-a-uuid".into()).await, 3);
     assert_eq!(m.sweep_orphan_items(Duration::ZERO).await.unwrap(), 0, "nothing left to sweep");
 }
+
+#[tokio::test]
+async fn a_cancel_and_a_pause_sent_to_another_member_reach_the_run_through_the_watch() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let rig = rig();
+    let (a, _stop_a) = manager(&store, &rig, Duration::from_secs(5));
+    let (b, _stop_b) = manager(&store, &rig, Duration::from_secs(5));
+    let wait_steps = |m: Arc<Manager>, id: String, n: usize| async move {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while m.get(&id).await.unwrap().unwrap().steps.len() < n {
+            assert!(tokio::time::Instant::now() < deadline, "{id} did not reach {n} steps");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    // Paused through b while its run on a waits at step 2: no step starts until b
+    // resumes it.
+    let id = a.submit(counter(&rig, "p", 3, 2)).await.unwrap();
+    wait_steps(a.clone(), id.clone(), 1).await;
+    b.pause(&id).await.unwrap();
+    // a's own view (not a store read) holds the pause once the watch event lands.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.pauses.is_set(&keys::pause(&id)) != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "the pause never reached the other member");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.gate.add_permits(1);
+    wait_steps(a.clone(), id.clone(), 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rec = a.get(&id).await.unwrap().unwrap();
+    assert_eq!((rec.steps.len(), rec.paused), (2, true), "paused after its running step: {rec:?}");
+    b.resume(&id).await.unwrap();
+    assert_eq!(a.wait(&id, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    assert_eq!(a.pauses.is_set(&keys::pause(&id)), Some(false), "the pause is gone from the view with its key");
+
+    // Cancelled through b: the run on a stops at its next step boundary.
+    let id = a.submit(counter(&rig, "c", 3, 2)).await.unwrap();
+    wait_steps(a.clone(), id.clone(), 1).await;
+    b.cancel(&id).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while a.cancels.is_set(&keys::cancel(&id)) != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "the cancel never reached the other member");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    rig.gate.add_permits(1);
+    let rec = a.wait(&id, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(rec.status, ExecutionStatus::Cancelled);
+    assert_eq!(rec.steps.len(), 2, "the running step finished, no further one started");
+}

@@ -270,13 +270,9 @@ impl RunbookRun {
     /// Whether an operator asked this execution to stop or pause: then a round ends at
     /// once, so the engine sees it.
     pub(super) async fn signalled(&self, ctx: &Context) -> bool {
-        let store = self.core.repo.store();
-        for key in [ekeys::cancel(&ctx.execution_id), ekeys::pause(&ctx.execution_id)] {
-            if matches!(store.get(key.as_bytes()).await, Ok(Some(_))) {
-                return true;
-            }
-        }
-        false
+        let procedures = &self.core.procedures;
+        procedures.requested(&ctx.execution_id, drover_procedure::Signal::Cancel).await
+            || procedures.requested(&ctx.execution_id, drover_procedure::Signal::Pause).await
     }
 
     fn progress(items: &[Item]) -> String {
