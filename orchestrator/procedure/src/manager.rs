@@ -62,6 +62,9 @@ pub enum SubmitError {
     Store(#[from] StoreError),
 }
 
+/// How many ended ids a [`Manager::subscribe_ends`] receiver may fall behind.
+pub const ENDED_IDS_KEPT: usize = 4096;
+
 /// An operator's request to a running execution, checked at step boundaries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Signal {
@@ -94,6 +97,8 @@ pub struct Manager {
     pauses: signals::Watched,
     /// Woken whenever an execution ends here (see [`Manager::ends`]).
     ends: tokio::sync::Notify,
+    /// The id of each execution that ends here (see [`Manager::subscribe_ends`]).
+    ended_ids: tokio::sync::broadcast::Sender<String>,
 }
 
 /// What [`Manager::on_end`] calls.
@@ -160,6 +165,7 @@ impl Manager {
             ended: RwLock::new(None),
             started: RwLock::new(None),
             ends: tokio::sync::Notify::new(),
+            ended_ids: tokio::sync::broadcast::channel(ENDED_IDS_KEPT).0,
             cancels: Default::default(),
             pauses: Default::default(),
         })
@@ -1067,6 +1073,8 @@ impl Manager {
         if ended {
             self.release(id, after).await;
             tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");
+            // The id first, so a follower woken below finds it.
+            let _ = self.ended_ids.send(id.to_string());
             self.ends.notify_waiters();
             let hook = self.ended.read().expect("end hook").clone();
             if let Some(hook) = hook {
@@ -1086,6 +1094,15 @@ impl Manager {
     /// next poll. Ends elsewhere are not announced: followers still poll.
     pub fn ends(&self) -> &tokio::sync::Notify {
         &self.ends
+    }
+
+    /// The ids of executions that end on this orchestrator from now on, so a parent
+    /// following many children reads only those that ended instead of every one at each
+    /// wake. Ends elsewhere are not announced, and a receiver that falls more than
+    /// `ENDED_IDS_KEPT` behind is told it lagged: followers still look at every child
+    /// from time to time.
+    pub fn subscribe_ends(&self) -> tokio::sync::broadcast::Receiver<String> {
+        self.ended_ids.subscribe()
     }
 
     /// Calls `hook` with every execution this orchestrator ends, right after its end is

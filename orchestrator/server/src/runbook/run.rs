@@ -203,7 +203,21 @@ pub struct RunbookRun {
     loaded: bool,
     /// Each step's items as last stored, so only changed ones are written again.
     saved: Vec<Vec<Item>>,
+    /// Which children ended here: a pass reads the records of those only, and every
+    /// running child's at its first pass, after a lag, and every
+    /// [`FULL_CHECK_EVERY`] (children that run on another orchestrator).
+    ends: Option<EndWatch>,
 }
+
+/// The executions that ended on this orchestrator since a run last looked at every child.
+struct EndWatch {
+    rx: tokio::sync::broadcast::Receiver<String>,
+    ended: std::collections::HashSet<String>,
+    last_full: tokio::time::Instant,
+}
+
+/// How often a fan-out reads every running child's record, whatever ended here.
+const FULL_CHECK_EVERY: Duration = Duration::from_secs(2);
 
 impl RunbookRun {
     /// A run of `loaded` over the items of `plan`.
@@ -236,7 +250,7 @@ impl RunbookRun {
             adoptions: Vec::new(),
             items_apart: false,
         };
-        Self { core, state, loaded: true, saved: Vec::new() }
+        Self { core, state, loaded: true, saved: Vec::new(), ends: None }
     }
 
     /// The run as a member of `project` asked for it: its execution is that project's.
@@ -248,7 +262,7 @@ impl RunbookRun {
     pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
         let state: RunState = serde_json::from_value(state).map_err(|e| e.to_string())?;
         let loaded = !state.items_apart;
-        Ok(Self { core, state, loaded, saved: Vec::new() })
+        Ok(Self { core, state, loaded, saved: Vec::new(), ends: None })
     }
 
     /// Every group the run may touch.
@@ -273,6 +287,34 @@ impl RunbookRun {
         let procedures = &self.core.procedures;
         procedures.requested(&ctx.execution_id, drover_procedure::Signal::Cancel).await
             || procedures.requested(&ctx.execution_id, drover_procedure::Signal::Pause).await
+    }
+
+    /// Takes the ends announced since the last pass; returns whether this pass must look
+    /// at every running item (the first, after a lag, or a full check is due), which
+    /// also forgets ends kept so far (the full look covers them).
+    fn note_ends(&mut self, procedures: &drover_procedure::Manager) -> bool {
+        let now = tokio::time::Instant::now();
+        let w = self.ends.get_or_insert_with(|| EndWatch {
+            rx: procedures.subscribe_ends(),
+            ended: Default::default(),
+            // Due at once: ends before the subscription are unknown.
+            last_full: now - FULL_CHECK_EVERY,
+        });
+        let mut full = now.duration_since(w.last_full) >= FULL_CHECK_EVERY;
+        loop {
+            match w.rx.try_recv() {
+                Ok(id) => {
+                    w.ended.insert(id);
+                }
+                Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => full = true,
+                Err(_) => break,
+            }
+        }
+        if full {
+            w.ended.clear();
+            w.last_full = now;
+        }
+        full
     }
 
     fn progress(items: &[Item]) -> String {
@@ -317,11 +359,19 @@ impl RunbookRun {
             ended_here.as_mut().enable();
             // 1. Items whose executions ended, and items whose intent is saved (submitted
             // now), several at a time: each is a few store reads and writes of its own.
+            // A running item is looked at when its execution ended here, or at a full
+            // check (the first pass, after missed ends, and every FULL_CHECK_EVERY).
+            let full = self.note_ends(&procedures);
+            let ended = &self.ends.as_ref().expect("noted").ended;
             let work: Vec<(usize, Item)> = self.state.steps[at]
                 .items
                 .iter()
                 .enumerate()
-                .filter(|(_, i)| matches!(i.status.as_str(), "running" | "starting"))
+                .filter(|(_, i)| match i.status.as_str() {
+                    "starting" => true,
+                    "running" => full || ended.contains(&i.execution_id),
+                    _ => false,
+                })
                 .map(|(n, i)| (n, i.clone()))
                 .collect();
             let (core, run_started, parent) = (&self.core, self.state.started_ms, ctx.execution_id.as_str());
@@ -343,6 +393,11 @@ impl RunbookRun {
             for (n, outcome) in outcomes {
                 match outcome {
                     Ok(Some(item)) => {
+                        if item.done()
+                            && let Some(w) = self.ends.as_mut()
+                        {
+                            w.ended.remove(&item.execution_id);
+                        }
                         self.state.steps[at].items[n] = item;
                         changed = true;
                     }
