@@ -208,8 +208,28 @@ async fn run(n: usize) -> Run {
     if let Ok(state) = serde_json::from_str::<serde_json::Value>(&ended.state_json) {
         for s in state["steps"].as_array().into_iter().flatten() {
             let ms = s["ended_ms"].as_i64().unwrap_or(0) - s["started_ms"].as_i64().unwrap_or(0);
+            // How long each item's execution took, and how many ran at once on average
+            // (the sum of their durations over the step's).
+            let took: Vec<i64> = s["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| Some(i["ended_ms"].as_i64()? - i["started_ms"].as_i64()?))
+                .collect();
+            let items = if took.is_empty() || ms <= 0 {
+                String::new()
+            } else {
+                let mut sorted = took.clone();
+                sorted.sort();
+                format!(
+                    "; per item p50 {} ms, max {} ms, {:.1} at once on average",
+                    sorted[sorted.len() / 2],
+                    sorted[sorted.len() - 1],
+                    took.iter().sum::<i64>() as f64 / ms as f64
+                )
+            };
             eprintln!(
-                "bench:   step {}: {} ms ({})",
+                "bench:   step {}: {} ms ({}){items}",
                 s["name"].as_str().unwrap_or("?"),
                 ms,
                 s["note"].as_str().unwrap_or("")
