@@ -11,8 +11,6 @@
 //!
 //! Run with `cargo bench -p drover-tests --bench list`.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use drover_proto::v1 as pb;
@@ -33,34 +31,12 @@ async fn main() {
 
     let others = n / 10;
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..32 {
-        let (mut c, next) = (c.clone(), next.clone());
-        set.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n + others {
-                    return;
-                }
-                // Every eleventh call makes one of `other`'s groups.
-                let project = if i % 11 == 10 && i / 11 < others { "other" } else { "big" };
-                c.groups
-                    .create_group(pb::CreateGroupRequest {
-                        name: format!("g{i:06}"),
-                        project: project.into(),
-                        group_type: "replication".into(),
-                        backend: "backend-a".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap_or_else(|e| panic!("group {i}: {e}"));
-            }
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r.unwrap();
-    }
+    // Every eleventh group is one of `other`'s.
+    drover_tests::bulk_groups(&c, n + others, 32, move |i| {
+        let project = if i % 11 == 10 && i / 11 < others { "other" } else { "big" };
+        (format!("g{i:06}"), project.to_string())
+    })
+    .await;
     let made = started.elapsed().as_secs_f64();
     println!("{} groups made through the API in {made:.1} s ({:.0}/s)", n + others, (n + others) as f64 / made);
 

@@ -292,6 +292,45 @@ impl Cluster {
     }
 }
 
+/// Makes `n` empty replication groups on backend-a through the API, `inflight` calls at
+/// a time; group `i` gets the (name, project) `which(i)` gives. Panics naming the group
+/// that failed.
+pub async fn bulk_groups(
+    c: &Clients,
+    n: usize,
+    inflight: usize,
+    which: impl Fn(usize) -> (String, String) + Send + Sync + 'static,
+) {
+    let which = std::sync::Arc::new(which);
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..inflight {
+        let (mut c, next, which) = (c.clone(), next.clone(), which.clone());
+        set.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let (name, project) = which(i);
+                c.groups
+                    .create_group(pb::CreateGroupRequest {
+                        name,
+                        project,
+                        group_type: "replication".into(),
+                        backend: "backend-a".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("group {i}: {e}"));
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+}
+
 /// Waits until `n` backends show as up (their agents registered and answering).
 pub async fn wait_backends_up(c: &mut Clients, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use drover_proto::v1 as pb;
@@ -24,32 +23,7 @@ async fn twenty_thousand_groups_list_by_project_and_a_move_among_them_survives_a
 
     // The bulk: empty groups (a group's record is what lists read), 32 calls in flight.
     let started = Instant::now();
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut set = tokio::task::JoinSet::new();
-    for _ in 0..32 {
-        let (mut c, next) = (c.clone(), next.clone());
-        set.spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= GROUPS {
-                    return;
-                }
-                c.groups
-                    .create_group(pb::CreateGroupRequest {
-                        name: format!("g{i:05}"),
-                        project: PROJECTS[i % 3].into(),
-                        group_type: "replication".into(),
-                        backend: "backend-a".into(),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap_or_else(|e| panic!("group {i}: {e}"));
-            }
-        });
-    }
-    while let Some(r) = set.join_next().await {
-        r.unwrap();
-    }
+    drover_tests::bulk_groups(&c, GROUPS, 32, |i| (format!("g{i:05}"), PROJECTS[i % 3].to_string())).await;
     println!("{GROUPS} groups made in {:.1} s", started.elapsed().as_secs_f64());
 
     // One replicating group in p2, to move.

@@ -585,6 +585,15 @@ async fn items_of_a_submit_that_never_wrote_its_record_are_swept_once_old() {
     assert_eq!(m.sweep_orphan_items(Duration::ZERO).await.unwrap(), 0, "nothing left to sweep");
 }
 
+/// Waits until `view` holds `key` (a request another member wrote).
+async fn reaches(view: &super::signals::Watched, key: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while view.is_set(key) != Some(true) {
+        assert!(tokio::time::Instant::now() < deadline, "{key} never reached this member's view");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_cancel_and_a_pause_sent_to_another_member_reach_the_run_through_the_watch() {
     let dir = tempfile::tempdir().unwrap();
@@ -605,11 +614,7 @@ async fn a_cancel_and_a_pause_sent_to_another_member_reach_the_run_through_the_w
     wait_steps(a.clone(), id.clone(), 1).await;
     b.pause(&id).await.unwrap();
     // a's own view (not a store read) holds the pause once the watch event lands.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while a.pauses.is_set(&keys::pause(&id)) != Some(true) {
-        assert!(tokio::time::Instant::now() < deadline, "the pause never reached the other member");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    reaches(&a.pauses, &keys::pause(&id)).await;
     rig.gate.add_permits(1);
     wait_steps(a.clone(), id.clone(), 2).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -623,11 +628,7 @@ async fn a_cancel_and_a_pause_sent_to_another_member_reach_the_run_through_the_w
     let id = a.submit(counter(&rig, "c", 3, 2)).await.unwrap();
     wait_steps(a.clone(), id.clone(), 1).await;
     b.cancel(&id).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while a.cancels.is_set(&keys::cancel(&id)) != Some(true) {
-        assert!(tokio::time::Instant::now() < deadline, "the cancel never reached the other member");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    reaches(&a.cancels, &keys::cancel(&id)).await;
     rig.gate.add_permits(1);
     let rec = a.wait(&id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(rec.status, ExecutionStatus::Cancelled);
