@@ -19,6 +19,8 @@
 //!   until they land or the claim is gone.
 //! - **Cancellable** and **pausable** at step boundaries; **observable** through
 //!   [`Manager::watch`]; a step may wait for an operator's [`Decision`] (a prompt).
+//!   Requests are keys of their own; every member keeps them in memory through a store
+//!   watch, so a step boundary reads nothing (see `manager/signals.rs`).
 //!
 //! - **Background work runs once without an election.** The only periodic work is the
 //!   recovery scan, and every member runs it: exactly-once comes from the claim, one
