@@ -145,7 +145,8 @@ impl Shipment {
         Ok(Self { tx, task })
     }
 
-    /// Sends data at an offset of a volume, split into chunks.
+    /// Sends data at an offset of a volume as one chunk (the caller keeps it within
+    /// [`CHUNK_BYTES`]).
     pub async fn data(&self, volume_id: &str, offset: u64, data: impl Into<bytes::Bytes>) -> Result<(), DriverError> {
         let data = data.into();
         self.send(pb::DeltaChunk { volume_id: volume_id.into(), offset: offset as i64, data, zero_length: 0 }).await

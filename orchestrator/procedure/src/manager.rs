@@ -1293,7 +1293,8 @@ impl Manager {
     /// them behind where [`Manager::prune_ended`] (which finds state through records)
     /// never looks. Skips from one execution's items to the next (one bounded read per
     /// execution, not per item); an id that is not a time-ordered UUID is never taken
-    /// for old. Each delete compares the record's absence. Returns the executions swept.
+    /// for old. Each delete is one transaction that compares the record's absence.
+    /// Returns the executions swept.
     pub async fn sweep_orphan_items(&self, min_age: Duration) -> Result<usize, StoreError> {
         let horizon = now_ms() - min_age.as_millis() as i64;
         let (mut after, mut swept) = (Vec::new(), 0);
@@ -1310,9 +1311,10 @@ impl Manager {
                 let (s, n) = t.to_unix();
                 s as i64 * 1000 + i64::from(n / 1_000_000)
             });
-            if submitted_ms.is_none_or(|ms| ms >= horizon) || self.get(&id).await?.is_some() {
+            if submitted_ms.is_none_or(|ms| ms >= horizon) {
                 continue;
             }
+            // One conditional transaction: it deletes only while the record is absent.
             let txn = Txn::new()
                 .when(Compare::Absent(keys::execution(&id).into_bytes()))
                 .and_then(TxnOp::DeletePrefix { prefix: keys::apart(&id).into_bytes() });
