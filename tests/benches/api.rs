@@ -62,34 +62,12 @@ where
 
 const POINTS: [usize; 3] = [1, 16, 64];
 
-/// A volume and a group to read, made through the API.
+/// A group of one volume to read, made through the API: (volume id, group id).
 async fn records(cluster: &Cluster) -> (String, String) {
     let mut c = cluster.clients().await;
-    let v = c
-        .volumes
-        .create_volume(pb::CreateVolumeRequest {
-            name: "bench".into(),
-            project: "bench".into(),
-            size_bytes: 1 << 30,
-            backend: "backend-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let g = c
-        .groups
-        .create_group(pb::CreateGroupRequest {
-            name: "bench".into(),
-            project: "bench".into(),
-            group_type: "replication".into(),
-            backend: "backend-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    (v.id, g.id)
+    let group = drover_tests::plain_group_in(&mut c, "bench", "bench", 1).await;
+    let g = c.groups.get_group(pb::GetGroupRequest { group: group.clone(), project: "bench".into() }).await.unwrap();
+    (g.into_inner().volume_ids[0].clone(), group)
 }
 
 async fn raw_get(store: Arc<dyn KvStore>, key: String, inflight: usize, seconds: u64) -> Figures {

@@ -28,42 +28,7 @@ async fn twenty_thousand_groups_list_by_project_and_a_move_among_them_survives_a
 
     // One replicating group in p2, to move.
     let mut c2 = c.clone();
-    let v = c2
-        .volumes
-        .create_volume(pb::CreateVolumeRequest {
-            name: "mover-v".into(),
-            project: "p2".into(),
-            size_bytes: 1 << 30,
-            backend: "backend-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    c2.groups
-        .create_group(pb::CreateGroupRequest {
-            name: "mover".into(),
-            project: "p2".into(),
-            group_type: "replication".into(),
-            backend: "backend-a".into(),
-            volumes: vec![v.id],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-    let r = c2
-        .replication
-        .enable_replication(pb::EnableReplicationRequest {
-            group: "mover".into(),
-            project: "p2".into(),
-            target_backend: "backend-b".into(),
-            sync_interval_seconds: 0,
-            no_wait: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.group.unwrap().replication_status, "enabled");
+    drover_tests::replicated_group_in(&mut c2, "p2", "mover", 1).await;
 
     // The CLI pages by itself: exactly p2's groups, each once.
     let t = Instant::now();
