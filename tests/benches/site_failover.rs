@@ -101,8 +101,9 @@ async fn make_groups(c: &Clients, n: usize) {
     while set.join_next().await.is_some() {}
 }
 
-/// `count` conditional writes through the same etcd client, `PARALLEL` at a time: the
-/// store's floor for a run that made as many transactions.
+/// `count` conditional writes through the same etcd client, `PARALLEL` at a time, each
+/// sent alone (not sharing etcd transactions, as the orchestrator's do): the store's
+/// floor for a run that made as many transactions.
 async fn store_floor(store: Arc<dyn KvStore>, count: usize) -> Duration {
     let started = Instant::now();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -241,7 +242,11 @@ async fn run(n: usize) -> Run {
     let calls = ops(cluster.path()) - ops_before;
     let txns = (rev_after - rev_before - 1).max(0) as usize;
     let agent_floor = Duration::from_millis(calls as u64 * LATENCY_MS) / PARALLEL as u32;
-    let store_floor = store_floor(probe, txns).await;
+    let alone = drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unbatched();
+    let store_floor = store_floor(Arc::new(drover_store::Prefixed::new(Arc::new(alone), "floor-")), txns).await;
     Run {
         wall,
         agent_floor,

@@ -2,7 +2,9 @@
 //! same run: `writers` tasks each commit conditional transactions (compare a key's mod
 //! revision, put it and a second key) as fast as the store acknowledges them, for
 //! `DROVER_BENCH_SECONDS` (3) per point, at 1, 16 and 64 writers. Printed per point:
-//! transactions per second of each store and the ratio embedded / etcd.
+//! transactions per second of each store and the ratio embedded / etcd. etcd is measured
+//! twice: through the store as the orchestrator uses it (concurrent transactions share
+//! etcd transactions) and with every transaction sent alone (`unbatched`, etcd itself).
 //!
 //! Run with `cargo bench -p drover-tests --bench store`.
 
@@ -10,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use drover_store::{Compare, EmbeddedStore, KvStore, Txn, TxnOp};
-use drover_tests::Etcd;
+use drover_store::{Compare, EmbeddedStore, EtcdStore, KvStore, Prefixed, Txn, TxnOp};
+use drover_tests::{Etcd, fresh_prefix};
 
 async fn throughput(store: Arc<dyn KvStore>, writers: usize, seconds: u64) -> f64 {
     let done = Arc::new(AtomicU64::new(0));
@@ -51,6 +53,14 @@ async fn main() {
             Arc::new(EmbeddedStore::open(&dir.path().join(format!("s{writers}.redb"))).await.unwrap());
         let e = throughput(embedded, writers, seconds).await;
         let x = throughput(etcd.store().await, writers, seconds).await;
-        println!("{writers:>2} writers: embedded {e:>7.0} txn/s, etcd {x:>7.0} txn/s, embedded / etcd {:.2}", e / x);
+        let alone = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
+        let alone: Arc<dyn KvStore> = Arc::new(Prefixed::new(Arc::new(alone.unbatched()), fresh_prefix()));
+        let u = throughput(alone, writers, seconds).await;
+        println!(
+            "{writers:>2} writers: embedded {e:>7.0} txn/s, etcd {x:>7.0} txn/s (each alone {u:>7.0}, batched / alone \
+             {:.2}), embedded / etcd {:.2}",
+            x / u,
+            e / x
+        );
     }
 }

@@ -23,6 +23,47 @@ async fn etcd_store_conforms() {
     conformance::run_all(|| etcd.store()).await;
 }
 
+/// Transactions sent at once through one etcd client share etcd transactions (fewer
+/// revisions than transactions), each keeping its own outcome; sent one by one
+/// (`unbatched`), each has a revision of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_transactions_sent_at_once_share_revisions() {
+    use drover_store::{Txn, TxnOp};
+    let etcd = Etcd::start().await;
+    let connect =
+        || drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), std::time::Duration::from_secs(5));
+    for batched in [true, false] {
+        let raw = connect().await.unwrap();
+        let raw = if batched { raw } else { raw.unbatched() };
+        let store: Arc<dyn KvStore> = Arc::new(Prefixed::new(Arc::new(raw), fresh_prefix()));
+        let tasks: Vec<_> = (0..256)
+            .map(|i| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    let txn = Txn::new()
+                        .when(drover_store::Compare::Absent(format!("k/{i}").into_bytes()))
+                        .and_then(TxnOp::put(format!("k/{i}"), format!("{i}")));
+                    store.txn(txn).await.unwrap()
+                })
+            })
+            .collect();
+        let mut revisions = std::collections::BTreeSet::new();
+        for (i, t) in tasks.into_iter().enumerate() {
+            let resp = t.await.unwrap();
+            assert!(resp.succeeded, "transaction {i}");
+            let kv = store.get(format!("k/{i}").as_bytes()).await.unwrap().unwrap();
+            assert_eq!((kv.value, kv.mod_revision), (format!("{i}").into_bytes(), resp.revision));
+            revisions.insert(resp.revision);
+        }
+        println!("256 transactions at once, batched {batched}: {} revisions", revisions.len());
+        if batched {
+            assert!(revisions.len() < 256, "no two of 256 concurrent transactions shared a commit");
+        } else {
+            assert_eq!(revisions.len(), 256, "unbatched, each transaction is a commit of its own");
+        }
+    }
+}
+
 /// What `store_writers` acknowledged before it (or its store) was killed: per writer, the
 /// highest write it printed. The writers run until `acks` writes were acknowledged, then
 /// `crash` kills; lines printed before the kill are read to the end.

@@ -27,6 +27,8 @@ where
     failed_txn_applies_failure_ops_only(fresh().await).await;
     deletes_remove_keys_and_prefixes(fresh().await).await;
     concurrent_cas_loses_no_update(fresh().await).await;
+    concurrent_transactions_keep_their_own_outcomes(fresh().await).await;
+    a_refused_transaction_fails_alone(fresh().await).await;
     lease_revoke_deletes_bound_keys(fresh().await).await;
     lease_expires_without_keepalive(fresh().await).await;
     keepalive_extends_lease(fresh().await).await;
@@ -205,6 +207,62 @@ pub async fn concurrent_cas_loses_no_update(store: Arc<dyn KvStore>) {
         t.await.unwrap();
     }
     assert_eq!(store.get(b"counter").await.unwrap().unwrap().value, b"80");
+}
+
+/// 64 transactions at once, each over keys of its own, every other one with a comparison
+/// that fails: each gets its own outcome and the store holds what each applied (a store
+/// that commits concurrent transactions together must keep them apart).
+pub async fn concurrent_transactions_keep_their_own_outcomes(store: Arc<dyn KvStore>) {
+    for i in (0..64).step_by(2) {
+        store.put(format!("guard/{i}").as_bytes(), b"yes").await.unwrap();
+    }
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let txn = Txn::new()
+                    .when(Compare::Exists(format!("guard/{i}").into_bytes()))
+                    .and_then(TxnOp::put(format!("out/{i}").into_bytes(), &b"success"[..]))
+                    .and_then(TxnOp::delete(format!("guard/{i}").into_bytes()))
+                    .or_else(TxnOp::put(format!("out/{i}").into_bytes(), &b"failure"[..]));
+                (i, store.txn(txn).await.unwrap())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, resp) = t.await.unwrap();
+        assert_eq!(resp.succeeded, i % 2 == 0, "transaction {i}: its own comparison decides");
+        let out = store.get(format!("out/{i}").as_bytes()).await.unwrap().expect("each wrote its key");
+        let expected: &[u8] = if i % 2 == 0 { b"success" } else { b"failure" };
+        assert_eq!(out.value, expected, "transaction {i} applied its own branch");
+        assert_eq!(out.mod_revision, resp.revision, "transaction {i}'s revision is its write's");
+        assert!(store.get(format!("guard/{i}").as_bytes()).await.unwrap().is_none(), "guard {i} is gone or never was");
+    }
+}
+
+/// Of transactions sent at once, one the store refuses (it binds a key to a lease that
+/// does not exist) fails, and only that one.
+pub async fn a_refused_transaction_fails_alone(store: Arc<dyn KvStore>) {
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let lease = if i == 7 { 987_654_321 } else { 0 };
+                (i, store.txn(Txn::new().and_then(TxnOp::put_with_lease(format!("r/{i}"), &b"x"[..], lease))).await)
+            })
+        })
+        .collect();
+    for t in tasks {
+        let (i, resp) = t.await.unwrap();
+        let kept = store.get(format!("r/{i}").as_bytes()).await.unwrap();
+        if i == 7 {
+            assert!(resp.is_err(), "the put bound to a missing lease must fail: {resp:?}");
+            assert!(kept.is_none());
+        } else {
+            let resp = resp.unwrap_or_else(|e| panic!("transaction {i} failed with the refused one: {e}"));
+            assert_eq!(kept.expect("its key is there").mod_revision, resp.revision);
+        }
+    }
 }
 
 /// Revoking a lease deletes the keys bound to it, and only those.

@@ -3,7 +3,12 @@
 //! Every call has a deadline. A transaction whose call fails on the wire has an unknown
 //! outcome and is reported as [`StoreError::Unavailable`]: callers re-read, never retry
 //! blindly.
+//!
+//! Transactions that run at the same time share etcd transactions (see `batch`).
 
+mod batch;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +27,8 @@ use crate::{
 pub struct EtcdStore {
     client: Client,
     timeout: Duration,
+    /// Where transactions go to share etcd transactions; `None` sends each alone.
+    batcher: Option<Arc<batch::Batcher>>,
 }
 
 fn map_err(e: etcd_client::Error) -> StoreError {
@@ -70,6 +77,37 @@ fn convert_op(op: TxnOp) -> ETxnOp {
     }
 }
 
+/// The etcd form of a transaction.
+fn to_etcd(txn: Txn) -> ETxn {
+    let compares: Vec<ECompare> = txn
+        .compares
+        .into_iter()
+        .map(|c| match c {
+            Compare::ValueEquals(k, v) => ECompare::value(k, CompareOp::Equal, v),
+            Compare::ModRevisionEquals(k, r) => ECompare::mod_revision(k, CompareOp::Equal, r),
+            Compare::Absent(k) => ECompare::create_revision(k, CompareOp::Equal, 0),
+            Compare::Exists(k) => ECompare::create_revision(k, CompareOp::Greater, 0),
+        })
+        .collect();
+    ETxn::new()
+        .when(compares)
+        .and_then(txn.success.into_iter().map(convert_op).collect::<Vec<_>>())
+        .or_else(txn.failure.into_iter().map(convert_op).collect::<Vec<_>>())
+}
+
+/// Sends one etcd transaction, within `timeout`.
+async fn call_txn(client: &Client, timeout: Duration, txn: ETxn) -> Result<etcd_client::TxnResponse, StoreError> {
+    let mut kv = client.kv_client();
+    let call = kv.txn(txn);
+    match tokio::time::timeout(timeout, call).await {
+        Err(_) => Err(StoreError::Unavailable(format!("etcd txn timed out after {timeout:?}"))),
+        Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.message().contains("lease not found") => {
+            Err(StoreError::Invalid(format!("txn refers to a missing lease: {}", s.message())))
+        }
+        Ok(r) => r.map_err(map_err),
+    }
+}
+
 /// Keys per request of a full range read: small enough that a page of large records
 /// stays far below the 4 MiB reply limit.
 const RANGE_PAGE: i64 = 100;
@@ -88,7 +126,15 @@ impl EtcdStore {
                 ))
             })?
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
-        Ok(Self { client, timeout })
+        let batcher = Some(batch::Batcher::start(client.clone(), timeout));
+        Ok(Self { client, timeout, batcher })
+    }
+
+    /// The same store, sending every transaction alone (as the bare etcd client does):
+    /// for measuring etcd itself.
+    pub fn unbatched(mut self) -> Self {
+        self.batcher = None;
+        self
     }
 
     async fn deadline<T>(&self, what: &str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
@@ -151,31 +197,14 @@ impl KvStore for EtcdStore {
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let compares: Vec<ECompare> = txn
-            .compares
-            .into_iter()
-            .map(|c| match c {
-                Compare::ValueEquals(k, v) => ECompare::value(k, CompareOp::Equal, v),
-                Compare::ModRevisionEquals(k, r) => ECompare::mod_revision(k, CompareOp::Equal, r),
-                Compare::Absent(k) => ECompare::create_revision(k, CompareOp::Equal, 0),
-                Compare::Exists(k) => ECompare::create_revision(k, CompareOp::Greater, 0),
-            })
-            .collect();
-        let etxn = ETxn::new()
-            .when(compares)
-            .and_then(txn.success.into_iter().map(convert_op).collect::<Vec<_>>())
-            .or_else(txn.failure.into_iter().map(convert_op).collect::<Vec<_>>());
-        let mut kv = self.client.kv_client();
-        self.deadline("txn", async move {
-            let resp = kv.txn(etxn).await.map_err(|e| match e {
-                etcd_client::Error::GRpcStatus(s) if s.message().contains("lease not found") => {
-                    StoreError::Invalid(format!("txn refers to a missing lease: {}", s.message()))
-                }
-                other => map_err(other),
-            })?;
-            Ok(TxnResponse { succeeded: resp.succeeded(), revision: resp.header().map_or(0, |h| h.revision()) })
-        })
-        .await
+        match &self.batcher {
+            // The wait for a slot counts against the deadline too.
+            Some(b) => self.deadline("txn", b.txn(txn)).await,
+            None => {
+                let r = call_txn(&self.client, self.timeout, to_etcd(txn)).await?;
+                Ok(TxnResponse { succeeded: r.succeeded(), revision: r.header().map_or(0, |h| h.revision()) })
+            }
+        }
     }
 
     async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
