@@ -15,6 +15,10 @@ use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, new_trace_id, 
 /// end transactions carry a few of their own; an execution with more locks (a site
 /// runbook over hundreds of groups) takes and frees them in several.
 pub const LOCKS_PER_TXN: usize = 100;
+
+/// The least time between two updates of [`Manager::watch`] while the execution runs.
+pub const WATCH_PACE: Duration = Duration::from_millis(500);
+
 use crate::{Context, Loader, Procedure, ProcedureError, Status};
 
 mod control;
@@ -1352,13 +1356,17 @@ impl Manager {
     }
 
     /// The execution's record each time it changes, starting with the current one, until
-    /// it ends. Falls back to polling when the store's watch breaks.
+    /// it ends; while it runs, at most one update per [`WATCH_PACE`] (the latest state: a
+    /// run over thousands of groups saves its record several times a second, and what a
+    /// watcher makes of each update can cost more than the save). The end is sent at once.
+    /// Falls back to polling when the store's watch breaks.
     pub fn watch(self: &Arc<Self>, id: &str) -> futures::stream::BoxStream<'static, Result<ExecutionRec, StoreError>> {
         let me = self.clone();
         let id = id.to_string();
         let (tx, rx) = tokio::sync::mpsc::channel(16);
         tokio::spawn(async move {
             let mut last: Option<ExecutionRec> = None;
+            let mut sent_at: Option<tokio::time::Instant> = None;
             loop {
                 let current = match me.store.get(keys::execution(&id).as_bytes()).await {
                     Ok(Some(kv)) => decode(&kv.value).map(|r| (r, kv.mod_revision)),
@@ -1372,24 +1380,43 @@ impl Manager {
                         return;
                     }
                 };
+                // Wake on the next change of the record (or after `after` regardless).
+                let changed = |after: Duration| {
+                    let me = me.clone();
+                    let key = keys::execution(&id);
+                    async move {
+                        tokio::select! {
+                            _ = async {
+                                if let Ok(mut events) = me.store.watch(key.as_bytes(), rev + 1).await {
+                                    let _ = events.next().await;
+                                } else {
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                }
+                            } => {}
+                            _ = tokio::time::sleep(after) => {}
+                        }
+                    }
+                };
                 if last.as_ref() != Some(&rec) {
                     let ended = rec.status.is_terminal();
+                    let early = sent_at.map_or(Duration::ZERO, |t| WATCH_PACE.saturating_sub(t.elapsed()));
+                    if !ended && !early.is_zero() {
+                        // Too soon after the last update: send the state as it is once the
+                        // pace allows, or the end as soon as it comes.
+                        tokio::select! {
+                            _ = changed(early) => {}
+                            _ = tx.closed() => return,
+                        }
+                        continue;
+                    }
                     if tx.send(Ok(rec.clone())).await.is_err() || ended {
                         return;
                     }
                     last = Some(rec);
+                    sent_at = Some(tokio::time::Instant::now());
                 }
-                // Wake on the next change of the record, or after a while regardless.
-                let changed = async {
-                    if let Ok(mut events) = me.store.watch(keys::execution(&id).as_bytes(), rev + 1).await {
-                        let _ = events.next().await;
-                    } else {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                };
                 tokio::select! {
-                    _ = changed => {}
-                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = changed(Duration::from_secs(2)) => {}
                     _ = tx.closed() => return,
                 }
             }

@@ -141,7 +141,11 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             let store = store.clone();
             async move {
                 let rec = r.map_err(|e| Status::from(ApiError::from(e)))?;
-                crate::runbook::run::with_items(store.as_ref(), rec).await.map(to_pb).map_err(Status::unavailable)
+                // While it runs, the step it is at (a watcher's progress); once ended, all.
+                crate::runbook::run::with_current_items(store.as_ref(), rec)
+                    .await
+                    .map(to_pb)
+                    .map_err(Status::unavailable)
             }
         });
         Ok(Response::new(stream.boxed()))
