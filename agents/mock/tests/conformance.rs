@@ -11,3 +11,29 @@ async fn mock_driver_conforms() {
     let secondary = Arc::new(MockDriver::new(MockConfig::default()));
     drover_agent::conformance::run_against(primary, secondary, dir.path()).await;
 }
+
+/// Volumes created at once by many tasks (whose state-file writes are shared) are all in
+/// the state file when the calls return: a mock reopened from it has every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_is_in_the_state_file_when_its_call_returns() {
+    use drover_agent::driver::Driver;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mock-state.json");
+    let driver = Arc::new(MockDriver::with_state_file(MockConfig::default(), file.clone()).unwrap());
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let driver = driver.clone();
+            tokio::spawn(async move { driver.create_volume(&format!("v{i:03}"), 1 << 20).await.unwrap() })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Reopened while the first is still alive: only what was written counts.
+    let reopened = MockDriver::with_state_file(MockConfig::default(), file).unwrap();
+    for i in 0..200 {
+        // Asking for another size is refused only for a volume the file brought back.
+        let v = reopened.create_volume(&format!("v{i:03}"), 2 << 20).await;
+        assert!(v.is_err(), "volume v{i:03} is missing from the state file: {v:?}");
+    }
+}
