@@ -261,7 +261,9 @@ async fn orchestrator_sigkills_during_a_site_failover_runbook() {
         if now.status != "running" {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(rng.u64(200..1200))).await;
+        // Short enough that 20 kills land before the run can end (with pauses of up to
+        // 1.2 s, a run once ended before its 20th kill).
+        tokio::time::sleep(Duration::from_millis(rng.u64(150..800))).await;
         let still = c.executions.get_execution(pb::GetExecutionRequest { id: run.id.clone() }).await.unwrap();
         if still.get_ref().status != "running" {
             break;
