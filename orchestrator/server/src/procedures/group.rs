@@ -146,12 +146,21 @@ impl Procedure for GroupTransition {
             // A forced move never waits on the side it leaves (DESIGN.md, invariant 6):
             // that side is the lost one, and the replica stream fences it when it returns.
             let lost = if s.force { g.rec.active_backend.as_str() } else { "" };
+            // Each side once (the target is most often the replication target too), all
+            // at once: the fences are independent of each other.
+            let mut sides: Vec<&String> = Vec::new();
             for backend in [&g.rec.primary_backend, &g.rec.replication_target, &s.target] {
-                if backend.is_empty() || backend.as_str() == lost {
-                    continue;
+                if !backend.is_empty() && backend.as_str() != lost && !sides.contains(&backend) {
+                    sides.push(backend);
                 }
-                let scope = format!("group/{}", s.group_id);
-                if let Err(e) = self.core.agents.fence(backend, &scope, ctx.epoch, Deadline::FailedSite).await {
+            }
+            let (scope, agents) = (format!("group/{}", s.group_id), &self.core.agents);
+            let fences = sides.iter().map(|backend| {
+                let scope = scope.clone();
+                async move { (*backend, agents.fence(backend, &scope, ctx.epoch, Deadline::FailedSite).await) }
+            });
+            for (backend, fenced) in futures::future::join_all(fences).await {
+                if let Err(e) = fenced {
                     if e.code() == tonic::Code::FailedPrecondition {
                         return Err(ProcedureError::Fail(format!(
                             "a newer owner holds group {}: {}",

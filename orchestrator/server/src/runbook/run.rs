@@ -26,8 +26,9 @@ use crate::service::Core;
 /// The procedure kind.
 pub const KIND: &str = "runbook";
 
-/// Items of one step checked, submitted or read at once within a pass.
-const ITEM_CONCURRENCY: usize = 16;
+/// Items of one step checked, submitted or read at once within a pass: a refill's
+/// submits all go at once (on etcd, their transactions then share commits).
+const ITEM_CONCURRENCY: usize = 64;
 
 /// A step's progress and outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -202,7 +202,7 @@ impl ReplicationApi {
         // nor needed.
         let mut already = !volumes.is_empty();
         for v in volumes {
-            match (self.seen(&from, &v.id).await, self.seen(&to, &v.id).await) {
+            match tokio::join!(self.seen(&from, &v.id), self.seen(&to, &v.id)) {
                 (Ok(s), Ok(t))
                     if s.role == "secondary" && t.role == "secondary" && !s.point.is_empty() && s.point == t.point => {}
                 _ => already = false,
