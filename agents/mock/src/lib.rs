@@ -5,6 +5,8 @@
 //! how tests prove that the agent did not run an operation twice. It is never the default
 //! driver and never evidence that replication moves data.
 
+mod persist;
+
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
@@ -104,6 +106,9 @@ struct State {
     /// Test clones: clone id -> (volume id, recovery point).
     #[serde(default)]
     clones: HashMap<String, (String, String)>,
+    /// The last journal line this state holds (see `persist`).
+    #[serde(default)]
+    seq: u64,
 }
 
 /// The in-memory mock driver.
@@ -114,73 +119,7 @@ pub struct MockDriver {
     state_file: Option<PathBuf>,
     log: Mutex<Vec<OpLogEntry>>,
     fences: std::sync::OnceLock<drover_agent::driver::Fences>,
-    saves: Saves,
-}
-
-/// The state under its lock. A change is in the state file before the call that made it
-/// returns, so a restarted (even SIGKILLed) mock agent still has its volumes.
-struct Locked<'a> {
-    state: Option<std::sync::MutexGuard<'a, State>>,
-    driver: &'a MockDriver,
-    /// Borrowed mutably: the state file is written when the lock is released. A call
-    /// that only read (replication info, lists) writes nothing.
-    changed: bool,
-}
-
-/// How far the state file has caught up with the changes, so that calls changing the
-/// state at once share one write of it: a write covers every change made before its
-/// snapshot, and a call whose change a write covered returns without writing. (Writing
-/// the whole state once per change cost a mock agent of a few thousand volumes more CPU
-/// than the orchestrator it served.)
-#[derive(Default)]
-struct Saves {
-    /// Changes made so far; counted under the state lock.
-    made: std::sync::atomic::AtomicU64,
-    /// The changes the state file holds (and the lock writers take turns on).
-    written: Mutex<u64>,
-}
-
-impl std::ops::Deref for Locked<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        self.state.as_ref().expect("held until dropped")
-    }
-}
-
-impl std::ops::DerefMut for Locked<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        self.changed = true;
-        self.state.as_mut().expect("held until dropped")
-    }
-}
-
-impl Drop for Locked<'_> {
-    fn drop(&mut self) {
-        let guard = self.state.take();
-        let Some(path) = self.driver.state_file.as_deref().filter(|_| self.changed) else { return };
-        let saves = &self.driver.saves;
-        let mine = saves.made.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        // Released before writing, so other calls change the state meanwhile and the next
-        // write carries them all.
-        drop(guard);
-        let mut written = saves.written.lock().expect("mock saves poisoned");
-        if *written >= mine {
-            return;
-        }
-        let (bytes, upto) = {
-            let state = self.driver.state.lock().expect("mock state poisoned");
-            (serde_json::to_vec(&*state), saves.made.load(std::sync::atomic::Ordering::SeqCst))
-        };
-        let tmp = path.with_extension("json.tmp");
-        let done = bytes
-            .map_err(std::io::Error::other)
-            .and_then(|bytes| std::fs::write(&tmp, bytes))
-            .and_then(|()| std::fs::rename(&tmp, path));
-        match done {
-            Ok(()) => *written = upto,
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "mock state write failed"),
-        }
-    }
+    saves: persist::Saves,
 }
 
 fn now_ms() -> i64 {
@@ -197,7 +136,7 @@ impl MockDriver {
             state_file: None,
             log: Mutex::new(Vec::new()),
             fences: std::sync::OnceLock::new(),
-            saves: Saves::default(),
+            saves: persist::Saves::default(),
         }
     }
 
@@ -205,25 +144,20 @@ impl MockDriver {
     /// restarted agent still has them.
     pub fn with_state_file(config: MockConfig, file: PathBuf) -> Result<Self, DriverError> {
         let mut driver = Self::new(config);
-        match std::fs::read(&file) {
-            Ok(bytes) => {
-                let state: State = serde_json::from_slice(&bytes).map_err(|e| {
-                    DriverError::Internal(format!(
-                        "mock state {} is corrupt: {e}; delete it to start empty",
-                        file.display()
-                    ))
-                })?;
-                driver.state = Mutex::new(state);
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(DriverError::Internal(format!("cannot read mock state {}: {e}", file.display()))),
+        if let Some(state) = persist::load(&file).map_err(DriverError::Internal)? {
+            driver.state = Mutex::new(state);
         }
         driver.state_file = Some(file);
         Ok(driver)
     }
 
-    fn lock(&self) -> Locked<'_> {
-        Locked { state: Some(self.state.lock().expect("mock state poisoned")), driver: self, changed: false }
+    fn lock(&self) -> persist::Locked<'_> {
+        persist::Locked {
+            state: Some(self.state.lock().expect("mock state poisoned")),
+            driver: self,
+            whole: false,
+            touched: Default::default(),
+        }
     }
 
     /// Every driver call so far, in order.
@@ -274,8 +208,7 @@ impl MockDriver {
     ) -> Result<T, DriverError> {
         let mut state = self.lock();
         let vol = state
-            .volumes
-            .get_mut(volume_id)
+            .volume_mut(volume_id)
             .ok_or_else(|| DriverError::NotFound(format!("volume {volume_id} does not exist on this mock backend")))?;
         f(vol)
     }
@@ -378,7 +311,7 @@ impl Driver for MockDriver {
         }
         let v = MockVolume { size_bytes, ..MockVolume::default() };
         let view = Self::view(volume_id, &v);
-        state.volumes.insert(volume_id.to_string(), v);
+        state.put_volume(volume_id, v);
         Ok(view)
     }
 
@@ -399,7 +332,7 @@ impl Driver for MockDriver {
             )));
         }
         // Deleting a missing volume succeeds: the caller wanted it gone.
-        state.volumes.remove(volume_id);
+        state.remove_volume(volume_id);
         Ok(())
     }
 
@@ -515,7 +448,7 @@ impl Driver for MockDriver {
         }
         let v = MockVolume { size_bytes, origin, ..MockVolume::default() };
         let view = Self::view(volume_id, &v);
-        state.volumes.insert(volume_id.to_string(), v);
+        state.put_volume(volume_id, v);
         Ok(view)
     }
 
@@ -571,7 +504,7 @@ impl Driver for MockDriver {
             .ok_or_else(|| DriverError::NotFound(format!("no unmanaged volume {reference} on this mock backend")))?;
         let v = MockVolume { size_bytes: size, ..MockVolume::default() };
         let view = Self::view(volume_id, &v);
-        state.volumes.insert(volume_id.to_string(), v);
+        state.put_volume(volume_id, v);
         Ok(view)
     }
 
@@ -587,22 +520,20 @@ impl Driver for MockDriver {
     async fn enable_replication(&self, spec: &EnableSpec) -> Result<(), DriverError> {
         self.enter("enable_replication", &spec.volume_id).await?;
         let mut state = self.lock();
-        let vol = match (spec.role, state.volumes.get_mut(&spec.volume_id)) {
-            (_, Some(v)) => v,
-            (Role::Secondary, None) => {
+        if !state.volumes.contains_key(&spec.volume_id) {
+            match spec.role {
                 // The replica is created on the secondary side.
-                state
-                    .volumes
-                    .entry(spec.volume_id.clone())
-                    .or_insert(MockVolume { size_bytes: spec.size_bytes, ..MockVolume::default() })
+                Role::Secondary => state
+                    .put_volume(&spec.volume_id, MockVolume { size_bytes: spec.size_bytes, ..MockVolume::default() }),
+                Role::Primary => {
+                    return Err(DriverError::NotFound(format!(
+                        "volume {} does not exist on this mock backend",
+                        spec.volume_id
+                    )));
+                }
             }
-            (Role::Primary, None) => {
-                return Err(DriverError::NotFound(format!(
-                    "volume {} does not exist on this mock backend",
-                    spec.volume_id
-                )));
-            }
-        };
+        }
+        let vol = state.volume_mut(&spec.volume_id).expect("present or just made");
         if let Some(role) = vol.role
             && role != spec.role
         {
@@ -622,10 +553,10 @@ impl Driver for MockDriver {
     async fn disable_replication(&self, volume_id: &str) -> Result<(), DriverError> {
         self.enter("disable_replication", volume_id).await?;
         let mut state = self.lock();
-        let Some(v) = state.volumes.get_mut(volume_id) else { return Ok(()) };
+        let Some(v) = state.volume_mut(volume_id) else { return Ok(()) };
         if v.role == Some(Role::Secondary) {
             // The replica goes away with replication, as a Cinder target's would.
-            state.volumes.remove(volume_id);
+            state.remove_volume(volume_id);
         } else {
             v.role = None;
             v.peer = None;
@@ -709,18 +640,20 @@ impl Driver for MockDriver {
         {
             tracing::info!(group = group_id, point = %held, "the peer holds the point an interrupted sync was shipping; going on from it");
             let mut state = self.lock();
-            for v in state.volumes.values_mut().filter(|v| v.group_id == group_id && v.role == Some(Role::Primary)) {
-                v.recovery_point = held.clone();
+            for id in state.group_volumes(group_id, Some(Role::Primary)) {
+                if let Some(v) = state.volume_mut(&id) {
+                    v.recovery_point = held.clone();
+                }
             }
         }
         let header = {
             let mut state = self.lock();
             let point = uuid::Uuid::now_v7().to_string();
             let mut members: Vec<(String, MockVolume)> = Vec::new();
-            for (id, v) in state.volumes.iter_mut() {
-                if v.group_id == group_id && v.role == Some(Role::Primary) {
+            for id in state.group_volumes(group_id, Some(Role::Primary)) {
+                if let Some(v) = state.volume_mut(&id) {
                     v.shipping = point.clone();
-                    members.push((id.clone(), v.clone()));
+                    members.push((id, v.clone()));
                 }
             }
             let first = &members[0].1;
@@ -742,7 +675,7 @@ impl Driver for MockDriver {
         }
         let mut state = self.lock();
         for (id, _) in &header.volumes {
-            if let Some(v) = state.volumes.get_mut(id) {
+            if let Some(v) = state.volume_mut(id) {
                 v.recovery_point = header.recovery_point_id.clone();
                 v.last_sync_ms = now_ms();
                 if final_sync {
@@ -798,7 +731,7 @@ impl Driver for MockDriver {
         }
         let mut state = self.lock();
         for (id, _) in &header.volumes {
-            if let Some(v) = state.volumes.get_mut(id) {
+            if let Some(v) = state.volume_mut(id) {
                 v.recovery_point = header.recovery_point_id.clone();
                 v.last_sync_ms = now_ms();
                 v.set_facts(roles::after_applied(v.facts(), header.final_sync));

@@ -12,8 +12,8 @@ async fn mock_driver_conforms() {
     drover_agent::conformance::run_against(primary, secondary, dir.path()).await;
 }
 
-/// Volumes created at once by many tasks (whose state-file writes are shared) are all in
-/// the state file when the calls return: a mock reopened from it has every one.
+/// Volumes created at once by many tasks (each journaled as it is made) are all in the
+/// state files when the calls return: a mock reopened from them has every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_change_is_in_the_state_file_when_its_call_returns() {
     use drover_agent::driver::Driver;
