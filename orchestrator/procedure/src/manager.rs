@@ -82,8 +82,9 @@ pub struct Manager {
     config: ManagerConfig,
     loaders: RwLock<HashMap<String, Loader>>,
     lease: tokio::sync::Mutex<Option<i64>>,
-    /// Executions running here: their run number (to tell runs apart) and stop token.
-    running: Mutex<HashMap<String, (u64, CancellationToken)>>,
+    /// Executions running here: their run number (to tell runs apart), stop token and
+    /// trace id (which their children join without reading their record).
+    running: Mutex<HashMap<String, (u64, CancellationToken, String)>>,
     /// Executions being submitted here: claimed by their submit, not yet running, so
     /// this member's own scan must not take them for claims whose task is gone.
     submitting: Mutex<std::collections::HashSet<String>>,
@@ -246,7 +247,7 @@ impl Manager {
         if !running.is_empty() {
             tracing::warn!(count = running.len(), why, "stopping local executions; another owner will resume them");
         }
-        for (_, (_, token)) in running.drain() {
+        for (_, (_, token, _)) in running.drain() {
             token.cancel();
         }
     }
@@ -537,10 +538,13 @@ impl Manager {
         locks: &[String],
     ) -> Result<(String, i64), SubmitError> {
         let now = now_ms();
-        // A child is part of its parent's trace; anything else starts one.
-        let trace_id = match parent.is_empty() {
-            false => self.get(&parent).await?.map(|p| p.trace_id).filter(|t| !t.is_empty()),
-            true => None,
+        // A child is part of its parent's trace (known here when the parent runs here, as
+        // a runbook submitting its groups' executions does); anything else starts one.
+        let local = self.running.lock().expect("running poisoned").get(&parent).map(|(_, _, t)| t.clone());
+        let trace_id = match (parent.is_empty(), local) {
+            (true, _) => None,
+            (false, Some(t)) => Some(t),
+            (false, None) => self.get(&parent).await?.map(|p| p.trace_id).filter(|t| !t.is_empty()),
         }
         .unwrap_or_else(new_trace_id);
         let rec = ExecutionRec {
@@ -765,11 +769,11 @@ impl Manager {
     fn spawn_run(self: &Arc<Self>, id: String, proc: Box<dyn Procedure>, epoch: i64, rec: &ExecutionRec, fresh: bool) {
         let token = self.shutdown.child_token();
         let run = self.runs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.running.lock().expect("running poisoned").insert(id.clone(), (run, token.clone()));
         let me = self.clone();
         // The execution's span starts (or, resumed, continues) its trace; every step,
         // agent call and child below it carries the trace id.
         let trace = if rec.trace_id.is_empty() { new_trace_id() } else { rec.trace_id.clone() };
+        self.running.lock().expect("running poisoned").insert(id.clone(), (run, token.clone(), trace.clone()));
         let group = rec.locks.iter().find_map(|l| l.strip_prefix("group/")).unwrap_or_default();
         let span = tracing::info_span!(parent: None, "execution", execution = %id, kind = %rec.kind, epoch, group, trace_id = %trace);
         let rec = rec.clone();
@@ -778,7 +782,7 @@ impl Manager {
                 me.run(&id, proc, epoch, token.clone(), rec, fresh).await;
                 let mut running = me.running.lock().expect("running poisoned");
                 // Remove only our own entry: a later claim may have replaced it.
-                if running.get(&id).is_some_and(|(r, _)| *r == run) {
+                if running.get(&id).is_some_and(|(r, _, _)| *r == run) {
                     running.remove(&id);
                 }
             },

@@ -288,6 +288,9 @@ async fn a_parent_waits_for_its_children_and_sees_their_outcomes() {
     let children: Vec<ExecutionRec> = m.list().await.unwrap().into_iter().filter(|e| e.parent == id).collect();
     assert_eq!(children.len(), 3);
     assert!(children.iter().all(|c| c.id.starts_with(&id)), "children ids derive from the parent's");
+    // Submitted by the parent running here: they join its trace (known here, not read).
+    assert_eq!(rec.trace_id.len(), 32);
+    assert!(children.iter().all(|c| c.trace_id == rec.trace_id), "children share the parent's trace");
 }
 
 #[tokio::test]
