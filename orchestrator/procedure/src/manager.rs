@@ -872,8 +872,12 @@ impl Manager {
                 _ = token.cancelled() => return,
                 r = tracing::Instrument::instrument(proc.execute(&ctx), tracing::info_span!("step", step = %step)) => r,
             };
-            let writes = proc.take_writes(id);
-            if !self.save_writes(id, epoch, writes, &token).await {
+            let mut writes = proc.take_writes(id);
+            // A step that only saves its state carries the writes that fit in the record's
+            // own transaction (one commit instead of two); any other outcome, or more
+            // writes, stores them first.
+            let with_record = matches!(result, Ok(Status::Executing { .. })) && writes.len() < LOCKS_PER_TXN;
+            if !with_record && !self.save_writes(id, epoch, std::mem::take(&mut writes), &token).await {
                 return;
             }
             let record_step = |rec: &mut ExecutionRec, note: String| {
@@ -949,7 +953,7 @@ impl Manager {
                     rec.step = proc.step();
                     rec.error.clear();
                     rec.children.clear();
-                    if !self.persist(id, &mut rec, epoch, &token).await {
+                    if !self.persist_with(id, &mut rec, epoch, &token, writes).await {
                         return;
                     }
                     retry_wait = Duration::from_millis(200);
@@ -1016,9 +1020,23 @@ impl Manager {
     /// the store refuses the record for good (past its request limit): retrying could
     /// never succeed, so the execution ends as failed, without its state, saying why.
     async fn persist(&self, id: &str, rec: &mut ExecutionRec, epoch: i64, token: &CancellationToken) -> bool {
+        self.persist_with(id, rec, epoch, token, Vec::new()).await
+    }
+
+    /// [`Manager::persist`], with `extra` writes (the procedure's, fewer than
+    /// [`LOCKS_PER_TXN`]) in the same transaction.
+    async fn persist_with(
+        &self,
+        id: &str,
+        rec: &mut ExecutionRec,
+        epoch: i64,
+        token: &CancellationToken,
+        extra: Vec<TxnOp>,
+    ) -> bool {
         rec.updated_ms = now_ms();
         let txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
+            .and_then_all(extra)
             .and_then(TxnOp::put(keys::execution(id), encode(rec)));
         match self.try_write(id, txn, token).await {
             Ok(saved) => saved,

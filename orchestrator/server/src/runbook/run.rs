@@ -417,11 +417,11 @@ impl RunbookRun {
                 let busy = items.iter().filter(|i| matches!(i.status.as_str(), "running" | "starting")).count();
                 let tier = items.iter().filter(|i| !i.done()).map(|i| i.tier).min();
                 let mut room = (max_parallel as usize).saturating_sub(busy);
-                // Refill in batches (a quarter of the slots, or whatever is left), so a
-                // step over thousands of groups saves its record a few times a second,
+                // Refill in batches (an eighth of the slots, or whatever is left), so a
+                // step over thousands of groups saves its record tens of times a second,
                 // not once per group.
                 let pending = items.iter().filter(|i| i.status == "pending" && Some(i.tier) == tier).count();
-                if busy > 0 && room < (max_parallel as usize / 4).max(1).min(pending) {
+                if busy > 0 && room < (max_parallel as usize / 8).max(1).min(pending) {
                     room = 0;
                 }
                 // Checked before the intent is persisted, so an item found at its goal
