@@ -124,8 +124,10 @@ pub trait Procedure: Send + Sync {
     /// Writes of state kept apart from the record (a runbook's items, one key each, so
     /// its record does not grow with the groups it moves): taken at submit, written
     /// before the submit's transaction (and removed if the submit fails), and after
-    /// each step, written while the owner holds its claim. Either way before the record
-    /// that follows them, so a resumed owner never finds a record newer than them.
+    /// each step, written while the owner holds its claim: in the record's own
+    /// transaction when the step only saved its state and they fit, else just before
+    /// it. Never after the record that follows them, so a resumed owner never finds a
+    /// record newer than them.
     fn take_writes(&mut self, _execution_id: &str) -> Vec<drover_store::TxnOp> {
         Vec::new()
     }

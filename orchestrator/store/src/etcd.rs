@@ -114,7 +114,9 @@ const RANGE_PAGE: i64 = 100;
 
 impl EtcdStore {
     /// Connects to etcd at the given endpoints (e.g. `http://127.0.0.1:2379`). `timeout`
-    /// bounds every call.
+    /// bounds every call. The task that batches transactions runs on the runtime this is
+    /// called on: use the store on that runtime (once it stops, transactions fail as
+    /// unavailable).
     pub async fn connect(endpoints: &[String], timeout: Duration) -> Result<Self, StoreError> {
         let opts = ConnectOptions::new().with_connect_timeout(timeout).with_timeout(timeout);
         let client = tokio::time::timeout(timeout, Client::connect(endpoints, Some(opts)))

@@ -42,7 +42,7 @@ use crate::{Compare, StoreError, Txn, TxnOp, TxnResponse};
 
 /// Requests on the wire at once. More would send smaller batches sooner; fewer would
 /// make a caller alone wait for another's round trip.
-pub(super) const IN_FLIGHT: usize = 4;
+const IN_FLIGHT: usize = 4;
 
 /// Operations of one etcd transaction (etcd's default `--max-txn-ops`).
 const MAX_OPS: usize = 128;
