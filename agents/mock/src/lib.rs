@@ -207,10 +207,22 @@ impl MockDriver {
         f: impl FnOnce(&mut MockVolume) -> Result<T, DriverError>,
     ) -> Result<T, DriverError> {
         let mut state = self.lock();
-        let vol = state
-            .volume_mut(volume_id)
-            .ok_or_else(|| DriverError::NotFound(format!("volume {volume_id} does not exist on this mock backend")))?;
+        let vol = state.volume_mut(volume_id).ok_or_else(|| Self::missing(volume_id))?;
         f(vol)
+    }
+
+    /// Like [`MockDriver::with_volume`] for a call that only reads: it writes nothing.
+    fn read_volume<T>(
+        &self,
+        volume_id: &str,
+        f: impl FnOnce(&MockVolume) -> Result<T, DriverError>,
+    ) -> Result<T, DriverError> {
+        let state = self.lock();
+        f(state.volumes.get(volume_id).ok_or_else(|| Self::missing(volume_id))?)
+    }
+
+    fn missing(volume_id: &str) -> DriverError {
+        DriverError::NotFound(format!("volume {volume_id} does not exist on this mock backend"))
     }
 
     fn view(volume_id: &str, v: &MockVolume) -> VolumeState {
@@ -351,7 +363,7 @@ impl Driver for MockDriver {
     }
 
     async fn get_volume(&self, volume_id: &str) -> Result<VolumeState, DriverError> {
-        self.with_volume(volume_id, |v| Ok(Self::view(volume_id, v)))
+        self.read_volume(volume_id, |v| Ok(Self::view(volume_id, v)))
     }
 
     async fn create_group_snapshot(
@@ -454,7 +466,7 @@ impl Driver for MockDriver {
 
     async fn attach_volume(&self, volume_id: &str) -> Result<Connection, DriverError> {
         self.enter("attach_volume", volume_id).await?;
-        self.with_volume(volume_id, |_| {
+        self.read_volume(volume_id, |_| {
             Ok(Connection { driver_volume_type: "mock".into(), uri: format!("mock://{volume_id}") })
         })
     }
@@ -592,7 +604,7 @@ impl Driver for MockDriver {
     }
 
     async fn replication_info(&self, volume_id: &str) -> Result<ReplicationState, DriverError> {
-        self.with_volume(volume_id, |v| {
+        self.read_volume(volume_id, |v| {
             Ok(ReplicationState {
                 role: v.role,
                 status: if v.role.is_some() { "healthy".into() } else { String::new() },
