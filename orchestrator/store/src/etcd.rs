@@ -108,6 +108,12 @@ async fn call_txn(client: &Client, timeout: Duration, txn: ETxn) -> Result<etcd_
     }
 }
 
+/// Sends `txn` as one etcd transaction of its own.
+async fn send_alone(client: &Client, timeout: Duration, txn: Txn) -> Result<TxnResponse, StoreError> {
+    let r = call_txn(client, timeout, to_etcd(txn)).await?;
+    Ok(TxnResponse { succeeded: r.succeeded(), revision: r.header().map_or(0, |h| h.revision()) })
+}
+
 /// Keys per request of a full range read: small enough that a page of large records
 /// stays far below the 4 MiB reply limit.
 const RANGE_PAGE: i64 = 100;
@@ -202,10 +208,7 @@ impl KvStore for EtcdStore {
         match &self.batcher {
             // The wait for a slot counts against the deadline too.
             Some(b) => self.deadline("txn", b.txn(txn)).await,
-            None => {
-                let r = call_txn(&self.client, self.timeout, to_etcd(txn)).await?;
-                Ok(TxnResponse { succeeded: r.succeeded(), revision: r.header().map_or(0, |h| h.revision()) })
-            }
+            None => send_alone(&self.client, self.timeout, txn).await,
         }
     }
 

@@ -37,7 +37,7 @@ use std::time::Duration;
 use etcd_client::{Client, TxnOp as ETxnOp, TxnOpResponse};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{call_txn, to_etcd};
+use super::{call_txn, send_alone, to_etcd};
 use crate::{Compare, StoreError, Txn, TxnOp, TxnResponse};
 
 /// Requests on the wire at once. More would send smaller batches sooner; fewer would
@@ -206,10 +206,7 @@ fn take_batch(waiting: &mut VecDeque<Queued>) -> Vec<Queued> {
 async fn send(client: &Client, timeout: Duration, mut batch: Vec<Queued>) {
     if batch.len() == 1 {
         let q = batch.pop().expect("one");
-        let answer = call_txn(client, timeout, to_etcd(q.txn))
-            .await
-            .map(|r| TxnResponse { succeeded: r.succeeded(), revision: r.header().map_or(0, |h| h.revision()) });
-        let _ = q.reply.send(answer);
+        let _ = q.reply.send(send_alone(client, timeout, q.txn).await);
         return;
     }
     let nested: Vec<ETxnOp> = batch.iter().map(|q| ETxnOp::txn(to_etcd(q.txn.clone()))).collect();
@@ -231,11 +228,7 @@ async fn send(client: &Client, timeout: Duration, mut batch: Vec<Queued>) {
         Err(StoreError::Invalid(why)) => {
             tracing::debug!(members = batch.len(), error = %why, "etcd refused a batch; sending its transactions one by one");
             futures::future::join_all(batch.into_iter().map(|q| async move {
-                let answer = call_txn(client, timeout, to_etcd(q.txn)).await.map(|r| TxnResponse {
-                    succeeded: r.succeeded(),
-                    revision: r.header().map_or(0, |h| h.revision()),
-                });
-                let _ = q.reply.send(answer);
+                let _ = q.reply.send(send_alone(client, timeout, q.txn).await);
             }))
             .await;
         }
