@@ -4,14 +4,19 @@
 //!   it shares with the active side; after a disaster its divergent changes are discarded
 //!   only with the operator's recorded consent.
 //! - **FinalSync** (planned moves): the active side stops writes, ships a last recovery
-//!   point and demotes itself once the other side has it: the one owner of demotion. On
-//!   entry it asks the active side for its roles: a side already demoted at the point the
-//!   target holds needs no final sync (a retry after the promote failed).
+//!   point and demotes itself once the other side has it: the one owner of demotion. When
+//!   the source refuses (it ships only from a primary), the state asks both sides for
+//!   their roles: a source already demoted at the point the target holds needs no final
+//!   sync (a retry after the promote failed).
 //! - **Promote**: the target becomes primary (forced in a disaster, which never touches
-//!   the failed side and records the divergence point). On entry it asks the target for
-//!   each volume's role, so a volume a cut-off planned move already promoted is not
-//!   promoted again (a forced promote is replayed by its op_id, which keeps its divergence
-//!   point).
+//!   the failed side and records the divergence point). Promoting a primary is a no-op
+//!   at the agent, and a forced promote is replayed by its op_id (which keeps its
+//!   divergence point); when a planned promote is refused, the state asks the target for
+//!   the volume's role, and a volume a cut-off move already promoted counts as promoted.
+//!
+//! Roles are read only after a refusal, never before the call: a move whose calls
+//! succeed makes no probe (at scale the probes were a third of a move's agent calls and
+//! a serial round trip in each of these two states).
 //! - **Record**: one transaction writes the final statuses, outcomes and history.
 //!
 //! Each state persists what it found ([`FailoverProgress`]) before the next runs.
@@ -197,21 +202,6 @@ impl ReplicationApi {
             return;
         }
         let (from, to) = (group.active_backend.clone(), op.target.clone());
-        // Reality first: a source whose volumes are all secondary at the point the target
-        // holds was demoted by an earlier final sync; shipping again is neither possible
-        // nor needed.
-        let mut already = !volumes.is_empty();
-        for v in volumes {
-            match tokio::join!(self.seen(&from, &v.id), self.seen(&to, &v.id)) {
-                (Ok(s), Ok(t))
-                    if s.role == "secondary" && t.role == "secondary" && !s.point.is_empty() && s.point == t.point => {}
-                _ => already = false,
-            }
-        }
-        if already {
-            progress.notes.push(format!("{from} was already demoted at the point {to} holds; no final sync needed"));
-            return;
-        }
         let to_ep = self.endpoint(&to).await;
         match self.sync_call(&from, &group.id, format!("{}/final-sync", op.op_id), epoch, true, to_ep).await {
             Ok(r) => {
@@ -220,6 +210,13 @@ impl ReplicationApi {
                     "final sync {} shipped {} bytes in {} ms",
                     r.recovery_point_id, r.bytes, r.duration_ms
                 ))
+            }
+            Err(_) if self.demoted_at_target_point(&from, &to, volumes).await => {
+                // An earlier final sync demoted the source (a retry after the promote
+                // failed): shipping again is neither possible nor needed.
+                progress
+                    .notes
+                    .push(format!("{from} was already demoted at the point {to} holds; no final sync needed"));
             }
             Err(e) => {
                 // Name the side that is really unreachable: a dead target needs its agent
@@ -238,6 +235,22 @@ impl ReplicationApi {
         }
     }
 
+    /// Whether every volume of the group is secondary on both sides at one point: what
+    /// an earlier final sync leaves behind once the source demoted itself.
+    async fn demoted_at_target_point(&self, from: &str, to: &str, volumes: &[VolumeRec]) -> bool {
+        if volumes.is_empty() {
+            return false;
+        }
+        for v in volumes {
+            match tokio::join!(self.seen(from, &v.id), self.seen(to, &v.id)) {
+                (Ok(s), Ok(t))
+                    if s.role == "secondary" && t.role == "secondary" && !s.point.is_empty() && s.point == t.point => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+
     async fn promote(&self, volumes: &[VolumeRec], op: &PendingOp, epoch: i64, progress: &mut FailoverProgress) {
         if let Some(reason) = &progress.blocked {
             progress.outcomes = volumes.iter().map(|v| (v.id.clone(), Err(reason.clone()))).collect();
@@ -250,24 +263,25 @@ impl ReplicationApi {
                 let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
                 let force = op.force;
                 async move {
-                    // A planned promote that already happened (the op was cut off after it)
-                    // is not asked for again; a forced one is replayed by its op_id, which
-                    // also returns the divergence point it recorded.
-                    if !force && self.seen(&to, &v.id).await.is_ok_and(|s| s.role == "primary") {
-                        return Ok(None);
-                    }
                     let req = apb::PromoteVolumeRequest {
                         ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
                         volume_id: v.id.clone(),
                         force,
                     };
-                    let resp = self
+                    match self
                         .core
                         .agents
                         .mutate(&to, Deadline::Call, req, |mut c, req| async move { c.promote_volume(req).await })
                         .await
-                        .map_err(|s| format!("could not promote on {to}: {}", s.message()))?;
-                    Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point))
+                    {
+                        Ok(resp) => Ok((!resp.divergence_point.is_empty()).then_some(resp.divergence_point)),
+                        // A planned promote that already happened (the op was cut off after
+                        // it, and its replay was refused): the volume is where the move
+                        // puts it. A forced one keeps its refusal: its replay by op_id is
+                        // what returns the divergence point it recorded.
+                        Err(_) if !force && self.seen(&to, &v.id).await.is_ok_and(|s| s.role == "primary") => Ok(None),
+                        Err(s) => Err(format!("could not promote on {to}: {}", s.message())),
+                    }
                 }
             })
             .await;
