@@ -101,6 +101,30 @@ impl Etcd {
     }
 
     /// A client store confined to a fresh prefix.
+    /// The etcd server's process id (for its CPU time in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// How many gRPC requests etcd has answered so far, per method (`Range`, `Txn`, …),
+    /// from its `/metrics`.
+    pub fn handled_requests(&self) -> std::collections::BTreeMap<String, f64> {
+        use std::io::{Read, Write};
+        let addr = self.endpoint.trim_start_matches("http://");
+        let mut out = std::collections::BTreeMap::new();
+        let mut text = String::new();
+        if let Ok(mut conn) = std::net::TcpStream::connect(addr) {
+            let _ = write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let _ = conn.read_to_string(&mut text);
+        }
+        for line in text.lines().filter(|l| l.starts_with("grpc_server_handled_total{")) {
+            let method = line.split("grpc_method=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+            let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
+            *out.entry(method.to_string()).or_insert(0.0) += value;
+        }
+        out
+    }
+
     pub async fn store(&self) -> Arc<dyn KvStore> {
         let raw = EtcdStore::connect(std::slice::from_ref(&self.endpoint), Duration::from_secs(5))
             .await

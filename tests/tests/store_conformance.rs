@@ -64,6 +64,57 @@ async fn etcd_transactions_sent_at_once_share_revisions() {
     }
 }
 
+/// Reads sent at once through one etcd client share etcd requests, each getting its own
+/// key's record (or none); sent one by one (`unbatched`), each is a request of its own.
+/// Records too large to share one reply (etcd-client takes 4 MiB at most) still come
+/// back whole: a batch that fails is read again one key at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_reads_sent_at_once_share_requests() {
+    let etcd = Etcd::start().await;
+    let connect =
+        || drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), std::time::Duration::from_secs(5));
+    let requests = || {
+        let h = etcd.handled_requests();
+        h.get("Range").copied().unwrap_or(0.0) + h.get("Txn").copied().unwrap_or(0.0)
+    };
+    let prefix = fresh_prefix();
+    let store: Arc<dyn KvStore> = Arc::new(Prefixed::new(Arc::new(connect().await.unwrap()), prefix.clone()));
+    // 192 small records, 64 keys never written, and 8 records of 900 KiB (7 MiB together).
+    let value = |i: usize| if i >= 256 { vec![i as u8; 900 << 10] } else { format!("v{i}").into_bytes() };
+    for i in (0..192).chain(256..264) {
+        store.put(format!("k/{i}").as_bytes(), &value(i)).await.unwrap();
+    }
+    for batched in [true, false] {
+        let raw = connect().await.unwrap();
+        let raw = if batched { raw } else { raw.unbatched() };
+        let reader: Arc<dyn KvStore> = Arc::new(Prefixed::new(Arc::new(raw), prefix.clone()));
+        let before = requests();
+        let tasks: Vec<_> = (0..264)
+            .map(|i| {
+                let reader = reader.clone();
+                tokio::spawn(async move { (i, reader.get(format!("k/{i}").as_bytes()).await.unwrap()) })
+            })
+            .collect();
+        for t in tasks {
+            let (i, kv) = t.await.unwrap();
+            match kv {
+                Some(kv) => {
+                    assert!(!(192..256).contains(&i), "key {i} was never written");
+                    assert_eq!(kv.value, value(i), "key {i}");
+                }
+                None => assert!((192..256).contains(&i), "key {i} was written"),
+            }
+        }
+        let sent = requests() - before;
+        println!("264 reads at once, batched {batched}: {sent} etcd requests");
+        if batched {
+            assert!(sent < 200.0, "264 concurrent reads took {sent} requests");
+        } else {
+            assert!(sent >= 264.0, "unbatched, each read is a request of its own: {sent}");
+        }
+    }
+}
+
 /// What `store_writers` acknowledged before it (or its store) was killed: per writer, the
 /// highest write it printed. The writers run until `acks` writes were acknowledged, then
 /// `crash` kills; lines printed before the kill are read to the end.

@@ -4,7 +4,8 @@
 //! outcome and is reported as [`StoreError::Unavailable`]: callers re-read, never retry
 //! blindly.
 //!
-//! Transactions that run at the same time share etcd transactions (see `batch`).
+//! Transactions that run at the same time share etcd transactions, and single-key reads
+//! that run at the same time share one read request (see `batch`).
 
 mod batch;
 
@@ -29,6 +30,8 @@ pub struct EtcdStore {
     timeout: Duration,
     /// Where transactions go to share etcd transactions; `None` sends each alone.
     batcher: Option<Arc<batch::Batcher>>,
+    /// Where single-key reads go to share etcd requests; `None` sends each alone.
+    reads: Option<Arc<batch::ReadBatcher>>,
 }
 
 fn map_err(e: etcd_client::Error) -> StoreError {
@@ -108,6 +111,15 @@ async fn call_txn(client: &Client, timeout: Duration, txn: ETxn) -> Result<etcd_
     }
 }
 
+/// Reads one key with a request of its own, within `timeout`.
+async fn get_alone(client: &Client, timeout: Duration, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+    let mut kv = client.kv_client();
+    match tokio::time::timeout(timeout, kv.get(key, None)).await {
+        Err(_) => Err(StoreError::Unavailable(format!("etcd get timed out after {timeout:?}"))),
+        Ok(r) => Ok(r.map_err(map_err)?.kvs().first().map(convert_kv)),
+    }
+}
+
 /// Sends `txn` as one etcd transaction of its own.
 async fn send_alone(client: &Client, timeout: Duration, txn: Txn) -> Result<TxnResponse, StoreError> {
     let r = call_txn(client, timeout, to_etcd(txn)).await?;
@@ -135,13 +147,15 @@ impl EtcdStore {
             })?
             .map_err(|e| StoreError::Unavailable(format!("cannot connect to etcd at {}: {e}", endpoints.join(","))))?;
         let batcher = Some(batch::Batcher::start(client.clone(), timeout));
-        Ok(Self { client, timeout, batcher })
+        let reads = Some(batch::ReadBatcher::start(client.clone(), timeout));
+        Ok(Self { client, timeout, batcher, reads })
     }
 
-    /// The same store, sending every transaction alone (as the bare etcd client does):
-    /// for measuring etcd itself.
+    /// The same store, sending every transaction and every read alone (as the bare etcd
+    /// client does): for measuring etcd itself.
     pub fn unbatched(mut self) -> Self {
         self.batcher = None;
+        self.reads = None;
         self
     }
 
@@ -155,12 +169,10 @@ impl EtcdStore {
 #[async_trait]
 impl KvStore for EtcdStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        let mut kv = self.client.kv_client();
-        self.deadline("get", async move {
-            let resp = kv.get(key, None).await.map_err(map_err)?;
-            Ok(resp.kvs().first().map(convert_kv))
-        })
-        .await
+        match &self.reads {
+            Some(reads) => reads.get(key).await,
+            None => get_alone(&self.client, self.timeout, key).await,
+        }
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), StoreError> {
