@@ -137,6 +137,21 @@ struct Run {
     cpu_ms_per_group: f64,
     /// Of it, the orchestrator's (the rest is the four agents').
     orchestrator_cpu_ms_per_group: f64,
+    /// etcd's CPU per group, apart.
+    etcd_cpu_ms_per_group: f64,
+    /// How busy the machine's cores were during the failover (every process), 0 to 1.
+    busy: f64,
+}
+
+/// The machine's busy and total CPU ticks so far (the `cpu` line of /proc/stat).
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> =
+        stat.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|v| v.parse().ok()).collect();
+    let total: u64 = f.iter().sum();
+    // idle and iowait are not busy.
+    let idle = f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0);
+    (total - idle, total)
 }
 
 async fn run(n: usize) -> Run {
@@ -155,6 +170,9 @@ async fn run(n: usize) -> Run {
         std::iter::once(cluster.orchestrator.proc.pid()).chain(cluster.agents.iter().map(|a| a.proc.pid())).collect();
     let cpu_before: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
     let orchestrator_before = cpu_ms(pids[0]);
+    let etcd_before = cpu_ms(etcd.pid());
+    let machine_before = machine_ticks();
+    let requests_before = etcd.handled_requests();
     let rev_before = probe.put(b"bench/mark", b"before").await.unwrap();
     let ops_before = ops(cluster.path());
     let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
@@ -209,6 +227,8 @@ async fn run(n: usize) -> Run {
     }
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
     eprintln!("bench: the run's state is {} KiB", ended.state_json.len() / 1024);
+    // Child executions per step, read for their phases once the CPU figures are taken.
+    let mut sampled = Vec::new();
     if let Ok(state) = serde_json::from_str::<serde_json::Value>(&ended.state_json) {
         for s in state["steps"].as_array().into_iter().flatten() {
             let ms = s["ended_ms"].as_i64().unwrap_or(0) - s["started_ms"].as_i64().unwrap_or(0);
@@ -238,11 +258,33 @@ async fn run(n: usize) -> Run {
                 ms,
                 s["note"].as_str().unwrap_or("")
             );
+            let children: Vec<(String, i64)> = s["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|i| Some((i["execution_id"].as_str()?.to_string(), i["started_ms"].as_i64()?)))
+                .collect();
+            if !children.is_empty() {
+                sampled.push((s["name"].as_str().unwrap_or("?").to_string(), children));
+            }
         }
     }
     let rev_after = probe.put(b"bench/mark", b"after").await.unwrap();
     let cpu_after: f64 = pids.iter().map(|p| cpu_ms(*p)).sum();
     let orchestrator_after = cpu_ms(pids[0]);
+    let etcd_after = cpu_ms(etcd.pid());
+    let machine_after = machine_ticks();
+    let requests_after = etcd.handled_requests();
+    let per_group: Vec<String> = requests_after
+        .iter()
+        .map(|(m, v)| (m, (v - requests_before.get(m).copied().unwrap_or(0.0)) / n as f64))
+        .filter(|(_, v)| *v >= 0.01)
+        .map(|(m, v)| format!("{m} {v:.2}"))
+        .collect();
+    eprintln!("bench: etcd requests per group: {}", per_group.join(", "));
+    for (step, children) in &sampled {
+        phases(&c, step, children).await;
+    }
     let calls = ops(cluster.path()) - ops_before;
     let txns = (rev_after - rev_before - 1).max(0) as usize;
     let agent_floor = Duration::from_millis(calls as u64 * LATENCY_MS) / PARALLEL as u32;
@@ -258,7 +300,46 @@ async fn run(n: usize) -> Run {
         txns_per_group: txns as f64 / n as f64,
         cpu_ms_per_group: (cpu_after - cpu_before) / n as f64,
         orchestrator_cpu_ms_per_group: (orchestrator_after - orchestrator_before) / n as f64,
+        etcd_cpu_ms_per_group: (etcd_after - etcd_before) / n as f64,
+        busy: (machine_after.0 - machine_before.0) as f64 / (machine_after.1 - machine_before.1).max(1) as f64,
     }
+}
+
+/// Where an item's time goes, from a sample of its step's child executions: from the
+/// runbook's start of the item to the child's creation, to its first step, each of its
+/// steps, the gaps between them (the step's record write and the next step's start),
+/// and from its last step to its end. Medians in ms.
+async fn phases(c: &Clients, step: &str, children: &[(String, i64)]) {
+    let mut executions = c.executions.clone();
+    let mut phases: Vec<(String, Vec<i64>)> = Vec::new();
+    let mut add = |name: String, ms: i64| match phases.iter_mut().find(|(n, _)| *n == name) {
+        Some((_, v)) => v.push(ms),
+        None => phases.push((name, vec![ms])),
+    };
+    let every = (children.len() / 200).max(1);
+    for (id, item_started) in children.iter().step_by(every) {
+        let Ok(e) = executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await else { continue };
+        let e = e.into_inner();
+        add("item start to child created".into(), e.created_ms - item_started);
+        let mut last = e.created_ms;
+        for (k, st) in e.steps.iter().enumerate() {
+            add(
+                if k == 0 { "created to first step".into() } else { format!("gap before {}", st.name) },
+                st.started_ms - last,
+            );
+            add(format!("step {}", st.name), st.ended_ms - st.started_ms);
+            last = st.ended_ms;
+        }
+        add("last step to end".into(), e.updated_ms - last);
+    }
+    let line: Vec<String> = phases
+        .into_iter()
+        .map(|(name, mut v)| {
+            v.sort();
+            format!("{name} {}", v[v.len() / 2])
+        })
+        .collect();
+    eprintln!("bench:   step {step}, p50 ms: {}", line.join(", "));
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -270,7 +351,8 @@ async fn main() {
         let floor = r.agent_floor.max(r.store_floor);
         println!(
             "site failover of {size} groups: {:.2} s; agent floor {:.2} s, store floor {:.2} s: {:.2}x the floor; \
-             {:.1} store transactions and {:.2} CPU-ms per group (orchestrator {:.2}, agents {:.2})",
+             {:.1} store transactions and {:.2} CPU-ms per group (orchestrator {:.2}, agents {:.2}; etcd {:.2} apart); \
+             cores {:.0}% busy",
             r.wall.as_secs_f64(),
             r.agent_floor.as_secs_f64(),
             r.store_floor.as_secs_f64(),
@@ -278,7 +360,9 @@ async fn main() {
             r.txns_per_group,
             r.cpu_ms_per_group,
             r.orchestrator_cpu_ms_per_group,
-            r.cpu_ms_per_group - r.orchestrator_cpu_ms_per_group
+            r.cpu_ms_per_group - r.orchestrator_cpu_ms_per_group,
+            r.etcd_cpu_ms_per_group,
+            r.busy * 100.0
         );
         results.push(r);
     }
