@@ -88,6 +88,9 @@ pub struct Manager {
     /// Executions being submitted here: claimed by their submit, not yet running, so
     /// this member's own scan must not take them for claims whose task is gone.
     submitting: Mutex<std::collections::HashSet<String>>,
+    /// Executions this orchestrator is ending: their owner key's deletion is an end, not
+    /// a lapsed lease, and wakes no recovery scan (see `watch_owners`).
+    ending: Mutex<std::collections::HashSet<String>>,
     runs: std::sync::atomic::AtomicU64,
     shutdown: CancellationToken,
     /// What this orchestrator announces of itself (see [`Manager::announce`]).
@@ -163,6 +166,7 @@ impl Manager {
             lease: tokio::sync::Mutex::new(None),
             running: Mutex::new(HashMap::new()),
             submitting: Mutex::new(Default::default()),
+            ending: Mutex::new(Default::default()),
             runs: std::sync::atomic::AtomicU64::new(0),
             shutdown,
             member: Mutex::new(None),
@@ -289,7 +293,17 @@ impl Manager {
                         ev = events.next() => ev,
                     } {
                         match ev {
-                            Ok(drover_store::WatchEvent::Delete(_)) => self.wake.notify_one(),
+                            // A claim gone: a lapsed lease (scan now, to resume the
+                            // execution) or an end. Ends made here are known and skipped:
+                            // at scale they are many a second, and each scan reads the
+                            // pending index. An end elsewhere still wakes a scan, which
+                            // finds nothing to do.
+                            Ok(drover_store::WatchEvent::Delete(kv)) => {
+                                let id = String::from_utf8_lossy(&kv.key[keys::OWNERS.len().min(kv.key.len())..]);
+                                if !self.ending.lock().expect("ending poisoned").remove(id.as_ref()) {
+                                    self.wake.notify_one()
+                                }
+                            }
                             Ok(_) => {}
                             Err(_) => break,
                         }
@@ -1078,6 +1092,10 @@ impl Manager {
             }
             txn
         };
+        // Marked before the write, whose deletion of the claim the owners watch may see
+        // before the write returns. A mark left behind (an end whose outcome was lost)
+        // delays the resume of that execution to the next timed scan at most.
+        self.ending.lock().expect("ending poisoned").insert(id.to_string());
         let ended = match self.try_write(id, end(&rec), token).await {
             Ok(ended) => ended,
             // The store refuses the end for good (a record past its request limit): end
@@ -1096,6 +1114,10 @@ impl Manager {
                 self.write(id, end(&rec), token).await
             }
         };
+        if !ended {
+            // Refused (the claim was lost): this end deleted nothing.
+            self.ending.lock().expect("ending poisoned").remove(id);
+        }
         if ended {
             self.release(id, after).await;
             tracing::info!(execution = %id, status = rec.status.as_str(), "execution ended");

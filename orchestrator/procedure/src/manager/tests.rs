@@ -62,12 +62,18 @@ struct Rig {
 }
 
 fn manager(store: &Arc<dyn KvStore>, rig: &Rig, ttl: Duration) -> (Arc<Manager>, CancellationToken) {
+    manager_scanning(store, rig, ttl, Duration::from_millis(100))
+}
+
+/// A manager whose timed recovery scan runs every `scan`.
+fn manager_scanning(
+    store: &Arc<dyn KvStore>,
+    rig: &Rig,
+    ttl: Duration,
+    scan: Duration,
+) -> (Arc<Manager>, CancellationToken) {
     let token = CancellationToken::new();
-    let config = ManagerConfig {
-        owner_id: format!("o-{}", uuid::Uuid::now_v7()),
-        lease_ttl: ttl,
-        scan_interval: Duration::from_millis(100),
-    };
+    let config = ManagerConfig { owner_id: format!("o-{}", uuid::Uuid::now_v7()), lease_ttl: ttl, scan_interval: scan };
     let m = Manager::new(store.clone(), config, token.clone());
     let (ran, gate) = (rig.ran.clone(), rig.gate.clone());
     m.register(
@@ -636,4 +642,71 @@ async fn a_cancel_and_a_pause_sent_to_another_member_reach_the_run_through_the_w
     let rec = a.wait(&id, Duration::from_secs(10)).await.unwrap();
     assert_eq!(rec.status, ExecutionStatus::Cancelled);
     assert_eq!(rec.steps.len(), 2, "the running step finished, no further one started");
+}
+
+/// Counts reads of the pending index: one per recovery scan.
+struct CountScans(Arc<dyn KvStore>, Arc<std::sync::atomic::AtomicUsize>);
+
+#[async_trait]
+impl KvStore for CountScans {
+    async fn get(&self, key: &[u8]) -> Result<Option<drover_store::KeyValue>, StoreError> {
+        self.0.get(key).await
+    }
+    async fn range(&self, prefix: &[u8]) -> Result<(Vec<drover_store::KeyValue>, i64), StoreError> {
+        if prefix == keys::PENDING.as_bytes() {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.0.range(prefix).await
+    }
+    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<drover_store::Page, StoreError> {
+        self.0.range_page(prefix, after, limit).await
+    }
+    async fn txn(&self, txn: Txn) -> Result<drover_store::TxnResponse, StoreError> {
+        self.0.txn(txn).await
+    }
+    async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
+        self.0.grant_lease(ttl_secs).await
+    }
+    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
+        self.0.keep_alive(lease).await
+    }
+    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
+        self.0.revoke_lease(lease).await
+    }
+    async fn watch(&self, prefix: &[u8], from_revision: i64) -> Result<drover_store::WatchStream, StoreError> {
+        self.0.watch(prefix, from_revision).await
+    }
+}
+
+/// An execution's end deletes its claim; the owners watch wakes a recovery scan for a
+/// deleted claim, but not for the ends of the orchestrator that made them. A claim gone
+/// with its owner's lease still wakes the other members at once, long before their
+/// timed scan.
+#[tokio::test]
+async fn own_ends_wake_no_scan_and_a_lapsed_claim_wakes_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let store: Arc<dyn KvStore> = Arc::new(CountScans(store(&dir).await, scans.clone()));
+    let rig = rig();
+    let hour = Duration::from_secs(3600);
+    let (a, stop_a) = manager_scanning(&store, &rig, Duration::from_secs(1), hour);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = scans.load(std::sync::atomic::Ordering::SeqCst);
+    for i in 0..10 {
+        let id = a.submit(counter(&rig, &format!("e{i}"), 1, 0)).await.unwrap();
+        assert_eq!(a.wait(&id, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(scans.load(std::sync::atomic::Ordering::SeqCst), before, "ten ends here woke recovery scans");
+
+    // a holds an execution at its first step and stops renewing its lease; b, whose timed
+    // scan is an hour away, resumes it once the claim lapses.
+    let (b, _stop_b) = manager_scanning(&store, &rig, Duration::from_secs(1), hour);
+    let id = a.submit(counter(&rig, "lapsed", 2, 1)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop_a.cancel();
+    rig.gate.add_permits(1);
+    let rec = b.wait(&id, Duration::from_secs(15)).await.unwrap();
+    assert_eq!(rec.status, ExecutionStatus::Succeeded, "{rec:?}");
+    assert!(rec.claims >= 2, "b resumed it: {rec:?}");
 }
