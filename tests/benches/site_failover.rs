@@ -176,10 +176,10 @@ async fn run(n: usize) -> Run {
     let rev_before = probe.put(b"bench/mark", b"before").await.unwrap();
     let ops_before = ops(cluster.path());
     let runbook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
-    // DROVER_BENCH_PERF=FILE records the orchestrator and the agents with `perf` (DWARF
-    // call chains) during the failover only.
+    // DROVER_BENCH_PERF=FILE records the orchestrator, the agents and etcd with `perf`
+    // (DWARF call chains) during the failover only.
     let perf = std::env::var("DROVER_BENCH_PERF").ok().map(|file| {
-        let list: Vec<String> = pids.iter().map(|p| p.to_string()).collect();
+        let list: Vec<String> = pids.iter().chain([&etcd.pid()]).map(|p| p.to_string()).collect();
         std::process::Command::new("perf")
             .args([
                 "record",
