@@ -185,9 +185,23 @@ impl Procedure for GroupTransition {
         let result = match (s.action.as_str(), s.state) {
             ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, &at).await,
             ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, &at).await,
-            ("failover" | "failback", Some(state)) => {
+            ("failover" | "failback", Some(first)) => {
                 let mut progress = s.progress.clone();
-                match api.failover_state(state, g.rec, volumes, ctx.epoch, &at, &mut progress).await {
+                let mut state = first;
+                let ran = loop {
+                    let step = api.failover_state(state, g.rec.clone(), volumes.clone(), ctx.epoch, &at, &mut progress);
+                    match step.await {
+                        // The record follows the promote in the same step: nothing the
+                        // promote found needs saving first (one store write less per
+                        // move). After a crash between the two the promote runs again:
+                        // a no-op for a planned move (the volume is primary already), a
+                        // replay by op_id for a forced one, which returns the divergence
+                        // point it recorded.
+                        Ok(None) if state == FailoverState::Promote => state = FailoverState::Record,
+                        other => break other,
+                    }
+                };
+                match ran {
                     Ok(None) => {
                         let note = progress
                             .blocked
@@ -195,12 +209,6 @@ impl Procedure for GroupTransition {
                             .map(|b| format!("blocked: {b}"))
                             .or_else(|| progress.notes.last().cloned())
                             .unwrap_or_else(|| format!("{} done", state.name()));
-                        let note = if state == FailoverState::Promote {
-                            let ok = progress.outcomes.iter().filter(|(_, r)| r.is_ok()).count();
-                            format!("{ok} of {} volume(s) promoted", progress.outcomes.len())
-                        } else {
-                            note
-                        };
                         self.state.progress = progress;
                         self.state.state = state.next(self.state.force);
                         self.state.fenced = ctx.epoch;

@@ -19,7 +19,9 @@
 //! a serial round trip in each of these two states).
 //! - **Record**: one transaction writes the final statuses, outcomes and history.
 //!
-//! Each state persists what it found ([`FailoverProgress`]) before the next runs.
+//! Each state persists what it found ([`FailoverProgress`]) before the next runs, except
+//! the promote: the record follows it in the same step of the group's procedure (a
+//! promote run again after a crash is a no-op, or a replay by its op_id).
 
 use serde::{Deserialize, Serialize};
 
