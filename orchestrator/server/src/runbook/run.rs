@@ -30,6 +30,9 @@ pub const KIND: &str = "runbook";
 /// submits all go at once (on etcd, their transactions then share commits).
 const ITEM_CONCURRENCY: usize = 64;
 
+/// Item writes in one transaction of `save_intents` (etcd allows 128 operations).
+const INTENTS_PER_TXN: usize = 100;
+
 /// A step's progress and outcome.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepState {
@@ -341,6 +344,37 @@ impl RunbookRun {
         Status::Executing { note: format!("{name}: {note}") }
     }
 
+    /// Saves the items changed since they were last stored (items just marked
+    /// `starting` among them), in writes that hold only while this owner holds its claim.
+    /// If a write fails, the items marked `starting` go back to `pending` here (the store
+    /// has them pending, or starting unsubmitted, which a resume handles), so none is
+    /// submitted without its intent stored.
+    async fn save_intents(&mut self, ctx: &Context) -> Result<(), ProcedureError> {
+        let ops = self.take_writes(&ctx.execution_id);
+        let store = self.core.repo.store();
+        let mut failure = None;
+        for chunk in ops.chunks(INTENTS_PER_TXN) {
+            let txn = drover_store::Txn::new().when(ctx.claim()).and_then_all(chunk.iter().cloned());
+            match store.txn(txn).await {
+                Ok(r) if r.succeeded => {}
+                Ok(_) => {
+                    failure = Some("this orchestrator no longer owns the run; its new owner carries on".to_string());
+                    break;
+                }
+                Err(e) => {
+                    failure = Some(format!("saving the items about to start failed: {e}"));
+                    break;
+                }
+            }
+        }
+        let Some(why) = failure else { return Ok(()) };
+        for item in self.state.steps[self.state.at].items.iter_mut().filter(|i| i.status == "starting") {
+            item.status = "pending".into();
+            item.started_ms = 0;
+        }
+        Err(ProcedureError::Retry(why))
+    }
+
     /// One round of a step over many groups: collect what ended, submit what may start,
     /// end the step when every item is done. Returns after a change, a signal, or 5 s.
     pub(super) async fn fanout(&mut self, def: &dyn StepKind, ctx: &Context) -> Result<Status, ProcedureError> {
@@ -352,7 +386,7 @@ impl RunbookRun {
         loop {
             let mut changed = false;
             // Whether this pass marked items `starting`: their intent must be saved before
-            // they are submitted, so the round ends at once.
+            // they are submitted (the next pass submits them).
             let mut intents = false;
             // Armed before this pass looks, so an end while it looks still wakes the wait.
             let ended_here = procedures.ends().notified();
@@ -490,10 +524,21 @@ impl RunbookRun {
                 }
                 return Ok(self.end_step(if failed > 0 { "failed" } else { "succeeded" }, note));
             }
+            // The intents are saved here, with the items alone, and the next pass submits
+            // them at once: returning to the engine to save them with the record (which
+            // they do not need) cost every refill a second round trip before its submit.
+            // The record itself is saved about once a second (what watchers see).
             // Items that only ended are saved with the next batch (or after a second): a
             // resume finds their outcomes in their executions anyway.
             let settle = round_started.elapsed() >= Duration::from_secs(1);
-            if intents || (changed && settle) || tokio::time::Instant::now() > round_ends || self.signalled(ctx).await {
+            let due = (changed && settle) || tokio::time::Instant::now() > round_ends || self.signalled(ctx).await;
+            if intents {
+                self.save_intents(ctx).await?;
+                if !due {
+                    continue;
+                }
+            }
+            if due {
                 let tier = self.state.steps[at].items.iter().filter(|i| !i.done()).map(|i| i.tier).min().unwrap_or(0);
                 return Ok(Status::Executing {
                     note: format!("{} tier {tier}: {}", def.name(), Self::progress(&self.state.steps[at].items)),
