@@ -67,7 +67,7 @@ impl Batcher {
     /// Starts the dispatcher on the current runtime; it ends when the last handle goes.
     pub(super) fn start(client: Client, timeout: Duration) -> Arc<Self> {
         let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(dispatch(rx, take_batch, move |batch| {
+        tokio::spawn(dispatch(rx, IN_FLIGHT, take_batch, move |batch| {
             let client = client.clone();
             async move { send(&client, timeout, batch).await }
         }));
@@ -88,12 +88,16 @@ impl Batcher {
 
 /// Sends what arrives on `rx`: at once while a slot is free, else in batches taken by
 /// `take` from what waits, each batch sent by `send` in a task of its own.
-async fn dispatch<Q, F, Fut>(mut rx: mpsc::UnboundedReceiver<Q>, take: fn(&mut VecDeque<Q>) -> Vec<Q>, send: F)
-where
+async fn dispatch<Q, F, Fut>(
+    mut rx: mpsc::UnboundedReceiver<Q>,
+    in_flight: usize,
+    take: fn(&mut VecDeque<Q>) -> Vec<Q>,
+    send: F,
+) where
     F: Fn(Vec<Q>) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let slots = Arc::new(Semaphore::new(in_flight));
     let mut waiting: VecDeque<Q> = VecDeque::new();
     loop {
         if waiting.is_empty() {
@@ -135,12 +139,16 @@ pub(super) struct ReadBatcher {
 /// time, which reads may do.
 const MAX_READS: usize = 64;
 
+/// Read requests on the wire at once.
+const READS_IN_FLIGHT: usize = 2;
+
 impl ReadBatcher {
     /// Starts the dispatcher on the current runtime; it ends when the last handle goes.
     pub(super) fn start(client: Client, timeout: Duration) -> Arc<Self> {
         let (queue, rx) = mpsc::unbounded_channel();
         tokio::spawn(dispatch(
             rx,
+            READS_IN_FLIGHT,
             |waiting: &mut VecDeque<QueuedGet>| waiting.drain(..waiting.len().min(MAX_READS)).collect(),
             move |batch| {
                 let client = client.clone();
