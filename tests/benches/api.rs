@@ -8,7 +8,8 @@
 //!
 //! Two stores, `DROVER_BENCH_STORE` = `etcd`, `embedded` or `both` (the default):
 //! - on etcd, the raw read is an etcd get through the same etcd client the orchestrator
-//!   uses, interleaved with the API figures at each point;
+//!   uses, each read a request of its own (`EtcdStore::unbatched`), interleaved with the
+//!   API figures at each point;
 //! - on the embedded store, the raw read is the same redb file opened in this process
 //!   while the orchestrator is stopped (redb allows one process), then the orchestrator
 //!   is started again on it and the API is measured.
@@ -129,8 +130,11 @@ async fn main() {
         let etcd = Etcd::start().await;
         let cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
         let ids = records(&cluster).await;
+        // Each read a request of its own, as the bare etcd client sends it (the store
+        // shares one request among reads that run at the same time).
+        let bare = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
         let raw: Arc<dyn KvStore> = Arc::new(Prefixed::new(
-            Arc::new(EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap()),
+            Arc::new(bare.unbatched()),
             cluster.store_prefix().expect("on etcd").to_string(),
         ));
         for inflight in POINTS {
