@@ -133,10 +133,8 @@ async fn main() {
         // Each read a request of its own, as the bare etcd client sends it (the store
         // shares one request among reads that run at the same time).
         let bare = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
-        let raw: Arc<dyn KvStore> = Arc::new(Prefixed::new(
-            Arc::new(bare.unbatched()),
-            cluster.store_prefix().expect("on etcd").to_string(),
-        ));
+        let raw: Arc<dyn KvStore> =
+            Arc::new(Prefixed::new(Arc::new(bare.unbatched()), cluster.store_prefix().expect("on etcd").to_string()));
         for inflight in POINTS {
             let r = raw_get(raw.clone(), format!("volumes/{}", ids.0), inflight, seconds).await;
             let api = api_gets(&cluster, &ids, inflight, seconds).await;

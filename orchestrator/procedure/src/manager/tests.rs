@@ -320,9 +320,16 @@ async fn cancel_stops_at_the_next_step_boundary() {
     assert!(store.get(keys::lock("counter/c").as_bytes()).await.unwrap().is_none());
 }
 
-/// A store that refuses transactions etcd refuses by default: more than 128 comparisons,
-/// or more than 128 operations in a branch.
-struct EtcdLimits(Arc<dyn KvStore>);
+/// A store that refuses transactions etcd refuses by default (more than 128 comparisons,
+/// or more than 128 operations in a branch), and counts reads of the pending index (one
+/// per recovery scan).
+struct EtcdLimits(Arc<dyn KvStore>, Arc<std::sync::atomic::AtomicUsize>);
+
+impl EtcdLimits {
+    fn over(inner: Arc<dyn KvStore>) -> Self {
+        Self(inner, Default::default())
+    }
+}
 
 #[async_trait]
 impl KvStore for EtcdLimits {
@@ -330,6 +337,9 @@ impl KvStore for EtcdLimits {
         self.0.get(key).await
     }
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<drover_store::KeyValue>, i64), StoreError> {
+        if prefix == keys::PENDING.as_bytes() {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
         self.0.range(prefix).await
     }
     async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<drover_store::Page, StoreError> {
@@ -407,7 +417,7 @@ async fn held(store: &Arc<dyn KvStore>) -> Vec<(String, String)> {
 #[tokio::test]
 async fn more_locks_than_a_transaction_holds_are_taken_and_freed_in_several() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits(store(&dir).await));
+    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits::over(store(&dir).await));
     let rig = rig();
     let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
@@ -457,7 +467,7 @@ async fn more_locks_than_a_transaction_holds_are_taken_and_freed_in_several() {
 #[tokio::test]
 async fn locks_left_by_an_ended_holder_or_a_stalled_submit_are_freed() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits(store(&dir).await));
+    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits::over(store(&dir).await));
     let rig = rig();
     let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
     // An ended execution's lock (a crash fell between its end and freeing the rest).
@@ -531,7 +541,7 @@ impl Procedure for Grow {
 #[tokio::test]
 async fn a_record_the_store_refuses_ends_the_execution_instead_of_retrying_forever() {
     let dir = tempfile::tempdir().unwrap();
-    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits(store(&dir).await));
+    let store: Arc<dyn KvStore> = Arc::new(EtcdLimits::over(store(&dir).await));
     let rig = rig();
     let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
     m.register(
@@ -644,40 +654,6 @@ async fn a_cancel_and_a_pause_sent_to_another_member_reach_the_run_through_the_w
     assert_eq!(rec.steps.len(), 2, "the running step finished, no further one started");
 }
 
-/// Counts reads of the pending index: one per recovery scan.
-struct CountScans(Arc<dyn KvStore>, Arc<std::sync::atomic::AtomicUsize>);
-
-#[async_trait]
-impl KvStore for CountScans {
-    async fn get(&self, key: &[u8]) -> Result<Option<drover_store::KeyValue>, StoreError> {
-        self.0.get(key).await
-    }
-    async fn range(&self, prefix: &[u8]) -> Result<(Vec<drover_store::KeyValue>, i64), StoreError> {
-        if prefix == keys::PENDING.as_bytes() {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        }
-        self.0.range(prefix).await
-    }
-    async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<drover_store::Page, StoreError> {
-        self.0.range_page(prefix, after, limit).await
-    }
-    async fn txn(&self, txn: Txn) -> Result<drover_store::TxnResponse, StoreError> {
-        self.0.txn(txn).await
-    }
-    async fn grant_lease(&self, ttl_secs: i64) -> Result<i64, StoreError> {
-        self.0.grant_lease(ttl_secs).await
-    }
-    async fn keep_alive(&self, lease: i64) -> Result<i64, StoreError> {
-        self.0.keep_alive(lease).await
-    }
-    async fn revoke_lease(&self, lease: i64) -> Result<(), StoreError> {
-        self.0.revoke_lease(lease).await
-    }
-    async fn watch(&self, prefix: &[u8], from_revision: i64) -> Result<drover_store::WatchStream, StoreError> {
-        self.0.watch(prefix, from_revision).await
-    }
-}
-
 /// An execution's end deletes its claim; the owners watch wakes a recovery scan for a
 /// deleted claim, but not for the ends of the orchestrator that made them. A claim gone
 /// with its owner's lease still wakes the other members at once, long before their
@@ -685,8 +661,9 @@ impl KvStore for CountScans {
 #[tokio::test]
 async fn own_ends_wake_no_scan_and_a_lapsed_claim_wakes_one() {
     let dir = tempfile::tempdir().unwrap();
-    let scans = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let store: Arc<dyn KvStore> = Arc::new(CountScans(store(&dir).await, scans.clone()));
+    let counting = EtcdLimits::over(store(&dir).await);
+    let scans = counting.1.clone();
+    let store: Arc<dyn KvStore> = Arc::new(counting);
     let rig = rig();
     let hour = Duration::from_secs(3600);
     let (a, stop_a) = manager_scanning(&store, &rig, Duration::from_secs(1), hour);
