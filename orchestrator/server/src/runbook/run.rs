@@ -348,26 +348,33 @@ impl RunbookRun {
     /// `starting` among them), in writes that hold only while this owner holds its claim.
     /// If a write fails, the items marked `starting` go back to `pending` here (the store
     /// has them pending, or starting unsubmitted, which a resume handles), so none is
-    /// submitted without its intent stored.
+    /// submitted without its intent stored; and every item of the writes that did not
+    /// land counts as unsaved, so the next save writes it again.
     async fn save_intents(&mut self, ctx: &Context) -> Result<(), ProcedureError> {
         let ops = self.take_writes(&ctx.execution_id);
         let store = self.core.repo.store();
         let mut failure = None;
-        for chunk in ops.chunks(INTENTS_PER_TXN) {
+        for (n, chunk) in ops.chunks(INTENTS_PER_TXN).enumerate() {
             let txn = drover_store::Txn::new().when(ctx.claim()).and_then_all(chunk.iter().cloned());
-            match store.txn(txn).await {
-                Ok(r) if r.succeeded => {}
-                Ok(_) => {
-                    failure = Some("this orchestrator no longer owns the run; its new owner carries on".to_string());
-                    break;
-                }
-                Err(e) => {
-                    failure = Some(format!("saving the items about to start failed: {e}"));
-                    break;
-                }
+            let why = match store.txn(txn).await {
+                Ok(r) if r.succeeded => continue,
+                Ok(_) => "this orchestrator no longer owns the run; its new owner carries on".to_string(),
+                Err(e) => format!("saving the items about to start failed: {e}"),
+            };
+            failure = Some((n * INTENTS_PER_TXN, why));
+            break;
+        }
+        let Some((unsaved_from, why)) = failure else { return Ok(()) };
+        let prefix = items_prefix(&ctx.execution_id);
+        for op in &ops[unsaved_from..] {
+            if let drover_store::TxnOp::Put { key, .. } = op
+                && let Some((step, item)) = item_position(key, &prefix)
+                && let Some(saved) = self.saved.get_mut(step).and_then(|s| s.get_mut(item))
+            {
+                // No item has an empty status: it differs from the item, which is written again.
+                saved.status.clear();
             }
         }
-        let Some(why) = failure else { return Ok(()) };
         for item in self.state.steps[self.state.at].items.iter_mut().filter(|i| i.status == "starting") {
             item.status = "pending".into();
             item.started_ms = 0;
