@@ -64,8 +64,9 @@ async fn etcd_transactions_sent_at_once_share_revisions() {
     }
 }
 
-/// Reads sent at once through one etcd client share etcd requests, each getting its own
-/// key's record (or none); sent one by one (`unbatched`), each is a request of its own.
+/// Reads sent at once through one etcd client (single keys and pages of a range) share
+/// etcd requests, each getting its own key's record (or none) or its own page; sent one
+/// by one (`unbatched`), each is a request of its own.
 /// Records too large to share one reply (etcd-client takes 4 MiB at most) still come
 /// back whole: a batch that fails is read again one key at a time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,6 +96,15 @@ async fn etcd_reads_sent_at_once_share_requests() {
                 tokio::spawn(async move { (i, reader.get(format!("k/{i}").as_bytes()).await.unwrap()) })
             })
             .collect();
+        // And pages of the range, at the same time: 5 keys after each of 32 small ones.
+        let pages: Vec<_> = (0..32)
+            .map(|i| {
+                let reader = reader.clone();
+                tokio::spawn(
+                    async move { (i, reader.range_page(b"k/", format!("k/{i}").as_bytes(), 5).await.unwrap()) },
+                )
+            })
+            .collect();
         for t in tasks {
             let (i, kv) = t.await.unwrap();
             match kv {
@@ -105,12 +115,21 @@ async fn etcd_reads_sent_at_once_share_requests() {
                 None => assert!((192..256).contains(&i), "key {i} was written"),
             }
         }
+        let mut written: Vec<String> = (0..192).chain(256..264).map(|i| format!("k/{i}")).collect();
+        written.sort();
+        for t in pages {
+            let (i, page) = t.await.unwrap();
+            let at = written.iter().position(|k| *k == format!("k/{i}")).unwrap();
+            let want: Vec<&[u8]> = written[at + 1..at + 6].iter().map(|k| k.as_bytes()).collect();
+            let got: Vec<&[u8]> = page.kvs.iter().map(|kv| kv.key.as_slice()).collect();
+            assert_eq!((got, page.more), (want, true), "the page after k/{i}");
+        }
         let sent = requests() - before;
-        println!("264 reads at once, batched {batched}: {sent} etcd requests");
+        println!("264 reads and 32 pages at once, batched {batched}: {sent} etcd requests");
         if batched {
-            assert!(sent < 200.0, "264 concurrent reads took {sent} requests");
+            assert!(sent < 200.0, "296 concurrent reads took {sent} requests");
         } else {
-            assert!(sent >= 264.0, "unbatched, each read is a request of its own: {sent}");
+            assert!(sent >= 296.0, "unbatched, each read is a request of its own: {sent}");
         }
     }
 }

@@ -4,8 +4,9 @@
 //! outcome and is reported as [`StoreError::Unavailable`]: callers re-read, never retry
 //! blindly.
 //!
-//! Transactions that run at the same time share etcd transactions, and single-key reads
-//! that run at the same time share one read request (see `batch`).
+//! Transactions that run at the same time share etcd transactions, and reads (single
+//! keys and pages of a range) that run at the same time share one read request (see
+//! `batch`).
 
 mod batch;
 
@@ -111,12 +112,20 @@ async fn call_txn(client: &Client, timeout: Duration, txn: ETxn) -> Result<etcd_
     }
 }
 
-/// Reads one key with a request of its own, within `timeout`.
-async fn get_alone(client: &Client, timeout: Duration, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+/// etcd's options for `read`: none for a key, the range end and limit for a page.
+fn read_options(read: &batch::Read) -> Option<GetOptions> {
+    read.page.as_ref().map(|(end, limit)| GetOptions::new().with_range(end.clone()).with_limit(*limit))
+}
+
+/// Runs one read with a request of its own, within `timeout`.
+async fn read_alone(client: &Client, timeout: Duration, read: &batch::Read) -> Result<Page, StoreError> {
     let mut kv = client.kv_client();
-    match tokio::time::timeout(timeout, kv.get(key, None)).await {
-        Err(_) => Err(StoreError::Unavailable(format!("etcd get timed out after {timeout:?}"))),
-        Ok(r) => Ok(r.map_err(map_err)?.kvs().first().map(convert_kv)),
+    match tokio::time::timeout(timeout, kv.get(read.key.clone(), read_options(read))).await {
+        Err(_) => Err(StoreError::Unavailable(format!("etcd read timed out after {timeout:?}"))),
+        Ok(r) => {
+            let resp = r.map_err(map_err)?;
+            Ok(Page { kvs: resp.kvs().iter().map(convert_kv).collect(), more: resp.more() })
+        }
     }
 }
 
@@ -169,10 +178,13 @@ impl EtcdStore {
 #[async_trait]
 impl KvStore for EtcdStore {
     async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
-        match &self.reads {
-            Some(reads) => reads.get(key).await,
-            None => get_alone(&self.client, self.timeout, key).await,
-        }
+        let read = batch::Read { key: key.to_vec(), page: None };
+        let page = match &self.reads {
+            // The wait for a slot counts against the deadline too.
+            Some(reads) => self.deadline("get", reads.read(read)).await?,
+            None => read_alone(&self.client, self.timeout, &read).await?,
+        };
+        Ok(page.kvs.into_iter().next())
     }
 
     async fn range(&self, prefix: &[u8]) -> Result<(Vec<KeyValue>, i64), StoreError> {
@@ -204,16 +216,13 @@ impl KvStore for EtcdStore {
     }
 
     async fn range_page(&self, prefix: &[u8], after: &[u8], limit: usize) -> Result<Page, StoreError> {
-        let mut kv = self.client.kv_client();
-        let start = page_start(prefix, after);
         // etcd's range end for a prefix; an all-0xff prefix has none: read to the end.
         let end = prefix_end(prefix).unwrap_or_else(|| vec![0]);
-        self.deadline("range", async move {
-            let opts = GetOptions::new().with_range(end).with_limit(limit as i64);
-            let resp = kv.get(start, Some(opts)).await.map_err(map_err)?;
-            Ok(Page { kvs: resp.kvs().iter().map(convert_kv).collect(), more: resp.more() })
-        })
-        .await
+        let read = batch::Read { key: page_start(prefix, after), page: Some((end, limit as i64)) };
+        match &self.reads {
+            Some(reads) => self.deadline("range", reads.read(read)).await,
+            None => read_alone(&self.client, self.timeout, &read).await,
+        }
     }
 
     async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {

@@ -37,8 +37,8 @@ use std::time::Duration;
 use etcd_client::{Client, TxnOp as ETxnOp, TxnOpResponse};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{call_txn, convert_kv, get_alone, send_alone, to_etcd};
-use crate::{Compare, KeyValue, StoreError, Txn, TxnOp, TxnResponse};
+use super::{call_txn, convert_kv, read_alone, read_options, send_alone, to_etcd};
+use crate::{Compare, Page, StoreError, Txn, TxnOp, TxnResponse};
 
 /// Requests on the wire at once. More would send smaller batches sooner; fewer would
 /// make a caller alone wait for another's round trip.
@@ -119,24 +119,30 @@ async fn dispatch<Q, F, Fut>(
     }
 }
 
-struct QueuedGet {
-    key: Vec<u8>,
-    reply: oneshot::Sender<Result<Option<KeyValue>, StoreError>>,
+/// One read: a key, or a page of up to `limit` keys from `key` to `end`.
+pub(super) struct Read {
+    pub key: Vec<u8>,
+    pub page: Option<(Vec<u8>, i64)>,
 }
 
-/// Single-key reads that run at the same time share one etcd request: a read-only
-/// transaction of [`MAX_READS`] gets at most, which etcd serves as one linearizable read
-/// (no raft entry, no revision). Each read still sees every write acknowledged before it
-/// was asked. At scale most of the orchestrator's store requests are such reads (a site
-/// failover made about 22 per group), and etcd's cost is per request far more than per
-/// key.
+struct QueuedRead {
+    read: Read,
+    reply: oneshot::Sender<Result<Page, StoreError>>,
+}
+
+/// Reads that run at the same time (single keys, and pages of a range) share one etcd
+/// request: a read-only transaction of [`MAX_READS`] reads at most, which etcd serves as
+/// one linearizable read (no raft entry, no revision). Each read still sees every write
+/// acknowledged before it was asked. At scale most of the orchestrator's store requests
+/// are such reads (a site failover made about 22 per group), and etcd's cost is per
+/// request far more than per key.
 pub(super) struct ReadBatcher {
-    queue: mpsc::UnboundedSender<QueuedGet>,
+    queue: mpsc::UnboundedSender<QueuedRead>,
 }
 
-/// Gets in one shared read. The reply holds their records whole (up to etcd-client's
-/// 4 MiB message limit); a batch that fails for any reason is read again one key at a
-/// time, which reads may do.
+/// Reads in one shared request. The reply holds their records whole (up to
+/// etcd-client's 4 MiB message limit); a batch that fails for any reason is read again
+/// one read at a time, which reads may do.
 const MAX_READS: usize = 64;
 
 /// Read requests on the wire at once.
@@ -149,7 +155,7 @@ impl ReadBatcher {
         tokio::spawn(dispatch(
             rx,
             READS_IN_FLIGHT,
-            |waiting: &mut VecDeque<QueuedGet>| waiting.drain(..waiting.len().min(MAX_READS)).collect(),
+            |waiting: &mut VecDeque<QueuedRead>| waiting.drain(..waiting.len().min(MAX_READS)).collect(),
             move |batch| {
                 let client = client.clone();
                 async move { send_reads(&client, timeout, batch).await }
@@ -158,11 +164,11 @@ impl ReadBatcher {
         Arc::new(Self { queue })
     }
 
-    /// Reads `key`, alone or with others.
-    pub(super) async fn get(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
+    /// Runs `read`, alone or with others.
+    pub(super) async fn read(&self, read: Read) -> Result<Page, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.queue
-            .send(QueuedGet { key: key.to_vec(), reply })
+            .send(QueuedRead { read, reply })
             .map_err(|_| StoreError::Unavailable("the etcd store's dispatcher has stopped".into()))?;
         answer
             .await
@@ -170,15 +176,17 @@ impl ReadBatcher {
     }
 }
 
-async fn send_reads(client: &Client, timeout: Duration, mut batch: Vec<QueuedGet>) {
+async fn send_reads(client: &Client, timeout: Duration, mut batch: Vec<QueuedRead>) {
     if batch.len() > 1 {
-        let gets: Vec<ETxnOp> = batch.iter().map(|q| ETxnOp::get(q.key.clone(), None)).collect();
+        let gets: Vec<ETxnOp> = batch.iter().map(|q| ETxnOp::get(q.read.key.clone(), read_options(&q.read))).collect();
         if let Ok(resp) = call_txn(client, timeout, etcd_client::Txn::new().and_then(gets)).await {
             let answers: Vec<TxnOpResponse> = resp.op_responses();
             if answers.len() == batch.len() {
                 for (q, answer) in batch.into_iter().zip(answers) {
                     let value = match answer {
-                        TxnOpResponse::Get(r) => Ok(r.kvs().first().map(convert_kv)),
+                        TxnOpResponse::Get(r) => {
+                            Ok(Page { kvs: r.kvs().iter().map(convert_kv).collect(), more: r.more() })
+                        }
                         _ => Err(StoreError::Unavailable("etcd answered a read with something else".into())),
                     };
                     let _ = q.reply.send(value);
@@ -188,7 +196,7 @@ async fn send_reads(client: &Client, timeout: Duration, mut batch: Vec<QueuedGet
         }
     }
     futures::future::join_all(batch.drain(..).map(|q| async move {
-        let _ = q.reply.send(get_alone(client, timeout, &q.key).await);
+        let _ = q.reply.send(read_alone(client, timeout, &q.read).await);
     }))
     .await;
 }
