@@ -653,3 +653,53 @@ async fn a_runs_items_are_kept_apart_from_its_record() {
     let answer: serde_json::Value = serde_json::from_str(&ended.output_json).unwrap();
     assert_eq!(answer["value"]["totals"]["failed"], 0, "{answer}");
 }
+
+/// A check step reads its groups several at a time and gives each group its own verdict:
+/// all pass a check they meet (with an RPO bound, the RPO is recorded); against a status
+/// only one of them has, the other two fail, each named in the report with the reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_check_step_gives_each_group_its_own_verdict() {
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut c = cluster.clients().await;
+    groups(&c, "chk", 3).await;
+    let check = |status: &str, bound: &str| pb::RunbookRequest {
+        file_name: "checks.yaml".into(),
+        text: format!(
+            "name: checks\nsteps:\n  - verify:\n      name: check\n      groups: {{ names: [chk-000, chk-001, chk-002], \
+             project: tests }}\n      status: {status}\n{bound}"
+        ),
+        params: Default::default(),
+    };
+    let run = |c: &mut Clients, r: pb::RunbookRequest| {
+        let mut c = c.clone();
+        async move {
+            let e = c.runbooks.run_runbook(r).await.expect("run").into_inner();
+            wait_ended(&mut c, &e.id).await
+        }
+    };
+    let e = run(&mut c, check("enabled", "      max_rpo: 1h\n")).await;
+    assert_eq!(e.status, "succeeded", "{}", e.error);
+    let r: serde_json::Value = serde_json::from_str(&report(&mut c, &e.id, "json").await).unwrap();
+    let items = r["steps"][0]["items"].as_array().expect("the check's items");
+    assert_eq!(items.len(), 3, "{r}");
+    for i in items {
+        assert_eq!(i["status"], "succeeded", "{i}");
+        assert!(i["rpo_ms"].as_i64().is_some_and(|ms| ms >= 0), "the check recorded the group's RPO: {i}");
+    }
+
+    c.replication.failover_group(failover_request("chk-001", "backend-b", false)).await.expect("failover");
+    let e = run(&mut c, check("failed-over", "")).await;
+    assert_eq!(e.status, "failed");
+    assert!(e.error.contains("2 of 3 groups failed the check"), "{}", e.error);
+    let text = report(&mut c, &e.id, "json").await;
+    let report: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let items = report["steps"][0]["items"].as_array().expect("the check's items").clone();
+    let verdict = |name: &str| {
+        let i = items.iter().find(|i| i["name"] == name).unwrap_or_else(|| panic!("{name} in {text}"));
+        (i["status"].as_str().unwrap().to_string(), i["reason"].as_str().unwrap_or("").to_string())
+    };
+    for name in ["chk-000", "chk-002"] {
+        assert_eq!(verdict(name), ("failed".into(), "replication is enabled, expected failed-over".into()), "{name}");
+    }
+    assert_eq!(verdict("chk-001").0, "succeeded");
+}

@@ -75,7 +75,7 @@ impl StepKind for Verify {
     async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
         let at = run.state.at;
         if let Some(earlier) = &self.after_step {
-            let acted: Vec<String> = run
+            let acted: std::collections::HashSet<String> = run
                 .state
                 .steps
                 .iter()
