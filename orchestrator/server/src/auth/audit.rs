@@ -60,21 +60,36 @@ pub async fn record(repo: &Repo, mut rec: AuditRec) {
 /// Deletes records older than `retention`, every `every`, until the process stops.
 pub async fn prune_forever(repo: Repo, retention: Duration, every: Duration) {
     loop {
-        let horizon = format!("{PREFIX}{:013}", now_ms() - retention.as_millis() as i64);
-        match repo.store().range(PREFIX.as_bytes()).await {
-            Ok((kvs, _)) => {
-                let old: Vec<_> = kvs.into_iter().filter(|kv| kv.key.as_slice() < horizon.as_bytes()).collect();
-                for chunk in old.chunks(64) {
-                    let txn = chunk.iter().fold(Txn::new(), |t, kv| t.and_then(TxnOp::delete(kv.key.clone())));
-                    if let Err(e) = repo.txn(txn).await {
-                        tracing::warn!(error = %e, "pruning old audit records failed; retrying later");
-                        break;
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "reading audit records to prune failed; retrying later"),
+        if let Err(e) = prune(&repo, now_ms() - retention.as_millis() as i64).await {
+            tracing::warn!(error = %e, "pruning old audit records failed; retrying later");
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// Records read (and at most deleted) per page of [`prune`].
+const PRUNE_PAGE: usize = 500;
+
+/// Deletes the records written before `horizon_ms`; returns how many. Keys sort by time,
+/// so it reads from the oldest a page at a time and stops at the first record it keeps:
+/// what it reads is what it deletes, plus one page at most, however many records there
+/// are.
+pub async fn prune(repo: &Repo, horizon_ms: i64) -> Result<usize, drover_store::StoreError> {
+    let horizon = format!("{PREFIX}{horizon_ms:013}");
+    let mut deleted = 0;
+    loop {
+        // Deleted keys are gone, so each page starts at the oldest left.
+        let page = repo.store().range_page(PREFIX.as_bytes(), b"", PRUNE_PAGE).await?;
+        let old: Vec<&[u8]> =
+            page.kvs.iter().map(|kv| kv.key.as_slice()).take_while(|k| *k < horizon.as_bytes()).collect();
+        for chunk in old.chunks(64) {
+            let txn = chunk.iter().fold(Txn::new(), |t, k| t.and_then(TxnOp::delete(k.to_vec())));
+            repo.store().txn(txn).await?;
+        }
+        deleted += old.len();
+        if old.len() < page.kvs.len() || !page.more {
+            return Ok(deleted);
+        }
     }
 }
 
@@ -121,5 +136,28 @@ impl pb::audit_service_server::AuditService for AuditApi {
             records.push(a.to_pb());
         }
         Ok(Response::new(pb::ListAuditResponse { records, next_marker }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Old records go, newer ones stay, across several pages.
+    #[tokio::test]
+    async fn pruning_deletes_what_is_older_than_the_horizon_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
+        let repo = Repo::new(Arc::new(store));
+        // 1,200 records at times 1..=1200 ms (more than two pages), then prune before 1001.
+        for at in 1..=1200i64 {
+            let rec = AuditRec { id: format!("{at:013}-x"), at_ms: at, ..Default::default() };
+            repo.txn(Txn::new().and_then(put(&format!("{PREFIX}{}", rec.id), &rec))).await.unwrap();
+        }
+        assert_eq!(prune(&repo, 1001).await.unwrap(), 1000);
+        let left = repo.list::<AuditRec>(PREFIX).await.unwrap();
+        let times: Vec<i64> = left.iter().map(|v| v.rec.at_ms).collect();
+        assert_eq!(times, (1001..=1200).collect::<Vec<_>>());
+        assert_eq!(prune(&repo, 1001).await.unwrap(), 0, "nothing more to prune");
     }
 }
