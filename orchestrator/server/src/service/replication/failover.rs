@@ -13,11 +13,11 @@
 //!   at the agent, and a forced promote is replayed by its op_id (which keeps its
 //!   divergence point); when a planned promote is refused, the state asks the target for
 //!   the volume's role, and a volume a cut-off move already promoted counts as promoted.
+//! - **Record**: one transaction writes the final statuses, outcomes and history.
 //!
 //! Roles are read only after a refusal, never before the call: a move whose calls
 //! succeed makes no probe (at scale the probes were a third of a move's agent calls and
-//! a serial round trip in each of these two states).
-//! - **Record**: one transaction writes the final statuses, outcomes and history.
+//! a serial round trip in each of the final sync and the promote).
 //!
 //! Each state persists what it found ([`FailoverProgress`]) before the next runs, except
 //! the promote: the record follows it in the same step of the group's procedure (a
