@@ -76,14 +76,23 @@ impl Batcher {
 
     /// Runs `txn`, alone or in a batch; the answer is the one it would get alone.
     pub(super) async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Queued { txn, reply })
-            .map_err(|_| StoreError::Unavailable("the etcd store's dispatcher has stopped".into()))?;
-        answer.await.map_err(|_| {
-            StoreError::Unavailable("the etcd store's dispatcher stopped before answering; read before retrying".into())
-        })?
+        // A transaction the dispatcher dropped may have been sent: its outcome is unknown.
+        ask(&self.queue, |reply| Queued { txn, reply }, "; read before retrying").await
     }
+}
+
+/// Queues what `make` builds around a reply channel for a dispatcher, and waits for the
+/// answer; `hint` ends the error if the dispatcher stops before answering.
+async fn ask<Q, T>(
+    queue: &mpsc::UnboundedSender<Q>,
+    make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Q,
+    hint: &str,
+) -> Result<T, StoreError> {
+    let (reply, answer) = oneshot::channel();
+    queue.send(make(reply)).map_err(|_| StoreError::Unavailable("the etcd store's dispatcher has stopped".into()))?;
+    answer
+        .await
+        .map_err(|_| StoreError::Unavailable(format!("the etcd store's dispatcher stopped before answering{hint}")))?
 }
 
 /// Sends what arrives on `rx`: at once while a slot is free, else in batches taken by
@@ -166,13 +175,7 @@ impl ReadBatcher {
 
     /// Runs `read`, alone or with others.
     pub(super) async fn read(&self, read: Read) -> Result<Page, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(QueuedRead { read, reply })
-            .map_err(|_| StoreError::Unavailable("the etcd store's dispatcher has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the etcd store's dispatcher stopped before answering".into()))?
+        ask(&self.queue, |reply| QueuedRead { read, reply }, "").await
     }
 }
 
