@@ -31,7 +31,7 @@ pub struct EtcdStore {
     timeout: Duration,
     /// Where transactions go to share etcd transactions; `None` sends each alone.
     batcher: Option<Arc<batch::Batcher>>,
-    /// Where single-key reads go to share etcd requests; `None` sends each alone.
+    /// Where reads (keys and pages) go to share etcd requests; `None` sends each alone.
     reads: Option<Arc<batch::ReadBatcher>>,
 }
 
@@ -122,11 +122,13 @@ async fn read_alone(client: &Client, timeout: Duration, read: &batch::Read) -> R
     let mut kv = client.kv_client();
     match tokio::time::timeout(timeout, kv.get(read.key.clone(), read_options(read))).await {
         Err(_) => Err(StoreError::Unavailable(format!("etcd read timed out after {timeout:?}"))),
-        Ok(r) => {
-            let resp = r.map_err(map_err)?;
-            Ok(Page { kvs: resp.kvs().iter().map(convert_kv).collect(), more: resp.more() })
-        }
+        Ok(r) => Ok(page_of(&r.map_err(map_err)?)),
     }
+}
+
+/// The page an etcd read answered (alone or inside a transaction).
+fn page_of(resp: &etcd_client::GetResponse) -> Page {
+    Page { kvs: resp.kvs().iter().map(convert_kv).collect(), more: resp.more() }
 }
 
 /// Sends `txn` as one etcd transaction of its own.

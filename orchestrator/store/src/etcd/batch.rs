@@ -37,7 +37,7 @@ use std::time::Duration;
 use etcd_client::{Client, TxnOp as ETxnOp, TxnOpResponse};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
-use super::{call_txn, convert_kv, read_alone, read_options, send_alone, to_etcd};
+use super::{call_txn, page_of, read_alone, read_options, send_alone, to_etcd};
 use crate::{Compare, Page, StoreError, Txn, TxnOp, TxnResponse};
 
 /// Requests on the wire at once. More would send smaller batches sooner; fewer would
@@ -187,9 +187,7 @@ async fn send_reads(client: &Client, timeout: Duration, mut batch: Vec<QueuedRea
             if answers.len() == batch.len() {
                 for (q, answer) in batch.into_iter().zip(answers) {
                     let value = match answer {
-                        TxnOpResponse::Get(r) => {
-                            Ok(Page { kvs: r.kvs().iter().map(convert_kv).collect(), more: r.more() })
-                        }
+                        TxnOpResponse::Get(r) => Ok(page_of(&r)),
                         _ => Err(StoreError::Unavailable("etcd answered a read with something else".into())),
                     };
                     let _ = q.reply.send(value);
