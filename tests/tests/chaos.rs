@@ -1,17 +1,17 @@
 //! Chaos: group failovers and failbacks on mock agents while the orchestrator is SIGKILLed
-//! at random moments (20 times on each store) or etcd is SIGKILLed mid-transition. After
-//! the dust settles the agents' op logs and roles must prove the invariants:
-//! every execution ended, no op_id entered a driver twice, every volume has exactly one
-//! primary (on its group's active backend), no group is in error or stuck, and no forced
-//! failover was needed. Each run prints its figures (see docs/reliability.md).
+//! at random moments (20 times on each store), an agent is SIGKILLed mid-move (20 times),
+//! or etcd is SIGKILLed mid-transition. After the dust settles the agents' op logs and
+//! roles must prove the invariants: every execution ended, no op_id entered a driver
+//! twice, every volume has exactly one primary (on its group's active backend), no group
+//! is in error or stuck, and no forced failover was needed. Each run prints its figures (see docs/reliability.md).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
-use drover_tests::invariants::{repeated_op_ids, role_violations};
-use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group};
+use drover_tests::invariants::{op_log, repeated_op_ids, role_violations};
+use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group, wait_backend_up};
 
 const GROUPS: usize = 10;
 
@@ -301,4 +301,134 @@ async fn orchestrator_sigkills_during_a_site_failover_runbook() {
     assert!(ended.claims > 20, "seed {seed}: the run was resumed after every kill ({} claims)", ended.claims);
     assert_eq!(moved, N, "seed {seed}: every group failed over, as without kills");
     assert_eq!(figures.violations(), 0, "seed {seed}: {figures:#?}");
+}
+
+/// Planned moves of ten groups on two mock agents (100 ms per driver call) while one of
+/// the agents, picked at random, is SIGKILLed at a random moment and started again a
+/// random while later, 20 times. A move whose agent died mid-call ends in error, or
+/// succeeds once the agent is back; a move in error is submitted again (a new execution,
+/// new op_ids), as an admin would retry it. Once no agent is killed any more and every
+/// group is at rest, the op logs must show no op_id that entered a driver twice (the
+/// ledger answers a repeated op_id whose first run a kill cut short with "interrupted",
+/// not a second run), and every volume exactly one primary on its group's active backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkills_mid_move_run_nothing_twice() {
+    const LATENCY_MS: i64 = 300;
+    const AGENT_FLAGS: [&str; 4] = ["--set", "mock.latency=300ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"];
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut cluster = Cluster::start_custom(StoreChoice::Embedded, "mock", &AGENT_FLAGS, &[]).await;
+    let groups = setup(&cluster).await;
+    let mut figures = Figures::default();
+    let mut targets: HashMap<String, String> = HashMap::new();
+    // (agent index, when it was killed, in ms since the epoch)
+    let mut kills = Vec::new();
+    for _ in 0..20 {
+        let mut c = cluster.clients().await;
+        figures.submitted += move_or_retry(&mut c, &groups, &mut targets).await;
+        tokio::time::sleep(Duration::from_millis(rng.u64(20..900))).await;
+        let i = rng.usize(0..2);
+        cluster.agents[i].proc.kill();
+        kills.push((i, now_ms()));
+        figures.kills += 1;
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..1500))).await;
+        cluster.restart_agent_with(i, "mock", &AGENT_FLAGS);
+        wait_backend_up(&mut c, ["backend-a", "backend-b"][i]).await;
+    }
+    // No more kills: retry what is in error until every group is at rest.
+    let mut c = cluster.clients().await;
+    let mut retries = 0;
+    loop {
+        wait_all_ended(&mut c, Duration::from_secs(90)).await;
+        let mut in_error = 0;
+        for id in &groups {
+            if group(&mut c, id).await.is_some_and(|g| g.replication_status == "error") {
+                in_error += 1;
+            }
+        }
+        if in_error == 0 || retries == 5 {
+            break;
+        }
+        retries += 1;
+        figures.submitted += move_or_retry(&mut c, &groups, &mut targets).await;
+    }
+    check(&cluster, &groups, &mut figures).await;
+    // A kill cut an operation short when a mutation had entered that agent's driver less
+    // than one driver call's latency before it.
+    let logs = [cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl")];
+    let logs = logs.map(|p| op_log(&p));
+    let mid_move = kills
+        .iter()
+        .filter(|(i, at)| logs[*i].iter().any(|e| !e.op_id.is_empty() && e.at_ms <= *at && *at - e.at_ms < LATENCY_MS))
+        .count();
+    // Moves that left their group in error (the execution ends, its answer says why),
+    // and of those, the ones an agent refused to run again under the same op_id.
+    let answers: Vec<serde_json::Value> = c
+        .executions
+        .list_executions(pb::ListExecutionsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .executions
+        .iter()
+        .filter_map(|e| serde_json::from_str(&e.output_json).ok())
+        .collect();
+    let in_error: Vec<String> = answers
+        .iter()
+        .filter(|a| a["value"]["group"]["replication_status"] == "error")
+        .map(|a| a["value"]["group"]["status_reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let interrupted = in_error.iter().filter(|r| r.contains("interrupted by a restart of this agent")).count();
+    eprintln!("chaos [agent kills, seed {seed}]: {figures:?}");
+    println!(
+        "chaos agent-kills: {} agent kills ({mid_move} cut a driver call short), {} moves submitted, executions {:?} \
+         ({} left their group in error, {interrupted} of them on an op its agent would not run twice), {} driver ops, {} repeated op_ids, {} role violations, \
+         {} groups not at rest after {retries} rounds of retries",
+        figures.kills,
+        figures.submitted,
+        figures.executions,
+        in_error.len(),
+        figures.driver_ops,
+        figures.duplicate_op_ids.len(),
+        figures.role_violations.len(),
+        figures.bad_groups.len(),
+    );
+    // Executions may fail here (their agent died under them); what must hold is below.
+    assert!(mid_move > 0, "seed {seed}: no kill cut a driver call short");
+    assert!(figures.duplicate_op_ids.is_empty(), "seed {seed}: {figures:#?}");
+    assert!(figures.role_violations.is_empty(), "seed {seed}: {figures:#?}");
+    assert!(figures.bad_groups.is_empty(), "seed {seed}: {figures:#?}");
+    assert_eq!(figures.executions.get("running"), None, "seed {seed}: {figures:#?}");
+    assert!(figures.executions.get("succeeded").copied().unwrap_or(0) >= GROUPS, "work was done: {figures:?}");
+}
+
+/// [`move_all`], and a group in error is sent again to the backend its last move aimed
+/// at (recorded in `targets`).
+async fn move_or_retry(c: &mut Clients, groups: &[String], targets: &mut HashMap<String, String>) -> usize {
+    let mut accepted = 0;
+    for id in groups {
+        let Some(g) = group(c, id).await else { continue };
+        let target = match (g.replication_status.as_str(), targets.get(id)) {
+            ("enabled", _) => "backend-b".to_string(),
+            ("failed-over", _) => "default".to_string(),
+            ("error", Some(t)) => t.clone(),
+            _ => continue,
+        };
+        let req = pb::FailoverGroupRequest {
+            group: id.clone(),
+            project: "tests".into(),
+            target_backend: target.clone(),
+            no_wait: true,
+            ..Default::default()
+        };
+        if c.replication.failover_group(req).await.is_ok() {
+            accepted += 1;
+            targets.insert(id.clone(), target);
+        }
+    }
+    accepted
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_millis() as i64
 }

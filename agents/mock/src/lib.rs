@@ -73,10 +73,14 @@ struct MockVolume {
     peer_demoted: bool,
     /// The newest recovery point this volume has (sent as primary, applied as secondary).
     recovery_point: String,
-    /// The point a primary is shipping, recorded before it ships (intent first): if the
-    /// agent dies after the peer committed it, the next sync finds it at the peer.
+    /// The points a primary shipped (or began to) since `recovery_point`, each recorded
+    /// before it ships (intent first): if the agent dies after the peer committed one, a
+    /// later sync finds it at the peer. All of them are kept, not only the newest, as the
+    /// qemu driver keeps every unacknowledged layer: a sync that starts while the peer
+    /// cannot say what it holds ships a new point, and must not forget the older one the
+    /// peer may have committed. Cleared when a point is acknowledged.
     #[serde(default)]
-    shipping: String,
+    unconfirmed: Vec<String>,
     last_sync_ms: i64,
     /// Made from a snapshot: (snapshot id, source volume id).
     #[serde(default)]
@@ -625,7 +629,7 @@ impl Driver for MockDriver {
     ) -> Result<SyncReport, DriverError> {
         self.enter("sync_group", group_id).await?;
         let started = std::time::Instant::now();
-        let (first_id, endpoint, recorded, shipping) = {
+        let (first_id, endpoint, recorded, unconfirmed) = {
             let state = self.lock();
             let first = state
                 .volumes
@@ -641,20 +645,21 @@ impl Driver for MockDriver {
                 .map(String::from)
                 .or_else(|| first.peer.as_ref().map(|p| p.endpoint.clone()))
                 .unwrap_or_default();
-            (id, endpoint, first.recovery_point, first.shipping)
+            (id, endpoint, first.recovery_point, first.unconfirmed)
         };
-        // Reconcile with the peer: if it already holds the point this side was shipping
+        // Reconcile with the peer: if it already holds a point this side was shipping
         // when it was interrupted, that point is the common base now.
-        if !shipping.is_empty()
-            && shipping != recorded
+        if !unconfirmed.is_empty()
             && let Ok(held) = drover_agent::replica::peer_point(&endpoint, &first_id).await
-            && held == shipping
+            && held != recorded
+            && unconfirmed.contains(&held)
         {
             tracing::info!(group = group_id, point = %held, "the peer holds the point an interrupted sync was shipping; going on from it");
             let mut state = self.lock();
             for id in state.group_volumes(group_id, Some(Role::Primary)) {
                 if let Some(v) = state.volume_mut(&id) {
                     v.recovery_point = held.clone();
+                    v.unconfirmed.clear();
                 }
             }
         }
@@ -664,7 +669,13 @@ impl Driver for MockDriver {
             let mut members: Vec<(String, MockVolume)> = Vec::new();
             for id in state.group_volumes(group_id, Some(Role::Primary)) {
                 if let Some(v) = state.volume_mut(&id) {
-                    v.shipping = point.clone();
+                    // Bounded, so a peer gone for good does not grow the state
+                    // without end: after 64 ships that were not acknowledged the oldest
+                    // is forgotten.
+                    if v.unconfirmed.len() == 64 {
+                        v.unconfirmed.remove(0);
+                    }
+                    v.unconfirmed.push(point.clone());
                     members.push((id, v.clone()));
                 }
             }
@@ -689,6 +700,7 @@ impl Driver for MockDriver {
         for (id, _) in &header.volumes {
             if let Some(v) = state.volume_mut(id) {
                 v.recovery_point = header.recovery_point_id.clone();
+                v.unconfirmed.clear();
                 v.last_sync_ms = now_ms();
                 if final_sync {
                     v.set_facts(roles::after_final_sync());
