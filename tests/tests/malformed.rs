@@ -21,7 +21,7 @@ async fn dump(store: &Arc<dyn KvStore>, prefix: &str) -> BTreeMap<String, Vec<u8
     let (kvs, _) = store.range(prefix.as_bytes()).await.unwrap();
     kvs.into_iter()
         .map(|kv| (String::from_utf8_lossy(&kv.key[prefix.len()..]).into_owned(), kv.value))
-        .filter(|(k, _)| !k.starts_with("audit/"))
+        .filter(|(k, _)| !k.starts_with("audit-desc/"))
         // Leases and heartbeats move on their own: agent registrations and members.
         .filter(|(k, _)| !k.starts_with("agents/") && !k.starts_with("orchestrators/"))
         .collect()

@@ -372,6 +372,15 @@ async fn mutations_are_audited_and_tokens_can_be_revoked() {
     assert_eq!((p1.records.len(), p2.records.len()), (1, 1));
     assert_ne!(p1.records[0].id, p2.records[0].id);
     assert!(p1.records[0].id > p2.records[0].id, "newest first");
+    // The CLI: refused calls, two to a page, newest first, with a marker to go on from.
+    let out = cluster.cli(&["audit", "list", "--refused", "--limit", "2", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = page["records"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{page}");
+    assert!(rows.iter().all(|r| r["code"] != "Ok"), "{page}");
+    assert!(rows[0]["id"].as_str() > rows[1]["id"].as_str(), "{page}");
+    assert!(!page["next_marker"].as_str().unwrap().is_empty(), "three refused calls so far: {page}");
 
     // Listing never shows a secret; revoking stops the token (within the cache TTL).
     let list = admin.tokens.list_tokens(pb::ListTokensRequest::default()).await.unwrap().into_inner();

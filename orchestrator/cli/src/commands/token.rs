@@ -105,20 +105,30 @@ pub async fn run(ctx: &mut Ctx, cmd: TokenCmd) -> Result<()> {
 pub async fn run_audit(ctx: &mut Ctx, cmd: AuditCmd) -> Result<()> {
     let AuditCmd::List { token_id, of_project, method, refused, since, limit, marker } = cmd;
     let since_ms = since.map(|d| drover_orchestrator::model::now_ms() - d.as_millis() as i64).unwrap_or(0);
-    let r = ctx
-        .api
-        .audit
-        .list_audit(pb::ListAuditRequest {
-            since_ms,
-            token_id: token_id.unwrap_or_default(),
-            project: of_project.unwrap_or_default(),
-            method: method.unwrap_or_default(),
-            refused_only: refused,
-            limit,
-            marker,
-        })
-        .await?
-        .into_inner();
+    let mut req = pb::ListAuditRequest {
+        since_ms,
+        token_id: token_id.unwrap_or_default(),
+        project: of_project.unwrap_or_default(),
+        method: method.unwrap_or_default(),
+        refused_only: refused,
+        limit,
+        marker,
+    };
+    // One call reads a bounded stretch of the trail, so a page of a narrow filter may
+    // come back short with a marker: ask again from it until the page is full or the
+    // trail ends.
+    let mut r = pb::ListAuditResponse::default();
+    loop {
+        let page = ctx.api.audit.list_audit(req.clone()).await?.into_inner();
+        r.records.extend(page.records);
+        r.next_marker = page.next_marker;
+        let want = if limit == 0 { 100 } else { limit as usize };
+        if r.next_marker.is_empty() || r.records.len() >= want {
+            break;
+        }
+        req.limit = (want - r.records.len()) as u32;
+        req.marker = r.next_marker.clone();
+    }
     emit(ctx.fmt, &r, |r| {
         let mut t = Table::new(&["TIME", "TOKEN", "PROJECT", "ROLE", "METHOD", "CODE", "PEER", "MESSAGE"]);
         for a in &r.records {
