@@ -9,6 +9,12 @@
 //! to make the groups, each pass's page times by tenth of the listing (median of each),
 //! the last tenth's median over the first tenth's, and that every group came back once.
 //!
+//! Then the audit trail the creations left (one record per call, over 100,000) is paged
+//! through at 1,000 records a page, newest to oldest, with the same figures; and the
+//! refused calls are asked for (there are none: every creation succeeded), which reads
+//! the whole trail a bounded stretch per call. Printed: the calls that took and their
+//! times.
+//!
 //! Run with `cargo bench -p drover-tests --bench list`.
 
 use std::time::Instant;
@@ -67,17 +73,52 @@ async fn main() {
             "pass {pass}: {} pages, all {n} groups of big once, none of other's {others}, in {total:.1} s",
             times.len()
         );
-        let tenth = times.len().div_ceil(10);
-        let medians: Vec<f64> = times.chunks(tenth).map(|c| median(&mut c.to_vec())).collect();
-        println!(
-            "  page time by tenth of the listing, median ms: {}",
-            medians.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" ")
-        );
-        println!(
-            "  first page {:.1} ms, last page {:.1} ms; last tenth / first tenth = {:.2}",
-            times[0],
-            times[times.len() - 1],
-            medians[medians.len() - 1] / medians[0]
-        );
+        by_tenth(&times);
     }
+
+    let mut audit = c.audit.clone();
+    for refused_only in [false, true] {
+        let (mut marker, mut times, mut records) = (String::new(), Vec::new(), 0);
+        let started = Instant::now();
+        loop {
+            let t = Instant::now();
+            let req = pb::ListAuditRequest { refused_only, limit: 1000, marker: marker.clone(), ..Default::default() };
+            let page = audit.list_audit(req).await.unwrap().into_inner();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+            records += page.records.len();
+            if page.next_marker.is_empty() {
+                break;
+            }
+            marker = page.next_marker;
+        }
+        let what = if refused_only { "refused calls only" } else { "every record" };
+        println!(
+            "audit trail, {what}: {records} records in {} calls, {:.1} s",
+            times.len(),
+            started.elapsed().as_secs_f64()
+        );
+        if refused_only {
+            let mut sorted = times.clone();
+            println!("  call time median {:.1} ms, max {:.1} ms", median(&mut sorted), sorted[sorted.len() - 1]);
+        } else {
+            assert!(records >= n, "every creation left a record ({records})");
+            by_tenth(&times);
+        }
+    }
+}
+
+/// Prints page times by tenth of a listing (median of each), and the last over the first.
+fn by_tenth(times: &[f64]) {
+    let tenth = times.len().div_ceil(10);
+    let medians: Vec<f64> = times.chunks(tenth).map(|c| median(&mut c.to_vec())).collect();
+    println!(
+        "  page time by tenth of the listing, median ms: {}",
+        medians.iter().map(|m| format!("{m:.1}")).collect::<Vec<_>>().join(" ")
+    );
+    println!(
+        "  first page {:.1} ms, last page {:.1} ms; last tenth / first tenth = {:.2}",
+        times[0],
+        times[times.len() - 1],
+        medians[medians.len() - 1] / medians[0]
+    );
 }

@@ -736,3 +736,75 @@ async fn snapshot_operations_survive_orchestrator_and_agent_kills_and_run_once()
     ]);
     assert!(repeated.is_empty(), "{repeated:?}");
 }
+
+/// Deleting a volume a snapshot holds, or a snapshot a volume was made from, is refused
+/// from the dependency indexes (not a read of every record), on etcd. A store from before
+/// the indexes (simulated: index keys and the built mark removed while the orchestrator
+/// is down) gets them built at the next start, and the refusals hold. Once everything is
+/// deleted in order, no index key is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_dependencies_are_indexed_and_built_for_older_stores() {
+    use drover_store::{KvStore, Prefixed, Txn, TxnOp};
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
+    let raw: std::sync::Arc<dyn KvStore> = std::sync::Arc::new(
+        drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap(),
+    );
+    let store = Prefixed::new(raw, cluster.store_prefix().expect("on etcd").to_string());
+    let index_keys = || async { store.range(b"index/").await.unwrap().0.len() };
+    let mut c = cluster.clients().await;
+    let create = |name: &str, snapshot: &str| pb::CreateVolumeRequest {
+        name: name.into(),
+        project: "tests".into(),
+        size_bytes: 1 << 20,
+        backend: if snapshot.is_empty() { "backend-a".into() } else { String::new() },
+        from_snapshot: snapshot.into(),
+        ..Default::default()
+    };
+    c.volumes.create_volume(create("base", "")).await.expect("base volume");
+    let snap = pb::CreateSnapshotRequest { volume: "base".into(), project: "tests".into(), name: "base-s".into() };
+    c.snapshots.create_snapshot(snap).await.expect("snapshot of base");
+    c.volumes.create_volume(create("child", "base-s")).await.expect("a volume from the snapshot");
+    assert_eq!(index_keys().await, 2, "one key per dependency");
+
+    let refusals = |c: &Clients| {
+        let mut c = c.clone();
+        async move {
+            let snap = c
+                .snapshots
+                .delete_snapshot(pb::DeleteSnapshotRequest { snapshot: "base-s".into(), project: "tests".into() })
+                .await
+                .expect_err("a volume was made from it");
+            assert_eq!(snap.code(), Code::FailedPrecondition);
+            assert!(snap.message().contains("child") && snap.message().contains("delete them first"), "{snap:?}");
+            let vol = c
+                .volumes
+                .delete_volume(pb::DeleteVolumeRequest { volume: "base".into(), project: "tests".into() })
+                .await
+                .expect_err("a snapshot holds it");
+            assert_eq!(vol.code(), Code::FailedPrecondition);
+            assert!(vol.message().contains("base-s"), "{vol:?}");
+        }
+    };
+    refusals(&c).await;
+
+    // An older store: the records without their index keys.
+    cluster.orchestrator.proc.kill();
+    let (kvs, _) = store.range(b"index/").await.unwrap();
+    let txn = kvs.iter().fold(Txn::new(), |t, kv| t.and_then(TxnOp::delete(kv.key.clone())));
+    store.txn(txn.and_then(TxnOp::delete(b"migrations/dependency-index".to_vec()))).await.unwrap();
+    assert_eq!(index_keys().await, 0);
+    cluster.restart_orchestrator().await;
+    let mut c = cluster.clients().await;
+    assert_eq!(index_keys().await, 2, "built again at start");
+    assert!(store.get(b"migrations/dependency-index").await.unwrap().is_some());
+    refusals(&c).await;
+
+    c.volumes.delete_volume(pb::DeleteVolumeRequest { volume: "child".into(), project: "tests".into() }).await.unwrap();
+    c.snapshots
+        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot: "base-s".into(), project: "tests".into() })
+        .await
+        .expect("no volume depends on it now");
+    c.volumes.delete_volume(pb::DeleteVolumeRequest { volume: "base".into(), project: "tests".into() }).await.unwrap();
+    assert_eq!(index_keys().await, 0, "no index key left behind");
+}

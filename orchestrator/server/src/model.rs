@@ -68,6 +68,27 @@ pub mod keys {
     pub fn snapshot_name(project: &str, name: &str) -> String {
         format!("names/snapshots/{project}/{name}")
     }
+    /// Index: the snapshots that hold volume `volume` (one key per member of each
+    /// snapshot), written and deleted in the transactions that write and delete the
+    /// snapshot's record. Read instead of every snapshot when a volume is deleted or
+    /// unmanaged.
+    pub fn volume_snapshots(volume: &str) -> String {
+        format!("index/volume-snapshots/{volume}/")
+    }
+    pub fn volume_snapshot(volume: &str, snapshot: &str) -> String {
+        format!("{}{snapshot}", volume_snapshots(volume))
+    }
+    /// Index: the volumes made from snapshot `snapshot`, written and deleted with the
+    /// volume's record. Read instead of every volume when a snapshot is deleted.
+    pub fn snapshot_volumes(snapshot: &str) -> String {
+        format!("index/snapshot-volumes/{snapshot}/")
+    }
+    pub fn snapshot_volume(snapshot: &str, volume: &str) -> String {
+        format!("{}{volume}", snapshot_volumes(snapshot))
+    }
+    /// Present once the two indexes above hold every record of the store (written by
+    /// the first orchestrator that starts on a store, after it built them).
+    pub const DEPENDENCY_INDEX_BUILT: &str = "migrations/dependency-index";
 }
 
 /// Milliseconds since the Unix epoch.

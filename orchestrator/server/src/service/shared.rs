@@ -209,14 +209,111 @@ pub(crate) async fn snapshot_source(
     Ok((snap, m, keep))
 }
 
-/// The snapshots that hold `volume_id`, by name (for refusing to delete the volume).
+/// The records an index names, read a page of the index at a time: each index key ends
+/// with a record id, and `record_key` gives that record's key. A key whose record is gone
+/// is skipped, so a stale index key is harmless. At most `max` records; the flag says
+/// whether the index holds more.
+pub(crate) async fn indexed<T: serde::de::DeserializeOwned>(
+    core: &Core,
+    index: &str,
+    record_key: fn(&str) -> String,
+    max: usize,
+) -> ApiResult<(Vec<T>, bool)> {
+    let mut out = Vec::new();
+    let mut after = Vec::new();
+    loop {
+        let page = core.repo.store().range_page(index.as_bytes(), &after, 100).await?;
+        for kv in &page.kvs {
+            if out.len() == max {
+                return Ok((out, true));
+            }
+            let id = String::from_utf8_lossy(&kv.key[index.len()..]).into_owned();
+            if let Some(v) = core.repo.get::<T>(&record_key(&id)).await? {
+                out.push(v.rec);
+            }
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => after = last.key.clone(),
+            _ => return Ok((out, false)),
+        }
+    }
+}
+
+/// The snapshots that hold `volume_id`, by name (for refusing to delete the volume): at
+/// most 20 named, then how many more there are not counted.
 pub(crate) async fn snapshots_of(core: &Core, volume_id: &str) -> ApiResult<Vec<String>> {
-    Ok(core
-        .repo
-        .list::<SnapshotRec>(keys::SNAPSHOTS)
-        .await?
-        .into_iter()
-        .filter(|s| s.rec.members.iter().any(|m| m.volume_id == volume_id))
-        .map(|s| s.rec.name)
-        .collect())
+    let (snaps, more) = indexed::<SnapshotRec>(core, &keys::volume_snapshots(volume_id), keys::snapshot, 20).await?;
+    let mut names: Vec<String> =
+        snaps.into_iter().filter(|s| s.members.iter().any(|m| m.volume_id == volume_id)).map(|s| s.name).collect();
+    if more {
+        names.push("and more".into());
+    }
+    Ok(names)
+}
+
+/// Builds the snapshot dependency indexes ([`keys::volume_snapshots`],
+/// [`keys::snapshot_volumes`]) from every volume and snapshot record, once per store: a
+/// store written by an orchestrator from before the indexes has records without them.
+/// Runs at start, before any execution resumes or any call is served; several
+/// orchestrators starting at once each build them (the writes are the same). Each index
+/// key is written only while its record is as read, so a record deleted meanwhile leaves
+/// none behind (and one changed is read again).
+pub async fn build_dependency_index(repo: &crate::repo::Repo) -> ApiResult<()> {
+    use drover_store::{Txn, TxnOp};
+    if repo.store().get(keys::DEPENDENCY_INDEX_BUILT.as_bytes()).await?.is_some() {
+        return Ok(());
+    }
+    let (mut volumes, mut snapshots) = (0usize, 0usize);
+    for prefix in [keys::VOLUMES, keys::SNAPSHOTS] {
+        let mut after = Vec::new();
+        loop {
+            let page = repo.store().range_page(prefix.as_bytes(), &after, 100).await?;
+            for kv in &page.kvs {
+                let key = String::from_utf8_lossy(&kv.key).into_owned();
+                let mut seen = Some((kv.value.clone(), kv.mod_revision));
+                // Until the index keys land with the record as read, or the record is gone.
+                while let Some((value, rev)) = seen.take() {
+                    let index: Vec<String> = if prefix == keys::VOLUMES {
+                        let v: VolumeRec = serde_json::from_slice(&value)
+                            .map_err(|e| ApiError::Internal(format!("volume record {key} is unreadable: {e}")))?;
+                        [v.snapshot_id.clone()]
+                            .into_iter()
+                            .filter(|s| !s.is_empty())
+                            .map(|s| keys::snapshot_volume(&s, &v.id))
+                            .collect()
+                    } else {
+                        let s: SnapshotRec = serde_json::from_slice(&value)
+                            .map_err(|e| ApiError::Internal(format!("snapshot record {key} is unreadable: {e}")))?;
+                        s.members.iter().map(|m| keys::volume_snapshot(&m.volume_id, &s.id)).collect()
+                    };
+                    if index.is_empty() {
+                        break;
+                    }
+                    let txn = index
+                        .iter()
+                        .fold(Txn::new().when(Compare::ModRevisionEquals(key.clone().into_bytes(), rev)), |t, k| {
+                            t.and_then(TxnOp::put(k.clone(), Vec::new()))
+                        });
+                    if repo.txn(txn).await?.succeeded {
+                        if prefix == keys::VOLUMES {
+                            volumes += 1;
+                        } else {
+                            snapshots += 1;
+                        }
+                    } else {
+                        seen = repo.store().get(key.as_bytes()).await?.map(|kv| (kv.value, kv.mod_revision));
+                    }
+                }
+            }
+            match page.kvs.last() {
+                Some(last) if page.more => after = last.key.clone(),
+                _ => break,
+            }
+        }
+    }
+    repo.store().put(keys::DEPENDENCY_INDEX_BUILT.as_bytes(), b"1").await?;
+    if volumes + snapshots > 0 {
+        tracing::info!(volumes, snapshots, "built the snapshot dependency indexes for records written before them");
+    }
+    Ok(())
 }

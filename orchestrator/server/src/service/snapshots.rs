@@ -136,7 +136,8 @@ impl SnapshotApi {
             .when(Compare::Absent(name_key.clone().into_bytes()))
             .when(Compare::Absent(keys::snapshot(&rec.id).into_bytes()))
             .and_then(TxnOp::put(name_key.clone(), rec.id.clone()))
-            .and_then(put(&keys::snapshot(&rec.id), &rec));
+            .and_then(put(&keys::snapshot(&rec.id), &rec))
+            .and_then_all(rec.members.iter().map(|m| TxnOp::put(keys::volume_snapshot(&m.volume_id, &rec.id), vec![])));
         let taken = async {
             if self.core.repo.store().get(name_key.as_bytes()).await?.is_some() {
                 return Err(ApiError::AlreadyExists(format!(
@@ -173,7 +174,8 @@ impl SnapshotApi {
         let txn = at
             .claimed(at.at(Txn::new(), &key))
             .and_then(TxnOp::delete(key.clone()))
-            .and_then(TxnOp::delete(keys::snapshot_name(&rec.project, &rec.name)));
+            .and_then(TxnOp::delete(keys::snapshot_name(&rec.project, &rec.name)))
+            .and_then_all(rec.members.iter().map(|m| TxnOp::delete(keys::volume_snapshot(&m.volume_id, &rec.id))));
         if !self.core.repo.txn(txn).await?.succeeded {
             return Err(raced(&format!("snapshot {}", rec.name)));
         }
@@ -228,15 +230,12 @@ impl SnapshotApi {
                 s.name, s.status, s.name
             )));
         }
-        let made: Vec<String> = self
-            .core
-            .repo
-            .list::<VolumeRec>(keys::VOLUMES)
-            .await?
-            .into_iter()
-            .filter(|v| v.rec.snapshot_id == s.id)
-            .map(|v| v.rec.name)
-            .collect();
+        let (made, more) =
+            super::shared::indexed::<VolumeRec>(&self.core, &keys::snapshot_volumes(&s.id), keys::volume, 20).await?;
+        let mut made: Vec<String> = made.into_iter().filter(|v| v.snapshot_id == s.id).map(|v| v.name).collect();
+        if more {
+            made.push("and more".into());
+        }
         if !made.is_empty() {
             return Err(ApiError::FailedPrecondition(format!(
                 "volume(s) {} were made from snapshot {} and read through it; delete them first",

@@ -108,10 +108,14 @@ impl VolumeApi {
             .claimed(at.at(Txn::new(), &keys::volume(&rec.id)))
             .and_then(TxnOp::delete(keys::volume(&rec.id)))
             .and_then(TxnOp::delete(keys::volume_name(&rec.project, &rec.name)));
+        if !rec.snapshot_id.is_empty() {
+            txn = txn.and_then(TxnOp::delete(keys::snapshot_volume(&rec.snapshot_id, &rec.id)));
+        }
         for s in snapshots {
             txn = txn
                 .and_then(TxnOp::delete(keys::snapshot(&s.id)))
-                .and_then(TxnOp::delete(keys::snapshot_name(&s.project, &s.name)));
+                .and_then(TxnOp::delete(keys::snapshot_name(&s.project, &s.name)))
+                .and_then_all(s.members.iter().map(|m| TxnOp::delete(keys::volume_snapshot(&m.volume_id, &s.id))));
         }
         Ok(self.core.repo.txn(txn).await?.succeeded)
     }
@@ -162,7 +166,9 @@ impl VolumeApi {
                 pending: None,
                 execution_id: String::new(),
             };
-            txn = txn.and_then(put(&keys::snapshot(&s.id), &snap));
+            txn = txn
+                .and_then(put(&keys::snapshot(&s.id), &snap))
+                .and_then(TxnOp::put(keys::volume_snapshot(&rec.id, &s.id), vec![]));
         }
         let resp = self.core.repo.txn(txn).await?;
         if !resp.succeeded {
@@ -246,7 +252,10 @@ impl VolumeApi {
             // The snapshot stays as read (not being deleted) until this volume's intent is
             // in, and the intent rewrites it: a delete that read it before this volume
             // existed then loses its own comparison and looks again.
-            txn = txn.when(keep.clone()).and_then(put(&keys::snapshot(&snap.id), snap));
+            txn = txn
+                .when(keep.clone())
+                .and_then(put(&keys::snapshot(&snap.id), snap))
+                .and_then(TxnOp::put(keys::snapshot_volume(&snap.id, &id), vec![]));
         }
         let txn = txn
             .when(Compare::Absent(name_key.clone().into_bytes()))
@@ -654,13 +663,11 @@ impl VolumeApi {
             Ok(_) => {
                 // The backend handed back the snapshots the volume was taken over with
                 // (it refuses while any other holds it): their records go with it.
-                let snaps: Vec<SnapshotRec> = self
-                    .core
-                    .repo
-                    .list::<SnapshotRec>(keys::SNAPSHOTS)
-                    .await?
+                let index = keys::volume_snapshots(&rec.id);
+                let (snaps, _) =
+                    super::shared::indexed::<SnapshotRec>(&self.core, &index, keys::snapshot, usize::MAX).await?;
+                let snaps: Vec<SnapshotRec> = snaps
                     .into_iter()
-                    .map(|s| s.rec)
                     .filter(|s| s.backend == rec.backend && s.members.iter().all(|m| m.volume_id == rec.id))
                     .filter(|s| s.members.len() == 1)
                     .collect();
