@@ -372,7 +372,28 @@ async fn mutations_are_audited_and_tokens_can_be_revoked() {
     assert_eq!((p1.records.len(), p2.records.len()), (1, 1));
     assert_ne!(p1.records[0].id, p2.records[0].id);
     assert!(p1.records[0].id > p2.records[0].id, "newest first");
-    // The CLI: refused calls, two to a page, newest first, with a marker to go on from.
+    // The CLI: refused calls, two to a page, newest first, with a marker to go on from;
+    // an accepted call newer than all of them is not among them.
+    m.volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "accepted-last".into(),
+            project: "tests".into(),
+            size_bytes: 1 << 20,
+            backend: "backend-a".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("an accepted call");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let newest =
+            admin.audit.list_audit(pb::ListAuditRequest { limit: 1, ..Default::default() }).await.unwrap().into_inner();
+        if newest.records.first().is_some_and(|a| a.method.ends_with("/CreateVolume") && a.code == "Ok") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no record of the accepted call: {newest:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let out = cluster.cli(&["audit", "list", "--refused", "--limit", "2", "-o", "json"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let page: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

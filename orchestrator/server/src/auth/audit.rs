@@ -34,6 +34,11 @@ const OLD_PREFIX: &str = "audit/";
 /// The largest time a record id can hold (13 decimal digits of ms: year 2286).
 const T_MAX: i64 = 9_999_999_999_999;
 
+/// The code an accepted call's record holds (the auth layer writes a code's `Debug`
+/// form). Until 2026-11-30 the refused-only filter compared with "OK", which no record
+/// holds, and so let every record through.
+const OK_CODE: &str = "Ok";
+
 /// A stored audit record.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AuditRec {
@@ -67,7 +72,7 @@ impl AuditRec {
         (r.token_id.is_empty() || self.token_id == r.token_id)
             && (r.project.is_empty() || self.project == r.project)
             && (r.method.is_empty() || self.method.contains(&r.method))
-            && !(r.refused_only && self.code == "OK")
+            && !(r.refused_only && self.code == OK_CODE)
     }
 }
 
@@ -253,7 +258,7 @@ mod tests {
             id: format!("{at:013}-{n:08x}"),
             at_ms: at,
             method: "/drover.v1.GroupService/CreateGroup".into(),
-            code: "OK".into(),
+            code: format!("{:?}", tonic::Code::Ok),
             ..Default::default()
         };
         f(&mut a);
@@ -320,7 +325,7 @@ mod tests {
             .map(|at| {
                 rec(at, 1, |a| {
                     if at % 10 == 0 {
-                        a.code = "PERMISSION_DENIED".into();
+                        a.code = format!("{:?}", tonic::Code::PermissionDenied);
                     }
                     if at == 3 {
                         a.project = "rare".into();
