@@ -56,6 +56,15 @@ async fn concurrent_failovers_have_one_winner(store: StoreChoice<'_>) {
         .into_inner();
     assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"));
     assert_eq!(g.history.iter().filter(|e| e.action == "failover").count(), 1, "one failover in the history");
+    // By name, the same group and the same history (its page is read after the name).
+    let by_name = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: g.name.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((by_name.id.as_str(), &by_name.history), (g.id.as_str(), &g.history));
+    assert!(!g.history.is_empty());
     for id in &g.volume_ids {
         let v = c
             .volumes

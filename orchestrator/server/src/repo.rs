@@ -97,7 +97,32 @@ impl Repo {
     /// A group as the API shows it: with its newest [`crate::model::HISTORY_LIMIT`]
     /// events, oldest first (and any the record still holds inline).
     pub async fn group_pb(&self, rec: &GroupRec) -> ApiResult<drover_proto::v1::Group> {
-        let (mut events, _) = self.group_history(&rec.id, "", crate::model::HISTORY_LIMIT).await?;
+        let (events, _) = self.group_history(&rec.id, "", crate::model::HISTORY_LIMIT).await?;
+        Ok(Self::shown(rec, events))
+    }
+
+    /// A group by id or name, with [`Repo::group_pb`]'s view of it. Given an id, the
+    /// record and its newest history page are read at once (one round trip, and on etcd
+    /// often one request); given a name, the page is read once the name gave the id.
+    pub async fn group_shown(&self, id_or_name: &str, project: &str) -> ApiResult<(GroupRec, drover_proto::v1::Group)> {
+        let (g, page) = futures::join!(
+            self.group(id_or_name, project),
+            self.group_history(id_or_name, "", crate::model::HISTORY_LIMIT)
+        );
+        let g = g?.rec;
+        // The page read beside the record is the group's only when the request named it
+        // by id: a name's page is read now (an id of another project was not found).
+        let events = match page {
+            Ok((events, _)) if g.id == id_or_name => events,
+            _ => self.group_history(&g.id, "", crate::model::HISTORY_LIMIT).await?.0,
+        };
+        let shown = Self::shown(&g, events);
+        Ok((g, shown))
+    }
+
+    /// `rec` with `events` (newest first, as [`Repo::group_history`] gives them) merged
+    /// into the history the record holds inline.
+    fn shown(rec: &GroupRec, mut events: Vec<crate::model::GroupEventRec>) -> drover_proto::v1::Group {
         events.reverse();
         for e in &rec.history {
             if !events.contains(e) {
@@ -108,7 +133,7 @@ impl Repo {
         let skip = events.len().saturating_sub(crate::model::HISTORY_LIMIT);
         let mut shown = rec.clone();
         shown.history = events.split_off(skip);
-        Ok(shown.to_pb())
+        shown.to_pb()
     }
 
     pub async fn get<T: DeserializeOwned>(&self, key: &str) -> ApiResult<Option<Versioned<T>>> {

@@ -367,8 +367,7 @@ impl pb::group_service_server::GroupService for GroupApi {
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::Group>, Status> {
         let r = crate::auth::scoped(req)?;
-        let g = self.core.repo.group(&r.group, &r.project).await?.rec;
-        let mut out = self.core.repo.group_pb(&g).await?;
+        let (g, mut out) = self.core.repo.group_shown(&r.group, &r.project).await?;
         let s = g.replication_status.as_str();
         if s == replication_status::ENABLED || s == replication_status::FAILED_OVER {
             let infos = super::shared::volume_infos(&self.core, &g).await?;
