@@ -45,26 +45,7 @@ async fn group(c: &mut Clients, id: &str) -> Option<pb::Group> {
 /// Submits a planned move for every group at rest: failover when at home, failback when
 /// away. Returns how many were accepted.
 async fn move_all(c: &mut Clients, groups: &[String]) -> usize {
-    let mut accepted = 0;
-    for id in groups {
-        let Some(g) = group(c, id).await else { continue };
-        let target = match g.replication_status.as_str() {
-            "enabled" => "backend-b",
-            "failed-over" => "default",
-            _ => continue,
-        };
-        let req = pb::FailoverGroupRequest {
-            group: id.clone(),
-            project: "tests".into(),
-            target_backend: target.into(),
-            no_wait: true,
-            ..Default::default()
-        };
-        if c.replication.failover_group(req).await.is_ok() {
-            accepted += 1;
-        }
-    }
-    accepted
+    move_or_retry(c, groups, &mut HashMap::new()).await
 }
 
 #[derive(Debug, Default)]
@@ -402,8 +383,9 @@ async fn agent_sigkills_mid_move_run_nothing_twice() {
     assert!(figures.executions.get("succeeded").copied().unwrap_or(0) >= GROUPS, "work was done: {figures:?}");
 }
 
-/// [`move_all`], and a group in error is sent again to the backend its last move aimed
-/// at (recorded in `targets`).
+/// A planned move for every group at rest (failover when at home, failback when away),
+/// and a group in error is sent again to the backend its last move aimed at, when
+/// `targets` recorded one. Returns how many were accepted.
 async fn move_or_retry(c: &mut Clients, groups: &[String], targets: &mut HashMap<String, String>) -> usize {
     let mut accepted = 0;
     for id in groups {
