@@ -117,12 +117,12 @@ pub async fn run_audit(ctx: &mut Ctx, cmd: AuditCmd) -> Result<()> {
     // One call reads a bounded stretch of the trail, so a page of a narrow filter may
     // come back short with a marker: ask again from it until the page is full or the
     // trail ends.
+    let want = if limit == 0 { 100 } else { limit as usize };
     let mut r = pb::ListAuditResponse::default();
     loop {
         let page = ctx.api.audit.list_audit(req.clone()).await?.into_inner();
         r.records.extend(page.records);
         r.next_marker = page.next_marker;
-        let want = if limit == 0 { 100 } else { limit as usize };
         if r.next_marker.is_empty() || r.records.len() >= want {
             break;
         }
