@@ -307,3 +307,143 @@ async fn executions_are_listed_page_by_page_from_their_index() {
         assert!(left.is_empty(), "{} keys left under {prefix}", left.len());
     }
 }
+
+/// The largest group the API takes (100 volumes) goes through every operation that
+/// writes all its members in one transaction, on a real etcd with its default limit of
+/// 128 operations per transaction; one volume more is refused up front with what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_largest_group_works_on_etcd_and_a_larger_one_is_refused() {
+    const LARGEST: usize = 100;
+    let etcd = Etcd::start().await;
+    let cluster = Cluster::start(StoreChoice::Etcd(&etcd), &[]).await;
+    let mut c = cluster.clients().await;
+    let mut made = tokio::task::JoinSet::new();
+    for lane in 0..8 {
+        let mut c = c.clone();
+        made.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (lane..=LARGEST).step_by(8) {
+                let v = c
+                    .volumes
+                    .create_volume(pb::CreateVolumeRequest {
+                        name: format!("big-v{i:03}"),
+                        project: "tests".into(),
+                        size_bytes: 1 << 20,
+                        backend: "backend-a".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("volume {i}: {e}"))
+                    .into_inner();
+                ids.push((i, v.id));
+            }
+            ids
+        });
+    }
+    let mut vols: Vec<(usize, String)> = made.join_all().await.into_iter().flatten().collect();
+    vols.sort();
+    let vols: Vec<String> = vols.into_iter().map(|(_, id)| id).collect();
+    assert_eq!(vols.len(), LARGEST + 1);
+    let group = |volumes: &[String]| pb::CreateGroupRequest {
+        name: "big".into(),
+        project: "tests".into(),
+        group_type: "replication".into(),
+        backend: "backend-a".into(),
+        volumes: volumes.to_vec(),
+        ..Default::default()
+    };
+
+    let e = c.groups.create_group(group(&vols)).await.expect_err("one volume too many");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains(&format!("at most {LARGEST} volumes")) && e.message().contains("split"), "{e:?}");
+    let g = c.groups.create_group(group(&vols[..LARGEST])).await.expect("the largest group").into_inner();
+    assert_eq!(g.volume_ids.len(), LARGEST);
+    let e = c
+        .groups
+        .update_group(pb::UpdateGroupRequest {
+            group: "big".into(),
+            project: "tests".into(),
+            add_volumes: vec![vols[LARGEST].clone()],
+            ..Default::default()
+        })
+        .await
+        .expect_err("the group is full");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains(&format!("would hold {}", LARGEST + 1)), "{e:?}");
+
+    let outcomes = |r: &pb::ReplicationResult| r.items.iter().filter(|i| i.outcome == "success").count();
+    let r = c
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            group: "big".into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("enable")
+        .into_inner();
+    assert_eq!((r.group.as_ref().unwrap().replication_status.as_str(), outcomes(&r)), ("enabled", LARGEST), "{r:?}");
+
+    let snap = c
+        .snapshots
+        .create_group_snapshot(pb::CreateGroupSnapshotRequest {
+            group: "big".into(),
+            project: "tests".into(),
+            name: "big-s".into(),
+        })
+        .await
+        .expect("a group snapshot of the largest group")
+        .into_inner();
+    assert_eq!((snap.status.as_str(), snap.members.len()), ("available", LARGEST), "{snap:?}");
+
+    // A planned failover, then the failback (target "default": back to the primary).
+    for (target, status, at) in [("backend-b", "failed-over", "backend-b"), ("default", "enabled", "backend-a")] {
+        let r = c
+            .replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: "big".into(),
+                project: "tests".into(),
+                target_backend: target.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("move to {target}: {e}"))
+            .into_inner();
+        let g = r.group.as_ref().unwrap();
+        assert_eq!(
+            (g.replication_status.as_str(), g.active_backend.as_str(), outcomes(&r)),
+            (status, at, LARGEST),
+            "{r:?}"
+        );
+    }
+
+    c.snapshots
+        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot: "big-s".into(), project: "tests".into() })
+        .await
+        .expect("delete the group snapshot");
+    let r = c
+        .replication
+        .disable_replication(pb::DisableReplicationRequest {
+            group: "big".into(),
+            project: "tests".into(),
+            no_wait: false,
+        })
+        .await
+        .expect("disable")
+        .into_inner();
+    assert_eq!(r.group.as_ref().unwrap().replication_status, "disabled", "{r:?}");
+    c.groups
+        .delete_group(pb::DeleteGroupRequest { group: "big".into(), project: "tests".into() })
+        .await
+        .expect("delete the largest group");
+    for id in [&vols[0], &vols[LARGEST - 1]] {
+        let v = c
+            .volumes
+            .get_volume(pb::GetVolumeRequest { volume: id.clone(), project: "tests".into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(v.group_id.is_empty(), "released with the group: {v:?}");
+    }
+}

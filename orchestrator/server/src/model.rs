@@ -96,6 +96,14 @@ pub fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// The most volumes a group holds, and the most one update adds and removes together.
+/// A group's writes put every member's record in one transaction (create, update,
+/// delete, each replication step, a group snapshot's submit), beside a few keys of their
+/// own; etcd refuses a transaction of more than 128 comparisons or operations (its
+/// default `--max-txn-ops`). 100 leaves room for those few on etcd's default, and the
+/// embedded store keeps the same rule so a group made on one store works on the other.
+pub const MAX_GROUP_VOLUMES: usize = 100;
+
 /// Replication status values (Cinder's vocabulary).
 pub mod replication_status {
     pub const DISABLED: &str = "disabled";

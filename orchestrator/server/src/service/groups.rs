@@ -11,7 +11,9 @@ use tonic::{Request, Response, Status};
 use super::Core;
 use super::shared::{group_type, writable_backend};
 use crate::error::{ApiError, ApiResult, raced};
-use crate::model::{GroupRec, GroupTypeRec, VolumeRec, keys, now_ms, replication_status, volume_status};
+use crate::model::{
+    GroupRec, GroupTypeRec, MAX_GROUP_VOLUMES, VolumeRec, keys, now_ms, replication_status, volume_status,
+};
 use crate::repo::{Versioned, put, validate_name};
 
 /// `drover.v1.GroupService`.
@@ -148,6 +150,12 @@ impl GroupApi {
     pub(crate) async fn create(&self, r: pb::CreateGroupRequest) -> ApiResult<GroupRec> {
         crate::repo::validate_new_name("name", &r.name)?;
         validate_name("project", &r.project)?;
+        if r.volumes.len() > MAX_GROUP_VOLUMES {
+            return Err(ApiError::InvalidArgument(format!(
+                "a group holds at most {MAX_GROUP_VOLUMES} volumes, and {} were named; split them into several groups",
+                r.volumes.len()
+            )));
+        }
         let gtype = group_type(&self.core, &r.group_type).await?;
         writable_backend(&self.core, &r.backend, "volume").await?;
         let members = self.joining(&r.volumes, &r.project, &r.backend).await?;
@@ -252,6 +260,21 @@ impl GroupApi {
             return Err(ApiError::InvalidArgument(
                 "nothing to update: name volumes to add or remove, labels to set or remove, or a tier".into(),
             ));
+        }
+        let changing = r.add_volumes.len() + r.remove_volumes.len();
+        if changing > MAX_GROUP_VOLUMES {
+            return Err(ApiError::InvalidArgument(format!(
+                "one update adds and removes at most {MAX_GROUP_VOLUMES} volumes together, and {changing} were named; \
+                 split the change into several updates"
+            )));
+        }
+        let after = (g.rec.volume_ids.len() + r.add_volumes.len()).saturating_sub(r.remove_volumes.len());
+        if after > MAX_GROUP_VOLUMES {
+            return Err(ApiError::InvalidArgument(format!(
+                "group {} would hold {after} volumes, and a group holds at most {MAX_GROUP_VOLUMES}; \
+                 put the rest in another group",
+                g.rec.name
+            )));
         }
         writable_backend(&self.core, &g.rec.primary_backend, "volume").await?;
         let adding = self.joining(&r.add_volumes, &g.rec.project, &g.rec.primary_backend).await?;
