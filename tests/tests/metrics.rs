@@ -141,3 +141,67 @@ async fn rpo_and_shipped_bytes_are_scraped_from_the_orchestrator_and_the_agents(
     println!("a sync to a dead target: {failed} failed attempts counted, {ops} failed sync ops");
     assert!(failed >= 1.0 && failed == ops, "{a}");
 }
+
+/// An agent that stops answering while its registration stays live (SIGSTOP, a long
+/// lease) makes each call to it wait out the probe deadline (2 s). A scrape of 80
+/// replicated groups on it used to ask group after group, over two and a half minutes.
+/// Now the groups are asked 32 at a time (three rounds of 2 s, then the backends' probe)
+/// and a scrape waits for its refresh at most 5 s: the scrape is answered, and the
+/// following ones show the agent's groups without an RPO and the backend down, then
+/// recovered once the agent answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scrapes_are_answered_while_an_agent_does_not_answer() {
+    const GROUPS: usize = 80;
+    let orch = ["--set", "metrics_listen=127.0.0.1:0", "--set", "agent_lease_ttl=300s"];
+    let cluster = Cluster::start_custom(StoreChoice::Embedded, "mock", &[], &orch).await;
+    let addr = metrics_addr(&cluster.orchestrator.proc.log);
+    let mut c = cluster.clients().await;
+    for i in 0..GROUPS {
+        drover_tests::replicated_group(&mut c, &format!("m{i:02}"), 1).await;
+    }
+    let rpo = |i: usize| format!(r#"drover_group_rpo_seconds{{group="m{i:02}",project="tests"}}"#);
+    let up = r#"drover_backend_up{backend="backend-a"}"#;
+    let body = scrape(&addr);
+    for i in 0..GROUPS {
+        let r = value(&body, &rpo(i)).unwrap_or_else(|| panic!("no RPO of m{i:02}:\n{body}"));
+        assert!(r >= 0.0, "m{i:02} has a recovery point: {r}");
+    }
+    assert_eq!(value(&body, up), Some(1.0));
+    assert!(value(&body, "drover_metrics_refresh_seconds").is_some_and(|s| s > 0.0), "{body}");
+    let refreshed = value(&body, "drover_metrics_refreshed_timestamp_seconds").expect("refresh time");
+
+    let pid = cluster.agents[0].proc.pid().to_string();
+    let signal = |sig: &str| assert!(std::process::Command::new("kill").args([sig, &pid]).status().unwrap().success());
+    signal("-STOP");
+    let asked = std::time::Instant::now();
+    let body = scrape(&addr);
+    let took = asked.elapsed();
+    println!("scrape with backend-a's agent stopped: {took:?}");
+    assert!(took < Duration::from_secs(20), "the scrape waited out the agent group by group: {took:?}");
+    assert!(body.contains("drover_group_rpo_seconds"), "served the values as they stand:\n{body}");
+
+    // The refresh went on; a later scrape shows what it found.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = scrape(&addr);
+        let lost = (0..GROUPS).filter(|&i| value(&body, &rpo(i)) == Some(-1.0)).count();
+        let later = value(&body, "drover_metrics_refreshed_timestamp_seconds").unwrap();
+        if lost == GROUPS && value(&body, up) == Some(0.0) && later > refreshed {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{lost} of {GROUPS} groups without an RPO:\n{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    signal("-CONT");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let body = scrape(&addr);
+        let back = (0..GROUPS).filter(|&i| value(&body, &rpo(i)).is_some_and(|r| r >= 0.0)).count();
+        if back == GROUPS && value(&body, up) == Some(1.0) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{back} of {GROUPS} groups back:\n{body}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -7,14 +7,23 @@
 //! is per group; they follow the groups that exist (a deleted group's series go).
 //!
 //! Group gauges are read, not counted: each scrape refreshes them (concurrent scrapes
-//! share one refresh), asking the agents for the newest point of each replicated group.
-//! That is one agent call per replicated volume per scrape, fine for hundreds of groups;
-//! a deployment of many thousands should scrape less often.
+//! share one refresh), asking the agents for the newest point of each replicated group,
+//! [`REFRESH_PARALLEL`] groups at a time. That is one agent call per replicated volume
+//! per refresh. A scrape waits for its refresh at most [`REFRESH_WAIT`], so an agent
+//! that stops answering (each of its calls then waits out the probe deadline) or a very
+//! large deployment cannot make scrapes time out: past the wait the scrape is served the
+//! values as they stand (the last refresh's, some already renewed) and the refresh goes
+//! on for the next one. `drover_metrics_refresh_seconds` and
+//! `drover_metrics_refreshed_timestamp_seconds` say how long the last complete refresh
+//! took and when it ended; a deployment of many thousands of groups should scrape less
+//! often than a refresh takes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use futures::{StreamExt, TryStreamExt};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -63,6 +72,13 @@ pub struct BackendLabel {
 
 type FGauge = Gauge<f64, AtomicU64>;
 
+/// Groups whose agents a refresh asks at once.
+pub const REFRESH_PARALLEL: usize = 32;
+
+/// How long a scrape waits for its refresh before it is served the values as they stand.
+/// Prometheus gives a scrape 10 s by default.
+pub const REFRESH_WAIT: Duration = Duration::from_secs(5);
+
 /// Every metric of one orchestrator.
 pub struct Metrics {
     pub registry: Arc<Registry>,
@@ -79,6 +95,8 @@ pub struct Metrics {
     pub execution_seconds: Family<ExecEnd, Histogram, fn() -> Histogram>,
     pub backend_up: Family<BackendLabel, Gauge>,
     pub backend_frozen: Family<BackendLabel, Gauge>,
+    pub refresh_seconds: FGauge,
+    pub refreshed_timestamp_seconds: FGauge,
     refreshed: tokio::sync::Mutex<Option<Instant>>,
     /// The label sets the last refresh set, per read family: a refresh removes only those
     /// it did not set again, so a scrape encoding meanwhile never misses a live series.
@@ -177,6 +195,18 @@ impl Metrics {
             "1 while the backend is frozen (management changes refused)",
             backend_frozen.clone(),
         );
+        let refresh_seconds = FGauge::default();
+        r.register(
+            "metrics_refresh_seconds",
+            "How long the last complete refresh of the group and backend gauges took",
+            refresh_seconds.clone(),
+        );
+        let refreshed_timestamp_seconds = FGauge::default();
+        r.register(
+            "metrics_refreshed_timestamp_seconds",
+            "When the last complete refresh of the group and backend gauges ended (Unix time)",
+            refreshed_timestamp_seconds.clone(),
+        );
         Arc::new(Self {
             registry: Arc::new(r),
             api_seconds,
@@ -192,22 +222,44 @@ impl Metrics {
             execution_seconds,
             backend_up,
             backend_frozen,
+            refresh_seconds,
+            refreshed_timestamp_seconds,
             refreshed: tokio::sync::Mutex::new(None),
             live: Default::default(),
         })
     }
 
-    /// Brings the read gauges up to date. Scrapes that arrive while a refresh runs wait
-    /// for it and use its values (it started after they asked only if it is newer).
+    /// Brings the read gauges up to date, waiting at most [`REFRESH_WAIT`]; the refresh
+    /// runs on after that, and the next scrape gets its values.
     pub async fn refresh(&self, core: &Arc<Core>) {
         let asked = Instant::now();
+        let run = {
+            let core = core.clone();
+            tokio::spawn(async move { core.metrics.refresh_since(&core, asked).await })
+        };
+        if tokio::time::timeout(REFRESH_WAIT, run).await.is_err() {
+            tracing::warn!(
+                wait_ms = REFRESH_WAIT.as_millis() as u64,
+                "the metrics refresh is still running; this scrape shows the values as they stand \
+                 (see drover_metrics_refresh_seconds; scrape less often, or bring back the agents that do not answer)"
+            );
+        }
+    }
+
+    /// A refresh that starts after `asked`, unless one did meanwhile. Scrapes that arrive
+    /// while a refresh runs wait for it; then one more refresh serves them all.
+    async fn refresh_since(&self, core: &Arc<Core>, asked: Instant) {
         let mut last = self.refreshed.lock().await;
         if last.is_some_and(|started| started >= asked) {
             return;
         }
         let started = Instant::now();
-        if let Err(e) = self.read(core).await {
-            tracing::warn!(error = %e, "could not refresh the metrics; they show the last values read");
+        match self.read(core).await {
+            Ok(()) => {
+                self.refresh_seconds.set(started.elapsed().as_secs_f64());
+                self.refreshed_timestamp_seconds.set(crate::model::now_ms() as f64 / 1000.0);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not refresh the metrics; they show the last values read"),
         }
         *last = Some(started);
     }
@@ -225,11 +277,22 @@ impl Metrics {
                 now.status.insert(state);
             }
             self.group_interval_seconds.get_or_create(&l).set(g.sync_interval_seconds as f64);
-            now.interval.insert(l.clone());
-            if !matches!(g.replication_status.as_str(), rs::ENABLED | rs::FAILED_OVER) {
-                continue;
-            }
-            let infos = crate::service::shared::volume_infos(core, g).await?;
+            now.interval.insert(l);
+        }
+        // The agents' answers, several groups at once: an agent that does not answer
+        // costs its probe deadline once per batch, not once per group. (The futures own
+        // their group: a spawned refresh cannot borrow into a lazily mapped iterator.)
+        let asks: Vec<_> = groups
+            .into_iter()
+            .filter(|g| matches!(g.replication_status.as_str(), rs::ENABLED | rs::FAILED_OVER))
+            .map(|g| {
+                let core = core.clone();
+                async move { crate::service::shared::volume_infos(&core, &g).await.map(|infos| (g, infos)) }
+            })
+            .collect();
+        let mut asked = futures::stream::iter(asks).buffer_unordered(REFRESH_PARALLEL);
+        while let Some((g, infos)) = asked.try_next().await? {
+            let l = GroupLabel { group: g.name.clone(), project: g.project.clone() };
             let rpo = crate::service::shared::rpo_ms(&infos);
             self.group_rpo_seconds.get_or_create(&l).set(if rpo < 0 { -1.0 } else { rpo as f64 / 1000.0 });
             now.rpo.insert(l.clone());
@@ -246,9 +309,12 @@ impl Metrics {
         let prompting = running.iter().filter(|e| e.step.starts_with("prompt:")).count();
         self.at_prompt.set(prompting as i64);
         let sites = crate::service::sites::SiteApi { core: core.clone() };
-        for b in core.repo.list::<crate::model::BackendRec>(keys::BACKENDS).await? {
+        let backends = core.repo.list::<crate::model::BackendRec>(keys::BACKENDS).await?;
+        // Every backend probed at once, for the same reason.
+        let described = futures::future::join_all(backends.iter().map(|b| sites.describe(&b.rec))).await;
+        for (b, d) in backends.iter().zip(described) {
             let label = BackendLabel { backend: b.rec.name.clone() };
-            let d = sites.describe(&b.rec).await?;
+            let d = d?;
             self.backend_up.get_or_create(&label).set(i64::from(d.status == "up"));
             self.backend_frozen.get_or_create(&label).set(i64::from(b.rec.frozen));
             now.backends.insert(label);
