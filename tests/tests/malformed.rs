@@ -532,7 +532,7 @@ async fn more_than_fifty_malformed_requests_are_refused_and_change_nothing() {
                 "project",
                 m(&c),
                 list_messages,
-                pb::ListMessagesRequest { project: "a b".into() }
+                pb::ListMessagesRequest { project: "a b".into(), ..Default::default() }
             ),
             case!("snapshot without a name", Inv, "name", sn(&c), create_snapshot, snap_req(&vol, "")),
             case!("snapshot with a UUID name", Inv, "name", sn(&c), create_snapshot, snap_req(&vol, &uuid_name)),

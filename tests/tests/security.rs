@@ -928,6 +928,21 @@ async fn failures_no_reply_could_tell_become_user_messages() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 
+    // A page at a time, newest first; the CLI pages by itself.
+    let first = m
+        .messages
+        .list_messages(pb::ListMessagesRequest { limit: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.messages.len() == 1 && !first.next_marker.is_empty(), "{first:?}");
+    let out = cluster.cli_in("tests", &["message", "list", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let times: Vec<i64> =
+        listed["messages"].as_array().unwrap().iter().map(|x| x["updated_ms"].as_i64().unwrap()).collect();
+    assert!(times.len() >= 2 && times.windows(2).all(|w| w[0] >= w[1]), "newest first: {listed}");
+
     // Another project sees none of them, not even by id.
     let theirs = s.messages.list_messages(pb::ListMessagesRequest::default()).await.unwrap().into_inner();
     assert!(theirs.messages.is_empty(), "{theirs:?}");

@@ -90,6 +90,7 @@ pub async fn serve(
     let core = Core::new(Repo::new(store), config, manager.clone());
     service::groups::seed_group_types(&core).await?;
     service::shared::build_dependency_index(&core.repo).await?;
+    service::messages::build_index(&core.repo).await?;
     // Executions left by a previous orchestrator (or one that died) resume from here on.
     procedures::register(&manager, &core);
     // A project's failed executions become user messages there.

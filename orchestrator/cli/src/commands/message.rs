@@ -13,7 +13,7 @@ use crate::output::{Table, emit, timestamp};
 pub enum MessageCmd {
     /// List the project's messages, newest first.
     List {
-        /// Every project's (admins).
+        /// Every project's (admins): by project, each newest first.
         #[arg(long)]
         all_projects: bool,
     },
@@ -46,8 +46,19 @@ pub async fn run(ctx: &mut Ctx, cmd: MessageCmd) -> Result<()> {
     match cmd {
         MessageCmd::List { all_projects } => {
             let project = if all_projects { String::new() } else { project };
-            let r = api.list_messages(pb::ListMessagesRequest { project }).await?.into_inner();
-            emit(ctx.fmt, &r, |r| table(&r.messages));
+            // Every page, newest first, each printed as it arrives.
+            let mut out = crate::output::PageStream::new(ctx.fmt, "messages", table);
+            let mut marker = String::new();
+            loop {
+                let req = pb::ListMessagesRequest { project: project.clone(), limit: 0, marker };
+                let page = api.list_messages(req).await?.into_inner();
+                out.page(&page.messages);
+                marker = page.next_marker;
+                if marker.is_empty() {
+                    break;
+                }
+            }
+            out.finish();
         }
         MessageCmd::Show { id } => {
             let m = api.get_message(pb::GetMessageRequest { id, project }).await?.into_inner();

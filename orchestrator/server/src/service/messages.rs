@@ -2,6 +2,13 @@
 //! project under `messages/<project>/<id>`. A failure that repeats (a periodic sync
 //! failing at every interval) keeps one message per resource and event, with a count.
 //! Messages expire `message_retention` after they last happened.
+//!
+//! Two index keys follow each message, written and deleted in the transactions that
+//! write and delete it: `message-times/<project>/<newest first>/<id>`, which lists a
+//! project's messages newest first a page at a time, and
+//! `message-expiry/<expiry ms>/<project>/<id>`, which the pruner reads from the oldest
+//! until the first that has not expired. Each holds `<project>/<id>`, the record's key
+//! under `messages/`. Messages written before the indexes get theirs at start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,12 +23,45 @@ use super::Core;
 use crate::auth::caller;
 use crate::error::{ApiError, ApiResult};
 use crate::model::{GroupRec, keys, now_ms};
-use crate::repo::{Repo, put, validate_name};
+use crate::repo::{PageRequest, Repo, put, validate_name};
 
 const PREFIX: &str = "messages/";
+const TIMES: &str = "message-times/";
+const EXPIRY: &str = "message-expiry/";
+/// Written once every message of the store has its index keys.
+const INDEX_BUILT: &str = "migrations/message-index";
+/// Latest time a time key can hold: keys store it minus the message's time.
+const TIME_TOP: i64 = 9_999_999_999_999;
 
 fn key(project: &str, id: &str) -> String {
     format!("{PREFIX}{project}/{id}")
+}
+
+/// The two index keys of `m` as it is stored.
+fn index_keys(m: &MessageRec) -> [String; 2] {
+    [
+        format!("{TIMES}{}/{:013}/{}", m.project, (TIME_TOP - m.updated_ms).max(0), m.id),
+        format!("{EXPIRY}{:013}/{}/{}", m.expires_ms.clamp(0, TIME_TOP), m.project, m.id),
+    ]
+}
+
+/// Writes of `m`'s record and index keys, and deletes of the index keys of `old` (its
+/// previous version) that `m` does not keep.
+fn writes(m: &MessageRec, old: Option<&MessageRec>) -> Vec<TxnOp> {
+    let new = index_keys(m);
+    let mut ops = vec![put(&key(&m.project, &m.id), m)];
+    ops.extend(new.iter().map(|k| TxnOp::put(k.clone(), format!("{}/{}", m.project, m.id))));
+    if let Some(old) = old {
+        ops.extend(index_keys(old).into_iter().filter(|k| !new.contains(k)).map(TxnOp::delete));
+    }
+    ops
+}
+
+/// Deletes of `m`'s record and index keys.
+fn deletes(m: &MessageRec) -> Vec<TxnOp> {
+    let mut ops = vec![TxnOp::delete(key(&m.project, &m.id))];
+    ops.extend(index_keys(m).into_iter().map(TxnOp::delete));
+    ops
 }
 
 /// A stored message.
@@ -82,7 +122,8 @@ pub async fn raise(repo: &Repo, retention: Duration, mut m: MessageRec) {
         m.count = old.as_ref().map_or(1, |v| v.rec.count + 1);
         m.updated_ms = now;
         m.expires_ms = now + retention.as_millis() as i64;
-        match repo.txn(Txn::new().when(compare).and_then(put(&k, &m))).await {
+        let txn = Txn::new().when(compare).and_then_all(writes(&m, old.as_ref().map(|v| &v.rec)));
+        match repo.txn(txn).await {
             Ok(r) if r.succeeded => return,
             Ok(_) => continue,
             Err(e) => {
@@ -152,21 +193,93 @@ pub fn execution_ended(core: &Arc<Core>, rec: &ExecutionRec) {
 /// Deletes expired messages every `every` until the process stops.
 pub async fn prune_forever(repo: Repo, every: Duration) {
     loop {
-        if let Ok(all) = repo.list::<MessageRec>(PREFIX).await {
-            let now = now_ms();
-            for m in all.into_iter().filter(|m| m.rec.expires_ms < now) {
-                let k = key(&m.rec.project, &m.rec.id);
-                let txn = Txn::new()
-                    .when(Compare::ModRevisionEquals(k.clone().into_bytes(), m.rev))
-                    .and_then(TxnOp::delete(k));
-                if let Err(e) = repo.txn(txn).await {
-                    tracing::warn!(error = %e, "pruning expired user messages failed; retrying later");
-                    break;
-                }
-            }
+        if let Err(e) = prune(&repo, now_ms()).await {
+            tracing::warn!(error = %e, "pruning expired user messages failed; retrying later");
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Deletes the messages that expired before `now`, read from the expiry index from the
+/// oldest on: it reads the expired ones and one page more. Returns how many it deleted.
+async fn prune(repo: &Repo, now: i64) -> ApiResult<usize> {
+    let horizon = format!("{EXPIRY}{:013}/", now.clamp(0, TIME_TOP));
+    let mut deleted = 0;
+    let mut after = Vec::new();
+    loop {
+        let page = repo.store().range_page(EXPIRY.as_bytes(), &after, 100).await?;
+        for kv in &page.kvs {
+            if kv.key.as_slice() >= horizon.as_bytes() {
+                return Ok(deleted);
+            }
+            let record = format!("{PREFIX}{}", String::from_utf8_lossy(&kv.value));
+            let txn = match repo.get::<MessageRec>(&record).await? {
+                // Only while the message is as read: one raised again meanwhile lives on.
+                Some(m) if m.rec.expires_ms < now => Txn::new()
+                    .when(Compare::ModRevisionEquals(record.into_bytes(), m.rev))
+                    .and_then_all(deletes(&m.rec)),
+                // An index key without its record (cannot happen, as they are written
+                // together, but harmless to clear).
+                None => Txn::new().when(Compare::Absent(record.into_bytes())).and_then(TxnOp::delete(kv.key.clone())),
+                Some(_) => continue,
+            };
+            if repo.txn(txn).await?.succeeded {
+                deleted += 1;
+            }
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => after = last.key.clone(),
+            _ => return Ok(deleted),
+        }
+    }
+}
+
+/// Writes the index keys of messages stored before the indexes, once per store (a
+/// marker key is written last): each only while its message is as read.
+pub async fn build_index(repo: &Repo) -> ApiResult<()> {
+    if repo.store().get(INDEX_BUILT.as_bytes()).await?.is_some() {
+        return Ok(());
+    }
+    let mut built = 0usize;
+    let mut after = Vec::new();
+    loop {
+        let page = repo.store().range_page(PREFIX.as_bytes(), &after, 100).await?;
+        for kv in &page.kvs {
+            let k = String::from_utf8_lossy(&kv.key).into_owned();
+            let Ok(m) = serde_json::from_slice::<MessageRec>(&kv.value) else {
+                tracing::warn!(message = %k, "a user message is unreadable; it is left out of the message index");
+                continue;
+            };
+            // The record is written again as it is, with its index keys; a message raised
+            // meanwhile was written with them already.
+            let txn = Txn::new()
+                .when(Compare::ModRevisionEquals(kv.key.clone(), kv.mod_revision))
+                .and_then_all(writes(&m, None));
+            if repo.txn(txn).await?.succeeded {
+                built += 1;
+            }
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => after = last.key.clone(),
+            _ => break,
+        }
+    }
+    repo.store().put(INDEX_BUILT.as_bytes(), b"1").await?;
+    if built > 0 {
+        tracing::info!(messages = built, "indexed the user messages written before the message index");
+    }
+    Ok(())
+}
+
+/// One page of the unexpired messages in `project`, newest first (every project's for
+/// an admin naming none: by project, each newest first), and the next marker.
+async fn page(repo: &Repo, project: &str, page: &PageRequest) -> ApiResult<(Vec<MessageRec>, String)> {
+    let index = if project.is_empty() { TIMES.to_string() } else { format!("{TIMES}{project}/") };
+    let (found, next) = repo.page::<MessageRec>(PREFIX, Some(index), page).await?;
+    let now = now_ms();
+    // An expired message the pruner has not reached yet is left out (the page may then be
+    // short; its marker still goes on).
+    Ok((found.into_iter().filter(|m| m.expires_ms >= now).collect(), next))
 }
 
 /// drover.v1.MessageService.
@@ -175,14 +288,6 @@ pub struct MessageApi {
 }
 
 impl MessageApi {
-    /// The unexpired messages the caller may see in `project` (every project for an admin
-    /// naming none).
-    async fn visible(&self, project: &str) -> ApiResult<Vec<crate::repo::Versioned<MessageRec>>> {
-        let prefix = if project.is_empty() { PREFIX.to_string() } else { format!("{PREFIX}{project}/") };
-        let now = now_ms();
-        Ok(self.core.repo.list::<MessageRec>(&prefix).await?.into_iter().filter(|m| m.rec.expires_ms >= now).collect())
-    }
-
     async fn find(&self, req: Request<pb::GetMessageRequest>) -> ApiResult<crate::repo::Versioned<MessageRec>> {
         let who = caller(&req);
         let r = req.into_inner();
@@ -193,11 +298,14 @@ impl MessageApi {
                 r.id
             )));
         }
-        let found = if project.is_empty() {
-            self.visible("").await?.into_iter().find(|m| m.rec.id == r.id)
-        } else {
-            self.core.repo.get::<MessageRec>(&key(&project, &r.id)).await?.filter(|m| m.rec.expires_ms >= now_ms())
-        };
+        if project.is_empty() {
+            return Err(ApiError::InvalidArgument(format!(
+                "name the project of message {:?} (`--project`; `drover message list --all-projects` shows it)",
+                r.id
+            )));
+        }
+        let found =
+            self.core.repo.get::<MessageRec>(&key(&project, &r.id)).await?.filter(|m| m.rec.expires_ms >= now_ms());
         found.ok_or_else(|| {
             ApiError::NotFound(format!("message {:?} not found (or expired); see `drover message list`", r.id))
         })
@@ -211,13 +319,15 @@ impl pb::message_service_server::MessageService for MessageApi {
         req: Request<pb::ListMessagesRequest>,
     ) -> Result<Response<pb::ListMessagesResponse>, Status> {
         let who = caller(&req);
-        let project = who.scope(&req.into_inner().project)?;
+        let r = req.into_inner();
+        let project = who.scope(&r.project)?;
         if !project.is_empty() {
             validate_name("project", &project)?;
         }
-        let mut messages: Vec<pb::UserMessage> = self.visible(&project).await?.iter().map(|m| m.rec.to_pb()).collect();
-        messages.sort_by_key(|m| std::cmp::Reverse(m.updated_ms));
-        Ok(Response::new(pb::ListMessagesResponse { messages }))
+        let (found, next_marker) =
+            page(&self.core.repo, &project, &PageRequest { limit: r.limit, marker: r.marker }).await?;
+        let messages = found.iter().map(MessageRec::to_pb).collect();
+        Ok(Response::new(pb::ListMessagesResponse { messages, next_marker }))
     }
 
     async fn get_message(&self, req: Request<pb::GetMessageRequest>) -> Result<Response<pb::UserMessage>, Status> {
@@ -230,10 +340,131 @@ impl pb::message_service_server::MessageService for MessageApi {
     ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
         let m = self.find(req).await?;
         let k = key(&m.rec.project, &m.rec.id);
-        let txn = Txn::new().when(Compare::ModRevisionEquals(k.clone().into_bytes(), m.rev)).and_then(TxnOp::delete(k));
+        let txn = Txn::new().when(Compare::ModRevisionEquals(k.into_bytes(), m.rev)).and_then_all(deletes(&m.rec));
         if !self.core.repo.txn(txn).await?.succeeded {
             return Err(ApiError::Aborted(format!("message {} changed meanwhile; read it again", m.rec.id)).into());
         }
         Ok(Response::new(pb::DeleteMessageResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn repo() -> (tempfile::TempDir, Repo) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
+        (dir, Repo::new(Arc::new(store)))
+    }
+
+    fn msg(project: &str, id: &str, updated_ms: i64, expires_ms: i64) -> MessageRec {
+        MessageRec {
+            id: id.into(),
+            project: project.into(),
+            event: "execution-failed".into(),
+            created_ms: updated_ms,
+            updated_ms,
+            expires_ms,
+            count: 1,
+            ..Default::default()
+        }
+    }
+
+    async fn count(repo: &Repo, prefix: &str) -> usize {
+        repo.store().range(prefix.as_bytes()).await.unwrap().0.len()
+    }
+
+    async fn ids(repo: &Repo, project: &str, limit: u32) -> (Vec<Vec<String>>, usize) {
+        let (mut pages, mut calls, mut marker) = (Vec::new(), 0, String::new());
+        loop {
+            let (found, next) = page(repo, project, &PageRequest { limit, marker }).await.unwrap();
+            calls += 1;
+            pages.push(found.into_iter().map(|m| format!("{}/{}", m.project, m.id)).collect());
+            if next.is_empty() {
+                return (pages, calls);
+            }
+            marker = next;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_raised_again_keeps_one_record_and_one_key_per_index() {
+        let (_dir, repo) = repo().await;
+        let m = msg("p", "sync-failed-g1", 0, 0);
+        raise(&repo, Duration::from_secs(60), m.clone()).await;
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        raise(&repo, Duration::from_secs(60), m).await;
+        let stored = repo.get::<MessageRec>(&key("p", "sync-failed-g1")).await.unwrap().unwrap().rec;
+        assert_eq!(stored.count, 2);
+        assert_eq!((count(&repo, TIMES).await, count(&repo, EXPIRY).await), (1, 1), "the first raise's keys went");
+        let (pages, _) = ids(&repo, "p", 10).await;
+        assert_eq!(pages, vec![vec!["p/sync-failed-g1".to_string()]]);
+    }
+
+    #[tokio::test]
+    async fn pages_are_newest_first_per_project_and_skip_the_expired() {
+        let (_dir, repo) = repo().await;
+        let far = now_ms() + 3_600_000;
+        let mut txn = Txn::new();
+        for (i, at) in [5, 1, 4, 2, 3].into_iter().enumerate() {
+            txn = txn.and_then_all(writes(&msg("p", &format!("m{i}"), at * 1000, far), None));
+        }
+        txn = txn.and_then_all(writes(&msg("p", "old", 6000, 1), None));
+        txn = txn.and_then_all(writes(&msg("q", "theirs", 9000, far), None));
+        repo.txn(txn).await.unwrap();
+        let (pages, calls) = ids(&repo, "p", 2).await;
+        let flat: Vec<String> = pages.concat();
+        // Newest first: m0 (5 s), m2 (4 s), m4 (3 s), m3 (2 s), m1 (1 s); the expired one
+        // (the newest) left out, and q's not among them.
+        assert_eq!(flat, ["p/m0", "p/m2", "p/m4", "p/m3", "p/m1"]);
+        assert_eq!(calls, 3, "pages of at most 2: {pages:?}");
+        assert!(pages[0].len() == 1, "the expired message leaves its page short: {pages:?}");
+        let (all, _) = ids(&repo, "", 0).await;
+        assert_eq!(all.concat().len(), 6, "an admin's listing: every project");
+        assert_eq!(all.concat()[5], "q/theirs", "by project");
+        let bad = page(&repo, "p", &PageRequest { limit: 5000, marker: String::new() }).await;
+        assert!(matches!(bad, Err(ApiError::InvalidArgument(_))));
+    }
+
+    #[tokio::test]
+    async fn pruning_reads_the_expired_and_deletes_them_with_their_keys() {
+        let (_dir, repo) = repo().await;
+        let mut txn = Txn::new();
+        for i in 0..150 {
+            // Expired: 0..120 (at 1,000..120,000 ms); the rest expire later.
+            txn = txn.and_then_all(writes(&msg("p", &format!("m{i:03}"), 0, 1000 + i * 1000), None));
+        }
+        repo.txn(txn).await.unwrap();
+        assert_eq!(prune(&repo, 120_500).await.unwrap(), 120);
+        assert_eq!((count(&repo, PREFIX).await, count(&repo, TIMES).await, count(&repo, EXPIRY).await), (30, 30, 30));
+        assert_eq!(prune(&repo, 120_500).await.unwrap(), 0, "nothing more to do");
+        // A message raised again after its key was read lives on: the delete is
+        // conditional on the record as read, and its expiry moved.
+        let again = msg("p", "m120", 0, 10_000_000);
+        let old = repo.get::<MessageRec>(&key("p", "m120")).await.unwrap().unwrap();
+        repo.txn(Txn::new().and_then_all(writes(&again, Some(&old.rec)))).await.unwrap();
+        assert_eq!(prune(&repo, 200_000).await.unwrap(), 29);
+        assert!(repo.get::<MessageRec>(&key("p", "m120")).await.unwrap().is_some());
+        assert_eq!((count(&repo, TIMES).await, count(&repo, EXPIRY).await), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn messages_stored_before_the_index_are_indexed_once() {
+        let (_dir, repo) = repo().await;
+        let far = now_ms() + 3_600_000;
+        for i in 0..3 {
+            let m = msg("p", &format!("m{i}"), i * 1000, far);
+            repo.txn(Txn::new().and_then(put(&key("p", &m.id), &m))).await.unwrap();
+        }
+        assert!(ids(&repo, "p", 0).await.0.concat().is_empty(), "not listed before");
+        build_index(&repo).await.unwrap();
+        assert_eq!(ids(&repo, "p", 0).await.0.concat(), ["p/m2", "p/m1", "p/m0"]);
+        assert_eq!(count(&repo, EXPIRY).await, 3);
+        // Once: the marker stops a second build (a message without keys stays unlisted).
+        let m = msg("p", "late", 9000, far);
+        repo.txn(Txn::new().and_then(put(&key("p", &m.id), &m))).await.unwrap();
+        build_index(&repo).await.unwrap();
+        assert_eq!(count(&repo, TIMES).await, 3);
     }
 }
