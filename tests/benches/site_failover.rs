@@ -285,6 +285,7 @@ async fn run(n: usize) -> Run {
     for (step, children) in &sampled {
         phases(&c, step, children).await;
     }
+    footprint(&etcd, cluster.store_prefix().expect("on etcd")).await;
     let calls = ops(cluster.path()) - ops_before;
     let txns = (rev_after - rev_before - 1).max(0) as usize;
     let agent_floor = Duration::from_millis(calls as u64 * LATENCY_MS) / PARALLEL as u32;
@@ -303,6 +304,37 @@ async fn run(n: usize) -> Run {
         etcd_cpu_ms_per_group: (etcd_after - etcd_before) / n as f64,
         busy: (machine_after.0 - machine_before.0) as f64 / (machine_after.1 - machine_before.1).max(1) as f64,
     }
+}
+
+/// What the store holds after the run, by the key's first segment (`executions`,
+/// `groups`, ...): keys, bytes, and the largest value. Each write of a record carries
+/// the whole value, so this says where etcd's bytes per group come from.
+async fn footprint(etcd: &Etcd, prefix: &str) {
+    let raw =
+        drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
+    let store = drover_store::Prefixed::new(Arc::new(raw), prefix.to_string());
+    let mut by: std::collections::BTreeMap<String, (usize, usize, usize)> = Default::default();
+    let mut after = Vec::new();
+    loop {
+        let page = store.range_page(b"", &after, 1000).await.unwrap();
+        for kv in &page.kvs {
+            let key = String::from_utf8_lossy(&kv.key);
+            let e = by.entry(key.split('/').next().unwrap_or("").to_string()).or_default();
+            *e = (e.0 + 1, e.1 + kv.value.len(), e.2.max(kv.value.len()));
+        }
+        match page.kvs.last() {
+            Some(last) if page.more => after = last.key.clone(),
+            _ => break,
+        }
+    }
+    let mut rows: Vec<_> = by.into_iter().collect();
+    rows.sort_by_key(|(_, (_, bytes, _))| std::cmp::Reverse(*bytes));
+    let shown: Vec<String> = rows
+        .iter()
+        .take(8)
+        .map(|(k, (n, bytes, max))| format!("{k} {n} keys {} KiB (largest {max} B)", bytes / 1024))
+        .collect();
+    eprintln!("bench: store after the run: {}", shown.join("; "));
 }
 
 /// Where an item's time goes, from a sample of its step's child executions: from the

@@ -107,7 +107,7 @@ impl Etcd {
     }
 
     /// How many gRPC requests etcd has answered so far, per method (`Range`, `Txn`, …),
-    /// from its `/metrics`.
+    /// and the bytes it has written to its WAL, received and sent, from its `/metrics`.
     pub fn handled_requests(&self) -> std::collections::BTreeMap<String, f64> {
         use std::io::{Read, Write};
         let addr = self.endpoint.trim_start_matches("http://");
@@ -117,10 +117,20 @@ impl Etcd {
             let _ = write!(conn, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
             let _ = conn.read_to_string(&mut text);
         }
-        for line in text.lines().filter(|l| l.starts_with("grpc_server_handled_total{")) {
-            let method = line.split("grpc_method=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?");
+        for line in text.lines() {
             let value: f64 = line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or(0.0);
-            *out.entry(method.to_string()).or_insert(0.0) += value;
+            let name = if line.starts_with("grpc_server_handled_total{") {
+                line.split("grpc_method=\"").nth(1).and_then(|r| r.split('"').next()).unwrap_or("?")
+            } else if line.starts_with("etcd_disk_wal_write_bytes_total ") {
+                "WAL bytes"
+            } else if line.starts_with("etcd_network_client_grpc_received_bytes_total ") {
+                "bytes received"
+            } else if line.starts_with("etcd_network_client_grpc_sent_bytes_total ") {
+                "bytes sent"
+            } else {
+                continue;
+            };
+            *out.entry(name.to_string()).or_insert(0.0) += value;
         }
         out
     }

@@ -817,3 +817,63 @@ async fn snapshot_dependencies_are_indexed_and_built_for_older_stores() {
     c.volumes.delete_volume(pb::DeleteVolumeRequest { volume: "base".into(), project: "tests".into() }).await.unwrap();
     assert_eq!(index_keys().await, 0, "no index key left behind");
 }
+
+/// On etcd the orchestrator compacts etcd's history (here every second, keeping 10
+/// revisions, far harsher than the default 50,000 every 5 minutes): a watch from an old
+/// revision then ends as compacted, and the orchestrator's own watches (agent
+/// registrations, execution owners, cancel requests) and everything that uses them keep
+/// working: replication is enabled, a group fails over and back, and an agent restarted
+/// meanwhile is found again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_history_is_compacted_and_the_orchestrator_works_on() {
+    use drover_store::KvStore;
+    let etcd = Etcd::start().await;
+    let compact = ["--set", "store.compaction_interval=1s", "--set", "store.history_revisions=10"];
+    let mut cluster = Cluster::start_custom(StoreChoice::Etcd(&etcd), "mock", &[], &compact).await;
+    let raw =
+        drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "compacted", 2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let oldest = loop {
+        let mut from_start = raw.watch(b"", 1).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(5), tokio_stream::StreamExt::next(&mut from_start)).await {
+            Ok(Some(Err(drover_store::StoreError::Compacted { oldest, .. }))) => break oldest,
+            other => assert!(Instant::now() < deadline, "etcd was not compacted: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(oldest > 1, "compacted up to revision {oldest}");
+
+    // A new registration (a new port) reaches the orchestrator through its watch.
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent(1, "mock");
+    wait_backend_up(&mut c, "backend-b").await;
+    for (target, status) in [("backend-b", "failed-over"), ("default", "enabled")] {
+        let r = c
+            .replication
+            .failover_group(pb::FailoverGroupRequest {
+                group: group.clone(),
+                project: "tests".into(),
+                target_backend: target.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("move to {target}: {e}"))
+            .into_inner();
+        assert_eq!(r.group.unwrap().replication_status, status, "{:?}", r.items);
+    }
+    // And on: the compaction follows the revisions the moves wrote.
+    let now = raw.put(b"probe", b"x").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut from_start = raw.watch(b"", 1).await.unwrap();
+        match tokio_stream::StreamExt::next(&mut from_start).await {
+            Some(Err(drover_store::StoreError::Compacted { oldest: later, .. })) if later >= now - 10 => break,
+            Some(Err(drover_store::StoreError::Compacted { .. })) => {}
+            other => panic!("etcd history from revision 1: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "etcd was not compacted past revision {} within 30 s", now - 10);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}

@@ -43,6 +43,12 @@ pub struct StoreConfig {
     /// Deadline of each store call.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// etcd: revisions of history kept when the orchestrator compacts etcd; 0 never
+    /// compacts (an etcd shared with others, compacted by its operator).
+    pub history_revisions: i64,
+    /// etcd: how often the orchestrator compacts etcd's history.
+    #[serde(with = "humantime_serde")]
+    pub compaction_interval: Duration,
 }
 
 impl Default for StoreConfig {
@@ -53,6 +59,8 @@ impl Default for StoreConfig {
             endpoints: vec!["http://127.0.0.1:2379".into()],
             prefix: "/drover/v1/".into(),
             timeout: Duration::from_secs(5),
+            history_revisions: 50_000,
+            compaction_interval: Duration::from_secs(300),
         }
     }
 }
@@ -268,6 +276,15 @@ impl OrchestratorConfig {
                 self.store.prefix
             )));
         }
+        if self.store.history_revisions < 0 {
+            return Err(ConfigError::Invalid(format!(
+                "`store.history_revisions` = {} must be 0 (never compact) or more",
+                self.store.history_revisions
+            )));
+        }
+        if self.store.compaction_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid("`store.compaction_interval` must be at least 1s".into()));
+        }
         if self.agent_lease_ttl < Duration::from_secs(2) {
             return Err(ConfigError::Invalid("`agent_lease_ttl` must be at least 2s".into()));
         }
@@ -376,6 +393,19 @@ mod layering_tests {
         assert_eq!(layered.origin("listen"), "default");
         let bad = drover_config::Sources::default().with_sets(&["store.kind".into()]).unwrap_err();
         assert!(bad.to_string().contains("KEY=VALUE"), "{bad}");
+    }
+
+    #[test]
+    fn etcd_compaction_settings_are_checked() {
+        let mut cfg = OrchestratorConfig { insecure: true, ..Default::default() };
+        assert_eq!((cfg.store.history_revisions, cfg.store.compaction_interval), (50_000, Duration::from_secs(300)));
+        cfg.store.history_revisions = -1;
+        assert!(cfg.validate().unwrap_err().to_string().contains("history_revisions"));
+        cfg.store.history_revisions = 0;
+        cfg.store.compaction_interval = Duration::from_millis(10);
+        assert!(cfg.validate().unwrap_err().to_string().contains("compaction_interval"));
+        cfg.store.compaction_interval = Duration::from_secs(1);
+        cfg.validate().unwrap();
     }
 }
 

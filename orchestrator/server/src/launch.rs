@@ -41,7 +41,7 @@ impl StartedOrchestrator {
 /// Reads the config from `sources`, opens the store and serves until `shutdown`.
 pub async fn start(sources: &Sources, shutdown: CancellationToken) -> Result<StartedOrchestrator, LaunchError> {
     let (config, _) = OrchestratorConfig::load(sources)?;
-    let store = crate::open_store(&config)
+    let store = crate::open_store(&config, &shutdown)
         .await
         .map_err(|e| LaunchError::Store { kind: config.store.kind.as_str().into(), message: e.to_string() })?;
     let listener = tokio::net::TcpListener::bind(&config.listen)

@@ -32,13 +32,47 @@ use repo::Repo;
 use service::Core;
 use service::version::check_api_version;
 
-/// Opens the configured store, confined to the configured prefix.
-pub async fn open_store(config: &OrchestratorConfig) -> Result<Arc<dyn KvStore>, drover_store::StoreError> {
+/// Opens the configured store, confined to the configured prefix. On etcd, compacts its
+/// history every `store.compaction_interval` until `shutdown` (see
+/// [`EtcdStore::compact_history`]).
+pub async fn open_store(
+    config: &OrchestratorConfig,
+    shutdown: &CancellationToken,
+) -> Result<Arc<dyn KvStore>, drover_store::StoreError> {
     let raw: Arc<dyn KvStore> = match config.store.kind {
         StoreKind::Embedded => Arc::new(EmbeddedStore::open(&config.store.path).await?),
-        StoreKind::Etcd => Arc::new(EtcdStore::connect(&config.store.endpoints, config.store.timeout).await?),
+        StoreKind::Etcd => {
+            let etcd = Arc::new(EtcdStore::connect(&config.store.endpoints, config.store.timeout).await?);
+            if config.store.history_revisions > 0 {
+                tokio::spawn(compact_forever(
+                    etcd.clone(),
+                    config.store.history_revisions,
+                    config.store.compaction_interval,
+                    shutdown.clone(),
+                ));
+            }
+            etcd
+        }
     };
     Ok(Arc::new(Prefixed::new(raw, config.store.prefix.clone())))
+}
+
+/// Compacts etcd's history to the newest `keep` revisions every `every`, until `shutdown`.
+async fn compact_forever(etcd: Arc<EtcdStore>, keep: i64, every: std::time::Duration, shutdown: CancellationToken) {
+    loop {
+        match etcd.compact_history(keep).await {
+            Ok(Some(to)) => tracing::debug!(revision = to, "compacted etcd's history"),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(
+                error = %e,
+                "could not compact etcd's history; retrying at the next interval (etcd's database grows until then)"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+    }
 }
 
 /// A running orchestrator.

@@ -170,6 +170,35 @@ impl EtcdStore {
         self
     }
 
+    /// Compacts etcd's history up to `keep` revisions before the current one, and returns
+    /// the revision compacted to; `None` when there is nothing to compact (the store is
+    /// younger, or a compaction went further already: another orchestrator's, or the
+    /// operator's). etcd keeps every revision of every key until it is compacted, so
+    /// without this (or etcd's `--auto-compaction-retention`) its database grows with
+    /// every write until its space quota refuses all writes. A watch from a compacted
+    /// revision ends with [`StoreError::Compacted`]; the watchers here read again then.
+    /// Compaction is cluster-wide: an etcd shared with others should be compacted by its
+    /// operator instead.
+    pub async fn compact_history(&self, keep: i64) -> Result<Option<i64>, StoreError> {
+        let mut kv = self.client.kv_client();
+        let now = self
+            .deadline("revision read", async {
+                kv.get(vec![0u8], Some(GetOptions::new().with_count_only())).await.map_err(map_err)
+            })
+            .await?
+            .header()
+            .map_or(0, |h| h.revision());
+        let to = now - keep;
+        if to <= 1 {
+            return Ok(None);
+        }
+        match self.deadline("compaction", async { kv.compact(to, None).await.map_err(map_err) }).await {
+            Ok(_) => Ok(Some(to)),
+            Err(e) if e.to_string().contains("has been compacted") => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn deadline<T>(&self, what: &str, fut: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
         tokio::time::timeout(self.timeout, fut)
             .await
