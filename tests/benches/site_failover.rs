@@ -226,6 +226,8 @@ async fn run(n: usize) -> Run {
         let _ = perf.wait();
     }
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    // Every item (a watch update carries at most 500 per step).
+    let ended = executions.get_execution(pb::GetExecutionRequest { id: e.id.clone() }).await.unwrap().into_inner();
     eprintln!("bench: the run's state is {} KiB", ended.state_json.len() / 1024);
     // Child executions per step, read for their phases once the CPU figures are taken.
     let mut sampled = Vec::new();

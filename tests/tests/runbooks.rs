@@ -652,6 +652,39 @@ async fn a_runs_items_are_kept_apart_from_its_record() {
     assert_eq!(r["groups"].as_array().unwrap().len(), N, "the report lists every group");
     let answer: serde_json::Value = serde_json::from_str(&ended.output_json).unwrap();
     assert_eq!(answer["value"]["totals"]["failed"], 0, "{answer}");
+
+    // The items a page at a time, and through the CLI, which pages by itself.
+    let step = shown["steps"].as_array().unwrap().iter().position(|s| s["name"] == "move").unwrap() as u32;
+    let (mut names, mut marker) = (Vec::new(), String::new());
+    loop {
+        let req = pb::ListExecutionItemsRequest { id: e.id.clone(), step, limit: 25, marker };
+        let page = c.executions.list_execution_items(req).await.unwrap().into_inner();
+        assert!(page.items_json.len() <= 25);
+        for j in &page.items_json {
+            names.push(serde_json::from_str::<serde_json::Value>(j).unwrap()["name"].as_str().unwrap().to_string());
+        }
+        marker = page.next_marker;
+        if marker.is_empty() {
+            break;
+        }
+    }
+    let expected: Vec<String> = shown["steps"][step as usize]["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, expected, "every item of the step once, in order");
+    let out = cluster.cli(&["execution", "items", &e.id, "--step", &step.to_string(), "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), N, "{listed}");
+    let wrong = c
+        .executions
+        .list_execution_items(pb::ListExecutionItemsRequest { id: e.id.clone(), step: 99, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), tonic::Code::InvalidArgument, "{wrong:?}");
 }
 
 /// A check step reads its groups several at a time and gives each group its own verdict:

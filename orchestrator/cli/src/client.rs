@@ -36,6 +36,12 @@ impl tonic::service::Interceptor for Stamp {
 
 type Ch = InterceptedService<Channel, Stamp>;
 
+/// The largest answer a client takes (tonic's default is 4 MiB). A runbook's plan and
+/// its execution list every group they move, about 300 bytes each per step, so a site
+/// runbook over tens of thousands of groups answers with tens of MiB. (Watch updates
+/// carry at most 500 items per step, and lists are paged.)
+pub const MAX_ANSWER: usize = 256 << 20;
+
 /// One client per drover.v1 service.
 #[derive(Clone)]
 pub struct Clients {
@@ -106,19 +112,19 @@ impl Clients {
         let stamp = Stamp { version, token };
         let ch = || InterceptedService::new(channel.clone(), stamp.clone());
         Ok(Self {
-            version: VersionServiceClient::new(ch()),
-            sites: SiteServiceClient::new(ch()),
-            volumes: VolumeServiceClient::new(ch()),
-            snapshots: SnapshotServiceClient::new(ch()),
-            groups: GroupServiceClient::new(ch()),
-            replication: ReplicationServiceClient::new(ch()),
-            executions: ExecutionServiceClient::new(ch()),
-            runbooks: RunbookServiceClient::new(ch()),
-            cluster: ClusterServiceClient::new(ch()),
-            tokens: TokenServiceClient::new(ch()),
-            audit: AuditServiceClient::new(ch()),
-            messages: MessageServiceClient::new(ch()),
-            projects: ProjectServiceClient::new(ch()),
+            version: VersionServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            sites: SiteServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            volumes: VolumeServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            snapshots: SnapshotServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            groups: GroupServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            replication: ReplicationServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            executions: ExecutionServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            runbooks: RunbookServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            cluster: ClusterServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            tokens: TokenServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            audit: AuditServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            messages: MessageServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
+            projects: ProjectServiceClient::new(ch()).max_decoding_message_size(MAX_ANSWER),
         })
     }
 }

@@ -38,13 +38,29 @@ impl RunProgress {
             return;
         };
         let name = format!("{} ({})", step["name"].as_str().unwrap_or(""), step["kind"].as_str().unwrap_or(""));
-        let items = step["items"].as_array().cloned().unwrap_or_default();
+        // (tier, status, how many): the orchestrator's counts of every item when it sends
+        // them (a step of more items than an update carries), else the items shown.
+        let tally: Vec<(u32, String, u64)> = match step["item_counts"].as_array() {
+            Some(counts) => counts
+                .iter()
+                .map(|c| {
+                    let tier = c["tier"].as_u64().unwrap_or(0) as u32;
+                    (tier, c["status"].as_str().unwrap_or("").to_string(), c["n"].as_u64().unwrap_or(0))
+                })
+                .collect(),
+            None => step["items"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|i| (i["tier"].as_u64().unwrap_or(0) as u32, i["status"].as_str().unwrap_or("").to_string(), 1))
+                .collect(),
+        };
         if name != self.step {
             self.finish();
             self.step = name.clone();
             let mut tiers: BTreeMap<u32, u64> = BTreeMap::new();
-            for i in &items {
-                *tiers.entry(i["tier"].as_u64().unwrap_or(0) as u32).or_default() += 1;
+            for (tier, _, n) in &tally {
+                *tiers.entry(*tier).or_default() += n;
             }
             if tiers.is_empty() {
                 tiers.insert(0, 0);
@@ -60,10 +76,10 @@ impl RunProgress {
             }
         }
         for (tier, bar) in &self.bars {
-            let of_tier: Vec<&serde_json::Value> =
-                items.iter().filter(|i| i["tier"].as_u64().unwrap_or(0) as u32 == *tier).collect();
-            let count = |s: &[&str]| of_tier.iter().filter(|i| s.contains(&i["status"].as_str().unwrap_or(""))).count();
-            bar.set_position(count(&["succeeded", "failed", "skipped"]) as u64);
+            let count = |s: &[&str]| -> u64 {
+                tally.iter().filter(|(t, status, _)| t == tier && s.contains(&status.as_str())).map(|(_, _, n)| n).sum()
+            };
+            bar.set_position(count(&["succeeded", "failed", "skipped"]));
             bar.set_message(format!(
                 "{} succeeded, {} failed, {} skipped, {} running",
                 count(&["succeeded"]),
@@ -110,5 +126,18 @@ mod tests {
         // Past the last step the bars are done.
         p.update(&exec(1, serde_json::json!([])));
         assert!(p.bars.is_empty());
+    }
+
+    #[test]
+    fn the_orchestrators_counts_win_over_the_items_shown() {
+        let mut p = RunProgress::new();
+        let state = serde_json::json!({"at": 0, "steps": [{"name": "move", "kind": "failover",
+            "items": [{"tier": 1, "status": "succeeded"}], "items_more": true,
+            "item_counts": [{"tier": 1, "status": "succeeded", "n": 700}, {"tier": 1, "status": "pending", "n": 300},
+                            {"tier": 2, "status": "pending", "n": 20}]}]});
+        p.update(&pb::Execution { kind: "runbook".into(), state_json: state.to_string(), ..Default::default() });
+        let bars: Vec<(u32, u64, u64)> =
+            p.bars.iter().map(|(t, b)| (*t, b.position(), b.length().unwrap_or(0))).collect();
+        assert_eq!(bars, [(1, 700, 1000), (2, 0, 20)]);
     }
 }

@@ -22,6 +22,13 @@ pub enum ExecutionCmd {
     },
     /// Show one execution with its steps.
     Show { id: String },
+    /// A runbook execution's items (a group or backend each), step by step, page by page.
+    Items {
+        id: String,
+        /// Only this step (its position in the runbook, from 0).
+        #[arg(long)]
+        step: Option<u32>,
+    },
     /// Follow an execution until it ends, printing each step.
     Watch { id: String },
     /// Stop an execution at its next step boundary (running group moves finish).
@@ -107,6 +114,22 @@ pub fn detail(e: &pb::Execution) -> Table {
     t
 }
 
+/// A page of runbook items (JSON, each with its `step` added).
+fn items_table(items: &[serde_json::Value]) -> Table {
+    let mut t = Table::new(&["STEP", "NAME", "STATUS", "EXECUTION", "REASON"]);
+    let text = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    for i in items {
+        t.row(vec![
+            i["step"].to_string(),
+            text(&i["name"]),
+            text(&i["status"]),
+            text(&i["execution_id"]),
+            text(&i["reason"]),
+        ]);
+    }
+    t
+}
+
 /// Runs one execution command.
 pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
     let api = &mut ctx.api.executions;
@@ -122,6 +145,39 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
                 marker = page.next_marker;
                 if marker.is_empty() {
                     break;
+                }
+            }
+            out.finish();
+        }
+        ExecutionCmd::Items { id, step } => {
+            let steps = match step {
+                Some(s) => vec![s],
+                None => {
+                    let e = api.get_execution(pb::GetExecutionRequest { id: id.clone() }).await?.into_inner();
+                    let state: serde_json::Value = serde_json::from_str(&e.state_json).unwrap_or_default();
+                    (0..state["steps"].as_array().map_or(0, Vec::len) as u32).collect()
+                }
+            };
+            let mut out = crate::output::PageStream::new(ctx.fmt, "items", items_table);
+            for step in steps {
+                let mut marker = String::new();
+                loop {
+                    let req = pb::ListExecutionItemsRequest { id: id.clone(), step, limit: 0, marker };
+                    let page = api.list_execution_items(req).await?.into_inner();
+                    let rows: Vec<serde_json::Value> = page
+                        .items_json
+                        .iter()
+                        .map(|j| {
+                            let mut v: serde_json::Value = serde_json::from_str(j).unwrap_or_default();
+                            v["step"] = step.into();
+                            v
+                        })
+                        .collect();
+                    out.page(&rows);
+                    marker = page.next_marker;
+                    if marker.is_empty() {
+                        break;
+                    }
                 }
             }
             out.finish();

@@ -90,8 +90,19 @@ pub async fn run(ctx: &mut Ctx, cmd: TokenCmd) -> Result<()> {
         }
         TokenCmd::List { for_project } => {
             let project = for_project.unwrap_or_default();
-            let r = ctx.api.tokens.list_tokens(pb::ListTokensRequest { project }).await?.into_inner();
-            emit(ctx.fmt, &r, |r| table(&r.tokens));
+            // Every page (tokens are made by admins, so they stay few), oldest first.
+            let mut all = pb::ListTokensResponse::default();
+            loop {
+                let req = pb::ListTokensRequest { project: project.clone(), limit: 0, marker: all.next_marker };
+                let page = ctx.api.tokens.list_tokens(req).await?.into_inner();
+                all.tokens.extend(page.tokens);
+                all.next_marker = page.next_marker;
+                if all.next_marker.is_empty() {
+                    break;
+                }
+            }
+            all.tokens.sort_by_key(|t| t.created_at_ms);
+            emit(ctx.fmt, &all, |r| table(&r.tokens));
         }
         TokenCmd::Revoke { id } => {
             let r = ctx.api.tokens.revoke_token(pb::RevokeTokenRequest { id }).await?.into_inner();

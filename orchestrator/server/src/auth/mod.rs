@@ -237,6 +237,7 @@ pub const RULES: &[(&str, Rule)] = &[
     ("/drover.v1.ExecutionService/ResumeExecution", change(Member)),
     ("/drover.v1.ExecutionService/DecidePrompt", change(Member)),
     ("/drover.v1.ExecutionService/GetExecutionReport", read(Reader)),
+    ("/drover.v1.ExecutionService/ListExecutionItems", read(Reader)),
     ("/drover.v1.ClusterService/ListOrchestrators", read(Admin)),
     ("/drover.v1.RunbookService/ValidateRunbook", read(Member)),
     ("/drover.v1.RunbookService/PlanRunbook", read(Member)),

@@ -17,12 +17,47 @@ use tonic::{Request, Response, Status};
 use super::{Caller, Role, caller};
 use crate::error::{ApiError, ApiResult};
 use crate::model::now_ms;
-use crate::repo::{Repo, put, validate_name};
+use crate::repo::{MAX_PAGE, PageRequest, Repo, put, validate_name};
 use crate::service::Core;
 
 /// Where tokens live.
 pub fn key(id: &str) -> String {
     format!("tokens/{id}")
+}
+
+/// One page of tokens in id order, from after `page.marker`: at most `page.limit` of
+/// `project`'s (every project's when empty), reading at most [`MAX_PAGE`] records, so a
+/// project with few tokens among many gets short pages (maybe empty) with a marker to go
+/// on from.
+async fn list_page(repo: &Repo, project: &str, page: &PageRequest) -> ApiResult<(Vec<pb::Token>, String)> {
+    let limit = page.limit()?;
+    if !page.marker.is_empty() && (page.marker.len() != 16 || !page.marker.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(ApiError::InvalidArgument(
+            "`marker` is not a marker this server gave (pass the previous page's next_marker)".into(),
+        ));
+    }
+    let mut after = if page.marker.is_empty() { Vec::new() } else { key(&page.marker).into_bytes() };
+    let (mut out, mut read) = (Vec::new(), 0usize);
+    loop {
+        let got = repo.store().range_page(b"tokens/", &after, 100).await?;
+        for kv in &got.kvs {
+            read += 1;
+            let k = String::from_utf8_lossy(&kv.key).into_owned();
+            let t: TokenRec = serde_json::from_slice(&kv.value)
+                .map_err(|e| ApiError::Internal(format!("token record {k} is unreadable: {e}")))?;
+            if project.is_empty() || t.project == project {
+                out.push(t.to_pb());
+            }
+            after = kv.key.clone();
+            let more = got.more || kv.key != got.kvs.last().expect("a page").key;
+            if (out.len() == limit || read >= MAX_PAGE as usize) && more {
+                return Ok((out, k["tokens/".len()..].to_string()));
+            }
+        }
+        if !got.more || got.kvs.is_empty() {
+            return Ok((out, String::new()));
+        }
+    }
 }
 
 /// Names the bootstrap token once one exists, so later orchestrators make no other.
@@ -284,21 +319,13 @@ impl pb::token_service_server::TokenService for TokenApi {
         &self,
         req: Request<pb::ListTokensRequest>,
     ) -> Result<Response<pb::ListTokensResponse>, Status> {
-        let project = req.into_inner().project;
-        if !project.is_empty() {
-            validate_name("project", &project)?;
+        let r = req.into_inner();
+        if !r.project.is_empty() {
+            validate_name("project", &r.project)?;
         }
-        let mut tokens: Vec<pb::Token> = self
-            .core
-            .repo
-            .list::<TokenRec>("tokens/")
-            .await?
-            .into_iter()
-            .filter(|t| project.is_empty() || t.rec.project == project)
-            .map(|t| t.rec.to_pb())
-            .collect();
-        tokens.sort_by_key(|t| t.created_at_ms);
-        Ok(Response::new(pb::ListTokensResponse { tokens }))
+        let (tokens, next_marker) =
+            list_page(&self.core.repo, &r.project, &PageRequest { limit: r.limit, marker: r.marker }).await?;
+        Ok(Response::new(pb::ListTokensResponse { tokens, next_marker }))
     }
 
     async fn revoke_token(&self, req: Request<pb::RevokeTokenRequest>) -> Result<Response<pb::Token>, Status> {
@@ -334,6 +361,54 @@ impl pb::token_service_server::TokenService for TokenApi {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn token_lists_page_and_a_rare_project_is_read_in_bounded_calls() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
+        let repo = Repo::new(std::sync::Arc::new(store));
+        // 1,204 tokens of project "many" and 4 of "rare", spread through the id order.
+        let mut txn = Txn::new();
+        for i in 0..1208u64 {
+            let project = if i % 400 == 7 { "rare" } else { "many" };
+            let t = TokenRec {
+                id: format!("{:016x}", i * 7919),
+                name: format!("t{i}"),
+                project: project.into(),
+                role: Role::Member,
+                hash: String::new(),
+                created_at_ms: i as i64,
+                created_by: String::new(),
+                revoked_at_ms: 0,
+            };
+            txn = txn.and_then(put(&key(&t.id), &t));
+        }
+        repo.txn(txn).await.unwrap();
+        let walk = |project: &'static str, limit: u32| {
+            let repo = repo.clone();
+            async move {
+                let (mut ids, mut calls, mut marker) = (Vec::new(), 0, String::new());
+                loop {
+                    let (page, next) = list_page(&repo, project, &PageRequest { limit, marker }).await.unwrap();
+                    calls += 1;
+                    assert!(page.len() <= limit.max(1) as usize || limit == 0);
+                    ids.extend(page.into_iter().map(|t| t.id));
+                    if next.is_empty() {
+                        return (ids, calls);
+                    }
+                    marker = next;
+                }
+            }
+        };
+        let (all, calls) = walk("", 500).await;
+        assert_eq!((all.len(), calls), (1208, 3));
+        assert!(all.windows(2).all(|w| w[0] < w[1]), "in id order, each once");
+        let (rare, calls) = walk("rare", 0).await;
+        assert_eq!(rare.len(), 4);
+        assert_eq!(calls, 2, "at most 1,000 records read per call");
+        let bad = list_page(&repo, "", &PageRequest { limit: 0, marker: "tokens/../x".into() }).await;
+        assert!(matches!(bad, Err(ApiError::InvalidArgument(_))));
+    }
 
     #[test]
     fn tokens_have_their_shape_and_are_unique() {

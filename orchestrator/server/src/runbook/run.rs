@@ -123,21 +123,39 @@ fn item_position(key: &[u8], prefix: &str) -> Option<(usize, usize)> {
     Some((step.parse().ok()?, item.parse().ok()?))
 }
 
-/// Reads a run's items from the store, per step, in order (all steps, or only `step`).
-async fn read_items(
+/// Reads every item of a run from the store, per step, in order.
+async fn read_items(store: &dyn drover_store::KvStore, execution_id: &str) -> Result<Vec<Vec<Item>>, String> {
+    let prefix = items_prefix(execution_id);
+    let (kvs, _) = store.range(prefix.as_bytes()).await.map_err(|e| e.to_string())?;
+    items_of(execution_id, &prefix, kvs)
+}
+
+/// The first `cap` items of each of `steps` steps (one bounded read per step), and for
+/// each step whether it has more.
+async fn read_first_items(
     store: &dyn drover_store::KvStore,
     execution_id: &str,
-    step: Option<usize>,
-) -> Result<Vec<Vec<Item>>, String> {
+    steps: std::ops::Range<usize>,
+    cap: usize,
+) -> Result<Vec<(Vec<Item>, bool)>, String> {
     let prefix = items_prefix(execution_id);
-    let range = match step {
-        Some(s) => format!("{prefix}{s:03}/"),
-        None => prefix.clone(),
-    };
-    let (kvs, _) = store.range(range.as_bytes()).await.map_err(|e| e.to_string())?;
+    let reads = steps.map(|s| {
+        let (prefix, range) = (prefix.clone(), format!("{prefix}{s:03}/"));
+        async move {
+            let page = store.range_page(range.as_bytes(), &[], cap).await.map_err(|e| e.to_string())?;
+            let more = page.more;
+            let mut items = items_of(execution_id, &prefix, page.kvs)?;
+            Ok::<_, String>((items.pop().unwrap_or_default(), more))
+        }
+    });
+    futures::future::try_join_all(reads).await
+}
+
+/// Items decoded from their keys, by step, in order; a gap is an error.
+fn items_of(execution_id: &str, prefix: &str, kvs: Vec<drover_store::KeyValue>) -> Result<Vec<Vec<Item>>, String> {
     let mut steps: Vec<Vec<Item>> = Vec::new();
     for kv in kvs {
-        let Some((step, n)) = item_position(&kv.key, &prefix) else { continue };
+        let Some((step, n)) = item_position(&kv.key, prefix) else { continue };
         let item: Item = serde_json::from_slice(&kv.value)
             .map_err(|e| format!("item {step}/{n} of execution {execution_id} is unreadable: {e}"))?;
         if steps.len() <= step {
@@ -155,38 +173,115 @@ async fn read_items(
 /// state when they are kept apart (one range read). Other kinds are returned as they are.
 pub async fn with_items(
     store: &dyn drover_store::KvStore,
-    rec: drover_procedure::ExecutionRec,
-) -> Result<drover_procedure::ExecutionRec, String> {
-    put_items_back(store, rec, false).await
-}
-
-/// Like [`with_items`], but only the items of the step the run is at while it runs (what
-/// a watcher shows as progress): a watch gets an update per saved round, and reading
-/// every step's items for each would cost a run over many groups more than the run.
-pub async fn with_current_items(
-    store: &dyn drover_store::KvStore,
-    rec: drover_procedure::ExecutionRec,
-) -> Result<drover_procedure::ExecutionRec, String> {
-    let current = !rec.status.is_terminal();
-    put_items_back(store, rec, current).await
-}
-
-async fn put_items_back(
-    store: &dyn drover_store::KvStore,
     mut rec: drover_procedure::ExecutionRec,
-    current_only: bool,
 ) -> Result<drover_procedure::ExecutionRec, String> {
-    if rec.kind != KIND || rec.state.get("items_apart").and_then(|v| v.as_bool()) != Some(true) {
+    if !items_apart(&rec) {
         return Ok(rec);
     }
-    let at = rec.state.get("at").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    let items = read_items(store, &rec.id, current_only.then_some(at)).await?;
+    let items = read_items(store, &rec.id).await?;
     if let Some(steps) = rec.state.get_mut("steps").and_then(|s| s.as_array_mut()) {
         for (step, items) in steps.iter_mut().zip(items) {
             step["items"] = serde_json::to_value(items).map_err(|e| e.to_string())?;
         }
     }
     Ok(rec)
+}
+
+/// The most items of one step a watch update carries.
+pub const WATCHED_ITEMS: usize = 500;
+
+/// What a watcher shows: while the run runs, the first [`WATCHED_ITEMS`] items of the
+/// step it is at, with `"item_counts"`: how many of its items are in each status, per
+/// tier (`[{"tier", "status", "n"}]`, every item counted); once it ended, the first
+/// [`WATCHED_ITEMS`] of every step. A step with more gets `"items_more": true`;
+/// `ListExecutionItems` (or `GetExecution`) gives them all. A watch gets an update per
+/// saved round (every half second): a run over tens of thousands of groups would
+/// otherwise send megabytes with each, past a client's message limit.
+pub async fn with_current_items(
+    store: &dyn drover_store::KvStore,
+    mut rec: drover_procedure::ExecutionRec,
+) -> Result<drover_procedure::ExecutionRec, String> {
+    if !items_apart(&rec) {
+        return Ok(rec);
+    }
+    let n = rec.state.get("steps").and_then(|s| s.as_array()).map_or(0, Vec::len);
+    let at = rec.state.get("at").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    let mut shown: Vec<(usize, Vec<Item>, bool, Option<serde_json::Value>)> = Vec::new();
+    if rec.status.is_terminal() {
+        let firsts = read_first_items(store, &rec.id, 0..n, WATCHED_ITEMS).await?;
+        shown.extend(firsts.into_iter().enumerate().map(|(i, (items, more))| (i, items, more, None)));
+    } else if at < n {
+        // The current step's items are all read, to count them.
+        let prefix = items_prefix(&rec.id);
+        let (kvs, _) = store.range(format!("{prefix}{at:03}/").as_bytes()).await.map_err(|e| e.to_string())?;
+        let mut items = items_of(&rec.id, &prefix, kvs)?.pop().unwrap_or_default();
+        let mut counts: std::collections::BTreeMap<(u32, &str), usize> = Default::default();
+        for i in &items {
+            *counts.entry((i.tier, i.status.as_str())).or_default() += 1;
+        }
+        let counts: Vec<serde_json::Value> = counts
+            .into_iter()
+            .map(|((tier, status), n)| serde_json::json!({"tier": tier, "status": status, "n": n}))
+            .collect();
+        let counts = serde_json::Value::Array(counts);
+        let more = items.len() > WATCHED_ITEMS;
+        items.truncate(WATCHED_ITEMS);
+        shown.push((at, items, more, Some(counts)));
+    }
+    if let Some(steps) = rec.state.get_mut("steps").and_then(|s| s.as_array_mut()) {
+        for (i, items, more, counts) in shown {
+            steps[i]["items"] = serde_json::to_value(items).map_err(|e| e.to_string())?;
+            if more {
+                steps[i]["items_more"] = serde_json::Value::Bool(true);
+            }
+            if let Some(c) = counts {
+                steps[i]["item_counts"] = c;
+            }
+        }
+    }
+    Ok(rec)
+}
+
+/// One page of step `step`'s items, each as JSON, after the item `page.marker` names
+/// (its position in the step), and the marker of the next page (empty when none
+/// follows). Reads only that page, whether the items are kept apart or in the record.
+pub async fn items_page(
+    store: &dyn drover_store::KvStore,
+    rec: &drover_procedure::ExecutionRec,
+    step: usize,
+    page: &crate::repo::PageRequest,
+) -> crate::error::ApiResult<(Vec<String>, String)> {
+    let limit = page.limit()?;
+    let after: Option<usize> = match page.marker.as_str() {
+        "" => None,
+        m => Some(m.parse().map_err(|_| {
+            crate::error::ApiError::InvalidArgument(format!(
+                "`marker` {m:?} is not a marker this server gave (pass the previous page's next_marker)"
+            ))
+        })?),
+    };
+    if items_apart(rec) {
+        let range = format!("{}{step:03}/", items_prefix(&rec.id));
+        let from = after.map(|n| format!("{range}{n:06}")).unwrap_or_default();
+        let got = store.range_page(range.as_bytes(), from.as_bytes(), limit).await?;
+        let next = match (got.more, got.kvs.last()) {
+            (true, Some(last)) => {
+                item_position(&last.key, &items_prefix(&rec.id)).map(|(_, n)| n.to_string()).unwrap_or_default()
+            }
+            _ => String::new(),
+        };
+        Ok((got.kvs.into_iter().map(|kv| String::from_utf8_lossy(&kv.value).into_owned()).collect(), next))
+    } else {
+        let all = rec.state["steps"][step]["items"].as_array().cloned().unwrap_or_default();
+        let start = after.map_or(0, |n| n + 1).min(all.len());
+        let end = (start + limit).min(all.len());
+        let next = if end < all.len() { (end - 1).to_string() } else { String::new() };
+        Ok((all[start..end].iter().map(|v| v.to_string()).collect(), next))
+    }
+}
+
+fn items_apart(rec: &drover_procedure::ExecutionRec) -> bool {
+    rec.kind == KIND && rec.state.get("items_apart").and_then(|v| v.as_bool()) == Some(true)
 }
 
 /// An adoption plan a run made, and the execution that applies it (once submitted).
@@ -658,9 +753,8 @@ impl Procedure for RunbookRun {
 
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
         if !self.loaded {
-            let items = read_items(self.core.repo.store().as_ref(), &ctx.execution_id, None)
-                .await
-                .map_err(ProcedureError::Retry)?;
+            let items =
+                read_items(self.core.repo.store().as_ref(), &ctx.execution_id).await.map_err(ProcedureError::Retry)?;
             if items.len() > self.state.steps.len() {
                 return Err(ProcedureError::Fail(format!(
                     "execution {} has items for {} steps, its runbook {}",
@@ -792,4 +886,81 @@ pub fn plan_to_pb(steps: &[PlannedStep]) -> Vec<pb::PlannedStep> {
                 .collect(),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod item_tests {
+    use super::*;
+    use drover_store::{KvStore, Txn, TxnOp};
+
+    /// A runbook execution record at step `at`, its items apart: 1,200 in step 0 and 3 in
+    /// step 1, each stored under its key.
+    async fn stored(status: &str, at: usize) -> (tempfile::TempDir, Arc<dyn KvStore>, drover_procedure::ExecutionRec) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KvStore> =
+            Arc::new(drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap());
+        let rec: drover_procedure::ExecutionRec = serde_json::from_value(serde_json::json!({
+            "id": "run1", "kind": KIND, "summary": "", "status": status, "step": "", "steps": [], "locks": [],
+            "created_ms": 0, "updated_ms": 0,
+            "state": {"items_apart": true, "at": at, "steps": [{"name": "move"}, {"name": "check"}]},
+        }))
+        .unwrap();
+        for (step, n) in [(0usize, 1200usize), (1, 3)] {
+            for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
+                let txn = chunk.iter().fold(Txn::new(), |t, i| {
+                    let item =
+                        serde_json::json!({"target": format!("g{i}"), "name": format!("g{i}"), "status": "succeeded"});
+                    t.and_then(TxnOp::put(item_key("run1", step, *i), item.to_string()))
+                });
+                store.txn(txn).await.unwrap();
+            }
+        }
+        (dir, store, rec)
+    }
+
+    fn items(rec: &drover_procedure::ExecutionRec, step: usize) -> (usize, bool) {
+        let s = &rec.state["steps"][step];
+        (s["items"].as_array().map_or(0, Vec::len), s["items_more"].as_bool().unwrap_or(false))
+    }
+
+    #[tokio::test]
+    async fn watch_updates_carry_a_bounded_number_of_items() {
+        let (_dir, store, running) = stored("running", 1).await;
+        let shown = with_current_items(store.as_ref(), running).await.unwrap();
+        assert_eq!((items(&shown, 0), items(&shown, 1)), ((0, false), (3, false)), "only the current step");
+        let (_dir, store, running) = stored("running", 0).await;
+        let shown = with_current_items(store.as_ref(), running).await.unwrap();
+        assert_eq!(items(&shown, 0), (WATCHED_ITEMS, true), "at most {WATCHED_ITEMS}");
+        assert_eq!(
+            shown.state["steps"][0]["item_counts"],
+            serde_json::json!([{"tier": 0, "status": "succeeded", "n": 1200}]),
+            "every item counted"
+        );
+        let (_dir, store, ended) = stored("succeeded", 2).await;
+        let shown = with_current_items(store.as_ref(), ended.clone()).await.unwrap();
+        assert_eq!((items(&shown, 0), items(&shown, 1)), ((WATCHED_ITEMS, true), (3, false)), "ended: every step");
+        let all = with_items(store.as_ref(), ended).await.unwrap();
+        assert_eq!((items(&all, 0), items(&all, 1)), ((1200, false), (3, false)), "GetExecution: all");
+    }
+
+    #[tokio::test]
+    async fn items_page_in_order_from_their_keys_or_the_record() {
+        let (_dir, store, rec) = stored("succeeded", 2).await;
+        let page = |marker: &str, limit: u32| crate::repo::PageRequest { limit, marker: marker.into() };
+        let (first, next) = items_page(store.as_ref(), &rec, 0, &page("", 0)).await.unwrap();
+        assert_eq!((first.len(), next.as_str()), (1000, "999"));
+        let (rest, next) = items_page(store.as_ref(), &rec, 0, &page("999", 0)).await.unwrap();
+        assert_eq!((rest.len(), next.as_str()), (200, ""));
+        assert!(rest[0].contains("\"g1000\""), "{}", rest[0]);
+        let (small, next) = items_page(store.as_ref(), &rec, 1, &page("", 2)).await.unwrap();
+        assert_eq!((small.len(), next.as_str()), (2, "1"));
+        assert!(items_page(store.as_ref(), &rec, 0, &page("x", 0)).await.is_err(), "a marker not given");
+        // Items kept in the record (runs from before items were apart).
+        let mut inline = rec.clone();
+        inline.state = serde_json::json!({"steps": [{"items": [{"name": "a"}, {"name": "b"}, {"name": "c"}]}]});
+        let (one, next) = items_page(store.as_ref(), &inline, 0, &page("", 2)).await.unwrap();
+        assert_eq!((one.len(), next.as_str()), (2, "1"));
+        let (two, next) = items_page(store.as_ref(), &inline, 0, &page("1", 2)).await.unwrap();
+        assert_eq!((two, next.as_str()), (vec![r#"{"name":"c"}"#.to_string()], ""));
+    }
 }

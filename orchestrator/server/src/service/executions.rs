@@ -258,6 +258,34 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         };
         Ok(Response::new(pb::ExecutionReport { format, text }))
     }
+
+    async fn list_execution_items(
+        &self,
+        req: Request<pb::ListExecutionItemsRequest>,
+    ) -> Result<Response<pb::ListExecutionItemsResponse>, Status> {
+        let who = caller(&req);
+        let r = req.into_inner();
+        let rec = self.visible(&who, &r.id).await?;
+        if rec.kind != crate::runbook::run::KIND {
+            return Err(ApiError::FailedPrecondition(format!(
+                "execution {} is a {}; only runbook executions have items (see `drover execution show {}`)",
+                r.id, rec.kind, r.id
+            ))
+            .into());
+        }
+        let steps = rec.state.get("steps").and_then(|s| s.as_array()).map_or(0, Vec::len);
+        if r.step as usize >= steps {
+            return Err(ApiError::InvalidArgument(format!(
+                "execution {} has {steps} step(s), numbered from 0; `step` {} is not one of them",
+                r.id, r.step
+            ))
+            .into());
+        }
+        let page = crate::repo::PageRequest { limit: r.limit, marker: r.marker };
+        let (items_json, next_marker) =
+            crate::runbook::run::items_page(self.core.repo.store().as_ref(), &rec, r.step as usize, &page).await?;
+        Ok(Response::new(pb::ListExecutionItemsResponse { items_json, next_marker }))
+    }
 }
 
 impl ExecutionApi {
