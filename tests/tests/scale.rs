@@ -57,6 +57,23 @@ async fn twenty_thousand_groups_list_by_project_and_a_move_among_them_survives_a
     assert_eq!(page.groups.len(), 100);
     assert!(!page.next_marker.is_empty());
 
+    // A site runbook over all of them (20,001 groups) is refused before it runs: its
+    // record lists a lock per group and would pass etcd's request limit.
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks/site-failover-planned.yaml");
+    let t = Instant::now();
+    let refused = c2
+        .runbooks
+        .run_runbook(pb::RunbookRequest {
+            file_name: path.display().to_string(),
+            text: std::fs::read_to_string(&path).unwrap(),
+            params: [("site".to_string(), "site-a".to_string())].into(),
+        })
+        .await
+        .expect_err("too many groups for one run");
+    println!("a run over {} groups refused in {:.1} s", GROUPS + 1, t.elapsed().as_secs_f64());
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("20001 groups") && refused.message().contains("at most 20000"), "{refused:?}");
+
     // A planned failover of `mover`, cut by killing the orchestrator mid-way; the new one
     // resumes it at start and the group ends failed over.
     let r = c2

@@ -50,6 +50,11 @@ fn tenant_scope(who: &crate::auth::Caller, l: &Loaded, steps: &mut [PlannedStep]
     Ok(())
 }
 
+/// The most groups one run moves. Its execution record lists a lock per group (about 54
+/// bytes each), and etcd refuses a request over 1.5 MiB (`--max-request-bytes`): at
+/// 20,000 groups the record is about 1.1 MB.
+pub const MAX_RUN_GROUPS: usize = 20_000;
+
 impl RunbookApi {
     /// The plan, with predictions for each acting group (asked of up to 256 groups at
     /// once, each with the probe deadline): the RPO a disaster failover would achieve
@@ -142,6 +147,15 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
         if !who.is_admin() {
             run = run.for_project(&who.project);
         }
+        let groups = run.groups().len();
+        if groups > MAX_RUN_GROUPS {
+            return Err(ApiError::InvalidArgument(format!(
+                "runbook {} would move {groups} groups, and one run moves at most {MAX_RUN_GROUPS}; narrow its \
+                 selectors (project, labels, tiers, names) and run it in parts",
+                l.runbook.name
+            ))
+            .into());
+        }
         // The run's items (one per group and step) are kept a key each, apart from its
         // record, so a run over any number of groups fits the store's request limit.
         // One execution at a time per group: a group another execution holds is refused
@@ -183,7 +197,10 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
             .await
             .map_err(ApiError::from)?
             .ok_or_else(|| ApiError::Internal(format!("execution {id} vanished right after it was submitted")))?;
-        let rec = crate::runbook::run::with_items(self.core.repo.store().as_ref(), rec)
+        // As a watch shows it (at most 500 items of the first step, and counts): the
+        // caller follows it from here. With every item, the answer to a run over about
+        // 6,000 groups passed a client's default 4 MiB limit (5.4 MiB at 7,000).
+        let rec = crate::runbook::run::with_current_items(self.core.repo.store().as_ref(), rec)
             .await
             .map_err(|e| ApiError::Unavailable(format!("execution {id} was submitted; reading its items: {e}")))?;
         Ok(Response::new(super::executions::to_pb(rec)))
