@@ -852,12 +852,7 @@ async fn etcd_history_is_compacted_and_the_orchestrator_works_on() {
     for (target, status) in [("backend-b", "failed-over"), ("default", "enabled")] {
         let r = c
             .replication
-            .failover_group(pb::FailoverGroupRequest {
-                group: group.clone(),
-                project: "tests".into(),
-                target_backend: target.into(),
-                ..Default::default()
-            })
+            .failover_group(failover_request(&group, target, false))
             .await
             .unwrap_or_else(|e| panic!("move to {target}: {e}"))
             .into_inner();

@@ -418,12 +418,7 @@ async fn the_largest_group_works_on_etcd_and_a_larger_one_is_refused() {
     for (target, status, at) in [("backend-b", "failed-over", "backend-b"), ("default", "enabled", "backend-a")] {
         let r = c
             .replication
-            .failover_group(pb::FailoverGroupRequest {
-                group: "big".into(),
-                project: "tests".into(),
-                target_backend: target.into(),
-                ..Default::default()
-            })
+            .failover_group(drover_tests::failover_request("big", target, false))
             .await
             .unwrap_or_else(|e| panic!("move to {target}: {e}"))
             .into_inner();

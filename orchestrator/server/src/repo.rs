@@ -254,6 +254,14 @@ impl Repo {
     }
 }
 
+/// A repo on a fresh embedded store in a temporary directory (kept while the guard lives).
+#[cfg(test)]
+pub(crate) async fn temp_repo() -> (tempfile::TempDir, Repo) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
+    (dir, Repo::new(std::sync::Arc::new(store)))
+}
+
 /// The most records one page of a listing holds.
 pub const MAX_PAGE: u32 = 1000;
 

@@ -246,11 +246,7 @@ impl pb::audit_service_server::AuditService for AuditApi {
 mod tests {
     use super::*;
 
-    async fn repo() -> (tempfile::TempDir, Repo) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
-        (dir, Repo::new(Arc::new(store)))
-    }
+    use crate::repo::temp_repo as repo;
 
     /// A record at `at` ms with id suffix `n` (hex), a Create call unless `f` says else.
     fn rec(at: i64, n: u32, f: impl FnOnce(&mut AuditRec)) -> AuditRec {

@@ -364,9 +364,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_lists_page_and_a_rare_project_is_read_in_bounded_calls() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
-        let repo = Repo::new(std::sync::Arc::new(store));
+        let (_dir, repo) = crate::repo::temp_repo().await;
         // 1,204 tokens of project "many" and 4 of "rare", spread through the id order.
         let mut txn = Txn::new();
         for i in 0..1208u64 {

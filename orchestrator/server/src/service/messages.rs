@@ -352,11 +352,7 @@ impl pb::message_service_server::MessageService for MessageApi {
 mod tests {
     use super::*;
 
-    async fn repo() -> (tempfile::TempDir, Repo) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = drover_store::EmbeddedStore::open(&dir.path().join("s.redb")).await.unwrap();
-        (dir, Repo::new(Arc::new(store)))
-    }
+    use crate::repo::temp_repo as repo;
 
     fn msg(project: &str, id: &str, updated_ms: i64, expires_ms: i64) -> MessageRec {
         MessageRec {
