@@ -679,6 +679,10 @@ async fn a_runs_items_are_kept_apart_from_its_record() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(listed["items"].as_array().unwrap().len(), N, "{listed}");
+    let out = cluster.cli(&["execution", "items", &e.id, "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let every: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(every["items"].as_array().unwrap().len(), total, "every step's items, without --step");
     let wrong = c
         .executions
         .list_execution_items(pb::ListExecutionItemsRequest { id: e.id.clone(), step: 99, ..Default::default() })

@@ -150,16 +150,10 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
             out.finish();
         }
         ExecutionCmd::Items { id, step } => {
-            let steps = match step {
-                Some(s) => vec![s],
-                None => {
-                    let e = api.get_execution(pb::GetExecutionRequest { id: id.clone() }).await?.into_inner();
-                    let state: serde_json::Value = serde_json::from_str(&e.state_json).unwrap_or_default();
-                    (0..state["steps"].as_array().map_or(0, Vec::len) as u32).collect()
-                }
-            };
+            // Without --step, from step 0 on: its answer says how many steps there are.
             let mut out = crate::output::PageStream::new(ctx.fmt, "items", items_table);
-            for step in steps {
+            let (mut step, mut last) = (step.unwrap_or(0), step);
+            while last.is_none_or(|l| step <= l) {
                 let mut marker = String::new();
                 loop {
                     let req = pb::ListExecutionItemsRequest { id: id.clone(), step, limit: 0, marker };
@@ -174,11 +168,13 @@ pub async fn run(ctx: &mut Ctx, cmd: ExecutionCmd) -> Result<()> {
                         })
                         .collect();
                     out.page(&rows);
+                    last = last.or(Some(page.steps.saturating_sub(1)));
                     marker = page.next_marker;
                     if marker.is_empty() {
                         break;
                     }
                 }
+                step += 1;
             }
             out.finish();
         }

@@ -284,7 +284,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let page = crate::repo::PageRequest { limit: r.limit, marker: r.marker };
         let (items_json, next_marker) =
             crate::runbook::run::items_page(self.core.repo.store().as_ref(), &rec, r.step as usize, &page).await?;
-        Ok(Response::new(pb::ListExecutionItemsResponse { items_json, next_marker }))
+        Ok(Response::new(pb::ListExecutionItemsResponse { items_json, next_marker, steps: steps as u32 }))
     }
 }
 

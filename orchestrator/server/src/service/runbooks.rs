@@ -147,12 +147,13 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
         if !who.is_admin() {
             run = run.for_project(&who.project);
         }
-        let groups = run.groups().len();
-        if groups > MAX_RUN_GROUPS {
+        let groups = run.groups();
+        if groups.len() > MAX_RUN_GROUPS {
             return Err(ApiError::InvalidArgument(format!(
-                "runbook {} would move {groups} groups, and one run moves at most {MAX_RUN_GROUPS}; narrow its \
+                "runbook {} would move {} groups, and one run moves at most {MAX_RUN_GROUPS}; narrow its \
                  selectors (project, labels, tiers, names) and run it in parts",
-                l.runbook.name
+                l.runbook.name,
+                groups.len()
             ))
             .into());
         }
@@ -170,7 +171,7 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
                 held.insert(key[lock_prefix.len() - prefix.len()..].to_string());
             }
         }
-        for g in run.groups() {
+        for g in groups {
             for key in [format!("group/{g}"), format!("runbook/group/{g}")] {
                 if !held.contains(&key) {
                     continue;
