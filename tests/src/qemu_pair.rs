@@ -16,7 +16,7 @@ pub async fn agent(dir: &Path, name: &str) -> (Arc<QemuDriver>, String, Cancella
     std::fs::create_dir_all(&pool).unwrap();
     let state = dir.join(format!("state-{name}"));
     let driver = QemuDriver::start(QemuConfig { pool_dir: pool, ..Default::default() }, &state, name).await.unwrap();
-    let ledger = Ledger::open(&state.join("ledger.redb")).unwrap();
+    let ledger = Ledger::open(&state.join("ledger.log")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let token = CancellationToken::new();
     let running = drover_agent::server::serve(driver.clone(), ledger, listener, None, token.clone()).await.unwrap();

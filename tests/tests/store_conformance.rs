@@ -218,3 +218,38 @@ async fn etcd_keeps_every_acknowledged_concurrent_write_across_a_crash() {
     every_acknowledged_write_is_there(&store, &last).await;
     println!("etcd crash: {} acknowledged writes, all kept", last.iter().sum::<u64>());
 }
+
+/// 32 threads admit and record operations in an agent ledger (sharing commits, the log
+/// compacted once past 256 KiB and four times the state), and the process is SIGKILLed
+/// mid-stream, just after a compaction replaced the log: when the ledger is opened again
+/// every acknowledged operation has its outcome and its epoch, and none is left started.
+#[test]
+fn the_agent_ledger_keeps_every_acknowledged_operation_across_a_crash() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.log");
+    let inode = || std::fs::metadata(&path).map(|m| m.ino()).ok();
+    let last = acknowledged_before_a_crash(&["ledger", path.to_str().unwrap(), "262144"], 3_000, |child| {
+        // A compaction renames a new file over the log; wait for one, then kill.
+        let before = inode();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while inode() == before {
+            assert!(std::time::Instant::now() < deadline, "no compaction within a minute");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(fastrand::u64(..20)));
+        let _ = child.kill();
+    });
+    let ledger = drover_agent::ledger::Ledger::open(&path).unwrap();
+    for (w, &n) in last.iter().enumerate() {
+        assert!(ledger.highest_epoch(&format!("volume/{w}")).unwrap() >= n, "writer {w}: epoch {n} lost");
+        for i in 1..=n {
+            let op = format!("op-{w}-{i}");
+            let outcome = ledger.outcome(&op).unwrap().unwrap_or_else(|| panic!("{op} was acknowledged and is lost"));
+            assert_eq!(outcome.response, i.to_le_bytes().to_vec(), "{op}");
+            assert!(!ledger.was_interrupted(&op).unwrap(), "{op}");
+        }
+    }
+    let size = std::fs::metadata(&path).unwrap().len();
+    println!("ledger crash: {} acknowledged operations, all kept; log {size} bytes", last.iter().sum::<u64>());
+}

@@ -208,7 +208,7 @@ pub async fn run_against(primary: Arc<dyn Driver>, secondary: Arc<dyn Driver>, d
     for (side, driver) in [("primary", gated), ("secondary", secondary)] {
         let ledger_dir = dir.join(format!("ledger-{side}"));
         std::fs::create_dir_all(&ledger_dir).expect("ledger dir");
-        let ledger = crate::ledger::Ledger::open(&ledger_dir.join("ledger.redb")).expect("ledger opens");
+        let ledger = crate::ledger::Ledger::open(&ledger_dir.join("ledger.log")).expect("ledger opens");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         // Plain text: the suite checks the driver contract, not the transport.
         let running =

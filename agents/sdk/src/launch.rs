@@ -84,7 +84,7 @@ pub async fn start(
     let backend = backends.iter().find(|b| b.name() == config.driver).expect("validate checked the driver name");
     std::fs::create_dir_all(&config.state_dir)
         .map_err(|e| LaunchError::Ledger { path: config.state_dir.display().to_string(), message: e.to_string() })?;
-    let ledger_path = config.state_dir.join("ledger.redb");
+    let ledger_path = config.state_dir.join("ledger.log");
     let ledger = Ledger::open(&ledger_path)
         .map_err(|e| LaunchError::Ledger { path: ledger_path.display().to_string(), message: e.to_string() })?;
     let driver = backend.open(&layered, &config).await?;

@@ -1,43 +1,66 @@
 //! The agent's durable fencing and idempotency records.
 //!
-//! Two tables in one redb file: the highest epoch seen per fence scope, and the terminal
-//! outcome of each op_id. Both are committed (fsynced) before the agent answers, so a
-//! restarted agent still refuses a stale owner and still answers a repeated op_id with the
-//! first outcome.
+//! The ledger keeps three things: the highest epoch seen per fence scope, the terminal
+//! outcome of each op_id, and the op_ids started but not finished. Each change is durable
+//! (fdatasynced) before the agent answers, so a restarted agent still refuses a stale
+//! owner and still answers a repeated op_id with the first outcome.
 //!
-//! A mutation costs two commits, and neither can go:
+//! A mutation costs two durable writes, and neither can go:
 //! - [`Ledger::admit`] (the epoch check, the fence raise and the "started" mark, in one
-//!   transaction) must be durable before the driver acts: if the agent dies after the
-//!   driver changed the backend, the mark is what makes a retry of the same op_id answer
+//!   write) must be durable before the driver acts: if the agent dies after the driver
+//!   changed the backend, the mark is what makes a retry of the same op_id answer
 //!   "interrupted" instead of running the change a second time; and a raised fence must
 //!   outlive a crash, or an old owner could be admitted again after it.
 //! - [`Ledger::record`] (the outcome, which clears the mark) must be durable before the
 //!   answer leaves, or a caller that saw success could, after an agent crash, find the op
 //!   "interrupted" and take a second attempt for a change that happened.
 //!
-//! Merging them would mean acting on the backend inside a ledger transaction, which holds
-//! redb's single writer for the whole driver call.
+//! Merging them would mean holding the write open across the whole driver call.
 //!
-//! What concurrent operations can share is the fsync: admissions and outcomes that queue
-//! while a commit runs go into the next write transaction together (group commit), each
-//! applied in arrival order as if alone, and none answered before that commit is durable.
+//! What concurrent operations share is the fdatasync (group commit): the writes that
+//! queue while a commit runs go into the next one together, each decided in arrival
+//! order as if alone, and none answered before that commit is durable. A write that
+//! changes nothing (a replayed op_id, a stale or equal epoch) needs no disk write at all.
+//!
+//! # On disk
+//!
+//! The state lives in memory; the file is a log of the changes that made it. Each commit
+//! appends one frame (length, CRC-32 of the payload, payload) holding the changes of its
+//! writes, then fdatasyncs. The log is read back at start. A crash can only tear the last
+//! frame (the next commit starts after the previous one's fdatasync returned), so a bad
+//! frame at the end is cut off; one followed by a good frame means the disk damaged the
+//! file, and the ledger refuses to open rather than forget a fence. When the log has
+//! grown to four times the state's size (and at least [`COMPACT_MIN`]), the state is
+//! written to a new file, fsynced and renamed over the log.
+//!
+//! Readers ([`Ledger::outcome`], [`Ledger::highest_epoch`], [`Ledger::was_interrupted`])
+//! see only durable state: a commit decides its answers against the state plus its own
+//! batch, and applies the changes to the shared state after the fdatasync.
+//!
+//! Before this log the ledger was a redb file (`ledger.redb`, same directory); a ledger
+//! found only in that form is imported once at open and the old file renamed to
+//! `ledger.redb.imported`.
 
-use std::path::Path;
-use std::sync::Arc;
-
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-
-const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("epochs");
-const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("ops");
-/// Operations admitted and handed to the driver whose outcome is not recorded yet. An
-/// entry that survives a restart marks an operation the crash interrupted.
-const STARTED: TableDefinition<&str, u64> = TableDefinition::new("started");
-/// Insertion order of op records, so the oldest can be dropped.
-const OPS_ORDER: TableDefinition<u64, &str> = TableDefinition::new("ops_order");
+use std::collections::{HashMap, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// How many op outcomes the ledger keeps. A retry comes within minutes of its first
 /// attempt; a hundred thousand newer operations later, an op_id is history.
 pub const OPS_KEPT: u64 = 100_000;
+
+/// The log is rewritten from the state once it is this large and four times the state.
+pub const COMPACT_MIN: u64 = 64 << 20;
+
+/// The first bytes of a ledger log.
+const MAGIC: &[u8; 8] = b"DRVLDG01";
+/// No frame is larger; a length above it is damage, not data.
+const MAX_FRAME: usize = 64 << 20;
+/// A compaction writes the state in frames of about this size.
+const SNAPSHOT_FRAME: usize = 1 << 20;
 
 /// A recorded terminal outcome of an operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,24 +70,6 @@ pub struct Outcome {
     pub message: String,
     /// The encoded response message of a success.
     pub response: Vec<u8>,
-}
-
-impl Outcome {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(8 + self.message.len() + self.response.len());
-        out.extend_from_slice(&self.code.to_le_bytes());
-        out.extend_from_slice(&(self.message.len() as u32).to_le_bytes());
-        out.extend_from_slice(self.message.as_bytes());
-        out.extend_from_slice(&self.response);
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Self> {
-        let code = i32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
-        let len = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
-        let message = String::from_utf8(bytes.get(8..8 + len)?.to_vec()).ok()?;
-        Some(Self { code, message, response: bytes[8 + len..].to_vec() })
-    }
 }
 
 /// What the ledger says about a mutation about to run.
@@ -101,12 +106,112 @@ fn err(e: impl std::fmt::Display) -> LedgerError {
 /// The durable fencing and idempotency records of one agent.
 #[derive(Clone)]
 pub struct Ledger {
-    db: Arc<Database>,
-    /// Writes waiting for the next commit, and the lock whoever commits holds.
-    queue: Arc<std::sync::Mutex<Vec<Queued>>>,
-    writer: Arc<std::sync::Mutex<()>>,
-    /// Commits made (each one fsync), for tests and figures.
-    commits: Arc<std::sync::atomic::AtomicU64>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    /// The durable state: only changes whose frame was fdatasynced are in it.
+    state: RwLock<State>,
+    /// Writes waiting for the next commit.
+    queue: Mutex<Vec<Queued>>,
+    /// The log file; whoever commits holds it.
+    log: Mutex<Log>,
+    /// Set when a write or fdatasync failed: what is on disk is then unknown, so every
+    /// later write fails until the agent restarts and reads the log back.
+    failed: Mutex<Option<String>>,
+    /// Commits that wrote to disk (each one fdatasync), for tests and figures.
+    commits: AtomicU64,
+}
+
+struct Log {
+    path: PathBuf,
+    file: File,
+    /// The log's length, and the length the state took when last written whole.
+    bytes: u64,
+    state_bytes: u64,
+    compact_min: u64,
+}
+
+/// The ledger's contents.
+#[derive(Default, Debug, PartialEq)]
+struct State {
+    epochs: HashMap<String, u64>,
+    ops: HashMap<String, Outcome>,
+    /// Op ids in the order their outcomes were first recorded, oldest first.
+    order: VecDeque<String>,
+    /// Ops admitted and handed to the driver whose outcome is not recorded yet. One that
+    /// survives a restart marks an operation the crash interrupted.
+    started: HashMap<String, u64>,
+}
+
+/// One change to the state; the log is a sequence of these.
+#[derive(Debug, Clone, PartialEq)]
+enum Change {
+    Epoch {
+        scope: String,
+        epoch: u64,
+    },
+    Started {
+        op_id: String,
+        epoch: u64,
+    },
+    /// The outcome, the started mark cleared, the oldest outcomes beyond `keep` dropped.
+    Recorded {
+        op_id: String,
+        outcome: Outcome,
+        keep: u64,
+    },
+}
+
+impl State {
+    fn apply(&mut self, change: Change) {
+        match change {
+            Change::Epoch { scope, epoch } => {
+                self.epochs.insert(scope, epoch);
+            }
+            Change::Started { op_id, epoch } => {
+                self.started.insert(op_id, epoch);
+            }
+            Change::Recorded { op_id, outcome, keep } => {
+                self.started.remove(&op_id);
+                if self.ops.insert(op_id.clone(), outcome).is_none() {
+                    self.order.push_back(op_id);
+                    while self.order.len() as u64 > keep {
+                        if let Some(old) = self.order.pop_front() {
+                            self.ops.remove(&old);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The state as changes that rebuild it, in frames of about [`SNAPSHOT_FRAME`].
+    fn snapshot(&self) -> Vec<Vec<u8>> {
+        let mut frames = Vec::new();
+        let mut payload = Vec::new();
+        let mut push = |change: Change, payload: &mut Vec<u8>| {
+            encode_change(&change, payload);
+            if payload.len() >= SNAPSHOT_FRAME {
+                frames.push(frame(payload));
+                payload.clear();
+            }
+        };
+        for (scope, epoch) in &self.epochs {
+            push(Change::Epoch { scope: scope.clone(), epoch: *epoch }, &mut payload);
+        }
+        for op_id in &self.order {
+            let outcome = self.ops[op_id].clone();
+            push(Change::Recorded { op_id: op_id.clone(), outcome, keep: u64::MAX }, &mut payload);
+        }
+        for (op_id, epoch) in &self.started {
+            push(Change::Started { op_id: op_id.clone(), epoch: *epoch }, &mut payload);
+        }
+        if !payload.is_empty() {
+            frames.push(frame(&payload));
+        }
+        frames
+    }
 }
 
 /// A ledger write waiting for a commit.
@@ -128,56 +233,170 @@ struct Queued {
     reply: std::sync::mpsc::SyncSender<Result<Done, LedgerError>>,
 }
 
-impl Ledger {
-    /// Opens or creates the ledger file.
-    pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+/// The durable state seen through the changes a batch has decided so far, so that each
+/// write of the batch is decided as if the earlier ones had been applied.
+struct Pending<'a> {
+    base: &'a State,
+    epochs: HashMap<String, u64>,
+    ops: HashMap<String, Outcome>,
+    started: HashMap<String, bool>,
+    changes: Vec<Change>,
+}
+
+impl<'a> Pending<'a> {
+    fn new(base: &'a State) -> Self {
+        Self { base, epochs: HashMap::new(), ops: HashMap::new(), started: HashMap::new(), changes: Vec::new() }
+    }
+
+    fn highest(&self, scope: &str) -> u64 {
+        self.epochs.get(scope).or_else(|| self.base.epochs.get(scope)).copied().unwrap_or(0)
+    }
+
+    /// Checks `epoch` against the highest seen for `scope`, raising it if newer.
+    fn admit_epoch(&mut self, scope: &str, epoch: u64) -> Result<(), StaleEpoch> {
+        let highest = self.highest(scope);
+        if epoch < highest {
+            return Err(StaleEpoch { scope: scope.to_string(), presented: epoch, highest });
         }
-        let db = Database::create(path).map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
-        let w = db.begin_write().map_err(err)?;
-        w.open_table(EPOCHS).map_err(err)?;
-        w.open_table(OPS).map_err(err)?;
-        w.open_table(OPS_ORDER).map_err(err)?;
-        w.open_table(STARTED).map_err(err)?;
-        w.commit().map_err(err)?;
+        if epoch > highest {
+            self.epochs.insert(scope.to_string(), epoch);
+            self.changes.push(Change::Epoch { scope: scope.to_string(), epoch });
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, scope: &str, epoch: u64, op_id: &str) -> Admission {
+        if let Err(stale) = self.admit_epoch(scope, epoch) {
+            return Admission::Stale(stale);
+        }
+        if let Some(outcome) = self.ops.get(op_id).or_else(|| self.base.ops.get(op_id)) {
+            return Admission::Replay(outcome.clone());
+        }
+        let started = self.started.get(op_id).copied().unwrap_or_else(|| self.base.started.contains_key(op_id));
+        if started {
+            return Admission::Interrupted;
+        }
+        self.started.insert(op_id.to_string(), true);
+        self.changes.push(Change::Started { op_id: op_id.to_string(), epoch });
+        Admission::Run
+    }
+
+    fn record(&mut self, op_id: &str, outcome: &Outcome, keep: u64) {
+        self.started.insert(op_id.to_string(), false);
+        self.ops.insert(op_id.to_string(), outcome.clone());
+        self.changes.push(Change::Recorded { op_id: op_id.to_string(), outcome: outcome.clone(), keep });
+    }
+}
+
+impl Ledger {
+    /// Opens or creates the ledger log at `path`, importing a redb ledger found beside it
+    /// (`path` with the extension `redb`) when the log does not exist yet.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        Self::open_with(path, COMPACT_MIN)
+    }
+
+    /// [`Ledger::open`] with the log compacted once it passes `compact_min` bytes (and
+    /// four times the state), for tests that want compactions to happen often.
+    #[doc(hidden)]
+    pub fn open_compacting_at(path: &Path, compact_min: u64) -> Result<Self, LedgerError> {
+        Self::open_with(path, compact_min)
+    }
+
+    fn open_with(path: &Path, compact_min: u64) -> Result<Self, LedgerError> {
+        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create {}: {e}", dir.display())))?;
+        let legacy = path.with_extension("redb");
+        if !path.exists() && legacy.exists() {
+            let state = import_redb(&legacy)?;
+            write_whole(path, &state)?;
+            let moved = legacy.with_extension("redb.imported");
+            std::fs::rename(&legacy, &moved).map_err(|e| {
+                err(format!("imported {} but cannot rename it to {}: {e}", legacy.display(), moved.display()))
+            })?;
+            sync_dir(dir)?;
+            tracing::info!(from = %legacy.display(), to = %path.display(), "agent ledger imported from redb");
+        }
+        if !path.exists() {
+            write_whole(path, &State::default())?;
+        }
+        let (state, bytes) = read_log(path)?;
+        let file = OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+        let state_bytes = state.snapshot().iter().map(|f| f.len() as u64).sum::<u64>() + MAGIC.len() as u64;
+        let log = Log { path: path.to_path_buf(), file, bytes, state_bytes, compact_min };
         Ok(Self {
-            db: Arc::new(db),
-            queue: Default::default(),
-            writer: Default::default(),
-            commits: Default::default(),
+            inner: Arc::new(Inner {
+                state: RwLock::new(state),
+                queue: Mutex::default(),
+                log: Mutex::new(log),
+                failed: Mutex::default(),
+                commits: AtomicU64::new(0),
+            }),
         })
     }
 
     /// Applies `write` and returns its answer once it is durable. Group commit: the
-    /// write queues, then its caller takes the writer lock; if the previous holder
-    /// committed it already the answer is there, else this caller commits everything
-    /// queued (in arrival order, one write transaction, one fsync). A failed commit fails
-    /// every write in it: none of them was applied.
+    /// write queues, then its caller takes the log; if the previous holder committed it
+    /// already the answer is there, else this caller decides everything queued (in
+    /// arrival order), appends their changes as one frame and fdatasyncs once. A failed
+    /// commit fails every write in it, and the ledger with it.
     fn commit(&self, write: Write) -> Result<Done, LedgerError> {
+        let inner = &self.inner;
         let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        self.queue.lock().expect("ledger queue poisoned").push(Queued { write, reply });
-        let serial = self.writer.lock().expect("ledger writer poisoned");
+        inner.queue.lock().expect("ledger queue poisoned").push(Queued { write, reply });
+        let mut log = inner.log.lock().expect("ledger log poisoned");
         if let Ok(done) = answer.try_recv() {
             return done;
         }
-        let batch = std::mem::take(&mut *self.queue.lock().expect("ledger queue poisoned"));
+        let batch = std::mem::take(&mut *inner.queue.lock().expect("ledger queue poisoned"));
         let applied = (|| {
-            let w = self.db.begin_write().map_err(err)?;
-            let mut answers = Vec::with_capacity(batch.len());
-            for q in &batch {
-                answers.push(match &q.write {
-                    Write::Admit { scope, epoch, op_id } => Done::Admission(admit_in(&w, scope, *epoch, op_id)?),
-                    Write::AdmitEpoch { scope, epoch } => Done::Epoch(admit_epoch_in(&w, scope, *epoch)?),
-                    Write::Record { op_id, outcome, keep } => {
-                        record_in(&w, op_id, outcome, *keep)?;
-                        Done::Recorded
-                    }
-                });
+            if let Some(why) = inner.failed.lock().expect("ledger failure poisoned").clone() {
+                return Err(err(format!("failed earlier ({why}) and takes no more writes; restart the agent")));
             }
-            w.commit().map_err(err)?;
-            self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Ok::<_, LedgerError>(answers)
+            let (answers, changes) = {
+                let state = inner.state.read().expect("ledger state poisoned");
+                let mut pending = Pending::new(&state);
+                let answers: Vec<Done> = batch
+                    .iter()
+                    .map(|q| match &q.write {
+                        Write::Admit { scope, epoch, op_id } => Done::Admission(pending.admit(scope, *epoch, op_id)),
+                        Write::AdmitEpoch { scope, epoch } => Done::Epoch(pending.admit_epoch(scope, *epoch)),
+                        Write::Record { op_id, outcome, keep } => {
+                            pending.record(op_id, outcome, *keep);
+                            Done::Recorded
+                        }
+                    })
+                    .collect();
+                (answers, pending.changes)
+            };
+            if changes.is_empty() {
+                return Ok(answers);
+            }
+            let mut payload = Vec::new();
+            for change in &changes {
+                encode_change(change, &mut payload);
+            }
+            if let Err(e) = log.append(&frame(&payload)) {
+                *inner.failed.lock().expect("ledger failure poisoned") = Some(e.0.clone());
+                return Err(e);
+            }
+            inner.commits.fetch_add(1, Ordering::Relaxed);
+            {
+                let mut state = inner.state.write().expect("ledger state poisoned");
+                for change in changes {
+                    state.apply(change);
+                }
+            }
+            if log.bytes > log.compact_min.max(4 * log.state_bytes) {
+                // The log as it is stays valid if this fails; it is tried again later.
+                let state = inner.state.read().expect("ledger state poisoned");
+                if let Err(e) = log.compact(&state) {
+                    tracing::warn!(error = %e, "agent ledger compaction failed; the log keeps growing until it works");
+                }
+            }
+            Ok(answers)
         })();
         match applied {
             Ok(answers) => {
@@ -191,7 +410,7 @@ impl Ledger {
                 }
             }
         }
-        drop(serial);
+        drop(log);
         answer.recv().unwrap_or_else(|_| Err(err("the commit lost this write")))
     }
 
@@ -208,9 +427,7 @@ impl Ledger {
 
     /// Whether an op was started and never recorded (an agent crash interrupted it).
     pub fn was_interrupted(&self, op_id: &str) -> Result<bool, LedgerError> {
-        let r = self.db.begin_read().map_err(err)?;
-        let table = r.open_table(STARTED).map_err(err)?;
-        Ok(table.get(op_id).map_err(err)?.is_some())
+        Ok(self.inner.state.read().expect("ledger state poisoned").started.contains_key(op_id))
     }
 
     /// Admits `epoch` for `scope` if it is at least the highest seen, persisting it as the
@@ -224,21 +441,12 @@ impl Ledger {
 
     /// The highest epoch seen for a scope (0 when none).
     pub fn highest_epoch(&self, scope: &str) -> Result<u64, LedgerError> {
-        let r = self.db.begin_read().map_err(err)?;
-        let table = r.open_table(EPOCHS).map_err(err)?;
-        Ok(table.get(scope).map_err(err)?.map_or(0, |v| v.value()))
+        Ok(self.inner.state.read().expect("ledger state poisoned").epochs.get(scope).copied().unwrap_or(0))
     }
 
     /// The recorded outcome of an op_id, if it finished.
     pub fn outcome(&self, op_id: &str) -> Result<Option<Outcome>, LedgerError> {
-        let r = self.db.begin_read().map_err(err)?;
-        let table = r.open_table(OPS).map_err(err)?;
-        match table.get(op_id).map_err(err)? {
-            Some(v) => {
-                Outcome::decode(v.value()).map(Some).ok_or_else(|| err(format!("record of op {op_id} is corrupt")))
-            }
-            None => Ok(None),
-        }
+        Ok(self.inner.state.read().expect("ledger state poisoned").ops.get(op_id).cloned())
     }
 
     /// Records the terminal outcome of an op_id.
@@ -255,169 +463,238 @@ impl Ledger {
     }
 }
 
-/// The epoch check, fence raise and started mark of [`Ledger::admit`], inside `w`.
-fn admit_in(w: &redb::WriteTransaction, scope: &str, epoch: u64, op_id: &str) -> Result<Admission, LedgerError> {
-    let mut epochs = w.open_table(EPOCHS).map_err(err)?;
-    let highest = epochs.get(scope).map_err(err)?.map_or(0, |v| v.value());
-    if epoch < highest {
-        return Ok(Admission::Stale(StaleEpoch { scope: scope.to_string(), presented: epoch, highest }));
+impl Log {
+    /// Appends one frame and makes it durable.
+    fn append(&mut self, frame: &[u8]) -> Result<(), LedgerError> {
+        let path = self.path.display();
+        self.file.write_all(frame).map_err(|e| err(format!("cannot write {path}: {e}")))?;
+        self.file.sync_data().map_err(|e| err(format!("cannot sync {path}: {e}")))?;
+        self.bytes += frame.len() as u64;
+        Ok(())
     }
-    if epoch > highest {
-        epochs.insert(scope, epoch).map_err(err)?;
+
+    /// Rewrites the log as the state alone.
+    fn compact(&mut self, state: &State) -> Result<(), LedgerError> {
+        let bytes = write_whole(&self.path, state)?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| err(format!("cannot open {}: {e}", self.path.display())))?;
+        self.bytes = bytes;
+        self.state_bytes = bytes;
+        Ok(())
     }
-    let ops = w.open_table(OPS).map_err(err)?;
-    let recorded = match ops.get(op_id).map_err(err)? {
-        Some(v) => Some(Outcome::decode(v.value()).ok_or_else(|| err(format!("record of op {op_id} is corrupt")))?),
-        None => None,
-    };
-    let mut started = w.open_table(STARTED).map_err(err)?;
-    Ok(match recorded {
-        Some(outcome) => Admission::Replay(outcome),
-        None if started.get(op_id).map_err(err)?.is_some() => Admission::Interrupted,
-        None => {
-            started.insert(op_id, epoch).map_err(err)?;
-            Admission::Run
+}
+
+/// Writes `state` as a complete log at `path` (through a temporary file, fsynced and
+/// renamed over it, the directory fsynced), returning its length.
+fn write_whole(path: &Path, state: &State) -> Result<u64, LedgerError> {
+    let temp = path.with_extension("compacting");
+    let mut file = File::create(&temp).map_err(|e| err(format!("cannot create {}: {e}", temp.display())))?;
+    let mut bytes = MAGIC.len() as u64;
+    file.write_all(MAGIC).map_err(|e| err(format!("cannot write {}: {e}", temp.display())))?;
+    for f in state.snapshot() {
+        file.write_all(&f).map_err(|e| err(format!("cannot write {}: {e}", temp.display())))?;
+        bytes += f.len() as u64;
+    }
+    file.sync_all().map_err(|e| err(format!("cannot sync {}: {e}", temp.display())))?;
+    std::fs::rename(&temp, path)
+        .map_err(|e| err(format!("cannot rename {} to {}: {e}", temp.display(), path.display())))?;
+    sync_dir(path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new(".")))?;
+    Ok(bytes)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), LedgerError> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| err(format!("cannot sync directory {}: {e}", dir.display())))
+}
+
+/// Reads the log back: the state and the length of its good part. A torn last frame is
+/// cut off the file; damage before a good frame is refused.
+fn read_log(path: &Path) -> Result<(State, u64), LedgerError> {
+    let mut data = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut data))
+        .map_err(|e| err(format!("cannot read {}: {e}", path.display())))?;
+    if data.get(..MAGIC.len()) != Some(MAGIC.as_slice()) {
+        return Err(err(format!(
+            "{} is not a Drover agent ledger log; move it away if it is not needed, or restore the state directory",
+            path.display()
+        )));
+    }
+    let mut state = State::default();
+    let mut at = MAGIC.len();
+    while at < data.len() {
+        let Some(payload) = frame_at(&data, at) else {
+            // A torn frame is the last thing in the file; a good frame after it means damage.
+            let len = data.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize);
+            let next = len.and_then(|len| at.checked_add(8 + len)).filter(|next| *next < data.len());
+            if next.is_some_and(|next| frame_at(&data, next).is_some()) {
+                return Err(err(format!(
+                    "{} is damaged at byte {at} with good records after it; restore the state directory \
+                     from a backup, or move the file away to start with an empty ledger (fences and \
+                     op outcomes are then forgotten)",
+                    path.display()
+                )));
+            }
+            tracing::warn!(path = %path.display(), at, dropped = data.len() - at, "agent ledger: cutting off a torn last write (a crash interrupted it before it was acknowledged)");
+            let file = OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
+            file.set_len(at as u64)
+                .and_then(|()| file.sync_all())
+                .map_err(|e| err(format!("cannot cut the torn end off {}: {e}", path.display())))?;
+            break;
+        };
+        let mut cursor = Cursor { data: payload, at: 0 };
+        while cursor.at < payload.len() {
+            let change = decode_change(&mut cursor)
+                .ok_or_else(|| err(format!("{} holds a record this agent cannot read at byte {at}", path.display())))?;
+            state.apply(change);
         }
+        at += 8 + payload.len();
+    }
+    Ok((state, at as u64))
+}
+
+/// The payload of the good frame at `at`, if there is one.
+fn frame_at(data: &[u8], at: usize) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(data.get(at..at + 4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(data.get(at + 4..at + 8)?.try_into().ok()?);
+    if len > MAX_FRAME {
+        return None;
+    }
+    let payload = data.get(at + 8..at + 8 + len)?;
+    (crc32fast::hash(payload) == crc).then_some(payload)
+}
+
+fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+fn put_bytes(out: &mut Vec<u8>, bytes: &[u8]) {
+    out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn encode_change(change: &Change, out: &mut Vec<u8>) {
+    match change {
+        Change::Epoch { scope, epoch } => {
+            out.push(1);
+            put_bytes(out, scope.as_bytes());
+            out.extend_from_slice(&epoch.to_le_bytes());
+        }
+        Change::Started { op_id, epoch } => {
+            out.push(2);
+            put_bytes(out, op_id.as_bytes());
+            out.extend_from_slice(&epoch.to_le_bytes());
+        }
+        Change::Recorded { op_id, outcome, keep } => {
+            out.push(3);
+            put_bytes(out, op_id.as_bytes());
+            out.extend_from_slice(&keep.to_le_bytes());
+            out.extend_from_slice(&outcome.code.to_le_bytes());
+            put_bytes(out, outcome.message.as_bytes());
+            put_bytes(out, &outcome.response);
+        }
+    }
+}
+
+struct Cursor<'a> {
+    data: &'a [u8],
+    at: usize,
+}
+
+impl Cursor<'_> {
+    fn take(&mut self, n: usize) -> Option<&[u8]> {
+        let out = self.data.get(self.at..self.at.checked_add(n)?)?;
+        self.at += n;
+        Some(out)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        Some(u64::from_le_bytes(self.take(8)?.try_into().ok()?))
+    }
+    fn bytes(&mut self) -> Option<Vec<u8>> {
+        let len = u32::from_le_bytes(self.take(4)?.try_into().ok()?) as usize;
+        Some(self.take(len)?.to_vec())
+    }
+    fn string(&mut self) -> Option<String> {
+        String::from_utf8(self.bytes()?).ok()
+    }
+}
+
+fn decode_change(c: &mut Cursor) -> Option<Change> {
+    Some(match c.take(1)?[0] {
+        1 => Change::Epoch { scope: c.string()?, epoch: c.u64()? },
+        2 => Change::Started { op_id: c.string()?, epoch: c.u64()? },
+        3 => {
+            let op_id = c.string()?;
+            let keep = c.u64()?;
+            let code = i32::from_le_bytes(c.take(4)?.try_into().ok()?);
+            Change::Recorded { op_id, keep, outcome: Outcome { code, message: c.string()?, response: c.bytes()? } }
+        }
+        _ => return None,
     })
 }
 
-/// [`Ledger::admit_epoch`] inside `w`.
-fn admit_epoch_in(w: &redb::WriteTransaction, scope: &str, epoch: u64) -> Result<Result<(), StaleEpoch>, LedgerError> {
-    let mut table = w.open_table(EPOCHS).map_err(err)?;
-    let highest = table.get(scope).map_err(err)?.map_or(0, |v| v.value());
-    if epoch < highest {
-        return Ok(Err(StaleEpoch { scope: scope.to_string(), presented: epoch, highest }));
+/// Reads a ledger kept by earlier versions in redb: the same four tables it had.
+fn import_redb(path: &Path) -> Result<State, LedgerError> {
+    use redb::{ReadableDatabase, ReadableTable};
+    let fail = |e: &dyn std::fmt::Display| err(format!("cannot import the redb ledger {}: {e}", path.display()));
+    let db = redb::Database::open(path).map_err(|e| fail(&e))?;
+    let r = db.begin_read().map_err(|e| fail(&e))?;
+    let mut state = State::default();
+    for entry in r.open_table(legacy::EPOCHS).map_err(|e| fail(&e))?.iter().map_err(|e| fail(&e))? {
+        let (k, v) = entry.map_err(|e| fail(&e))?;
+        state.epochs.insert(k.value().to_string(), v.value());
     }
-    if epoch > highest {
-        table.insert(scope, epoch).map_err(err)?;
+    let ops = r.open_table(legacy::OPS).map_err(|e| fail(&e))?;
+    for entry in r.open_table(legacy::OPS_ORDER).map_err(|e| fail(&e))?.iter().map_err(|e| fail(&e))? {
+        let (_, op_id) = entry.map_err(|e| fail(&e))?;
+        let op_id = op_id.value().to_string();
+        let Some(bytes) = ops.get(op_id.as_str()).map_err(|e| fail(&e))? else { continue };
+        let outcome =
+            legacy::decode(bytes.value()).ok_or_else(|| fail(&format!("the record of op {op_id} is corrupt")))?;
+        state.apply(Change::Recorded { op_id, outcome, keep: u64::MAX });
     }
-    Ok(Ok(()))
+    for entry in r.open_table(legacy::STARTED).map_err(|e| fail(&e))?.iter().map_err(|e| fail(&e))? {
+        let (k, v) = entry.map_err(|e| fail(&e))?;
+        state.started.insert(k.value().to_string(), v.value());
+    }
+    Ok(state)
 }
 
-/// [`Ledger::record`] inside `w`: the outcome, the started mark cleared, the oldest
-/// records beyond `keep` dropped.
-fn record_in(w: &redb::WriteTransaction, op_id: &str, outcome: &Outcome, keep: u64) -> Result<(), LedgerError> {
-    w.open_table(STARTED).map_err(err)?.remove(op_id).map_err(err)?;
-    let mut ops = w.open_table(OPS).map_err(err)?;
-    let mut order = w.open_table(OPS_ORDER).map_err(err)?;
-    if ops.insert(op_id, outcome.encode().as_slice()).map_err(err)?.is_none() {
-        let next = order.last().map_err(err)?.map_or(0, |(k, _)| k.value() + 1);
-        order.insert(next, op_id).map_err(err)?;
-        if next >= keep {
-            let oldest = order.first().map_err(err)?.map(|(k, v)| (k.value(), v.value().to_string()));
-            if let Some((seq, old)) = oldest {
-                order.remove(seq).map_err(err)?;
-                ops.remove(old.as_str()).map_err(err)?;
-            }
-        }
+/// The redb ledger's layout, kept to import it.
+mod legacy {
+    use super::Outcome;
+    use redb::TableDefinition;
+
+    pub const EPOCHS: TableDefinition<&str, u64> = TableDefinition::new("epochs");
+    pub const OPS: TableDefinition<&str, &[u8]> = TableDefinition::new("ops");
+    pub const STARTED: TableDefinition<&str, u64> = TableDefinition::new("started");
+    pub const OPS_ORDER: TableDefinition<u64, &str> = TableDefinition::new("ops_order");
+
+    pub fn decode(bytes: &[u8]) -> Option<Outcome> {
+        let code = i32::from_le_bytes(bytes.get(0..4)?.try_into().ok()?);
+        let len = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?) as usize;
+        let message = String::from_utf8(bytes.get(8..8 + len)?.to_vec()).ok()?;
+        Some(Outcome { code, message, response: bytes[8 + len..].to_vec() })
     }
-    Ok(())
+
+    #[cfg(test)]
+    pub fn encode(o: &Outcome) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&o.code.to_le_bytes());
+        out.extend_from_slice(&(o.message.len() as u32).to_le_bytes());
+        out.extend_from_slice(o.message.as_bytes());
+        out.extend_from_slice(&o.response);
+        out
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn admission_runs_once_replays_after_and_knows_an_interrupted_op() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.redb");
-        {
-            let ledger = Ledger::open(&path).unwrap();
-            assert_eq!(ledger.admit("volume/v1", 5, "op-1").unwrap(), Admission::Run);
-            let done = Outcome { code: 0, message: String::new(), response: vec![1, 2] };
-            ledger.record("op-1", &done).unwrap();
-            assert_eq!(ledger.admit("volume/v1", 5, "op-1").unwrap(), Admission::Replay(done));
-            assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Run);
-            assert!(matches!(ledger.admit("volume/v1", 5, "op-3").unwrap(), Admission::Stale(_)));
-            // op-2 never records: the agent "crashes" here.
-        }
-        let ledger = Ledger::open(&path).unwrap();
-        assert!(ledger.was_interrupted("op-2").unwrap());
-        assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Interrupted);
-        let failed = Outcome { code: 14, message: "interrupted".into(), response: vec![] };
-        ledger.record("op-2", &failed).unwrap();
-        assert!(!ledger.was_interrupted("op-2").unwrap());
-        assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Replay(failed));
-    }
-
-    #[test]
-    fn epochs_only_grow_and_survive_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.redb");
-        {
-            let ledger = Ledger::open(&path).unwrap();
-            assert_eq!(ledger.admit_epoch("group/g1", 10).unwrap(), Ok(()));
-            assert_eq!(ledger.admit_epoch("group/g1", 10).unwrap(), Ok(()), "equal epoch is the same owner");
-            let stale = ledger.admit_epoch("group/g1", 9).unwrap().unwrap_err();
-            assert_eq!((stale.presented, stale.highest), (9, 10));
-            assert_eq!(ledger.admit_epoch("group/g2", 3).unwrap(), Ok(()), "scopes are independent");
-        }
-        let ledger = Ledger::open(&path).unwrap();
-        assert_eq!(ledger.highest_epoch("group/g1").unwrap(), 10);
-        assert!(ledger.admit_epoch("group/g1", 5).unwrap().is_err());
-    }
-
-    #[test]
-    fn oldest_outcomes_are_dropped_beyond_the_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("l.redb")).unwrap();
-        let o = Outcome { code: 0, message: String::new(), response: vec![] };
-        for i in 0..5 {
-            ledger.record_keeping(&format!("op-{i}"), &o, 3).unwrap();
-        }
-        assert_eq!(ledger.outcome("op-0").unwrap(), None);
-        assert_eq!(ledger.outcome("op-1").unwrap(), None);
-        for i in 2..5 {
-            assert!(ledger.outcome(&format!("op-{i}")).unwrap().is_some(), "op-{i} kept");
-        }
-    }
-
-    /// 16 threads each admit and record 100 operations at once: every one runs once,
-    /// every outcome is there after a reopen, and the writes shared commits.
-    #[test]
-    fn concurrent_operations_share_commits_and_all_survive_a_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("l.redb");
-        let ledger = Ledger::open(&path).unwrap();
-        let threads: Vec<_> = (0..16)
-            .map(|t| {
-                let ledger = ledger.clone();
-                std::thread::spawn(move || {
-                    for i in 0..100 {
-                        let op = format!("op-{t}-{i}");
-                        assert_eq!(ledger.admit(&format!("volume/v{t}"), i, &op).unwrap(), Admission::Run);
-                        let o = Outcome { code: 0, message: String::new(), response: vec![t as u8] };
-                        ledger.record(&op, &o).unwrap();
-                    }
-                })
-            })
-            .collect();
-        for t in threads {
-            t.join().unwrap();
-        }
-        let commits = ledger.commits.load(std::sync::atomic::Ordering::Relaxed);
-        println!("ledger: 3,200 writes in {commits} commits");
-        assert!(commits < 3_200, "concurrent writes shared no commit");
-        drop(ledger);
-        let ledger = Ledger::open(&path).unwrap();
-        for t in 0..16u64 {
-            assert_eq!(ledger.highest_epoch(&format!("volume/v{t}")).unwrap(), 99);
-            for i in 0..100 {
-                let op = format!("op-{t}-{i}");
-                assert!(!ledger.was_interrupted(&op).unwrap(), "{op} left started");
-                assert_eq!(ledger.outcome(&op).unwrap().unwrap().response, vec![t as u8], "{op}");
-            }
-        }
-    }
-
-    #[test]
-    fn outcomes_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let ledger = Ledger::open(&dir.path().join("l.redb")).unwrap();
-        assert_eq!(ledger.outcome("op-1").unwrap(), None);
-        let o = Outcome { code: 9, message: "volume v is busy".into(), response: vec![1, 2, 3] };
-        ledger.record("op-1", &o).unwrap();
-        assert_eq!(ledger.outcome("op-1").unwrap(), Some(o));
-    }
-}
+mod tests;

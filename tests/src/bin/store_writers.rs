@@ -6,6 +6,10 @@
 //! of its own for `n`. After each acknowledged transaction it prints `ack W N` (one
 //! line, flushed), so a test that kills this process (or the store) knows exactly which
 //! writes were acknowledged. It runs until killed.
+//!
+//! `store_writers ledger PATH COMPACT_BYTES` does the same to an agent ledger: each
+//! writer admits op `op-W-N` at epoch N for scope `volume/W` and records its outcome,
+//! then prints `ack W N`; the log is compacted whenever it passes COMPACT_BYTES.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -18,6 +22,12 @@ const WRITERS: usize = 32;
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("ledger") && args.len() == 3 {
+        let compact = args[2].parse().expect("COMPACT_BYTES is a number");
+        let ledger = drover_agent::ledger::Ledger::open_compacting_at(std::path::Path::new(&args[1]), compact)
+            .expect("open the ledger");
+        return ledger_writers(ledger);
+    }
     let store: Arc<dyn KvStore> = match args.first().map(String::as_str) {
         Some("embedded") if args.len() == 2 => {
             Arc::new(EmbeddedStore::open(std::path::Path::new(&args[1])).await.expect("open the embedded store"))
@@ -27,7 +37,9 @@ async fn main() {
             Arc::new(Prefixed::new(Arc::new(raw), args[2].clone()))
         }
         _ => {
-            eprintln!("usage: store_writers embedded PATH | store_writers etcd ENDPOINT PREFIX");
+            eprintln!(
+                "usage: store_writers embedded PATH | store_writers etcd ENDPOINT PREFIX | store_writers ledger PATH COMPACT_BYTES"
+            );
             std::process::exit(2);
         }
     };
@@ -59,4 +71,33 @@ async fn main() {
         });
     }
     while set.join_next().await.is_some() {}
+}
+
+/// The ledger's writers: threads, since the ledger's calls block.
+fn ledger_writers(ledger: drover_agent::ledger::Ledger) {
+    use drover_agent::ledger::{Admission, Outcome};
+    let out = Arc::new(std::sync::Mutex::new(std::io::stdout()));
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|w| {
+            let (ledger, out) = (ledger.clone(), out.clone());
+            std::thread::spawn(move || {
+                for n in 1u64.. {
+                    let op = format!("op-{w}-{n}");
+                    match ledger.admit(&format!("volume/{w}"), n, &op) {
+                        Ok(Admission::Run) => {}
+                        Ok(other) => panic!("writer {w}: {op} admitted as {other:?}"),
+                        Err(e) => panic!("writer {w}: {e}"),
+                    }
+                    let outcome = Outcome { code: 0, message: String::new(), response: n.to_le_bytes().to_vec() };
+                    ledger.record(&op, &outcome).unwrap_or_else(|e| panic!("writer {w}: {e}"));
+                    let mut out = out.lock().expect("stdout");
+                    let _ = writeln!(out, "ack {w} {n}");
+                    let _ = out.flush();
+                }
+            })
+        })
+        .collect();
+    for w in writers {
+        let _ = w.join();
+    }
 }
