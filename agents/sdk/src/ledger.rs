@@ -17,10 +17,12 @@
 //!
 //! Merging them would mean holding the write open across the whole driver call.
 //!
-//! What concurrent operations share is the fdatasync (group commit): the writes that
-//! queue while a commit runs go into the next one together, each decided in arrival
-//! order as if alone, and none answered before that commit is durable. A write that
-//! changes nothing (a replayed op_id, a stale or equal epoch) needs no disk write at all.
+//! What concurrent operations share is the fdatasync (group commit): one thread owns the
+//! file, and the writes that queue while it commits go into its next commit together,
+//! each decided in arrival order as if alone, and none answered before that commit is
+//! durable. A write that changes nothing (a replayed op_id, a stale or equal epoch) needs
+//! no disk write at all. Callers wait without holding a thread ([`Ledger::admit`] and the
+//! others are async; the `_blocking` forms are for threads outside a runtime).
 //!
 //! # On disk
 //!
@@ -46,7 +48,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock, mpsc};
+
+use tokio::sync::oneshot;
 
 /// How many op outcomes the ledger keeps. A retry comes within minutes of its first
 /// attempt; a hundred thousand newer operations later, an op_id is history.
@@ -103,22 +107,17 @@ fn err(e: impl std::fmt::Display) -> LedgerError {
     LedgerError(e.to_string())
 }
 
-/// The durable fencing and idempotency records of one agent.
+/// The durable fencing and idempotency records of one agent. Clones share the ledger;
+/// its writer thread ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct Ledger {
     inner: Arc<Inner>,
+    writes: mpsc::Sender<Queued>,
 }
 
 struct Inner {
     /// The durable state: only changes whose frame was fdatasynced are in it.
     state: RwLock<State>,
-    /// Writes waiting for the next commit.
-    queue: Mutex<Vec<Queued>>,
-    /// The log file; whoever commits holds it.
-    log: Mutex<Log>,
-    /// Set when a write or fdatasync failed: what is on disk is then unknown, so every
-    /// later write fails until the agent restarts and reads the log back.
-    failed: Mutex<Option<String>>,
     /// Commits that wrote to disk (each one fdatasync), for tests and figures.
     commits: AtomicU64,
 }
@@ -230,7 +229,7 @@ enum Done {
 
 struct Queued {
     write: Write,
-    reply: std::sync::mpsc::SyncSender<Result<Done, LedgerError>>,
+    reply: oneshot::Sender<Result<Done, LedgerError>>,
 }
 
 /// The durable state seen through the changes a batch has decided so far, so that each
@@ -326,103 +325,118 @@ impl Ledger {
             .map_err(|e| err(format!("cannot open {}: {e}", path.display())))?;
         let state_bytes = state.snapshot().iter().map(|f| f.len() as u64).sum::<u64>() + MAGIC.len() as u64;
         let log = Log { path: path.to_path_buf(), file, bytes, state_bytes, compact_min };
-        Ok(Self {
-            inner: Arc::new(Inner {
-                state: RwLock::new(state),
-                queue: Mutex::default(),
-                log: Mutex::new(log),
-                failed: Mutex::default(),
-                commits: AtomicU64::new(0),
-            }),
-        })
+        let inner = Arc::new(Inner { state: RwLock::new(state), commits: AtomicU64::new(0) });
+        let (writes, queue) = mpsc::channel();
+        let writer = inner.clone();
+        std::thread::Builder::new()
+            .name("drover-ledger".into())
+            .spawn(move || writer.write_forever(log, queue))
+            .map_err(|e| err(format!("cannot start the ledger's writer thread: {e}")))?;
+        Ok(Self { inner, writes })
     }
 
-    /// Applies `write` and returns its answer once it is durable. Group commit: the
-    /// write queues, then its caller takes the log; if the previous holder committed it
-    /// already the answer is there, else this caller decides everything queued (in
-    /// arrival order), appends their changes as one frame and fdatasyncs once. A failed
-    /// commit fails every write in it, and the ledger with it.
-    fn commit(&self, write: Write) -> Result<Done, LedgerError> {
-        let inner = &self.inner;
-        let (reply, answer) = std::sync::mpsc::sync_channel(1);
-        inner.queue.lock().expect("ledger queue poisoned").push(Queued { write, reply });
-        let mut log = inner.log.lock().expect("ledger log poisoned");
-        if let Ok(done) = answer.try_recv() {
-            return done;
-        }
-        let batch = std::mem::take(&mut *inner.queue.lock().expect("ledger queue poisoned"));
-        let applied = (|| {
-            if let Some(why) = inner.failed.lock().expect("ledger failure poisoned").clone() {
-                return Err(err(format!("failed earlier ({why}) and takes no more writes; restart the agent")));
-            }
-            let (answers, changes) = {
-                let state = inner.state.read().expect("ledger state poisoned");
-                let mut pending = Pending::new(&state);
-                let answers: Vec<Done> = batch
-                    .iter()
-                    .map(|q| match &q.write {
-                        Write::Admit { scope, epoch, op_id } => Done::Admission(pending.admit(scope, *epoch, op_id)),
-                        Write::AdmitEpoch { scope, epoch } => Done::Epoch(pending.admit_epoch(scope, *epoch)),
-                        Write::Record { op_id, outcome, keep } => {
-                            pending.record(op_id, outcome, *keep);
-                            Done::Recorded
-                        }
-                    })
-                    .collect();
-                (answers, pending.changes)
+    /// Queues `write` for the writer thread; the answer comes once it is durable.
+    fn submit(&self, write: Write) -> oneshot::Receiver<Result<Done, LedgerError>> {
+        let (reply, answer) = oneshot::channel();
+        // A send fails only when the writer thread is gone; the dropped reply says so.
+        let _ = self.writes.send(Queued { write, reply });
+        answer
+    }
+}
+
+fn writer_gone(_: oneshot::error::RecvError) -> LedgerError {
+    err("writer thread stopped; restart the agent")
+}
+
+impl Inner {
+    /// The writer thread: takes every write queued, commits them together, answers them.
+    fn write_forever(&self, mut log: Log, queue: mpsc::Receiver<Queued>) {
+        // Set when a write or fdatasync failed: what is on disk is then unknown, so every
+        // later write fails until the agent restarts and reads the log back.
+        let mut failed: Option<String> = None;
+        while let Ok(first) = queue.recv() {
+            let mut batch = vec![first];
+            batch.extend(queue.try_iter());
+            let applied = match &failed {
+                Some(why) => Err(err(format!("failed earlier ({why}) and takes no more writes; restart the agent"))),
+                None => self.commit(&mut log, &batch),
             };
-            if changes.is_empty() {
-                return Ok(answers);
-            }
-            let mut payload = Vec::new();
-            for change in &changes {
-                encode_change(change, &mut payload);
-            }
-            if let Err(e) = log.append(&frame(&payload)) {
-                *inner.failed.lock().expect("ledger failure poisoned") = Some(e.0.clone());
-                return Err(e);
-            }
-            inner.commits.fetch_add(1, Ordering::Relaxed);
-            {
-                let mut state = inner.state.write().expect("ledger state poisoned");
-                for change in changes {
-                    state.apply(change);
+            match applied {
+                Ok(answers) => {
+                    for (q, a) in batch.into_iter().zip(answers) {
+                        let _ = q.reply.send(Ok(a));
+                    }
                 }
-            }
-            if log.bytes > log.compact_min.max(4 * log.state_bytes) {
-                // The log as it is stays valid if this fails; it is tried again later.
-                let state = inner.state.read().expect("ledger state poisoned");
-                if let Err(e) = log.compact(&state) {
-                    tracing::warn!(error = %e, "agent ledger compaction failed; the log keeps growing until it works");
-                }
-            }
-            Ok(answers)
-        })();
-        match applied {
-            Ok(answers) => {
-                for (q, a) in batch.into_iter().zip(answers) {
-                    let _ = q.reply.send(Ok(a));
-                }
-            }
-            Err(e) => {
-                for q in batch {
-                    let _ = q.reply.send(Err(err(&e.0)));
+                Err(e) => {
+                    failed.get_or_insert_with(|| e.0.clone());
+                    for q in batch {
+                        let _ = q.reply.send(Err(err(&e.0)));
+                    }
                 }
             }
         }
-        drop(log);
-        answer.recv().unwrap_or_else(|_| Err(err("the commit lost this write")))
     }
 
+    /// Decides `batch` in arrival order against the durable state, appends the changes
+    /// as one frame, fdatasyncs once, and only then applies them to the state.
+    fn commit(&self, log: &mut Log, batch: &[Queued]) -> Result<Vec<Done>, LedgerError> {
+        let (answers, changes) = {
+            let state = self.state.read().expect("ledger state poisoned");
+            let mut pending = Pending::new(&state);
+            let answers: Vec<Done> = batch
+                .iter()
+                .map(|q| match &q.write {
+                    Write::Admit { scope, epoch, op_id } => Done::Admission(pending.admit(scope, *epoch, op_id)),
+                    Write::AdmitEpoch { scope, epoch } => Done::Epoch(pending.admit_epoch(scope, *epoch)),
+                    Write::Record { op_id, outcome, keep } => {
+                        pending.record(op_id, outcome, *keep);
+                        Done::Recorded
+                    }
+                })
+                .collect();
+            (answers, pending.changes)
+        };
+        if changes.is_empty() {
+            return Ok(answers);
+        }
+        let mut payload = Vec::new();
+        for change in &changes {
+            encode_change(change, &mut payload);
+        }
+        log.append(&frame(&payload))?;
+        self.commits.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut state = self.state.write().expect("ledger state poisoned");
+            for change in changes {
+                state.apply(change);
+            }
+        }
+        if log.bytes > log.compact_min.max(4 * log.state_bytes) {
+            // The log as it is stays valid if this fails; it is tried again later.
+            let state = self.state.read().expect("ledger state poisoned");
+            if let Err(e) = log.compact(&state) {
+                tracing::warn!(error = %e, "agent ledger compaction failed; the log keeps growing until it works");
+            }
+        }
+        Ok(answers)
+    }
+}
+
+impl Ledger {
     /// One durable step before a mutation runs: checks the epoch for `scope` (raising the
     /// highest seen), then looks the op_id up. Only [`Admission::Run`] marks the op as
     /// started; the caller must [`Ledger::record`] its outcome, which clears the mark.
-    pub fn admit(&self, scope: &str, epoch: u64, op_id: &str) -> Result<Admission, LedgerError> {
-        let write = Write::Admit { scope: scope.to_string(), epoch, op_id: op_id.to_string() };
-        match self.commit(write)? {
-            Done::Admission(a) => Ok(a),
-            _ => Err(err("the ledger answered an admission with something else")),
-        }
+    pub async fn admit(&self, scope: &str, epoch: u64, op_id: &str) -> Result<Admission, LedgerError> {
+        admission(self.submit(Self::admit_write(scope, epoch, op_id)).await.map_err(writer_gone)?)
+    }
+
+    /// [`Ledger::admit`] for a thread outside an async runtime.
+    pub fn admit_blocking(&self, scope: &str, epoch: u64, op_id: &str) -> Result<Admission, LedgerError> {
+        admission(self.submit(Self::admit_write(scope, epoch, op_id)).blocking_recv().map_err(writer_gone)?)
+    }
+
+    fn admit_write(scope: &str, epoch: u64, op_id: &str) -> Write {
+        Write::Admit { scope: scope.to_string(), epoch, op_id: op_id.to_string() }
     }
 
     /// Whether an op was started and never recorded (an agent crash interrupted it).
@@ -432,11 +446,15 @@ impl Ledger {
 
     /// Admits `epoch` for `scope` if it is at least the highest seen, persisting it as the
     /// new highest; otherwise reports the stale epoch.
-    pub fn admit_epoch(&self, scope: &str, epoch: u64) -> Result<Result<(), StaleEpoch>, LedgerError> {
-        match self.commit(Write::AdmitEpoch { scope: scope.to_string(), epoch })? {
-            Done::Epoch(verdict) => Ok(verdict),
-            _ => Err(err("the ledger answered an epoch admission with something else")),
-        }
+    pub async fn admit_epoch(&self, scope: &str, epoch: u64) -> Result<Result<(), StaleEpoch>, LedgerError> {
+        let write = Write::AdmitEpoch { scope: scope.to_string(), epoch };
+        epoch_verdict(self.submit(write).await.map_err(writer_gone)?)
+    }
+
+    /// [`Ledger::admit_epoch`] for a thread outside an async runtime.
+    pub fn admit_epoch_blocking(&self, scope: &str, epoch: u64) -> Result<Result<(), StaleEpoch>, LedgerError> {
+        let write = Write::AdmitEpoch { scope: scope.to_string(), epoch };
+        epoch_verdict(self.submit(write).blocking_recv().map_err(writer_gone)?)
     }
 
     /// The highest epoch seen for a scope (0 when none).
@@ -450,16 +468,41 @@ impl Ledger {
     }
 
     /// Records the terminal outcome of an op_id.
-    pub fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), LedgerError> {
+    pub async fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), LedgerError> {
+        let write = Write::Record { op_id: op_id.to_string(), outcome: outcome.clone(), keep: OPS_KEPT };
+        recorded(self.submit(write).await.map_err(writer_gone)?)
+    }
+
+    /// [`Ledger::record`] for a thread outside an async runtime.
+    pub fn record_blocking(&self, op_id: &str, outcome: &Outcome) -> Result<(), LedgerError> {
         self.record_keeping(op_id, outcome, OPS_KEPT)
     }
 
     /// Records an outcome and drops the oldest records beyond `keep`.
     fn record_keeping(&self, op_id: &str, outcome: &Outcome, keep: u64) -> Result<(), LedgerError> {
-        match self.commit(Write::Record { op_id: op_id.to_string(), outcome: outcome.clone(), keep })? {
-            Done::Recorded => Ok(()),
-            _ => Err(err("the ledger answered a record with something else")),
-        }
+        let write = Write::Record { op_id: op_id.to_string(), outcome: outcome.clone(), keep };
+        recorded(self.submit(write).blocking_recv().map_err(writer_gone)?)
+    }
+}
+
+fn admission(done: Result<Done, LedgerError>) -> Result<Admission, LedgerError> {
+    match done? {
+        Done::Admission(a) => Ok(a),
+        _ => Err(err("the ledger answered an admission with something else")),
+    }
+}
+
+fn epoch_verdict(done: Result<Done, LedgerError>) -> Result<Result<(), StaleEpoch>, LedgerError> {
+    match done? {
+        Done::Epoch(verdict) => Ok(verdict),
+        _ => Err(err("the ledger answered an epoch admission with something else")),
+    }
+}
+
+fn recorded(done: Result<Done, LedgerError>) -> Result<(), LedgerError> {
+    match done? {
+        Done::Recorded => Ok(()),
+        _ => Err(err("the ledger answered a record with something else")),
     }
 }
 

@@ -238,10 +238,10 @@ impl pb::replica_server::Replica for ReplicaService {
         };
         // Fencing on the data path: a source whose epoch for the group is older than one
         // this side admitted was failed over away from; it must not overwrite this side.
-        let (ledger, scope, epoch) = (self.ledger.clone(), format!("group/{}", header.group_id), header.epoch);
-        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
+        let verdict = self
+            .ledger
+            .admit_epoch(&format!("group/{}", header.group_id), header.epoch)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
             .map_err(|e| Status::internal(e.to_string()))?;
         if let Err(stale) = verdict {
             tracing::warn!(group = %header.group_id, source = %header.source_backend, presented = stale.presented, highest = stale.highest, "refusing a recovery point from a stale source");

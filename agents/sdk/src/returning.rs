@@ -60,11 +60,11 @@ impl Fencing {
 
     async fn demote(&self, claim: &pb::HeldGroup, epoch: u64) -> Result<(), String> {
         let scope = format!("group/{}", claim.group_id);
-        let (ledger, s) = (self.ledger.clone(), scope.clone());
         // A newer epoch already admitted here is as good: the fence only ever rises.
-        let _ = tokio::task::spawn_blocking(move || ledger.admit_epoch(&s, epoch))
+        let _ = self
+            .ledger
+            .admit_epoch(&scope, epoch)
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot raise the fence of {scope}: {e}"))?;
         let op = OpInfo { op_id: format!("fenced-on-return/{}/{epoch}", claim.group_id), epoch, scope };
         for volume in &claim.volume_ids {

@@ -83,13 +83,13 @@ fn ledger_writers(ledger: drover_agent::ledger::Ledger) {
             std::thread::spawn(move || {
                 for n in 1u64.. {
                     let op = format!("op-{w}-{n}");
-                    match ledger.admit(&format!("volume/{w}"), n, &op) {
+                    match ledger.admit_blocking(&format!("volume/{w}"), n, &op) {
                         Ok(Admission::Run) => {}
                         Ok(other) => panic!("writer {w}: {op} admitted as {other:?}"),
                         Err(e) => panic!("writer {w}: {e}"),
                     }
                     let outcome = Outcome { code: 0, message: String::new(), response: n.to_le_bytes().to_vec() };
-                    ledger.record(&op, &outcome).unwrap_or_else(|e| panic!("writer {w}: {e}"));
+                    ledger.record_blocking(&op, &outcome).unwrap_or_else(|e| panic!("writer {w}: {e}"));
                     let mut out = out.lock().expect("stdout");
                     let _ = writeln!(out, "ack {w} {n}");
                     let _ = out.flush();

@@ -10,21 +10,21 @@ fn admission_runs_once_replays_after_and_knows_an_interrupted_op() {
     let path = dir.path().join("ledger.log");
     {
         let ledger = Ledger::open(&path).unwrap();
-        assert_eq!(ledger.admit("volume/v1", 5, "op-1").unwrap(), Admission::Run);
+        assert_eq!(ledger.admit_blocking("volume/v1", 5, "op-1").unwrap(), Admission::Run);
         let done = Outcome { code: 0, message: String::new(), response: vec![1, 2] };
-        ledger.record("op-1", &done).unwrap();
-        assert_eq!(ledger.admit("volume/v1", 5, "op-1").unwrap(), Admission::Replay(done));
-        assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Run);
-        assert!(matches!(ledger.admit("volume/v1", 5, "op-3").unwrap(), Admission::Stale(_)));
+        ledger.record_blocking("op-1", &done).unwrap();
+        assert_eq!(ledger.admit_blocking("volume/v1", 5, "op-1").unwrap(), Admission::Replay(done));
+        assert_eq!(ledger.admit_blocking("volume/v1", 6, "op-2").unwrap(), Admission::Run);
+        assert!(matches!(ledger.admit_blocking("volume/v1", 5, "op-3").unwrap(), Admission::Stale(_)));
         // op-2 never records: the agent "crashes" here.
     }
     let ledger = Ledger::open(&path).unwrap();
     assert!(ledger.was_interrupted("op-2").unwrap());
-    assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Interrupted);
+    assert_eq!(ledger.admit_blocking("volume/v1", 6, "op-2").unwrap(), Admission::Interrupted);
     let failed = Outcome { code: 14, message: "interrupted".into(), response: vec![] };
-    ledger.record("op-2", &failed).unwrap();
+    ledger.record_blocking("op-2", &failed).unwrap();
     assert!(!ledger.was_interrupted("op-2").unwrap());
-    assert_eq!(ledger.admit("volume/v1", 6, "op-2").unwrap(), Admission::Replay(failed));
+    assert_eq!(ledger.admit_blocking("volume/v1", 6, "op-2").unwrap(), Admission::Replay(failed));
 }
 
 #[test]
@@ -33,15 +33,15 @@ fn epochs_only_grow_and_survive_reopen() {
     let path = dir.path().join("ledger.log");
     {
         let ledger = Ledger::open(&path).unwrap();
-        assert_eq!(ledger.admit_epoch("group/g1", 10).unwrap(), Ok(()));
-        assert_eq!(ledger.admit_epoch("group/g1", 10).unwrap(), Ok(()), "equal epoch is the same owner");
-        let stale = ledger.admit_epoch("group/g1", 9).unwrap().unwrap_err();
+        assert_eq!(ledger.admit_epoch_blocking("group/g1", 10).unwrap(), Ok(()));
+        assert_eq!(ledger.admit_epoch_blocking("group/g1", 10).unwrap(), Ok(()), "equal epoch is the same owner");
+        let stale = ledger.admit_epoch_blocking("group/g1", 9).unwrap().unwrap_err();
         assert_eq!((stale.presented, stale.highest), (9, 10));
-        assert_eq!(ledger.admit_epoch("group/g2", 3).unwrap(), Ok(()), "scopes are independent");
+        assert_eq!(ledger.admit_epoch_blocking("group/g2", 3).unwrap(), Ok(()), "scopes are independent");
     }
     let ledger = Ledger::open(&path).unwrap();
     assert_eq!(ledger.highest_epoch("group/g1").unwrap(), 10);
-    assert!(ledger.admit_epoch("group/g1", 5).unwrap().is_err());
+    assert!(ledger.admit_epoch_blocking("group/g1", 5).unwrap().is_err());
 }
 
 #[test]
@@ -78,8 +78,8 @@ fn concurrent_operations_share_commits_and_all_survive_a_reopen() {
             std::thread::spawn(move || {
                 for i in 0..100 {
                     let op = format!("op-{t}-{i}");
-                    assert_eq!(ledger.admit(&format!("volume/v{t}"), i, &op).unwrap(), Admission::Run);
-                    ledger.record(&op, &done(t as u8)).unwrap();
+                    assert_eq!(ledger.admit_blocking(&format!("volume/v{t}"), i, &op).unwrap(), Admission::Run);
+                    ledger.record_blocking(&op, &done(t as u8)).unwrap();
                 }
             })
         })
@@ -108,7 +108,7 @@ fn outcomes_round_trip() {
     let ledger = Ledger::open(&dir.path().join("l.log")).unwrap();
     assert_eq!(ledger.outcome("op-1").unwrap(), None);
     let o = Outcome { code: 9, message: "volume v is busy".into(), response: vec![1, 2, 3] };
-    ledger.record("op-1", &o).unwrap();
+    ledger.record_blocking("op-1", &o).unwrap();
     assert_eq!(ledger.outcome("op-1").unwrap(), Some(o));
 }
 
@@ -119,14 +119,14 @@ fn writes_that_change_nothing_do_not_touch_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let ledger = Ledger::open(&dir.path().join("l.log")).unwrap();
     let commits = || ledger.inner.commits.load(Ordering::Relaxed);
-    assert_eq!(ledger.admit("volume/v1", 3, "op-1").unwrap(), Admission::Run);
-    ledger.record("op-1", &done(1)).unwrap();
+    assert_eq!(ledger.admit_blocking("volume/v1", 3, "op-1").unwrap(), Admission::Run);
+    ledger.record_blocking("op-1", &done(1)).unwrap();
     assert_eq!(commits(), 2);
-    assert_eq!(ledger.admit("volume/v1", 3, "op-1").unwrap(), Admission::Replay(done(1)));
-    assert!(matches!(ledger.admit("volume/v1", 2, "op-2").unwrap(), Admission::Stale(_)));
-    assert_eq!(ledger.admit_epoch("volume/v1", 3).unwrap(), Ok(()));
+    assert_eq!(ledger.admit_blocking("volume/v1", 3, "op-1").unwrap(), Admission::Replay(done(1)));
+    assert!(matches!(ledger.admit_blocking("volume/v1", 2, "op-2").unwrap(), Admission::Stale(_)));
+    assert_eq!(ledger.admit_epoch_blocking("volume/v1", 3).unwrap(), Ok(()));
     assert_eq!(commits(), 2, "a replay, a stale and an equal epoch wrote");
-    assert_eq!(ledger.admit_epoch("volume/v1", 4).unwrap(), Ok(()));
+    assert_eq!(ledger.admit_epoch_blocking("volume/v1", 4).unwrap(), Ok(()));
     assert_eq!(commits(), 3);
 }
 
@@ -138,13 +138,13 @@ fn a_torn_last_write_is_cut_off_at_every_length() {
     let path = dir.path().join("l.log");
     let before = {
         let ledger = Ledger::open(&path).unwrap();
-        assert_eq!(ledger.admit("volume/v1", 7, "op-1").unwrap(), Admission::Run);
-        ledger.record("op-1", &done(1)).unwrap();
+        assert_eq!(ledger.admit_blocking("volume/v1", 7, "op-1").unwrap(), Admission::Run);
+        ledger.record_blocking("op-1", &done(1)).unwrap();
         std::fs::read(&path).unwrap()
     };
     let after = {
         let ledger = Ledger::open(&path).unwrap();
-        assert_eq!(ledger.admit("volume/v1", 8, "op-2").unwrap(), Admission::Run);
+        assert_eq!(ledger.admit_blocking("volume/v1", 8, "op-2").unwrap(), Admission::Run);
         std::fs::read(&path).unwrap()
     };
     assert!(after.len() > before.len() + 8);
@@ -155,9 +155,12 @@ fn a_torn_last_write_is_cut_off_at_every_length() {
         assert_eq!(ledger.highest_epoch("volume/v1").unwrap(), 7, "cut at {cut}");
         assert!(!ledger.was_interrupted("op-2").unwrap(), "cut at {cut}");
         assert_eq!(ledger.outcome("op-1").unwrap(), Some(done(1)), "cut at {cut}");
-        assert_eq!(ledger.admit("volume/v1", 8, "op-2").unwrap(), Admission::Run, "cut at {cut}");
+        assert_eq!(ledger.admit_blocking("volume/v1", 8, "op-2").unwrap(), Admission::Run, "cut at {cut}");
         drop(ledger);
-        assert_eq!(Ledger::open(&path).unwrap().admit("volume/v1", 8, "op-2").unwrap(), Admission::Interrupted);
+        assert_eq!(
+            Ledger::open(&path).unwrap().admit_blocking("volume/v1", 8, "op-2").unwrap(),
+            Admission::Interrupted
+        );
     }
     // A frame with good frames after it that does not check is damage, not a torn end.
     std::fs::write(&path, &after).unwrap();
@@ -187,7 +190,7 @@ fn the_log_is_compacted_and_reads_back_the_same() {
     let ledger = Ledger::open_with(&path, 4 << 10).unwrap();
     for i in 0..2_000u64 {
         let op = format!("op-{i}");
-        assert_eq!(ledger.admit(&format!("volume/v{}", i % 7), i, &op).unwrap(), Admission::Run);
+        assert_eq!(ledger.admit_blocking(&format!("volume/v{}", i % 7), i, &op).unwrap(), Admission::Run);
         if i % 10 != 0 {
             ledger.record_keeping(&op, &done(i as u8), 50).unwrap();
         }
@@ -228,7 +231,7 @@ fn a_redb_ledger_is_imported() {
     assert!(!old.exists() && dir.path().join("ledger.redb.imported").exists());
     assert_eq!(ledger.highest_epoch("group/g1").unwrap(), 12);
     assert_eq!(ledger.outcome("op-b").unwrap(), Some(done(4)));
-    assert_eq!(ledger.admit("group/g1", 12, "op-c").unwrap(), Admission::Interrupted);
+    assert_eq!(ledger.admit_blocking("group/g1", 12, "op-c").unwrap(), Admission::Interrupted);
     assert_eq!(ledger.inner.state.read().unwrap().order, ["op-a", "op-b"], "the order of the records");
     drop(ledger);
     assert_eq!(Ledger::open(&path).unwrap().highest_epoch("group/g1").unwrap(), 12);

@@ -162,12 +162,7 @@ impl AgentService {
             Claimed::Mine(tx) => tx,
         };
         let claim = Claim { map: self.in_flight.clone(), target: target.to_string() };
-        let ledger = self.ledger.clone();
-        let (scope, epoch, op_id) = (ctx.fence_scope.clone(), ctx.epoch, ctx.op_id.clone());
-        let admission = tokio::task::spawn_blocking(move || ledger.admit(&scope, epoch, &op_id))
-            .await
-            .map_err(ledger_status)?
-            .map_err(ledger_status)?;
+        let admission = self.ledger.admit(&ctx.fence_scope, ctx.epoch, &ctx.op_id).await.map_err(ledger_status)?;
         match admission {
             Admission::Stale(stale) => {
                 return Err(Status::failed_precondition(format!(
@@ -206,19 +201,17 @@ impl AgentService {
                     Err(e) => {
                         tracing::warn!(error = %e, "driver call failed");
                         let status = e.to_status();
-                        Outcome { code: status.code() as i32, message: status.message().to_string(), response: Vec::new() }
+                        Outcome {
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                            response: Vec::new(),
+                        }
                     }
                 };
                 // Recorded before the target is released, so a repeat of this op_id finds
                 // either the running op (and joins it) or its record.
-                let recorded = {
-                    let outcome = outcome.clone();
-                    tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome)).await
-                };
-                match recorded {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => tracing::error!(error = %e, "could not record the outcome; a retry will be refused as interrupted"),
-                    Err(e) => tracing::error!(error = %e, "could not record the outcome"),
+                if let Err(e) = ledger.record(&op_id, &outcome).await {
+                    tracing::error!(error = %e, "could not record the outcome; a retry will be refused as interrupted");
                 }
                 let _ = tx.send(Some(outcome));
             }
@@ -245,11 +238,7 @@ impl AgentService {
 
     /// Admits `epoch` for `scope` (durably), refusing a stale one.
     pub(super) async fn raise_fence(&self, scope: &str, epoch: u64) -> Result<u64, Status> {
-        let (ledger, scope) = (self.ledger.clone(), scope.to_string());
-        let verdict = tokio::task::spawn_blocking(move || ledger.admit_epoch(&scope, epoch))
-            .await
-            .map_err(ledger_status)?
-            .map_err(ledger_status)?;
+        let verdict = self.ledger.admit_epoch(scope, epoch).await.map_err(ledger_status)?;
         match verdict {
             Ok(()) => Ok(epoch),
             Err(stale) => Err(Status::failed_precondition(format!(
@@ -260,17 +249,11 @@ impl AgentService {
     }
 
     async fn record(&self, op_id: &str, outcome: &Outcome) -> Result<(), Status> {
-        let (ledger, op_id, outcome) = (self.ledger.clone(), op_id.to_string(), outcome.clone());
-        tokio::task::spawn_blocking(move || ledger.record(&op_id, &outcome))
-            .await
-            .map_err(ledger_status)?
-            .map_err(ledger_status)
+        self.ledger.record(op_id, outcome).await.map_err(ledger_status)
     }
 
     pub(super) async fn recorded(&self, op_id: &str) -> Result<Option<Outcome>, Status> {
-        let ledger = self.ledger.clone();
-        let op_id = op_id.to_string();
-        tokio::task::spawn_blocking(move || ledger.outcome(&op_id)).await.map_err(ledger_status)?.map_err(ledger_status)
+        self.ledger.outcome(op_id).map_err(ledger_status)
     }
 }
 
