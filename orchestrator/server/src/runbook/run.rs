@@ -302,6 +302,10 @@ pub struct RunbookRun {
     loaded: bool,
     /// Each step's items as last stored, so only changed ones are written again.
     saved: Vec<Vec<Item>>,
+    /// The step the run was at when its items were last stored, if they were. Items
+    /// change only in the step the run is at, so a save compares the steps from this
+    /// one to the current one, not every step's items.
+    saved_at: Option<usize>,
     /// Which children ended here: a pass reads the records of those only, and every
     /// running child's at its first pass, after a lag, and every
     /// [`FULL_CHECK_EVERY`] (children that run on another orchestrator).
@@ -349,7 +353,7 @@ impl RunbookRun {
             adoptions: Vec::new(),
             items_apart: false,
         };
-        Self { core, state, loaded: true, saved: Vec::new(), ends: None }
+        Self { core, state, loaded: true, saved: Vec::new(), saved_at: None, ends: None }
     }
 
     /// The run as a member of `project` asked for it: its execution is that project's.
@@ -361,7 +365,7 @@ impl RunbookRun {
     pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
         let state: RunState = serde_json::from_value(state).map_err(|e| e.to_string())?;
         let loaded = !state.items_apart;
-        Ok(Self { core, state, loaded, saved: Vec::new(), ends: None })
+        Ok(Self { core, state, loaded, saved: Vec::new(), saved_at: None, ends: None })
     }
 
     /// Every group the run may touch.
@@ -730,24 +734,38 @@ impl Procedure for RunbookRun {
         // (and the keys of items a step no longer has).
         self.state.items_apart = true;
         self.saved.resize_with(self.state.steps.len(), Vec::new);
+        // Steps before the one the last save was at are as stored, and so are the steps
+        // after the current one (not started); debug builds check that.
+        let at = self.state.at.min(self.state.steps.len().saturating_sub(1));
+        let from = self.saved_at.map_or(0, |s| s.min(at));
+        let to = if self.saved_at.is_some() { at + 1 } else { self.state.steps.len() };
+        #[cfg(debug_assertions)]
+        for (n, (step, saved)) in self.state.steps.iter().zip(&self.saved).enumerate() {
+            assert!(
+                (from..to).contains(&n) || step.items == *saved,
+                "runbook run: items of step {n} changed while the run was at step {at} (last saved at {:?})",
+                self.saved_at
+            );
+        }
         let mut ops = Vec::new();
-        for (n, (step, saved)) in self.state.steps.iter().zip(self.saved.iter_mut()).enumerate() {
-            let before = ops.len();
+        for (n, (step, saved)) in self.state.steps.iter().zip(self.saved.iter_mut()).enumerate().take(to).skip(from) {
             for (i, item) in step.items.iter().enumerate() {
-                if saved.get(i) != Some(item) {
-                    let value = serde_json::to_vec(item).expect("items serialise");
-                    ops.push(drover_store::TxnOp::put(item_key(execution_id, n, i), value));
+                match saved.get_mut(i) {
+                    Some(s) if s == item => continue,
+                    Some(s) => s.clone_from(item),
+                    None => saved.push(item.clone()),
                 }
+                let value = serde_json::to_vec(item).expect("items serialise");
+                ops.push(drover_store::TxnOp::put(item_key(execution_id, n, i), value));
             }
             // From the last one down, so a reader between two transactions of these
             // writes still finds each step's items without a gap.
             for i in (step.items.len()..saved.len()).rev() {
                 ops.push(drover_store::TxnOp::delete(item_key(execution_id, n, i)));
             }
-            if ops.len() != before {
-                saved.clone_from(&step.items);
-            }
+            saved.truncate(step.items.len());
         }
+        self.saved_at = Some(at);
         ops
     }
 
@@ -767,6 +785,7 @@ impl Procedure for RunbookRun {
                 step.items = items;
             }
             self.saved = self.state.steps.iter().map(|s| s.items.clone()).collect();
+            self.saved_at = Some(self.state.at);
             self.loaded = true;
         }
         let result = self.step_once(ctx).await;
