@@ -288,6 +288,7 @@ async fn run(n: usize) -> Run {
         phases(&c, step, children).await;
     }
     footprint(&etcd, cluster.store_prefix().expect("on etcd")).await;
+    written(&etcd, cluster.store_prefix().expect("on etcd"), rev_before, rev_after, n).await;
     let calls = ops(cluster.path()) - ops_before;
     let txns = (rev_after - rev_before - 1).max(0) as usize;
     let agent_floor = Duration::from_millis(calls as u64 * LATENCY_MS) / PARALLEL as u32;
@@ -337,6 +338,50 @@ async fn footprint(etcd: &Etcd, prefix: &str) {
         .map(|(k, (n, bytes, max))| format!("{k} {n} keys {} KiB (largest {max} B)", bytes / 1024))
         .collect();
     eprintln!("bench: store after the run: {}", shown.join("; "));
+}
+
+/// What the run wrote, by the key's first segment: puts and value bytes per group, read
+/// back from etcd's history between the two marks (each put carries the whole value, so
+/// this is where etcd's bytes per group come from).
+async fn written(etcd: &Etcd, prefix: &str, from: i64, to: i64, groups: usize) {
+    use tokio_stream::StreamExt;
+    let raw =
+        drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
+    let store = drover_store::Prefixed::new(Arc::new(raw), prefix.to_string());
+    let mut events = store.watch(b"", from + 1).await.unwrap();
+    let mut by: std::collections::BTreeMap<String, (usize, usize)> = Default::default();
+    loop {
+        let event = match tokio::time::timeout(Duration::from_secs(5), events.next()).await {
+            Ok(Some(Ok(event))) => event,
+            Ok(Some(Err(e))) => {
+                eprintln!("bench: the run's writes cannot be read back: {e}");
+                return;
+            }
+            Ok(None) | Err(_) => break,
+        };
+        let drover_store::WatchEvent::Put(kv) = event else { continue };
+        if kv.mod_revision >= to {
+            break;
+        }
+        let key = String::from_utf8_lossy(&kv.key);
+        let e = by.entry(key.split('/').next().unwrap_or("").to_string()).or_default();
+        *e = (e.0 + 1, e.1 + kv.value.len());
+    }
+    let mut rows: Vec<_> = by.into_iter().collect();
+    rows.sort_by_key(|(_, (_, bytes))| std::cmp::Reverse(*bytes));
+    let total: usize = rows.iter().map(|(_, (_, b))| b).sum();
+    let shown: Vec<String> = rows
+        .iter()
+        .take(10)
+        .map(|(k, (puts, bytes))| {
+            format!("{k} {:.2} puts {:.0} B", *puts as f64 / groups as f64, *bytes as f64 / groups as f64)
+        })
+        .collect();
+    eprintln!(
+        "bench: written during the run per group: {:.0} B of values; {}",
+        total as f64 / groups as f64,
+        shown.join("; ")
+    );
 }
 
 /// Where an item's time goes, from a sample of its step's child executions: from the

@@ -34,6 +34,7 @@ where
     keepalive_extends_lease(fresh().await).await;
     unknown_lease_is_refused(fresh().await).await;
     watch_replays_from_revision_then_follows(fresh().await).await;
+    a_watch_replays_more_history_than_one_reply_holds(fresh().await).await;
 }
 
 /// Create and mod revisions and versions behave as in etcd.
@@ -337,4 +338,32 @@ async fn next_event(watch: &mut crate::WatchStream) -> WatchEvent {
         .expect("a watch event within 10 s")
         .expect("the watch stream is open")
         .expect("the watch event is not an error")
+}
+
+/// A watch that starts far back replays history larger than one gRPC reply may carry
+/// (etcd-client refuses replies over 4 MiB unless told otherwise): 1,200 puts of 8 KiB in
+/// 12 transactions, about 9.6 MiB, all arrive, then the watch follows live writes.
+pub async fn a_watch_replays_more_history_than_one_reply_holds(store: Arc<dyn KvStore>) {
+    let value = vec![b'h'; 8192];
+    let mut first = 0;
+    for chunk in 0..12 {
+        let txn =
+            (0..100).fold(Txn::new(), |t, i| t.and_then(TxnOp::put(format!("hist/{chunk:02}/{i:03}"), value.clone())));
+        let rev = store.txn(txn).await.unwrap().revision;
+        if first == 0 {
+            first = rev;
+        }
+    }
+    let mut watch = store.watch(b"hist/", first).await.unwrap();
+    for n in 0..1200 {
+        match next_event(&mut watch).await {
+            WatchEvent::Put(kv) => {
+                assert_eq!(kv.key, format!("hist/{:02}/{:03}", n / 100, n % 100).into_bytes(), "event {n}");
+                assert_eq!(kv.value.len(), 8192);
+            }
+            other => panic!("event {n} is {other:?}"),
+        }
+    }
+    store.put(b"hist/live", b"x").await.unwrap();
+    assert!(matches!(next_event(&mut watch).await, WatchEvent::Put(kv) if kv.key == b"hist/live"));
 }

@@ -19,6 +19,10 @@ use etcd_client::{
     Txn as ETxn, TxnOp as ETxnOp, WatchOptions,
 };
 
+/// The largest watch reply this client decodes. etcd's own request limit (1.5 MiB by
+/// default, at most 10 MiB in its docs' advice) bounds a fragment well below it.
+const WATCH_REPLY_LIMIT: usize = 64 << 20;
+
 use crate::{
     Compare, KeyValue, KvStore, Page, StoreError, Txn, TxnOp, TxnResponse, WatchEvent, WatchStream, page_start,
     prefix_end,
@@ -295,11 +299,16 @@ impl KvStore for EtcdStore {
     }
 
     async fn watch(&self, prefix: &[u8], from_revision: i64) -> Result<WatchStream, StoreError> {
-        let mut opts = WatchOptions::new().with_prefix();
+        // Replayed history can be larger than one gRPC reply may be: etcd sends a watcher
+        // that is behind the events of up to 1,000 revisions at once. Fragmented, each
+        // reply stays under etcd's request limit (events are handled one by one below, so
+        // fragments need no joining); the raised decoding limit covers an etcd whose
+        // limit is set above the client's 4 MiB default.
+        let mut opts = WatchOptions::new().with_prefix().with_fragment();
         if from_revision > 0 {
             opts = opts.with_start_revision(from_revision);
         }
-        let mut client = self.client.watch_client();
+        let mut client = self.client.watch_client().max_decoding_message_size(WATCH_REPLY_LIMIT);
         let mut stream =
             self.deadline("watch", async move { client.watch(prefix, Some(opts)).await.map_err(map_err) }).await?;
         let (tx, rx) = tokio::sync::mpsc::channel(256);
