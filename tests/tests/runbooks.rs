@@ -612,12 +612,34 @@ async fn a_runs_items_are_kept_apart_from_its_record() {
         .await
         .unwrap()
         .into_inner();
-    let ended = wait_ended(&mut c, &e.id).await;
-    assert_eq!(ended.status, "succeeded", "{}", ended.error);
-
     let raw =
         drover_store::EtcdStore::connect(std::slice::from_ref(&etcd.endpoint), Duration::from_secs(5)).await.unwrap();
     let prefix = cluster.store_prefix().expect("on etcd").to_string();
+    // While it runs, the stored record counts the items of the step it is at (what a
+    // watch update shows without reading every item): every item counted, once.
+    let mut counted = std::collections::BTreeSet::new();
+    loop {
+        let kv = drover_store::KvStore::get(&raw, format!("{prefix}executions/{}", e.id).as_bytes()).await.unwrap();
+        let rec: serde_json::Value = serde_json::from_slice(&kv.expect("the run's record").value).unwrap();
+        if rec["status"] != "running" {
+            break;
+        }
+        let at = rec["state"]["at"].as_u64().unwrap() as usize;
+        let step = &rec["state"]["steps"][at];
+        if let Some(counts) = step["item_counts"].as_array().filter(|c| !c.is_empty()) {
+            let n: u64 = counts.iter().map(|c| c["n"].as_u64().unwrap()).sum();
+            let name = step["name"].as_str().unwrap().to_string();
+            if matches!(name.as_str(), "final-sync" | "move" | "check") {
+                assert_eq!(n as usize, N, "step {name} counts {n} items: {counts:?}");
+            }
+            counted.insert(name);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted.contains("move"), "no stored record of the move step counted its items: {counted:?}");
+    let ended = wait_ended(&mut c, &e.id).await;
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+
     let record = drover_store::KvStore::get(&raw, format!("{prefix}executions/{}", e.id).as_bytes())
         .await
         .unwrap()

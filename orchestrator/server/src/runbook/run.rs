@@ -59,6 +59,28 @@ pub struct StepState {
     /// A wait's deadline.
     #[serde(default)]
     pub until_ms: i64,
+    /// How many of the step's items are in each status, per tier, as of the record's
+    /// last save: kept in the record for the step the run is at (when its items are kept
+    /// apart), so a watch update need not read every item to count them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub item_counts: Vec<ItemCount>,
+}
+
+/// One row of [`StepState::item_counts`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ItemCount {
+    pub tier: u32,
+    pub status: String,
+    pub n: usize,
+}
+
+/// Counts `items` per tier and status, in tier then status order.
+fn count_items(items: &[Item]) -> Vec<ItemCount> {
+    let mut counts: BTreeMap<(u32, &str), usize> = BTreeMap::new();
+    for i in items {
+        *counts.entry((i.tier, i.status.as_str())).or_default() += 1;
+    }
+    counts.into_iter().map(|((tier, status), n)| ItemCount { tier, status: status.to_string(), n }).collect()
 }
 
 /// A test clone a `test-clone` step made.
@@ -192,7 +214,8 @@ pub const WATCHED_ITEMS: usize = 500;
 
 /// What a watcher shows: while the run runs, the first [`WATCHED_ITEMS`] items of the
 /// step it is at, with `"item_counts"`: how many of its items are in each status, per
-/// tier (`[{"tier", "status", "n"}]`, every item counted); once it ended, the first
+/// tier (`[{"tier", "status", "n"}]`, every item counted, as of the record's last save;
+/// records from before the counts were kept are counted from every item); once it ended, the first
 /// [`WATCHED_ITEMS`] of every step. A step with more gets `"items_more": true`;
 /// `ListExecutionItems` (or `GetExecution`) gives them all. A watch gets an update per
 /// saved round (every half second): a run over tens of thousands of groups would
@@ -211,22 +234,23 @@ pub async fn with_current_items(
         let firsts = read_first_items(store, &rec.id, 0..n, WATCHED_ITEMS).await?;
         shown.extend(firsts.into_iter().enumerate().map(|(i, (items, more))| (i, items, more, None)));
     } else if at < n {
-        // The current step's items are all read, to count them.
-        let prefix = items_prefix(&rec.id);
-        let (kvs, _) = store.range(format!("{prefix}{at:03}/").as_bytes()).await.map_err(|e| e.to_string())?;
-        let mut items = items_of(&rec.id, &prefix, kvs)?.pop().unwrap_or_default();
-        let mut counts: std::collections::BTreeMap<(u32, &str), usize> = Default::default();
-        for i in &items {
-            *counts.entry((i.tier, i.status.as_str())).or_default() += 1;
+        let counted =
+            rec.state["steps"][at].get("item_counts").is_some_and(|c| c.as_array().is_some_and(|c| !c.is_empty()));
+        if counted {
+            // The record counts the step's items: its first ones are enough.
+            let (items, more) =
+                read_first_items(store, &rec.id, at..at + 1, WATCHED_ITEMS).await?.pop().unwrap_or_default();
+            shown.push((at, items, more, None));
+        } else {
+            // A record from before the counts were kept: every item is read to count them.
+            let prefix = items_prefix(&rec.id);
+            let (kvs, _) = store.range(format!("{prefix}{at:03}/").as_bytes()).await.map_err(|e| e.to_string())?;
+            let mut items = items_of(&rec.id, &prefix, kvs)?.pop().unwrap_or_default();
+            let counts = serde_json::to_value(count_items(&items)).map_err(|e| e.to_string())?;
+            let more = items.len() > WATCHED_ITEMS;
+            items.truncate(WATCHED_ITEMS);
+            shown.push((at, items, more, Some(counts)));
         }
-        let counts: Vec<serde_json::Value> = counts
-            .into_iter()
-            .map(|((tier, status), n)| serde_json::json!({"tier": tier, "status": status, "n": n}))
-            .collect();
-        let counts = serde_json::Value::Array(counts);
-        let more = items.len() > WATCHED_ITEMS;
-        items.truncate(WATCHED_ITEMS);
-        shown.push((at, items, more, Some(counts)));
     }
     if let Some(steps) = rec.state.get_mut("steps").and_then(|s| s.as_array_mut()) {
         for (i, items, more, counts) in shown {
@@ -338,6 +362,7 @@ impl RunbookRun {
                 decision: None,
                 shown: Vec::new(),
                 until_ms: 0,
+                item_counts: Vec::new(),
             })
             .collect();
         let state = RunState {
@@ -696,7 +721,8 @@ impl Procedure for RunbookRun {
             .state
             .steps
             .iter()
-            .map(|s| StepState {
+            .enumerate()
+            .map(|(n, s)| StepState {
                 name: s.name.clone(),
                 kind: s.kind.clone(),
                 status: s.status.clone(),
@@ -707,6 +733,7 @@ impl Procedure for RunbookRun {
                 decision: s.decision.clone(),
                 shown: s.shown.clone(),
                 until_ms: s.until_ms,
+                item_counts: if n == self.state.at { count_items(&s.items) } else { Vec::new() },
             })
             .collect();
         let st = &self.state;
@@ -955,6 +982,13 @@ mod item_tests {
             serde_json::json!([{"tier": 0, "status": "succeeded", "n": 1200}]),
             "every item counted"
         );
+        // Counts kept in the record are shown as they are, and only the first items read.
+        let (_dir, store, mut running) = stored("running", 0).await;
+        let kept = serde_json::json!([{"tier": 0, "status": "running", "n": 1200}]);
+        running.state["steps"][0]["item_counts"] = kept.clone();
+        let shown = with_current_items(store.as_ref(), running).await.unwrap();
+        assert_eq!(items(&shown, 0), (WATCHED_ITEMS, true));
+        assert_eq!(shown.state["steps"][0]["item_counts"], kept, "the record's counts");
         let (_dir, store, ended) = stored("succeeded", 2).await;
         let shown = with_current_items(store.as_ref(), ended.clone()).await.unwrap();
         assert_eq!((items(&shown, 0), items(&shown, 1)), ((WATCHED_ITEMS, true), (3, false)), "ended: every step");
