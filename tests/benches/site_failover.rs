@@ -443,6 +443,16 @@ async fn main() {
             r.etcd_cpu_ms_per_group,
             r.busy * 100.0
         );
+        // What this machine allows: every process's CPU for the run (the orchestrator's,
+        // the agents' and etcd's) spread over all its cores at once.
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
+        let cpu_floor = (r.cpu_ms_per_group + r.etcd_cpu_ms_per_group) * size as f64 / 1000.0 / cores;
+        println!(
+            "  CPU floor on {cores} cores: {cpu_floor:.2} s (all processes' CPU, {:.2} ms per group); the wall time is \
+             {:.2}x it",
+            r.cpu_ms_per_group + r.etcd_cpu_ms_per_group,
+            r.wall.as_secs_f64() / cpu_floor
+        );
         results.push(r);
     }
     println!("T({})/T({n}) = {:.2}", 2 * n, results[1].wall.as_secs_f64() / results[0].wall.as_secs_f64());

@@ -84,6 +84,19 @@ fn list_table(list: &[pb::Execution]) -> Table {
     t
 }
 
+/// The most locks `execution show` lists; a run over a site holds one per group.
+const SHOWN_LOCKS: usize = 10;
+
+/// The first locks of `e` and how many more it holds.
+fn locks_shown(e: &pb::Execution) -> String {
+    let total = (e.lock_count as usize).max(e.locks.len());
+    let mut shown = e.locks.iter().take(SHOWN_LOCKS).cloned().collect::<Vec<_>>().join(", ");
+    if total > SHOWN_LOCKS.min(e.locks.len()) {
+        shown.push_str(&format!(" … and {} more ({total} in all)", total - SHOWN_LOCKS.min(e.locks.len())));
+    }
+    shown
+}
+
 /// One execution in detail: its fields, then one row per step.
 pub fn detail(e: &pb::Execution) -> Table {
     let mut t = Table::new(&["FIELD", "VALUE"]);
@@ -95,7 +108,7 @@ pub fn detail(e: &pb::Execution) -> Table {
         ("step", e.step.clone()),
         ("error", e.error.clone()),
         ("owner", format!("{} (epoch {}, claimed {} time(s))", e.owner, e.epoch, e.claims)),
-        ("locks", e.locks.join(", ")),
+        ("locks", locks_shown(e)),
         ("created", timestamp(e.created_ms)),
         ("updated", timestamp(e.updated_ms)),
         ("cancel requested", e.cancel_requested.to_string()),
@@ -304,5 +317,23 @@ pub async fn follow<T: serde::de::DeserializeOwned>(ctx: &mut Ctx, id: &str) -> 
             answer["message"].as_str().unwrap_or("the operation failed"),
             answer["code"].as_str().unwrap_or("unknown")
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn show_lists_the_first_locks_and_counts_the_rest() {
+        let mut e =
+            pb::Execution { locks: vec!["group/a".into(), "group/b".into()], lock_count: 2, ..Default::default() };
+        assert_eq!(locks_shown(&e), "group/a, group/b");
+        // A watch update of a run over 250 groups lists 100 of them.
+        e.locks = (0..100).map(|i| format!("runbook/group/g{i:03}")).collect();
+        e.lock_count = 250;
+        let shown = locks_shown(&e);
+        assert!(shown.starts_with("runbook/group/g000, runbook/group/g001,"), "{shown}");
+        assert!(shown.ends_with("runbook/group/g009 … and 240 more (250 in all)"), "{shown}");
     }
 }

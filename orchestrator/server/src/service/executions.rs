@@ -16,6 +16,18 @@ pub struct ExecutionApi {
     pub core: Arc<Core>,
 }
 
+/// The most locks a watch update (or the answer to `RunRunbook`) lists.
+pub const WATCHED_LOCKS: usize = 100;
+
+/// An execution as a watcher sees it: as [`to_pb`], listing at most [`WATCHED_LOCKS`]
+/// of its locks (`lock_count` counts them all). A run over a site holds one per group;
+/// every update would otherwise carry them all.
+pub fn to_pb_watched(r: ExecutionRec) -> pb::Execution {
+    let mut e = to_pb(r);
+    e.locks.truncate(WATCHED_LOCKS);
+    e
+}
+
 /// An execution as the API shows it.
 pub fn to_pb(r: ExecutionRec) -> pb::Execution {
     pb::Execution {
@@ -42,6 +54,7 @@ pub fn to_pb(r: ExecutionRec) -> pb::Execution {
         epoch: r.epoch,
         owner: r.owner,
         claims: r.claims,
+        lock_count: r.locks.len() as u32,
         locks: r.locks,
         output_json: if r.output.is_null() { String::new() } else { r.output.to_string() },
         paused: r.paused,
@@ -144,7 +157,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
                 // While it runs, the step it is at (a watcher's progress); once ended, all.
                 crate::runbook::run::with_current_items(store.as_ref(), rec)
                     .await
-                    .map(to_pb)
+                    .map(to_pb_watched)
                     .map_err(Status::unavailable)
             }
         });
@@ -322,5 +335,25 @@ fn control_error(id: &str, e: SubmitError) -> Status {
         }
         SubmitError::Store(s) => ApiError::from(s).into(),
         e => ApiError::Internal(e.to_string()).into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_watched_execution_lists_its_first_locks_and_counts_them_all() {
+        let locks: Vec<String> = (0..250).map(|i| format!("runbook/group/g{i:03}")).collect();
+        let rec: ExecutionRec = serde_json::from_value(serde_json::json!({
+            "id": "run1", "kind": "runbook", "summary": "", "status": "running", "step": "", "steps": [],
+            "locks": locks, "created_ms": 0, "updated_ms": 0, "state": {},
+        }))
+        .unwrap();
+        let watched = to_pb_watched(rec.clone());
+        assert_eq!((watched.locks.len(), watched.lock_count), (WATCHED_LOCKS, 250));
+        assert_eq!(watched.locks[..], locks[..WATCHED_LOCKS]);
+        let full = to_pb(rec);
+        assert_eq!((full.locks.len(), full.lock_count), (250, 250));
     }
 }

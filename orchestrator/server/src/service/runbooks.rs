@@ -204,6 +204,6 @@ impl pb::runbook_service_server::RunbookService for RunbookApi {
         let rec = crate::runbook::run::with_current_items(self.core.repo.store().as_ref(), rec)
             .await
             .map_err(|e| ApiError::Unavailable(format!("execution {id} was submitted; reading its items: {e}")))?;
-        Ok(Response::new(super::executions::to_pb(rec)))
+        Ok(Response::new(super::executions::to_pb_watched(rec)))
     }
 }
