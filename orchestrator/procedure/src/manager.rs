@@ -750,15 +750,24 @@ impl Manager {
         tracing::info!(execution = %id, "gave up taking the execution's locks");
     }
 
-    /// Deletes those of `locks` that `id` holds, a transaction per lock (each compares
-    /// the holder, so a lock someone else took since is left alone).
+    /// Deletes those of `locks` that `id` holds, each compared with its holder, so a
+    /// lock someone else took since is left alone. [`LOCKS_PER_TXN`] go in one
+    /// transaction while `id` holds all of them (a run over a site frees one per group);
+    /// when one of them is no longer `id`'s, that batch goes a lock at a time.
     async fn release(&self, id: &str, locks: &[String]) {
-        for l in locks {
-            let txn = Txn::new()
-                .when(Compare::ValueEquals(keys::lock(l).into_bytes(), id.as_bytes().to_vec()))
-                .and_then(TxnOp::delete(keys::lock(l)));
-            if let Err(e) = self.store.txn(txn).await {
-                tracing::warn!(execution = %id, lock = %l, error = %e, "could not free a lock; the next taker frees it");
+        let held = |l: &String| Compare::ValueEquals(keys::lock(l).into_bytes(), id.as_bytes().to_vec());
+        for chunk in locks.chunks(LOCKS_PER_TXN) {
+            if chunk.len() > 1 {
+                let all = chunk.iter().fold(Txn::new(), |t, l| t.when(held(l)).and_then(TxnOp::delete(keys::lock(l))));
+                if matches!(self.store.txn(all).await, Ok(r) if r.succeeded) {
+                    continue;
+                }
+            }
+            for l in chunk {
+                let txn = Txn::new().when(held(l)).and_then(TxnOp::delete(keys::lock(l)));
+                if let Err(e) = self.store.txn(txn).await {
+                    tracing::warn!(execution = %id, lock = %l, error = %e, "could not free a lock; the next taker frees it");
+                }
             }
         }
     }
