@@ -663,7 +663,15 @@ async fn a_runs_items_are_kept_apart_from_its_record() {
         }
         total += n;
     }
+    // Its lock list (a lock per group, more than a record lists) is kept apart too,
+    // and GetExecution lists it whole.
+    let lists = format!("{prefix}execution-items/{}/locks/", e.id).into_bytes();
+    let (items, lists): (Vec<_>, Vec<_>) = items.into_iter().partition(|kv| !kv.key.starts_with(&lists));
     assert_eq!(items.len(), total, "one key per item");
+    let listed: Vec<String> = serde_json::from_slice(&lists[0].value).unwrap();
+    assert_eq!((lists.len(), listed.len()), (1, N), "the lock list kept apart");
+    assert_eq!((stored["locks"].as_array().map_or(0, Vec::len), stored["locks_apart"].as_u64()), (0, Some(N as u64)));
+    assert_eq!((ended.locks.len(), ended.lock_count), (N, N as u32), "GetExecution lists every lock");
     let item_bytes: usize = items.iter().map(|kv| kv.value.len()).sum();
     println!(
         "runbook record: {} bytes for {N} groups; {} item keys holding {item_bytes} bytes",

@@ -16,6 +16,14 @@ use crate::record::{ExecutionRec, ExecutionStatus, StepRec, keys, new_trace_id, 
 /// runbook over hundreds of groups) takes and frees them in several.
 pub const LOCKS_PER_TXN: usize = 100;
 
+/// The most locks an execution's record lists; more are kept apart (see
+/// [`ExecutionRec::locks_apart`]). Transitions hold one or two; a run over 100 groups
+/// (as the chaos and active/active tests make) already keeps its list apart.
+pub const LOCKS_IN_RECORD: usize = 50;
+
+/// Locks per part of a lock list kept apart.
+const LOCKS_PER_LIST: usize = 1000;
+
 /// The least time between two updates of [`Manager::watch`] while the execution runs.
 pub const WATCH_PACE: Duration = Duration::from_millis(500);
 
@@ -517,9 +525,21 @@ impl Manager {
         let locks = proc.locks();
         // State kept apart from the record is stored first: nothing reads it before the
         // record exists, and a submit that fails removes it again.
-        let apart = proc.take_writes(&id);
+        let mut apart = proc.take_writes(&id);
         for chunk in apart.chunks(LOCKS_PER_TXN) {
             self.store.txn(Txn::new().and_then_all(chunk.iter().cloned())).await?;
+        }
+        // So is a lock list longer than a record lists: a part per transaction (each
+        // part is up to about 60 KB).
+        if locks.len() > LOCKS_IN_RECORD {
+            for (n, part) in locks.chunks(LOCKS_PER_LIST).enumerate() {
+                let put = TxnOp::put(keys::lock_list(&id, n), serde_json::to_vec(part).expect("locks serialise"));
+                apart.push(put.clone());
+                if let Err(e) = self.store.txn(Txn::new().and_then(put)).await {
+                    self.remove_writes(&apart).await;
+                    return Err(e.into());
+                }
+            }
         }
         let submitted = self.submit_record(id, parent, proc, intent, &locks).await;
         if submitted.is_err() && !apart.is_empty() {
@@ -569,7 +589,8 @@ impl Manager {
             state: proc.dump(),
             step: proc.step(),
             steps: Vec::new(),
-            locks: locks.to_vec(),
+            locks: if locks.len() > LOCKS_IN_RECORD { Vec::new() } else { locks.to_vec() },
+            locks_apart: if locks.len() > LOCKS_IN_RECORD { locks.len() as u32 } else { 0 },
             created_ms: now,
             updated_ms: now,
             output: serde_json::Value::Null,
@@ -750,6 +771,30 @@ impl Manager {
         tracing::info!(execution = %id, "gave up taking the execution's locks");
     }
 
+    /// Every lock `rec` holds: its own list, or the one kept apart.
+    pub async fn locks_of(&self, rec: &ExecutionRec) -> Result<Vec<String>, StoreError> {
+        if rec.locks_apart == 0 {
+            return Ok(rec.locks.clone());
+        }
+        let (parts, _) = self.store.range(keys::lock_lists(&rec.id).as_bytes()).await?;
+        let mut locks = Vec::with_capacity(rec.locks_apart as usize);
+        for part in parts {
+            let list: Vec<String> = serde_json::from_slice(&part.value).map_err(|e| {
+                StoreError::Unavailable(format!("the lock list of execution {} is unreadable: {e}", rec.id))
+            })?;
+            locks.extend(list);
+        }
+        if locks.len() != rec.locks_apart as usize {
+            return Err(StoreError::Unavailable(format!(
+                "execution {} holds {} locks and {} are listed",
+                rec.id,
+                rec.locks_apart,
+                locks.len()
+            )));
+        }
+        Ok(locks)
+    }
+
     /// Deletes those of `locks` that `id` holds, each compared with its holder, so a
     /// lock someone else took since is left alone. [`LOCKS_PER_TXN`] go in one
     /// transaction while `id` holds all of them (a run over a site frees one per group);
@@ -781,7 +826,10 @@ impl Manager {
             if now_ms() - since < 60_000 {
                 continue;
             }
-            let locks = self.get(&id).await?.map(|r| r.locks).unwrap_or_default();
+            let locks = match self.get(&id).await? {
+                Some(rec) => self.locks_of(&rec).await?,
+                None => Vec::new(),
+            };
             self.abandon(&id, &locks, false).await;
         }
         Ok(())
@@ -1085,8 +1133,13 @@ impl Manager {
         rec.updated_ms = now_ms();
         rec.paused = false;
         // The locks that fit go with the end; the others are freed right after it (a
-        // crash in between leaves them to `lock_holder`, which frees an ended holder's).
-        let (with_end, after) = rec.locks.split_at(rec.locks.len().min(LOCKS_PER_TXN));
+        // crash in between leaves them to `lock_holder`, which frees an ended holder's,
+        // as it does should the list kept apart not be read).
+        let locks = self.locks_of(&rec).await.unwrap_or_else(|e| {
+            tracing::warn!(execution = %id, error = %e, "cannot read the execution's lock list; its next takers free them");
+            Vec::new()
+        });
+        let (with_end, after) = locks.split_at(locks.len().min(LOCKS_PER_TXN));
         let end = |rec: &ExecutionRec| {
             let mut txn = Txn::new()
                 .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))

@@ -54,6 +54,14 @@ pub mod keys {
         format!("{APART}{id}/")
     }
     pub const APART: &str = "execution-items/";
+    /// Part `n` of the lock list of an execution that holds more locks than its record
+    /// lists (see [`ExecutionRec::locks_apart`]), with the state it keeps apart.
+    pub fn lock_list(id: &str, n: usize) -> String {
+        format!("{}locks/{n:05}", apart(id))
+    }
+    pub fn lock_lists(id: &str) -> String {
+        format!("{}locks/", apart(id))
+    }
     /// Index of executions, newest first: `executions-newest/<scope>/<inverted id>`
     /// naming the id, scope `all` for every execution and `p/<project>` for a
     /// project's, so a listing reads one page of its own scope at a time.
@@ -133,7 +141,13 @@ pub struct ExecutionRec {
     /// The step the procedure runs next (or ran last, once ended).
     pub step: String,
     pub steps: Vec<StepRec>,
+    /// The locks it holds; empty when they are kept apart (see `locks_apart`).
     pub locks: Vec<String>,
+    /// How many locks it holds when there are more than a record lists (a run over a
+    /// site holds one per group): they are stored once, at submit, under
+    /// [`keys::lock_lists`], so the record, written at every step, stays the same size.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub locks_apart: u32,
     pub created_ms: i64,
     pub updated_ms: i64,
     /// The procedure's output once it succeeded.
@@ -180,6 +194,10 @@ pub struct Decision {
     pub at_ms: i64,
     #[serde(default)]
     pub comment: String,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// Milliseconds since the Unix epoch.

@@ -438,6 +438,13 @@ async fn more_locks_than_a_transaction_holds_are_taken_and_freed_in_several() {
     let locks = held(&store).await;
     assert_eq!(locks.len(), 350);
     assert!(locks.iter().all(|(_, holder)| *holder == first), "all held by {first}");
+    // More than a record lists: the record names none and counts them; the list is kept
+    // apart, in order.
+    let rec = m.get(&first).await.unwrap().unwrap();
+    assert_eq!((rec.locks.len(), rec.locks_apart), (0, 350));
+    let listed = m.locks_of(&rec).await.unwrap();
+    assert_eq!(listed, (0..350).map(|i| format!("group/g{i:04}")).collect::<Vec<_>>());
+    let lists = || async { store.range(keys::APART.as_bytes()).await.unwrap().0 };
     // Another execution whose last lock is held: refused with the holder, and it leaves
     // no lock and no record behind.
     match m.submit(many(349..600)).await {
@@ -447,6 +454,8 @@ async fn more_locks_than_a_transaction_holds_are_taken_and_freed_in_several() {
         other => panic!("expected Locked, got {other:?}"),
     }
     assert_eq!(held(&store).await.len(), 350, "the refused one took nothing");
+    let kept: Vec<String> = lists().await.iter().map(|kv| String::from_utf8_lossy(&kv.key).into_owned()).collect();
+    assert_eq!(kept, [keys::lock_list(&first, 0)], "the refused one's lock list is gone");
     let (marks, _) = store.range(keys::ACQUIRING.as_bytes()).await.unwrap();
     assert!(marks.is_empty());
     // One that fits after the first 350 (several transactions too) runs alongside.

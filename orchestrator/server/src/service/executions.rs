@@ -54,7 +54,7 @@ pub fn to_pb(r: ExecutionRec) -> pb::Execution {
         epoch: r.epoch,
         owner: r.owner,
         claims: r.claims,
-        lock_count: r.locks.len() as u32,
+        lock_count: (r.locks.len() as u32).max(r.locks_apart),
         locks: r.locks,
         output_json: if r.output.is_null() { String::new() } else { r.output.to_string() },
         paused: r.paused,
@@ -318,8 +318,12 @@ impl ExecutionApi {
     }
 
     /// The execution as the API shows it: a runbook's items put back in its state.
-    async fn full(&self, rec: ExecutionRec) -> Result<pb::Execution, Status> {
+    async fn full(&self, mut rec: ExecutionRec) -> Result<pb::Execution, Status> {
         let id = rec.id.clone();
+        rec.locks =
+            self.core.procedures.locks_of(&rec).await.map_err(|e| {
+                ApiError::Unavailable(format!("reading the lock list of execution {id}: {e}; try again"))
+            })?;
         crate::runbook::run::with_items(self.core.repo.store().as_ref(), rec)
             .await
             .map(to_pb)
