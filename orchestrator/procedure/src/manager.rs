@@ -780,12 +780,12 @@ impl Manager {
         let mut locks = Vec::with_capacity(rec.locks_apart as usize);
         for part in parts {
             let list: Vec<String> = serde_json::from_slice(&part.value).map_err(|e| {
-                StoreError::Unavailable(format!("the lock list of execution {} is unreadable: {e}", rec.id))
+                StoreError::Internal(format!("the lock list of execution {} is unreadable: {e}", rec.id))
             })?;
             locks.extend(list);
         }
         if locks.len() != rec.locks_apart as usize {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::Internal(format!(
                 "execution {} holds {} locks and {} are listed",
                 rec.id,
                 rec.locks_apart,
