@@ -251,13 +251,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
             return Err(ApiError::InvalidArgument(format!("report format {format:?}: use json or md")).into());
         }
         let rec = self.visible(&who, &r.id).await?;
-        if rec.kind != crate::runbook::run::KIND {
-            return Err(ApiError::FailedPrecondition(format!(
-                "execution {} is a {}; reports are made for runbook executions (see `drover execution show {}`)",
-                r.id, rec.kind, r.id
-            ))
-            .into());
-        }
+        runbook_only(&rec, "reports are made for runbook executions")?;
         let rec = crate::runbook::run::with_items(self.core.repo.store().as_ref(), rec)
             .await
             .map_err(|e| ApiError::Unavailable(format!("reading the items of execution {}: {e}; try again", r.id)))?;
@@ -279,13 +273,7 @@ impl pb::execution_service_server::ExecutionService for ExecutionApi {
         let who = caller(&req);
         let r = req.into_inner();
         let rec = self.visible(&who, &r.id).await?;
-        if rec.kind != crate::runbook::run::KIND {
-            return Err(ApiError::FailedPrecondition(format!(
-                "execution {} is a {}; only runbook executions have items (see `drover execution show {}`)",
-                r.id, rec.kind, r.id
-            ))
-            .into());
-        }
+        runbook_only(&rec, "only runbook executions have items")?;
         let steps = rec.state.get("steps").and_then(|s| s.as_array()).map_or(0, Vec::len);
         if r.step as usize >= steps {
             return Err(ApiError::InvalidArgument(format!(
@@ -329,6 +317,17 @@ impl ExecutionApi {
             .map(to_pb)
             .map_err(|e| ApiError::Unavailable(format!("reading the items of execution {id}: {e}; try again")).into())
     }
+}
+
+/// Refuses `rec` unless it is a runbook execution, saying `why` only those qualify.
+fn runbook_only(rec: &ExecutionRec, why: &str) -> Result<(), ApiError> {
+    if rec.kind == crate::runbook::run::KIND {
+        return Ok(());
+    }
+    Err(ApiError::FailedPrecondition(format!(
+        "execution {} is a {}; {why} (see `drover execution show {}`)",
+        rec.id, rec.kind, rec.id
+    )))
 }
 
 fn control_error(id: &str, e: SubmitError) -> Status {
