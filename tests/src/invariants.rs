@@ -45,12 +45,23 @@ pub fn repeated_op_ids(logs: &[(&str, &Path)]) -> (Vec<String>, usize) {
 }
 
 /// Volumes whose primary is not exactly their group's active backend, asked of every
-/// agent (`agents`: backend name, agent endpoint).
+/// agent (`agents`: backend name, agent endpoint), for groups of project `tests`.
 /// `dir` is where the cluster was started (its certificates).
 pub async fn role_violations(
     c: &mut Clients,
     dir: &std::path::Path,
     agents: &[(&str, String)],
+    groups: &[String],
+) -> Vec<String> {
+    project_role_violations(c, dir, agents, "tests", groups).await
+}
+
+/// [`role_violations`] for the groups (ids or names) of `project`.
+pub async fn project_role_violations(
+    c: &mut Clients,
+    dir: &std::path::Path,
+    agents: &[(&str, String)],
+    project: &str,
     groups: &[String],
 ) -> Vec<String> {
     let mut clients = Vec::new();
@@ -61,7 +72,7 @@ pub async fn role_violations(
     for id in groups {
         let g = c
             .groups
-            .get_group(pb::GetGroupRequest { group: id.clone(), project: "tests".into() })
+            .get_group(pb::GetGroupRequest { group: id.clone(), project: project.into() })
             .await
             .expect("group")
             .into_inner();

@@ -503,10 +503,18 @@ async fn a_failover_whose_client_left_completes_without_a_restart() {
 
 /// A final sync interrupted after the target committed its point and before the source
 /// recorded it (the source agent dies right there): the retried failover reconciles with
-/// the target's point and succeeds, with no --force and no divergence recorded.
+/// the target's point and succeeds, with no --force and no divergence recorded. (With
+/// `move_patience` 0s the first move stops at once; with the default it would wait for
+/// the source to come back, as `qemu.rs` and the soak check.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_final_sync_is_reconciled_on_retry_without_force() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.die_after_final_commit=true"]).await;
+    let mut cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.die_after_final_commit=true"],
+        &["--set", "move_patience=0s"],
+    )
+    .await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "cut", 2).await;
     let failover = || failover_request(&group, "backend-b", false);
@@ -535,10 +543,17 @@ async fn an_interrupted_final_sync_is_reconciled_on_retry_without_force() {
 
 /// A planned failover whose final sync demoted the source but whose promote failed leaves
 /// both sides secondary at the same point. The retry sees that, skips the final sync,
-/// and promotes the target: no --force, no divergence recorded.
+/// and promotes the target: no --force, no divergence recorded. (With `move_patience`
+/// 0s the move stops at the promote's first failure.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0"]).await;
+    let mut cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.fail.promote=1.0"],
+        &["--set", "move_patience=0s"],
+    )
+    .await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "both", 2).await;
     let failover = || failover_request(&group, "backend-b", false);
@@ -564,11 +579,67 @@ async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
     assert!(last.detail.contains("no final sync needed"), "{}", last.detail);
 }
 
-/// A planned failover to a dead target says the target is the side to bring back, and
-/// does not advise a forced failover of the healthy source.
+/// A planned failover whose promote keeps failing for a cause that may pass waits (within
+/// `move_patience`), showing why, and completes by itself once the target's agent is
+/// back: no retry by the operator, no --force, and no op_id twice in a driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
+    let oplog = "mock.oplog={dir}/oplog-{backend}.jsonl";
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", oplog]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "waits", 2).await;
+    let asked = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "backend-b", false) })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        assert_eq!(e.status, "running", "the move waits for its promote: {}", e.error);
+        // A second round at least: it goes under new op_ids.
+        if e.error.contains("not promoted yet") && e.error.contains("promote/1") {
+            println!("waiting: {}", e.error);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second promote round shown within 30 s: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // backend-b's agent comes back without the injected failure.
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", oplog]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the move did not end within 60 s of the restart: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    assert!(g.divergence_point.is_empty(), "a planned move records no divergence: {}", g.divergence_point);
+    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
+    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    let promotes = drover_tests::invariants::op_log(&b).iter().filter(|e| e.op == "promote").count();
+    assert!(promotes >= 2 * 5, "every volume's promote was tried in two rounds at least: {promotes}");
+    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+}
+
+/// A planned failover to a target that stays dead past `move_patience` says the target is
+/// the side to bring back, and does not advise a forced failover of the healthy source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_to_a_dead_target_names_the_target_as_unreachable() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let mut cluster = Cluster::start_custom(StoreChoice::Embedded, "mock", &[], &["--set", "move_patience=2s"]).await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "deadtarget", 1).await;
     cluster.agents[1].proc.kill();

@@ -419,6 +419,85 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
     io(&u, &["read -P 0x11 0 1M", "read -P 0x22 8M 400M"]);
 }
 
+/// A planned move whose target agent is SIGKILLed in the middle of the final sync waits
+/// for it: the execution shows the failure as a transient error and tries again, and once
+/// the agent is back the move completes with every byte at site B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_move_waits_for_a_target_that_restarts_mid_final_sync() {
+    let etcd = Etcd::start().await;
+    let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let vols = group(&mut c, "fw", 1, 512 * MIB).await;
+    let id = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { volume: vols[0].clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .id;
+    let u = uri(&mut c, &vols[0]).await;
+    io(&u, &["write -P 0x11 0 1M"]);
+    enable(&mut c, "fw", 3600).await;
+    // Travels with the final sync, long enough to be cut off.
+    io(&u, &["write -P 0x22 8M 400M"]);
+    let asked = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            no_wait: true,
+            group: "fw".into(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            force: false,
+            discard_changes_on: String::new(),
+        })
+        .await
+        .expect("planned failover accepted")
+        .into_inner();
+    let vol_dir = cluster.path().join("pool-agent-backend-b/volumes").join(&id);
+    wait_until("the final sync's transfer starts", || {
+        std::fs::read_dir(&vol_dir).unwrap().flatten().any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cluster.agents[1].proc.kill();
+    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let waiting = loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        assert_eq!(e.status, "running", "the move must wait for its target, not end: {}", e.error);
+        if e.error.contains("trying again") {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "no retry shown within 30 s: {e:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    println!("while the target is away: {}", waiting.error);
+    assert!(waiting.error.contains("backend-b"), "the error names the side that is away: {}", waiting.error);
+    let g = c.groups.get_group(pb::GetGroupRequest { group: "fw".into(), project: "tests".into() }).await.unwrap();
+    assert_eq!(g.get_ref().active_backend, "backend-a", "nothing moved while the final sync fails");
+    cluster.restart_agent(1, "qemu");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ended = loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the move did not end within 120 s of the restart: {e:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: "fw".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.active_backend.as_str(), g.replication_status.as_str()), ("backend-b", "failed-over"), "{g:?}");
+    let u = uri(&mut c, &vols[0]).await;
+    assert!(u.contains("agent-backend-b"), "served at site B now: {u}");
+    io(&u, &["read -P 0x11 0 1M", "read -P 0x22 8M 400M", "read -P 0 408M 104M"]);
+}
+
 /// (e) A qcow2 image created with qemu-img in the pool is listed as manageable, managing
 /// it works, and unmanaging hands it back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

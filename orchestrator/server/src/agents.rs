@@ -120,6 +120,18 @@ pub fn classify(status: &Status) -> Failure {
     }
 }
 
+/// Metadata on the error of a mutation whose every attempt the agent recorded as failed
+/// for a transient cause: none of them runs any more, so the caller may start the work
+/// again under a new op_id (see [`attempts_spent`]).
+const ATTEMPTS_SPENT: &str = "drover-attempts-spent";
+
+/// Whether `status` is the error of a mutation whose attempts were all recorded as failed
+/// by the agent ([`AgentPool::mutate`] after [`MAX_ATTEMPTS`]). An error without it may
+/// leave the outcome unknown, and only the same op_id may be sent again.
+pub fn attempts_spent(status: &Status) -> bool {
+    status.metadata().get(ATTEMPTS_SPENT).is_some()
+}
+
 fn retryable(status: &Status) -> bool {
     classify(status) != Failure::Terminal
 }
@@ -349,9 +361,12 @@ impl AgentPool {
                                 return Err(status);
                             }
                             if attempt >= MAX_ATTEMPTS {
-                                return Err(Status::new(
+                                let mut spent = tonic::metadata::MetadataMap::new();
+                                spent.insert(ATTEMPTS_SPENT, tonic::metadata::MetadataValue::from(attempt));
+                                return Err(Status::with_metadata(
                                     status.code(),
                                     format!("{} (after {attempt} attempts of operation {base})", status.message()),
+                                    spent,
                                 ));
                             }
                             attempt += 1;

@@ -122,6 +122,11 @@ pub struct OrchestratorConfig {
     pub agent_lease_ttl: Duration,
     /// How many volumes of one group are driven at once.
     pub volume_parallelism: usize,
+    /// How long a failover or failback runs its final sync or its promote again while they
+    /// fail for a cause that may pass (an agent restarting, a connection lost) before it
+    /// stops with its volumes in error. 0s: stop at the first such failure.
+    #[serde(with = "humantime_serde")]
+    pub move_patience: Duration,
     /// TTL of the lease behind this orchestrator's claims on executions: how soon after
     /// it dies another orchestrator resumes its work.
     #[serde(with = "humantime_serde")]
@@ -201,6 +206,7 @@ impl Default for OrchestratorConfig {
             store: StoreConfig::default(),
             agent_lease_ttl: Duration::from_secs(10),
             volume_parallelism: 8,
+            move_patience: Duration::from_secs(60),
             owner_lease_ttl: Duration::from_secs(10),
             defaults: BackendSettings::default(),
             backends: BTreeMap::new(),

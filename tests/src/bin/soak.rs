@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
+use drover_tests::invariants::project_role_violations;
 use drover_tests::{Cluster, StoreChoice};
 
 const RECORD: u64 = 4096;
@@ -236,6 +237,69 @@ async fn failover(c: &mut Clients, g: &str, target: &str, force: bool, discard: 
     Ok(grp)
 }
 
+/// A planned move of `g` to `target` whose agent `side` (and its daemon) is SIGKILLed
+/// `delay_ms` after the move was asked for, then restarted: the move must end on its own
+/// (the engine retries the dead agent's calls) with the group at one side or the other,
+/// serving. Returns whether the group moved, and whether the kill came while the move
+/// still ran.
+async fn move_with_kill(
+    c: &mut Clients,
+    cluster: &mut Cluster,
+    g: &str,
+    target: &str,
+    side: usize,
+    delay_ms: u64,
+) -> Result<(bool, bool), String> {
+    let before = group_rec(c, g).await?;
+    let r = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest {
+            group: g.into(),
+            project: "soak".into(),
+            target_backend: target.into(),
+            force: false,
+            discard_changes_on: String::new(),
+            no_wait: true,
+        })
+        .await
+        .map_err(|s| format!("{g}: {}", s.message()))?
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    cluster.agents[side].proc.kill();
+    let get = pb::GetExecutionRequest { id: r.execution_id.clone() };
+    let inside = c.executions.get_execution(get.clone()).await.map(|e| e.get_ref().status == "running").unwrap_or(true);
+    cluster.restart_agent(side, "qemu");
+    wait_up(c).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let e = loop {
+        let e = c
+            .executions
+            .get_execution(get.clone())
+            .await
+            .map_err(|s| format!("execution {}: {}", r.execution_id, s.message()))?
+            .into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the move {} still runs 120 s after the kill: {}", e.id, e.step));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let after = group_rec(c, g).await?;
+    eprintln!(
+        "  move {} {}: {} active on {} ({}) {}",
+        e.id, e.status, g, after.active_backend, after.replication_status, e.error
+    );
+    if after.replication_status == "error" || after.replication_status.ends_with("ing") {
+        return Err(format!(
+            "the move {} ({}) left {g} {}: {}",
+            e.id, e.status, after.replication_status, after.status_reason
+        ));
+    }
+    Ok((after.active_backend != before.active_backend, inside))
+}
+
 fn max_layers(dir: &Path) -> usize {
     let mut most = 0;
     for pool in ["pool-agent-backend-a", "pool-agent-backend-b"] {
@@ -306,6 +370,7 @@ async fn main() -> std::process::ExitCode {
     }
     let (mut steps, mut planned, mut disasters) = (0u64, 0u64, 0u64);
     let (mut restarts, mut daemon_kills, mut reenables, mut extends) = (0u64, 0u64, 0u64, 0u64);
+    let (mut killed_moves, mut killed_moves_moved, mut kills_inside) = (0u64, 0u64, 0u64);
     let mut violations: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     while Instant::now() < end && violations.is_empty() {
@@ -425,6 +490,35 @@ async fn main() -> std::process::ExitCode {
                     Err(e) => violations.push(format!("step {steps}: failback of {} after the disaster: {e}", g.name)),
                 }
             }
+        } else if (10..13).contains(&kind) && matches!(rec.replication_status.as_str(), "enabled" | "failed-over") {
+            // A planned move with an agent (either side) killed at a random moment in it.
+            killed_moves += 1;
+            let target = if away { "default" } else { "backend-b" };
+            let (side, delay) = (rng.usize(..2), rng.u64(0..500));
+            eprintln!("step {steps}: planned move of {} to {target}, agent {side} SIGKILLed after {delay} ms", g.name);
+            match move_with_kill(&mut c, &mut cluster, &g.name, target, side, delay).await {
+                Ok((moved, inside)) => {
+                    killed_moves_moved += u64::from(moved);
+                    kills_inside += u64::from(inside);
+                    // Moved or not, nothing was lost: every acknowledged record is at
+                    // the active side, and protected from now on.
+                    match present(&mut c, g, g.acked).await {
+                        Ok(p) if p.iter().all(|x| *x) => g.floor = g.acked,
+                        Ok(p) => violations.push(format!(
+                            "step {steps}: {} lost {} acknowledged records in a move with a kill",
+                            g.name,
+                            p.iter().filter(|x| !**x).count()
+                        )),
+                        Err(e) => violations.push(format!("step {steps}: reading {}: {e}", g.name)),
+                    }
+                }
+                Err(e) => violations.push(format!("step {steps}: {e}")),
+            }
+            for g in groups.iter_mut() {
+                if let Err(e) = write_when_writable(&mut c, g, 5).await {
+                    violations.push(format!("step {steps}: writing to {} after the kill: {e}", g.name));
+                }
+            }
         } else {
             planned += 1;
             let target = if away { "default" } else { "backend-b" };
@@ -447,6 +541,13 @@ async fn main() -> std::process::ExitCode {
                 Err(e) => violations.push(format!("step {steps}: reading {}: {e}", g.name)),
             }
         }
+        // One primary per volume, on its group's active backend.
+        let agents =
+            [("backend-a", cluster.agents[0].endpoint.clone()), ("backend-b", cluster.agents[1].endpoint.clone())];
+        let names: Vec<String> = groups.iter().map(|g| g.name.clone()).collect();
+        for v in project_role_violations(&mut c, cluster.dir.path(), &agents, "soak", &names).await {
+            violations.push(format!("step {steps}: {v}"));
+        }
         let layers = max_layers(cluster.path());
         if layers > 6 {
             violations.push(format!("step {steps}: a chain has {layers} layers"));
@@ -460,7 +561,8 @@ async fn main() -> std::process::ExitCode {
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
          (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
-         {reenables} disable/enable ({extends} extends), {records} records verified, {} violations",
+         {reenables} disable/enable ({extends} extends), {killed_moves} planned moves with an agent SIGKILLed \
+         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {records} records verified, {} violations",
         violations.len()
     );
     for v in &violations {

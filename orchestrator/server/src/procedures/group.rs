@@ -182,6 +182,7 @@ impl Procedure for GroupTransition {
         }
         let api = ReplicationApi { core: self.core.clone(), parent: String::new() };
         let at = Expect::of(ctx, g.rev);
+        let mut kept_sync: Option<FailoverProgress> = None;
         let result = match (s.action.as_str(), s.state) {
             ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, &at).await,
             ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, &at).await,
@@ -215,11 +216,18 @@ impl Procedure for GroupTransition {
                         return Ok(Status::Executing { note });
                     }
                     Ok(Some(r)) => Ok(r),
-                    Err(e) => Err(e),
+                    Err(e) => {
+                        kept_sync = Some(progress);
+                        Err(e)
+                    }
                 }
             }
             (other, _) => return Err(ProcedureError::Fail(format!("unknown group action {other}"))),
         };
+        if let Some(tried) = kept_sync {
+            self.state.progress.keep_retry_counts(&tried);
+        }
+        let s = &self.state;
         match result {
             Ok(r) => Answer::from_result(Ok(r)).done(),
             Err(e) => {

@@ -69,6 +69,16 @@ impl Outcome {
     }
 }
 
+/// Why a sync call failed.
+struct SyncFailure {
+    message: String,
+    /// The cause may pass (an agent away, a connection lost): trying again may succeed.
+    transient: bool,
+    /// The agent recorded every attempt as failed: nothing of the sync runs any more, so
+    /// it may be started again under a new op_id.
+    spent: bool,
+}
+
 /// A group with its member volumes, all read at known revisions.
 struct Snapshot {
     group: Versioned<GroupRec>,
@@ -196,7 +206,7 @@ impl ReplicationApi {
         epoch: i64,
         final_sync: bool,
         peer_endpoint: String,
-    ) -> Result<apb::SyncGroupResponse, String> {
+    ) -> Result<apb::SyncGroupResponse, SyncFailure> {
         let req = apb::SyncGroupRequest {
             ctx: ctx(op_id, epoch as u64, format!("group/{group_id}")),
             group_id: group_id.to_string(),
@@ -207,7 +217,11 @@ impl ReplicationApi {
             .agents
             .mutate(backend, Deadline::Sync, req.clone(), |mut c, req| async move { c.sync_group(req).await })
             .await
-            .map_err(|s| format!("{} sync on {backend}: {}", if final_sync { "final" } else { "initial" }, s.message()))
+            .map_err(|s| SyncFailure {
+                message: format!("{} sync on {backend}: {}", if final_sync { "final" } else { "initial" }, s.message()),
+                transient: crate::agents::classify(&s) != crate::agents::Failure::Terminal,
+                spent: crate::agents::attempts_spent(&s),
+            })
     }
 
     /// One line for the failed volumes: each distinct reason once, with the volumes it
@@ -397,7 +411,7 @@ impl ReplicationApi {
                         r.recovery_point_id, r.bytes, r.duration_ms
                     )
                 }
-                Err(e) => failure = Some(e),
+                Err(e) => failure = Some(e.message),
             }
         }
         for v in &mut volumes {

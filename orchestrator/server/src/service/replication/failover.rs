@@ -23,6 +23,8 @@
 //! the promote: the record follows it in the same step of the group's procedure (a
 //! promote run again after a crash is a no-op, or a replay by its op_id).
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use super::*;
@@ -83,6 +85,62 @@ pub struct FailoverProgress {
     /// What the final sync shipped (bytes, milliseconds), once it ran.
     #[serde(default)]
     pub final_sync: Option<(i64, i64)>,
+    /// Final sync rounds given up so far (the agent recorded every attempt of each as
+    /// failed): round `n` > 0 runs under the op_id `<op>/final-sync/<n>`.
+    #[serde(default, skip_serializing_if = "is_zero_u32")]
+    pub sync_rounds: u32,
+    /// The same for each volume's promote, by volume id: `<op>/<volume>/promote/<n>`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub promote_rounds: BTreeMap<String, u32>,
+    /// When the current state (the final sync or the promote) first failed for a cause
+    /// that may pass (ms since the epoch; 0 while it has not): the move runs it again for
+    /// the orchestrator's `move_patience` after. Cleared when the state succeeds.
+    #[serde(default, skip_serializing_if = "is_zero_i64")]
+    pub failing_since_ms: i64,
+}
+
+fn is_zero_u32(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_zero_i64(n: &i64) -> bool {
+    *n == 0
+}
+
+// A move runs its final sync or its promote again, for the orchestrator's `move_patience`,
+// while they fail for a cause that may pass (an agent restarting, a connection lost),
+// before it stops with its volumes in error. Until the final sync succeeds nothing has
+// changed on either side, so waiting is safe; after it both sides are secondary and only
+// the promote serves the group again, so waiting for the target beats leaving it with no
+// primary. The execution shows each failure as the step's last transient error meanwhile.
+impl FailoverProgress {
+    /// After a failure whose cause may pass: how much longer the state may be run again
+    /// (None once `patience` has run out). The first such failure starts the clock.
+    fn patience_left(&mut self, patience: std::time::Duration) -> Option<std::time::Duration> {
+        let now = crate::model::now_ms();
+        if self.failing_since_ms == 0 {
+            self.failing_since_ms = now;
+        }
+        patience
+            .checked_sub(std::time::Duration::from_millis((now - self.failing_since_ms).max(0) as u64))
+            .filter(|left| !left.is_zero())
+    }
+
+    /// Takes what a state to be run again must remember from `tried` (its rounds, and
+    /// since when it fails); the rest of what the states found is found again.
+    pub fn keep_retry_counts(&mut self, tried: &FailoverProgress) {
+        self.sync_rounds = tried.sync_rounds;
+        self.promote_rounds = tried.promote_rounds.clone();
+        self.failing_since_ms = tried.failing_since_ms;
+    }
+}
+
+/// The op_id of round `round` of an operation whose first round is `base`.
+fn round_op_id(base: String, round: u32) -> String {
+    match round {
+        0 => base,
+        n => format!("{base}/{n}"),
+    }
 }
 
 /// One volume's role and point on a backend, as its agent reports them.
@@ -137,8 +195,8 @@ impl ReplicationApi {
         let op = group.pending.clone().expect("a move has a pending op");
         match state {
             FailoverState::Reprotect => self.reprotect(&group, &volumes, &op, epoch, progress).await,
-            FailoverState::FinalSync => self.final_sync(&group, &volumes, &op, epoch, progress).await,
-            FailoverState::Promote => self.promote(&volumes, &op, epoch, progress).await,
+            FailoverState::FinalSync => self.final_sync(&group, &volumes, &op, epoch, progress).await?,
+            FailoverState::Promote => self.promote(&volumes, &op, epoch, progress).await?,
             FailoverState::Record => return self.record(group, volumes, epoch, at, progress).await.map(Some),
         }
         Ok(None)
@@ -199,14 +257,16 @@ impl ReplicationApi {
         op: &PendingOp,
         epoch: i64,
         progress: &mut FailoverProgress,
-    ) {
+    ) -> ApiResult<()> {
         if progress.blocked.is_some() {
-            return;
+            return Ok(());
         }
         let (from, to) = (group.active_backend.clone(), op.target.clone());
         let to_ep = self.endpoint(&to).await;
-        match self.sync_call(&from, &group.id, format!("{}/final-sync", op.op_id), epoch, true, to_ep).await {
+        let op_id = round_op_id(format!("{}/final-sync", op.op_id), progress.sync_rounds);
+        match self.sync_call(&from, &group.id, op_id, epoch, true, to_ep).await {
             Ok(r) => {
+                progress.failing_since_ms = 0;
                 progress.final_sync = Some((r.bytes, r.duration_ms));
                 progress.notes.push(format!(
                     "final sync {} shipped {} bytes in {} ms",
@@ -223,18 +283,40 @@ impl ReplicationApi {
             Err(e) => {
                 // Name the side that is really unreachable: a dead target needs its agent
                 // back, not a forced failover of a healthy source.
-                let hint = if !self.answers(&to).await {
-                    format!(
-                        "the target {to} does not answer: bring its agent back (`drover backend show {to}`), then retry"
+                let (cause, advice) = if !self.answers(&to).await {
+                    (
+                        format!("the target {to} does not answer"),
+                        format!("bring its agent back (`drover backend show {to}`), then retry"),
                     )
                 } else if !self.answers(&from).await {
-                    format!("{from} does not answer: if it is lost, fail over with --force (a disaster failover)")
+                    (
+                        format!("{from} does not answer"),
+                        "if it is lost, fail over with --force (a disaster failover)".to_string(),
+                    )
                 } else {
-                    "both sides answer: fix the cause above, then retry".to_string()
+                    ("both sides answer".to_string(), "fix the cause above, then retry".to_string())
                 };
-                progress.blocked = Some(format!("{e}; {hint}"))
+                if e.transient
+                    && let Some(left) = progress.patience_left(self.core.config.move_patience)
+                {
+                    // Either side may be back in a moment (an agent restarting): the step
+                    // runs again. A round whose every attempt the agent recorded as failed
+                    // is over, and the next one goes under a new op_id; otherwise the
+                    // outcome is unknown and only the same op_id may be sent again.
+                    if e.spent {
+                        progress.sync_rounds += 1;
+                    }
+                    return Err(ApiError::Unavailable(format!(
+                        "{}; {cause}: trying again for up to {} s more, then the move stops with its volumes in \
+                         error (if it does: {advice})",
+                        e.message,
+                        left.as_secs().max(1)
+                    )));
+                }
+                progress.blocked = Some(format!("{}; {cause}: {advice}", e.message))
             }
         }
+        Ok(())
     }
 
     /// Whether every volume of the group is secondary on both sides at one point: what
@@ -253,11 +335,22 @@ impl ReplicationApi {
         true
     }
 
-    async fn promote(&self, volumes: &[VolumeRec], op: &PendingOp, epoch: i64, progress: &mut FailoverProgress) {
+    async fn promote(
+        &self,
+        volumes: &[VolumeRec],
+        op: &PendingOp,
+        epoch: i64,
+        progress: &mut FailoverProgress,
+    ) -> ApiResult<()> {
         if let Some(reason) = &progress.blocked {
             progress.outcomes = volumes.iter().map(|v| (v.id.clone(), Err(reason.clone()))).collect();
-            return;
+            return Ok(());
         }
+        // Whether some volume's promote failed for a cause that may pass, and the volumes
+        // whose round was spent (their next try goes under a new op_id).
+        let transient = std::sync::atomic::AtomicBool::new(false);
+        let spent = std::sync::Mutex::new(Vec::new());
+        let (transient, spent, rounds) = (&transient, &spent, &progress.promote_rounds);
         let to = op.target.clone();
         let scope = format!("group/{}", volumes.first().map(|v| v.group_id.clone()).unwrap_or_default());
         let outcomes = self
@@ -266,7 +359,11 @@ impl ReplicationApi {
                 let force = op.force;
                 async move {
                     let req = apb::PromoteVolumeRequest {
-                        ctx: ctx(format!("{op_id}/{}/promote", v.id), epoch as u64, scope),
+                        ctx: ctx(
+                            round_op_id(format!("{op_id}/{}/promote", v.id), rounds.get(&v.id).copied().unwrap_or(0)),
+                            epoch as u64,
+                            scope,
+                        ),
                         volume_id: v.id.clone(),
                         force,
                     };
@@ -282,12 +379,42 @@ impl ReplicationApi {
                         // puts it. A forced one keeps its refusal: its replay by op_id is
                         // what returns the divergence point it recorded.
                         Err(_) if !force && self.seen(&to, &v.id).await.is_ok_and(|s| s.role == "primary") => Ok(None),
-                        Err(s) => Err(format!("could not promote on {to}: {}", s.message())),
+                        Err(s) => {
+                            if crate::agents::classify(&s) != crate::agents::Failure::Terminal {
+                                transient.store(true, std::sync::atomic::Ordering::Relaxed);
+                            }
+                            if crate::agents::attempts_spent(&s) {
+                                spent.lock().expect("not poisoned").push(v.id.clone());
+                            }
+                            Err(format!("could not promote on {to}: {}", s.message()))
+                        }
                     }
                 }
             })
             .await;
+        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+        if failed == 0 {
+            progress.failing_since_ms = 0;
+        } else if transient.load(std::sync::atomic::Ordering::Relaxed)
+            && let Some(left) = progress.patience_left(self.core.config.move_patience)
+        {
+            // The promote runs again: a volume whose round was spent under its next op_id,
+            // any other under the same one (a volume that was promoted answers again with
+            // what it recorded; one whose outcome is unknown may only be asked again).
+            for id in spent.lock().expect("not poisoned").drain(..) {
+                *progress.promote_rounds.entry(id).or_default() += 1;
+            }
+            let first = outcomes.iter().find_map(|o| o.result.as_ref().err()).cloned().unwrap_or_default();
+            return Err(ApiError::Unavailable(format!(
+                "{failed} of {} volume(s) not promoted yet, first: {first}; trying again for up to {} s more, then \
+                 the move stops with its volumes in error (if it does: bring {to}'s agent back, `drover backend \
+                 show {to}`, then retry)",
+                outcomes.len(),
+                left.as_secs().max(1)
+            )));
+        }
         progress.outcomes = outcomes.into_iter().map(|o| (o.volume_id, o.result)).collect();
+        Ok(())
     }
 
     async fn record(
