@@ -378,6 +378,9 @@ async fn agent_sigkills_mid_move_run_nothing_twice() {
         .map(|a| a["value"]["group"]["status_reason"].as_str().unwrap_or_default().to_string())
         .collect();
     let interrupted = in_error.iter().filter(|r| r.contains("interrupted by a restart of this agent")).count();
+    for reason in &in_error {
+        eprintln!("left in error: {reason}");
+    }
     eprintln!("chaos [agent kills, seed {seed}]: {figures:?}");
     println!(
         "chaos agent-kills: {} agent kills ({mid_move} cut a driver call short), {} moves submitted, executions {:?} \

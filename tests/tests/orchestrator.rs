@@ -635,6 +635,70 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
     assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
 }
 
+/// A failback whose reprotect cannot demote the old primary for a while (its demote fails
+/// for a cause that may pass) waits, showing why, and completes by itself once that
+/// agent works again; nothing changed meanwhile at the side that serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failback_whose_reprotect_fails_for_a_while_completes_by_itself() {
+    let oplog = "mock.oplog={dir}/oplog-{backend}.jsonl";
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", oplog]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "reprotect", 2).await;
+    let moved = c.replication.failover_group(failover_request(&group, "backend-b", false)).await.unwrap().into_inner();
+    assert_eq!(moved.group.unwrap().active_backend, "backend-b");
+    // backend-a's agent comes back unable to demote for now.
+    cluster.agents[0].proc.kill();
+    cluster.restart_agent_with(0, "mock", &["--set", oplog, "--set", "mock.fail.demote=1.0"]);
+    wait_backend_up(&mut c, "backend-a").await;
+    let asked = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "default", false) })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        assert_eq!(e.status, "running", "the failback waits for its reprotect: {}", e.error);
+        if e.error.contains("could not demote") && e.error.contains("reprotect-demote/1") {
+            println!("waiting: {}", e.error);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second reprotect round shown within 30 s: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(g.active_backend, "backend-b", "the serving side is left alone meanwhile");
+    cluster.agents[0].proc.kill();
+    cluster.restart_agent_with(0, "mock", &["--set", oplog]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "the failback did not end within 60 s of the restart: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"), "{g:?}");
+    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
+    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+}
+
 /// A planned failover to a target that stays dead past `move_patience` says the target is
 /// the side to bring back, and does not advise a forced failover of the healthy source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -53,13 +53,33 @@ fn place(k: u64) -> (usize, u64) {
     ((k % VOLUMES as u64) as usize, (k / VOLUMES as u64) * RECORD)
 }
 
+/// The slowest `qemu-io` run so far (ms), and what it did.
+static SLOWEST: std::sync::Mutex<(u128, String)> = std::sync::Mutex::new((0, String::new()));
+
+/// A `qemu-io` run slower than this is reported as a violation: a writer or reader of the
+/// active side would have hung that long.
+const SLOW_IO: Duration = Duration::from_secs(20);
+
 fn qemu_io(uri: &str, cmds: &[String]) -> Result<String, String> {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
     for c in cmds {
         cmd.arg("-c").arg(c);
     }
-    let out = cmd.arg(uri).output().map_err(|e| e.to_string())?;
+    let started = Instant::now();
+    let out = cmd.arg(uri).output().map_err(|e| e.to_string());
+    let took = started.elapsed();
+    {
+        let mut slowest = SLOWEST.lock().expect("not poisoned");
+        if took.as_millis() > slowest.0 {
+            let what = cmds.first().map(|c| c.split(' ').next().unwrap_or_default()).unwrap_or_default();
+            *slowest = (took.as_millis(), format!("{what} x{} on {uri}", cmds.len()));
+        }
+    }
+    if took > SLOW_IO {
+        eprintln!("slow qemu-io: {} ms on {uri}", took.as_millis());
+    }
+    let out = out?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {
         return Err(text);
@@ -557,12 +577,19 @@ async fn main() -> std::process::ExitCode {
             violations.push(format!("step {steps}: {daemons} live qemu-storage-daemons, expected 2"));
         }
     }
+    let slowest = SLOWEST.lock().expect("not poisoned").clone();
+    if slowest.0 > SLOW_IO.as_millis() {
+        violations.push(format!("a qemu-io run took {} ms ({}): the active side hung", slowest.0, slowest.1));
+    }
     let records: u64 = groups.iter().map(|g| g.acked).sum();
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
          (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
          {reenables} disable/enable ({extends} extends), {killed_moves} planned moves with an agent SIGKILLed \
-         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {records} records verified, {} violations",
+         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {records} records verified, slowest \
+         qemu-io {} ms ({}), {} violations",
+        slowest.0,
+        slowest.1,
         violations.len()
     );
     for v in &violations {

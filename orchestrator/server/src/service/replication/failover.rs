@@ -89,9 +89,11 @@ pub struct FailoverProgress {
     /// failed): round `n` > 0 runs under the op_id `<op>/final-sync/<n>`.
     #[serde(default, skip_serializing_if = "is_zero_u32")]
     pub sync_rounds: u32,
-    /// The same for each volume's promote, by volume id: `<op>/<volume>/promote/<n>`.
+    /// The same for each volume's operations (reprotect's demote and resync, the
+    /// promote), by `<volume>/<operation>`: round `n` > 0 runs under
+    /// `<op>/<volume>/<operation>/<n>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub promote_rounds: BTreeMap<String, u32>,
+    pub rounds: BTreeMap<String, u32>,
     /// When the current state (the final sync or the promote) first failed for a cause
     /// that may pass (ms since the epoch; 0 while it has not): the move runs it again for
     /// the orchestrator's `move_patience` after. Cleared when the state succeeds.
@@ -130,7 +132,7 @@ impl FailoverProgress {
     /// since when it fails); the rest of what the states found is found again.
     pub fn keep_retry_counts(&mut self, tried: &FailoverProgress) {
         self.sync_rounds = tried.sync_rounds;
-        self.promote_rounds = tried.promote_rounds.clone();
+        self.rounds = tried.rounds.clone();
         self.failing_since_ms = tried.failing_since_ms;
     }
 }
@@ -140,6 +142,51 @@ fn round_op_id(base: String, round: u32) -> String {
     match round {
         0 => base,
         n => format!("{base}/{n}"),
+    }
+}
+
+/// The op_id of a volume's operation `key` (`<volume>/<operation>`) of move `op`, in the
+/// round `rounds` is at.
+fn volume_op_id(op: &str, key: &str, rounds: &BTreeMap<String, u32>) -> String {
+    round_op_id(format!("{op}/{key}"), rounds.get(key).copied().unwrap_or(0))
+}
+
+/// What a run of a per-volume state learnt of its failures: whether one may pass, and
+/// which operations (`<volume>/<operation>`) the agent recorded every attempt of as failed.
+#[derive(Default)]
+struct Tries {
+    transient: std::sync::atomic::AtomicBool,
+    spent: std::sync::Mutex<Vec<String>>,
+}
+
+impl Tries {
+    fn note(&self, key: String, status: &Status) {
+        if crate::agents::classify(status) != crate::agents::Failure::Terminal {
+            self.transient.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        if crate::agents::attempts_spent(status) {
+            self.spent.lock().expect("not poisoned").push(key);
+        }
+    }
+}
+
+impl FailoverProgress {
+    /// After a run of a per-volume state with `failed` failures: how much longer it may be
+    /// run again, once its spent operations moved to their next round; None when nothing
+    /// failed, no failure may pass, or the patience ran out (the failures then stand).
+    fn again(&mut self, failed: usize, tries: Tries, patience: std::time::Duration) -> Option<std::time::Duration> {
+        if failed == 0 {
+            self.failing_since_ms = 0;
+            return None;
+        }
+        if !tries.transient.into_inner() {
+            return None;
+        }
+        let left = self.patience_left(patience)?;
+        for key in tries.spent.into_inner().expect("not poisoned") {
+            *self.rounds.entry(key).or_default() += 1;
+        }
+        Some(left)
     }
 }
 
@@ -194,7 +241,7 @@ impl ReplicationApi {
     ) -> ApiResult<Option<pb::ReplicationResult>> {
         let op = group.pending.clone().expect("a move has a pending op");
         match state {
-            FailoverState::Reprotect => self.reprotect(&group, &volumes, &op, epoch, progress).await,
+            FailoverState::Reprotect => self.reprotect(&group, &volumes, &op, epoch, progress).await?,
             FailoverState::FinalSync => self.final_sync(&group, &volumes, &op, epoch, progress).await?,
             FailoverState::Promote => self.promote(&volumes, &op, epoch, progress).await?,
             FailoverState::Record => return self.record(group, volumes, epoch, at, progress).await.map(Some),
@@ -209,38 +256,59 @@ impl ReplicationApi {
         op: &PendingOp,
         epoch: i64,
         progress: &mut FailoverProgress,
-    ) {
+    ) -> ApiResult<()> {
         let to = op.target.clone();
         let scope = format!("group/{}", group.id);
         let discard = !group.divergence_point.is_empty() && op.reference == to;
+        let tries = Tries::default();
+        let (tries_ref, rounds) = (&tries, &progress.rounds);
         let prep = self
             .each_volume(volumes, |v| {
                 let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
                 async move {
+                    let key = format!("{}/reprotect-demote", v.id);
                     let demote = apb::DemoteVolumeRequest {
-                        ctx: ctx(format!("{op_id}/{}/reprotect-demote", v.id), epoch as u64, scope.clone()),
+                        ctx: ctx(volume_op_id(&op_id, &key, rounds), epoch as u64, scope.clone()),
                         volume_id: v.id.clone(),
                     };
                     self.core
                         .agents
                         .mutate(&to, Deadline::Call, demote, |mut c, req| async move { c.demote_volume(req).await })
                         .await
-                        .map_err(|s| format!("reprotect: could not demote on {to}: {}", s.message()))?;
+                        .map_err(|s| {
+                            tries_ref.note(key, &s);
+                            format!("reprotect: could not demote on {to}: {}", s.message())
+                        })?;
                     if discard {
+                        let key = format!("{}/reprotect-resync", v.id);
                         let resync = apb::ResyncVolumeRequest {
-                            ctx: ctx(format!("{op_id}/{}/reprotect-resync", v.id), epoch as u64, scope),
+                            ctx: ctx(volume_op_id(&op_id, &key, rounds), epoch as u64, scope),
                             volume_id: v.id.clone(),
                         };
                         self.core
                             .agents
                             .mutate(&to, Deadline::Call, resync, |mut c, req| async move { c.resync_volume(req).await })
                             .await
-                            .map_err(|s| format!("reprotect: could not resync on {to}: {}", s.message()))?;
+                            .map_err(|s| {
+                                tries_ref.note(key, &s);
+                                format!("reprotect: could not resync on {to}: {}", s.message())
+                            })?;
                     }
                     Ok(None)
                 }
             })
             .await;
+        let failed = prep.iter().filter(|o| o.result.is_err()).count();
+        // Nothing changed at the side that serves: the reprotect runs again while the
+        // side it prepares may be back in a moment.
+        if let Some(left) = progress.again(failed, tries, self.core.config.move_patience) {
+            return Err(ApiError::Unavailable(format!(
+                "{}; trying again for up to {} s more, then the move stops with its volumes in error (if it does: \
+                 bring {to}'s agent back, `drover backend show {to}`, then retry)",
+                Self::summarize(&prep).unwrap_or_default(),
+                left.as_secs().max(1)
+            )));
+        }
         progress.blocked = Self::summarize(&prep);
         if discard && progress.blocked.is_none() {
             progress.notes.push(format!(
@@ -248,6 +316,7 @@ impl ReplicationApi {
                 group.divergence_point
             ));
         }
+        Ok(())
     }
 
     async fn final_sync(
@@ -346,11 +415,8 @@ impl ReplicationApi {
             progress.outcomes = volumes.iter().map(|v| (v.id.clone(), Err(reason.clone()))).collect();
             return Ok(());
         }
-        // Whether some volume's promote failed for a cause that may pass, and the volumes
-        // whose round was spent (their next try goes under a new op_id).
-        let transient = std::sync::atomic::AtomicBool::new(false);
-        let spent = std::sync::Mutex::new(Vec::new());
-        let (transient, spent, rounds) = (&transient, &spent, &progress.promote_rounds);
+        let tries = Tries::default();
+        let (tries_ref, rounds) = (&tries, &progress.rounds);
         let to = op.target.clone();
         let scope = format!("group/{}", volumes.first().map(|v| v.group_id.clone()).unwrap_or_default());
         let outcomes = self
@@ -358,12 +424,9 @@ impl ReplicationApi {
                 let (op_id, scope, to) = (op.op_id.clone(), scope.clone(), to.clone());
                 let force = op.force;
                 async move {
+                    let key = format!("{}/promote", v.id);
                     let req = apb::PromoteVolumeRequest {
-                        ctx: ctx(
-                            round_op_id(format!("{op_id}/{}/promote", v.id), rounds.get(&v.id).copied().unwrap_or(0)),
-                            epoch as u64,
-                            scope,
-                        ),
+                        ctx: ctx(volume_op_id(&op_id, &key, rounds), epoch as u64, scope),
                         volume_id: v.id.clone(),
                         force,
                     };
@@ -380,12 +443,7 @@ impl ReplicationApi {
                         // what returns the divergence point it recorded.
                         Err(_) if !force && self.seen(&to, &v.id).await.is_ok_and(|s| s.role == "primary") => Ok(None),
                         Err(s) => {
-                            if crate::agents::classify(&s) != crate::agents::Failure::Terminal {
-                                transient.store(true, std::sync::atomic::Ordering::Relaxed);
-                            }
-                            if crate::agents::attempts_spent(&s) {
-                                spent.lock().expect("not poisoned").push(v.id.clone());
-                            }
+                            tries_ref.note(key, &s);
                             Err(format!("could not promote on {to}: {}", s.message()))
                         }
                     }
@@ -393,17 +451,10 @@ impl ReplicationApi {
             })
             .await;
         let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
-        if failed == 0 {
-            progress.failing_since_ms = 0;
-        } else if transient.load(std::sync::atomic::Ordering::Relaxed)
-            && let Some(left) = progress.patience_left(self.core.config.move_patience)
-        {
-            // The promote runs again: a volume whose round was spent under its next op_id,
-            // any other under the same one (a volume that was promoted answers again with
-            // what it recorded; one whose outcome is unknown may only be asked again).
-            for id in spent.lock().expect("not poisoned").drain(..) {
-                *progress.promote_rounds.entry(id).or_default() += 1;
-            }
+        // The promote runs again: a volume whose round was spent under its next op_id, any
+        // other under the same one (a volume that was promoted answers again with what it
+        // recorded; one whose outcome is unknown may only be asked again).
+        if let Some(left) = progress.again(failed, tries, self.core.config.move_patience) {
             let first = outcomes.iter().find_map(|o| o.result.as_ref().err()).cloned().unwrap_or_default();
             return Err(ApiError::Unavailable(format!(
                 "{failed} of {} volume(s) not promoted yet, first: {first}; trying again for up to {} s more, then \
