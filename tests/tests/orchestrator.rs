@@ -699,6 +699,66 @@ async fn a_failback_whose_reprotect_fails_for_a_while_completes_by_itself() {
     assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
 }
 
+/// Enabling replication while the target's agent cannot enable its replicas for a while
+/// waits (within `move_patience`), showing why, and completes by itself once that agent
+/// works again: no operator retry, no op_id twice in a driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enabling_while_the_target_fails_for_a_while_completes_by_itself() {
+    let oplog = "mock.oplog={dir}/oplog-{backend}.jsonl";
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", oplog]).await;
+    let mut c = cluster.clients().await;
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", oplog, "--set", "mock.fail.enable_replication=1.0"]);
+    wait_backend_up(&mut c, "backend-b").await;
+    let group = drover_tests::plain_group_in(&mut c, "tests", "enables", 2).await;
+    let asked = c
+        .replication
+        .enable_replication(pb::EnableReplicationRequest {
+            no_wait: true,
+            group: group.clone(),
+            project: "tests".into(),
+            target_backend: "backend-b".into(),
+            sync_interval_seconds: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        assert_eq!(e.status, "running", "enabling waits for the target: {}", e.error);
+        if e.error.contains("trying again") && e.error.contains("enable-secondary/1") {
+            println!("waiting: {}", e.error);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no second round shown within 30 s: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", oplog]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ended = loop {
+        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        assert!(Instant::now() < deadline, "enabling did not end within 60 s of the restart: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = c
+        .groups
+        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((g.replication_status.as_str(), g.replication_target.as_str()), ("enabled", "backend-b"), "{g:?}");
+    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
+    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+}
+
 /// A planned failover to a target that stays dead past `move_patience` says the target is
 /// the side to bring back, and does not advise a forced failover of the healthy source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

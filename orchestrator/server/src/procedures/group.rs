@@ -184,7 +184,14 @@ impl Procedure for GroupTransition {
         let at = Expect::of(ctx, g.rev);
         let mut kept_sync: Option<FailoverProgress> = None;
         let result = match (s.action.as_str(), s.state) {
-            ("enable", _) => api.drive_enable(g.rec, volumes, ctx.epoch, &at).await,
+            ("enable", _) => {
+                let mut progress = s.progress.clone();
+                let enabled = api.drive_enable(g.rec, volumes, ctx.epoch, &at, &mut progress).await;
+                if enabled.is_err() {
+                    kept_sync = Some(progress);
+                }
+                enabled
+            }
             ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, &at).await,
             ("failover" | "failback", Some(first)) => {
                 let mut progress = s.progress.clone();

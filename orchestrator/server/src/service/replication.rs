@@ -38,6 +38,7 @@ mod failover;
 mod volumes;
 
 pub use failover::{FailoverProgress, FailoverState};
+use failover::{Tries, round_op_id, volume_op_id};
 
 /// `drover.v1.ReplicationService`.
 pub struct ReplicationApi {
@@ -346,6 +347,7 @@ impl ReplicationApi {
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
         at: &Expect,
+        progress: &mut FailoverProgress,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("enable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
@@ -355,14 +357,20 @@ impl ReplicationApi {
         let scope = format!("group/{}", group.id);
         let params: std::collections::HashMap<String, String> =
             [("sync_interval_ms".to_string(), (group.sync_interval_seconds * 1000).to_string())].into();
+        // As a move does (see `FailoverProgress`), enable runs again, for `move_patience`,
+        // while its calls fail for a cause that may pass: until it records the group
+        // enabled, the source serves as before.
+        let tries = Tries::default();
+        let (tries_ref, rounds) = (&tries, &progress.rounds);
         let outcomes = self
             .each_volume(&volumes, |v| {
                 let (op_id, scope, params) = (op.op_id.clone(), scope.clone(), params.clone());
                 let (source, target, source_ep, target_ep) =
                     (source.clone(), target.clone(), source_ep.clone(), target_ep.clone());
                 async move {
+                    let key = format!("{}/enable-secondary", v.id);
                     let secondary = apb::EnableReplicationRequest {
-                        ctx: ctx(format!("{op_id}/{}/enable-secondary", v.id), epoch as u64, scope.clone()),
+                        ctx: ctx(volume_op_id(&op_id, &key, rounds), epoch as u64, scope.clone()),
                         volume_id: v.id.clone(),
                         group_id: v.group_id.clone(),
                         role: apb::ReplicationRole::Secondary as i32,
@@ -376,9 +384,13 @@ impl ReplicationApi {
                             c.enable_replication(req).await
                         })
                         .await
-                        .map_err(|s| format!("replica on {target}: {}", s.message()))?;
+                        .map_err(|s| {
+                            tries_ref.note(key, &s);
+                            format!("replica on {target}: {}", s.message())
+                        })?;
+                    let key = format!("{}/enable-primary", v.id);
                     let primary = apb::EnableReplicationRequest {
-                        ctx: ctx(format!("{op_id}/{}/enable-primary", v.id), epoch as u64, scope),
+                        ctx: ctx(volume_op_id(&op_id, &key, rounds), epoch as u64, scope),
                         volume_id: v.id.clone(),
                         group_id: v.group_id.clone(),
                         role: apb::ReplicationRole::Primary as i32,
@@ -392,26 +404,53 @@ impl ReplicationApi {
                             c.enable_replication(req).await
                         })
                         .await
-                        .map_err(|s| format!("source on {source}: {}", s.message()))?;
+                        .map_err(|s| {
+                            tries_ref.note(key, &s);
+                            format!("source on {source}: {}", s.message())
+                        })?;
                     Ok(None)
                 }
             })
             .await;
+        let patience = self.core.config.move_patience;
         let mut failure = Self::summarize(&outcomes);
+        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+        if let Some(left) = progress.again(failed, tries, patience) {
+            return Err(ApiError::Unavailable(format!(
+                "{}; trying again for up to {} s more, then enabling stops with the volumes in error",
+                failure.unwrap_or_default(),
+                left.as_secs().max(1)
+            )));
+        }
         let mut synced = String::new();
         if failure.is_none() {
             // The initial full copy: when enable returns, the target holds a complete point.
-            match self
-                .sync_call(&source, &group.id, format!("{}/initial-sync", op.op_id), epoch, false, target_ep.clone())
-                .await
-            {
+            let op_id = round_op_id(format!("{}/initial-sync", op.op_id), progress.sync_rounds);
+            match self.sync_call(&source, &group.id, op_id, epoch, false, target_ep.clone()).await {
                 Ok(r) => {
+                    progress.failing_since_ms = 0;
                     synced = format!(
                         "; initial full copy {} shipped {} bytes in {} ms",
                         r.recovery_point_id, r.bytes, r.duration_ms
                     )
                 }
-                Err(e) => failure = Some(e.message),
+                Err(e) => {
+                    if e.transient
+                        && let Some(left) = progress.patience_left(patience)
+                    {
+                        // A round the agent recorded as failed throughout is over; an
+                        // unknown outcome is asked about again under the same op_id.
+                        if e.spent {
+                            progress.sync_rounds += 1;
+                        }
+                        return Err(ApiError::Unavailable(format!(
+                            "{}; trying again for up to {} s more, then enabling stops with the volumes in error",
+                            e.message,
+                            left.as_secs().max(1)
+                        )));
+                    }
+                    failure = Some(e.message)
+                }
             }
         }
         for v in &mut volumes {

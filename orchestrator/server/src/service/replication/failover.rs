@@ -118,7 +118,7 @@ fn is_zero_i64(n: &i64) -> bool {
 impl FailoverProgress {
     /// After a failure whose cause may pass: how much longer the state may be run again
     /// (None once `patience` has run out). The first such failure starts the clock.
-    fn patience_left(&mut self, patience: std::time::Duration) -> Option<std::time::Duration> {
+    pub(super) fn patience_left(&mut self, patience: std::time::Duration) -> Option<std::time::Duration> {
         let now = crate::model::now_ms();
         if self.failing_since_ms == 0 {
             self.failing_since_ms = now;
@@ -138,7 +138,7 @@ impl FailoverProgress {
 }
 
 /// The op_id of round `round` of an operation whose first round is `base`.
-fn round_op_id(base: String, round: u32) -> String {
+pub(super) fn round_op_id(base: String, round: u32) -> String {
     match round {
         0 => base,
         n => format!("{base}/{n}"),
@@ -147,20 +147,20 @@ fn round_op_id(base: String, round: u32) -> String {
 
 /// The op_id of a volume's operation `key` (`<volume>/<operation>`) of move `op`, in the
 /// round `rounds` is at.
-fn volume_op_id(op: &str, key: &str, rounds: &BTreeMap<String, u32>) -> String {
+pub(super) fn volume_op_id(op: &str, key: &str, rounds: &BTreeMap<String, u32>) -> String {
     round_op_id(format!("{op}/{key}"), rounds.get(key).copied().unwrap_or(0))
 }
 
 /// What a run of a per-volume state learnt of its failures: whether one may pass, and
 /// which operations (`<volume>/<operation>`) the agent recorded every attempt of as failed.
 #[derive(Default)]
-struct Tries {
+pub(super) struct Tries {
     transient: std::sync::atomic::AtomicBool,
     spent: std::sync::Mutex<Vec<String>>,
 }
 
 impl Tries {
-    fn note(&self, key: String, status: &Status) {
+    pub(super) fn note(&self, key: String, status: &Status) {
         if crate::agents::classify(status) != crate::agents::Failure::Terminal {
             self.transient.store(true, std::sync::atomic::Ordering::Relaxed);
         }
@@ -174,7 +174,12 @@ impl FailoverProgress {
     /// After a run of a per-volume state with `failed` failures: how much longer it may be
     /// run again, once its spent operations moved to their next round; None when nothing
     /// failed, no failure may pass, or the patience ran out (the failures then stand).
-    fn again(&mut self, failed: usize, tries: Tries, patience: std::time::Duration) -> Option<std::time::Duration> {
+    pub(super) fn again(
+        &mut self,
+        failed: usize,
+        tries: Tries,
+        patience: std::time::Duration,
+    ) -> Option<std::time::Duration> {
         if failed == 0 {
             self.failing_since_ms = 0;
             return None;
