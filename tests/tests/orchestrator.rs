@@ -579,13 +579,54 @@ async fn a_failover_retry_with_both_sides_secondary_promotes_without_force() {
     assert!(last.detail.contains("no final sync needed"), "{}", last.detail);
 }
 
+/// Polls execution `id`, which must keep running meanwhile, until its transient error
+/// contains every one of `needles` (at most 30 s); returns that error.
+async fn wait_retrying(c: &mut Clients, id: &str, needles: &[&str]) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.into() }).await.unwrap().into_inner();
+        assert_eq!(e.status, "running", "the execution waits instead of ending: {}", e.error);
+        if needles.iter().all(|n| e.error.contains(n)) {
+            println!("waiting: {}", e.error);
+            return e.error;
+        }
+        assert!(Instant::now() < deadline, "no error with {needles:?} within 30 s: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Polls execution `id` until it ends (at most 60 s) and returns it.
+async fn wait_ended(c: &mut Clients, id: &str) -> pb::Execution {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.into() }).await.unwrap().into_inner();
+        if e.status != "running" {
+            return e;
+        }
+        assert!(Instant::now() < deadline, "execution {id} did not end within 60 s: {}", e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn group_now(c: &mut Clients, group: &str) -> pb::Group {
+    c.groups.get_group(pb::GetGroupRequest { group: group.into(), project: "tests".into() }).await.unwrap().into_inner()
+}
+
+/// No op_id entered either mock driver twice (their op logs under the cluster's dir).
+fn assert_no_repeated_ops(cluster: &Cluster) {
+    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
+    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+}
+
+const OPLOG: &str = "mock.oplog={dir}/oplog-{backend}.jsonl";
+
 /// A planned failover whose promote keeps failing for a cause that may pass waits (within
 /// `move_patience`), showing why, and completes by itself once the target's agent is
 /// back: no retry by the operator, no --force, and no op_id twice in a driver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
-    let oplog = "mock.oplog={dir}/oplog-{backend}.jsonl";
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", oplog]).await;
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "waits", 2).await;
     let asked = c
@@ -594,45 +635,20 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
         .await
         .unwrap()
         .into_inner();
-    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
-        assert_eq!(e.status, "running", "the move waits for its promote: {}", e.error);
-        // A second round at least: it goes under new op_ids.
-        if e.error.contains("not promoted yet") && e.error.contains("promote/1") {
-            println!("waiting: {}", e.error);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no second promote round shown within 30 s: {}", e.error);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // A second round at least: it goes under new op_ids.
+    wait_retrying(&mut c, &asked.execution_id, &["not promoted yet", "promote/1"]).await;
     // backend-b's agent comes back without the injected failure.
     cluster.agents[1].proc.kill();
-    cluster.restart_agent_with(1, "mock", &["--set", oplog]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ended = loop {
-        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
-        if e.status != "running" {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "the move did not end within 60 s of the restart: {}", e.error);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &asked.execution_id).await;
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
-    let g = c
-        .groups
-        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = group_now(&mut c, &group).await;
     assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
     assert!(g.divergence_point.is_empty(), "a planned move records no divergence: {}", g.divergence_point);
-    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
-    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    let b = cluster.path().join("oplog-backend-b.jsonl");
     let promotes = drover_tests::invariants::op_log(&b).iter().filter(|e| e.op == "promote").count();
     assert!(promotes >= 2 * 5, "every volume's promote was tried in two rounds at least: {promotes}");
-    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+    assert_no_repeated_ops(&cluster);
 }
 
 /// A failback whose reprotect cannot demote the old primary for a while (its demote fails
@@ -640,15 +656,14 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
 /// agent works again; nothing changed meanwhile at the side that serves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failback_whose_reprotect_fails_for_a_while_completes_by_itself() {
-    let oplog = "mock.oplog={dir}/oplog-{backend}.jsonl";
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", oplog]).await;
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", OPLOG]).await;
     let mut c = cluster.clients().await;
     let group = replicated_group(&mut c, "reprotect", 2).await;
     let moved = c.replication.failover_group(failover_request(&group, "backend-b", false)).await.unwrap().into_inner();
     assert_eq!(moved.group.unwrap().active_backend, "backend-b");
     // backend-a's agent comes back unable to demote for now.
     cluster.agents[0].proc.kill();
-    cluster.restart_agent_with(0, "mock", &["--set", oplog, "--set", "mock.fail.demote=1.0"]);
+    cluster.restart_agent_with(0, "mock", &["--set", OPLOG, "--set", "mock.fail.demote=1.0"]);
     wait_backend_up(&mut c, "backend-a").await;
     let asked = c
         .replication
@@ -656,47 +671,15 @@ async fn a_failback_whose_reprotect_fails_for_a_while_completes_by_itself() {
         .await
         .unwrap()
         .into_inner();
-    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
-        assert_eq!(e.status, "running", "the failback waits for its reprotect: {}", e.error);
-        if e.error.contains("could not demote") && e.error.contains("reprotect-demote/1") {
-            println!("waiting: {}", e.error);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no second reprotect round shown within 30 s: {}", e.error);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let g = c
-        .groups
-        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(g.active_backend, "backend-b", "the serving side is left alone meanwhile");
+    wait_retrying(&mut c, &asked.execution_id, &["could not demote", "reprotect-demote/1"]).await;
+    assert_eq!(group_now(&mut c, &group).await.active_backend, "backend-b", "the serving side is left alone meanwhile");
     cluster.agents[0].proc.kill();
-    cluster.restart_agent_with(0, "mock", &["--set", oplog]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ended = loop {
-        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
-        if e.status != "running" {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "the failback did not end within 60 s of the restart: {}", e.error);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    cluster.restart_agent_with(0, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &asked.execution_id).await;
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
-    let g = c
-        .groups
-        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = group_now(&mut c, &group).await;
     assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("enabled", "backend-a"), "{g:?}");
-    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
-    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
-    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+    assert_no_repeated_ops(&cluster);
 }
 
 /// Enabling replication while the target's agent cannot enable its replicas for a while
@@ -704,11 +687,10 @@ async fn a_failback_whose_reprotect_fails_for_a_while_completes_by_itself() {
 /// works again: no operator retry, no op_id twice in a driver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn enabling_while_the_target_fails_for_a_while_completes_by_itself() {
-    let oplog = "mock.oplog={dir}/oplog-{backend}.jsonl";
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", oplog]).await;
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", OPLOG]).await;
     let mut c = cluster.clients().await;
     cluster.agents[1].proc.kill();
-    cluster.restart_agent_with(1, "mock", &["--set", oplog, "--set", "mock.fail.enable_replication=1.0"]);
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG, "--set", "mock.fail.enable_replication=1.0"]);
     wait_backend_up(&mut c, "backend-b").await;
     let group = drover_tests::plain_group_in(&mut c, "tests", "enables", 2).await;
     let asked = c
@@ -723,40 +705,14 @@ async fn enabling_while_the_target_fails_for_a_while_completes_by_itself() {
         .await
         .unwrap()
         .into_inner();
-    let get = pb::GetExecutionRequest { id: asked.execution_id.clone() };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
-        assert_eq!(e.status, "running", "enabling waits for the target: {}", e.error);
-        if e.error.contains("trying again") && e.error.contains("enable-secondary/1") {
-            println!("waiting: {}", e.error);
-            break;
-        }
-        assert!(Instant::now() < deadline, "no second round shown within 30 s: {}", e.error);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_retrying(&mut c, &asked.execution_id, &["trying again", "enable-secondary/1"]).await;
     cluster.agents[1].proc.kill();
-    cluster.restart_agent_with(1, "mock", &["--set", oplog]);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let ended = loop {
-        let e = c.executions.get_execution(get.clone()).await.unwrap().into_inner();
-        if e.status != "running" {
-            break e;
-        }
-        assert!(Instant::now() < deadline, "enabling did not end within 60 s of the restart: {}", e.error);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &asked.execution_id).await;
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
-    let g = c
-        .groups
-        .get_group(pb::GetGroupRequest { group: group.clone(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner();
+    let g = group_now(&mut c, &group).await;
     assert_eq!((g.replication_status.as_str(), g.replication_target.as_str()), ("enabled", "backend-b"), "{g:?}");
-    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
-    let (repeated, total) = drover_tests::invariants::repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
-    assert!(repeated.is_empty(), "op_ids entered a driver twice (of {total}): {repeated:?}");
+    assert_no_repeated_ops(&cluster);
 }
 
 /// A planned failover to a target that stays dead past `move_patience` says the target is
