@@ -25,6 +25,15 @@ async fn uri(c: &mut Clients, volume: &str) -> String {
         .uri
 }
 
+async fn volume_id(c: &mut Clients, volume: &str) -> String {
+    c.volumes
+        .get_volume(pb::GetVolumeRequest { volume: volume.into(), project: "tests".into() })
+        .await
+        .expect("volume")
+        .into_inner()
+        .id
+}
+
 /// Polls `ok` every 200 ms for up to 30 s.
 async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -351,13 +360,7 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
     let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
     let mut c = cluster.clients().await;
     let vols = group(&mut c, "mt", 1, 512 * MIB).await;
-    let id = c
-        .volumes
-        .get_volume(pb::GetVolumeRequest { volume: vols[0].clone(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = volume_id(&mut c, &vols[0]).await;
     let u = uri(&mut c, &vols[0]).await;
     io(&u, &["write -P 0x11 0 1M"]);
     enable(&mut c, "mt", 3600).await;
@@ -428,13 +431,7 @@ async fn a_planned_move_waits_for_a_target_that_restarts_mid_final_sync() {
     let mut cluster = Cluster::start_with(StoreChoice::Etcd(&etcd), "qemu", &[]).await;
     let mut c = cluster.clients().await;
     let vols = group(&mut c, "fw", 1, 512 * MIB).await;
-    let id = c
-        .volumes
-        .get_volume(pb::GetVolumeRequest { volume: vols[0].clone(), project: "tests".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .id;
+    let id = volume_id(&mut c, &vols[0]).await;
     let u = uri(&mut c, &vols[0]).await;
     io(&u, &["write -P 0x11 0 1M"]);
     enable(&mut c, "fw", 3600).await;

@@ -236,17 +236,21 @@ async fn wait_up(c: &mut Clients) -> Result<(), String> {
     }
 }
 
+fn move_request(g: &str, target: &str, force: bool, discard: &str, no_wait: bool) -> pb::FailoverGroupRequest {
+    pb::FailoverGroupRequest {
+        group: g.into(),
+        project: "soak".into(),
+        target_backend: target.into(),
+        force,
+        discard_changes_on: discard.into(),
+        no_wait,
+    }
+}
+
 async fn failover(c: &mut Clients, g: &str, target: &str, force: bool, discard: &str) -> Result<pb::Group, String> {
     let r = c
         .replication
-        .failover_group(pb::FailoverGroupRequest {
-            group: g.into(),
-            project: "soak".into(),
-            target_backend: target.into(),
-            force,
-            discard_changes_on: discard.into(),
-            no_wait: false,
-        })
+        .failover_group(move_request(g, target, force, discard, false))
         .await
         .map_err(|s| format!("{g}: {}", s.message()))?
         .into_inner();
@@ -273,14 +277,7 @@ async fn move_with_kill(
     let before = group_rec(c, g).await?;
     let r = c
         .replication
-        .failover_group(pb::FailoverGroupRequest {
-            group: g.into(),
-            project: "soak".into(),
-            target_backend: target.into(),
-            force: false,
-            discard_changes_on: String::new(),
-            no_wait: true,
-        })
+        .failover_group(move_request(g, target, false, "", true))
         .await
         .map_err(|s| format!("{g}: {}", s.message()))?
         .into_inner();
