@@ -9,14 +9,19 @@
 //! - agent restarts without a disaster (SIGKILL of either side's agent and daemon, then a
 //!   restart: the active side comes back fenced and serves writes once confirmed);
 //! - daemon-only kills (either side; its agent restarts it);
-//! - disable, an extend of one volume while unreplicated, and enable again (a full copy).
+//! - disable, an extend of one volume while unreplicated, and enable again (a full copy),
+//!   half of them with either agent SIGKILLed and restarted while enable runs;
+//! - planned moves with either agent SIGKILLed and restarted while the move runs: the
+//!   move must end by itself with the group serving at one side or the other.
 //!
 //! After every step it checks, with `qemu-io` as the reader:
 //! - after a planned move, a restart, a daemon kill or a disable/enable, every
 //!   acknowledged record is at the active side;
 //! - after a disaster, the records there are an exact prefix, holding at least every
 //!   record acknowledged before the last planned move;
-//! - every agent answers, layer counts stay bounded, no daemon is orphaned.
+//! - every agent answers, layer counts stay bounded, no daemon is orphaned;
+//! - every volume is primary on exactly one side, its group's active backend;
+//! - no `qemu-io` run takes more than 20 s.
 //!
 //! It prints a summary and exits non-zero on any violation.
 
@@ -133,8 +138,16 @@ fn kill_daemon(cluster: &Cluster, i: usize) -> Result<(), String> {
 }
 
 /// Disables replication of `g`, extends one of its volumes by 16 MiB (at most 4 times
-/// per group), and enables it again.
-async fn disable_extend_enable(c: &mut Clients, g: &mut Group, volume: usize) -> Result<bool, String> {
+/// per group), and enables it again; with `kill` (side, delay in ms), that agent is
+/// SIGKILLed and restarted while the enable runs, which must still end enabled. Returns
+/// whether it extended, and whether a kill came while the enable ran.
+async fn disable_extend_enable(
+    c: &mut Clients,
+    cluster: &mut Cluster,
+    g: &mut Group,
+    volume: usize,
+    kill: Option<(usize, u64)>,
+) -> Result<(bool, bool), String> {
     let disabled = c
         .replication
         .disable_replication(pb::DisableReplicationRequest {
@@ -174,16 +187,23 @@ async fn disable_extend_enable(c: &mut Clients, g: &mut Group, volume: usize) ->
             project: "soak".into(),
             target_backend: "backend-b".into(),
             sync_interval_seconds: 2,
-            no_wait: false,
+            no_wait: kill.is_some(),
         })
         .await
         .map_err(|s| format!("enable: {}", s.message()))?
         .into_inner();
-    let grp = enabled.group.ok_or("no group in the result")?;
+    let (grp, inside) = match kill {
+        None => (enabled.group.ok_or("no group in the result")?, false),
+        Some((side, delay)) => {
+            let (e, inside) = kill_during(c, cluster, &enabled.execution_id, side, delay).await?;
+            eprintln!("  enable {} {} {}", e.id, e.status, e.error);
+            (group_rec(c, &g.name).await?, inside)
+        }
+    };
     if grp.replication_status != "enabled" {
         return Err(format!("enable left {}: {}", grp.replication_status, grp.status_reason));
     }
-    Ok(extend)
+    Ok((extend, inside))
 }
 
 /// Which of the records 0..upto read back with their pattern at the active side.
@@ -281,28 +301,7 @@ async fn move_with_kill(
         .await
         .map_err(|s| format!("{g}: {}", s.message()))?
         .into_inner();
-    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-    cluster.agents[side].proc.kill();
-    let get = pb::GetExecutionRequest { id: r.execution_id.clone() };
-    let inside = c.executions.get_execution(get.clone()).await.map(|e| e.get_ref().status == "running").unwrap_or(true);
-    cluster.restart_agent(side, "qemu");
-    wait_up(c).await?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let e = loop {
-        let e = c
-            .executions
-            .get_execution(get.clone())
-            .await
-            .map_err(|s| format!("execution {}: {}", r.execution_id, s.message()))?
-            .into_inner();
-        if e.status != "running" {
-            break e;
-        }
-        if Instant::now() > deadline {
-            return Err(format!("the move {} still runs 120 s after the kill: {}", e.id, e.step));
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (e, inside) = kill_during(c, cluster, &r.execution_id, side, delay_ms).await?;
     let after = group_rec(c, g).await?;
     eprintln!(
         "  move {} {}: {} active on {} ({}) {}",
@@ -315,6 +314,40 @@ async fn move_with_kill(
         ));
     }
     Ok((after.active_backend != before.active_backend, inside))
+}
+
+/// SIGKILLs agent `side` (and its daemon) `delay_ms` from now and restarts it, then waits
+/// (up to 120 s) for execution `id` to end. Returns it, and whether the kill came while it
+/// still ran.
+async fn kill_during(
+    c: &mut Clients,
+    cluster: &mut Cluster,
+    id: &str,
+    side: usize,
+    delay_ms: u64,
+) -> Result<(pb::Execution, bool), String> {
+    tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    cluster.agents[side].proc.kill();
+    let get = pb::GetExecutionRequest { id: id.into() };
+    let inside = c.executions.get_execution(get.clone()).await.map(|e| e.get_ref().status == "running").unwrap_or(true);
+    cluster.restart_agent(side, "qemu");
+    wait_up(c).await?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let e = c
+            .executions
+            .get_execution(get.clone())
+            .await
+            .map_err(|s| format!("execution {id}: {}", s.message()))?
+            .into_inner();
+        if e.status != "running" {
+            return Ok((e, inside));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("execution {id} ({}) still runs 120 s after the kill, at {}", e.summary, e.step));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn max_layers(dir: &Path) -> usize {
@@ -388,6 +421,7 @@ async fn main() -> std::process::ExitCode {
     let (mut steps, mut planned, mut disasters) = (0u64, 0u64, 0u64);
     let (mut restarts, mut daemon_kills, mut reenables, mut extends) = (0u64, 0u64, 0u64, 0u64);
     let (mut killed_moves, mut killed_moves_moved, mut kills_inside) = (0u64, 0u64, 0u64);
+    let (mut killed_enables, mut kills_inside_enables) = (0u64, 0u64);
     let mut violations: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     while Instant::now() < end && violations.is_empty() {
@@ -451,10 +485,14 @@ async fn main() -> std::process::ExitCode {
             reenables += 1;
             let volume = rng.usize(..VOLUMES);
             eprintln!("step {steps}: disable, extend and enable {}", g.name);
-            match disable_extend_enable(&mut c, g, volume).await {
+            // Half of them with an agent (either side) killed while enable runs.
+            let kill = rng.bool().then(|| (rng.usize(..2), rng.u64(0..400)));
+            killed_enables += u64::from(kill.is_some());
+            match disable_extend_enable(&mut c, &mut cluster, g, volume, kill).await {
                 // Enabling copied everything acknowledged so far to site B.
-                Ok(extended) => {
+                Ok((extended, inside)) => {
                     extends += u64::from(extended);
+                    kills_inside_enables += u64::from(inside);
                     g.floor = g.acked;
                 }
                 Err(e) => violations.push(format!("step {steps}: disable/extend/enable of {}: {e}", g.name)),
@@ -582,7 +620,8 @@ async fn main() -> std::process::ExitCode {
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
          (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
-         {reenables} disable/enable ({extends} extends), {killed_moves} planned moves with an agent SIGKILLed \
+         {reenables} disable/enable ({extends} extends; {killed_enables} with an agent SIGKILLed, \
+         {kills_inside_enables} while enable ran), {killed_moves} planned moves with an agent SIGKILLed \
          in them ({kills_inside} while it ran, {killed_moves_moved} moved), {records} records verified, slowest \
          qemu-io {} ms ({}), {} violations",
         slowest.0,
