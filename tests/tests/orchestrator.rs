@@ -715,6 +715,36 @@ async fn enabling_while_the_target_fails_for_a_while_completes_by_itself() {
     assert_no_repeated_ops(&cluster);
 }
 
+/// Disabling replication while the target's agent cannot disable its replicas for a while
+/// waits, showing why, and completes by itself once that agent works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disabling_while_the_target_fails_for_a_while_completes_by_itself() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", OPLOG]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "disables", 2).await;
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG, "--set", "mock.fail.disable_replication=1.0"]);
+    wait_backend_up(&mut c, "backend-b").await;
+    let asked = c
+        .replication
+        .disable_replication(pb::DisableReplicationRequest {
+            group: group.clone(),
+            project: "tests".into(),
+            no_wait: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_retrying(&mut c, &asked.execution_id, &["trying again", "disable-secondary/1"]).await;
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &asked.execution_id).await;
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = group_now(&mut c, &group).await;
+    assert_eq!(g.replication_status, "disabled", "{g:?}");
+    assert_no_repeated_ops(&cluster);
+}
+
 /// A planned failover to a target that stays dead past `move_patience` says the target is
 /// the side to bring back, and does not advise a forced failover of the healthy source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -122,9 +122,9 @@ pub struct OrchestratorConfig {
     pub agent_lease_ttl: Duration,
     /// How many volumes of one group are driven at once.
     pub volume_parallelism: usize,
-    /// How long a failover or failback runs its final sync or its promote again while they
-    /// fail for a cause that may pass (an agent restarting, a connection lost) before it
-    /// stops with its volumes in error. 0s: stop at the first such failure.
+    /// How long a failover, failback, enable or disable runs its agent calls again while
+    /// they fail for a cause that may pass (an agent restarting, a connection lost) before
+    /// it stops with its volumes in error. 0s: stop at the first such failure.
     #[serde(with = "humantime_serde")]
     pub move_patience: Duration,
     /// TTL of the lease behind this orchestrator's claims on executions: how soon after

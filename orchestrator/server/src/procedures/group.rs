@@ -182,17 +182,24 @@ impl Procedure for GroupTransition {
         }
         let api = ReplicationApi { core: self.core.clone(), parent: String::new() };
         let at = Expect::of(ctx, g.rev);
-        let mut kept_sync: Option<FailoverProgress> = None;
+        let mut retried: Option<FailoverProgress> = None;
         let result = match (s.action.as_str(), s.state) {
             ("enable", _) => {
                 let mut progress = s.progress.clone();
                 let enabled = api.drive_enable(g.rec, volumes, ctx.epoch, &at, &mut progress).await;
                 if enabled.is_err() {
-                    kept_sync = Some(progress);
+                    retried = Some(progress);
                 }
                 enabled
             }
-            ("disable", _) => api.drive_disable(g.rec, volumes, ctx.epoch, &at).await,
+            ("disable", _) => {
+                let mut progress = s.progress.clone();
+                let disabled = api.drive_disable(g.rec, volumes, ctx.epoch, &at, &mut progress).await;
+                if disabled.is_err() {
+                    retried = Some(progress);
+                }
+                disabled
+            }
             ("failover" | "failback", Some(first)) => {
                 let mut progress = s.progress.clone();
                 let mut state = first;
@@ -224,14 +231,14 @@ impl Procedure for GroupTransition {
                     }
                     Ok(Some(r)) => Ok(r),
                     Err(e) => {
-                        kept_sync = Some(progress);
+                        retried = Some(progress);
                         Err(e)
                     }
                 }
             }
             (other, _) => return Err(ProcedureError::Fail(format!("unknown group action {other}"))),
         };
-        if let Some(tried) = kept_sync {
+        if let Some(tried) = retried {
             self.state.progress.keep_retry_counts(&tried);
         }
         let s = &self.state;

@@ -506,11 +506,16 @@ impl ReplicationApi {
         mut volumes: Vec<VolumeRec>,
         epoch: i64,
         at: &Expect,
+        progress: &mut FailoverProgress,
     ) -> ApiResult<pb::ReplicationResult> {
         let op = group.pending.clone().expect("disable has a pending op");
         let (source, target) = (group.primary_backend.clone(), op.target.clone());
         let timeout = Deadline::Call;
         let scope = format!("group/{}", group.id);
+        // As enable does, disable runs again for `move_patience` while its calls fail for
+        // a cause that may pass.
+        let tries = Tries::default();
+        let (tries_ref, rounds) = (&tries, &progress.rounds);
         let outcomes = self
             .each_volume(&volumes, |v| {
                 let (op_id, scope, source, target) = (op.op_id.clone(), scope.clone(), source.clone(), target.clone());
@@ -519,8 +524,9 @@ impl ReplicationApi {
                         if backend.is_empty() {
                             continue;
                         }
+                        let key = format!("{}/disable-{side}", v.id);
                         let req = apb::DisableReplicationRequest {
-                            ctx: ctx(format!("{op_id}/{}/disable-{side}", v.id), epoch as u64, scope.clone()),
+                            ctx: ctx(volume_op_id(&op_id, &key, rounds), epoch as u64, scope.clone()),
                             volume_id: v.id.clone(),
                         };
                         self.core
@@ -529,13 +535,24 @@ impl ReplicationApi {
                                 c.disable_replication(req).await
                             })
                             .await
-                            .map_err(|s| format!("{side} on {backend}: {}", s.message()))?;
+                            .map_err(|s| {
+                                tries_ref.note(key, &s);
+                                format!("{side} on {backend}: {}", s.message())
+                            })?;
                     }
                     Ok(None)
                 }
             })
             .await;
         let failure = Self::summarize(&outcomes);
+        let failed = outcomes.iter().filter(|o| o.result.is_err()).count();
+        if let Some(left) = progress.again(failed, tries, self.core.config.move_patience) {
+            return Err(ApiError::Unavailable(format!(
+                "{}; trying again for up to {} s more, then disabling stops with the volumes in error",
+                failure.unwrap_or_default(),
+                left.as_secs().max(1)
+            )));
+        }
         for v in &mut volumes {
             let ok = outcomes.iter().any(|o| o.volume_id == v.id && o.result.is_ok());
             v.replication_status = if ok { rs::DISABLED } else { rs::ERROR }.into();

@@ -94,9 +94,10 @@ pub struct FailoverProgress {
     /// `<op>/<volume>/<operation>/<n>`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rounds: BTreeMap<String, u32>,
-    /// When the current state (the final sync or the promote) first failed for a cause
-    /// that may pass (ms since the epoch; 0 while it has not): the move runs it again for
-    /// the orchestrator's `move_patience` after. Cleared when the state succeeds.
+    /// When the current state (reprotect, final sync, promote; or an enable's or a
+    /// disable's calls) first failed for a cause that may pass (ms since the epoch; 0
+    /// while it has not): it runs again for the orchestrator's `move_patience` after.
+    /// Cleared when the state succeeds.
     #[serde(default, skip_serializing_if = "is_zero_i64")]
     pub failing_since_ms: i64,
 }
@@ -109,12 +110,13 @@ fn is_zero_i64(n: &i64) -> bool {
     *n == 0
 }
 
-// A move runs its final sync or its promote again, for the orchestrator's `move_patience`,
-// while they fail for a cause that may pass (an agent restarting, a connection lost),
-// before it stops with its volumes in error. Until the final sync succeeds nothing has
-// changed on either side, so waiting is safe; after it both sides are secondary and only
-// the promote serves the group again, so waiting for the target beats leaving it with no
-// primary. The execution shows each failure as the step's last transient error meanwhile.
+// A move runs its reprotect, final sync or promote again, for the orchestrator's
+// `move_patience`, while they fail for a cause that may pass (an agent restarting, a
+// connection lost), before it stops with its volumes in error. Until the final sync
+// succeeds nothing has changed at the side that serves, so waiting is safe; after it both
+// sides are secondary and only the promote serves the group again, so waiting for the
+// target beats leaving it with no primary. The execution shows each failure as the step's
+// last transient error meanwhile.
 impl FailoverProgress {
     /// After a failure whose cause may pass: how much longer the state may be run again
     /// (None once `patience` has run out). The first such failure starts the clock.
