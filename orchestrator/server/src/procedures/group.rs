@@ -184,21 +184,17 @@ impl Procedure for GroupTransition {
         let at = Expect::of(ctx, g.rev);
         let mut retried: Option<FailoverProgress> = None;
         let result = match (s.action.as_str(), s.state) {
-            ("enable", _) => {
+            (action @ ("enable" | "disable"), _) => {
                 let mut progress = s.progress.clone();
-                let enabled = api.drive_enable(g.rec, volumes, ctx.epoch, &at, &mut progress).await;
-                if enabled.is_err() {
+                let done = if action == "enable" {
+                    api.drive_enable(g.rec, volumes, ctx.epoch, &at, &mut progress).await
+                } else {
+                    api.drive_disable(g.rec, volumes, ctx.epoch, &at, &mut progress).await
+                };
+                if done.is_err() {
                     retried = Some(progress);
                 }
-                enabled
-            }
-            ("disable", _) => {
-                let mut progress = s.progress.clone();
-                let disabled = api.drive_disable(g.rec, volumes, ctx.epoch, &at, &mut progress).await;
-                if disabled.is_err() {
-                    retried = Some(progress);
-                }
-                disabled
+                done
             }
             ("failover" | "failback", Some(first)) => {
                 let mut progress = s.progress.clone();
