@@ -497,6 +497,15 @@ async fn main() -> std::process::ExitCode {
                 }
                 Err(e) => violations.push(format!("step {steps}: disable/extend/enable of {}: {e}", g.name)),
             }
+            if kill.is_some() {
+                // A restarted agent holds writes until the orchestrator confirms it (fenced
+                // on return), as after any agent restart.
+                for g in groups.iter_mut() {
+                    if let Err(e) = write_when_writable(&mut c, g, 5).await {
+                        violations.push(format!("step {steps}: writing to {} after the kill: {e}", g.name));
+                    }
+                }
+            }
         } else if kind < 4 && !away {
             // Disaster: the active site (backend-a) dies with its daemon.
             disasters += 1;
