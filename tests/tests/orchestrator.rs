@@ -651,6 +651,51 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
     assert_no_repeated_ops(&cluster);
 }
 
+/// The orchestrator SIGKILLed while a failover waits for its promote: the restarted one
+/// resumes the execution, walks the rounds already spent again (their failures replay from
+/// the agent's ledger) and keeps waiting; once the agent is back the move completes, and no
+/// op_id entered a driver twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_orchestrator_killed_while_a_failover_waits_resumes_the_wait() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "resumes", 2).await;
+    let asked = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "backend-b", false) })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_retrying(&mut c, &asked.execution_id, &["not promoted yet", "promote/1"]).await;
+    cluster.restart_orchestrator().await;
+    let mut c = cluster.clients().await;
+    // Resumed by the new process (a second claim), and waiting again past the spent rounds.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let e = c
+            .executions
+            .get_execution(pb::GetExecutionRequest { id: asked.execution_id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(e.status, "running", "the resumed move waits instead of ending: {}", e.error);
+        if e.claims >= 2 && e.error.contains("not promoted yet") {
+            println!("resumed and waiting: {}", e.error);
+            break;
+        }
+        assert!(Instant::now() < deadline, "not resumed and waiting within 30 s: claims {}, {}", e.claims, e.error);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &asked.execution_id).await;
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    assert!(ended.claims >= 2, "the restarted orchestrator finished it: claims {}", ended.claims);
+    let g = group_now(&mut c, &group).await;
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    assert_no_repeated_ops(&cluster);
+}
+
 /// A failback whose reprotect cannot demote the old primary for a while (its demote fails
 /// for a cause that may pass) waits, showing why, and completes by itself once that
 /// agent works again; nothing changed meanwhile at the side that serves.
