@@ -196,6 +196,20 @@ async fn run(n: usize) -> Run {
             .spawn()
             .expect("perf runs")
     });
+    // DROVER_BENCH_ETCD_PPROF=FILE takes etcd's CPU profile (its `/debug/pprof`, with
+    // DROVER_ETCD_EXTRA_ARGS=--enable-pprof) for the failover's expected length.
+    let pprof = std::env::var("DROVER_BENCH_ETCD_PPROF").ok().map(|file| {
+        let seconds = (n / 300).max(2);
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                &format!("{file}.{n}"),
+                &format!("{}/debug/pprof/profile?seconds={seconds}", etcd.endpoint),
+            ])
+            .spawn()
+            .expect("curl runs")
+    });
     let started = Instant::now();
     let mut runbooks = c.runbooks.clone();
     let e = runbooks
@@ -224,6 +238,9 @@ async fn run(n: usize) -> Run {
     if let Some(mut perf) = perf {
         let _ = std::process::Command::new("kill").args(["-INT", &perf.id().to_string()]).status();
         let _ = perf.wait();
+    }
+    if let Some(mut pprof) = pprof {
+        let _ = pprof.wait();
     }
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
     // Every item (a watch update carries at most 500 per step).

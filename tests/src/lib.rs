@@ -62,6 +62,9 @@ impl Etcd {
         ]
         .iter()
         .map(|s| s.to_string())
+        // DROVER_ETCD_EXTRA_ARGS adds flags to every etcd the harness starts (for example
+        // `--enable-pprof`, to profile etcd during a bench); split on whitespace.
+        .chain(std::env::var("DROVER_ETCD_EXTRA_ARGS").unwrap_or_default().split_whitespace().map(String::from))
         .collect();
         let proc = Self::spawn(&args, dir.path());
         let etcd = Self { endpoint, proc, args, dir };

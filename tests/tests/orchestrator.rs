@@ -696,6 +696,73 @@ async fn an_orchestrator_killed_while_a_failover_waits_resumes_the_wait() {
     assert_no_repeated_ops(&cluster);
 }
 
+/// etcd SIGKILLed for longer than the owner lease while a failover waits for its promote,
+/// then started again on its data dir: the same orchestrator process (not restarted)
+/// claims the execution again and keeps waiting; once the target's agent is back the move
+/// completes, and no op_id entered a driver twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_while_a_failover_waits_resumes_the_wait() {
+    let mut etcd = Etcd::start().await;
+    let mut cluster =
+        Cluster::start(StoreChoice::Etcd(&etcd), &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
+    let orchestrator_pid = cluster.orchestrator.proc.pid();
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "outage", 2).await;
+    let asked = c
+        .replication
+        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "backend-b", false) })
+        .await
+        .unwrap()
+        .into_inner();
+    wait_retrying(&mut c, &asked.execution_id, &["not promoted yet", "promote/1"]).await;
+    let before = c
+        .executions
+        .get_execution(pb::GetExecutionRequest { id: asked.execution_id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    // Longer than the tests' 3 s owner lease.
+    etcd.kill();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    etcd.restart().await;
+    // Still waiting, and past where it was: a later round of the promote. Reads may fail
+    // while the orchestrator's client reconnects.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let round = |error: &str| {
+        error
+            .split("promote/")
+            .nth(1)
+            .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next()?.parse::<u32>().ok())
+    };
+    loop {
+        if let Ok(e) = c
+            .executions
+            .get_execution(pb::GetExecutionRequest { id: asked.execution_id.clone() })
+            .await
+            .map(|r| r.into_inner())
+        {
+            assert_eq!(e.status, "running", "the move waits through the outage instead of ending: {}", e.error);
+            if e.error.contains("not promoted yet") && round(&e.error) > round(&before.error) {
+                println!("waiting after the outage (claims {} before, {} now): {}", before.claims, e.claims, e.error);
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "not waiting on a later promote round within 60 s of etcd's return");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &asked.execution_id).await;
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    assert_eq!(cluster.orchestrator.proc.pid(), orchestrator_pid, "the orchestrator was not restarted");
+    let g = group_now(&mut c, &group).await;
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    assert_no_repeated_ops(&cluster);
+    let agents = [("backend-a", cluster.agents[0].endpoint.clone()), ("backend-b", cluster.agents[1].endpoint.clone())];
+    let violations = drover_tests::invariants::role_violations(&mut c, cluster.path(), &agents, &[group]).await;
+    assert!(violations.is_empty(), "{violations:?}");
+}
+
 /// A failback whose reprotect cannot demote the old primary for a while (its demote fails
 /// for a cause that may pass) waits, showing why, and completes by itself once that
 /// agent works again; nothing changed meanwhile at the side that serves.
