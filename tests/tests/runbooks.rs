@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
+use drover_tests::scrape::{metrics_addr, scrape, value};
 use drover_tests::{Cluster, StoreChoice, failover_request, replicated_group, wait_backend_up};
 
 fn runbook(name: &str) -> PathBuf {
@@ -138,7 +139,8 @@ async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
     // Two backends per site: half the groups replicate backend-a → backend-b, half
     // backend-a2 → backend-b2.
     let sites = [("site-a", "backend-a"), ("site-a", "backend-a2"), ("site-b", "backend-b"), ("site-b", "backend-b2")];
-    let cluster = Cluster::start_sites(StoreChoice::Embedded, "mock", &sites, &[], &[]).await;
+    let metrics = ["--set", "metrics_listen=127.0.0.1:0"];
+    let cluster = Cluster::start_sites(StoreChoice::Embedded, "mock", &sites, &[], &metrics).await;
     let mut c = cluster.clients().await;
     let mut ids = groups(&c, "site", 50).await;
     ids.extend(groups_on(&c, "site2", 50, "backend-a2", "backend-b2").await);
@@ -176,6 +178,11 @@ async fn a_planned_site_failover_moves_every_group_tier_by_tier() {
     let e: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(e["status"], "succeeded", "{e}");
     let id = e["id"].as_str().unwrap().to_string();
+    // Each move's first step starts from the records its intent wrote, at the revision
+    // of the submit: none of the moves' writes was refused for a change after that (a
+    // wrong revision would be, and the step retried after reading them).
+    let scraped = scrape(&metrics_addr(&cluster.orchestrator.proc.log));
+    assert_eq!(value(&scraped, "drover_store_txn_conflicts_total"), Some(0.0), "{scraped}");
 
     let groups = all_groups(&mut c).await;
     assert_eq!(groups.len(), ids.len());

@@ -46,6 +46,9 @@ struct State {
 pub struct GroupTransition {
     core: Arc<Core>,
     state: State,
+    /// The group and its volumes as the intent wrote them, for the first step of a
+    /// fresh submit (see [`GroupTransition::as_written`]); never persisted.
+    written: Option<(GroupRec, Vec<VolumeRec>)>,
 }
 
 impl GroupTransition {
@@ -64,12 +67,37 @@ impl GroupTransition {
             progress: FailoverProgress::default(),
             fenced: 0,
         };
-        Self { core, state }
+        Self { core, state, written: None }
+    }
+
+    /// The records the intent's transaction writes, submitted with this execution: its
+    /// first step starts from them instead of reading them back. That transaction also
+    /// writes the submitter's claim, so they are stored at the revision that is the
+    /// first claim's epoch, which the step's writes compare. A changed record (any write
+    /// since) fails those comparisons as a change after a read would; a resumed
+    /// execution is rebuilt by [`GroupTransition::load`] and reads them.
+    pub fn as_written(mut self, mut group: GroupRec, volumes: Vec<VolumeRec>) -> Self {
+        // The stored record holds no history (its events were written as keys of their own).
+        group.history.clear();
+        self.written = Some((group, volumes));
+        self
     }
 
     /// Rebuilds a persisted transition.
     pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
-        Ok(Self { core, state: serde_json::from_value(state).map_err(|e| e.to_string())? })
+        Ok(Self { core, state: serde_json::from_value(state).map_err(|e| e.to_string())?, written: None })
+    }
+
+    /// The group (at the revision read) and its volumes, as the step starts.
+    async fn records(
+        &mut self,
+        ctx: &Context,
+    ) -> Result<Option<(crate::repo::Versioned<GroupRec>, Option<Vec<VolumeRec>>)>, ProcedureError> {
+        if let Some((rec, volumes)) = self.written.take() {
+            return Ok(Some((crate::repo::Versioned { rec, rev: ctx.epoch }, Some(volumes))));
+        }
+        let key = keys::group(&self.state.group_id);
+        Ok(self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)?.map(|g| (g, None)))
     }
 
     /// What the group says now, as a result: for a transition that had finished when its
@@ -126,9 +154,9 @@ impl Procedure for GroupTransition {
     }
 
     async fn execute(&mut self, ctx: &Context) -> Result<Status, ProcedureError> {
+        let records = self.records(ctx).await?;
         let s = &self.state;
-        let key = keys::group(&s.group_id);
-        let Some(g) = self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)? else {
+        let Some((g, written)) = records else {
             return Answer::from_result::<()>(Err(ApiError::NotFound(format!(
                 "group {} was deleted while its {} was pending",
                 s.group_name, s.action
@@ -173,13 +201,24 @@ impl Procedure for GroupTransition {
             }
         }
         let s = &self.state;
-        let mut volumes = Vec::new();
-        for id in &g.rec.volume_ids {
-            let v = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await.map_err(step_error)?.ok_or_else(|| {
-                ProcedureError::Fail(format!("group {} lists volume {id}, which does not exist", s.group_name))
-            })?;
-            volumes.push(v.rec);
-        }
+        let volumes = match written {
+            Some(volumes) => volumes,
+            None => {
+                let mut volumes = Vec::new();
+                for id in &g.rec.volume_ids {
+                    let v = self.core.repo.get::<VolumeRec>(&keys::volume(id)).await.map_err(step_error)?.ok_or_else(
+                        || {
+                            ProcedureError::Fail(format!(
+                                "group {} lists volume {id}, which does not exist",
+                                s.group_name
+                            ))
+                        },
+                    )?;
+                    volumes.push(v.rec);
+                }
+                volumes
+            }
+        };
         let api = ReplicationApi { core: self.core.clone(), parent: String::new() };
         let at = Expect::of(ctx, g.rev);
         let mut retried: Option<FailoverProgress> = None;
@@ -249,7 +288,7 @@ impl Procedure for GroupTransition {
                     )));
                 }
                 // Still pending: the final write did not land; run the step again.
-                let now = self.core.repo.get::<GroupRec>(&key).await.map_err(step_error)?;
+                let now = self.core.repo.get::<GroupRec>(&keys::group(&s.group_id)).await.map_err(step_error)?;
                 match now {
                     Some(n) if n.rec.pending.as_ref().is_some_and(|p| p.op_id == s.op_id) => Err(step_error(e)),
                     _ => Answer::from_result::<pb::ReplicationResult>(Err(e)).done(),

@@ -334,6 +334,9 @@ pub struct RunbookRun {
     /// running child's at its first pass, after a lag, and every
     /// [`FULL_CHECK_EVERY`] (children that run on another orchestrator).
     ends: Option<EndWatch>,
+    /// Groups read as they were found able to move, by target, for the submit of their
+    /// `starting` items in this process (see [`steps::start`]); never persisted.
+    read: std::collections::HashMap<String, Versioned<GroupRec>>,
 }
 
 /// The executions that ended on this orchestrator since a run last looked at every child.
@@ -378,7 +381,7 @@ impl RunbookRun {
             adoptions: Vec::new(),
             items_apart: false,
         };
-        Self { core, state, loaded: true, saved: Vec::new(), saved_at: None, ends: None }
+        Self { core, state, loaded: true, saved: Vec::new(), saved_at: None, ends: None, read: Default::default() }
     }
 
     /// The run as a member of `project` asked for it: its execution is that project's.
@@ -390,7 +393,7 @@ impl RunbookRun {
     pub fn load(core: Arc<Core>, state: serde_json::Value) -> Result<Self, String> {
         let state: RunState = serde_json::from_value(state).map_err(|e| e.to_string())?;
         let loaded = !state.items_apart;
-        Ok(Self { core, state, loaded, saved: Vec::new(), saved_at: None, ends: None })
+        Ok(Self { core, state, loaded, saved: Vec::new(), saved_at: None, ends: None, read: Default::default() })
     }
 
     /// Every group the run may touch.
@@ -459,6 +462,7 @@ impl RunbookRun {
 
     /// Ends the current step with `status` and moves to the next.
     pub(super) fn end_step(&mut self, status: &str, note: String) -> Status {
+        self.read.clear();
         let st = &mut self.state.steps[self.state.at];
         st.status = status.into();
         st.ended_ms = now_ms();
@@ -503,6 +507,7 @@ impl RunbookRun {
             item.status = "pending".into();
             item.started_ms = 0;
         }
+        self.read.clear();
         Err(ProcedureError::Retry(why))
     }
 
@@ -540,13 +545,21 @@ impl RunbookRun {
                 })
                 .map(|(n, i)| (n, i.clone()))
                 .collect();
+            let read = &mut self.read;
+            let work: Vec<(usize, Item, Option<Versioned<GroupRec>>)> = work
+                .into_iter()
+                .map(|(n, i)| {
+                    let g = if i.status == "starting" { read.remove(&i.target) } else { None };
+                    (n, i, g)
+                })
+                .collect();
             let (core, run_started, parent) = (&self.core, self.state.started_ms, ctx.execution_id.as_str());
             let outcomes: Vec<(usize, Result<Option<Item>, ProcedureError>)> = futures::stream::iter(work)
-                .map(|(n, item)| async move {
+                .map(|(n, item, g)| async move {
                     let outcome = if item.status == "running" {
                         steps::finished(core, def, &item, run_started).await
                     } else {
-                        steps::start(core, def, &item, parent).await.map(Some)
+                        steps::start(core, def, &item, parent, g).await.map(Some)
                     };
                     (n, outcome)
                 })
@@ -613,19 +626,20 @@ impl RunbookRun {
                 for (n, g) in groups {
                     let item = &mut items[n];
                     let g = g.map_err(step_error)?;
-                    match g.map(|g| def.eligibility(&g.rec)) {
+                    match g.map(|g| (def.eligibility(&g.rec), g)) {
                         None => {
                             item.status = "skipped".into();
                             item.reason = "the group no longer exists".into();
                         }
-                        Some(Err(why)) => {
+                        Some((Err(why), _)) => {
                             item.status = "skipped".into();
                             item.reason = why;
                         }
-                        Some(Ok(())) => {
+                        Some((Ok(()), g)) => {
                             item.status = "starting".into();
                             item.started_ms = now_ms();
                             intents = true;
+                            self.read.insert(item.target.clone(), g);
                         }
                     }
                     changed = true;

@@ -15,7 +15,7 @@ use super::schema::{Dur, Selector};
 use crate::error::{ApiError, ApiResult};
 use crate::model::{BackendRec, GroupRec, keys, now_ms, replication_status as rs};
 use crate::procedures::{Answer, step_error};
-use crate::repo::put;
+use crate::repo::{Versioned, put};
 use crate::service::Core;
 use crate::service::replication::ReplicationApi;
 use crate::service::shared::point_time_ms;
@@ -23,13 +23,29 @@ use crate::service::shared::point_time_ms;
 /// Submits the item's execution (as a child of `parent`), or adopts the one a crash of
 /// this run left: the group's lock held by an execution of this run, or the group at the
 /// goal already (the plan checked it was not, before the item was marked starting).
+///
+/// `read` is the group as this run read it when it found the group could move, in this
+/// process, since the item became `starting`: nothing can have been submitted for the
+/// item since (only this function submits, and the run hands a record over once), so
+/// neither the lock nor the group is read again. Should that submit fail for any reason
+/// (the group changed since, or an outcome that is not known), the item goes the way a
+/// resumed one does.
 pub async fn start(
     core: &std::sync::Arc<Core>,
     def: &dyn StepKind,
     item: &Item,
     parent: &str,
+    read: Option<Versioned<GroupRec>>,
 ) -> Result<Item, ProcedureError> {
     let mut item = item.clone();
+    let api = ReplicationApi { core: core.clone(), parent: parent.to_string() };
+    if let Some(g) = read
+        && let Ok(id) = def.submit(&api, &g).await
+    {
+        item.status = "running".into();
+        item.execution_id = id;
+        return Ok(item);
+    }
     let lock = ekeys::lock(&format!("group/{}", item.target));
     if let Some(kv) = core.repo.store().get(lock.as_bytes()).await.map_err(|e| ProcedureError::Retry(e.to_string()))? {
         let holder = String::from_utf8_lossy(&kv.value).into_owned();
@@ -52,8 +68,7 @@ pub async fn start(
         item.ended_ms = now_ms();
         return Ok(item);
     }
-    let api = ReplicationApi { core: core.clone(), parent: parent.to_string() };
-    let submitted = def.submit(&api, &g.rec).await;
+    let submitted = def.submit(&api, &g).await;
     match submitted {
         Ok(id) => {
             item.status = "running".into();

@@ -102,7 +102,7 @@ impl ReplicationApi {
     /// the revisions read and writes the transient status with the pending op. It is
     /// submitted together with the execution that drives it, so the intent and the
     /// execution exist together or not at all.
-    fn begin_txn(snap: Snapshot, status: &str, op: PendingOp) -> (GroupRec, Txn) {
+    fn begin_txn(snap: Snapshot, status: &str, op: PendingOp) -> (GroupRec, Vec<VolumeRec>, Txn) {
         let mut group = snap.group.rec.clone();
         group.replication_status = status.into();
         group.status_reason.clear();
@@ -110,14 +110,16 @@ impl ReplicationApi {
         let mut txn = Txn::new()
             .when(Compare::ModRevisionEquals(keys::group(&group.id).into_bytes(), snap.group.rev))
             .and_then_all(group.writes());
+        let mut volumes = Vec::new();
         for v in snap.volumes {
             let mut vol = v.rec;
             vol.replication_status = status.into();
             txn = txn
                 .when(Compare::ModRevisionEquals(keys::volume(&vol.id).into_bytes(), v.rev))
                 .and_then(put(&keys::volume(&vol.id), &vol));
+            volumes.push(vol);
         }
-        (group, txn)
+        (group, volumes, txn)
     }
 
     /// Submits the execution that drives a group transition, with its intent, and waits
@@ -132,8 +134,9 @@ impl ReplicationApi {
     ) -> ApiResult<pb::ReplicationResult> {
         let via = rule.via.expect("group transitions have a transient status");
         let status = via.as_str();
-        let (group, txn) = Self::begin_txn(snap, status, op.clone());
-        let proc = crate::procedures::GroupTransition::new(self.core.clone(), &group, &op);
+        let (group, volumes, txn) = Self::begin_txn(snap, status, op.clone());
+        let proc =
+            crate::procedures::GroupTransition::new(self.core.clone(), &group, &op).as_written(group.clone(), volumes);
         let submitted = if self.parent.is_empty() {
             self.core.procedures.submit_with(Box::new(proc), txn).await
         } else {
@@ -584,6 +587,16 @@ impl ReplicationApi {
             )));
         }
         let g = self.core.repo.group(&r.group, &r.project).await?;
+        self.failover_of(g, r).await
+    }
+
+    /// [`Self::failover`] of a group already read (a runbook's, read as it checked the
+    /// group could move): the intent's transaction compares it at the revision read.
+    pub(crate) async fn failover_of(
+        &self,
+        g: Versioned<GroupRec>,
+        r: pb::FailoverGroupRequest,
+    ) -> ApiResult<pb::ReplicationResult> {
         let rec = &g.rec;
         let failback = r.target_backend == DEFAULT_TARGET;
         let to = if failback { rec.primary_backend.clone() } else { r.target_backend.clone() };
@@ -629,6 +642,15 @@ impl ReplicationApi {
     /// Takes and ships a recovery point now.
     pub(crate) async fn sync_now(&self, r: pb::SyncGroupRequest) -> ApiResult<pb::SyncGroupResponse> {
         let g = self.core.repo.group(&r.group, &r.project).await?;
+        self.sync_now_of(g, r).await
+    }
+
+    /// [`Self::sync_now`] of a group already read; the sync reads it again when it runs.
+    pub(crate) async fn sync_now_of(
+        &self,
+        g: Versioned<GroupRec>,
+        r: pb::SyncGroupRequest,
+    ) -> ApiResult<pb::SyncGroupResponse> {
         check(GroupAction::Sync, &g.rec.replication_status, position(&g.rec), &g.rec.name)?;
         if r.quiesce_timeout_ms < 0 || r.quiesce_timeout_ms > 600_000 {
             return Err(ApiError::InvalidArgument(format!(

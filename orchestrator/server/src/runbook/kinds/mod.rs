@@ -30,6 +30,7 @@ use super::run::RunbookRun;
 use super::schema::{BackendSelector, Selector, Step};
 use crate::error::{ApiError, ApiResult};
 use crate::model::GroupRec;
+use crate::repo::Versioned;
 use crate::service::replication::ReplicationApi;
 
 /// What every step kind does.
@@ -71,8 +72,8 @@ pub trait StepKind: Send + Sync {
         Err(format!("only an admin may run {} steps", self.kind()))
     }
     /// Submits the group's execution (no wait); returns its id.
-    async fn submit(&self, _api: &ReplicationApi, g: &GroupRec) -> ApiResult<String> {
-        Err(ApiError::Internal(format!("step kind {} has no group executions (group {})", self.kind(), g.name)))
+    async fn submit(&self, _api: &ReplicationApi, g: &Versioned<GroupRec>) -> ApiResult<String> {
+        Err(ApiError::Internal(format!("step kind {} has no group executions (group {})", self.kind(), g.rec.name)))
     }
     /// Rules beyond the field types; `earlier` are the steps before this one.
     fn check(&self, _earlier: &[Step]) -> Result<(), String> {

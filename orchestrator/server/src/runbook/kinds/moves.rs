@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::StepKind;
 use crate::error::ApiResult;
 use crate::model::{GroupRec, replication_status as rs};
+use crate::repo::Versioned;
 use crate::runbook::run::RunbookRun;
 use crate::runbook::schema::Selector;
 use crate::service::replication::ReplicationApi;
@@ -105,7 +106,8 @@ impl StepKind for SyncNow {
         }
         Ok(())
     }
-    async fn submit(&self, api: &ReplicationApi, g: &GroupRec) -> ApiResult<String> {
+    async fn submit(&self, api: &ReplicationApi, read: &Versioned<GroupRec>) -> ApiResult<String> {
+        let g = &read.rec;
         let r = pb::SyncGroupRequest {
             group: g.id.clone(),
             project: g.project.clone(),
@@ -113,7 +115,7 @@ impl StepKind for SyncNow {
             quiesce: self.quiesce,
             quiesce_timeout_ms: self.quiesce_timeout.as_ref().map_or(0, |d| d.0.as_millis() as i64),
         };
-        api.sync_now(r).await.map(|r| r.execution_id)
+        api.sync_now_of(read.clone(), r).await.map(|r| r.execution_id)
     }
     async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
         run.fanout(self, ctx).await
@@ -157,7 +159,8 @@ impl StepKind for Failover {
     fn forced(&self) -> bool {
         self.force
     }
-    async fn submit(&self, api: &ReplicationApi, g: &GroupRec) -> ApiResult<String> {
+    async fn submit(&self, api: &ReplicationApi, read: &Versioned<GroupRec>) -> ApiResult<String> {
+        let g = &read.rec;
         let r = pb::FailoverGroupRequest {
             group: g.id.clone(),
             project: g.project.clone(),
@@ -166,7 +169,7 @@ impl StepKind for Failover {
             discard_changes_on: String::new(),
             no_wait: true,
         };
-        api.failover(r).await.map(|r| r.execution_id)
+        api.failover_of(read.clone(), r).await.map(|r| r.execution_id)
     }
     async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
         run.fanout(self, ctx).await
@@ -207,7 +210,8 @@ impl StepKind for Failback {
     fn at_goal(&self, g: &GroupRec) -> bool {
         g.active_backend == g.primary_backend && g.replication_status == rs::ENABLED
     }
-    async fn submit(&self, api: &ReplicationApi, g: &GroupRec) -> ApiResult<String> {
+    async fn submit(&self, api: &ReplicationApi, read: &Versioned<GroupRec>) -> ApiResult<String> {
+        let g = &read.rec;
         let discard = self.discard_diverged && !g.divergence_point.is_empty();
         let r = pb::FailoverGroupRequest {
             group: g.id.clone(),
@@ -217,7 +221,7 @@ impl StepKind for Failback {
             discard_changes_on: if discard { g.primary_backend.clone() } else { String::new() },
             no_wait: true,
         };
-        api.failover(r).await.map(|r| r.execution_id)
+        api.failover_of(read.clone(), r).await.map(|r| r.execution_id)
     }
     async fn run(&self, run: &mut RunbookRun, ctx: &Context) -> Result<Status, ProcedureError> {
         run.fanout(self, ctx).await
