@@ -342,9 +342,10 @@ async fn a_fence_refuses_older_owners_without_running_anything() {
     assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 0, "a fence runs nothing and lets nothing older run");
 }
 
-/// A mutation naming a volume the backend does not have is refused before admission: a
-/// huge epoch in a real group's scope does not move the fence (the attack of issue 13:
-/// one such call used to lock the orchestrator out of the group for good).
+/// A mutation naming a volume the backend does not have is refused before admission (or,
+/// for a disable, answered as done): a huge epoch in a real group's scope does not move
+/// the fence (the attack of issue 13: one such call used to lock the orchestrator out of
+/// the group for good).
 #[tokio::test]
 async fn a_call_on_a_missing_volume_does_not_move_the_fence() {
     let dir = tempfile::tempdir().unwrap();
@@ -366,6 +367,14 @@ async fn a_call_on_a_missing_volume_does_not_move_the_fence() {
         .unwrap_err();
         assert_eq!(refused.code(), Code::NotFound, "{op}: {}", refused.message());
     }
+    // Disabling replication of a missing volume has nothing to do: it is answered as done
+    // (a retry whose first attempt removed the replica before a restart must complete),
+    // and it admits nothing either.
+    let big = ctx("evil-disable", 1_000_000_000_000_000, "group/g1");
+    c.disable_replication(apb::DisableReplicationRequest { ctx: big, volume_id: "ghost".into() })
+        .await
+        .expect("nothing to disable is done");
+    assert_eq!(oplog_count(dir.path(), "disable_replication", "ghost"), 0, "the driver was not called");
     // The group's owner, still at epoch 4, is admitted.
     c.extend_volume(apb::ExtendVolumeRequest {
         ctx: ctx("op-2", 4, "group/g1"),

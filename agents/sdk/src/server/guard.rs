@@ -52,6 +52,22 @@ const ON_EXISTING_VOLUME: &[&str] = &[
     "resync",
 ];
 
+/// Mutations whose end state a missing volume already is: disabling replication (a
+/// secondary's replica goes away with it; a volume that is not here replicates nothing).
+/// Such a call on a missing volume is answered as done, without admitting its epoch or
+/// calling the driver. So is the retry of one that an agent restart interrupted after it
+/// removed the replica and before it recorded its outcome (seen in the qemu soak: the
+/// retry was refused as "does not exist", and the disable left the group in error).
+const DONE_WHEN_ABSENT: &[&str] = &["disable_replication"];
+
+/// What [`Guard::target_exists`] found.
+enum Target {
+    /// Run the operation (the volume exists, the op needs none, or its op_id is recorded).
+    Run,
+    /// The volume is missing and the op's end state is its absence: nothing to do.
+    AlreadyDone,
+}
+
 pub(super) fn ledger_status(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
 }
@@ -113,8 +129,13 @@ impl AgentService {
         let started = std::time::Instant::now();
         self.metrics.in_flight.inc();
         let result = async {
-            self.target_exists(op, target, &ctx.op_id).await?;
-            self.guarded_in_span(ctx, target, f).await
+            match self.target_exists(op, target, &ctx.op_id).await? {
+                Target::Run => self.guarded_in_span(ctx, target, f).await,
+                Target::AlreadyDone => {
+                    tracing::info!("the volume is not here: nothing to disable, answered as done");
+                    Ok(Response::new(M::default()))
+                }
+            }
         }
         .instrument(span)
         .await;
@@ -223,16 +244,18 @@ impl AgentService {
     /// A request on a volume this backend does not have is refused before it is admitted,
     /// so it cannot move the fence: otherwise one call naming a missing volume with a huge
     /// epoch in a real group's scope would lock the orchestrator out of that group. An
-    /// op_id already recorded is left to replay its outcome.
-    async fn target_exists(&self, op: &str, target: &str, op_id: &str) -> Result<(), Status> {
+    /// op_id already recorded is left to replay its outcome. An op whose end state is the
+    /// volume's absence ([`DONE_WHEN_ABSENT`]) is done, and admits nothing either.
+    async fn target_exists(&self, op: &str, target: &str, op_id: &str) -> Result<Target, Status> {
         if !ON_EXISTING_VOLUME.contains(&op) || self.recorded(op_id).await?.is_some() {
-            return Ok(());
+            return Ok(Target::Run);
         }
         match self.driver.get_volume(target).await {
+            Err(DriverError::NotFound(_)) if DONE_WHEN_ABSENT.contains(&op) => Ok(Target::AlreadyDone),
             Err(DriverError::NotFound(_)) => Err(Status::not_found(format!(
                 "volume {target} does not exist on this backend; nothing was done (and no epoch was admitted)"
             ))),
-            _ => Ok(()),
+            _ => Ok(Target::Run),
         }
     }
 
