@@ -10,7 +10,8 @@
 //!   restart: the active side comes back fenced and serves writes once confirmed);
 //! - daemon-only kills (either side; its agent restarts it);
 //! - disable, an extend of one volume while unreplicated, and enable again (a full copy),
-//!   half of them with either agent SIGKILLed and restarted while enable runs;
+//!   half of them with either agent SIGKILLed and restarted while the disable or the
+//!   enable runs;
 //! - planned moves with either agent SIGKILLed and restarted while the move runs: the
 //!   move must end by itself with the group serving at one side or the other.
 //!
@@ -137,28 +138,45 @@ fn kill_daemon(cluster: &Cluster, i: usize) -> Result<(), String> {
     if status.success() { Ok(()) } else { Err(format!("kill -KILL {} failed", pid.trim())) }
 }
 
+/// An agent SIGKILL inside [`disable_extend_enable`]: which side, after how many ms, and
+/// whether while the disable runs (else while the enable runs).
+#[derive(Clone, Copy)]
+struct Kill {
+    side: usize,
+    delay_ms: u64,
+    in_disable: bool,
+}
+
 /// Disables replication of `g`, extends one of its volumes by 16 MiB (at most 4 times
-/// per group), and enables it again; with `kill` (side, delay in ms), that agent is
-/// SIGKILLed and restarted while the enable runs, which must still end enabled. Returns
-/// whether it extended, and whether a kill came while the enable ran.
+/// per group), and enables it again; with `kill`, that agent is SIGKILLed and restarted
+/// while the disable or the enable runs, which must still end disabled or enabled.
+/// Returns whether it extended, and whether a kill came while the execution ran.
 async fn disable_extend_enable(
     c: &mut Clients,
     cluster: &mut Cluster,
     g: &mut Group,
     volume: usize,
-    kill: Option<(usize, u64)>,
+    kill: Option<Kill>,
 ) -> Result<(bool, bool), String> {
+    let in_disable = kill.filter(|k| k.in_disable);
     let disabled = c
         .replication
         .disable_replication(pb::DisableReplicationRequest {
             group: g.name.clone(),
             project: "soak".into(),
-            no_wait: false,
+            no_wait: in_disable.is_some(),
         })
         .await
         .map_err(|s| format!("disable: {}", s.message()))?
         .into_inner();
-    let grp = disabled.group.ok_or("no group in the result")?;
+    let (grp, mut inside) = match in_disable {
+        None => (disabled.group.ok_or("no group in the result")?, false),
+        Some(k) => {
+            let (e, inside) = kill_during(c, cluster, &disabled.execution_id, k.side, k.delay_ms).await?;
+            eprintln!("  disable {} {} {}", e.id, e.status, e.error);
+            (group_rec(c, &g.name).await?, inside)
+        }
+    };
     if grp.replication_status != "disabled" {
         return Err(format!("disable left {}: {}", grp.replication_status, grp.status_reason));
     }
@@ -180,6 +198,7 @@ async fn disable_extend_enable(
             .map_err(|s| format!("extend: {}", s.message()))?;
         g.extends += 1;
     }
+    let in_enable = kill.filter(|k| !k.in_disable);
     let enabled = c
         .replication
         .enable_replication(pb::EnableReplicationRequest {
@@ -187,17 +206,18 @@ async fn disable_extend_enable(
             project: "soak".into(),
             target_backend: "backend-b".into(),
             sync_interval_seconds: 2,
-            no_wait: kill.is_some(),
+            no_wait: in_enable.is_some(),
         })
         .await
         .map_err(|s| format!("enable: {}", s.message()))?
         .into_inner();
-    let (grp, inside) = match kill {
-        None => (enabled.group.ok_or("no group in the result")?, false),
-        Some((side, delay)) => {
-            let (e, inside) = kill_during(c, cluster, &enabled.execution_id, side, delay).await?;
+    let grp = match in_enable {
+        None => enabled.group.ok_or("no group in the result")?,
+        Some(k) => {
+            let (e, killed_inside) = kill_during(c, cluster, &enabled.execution_id, k.side, k.delay_ms).await?;
             eprintln!("  enable {} {} {}", e.id, e.status, e.error);
-            (group_rec(c, &g.name).await?, inside)
+            inside = killed_inside;
+            group_rec(c, &g.name).await?
         }
     };
     if grp.replication_status != "enabled" {
@@ -422,6 +442,7 @@ async fn main() -> std::process::ExitCode {
     let (mut restarts, mut daemon_kills, mut reenables, mut extends) = (0u64, 0u64, 0u64, 0u64);
     let (mut killed_moves, mut killed_moves_moved, mut kills_inside) = (0u64, 0u64, 0u64);
     let (mut killed_enables, mut kills_inside_enables) = (0u64, 0u64);
+    let (mut killed_disables, mut kills_inside_disables) = (0u64, 0u64);
     let mut violations: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     while Instant::now() < end && violations.is_empty() {
@@ -485,14 +506,22 @@ async fn main() -> std::process::ExitCode {
             reenables += 1;
             let volume = rng.usize(..VOLUMES);
             eprintln!("step {steps}: disable, extend and enable {}", g.name);
-            // Half of them with an agent (either side) killed while enable runs.
-            let kill = rng.bool().then(|| (rng.usize(..2), rng.u64(0..400)));
-            killed_enables += u64::from(kill.is_some());
+            // Half of them with an agent (either side) killed while the disable or the
+            // enable runs.
+            // A disable takes tens of ms (an enable copies everything): its kill comes sooner.
+            let kill = rng.bool().then(|| {
+                let in_disable = rng.bool();
+                Kill { side: rng.usize(..2), delay_ms: rng.u64(0..if in_disable { 40 } else { 400 }), in_disable }
+            });
+            let in_disable = kill.is_some_and(|k| k.in_disable);
+            killed_enables += u64::from(kill.is_some() && !in_disable);
+            killed_disables += u64::from(in_disable);
             match disable_extend_enable(&mut c, &mut cluster, g, volume, kill).await {
                 // Enabling copied everything acknowledged so far to site B.
                 Ok((extended, inside)) => {
                     extends += u64::from(extended);
-                    kills_inside_enables += u64::from(inside);
+                    kills_inside_enables += u64::from(inside && !in_disable);
+                    kills_inside_disables += u64::from(inside && in_disable);
                     g.floor = g.acked;
                 }
                 Err(e) => violations.push(format!("step {steps}: disable/extend/enable of {}: {e}", g.name)),
@@ -629,8 +658,9 @@ async fn main() -> std::process::ExitCode {
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
          (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
-         {reenables} disable/enable ({extends} extends; {killed_enables} with an agent SIGKILLed, \
-         {kills_inside_enables} while enable ran), {killed_moves} planned moves with an agent SIGKILLed \
+         {reenables} disable/enable ({extends} extends; {killed_enables} with an agent SIGKILLed in the \
+         enable, {kills_inside_enables} while it ran; {killed_disables} in the disable, {kills_inside_disables} \
+         while it ran), {killed_moves} planned moves with an agent SIGKILLed \
          in them ({kills_inside} while it ran, {killed_moves_moved} moved), {records} records verified, slowest \
          qemu-io {} ms ({}), {} violations",
         slowest.0,
