@@ -621,14 +621,14 @@ fn assert_no_repeated_ops(cluster: &Cluster) {
 
 const OPLOG: &str = "mock.oplog={dir}/oplog-{backend}.jsonl";
 
-/// A planned failover whose promote keeps failing for a cause that may pass waits (within
-/// `move_patience`), showing why, and completes by itself once the target's agent is
-/// back: no retry by the operator, no --force, and no op_id twice in a driver.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
+/// A cluster on `store` whose backend-b cannot promote (injected, until its agent
+/// restarts without it), a replicated group `name` of 2 volumes, and its failover to
+/// backend-b asked without waiting and seen waiting on its promote's second round.
+/// Returns the cluster, a client, the group and the execution's id.
+async fn a_failover_waiting_on_its_promote(store: StoreChoice<'_>, name: &str) -> (Cluster, Clients, String, String) {
+    let cluster = Cluster::start(store, &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
     let mut c = cluster.clients().await;
-    let group = replicated_group(&mut c, "waits", 2).await;
+    let group = replicated_group(&mut c, name, 2).await;
     let asked = c
         .replication
         .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "backend-b", false) })
@@ -637,10 +637,19 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
         .into_inner();
     // A second round at least: it goes under new op_ids.
     wait_retrying(&mut c, &asked.execution_id, &["not promoted yet", "promote/1"]).await;
+    (cluster, c, group, asked.execution_id)
+}
+
+/// A planned failover whose promote keeps failing for a cause that may pass waits (within
+/// `move_patience`), showing why, and completes by itself once the target's agent is
+/// back: no retry by the operator, no --force, and no op_id twice in a driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
+    let (mut cluster, mut c, group, id) = a_failover_waiting_on_its_promote(StoreChoice::Embedded, "waits").await;
     // backend-b's agent comes back without the injected failure.
     cluster.agents[1].proc.kill();
     cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
-    let ended = wait_ended(&mut c, &asked.execution_id).await;
+    let ended = wait_ended(&mut c, &id).await;
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
     let g = group_now(&mut c, &group).await;
     assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
@@ -657,27 +666,13 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
 /// op_id entered a driver twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_orchestrator_killed_while_a_failover_waits_resumes_the_wait() {
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
-    let mut c = cluster.clients().await;
-    let group = replicated_group(&mut c, "resumes", 2).await;
-    let asked = c
-        .replication
-        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "backend-b", false) })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_retrying(&mut c, &asked.execution_id, &["not promoted yet", "promote/1"]).await;
+    let (mut cluster, _, group, id) = a_failover_waiting_on_its_promote(StoreChoice::Embedded, "resumes").await;
     cluster.restart_orchestrator().await;
     let mut c = cluster.clients().await;
     // Resumed by the new process (a second claim), and waiting again past the spent rounds.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let e = c
-            .executions
-            .get_execution(pb::GetExecutionRequest { id: asked.execution_id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await.unwrap().into_inner();
         assert_eq!(e.status, "running", "the resumed move waits instead of ending: {}", e.error);
         if e.claims >= 2 && e.error.contains("not promoted yet") {
             println!("resumed and waiting: {}", e.error);
@@ -688,7 +683,7 @@ async fn an_orchestrator_killed_while_a_failover_waits_resumes_the_wait() {
     }
     cluster.agents[1].proc.kill();
     cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
-    let ended = wait_ended(&mut c, &asked.execution_id).await;
+    let ended = wait_ended(&mut c, &id).await;
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
     assert!(ended.claims >= 2, "the restarted orchestrator finished it: claims {}", ended.claims);
     let g = group_now(&mut c, &group).await;
@@ -703,24 +698,9 @@ async fn an_orchestrator_killed_while_a_failover_waits_resumes_the_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_etcd_outage_while_a_failover_waits_resumes_the_wait() {
     let mut etcd = Etcd::start().await;
-    let mut cluster =
-        Cluster::start(StoreChoice::Etcd(&etcd), &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
+    let (mut cluster, mut c, group, id) = a_failover_waiting_on_its_promote(StoreChoice::Etcd(&etcd), "outage").await;
     let orchestrator_pid = cluster.orchestrator.proc.pid();
-    let mut c = cluster.clients().await;
-    let group = replicated_group(&mut c, "outage", 2).await;
-    let asked = c
-        .replication
-        .failover_group(pb::FailoverGroupRequest { no_wait: true, ..failover_request(&group, "backend-b", false) })
-        .await
-        .unwrap()
-        .into_inner();
-    wait_retrying(&mut c, &asked.execution_id, &["not promoted yet", "promote/1"]).await;
-    let before = c
-        .executions
-        .get_execution(pb::GetExecutionRequest { id: asked.execution_id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let before = c.executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await.unwrap().into_inner();
     // Longer than the tests' 3 s owner lease.
     etcd.kill();
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -735,11 +715,8 @@ async fn an_etcd_outage_while_a_failover_waits_resumes_the_wait() {
             .and_then(|r| r.split(|ch: char| !ch.is_ascii_digit()).next()?.parse::<u32>().ok())
     };
     loop {
-        if let Ok(e) = c
-            .executions
-            .get_execution(pb::GetExecutionRequest { id: asked.execution_id.clone() })
-            .await
-            .map(|r| r.into_inner())
+        if let Ok(e) =
+            c.executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await.map(|r| r.into_inner())
         {
             assert_eq!(e.status, "running", "the move waits through the outage instead of ending: {}", e.error);
             if e.error.contains("not promoted yet") && round(&e.error) > round(&before.error) {
@@ -752,7 +729,7 @@ async fn an_etcd_outage_while_a_failover_waits_resumes_the_wait() {
     }
     cluster.agents[1].proc.kill();
     cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
-    let ended = wait_ended(&mut c, &asked.execution_id).await;
+    let ended = wait_ended(&mut c, &id).await;
     assert_eq!(ended.status, "succeeded", "{}", ended.error);
     assert_eq!(cluster.orchestrator.proc.pid(), orchestrator_pid, "the orchestrator was not restarted");
     let g = group_now(&mut c, &group).await;
