@@ -367,14 +367,19 @@ async fn a_call_on_a_missing_volume_does_not_move_the_fence() {
         .unwrap_err();
         assert_eq!(refused.code(), Code::NotFound, "{op}: {}", refused.message());
     }
-    // Disabling replication of a missing volume has nothing to do: it is answered as done
-    // (a retry whose first attempt removed the replica before a restart must complete),
-    // and it admits nothing either.
+    // Disabling replication of a missing volume, or unmanaging it, has nothing to do: it
+    // is answered as done (a retry whose first attempt removed the volume before a restart
+    // must complete), and it admits nothing either.
     let big = ctx("evil-disable", 1_000_000_000_000_000, "group/g1");
     c.disable_replication(apb::DisableReplicationRequest { ctx: big, volume_id: "ghost".into() })
         .await
         .expect("nothing to disable is done");
     assert_eq!(oplog_count(dir.path(), "disable_replication", "ghost"), 0, "the driver was not called");
+    let big = ctx("evil-unmanage", 1_000_000_000_000_000, "group/g1");
+    c.unmanage_volume(apb::UnmanageVolumeRequest { ctx: big, volume_id: "ghost".into() })
+        .await
+        .expect("nothing to unmanage is done");
+    assert_eq!(oplog_count(dir.path(), "unmanage_volume", "ghost"), 0, "the driver was not called");
     // The group's owner, still at epoch 4, is admitted.
     c.extend_volume(apb::ExtendVolumeRequest {
         ctx: ctx("op-2", 4, "group/g1"),

@@ -53,12 +53,13 @@ const ON_EXISTING_VOLUME: &[&str] = &[
 ];
 
 /// Mutations whose end state a missing volume already is: disabling replication (a
-/// secondary's replica goes away with it; a volume that is not here replicates nothing).
-/// Such a call on a missing volume is answered as done, without admitting its epoch or
-/// calling the driver. So is the retry of one that an agent restart interrupted after it
-/// removed the replica and before it recorded its outcome (seen in the qemu soak: the
-/// retry was refused as "does not exist", and the disable left the group in error).
-const DONE_WHEN_ABSENT: &[&str] = &["disable_replication"];
+/// secondary's replica goes away with it; a volume that is not here replicates nothing)
+/// and unmanaging (the volume leaves this backend's management). Such a call on a missing
+/// volume is answered as done, without admitting its epoch or calling the driver. So is
+/// the retry of one that an agent restart interrupted after it removed the volume and
+/// before it recorded its outcome (seen in the qemu soak for a disable: the retry was
+/// refused as "does not exist", and the disable left the group in error).
+const DONE_WHEN_ABSENT: &[&str] = &["disable_replication", "unmanage_volume"];
 
 /// What [`Guard::target_exists`] found.
 enum Target {
@@ -132,7 +133,7 @@ impl AgentService {
             match self.target_exists(op, target, &ctx.op_id).await? {
                 Target::Run => self.guarded_in_span(ctx, target, f).await,
                 Target::AlreadyDone => {
-                    tracing::info!("the volume is not here: nothing to disable, answered as done");
+                    tracing::info!("the volume is not here: nothing to do, answered as done");
                     Ok(Response::new(M::default()))
                 }
             }
