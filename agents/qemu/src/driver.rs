@@ -336,7 +336,16 @@ impl Driver for QemuDriver {
             }
             (Role::Secondary, Ok(_)) => Ok(()),
             (Role::Secondary, Err(_)) => {
-                std::fs::create_dir_all(self.vol_dir(&spec.volume_id)).map_err(|e| io("replica dir", e))?;
+                // A new replica starts from an empty directory. One that is not empty holds
+                // an earlier replica's layers (a disable cut short by a restart between
+                // forgetting the volume and removing its files): no volume refers to them,
+                // and a new layer must never meet an old file under its name.
+                let dir = self.vol_dir(&spec.volume_id);
+                if dir.exists() {
+                    tracing::warn!(volume = %spec.volume_id, "removing an earlier replica's files before making a new one");
+                    std::fs::remove_dir_all(&dir).map_err(|e| io("an earlier replica's files", e))?;
+                }
+                std::fs::create_dir_all(&dir).map_err(|e| io("replica dir", e))?;
                 self.update(|st| {
                     let mut v = Vol::new(st.next_index, spec.size_bytes, Vec::new(), Some(Role::Secondary));
                     v.group_id = spec.group_id.clone();

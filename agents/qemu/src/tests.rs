@@ -67,3 +67,32 @@ async fn a_long_chain_is_merged_at_start() {
     args.push(&uri);
     qemu_io(&args).unwrap_or_else(|e| panic!("the merged chain reads differently: {e}"));
 }
+
+/// A replica made where an earlier one's files were left (a disable cut short between
+/// forgetting the volume and removing its files) starts from an empty directory: the old
+/// layer files are gone before any new layer is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_replica_does_not_meet_an_earlier_ones_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
+    let vdir = pool.join("volumes").join("v");
+    std::fs::create_dir_all(&vdir).unwrap();
+    for seq in 0..3u32 {
+        std::fs::write(vdir.join(format!("L{seq}.qcow2")), b"an earlier replica's layer").unwrap();
+    }
+    let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
+    let driver = QemuDriver::start(config, &state_dir, "b").await.unwrap();
+    let spec = EnableSpec {
+        volume_id: "v".into(),
+        group_id: "g".into(),
+        role: Role::Secondary,
+        peer: drover_agent::driver::Peer { backend: "a".into(), endpoint: "http://127.0.0.1:9".into() },
+        size_bytes: 1 << 20,
+        interval_ms: None,
+    };
+    driver.enable_replication(&spec).await.unwrap();
+    let left: Vec<String> =
+        std::fs::read_dir(&vdir).unwrap().flatten().map(|f| f.file_name().to_string_lossy().into_owned()).collect();
+    assert!(left.is_empty(), "the earlier replica's files are gone: {left:?}");
+    assert_eq!(driver.vol("v").unwrap().role, Some(Role::Secondary));
+}
