@@ -338,8 +338,9 @@ impl Driver for QemuDriver {
             (Role::Secondary, Err(_)) => {
                 // A new replica starts from an empty directory. One that is not empty holds
                 // an earlier replica's layers (a disable cut short by a restart between
-                // forgetting the volume and removing its files): no volume refers to them,
-                // and a new layer must never meet an old file under its name.
+                // forgetting the volume and removing its files): no volume refers to them.
+                // Tidying only: each new layer is made afresh as a `.partial` and renamed
+                // over any old file of its name, so old files never enter the new chain.
                 let dir = self.vol_dir(&spec.volume_id);
                 if dir.exists() {
                     tracing::warn!(volume = %spec.volume_id, "removing an earlier replica's files before making a new one");
