@@ -173,7 +173,10 @@ async fn disable_extend_enable(
         None => (disabled.group.ok_or("no group in the result")?, false),
         Some(k) => {
             let (e, inside) = kill_during(c, cluster, &disabled.execution_id, k.side, k.delay_ms).await?;
-            eprintln!("  disable {} {} {}", e.id, e.status, e.error);
+            eprintln!(
+                "  disable {} {} {} (agent {} SIGKILLed after {} ms)",
+                e.id, e.status, e.error, k.side, k.delay_ms
+            );
             (group_rec(c, &g.name).await?, inside)
         }
     };
@@ -215,7 +218,10 @@ async fn disable_extend_enable(
         None => enabled.group.ok_or("no group in the result")?,
         Some(k) => {
             let (e, killed_inside) = kill_during(c, cluster, &enabled.execution_id, k.side, k.delay_ms).await?;
-            eprintln!("  enable {} {} {}", e.id, e.status, e.error);
+            eprintln!(
+                "  enable {} {} {} (agent {} SIGKILLed after {} ms)",
+                e.id, e.status, e.error, k.side, k.delay_ms
+            );
             inside = killed_inside;
             group_rec(c, &g.name).await?
         }
