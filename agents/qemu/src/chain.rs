@@ -65,6 +65,51 @@ impl QemuDriver {
         Ok(())
     }
 
+    /// The files a volume's layer `upto` reads through, bottom first: a snapshot's files
+    /// for a volume made from one, then its layers up to `upto`. The daemon opens the
+    /// chain this way (each node's backing named), and so does [`image::map_chain`].
+    pub(crate) fn chain_files(&self, id: &str, v: &Vol, upto: usize) -> Vec<PathBuf> {
+        let origin = v.origin.iter().flat_map(|o| o.files.iter().cloned());
+        origin.chain(v.layers[..=upto].iter().map(|l| self.layer_path(id, l.seq))).collect()
+    }
+
+    /// The allocation map of layer `upto` of a volume, read through the chain the state
+    /// holds (what a sync ships and what it would ship are computed from this).
+    pub(crate) async fn chain_map(&self, id: &str, v: &Vol, upto: usize) -> Result<Vec<image::Extent>, DriverError> {
+        image::map_chain(&self.chain_files(id, v, upto)).await
+    }
+
+    /// Makes every layer's header name the layer below it in the state (the bottom one:
+    /// the snapshot's top file, or nothing it does not already name). Only a layer that
+    /// differs is rewritten (`qemu-img rebase -u`), so the files must not be open in the
+    /// daemon. They differ after a fold cut short between its block job's end, which
+    /// points the header of the layer above the folded range at the base, and the state
+    /// write that drops the folded layers: if the base's metadata was not flushed yet (a
+    /// daemon killed there), that header skips layers whose clusters only they hold, and
+    /// anything following it offline (a flatten, a merge, a clone) would read around them.
+    pub(crate) async fn align_headers(&self, id: &str, v: &Vol) -> Result<(), DriverError> {
+        if v.layers.is_empty() {
+            return Ok(());
+        }
+        let files = self.chain_files(id, v, v.layers.len() - 1);
+        let first = v.origin.as_ref().map_or(0, |o| o.files.len());
+        for i in first.max(1)..files.len() {
+            let (file, below) = (&files[i], &files[i - 1]);
+            let named = image::backing_of(file)?;
+            if named.as_deref() != below.to_str() {
+                tracing::warn!(
+                    volume = id,
+                    layer = %file.display(),
+                    names = ?named,
+                    below = %below.display(),
+                    "a layer's header names another backing than the chain has (a fold cut short); pointing it at the layer below"
+                );
+                image::rebase_unsafe(file, below).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Folds layers `base+1..=top` of a volume whose chain is open into layer `base`
     /// (a live block-commit under the active layer), makes that durable, and takes the
     /// folded layers' nodes out. Returns their seqs: the caller drops them from the state
@@ -117,6 +162,11 @@ impl QemuDriver {
                         self.drop_export(&export).await?;
                     }
                     self.close_chain(&v).await?;
+                    // The daemon reads the chain as the state says whatever the headers
+                    // name, but offline work on it later follows them.
+                    if let Err(e) = self.align_headers(&id, &v).await {
+                        tracing::warn!(volume = %id, error = %e, "could not align the chain's headers; offline work on it aligns again first");
+                    }
                     self.open_chain(&id, &v).await
                 };
                 if let Err(e) = rebuilt.await {
@@ -181,6 +231,8 @@ impl QemuDriver {
                 return Ok(());
             }
             let (base, mid, above) = (v.layers[start].seq, v.layers[start + 1].seq, v.layers[start + 2].seq);
+            // The commit goes into the layer `mid`'s header names.
+            self.align_headers(id, &v).await?;
             image::commit(&self.layer_path(id, mid)).await?;
             image::rebase_unsafe(&self.layer_path(id, above), &self.layer_path(id, base)).await?;
             let mid_layer = v.layers[start + 1].clone();
@@ -207,6 +259,13 @@ impl QemuDriver {
     pub(crate) async fn merge_waiting(&self) {
         for id in self.snapshot_state().volumes.keys() {
             let mut merged = 0usize;
+            // Each merge commits into the layer the upper one's header names.
+            if let Ok(v) = self.vol(id)
+                && let Err(e) = self.align_headers(id, &v).await
+            {
+                tracing::warn!(volume = %id, error = %e, "could not align the chain's headers; not merging it");
+                continue;
+            }
             while let Ok(v) = self.vol(id) {
                 let waiting: Vec<usize> = (0..v.layers.len().saturating_sub(1))
                     .filter(|&i| v.layers[i].rp.is_some() && !v.layers[i].acked)

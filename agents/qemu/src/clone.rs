@@ -90,6 +90,8 @@ impl QemuDriver {
             )));
         };
         let rp = v.layers[top].rp.clone().unwrap_or_default();
+        // The clone's node reads the replica through the layers' headers.
+        self.align_headers(volume_id, &v).await?;
         let backing: Vec<PathBuf> = v.layers[..=top].iter().map(|l| self.layer_path(volume_id, l.seq)).collect();
         let path = self.clone_path(clone_id);
         std::fs::create_dir_all(self.pool.join("clones")).map_err(|e| io("clones dir", e))?;

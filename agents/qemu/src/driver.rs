@@ -297,7 +297,9 @@ impl Driver for QemuDriver {
             )));
         }
         let Some(v) = self.close_unreplicated(volume_id).await? else { return Ok(()) };
-        // Flatten into the bottom layer so the file stands alone.
+        // Flatten into the bottom layer so the file stands alone. Each commit goes into
+        // the layer its header names.
+        self.align_headers(volume_id, &v).await?;
         for l in v.layers.iter().skip(1).rev() {
             image::commit(&self.layer_path(volume_id, l.seq)).await?;
         }

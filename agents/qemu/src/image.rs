@@ -1,7 +1,7 @@
 //! `qemu-img` as a library: creating overlays, mapping allocated extents, offline commit
 //! and rebase of replica chains.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use tokio::process::Command;
@@ -61,6 +61,51 @@ pub async fn create(path: &Path, size: u64, backing: Option<&Path>) -> Result<()
 pub async fn map(path: &Path) -> Result<Vec<Extent>, DriverError> {
     let out = run(&["map", "--output=json", "-U", "-f", "qcow2", s(path)]).await?;
     serde_json::from_slice(&out).map_err(|e| DriverError::Internal(format!("unreadable qemu-img map output: {e}")))
+}
+
+/// The allocation map of the last of `chain` (bottom first) read through exactly the
+/// layers listed, whatever the files' own headers name as their backing. A live
+/// block-commit rewrites the header of the layer above the committed range to name the
+/// base, before the base's new metadata is flushed: a crash in that window leaves a
+/// header that skips layers the agent's state (and the daemon's graph) still holds, and
+/// a map that followed it would miss their clusters.
+pub async fn map_chain(chain: &[PathBuf]) -> Result<Vec<Extent>, DriverError> {
+    let mut spec = serde_json::Value::Null;
+    for file in chain {
+        spec = serde_json::json!({
+            "driver": "qcow2",
+            "file": {"driver": "file", "filename": s(file)},
+            "backing": spec,
+        });
+    }
+    let arg = format!("json:{spec}");
+    let out = run(&["map", "--output=json", "-U", &arg]).await?;
+    serde_json::from_slice(&out).map_err(|e| DriverError::Internal(format!("unreadable qemu-img map output: {e}")))
+}
+
+/// The backing file a qcow2 image's header names (`None` without one), read from the
+/// header itself: no process, so cheap enough to check every layer of a chain.
+pub fn backing_of(path: &Path) -> Result<Option<String>, DriverError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let bad = |e: std::io::Error| DriverError::Internal(format!("cannot read the header of {}: {e}", path.display()));
+    let mut f = std::fs::File::open(path).map_err(bad)?;
+    let mut h = [0u8; 20];
+    f.read_exact(&mut h).map_err(bad)?;
+    if h[..4] != *b"QFI\xfb" {
+        return Err(DriverError::Internal(format!("{} is not a qcow2 image", path.display())));
+    }
+    let offset = u64::from_be_bytes(h[8..16].try_into().expect("8 bytes"));
+    let len = u32::from_be_bytes(h[16..20].try_into().expect("4 bytes"));
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > 1023 {
+        return Err(DriverError::Internal(format!("{} names a backing file {len} bytes long", path.display())));
+    }
+    let mut name = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(offset)).map_err(bad)?;
+    f.read_exact(&mut name).map_err(bad)?;
+    Ok(Some(String::from_utf8_lossy(&name).into_owned()))
 }
 
 /// `qemu-img info` as JSON. Without `shared`, it fails on an image another process has

@@ -370,7 +370,8 @@ impl QemuDriver {
                 (false, Some(a)) => (frozen - a) as u32,
                 _ => u32::MAX,
             };
-            let extents = image::map(&self.layer_path(id, v.layers[frozen].seq)).await?;
+            // Read through the chain the state holds, not the headers (see `map_chain`).
+            let extents = self.chain_map(id, v, frozen).await?;
             deltas.push(Delta { frozen, extents, changed_depth, full: f.full });
         }
         let bytes: u64 = deltas.iter().map(Delta::data_bytes).sum();
@@ -457,7 +458,7 @@ impl QemuDriver {
             Some(a) => (top - a) as u32,
             None => u32::MAX,
         };
-        let extents = image::map(&self.layer_path(id, v.top().seq)).await?;
+        let extents = self.chain_map(id, &v, top).await?;
         Ok(Some(extents.iter().filter(|e| e.depth < changed_depth && e.data).map(|e| e.length).sum()))
     }
 }

@@ -70,6 +70,8 @@ impl QemuDriver {
             self.drop_export(&format!("w{}", v.index)).await?;
             self.daemon().remove_node(&format!("a{}", v.index)).await?;
             let _ = std::fs::remove_file(&partial);
+            // The new layer's node reads what lies below it through the layers' headers.
+            self.align_headers(id, &v).await?;
             let backing = (keep > 0).then(|| self.layer_path(id, v.layers[keep - 1].seq));
             std::fs::create_dir_all(self.vol_dir(id)).map_err(|e| io("replica dir", e))?;
             image::create(&partial, *size, backing.as_deref()).await?;

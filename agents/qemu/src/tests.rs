@@ -96,3 +96,99 @@ async fn a_new_replica_does_not_meet_an_earlier_ones_files() {
     assert!(left.is_empty(), "the earlier replica's files are gone: {left:?}");
     assert_eq!(driver.vol("v").unwrap().role, Some(Role::Secondary));
 }
+
+/// A fold cut short after its block job ended leaves the header of the layer above the
+/// folded range naming the base, while the state (and the daemon) still read through the
+/// folded layers; if the base's metadata was not flushed, the header skips clusters only
+/// those layers hold. What the agent computes from the chain follows the state, not the
+/// headers: a start points the headers back at the state's chain, a sync's map (here the
+/// pending bytes, the same map) reads through the state's layers even with a header
+/// rewritten under the running daemon, and a flatten (unmanage) keeps the newer data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_that_skips_a_layer_is_not_followed() {
+    const KIB: u64 = 1 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
+    let vdir = pool.join("volumes").join("v");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    let pool = pool.canonicalize().unwrap();
+    let vdir = vdir.canonicalize().unwrap();
+    let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
+    // L0: 64 KiB at 0; L1: 192 KiB at 1 MiB; L2 (active): the middle 64 KiB of L1's range.
+    let writes = ["write -P 0x11 0 64k", "write -P 0x22 1M 192k", "write -P 0x33 1088k 64k"];
+    for seq in 0..3u32 {
+        let backing = (seq > 0).then(|| path(seq - 1));
+        image::create(&path(seq), 16 << 20, backing.as_deref()).await.unwrap();
+        let p = path(seq);
+        qemu_io(&["-f", "qcow2", "-c", writes[seq as usize], p.to_str().unwrap()]).unwrap();
+    }
+    // What a block-commit of L1 into L0 does to L2's header before the base is flushed.
+    let name_l0 = |file: &Path| {
+        let named = image::backing_of(file).unwrap().expect("a backing file");
+        let mut bytes = std::fs::read(file).unwrap();
+        let at = bytes.windows(named.len()).position(|w| w == named.as_bytes()).unwrap();
+        let l0 = path(0);
+        assert_eq!(l0.as_os_str().len(), named.len(), "L0 and L1 paths are the same length");
+        bytes[at..at + named.len()].copy_from_slice(l0.to_str().unwrap().as_bytes());
+        std::fs::write(file, bytes).unwrap();
+    };
+    name_l0(&path(2));
+    assert_eq!(image::backing_of(&path(2)).unwrap().as_deref(), path(0).to_str());
+    let layers = (0..3u32)
+        .map(|seq| Layer { seq, rp: (seq < 2).then(|| format!("p{seq}")), acked: false, rp_created_ms: 0 })
+        .collect();
+    let state = State {
+        next_index: 1,
+        volumes: [("v".to_string(), Vol::new(0, 16 << 20, layers, None))].into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
+    let driver = QemuDriver::start(config, &state_dir, "a").await.unwrap();
+    assert_eq!(
+        image::backing_of(&path(2)).unwrap().as_deref(),
+        path(1).to_str(),
+        "the start pointed L2's header back at L1"
+    );
+
+    // Again, under the running daemon (a header rewritten in place, as the block job does).
+    name_l0(&path(2));
+    let pending = driver.pending_bytes("v").await.unwrap();
+    assert_eq!(
+        pending,
+        Some(256 * KIB),
+        "every data cluster of the chain the state holds (the header-following map finds 128 KiB)"
+    );
+    // A daemon killed there (as in a fold cut short): the restore points it back too.
+    let pid = driver.daemon_pid().expect("a daemon");
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while driver.daemon_pid() == Some(pid) || image::backing_of(&path(2)).unwrap().as_deref() != path(1).to_str() {
+        assert!(std::time::Instant::now() < deadline, "no restore pointed L2's header back at L1 within 30 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let uri = driver.attach_volume("v").await.unwrap().uri;
+    let reads = ["read -P 0x11 0 64k", "read -P 0x22 1M 64k", "read -P 0x33 1088k 64k", "read -P 0x22 1152k 64k"];
+    let mut args = vec!["-f", "raw"];
+    for r in &reads {
+        args.extend(["-c", *r]);
+    }
+    args.push(&uri);
+    qemu_io(&args).unwrap_or_else(|e| panic!("the chain reads differently: {e}"));
+
+    // A flatten commits each layer into the one its header names: aligned first, L2's
+    // newer data stays on top of L1's.
+    driver.unmanage_volume("v").await.unwrap();
+    let image = pool.join("v.qcow2");
+    assert_eq!(image::backing_of(&image).unwrap(), None, "the unmanaged image stands alone");
+    let mut args = vec!["-f", "qcow2"];
+    for r in &reads {
+        args.extend(["-c", *r]);
+    }
+    let image = image.to_str().unwrap().to_string();
+    args.push(&image);
+    qemu_io(&args).unwrap_or_else(|e| panic!("the flattened image reads differently: {e}"));
+}
