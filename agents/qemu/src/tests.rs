@@ -192,3 +192,73 @@ async fn a_header_that_skips_a_layer_is_not_followed() {
     args.push(&image);
     qemu_io(&args).unwrap_or_else(|e| panic!("the flattened image reads differently: {e}"));
 }
+
+/// The real window behind `a_header_that_skips_a_layer_is_not_followed`: a fold's block
+/// job ends (QEMU points the header above the folded range at the base) and the daemon
+/// is SIGKILLed before the agent flushes the base. After the restart the chain reads as
+/// before, and the map a sync ships from still counts every cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fold_cut_short_by_a_daemon_kill_keeps_every_cluster_in_the_map() {
+    const KIB: u64 = 1 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
+    let vdir = pool.join("volumes").join("v");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    let vdir = vdir.canonicalize().unwrap();
+    let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
+    let writes = ["write -P 0x11 0 64k", "write -P 0x22 1M 192k", "write -P 0x33 1088k 64k"];
+    for seq in 0..3u32 {
+        let backing = (seq > 0).then(|| path(seq - 1));
+        image::create(&path(seq), 16 << 20, backing.as_deref()).await.unwrap();
+        let p = path(seq);
+        qemu_io(&["-f", "qcow2", "-c", writes[seq as usize], p.to_str().unwrap()]).unwrap();
+    }
+    let layers = (0..3u32)
+        .map(|seq| Layer { seq, rp: (seq < 2).then(|| format!("p{seq}")), acked: false, rp_created_ms: 0 })
+        .collect();
+    let state = State {
+        next_index: 1,
+        volumes: [("v".to_string(), Vol::new(0, 16 << 20, layers, None))].into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
+    let driver = QemuDriver::start(config, &state_dir, "a").await.unwrap();
+
+    // The first half of `fold(v, 0, 1)`: the job, to its end.
+    let v = driver.vol("v").unwrap();
+    driver.daemon().start_commit("c0", &node(&v, 2), &node(&v, 1), &node(&v, 0)).await.unwrap();
+    driver.wait_job("c0").await.unwrap();
+    assert_eq!(
+        image::backing_of(&path(2)).unwrap().as_deref(),
+        path(0).to_str(),
+        "the ended job pointed L2's header at the base (what this test is about)"
+    );
+    let pid = driver.daemon_pid().expect("a daemon");
+    std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let base_map = image::map(&path(0)).await.unwrap();
+    let base_lost = !base_map.iter().any(|e| e.data && e.start <= 1 << 20 && e.start + e.length > 1 << 20);
+    eprintln!("after the kill, the base's own map lacks the folded clusters: {base_lost}");
+    let uri = driver.attach_volume("v").await.unwrap().uri;
+    let mut args = vec!["-f", "raw"];
+    for r in ["read -P 0x11 0 64k", "read -P 0x22 1M 64k", "read -P 0x33 1088k 64k", "read -P 0x22 1152k 64k"] {
+        args.extend(["-c", r]);
+    }
+    args.push(&uri);
+    // Restored once a new daemon serves the volume again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let read = qemu_io(&args);
+        if driver.daemon_pid().is_some_and(|p| p != pid) && read.is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the chain did not read as before within 30 s: {read:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The state still lists L1 (the fold never recorded its end): the map counts it.
+    assert_eq!(driver.vol("v").unwrap().layers.len(), 3);
+    assert_eq!(driver.pending_bytes("v").await.unwrap(), Some(256 * KIB));
+    assert_eq!(image::backing_of(&path(2)).unwrap().as_deref(), path(1).to_str(), "the restore pointed L2 back at L1");
+}
