@@ -296,16 +296,31 @@ impl Driver for QemuDriver {
                 o.snapshot_id
             )));
         }
-        let Some(v) = self.close_unreplicated(volume_id).await? else { return Ok(()) };
-        // Flatten into the bottom layer so the file stands alone. Each commit goes into
-        // the layer its header names.
-        self.align_headers(volume_id, &v).await?;
-        for l in v.layers.iter().skip(1).rev() {
-            image::commit(&self.layer_path(volume_id, l.seq)).await?;
-        }
         let dest = self.pool.join(format!("{volume_id}.qcow2"));
-        std::fs::rename(self.layer_path(volume_id, v.layers[0].seq), &dest)
-            .map_err(|e| io("moving the image out", e))?;
+        let bottom = self.vol(volume_id).ok().and_then(|v| v.layers.first().map(|l| self.layer_path(volume_id, l.seq)));
+        // An unmanage cut short after it moved the flattened image out has only the state
+        // left to do; anything else at the destination is someone's file.
+        let moved_out = bottom.as_ref().is_some_and(|b| !b.exists()) && dest.exists();
+        if dest.exists() && !moved_out {
+            return Err(DriverError::FailedPrecondition(format!(
+                "{} exists already, and unmanaging {volume_id} would put its image there; move that file away, then                  unmanage again",
+                dest.display()
+            )));
+        }
+        let Some(v) = self.close_unreplicated(volume_id).await? else { return Ok(()) };
+        if moved_out {
+            tracing::info!(volume = volume_id, image = %dest.display(), "the image was moved out before a restart; forgetting the volume");
+        } else {
+            // Flatten into the bottom layer so the file stands alone. Each commit goes
+            // into the layer its header names.
+            self.align_headers(volume_id, &v).await?;
+            for l in v.layers.iter().skip(1).rev() {
+                image::commit(&self.layer_path(volume_id, l.seq)).await?;
+            }
+            std::fs::rename(self.layer_path(volume_id, v.layers[0].seq), &dest)
+                .map_err(|e| io("moving the image out", e))?;
+            fsync_dir(&self.pool)?;
+        }
         self.update(|st| {
             st.volumes.remove(volume_id);
             Ok(())

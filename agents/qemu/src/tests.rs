@@ -262,3 +262,51 @@ async fn a_fold_cut_short_by_a_daemon_kill_keeps_every_cluster_in_the_map() {
     assert_eq!(driver.pending_bytes("v").await.unwrap(), Some(256 * KIB));
     assert_eq!(image::backing_of(&path(2)).unwrap().as_deref(), path(1).to_str(), "the restore pointed L2 back at L1");
 }
+
+/// An unmanage cut short by a restart after it moved the flattened image out (the state
+/// still lists the volume) completes on its retry, handing back the same image; a file
+/// already at the destination is never overwritten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmanage_cut_short_after_the_move_completes_on_retry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
+    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    for v in ["v", "w"] {
+        let vdir = pool.join("volumes").join(v);
+        std::fs::create_dir_all(&vdir).unwrap();
+        let l0 = vdir.join("L0.qcow2");
+        image::create(&l0, 16 << 20, None).await.unwrap();
+        qemu_io(&["-f", "qcow2", "-c", "write -P 0x44 0 64k", l0.to_str().unwrap()]).unwrap();
+    }
+    let layer = || vec![Layer { seq: 0, rp: None, acked: false, rp_created_ms: 0 }];
+    let state = State {
+        next_index: 2,
+        volumes: [
+            ("v".to_string(), Vol::new(0, 16 << 20, layer(), None)),
+            ("w".to_string(), Vol::new(1, 16 << 20, layer(), None)),
+        ]
+        .into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    // v: the image already moved out, the state not yet written (as a kill there leaves it).
+    std::fs::rename(pool.join("volumes/v/L0.qcow2"), pool.join("v.qcow2")).unwrap();
+    // w: someone's file where its image would go.
+    std::fs::write(pool.join("w.qcow2"), b"not ours").unwrap();
+
+    let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
+    let driver = QemuDriver::start(config, &state_dir, "a").await.unwrap();
+    driver.unmanage_volume("v").await.expect("the retry completes");
+    assert!(driver.vol("v").is_err(), "v is forgotten");
+    assert!(!pool.join("volumes/v").exists(), "its directory is gone");
+    let image = pool.join("v.qcow2");
+    qemu_io(&["-f", "qcow2", "-c", "read -P 0x44 0 64k", image.to_str().unwrap()]).expect("the handed-back image");
+
+    let e = driver.unmanage_volume("w").await.expect_err("a file in the way");
+    assert!(e.to_string().contains("move that file away"), "{e}");
+    assert_eq!(std::fs::read(pool.join("w.qcow2")).unwrap(), b"not ours", "the file in the way is untouched");
+    assert!(driver.vol("w").is_ok(), "w stays managed");
+    let uri = driver.attach_volume("w").await.unwrap().uri;
+    qemu_io(&["-f", "raw", "-c", "read -P 0x44 0 64k", &uri]).expect("w still serves its data");
+}
