@@ -660,6 +660,37 @@ async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
     assert_no_repeated_ops(&cluster);
 }
 
+/// A failover asked with a client deadline shorter than the move answers before the
+/// deadline with DEADLINE_EXCEEDED naming the execution (not the server's bare "Timeout
+/// expired"), and the move goes on without the call: it completes once the agent is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_call_answers_inside_its_deadline_and_the_move_goes_on() {
+    let mut cluster = Cluster::start(StoreChoice::Embedded, &["--set", "mock.fail.promote=1.0", "--set", OPLOG]).await;
+    let mut c = cluster.clients().await;
+    let group = replicated_group(&mut c, "deadline", 2).await;
+    let mut req = tonic::Request::new(failover_request(&group, "backend-b", false));
+    req.set_timeout(Duration::from_secs(4));
+    let err = c.replication.failover_group(req).await.expect_err("the move cannot end within 4 s");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("goes on without the call"), "{}", err.message());
+    let id = err
+        .message()
+        .split("execution ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .expect("the answer names the execution")
+        .to_string();
+    let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(e.status, "running", "the move went on after the answer: {}", e.error);
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(&mut c, &id).await;
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = group_now(&mut c, &group).await;
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    assert_no_repeated_ops(&cluster);
+}
+
 /// The orchestrator SIGKILLed while a failover waits for its promote: the restarted one
 /// resumes the execution, walks the rounds already spent again (their failures replay from
 /// the agent's ledger) and keeps waiting; once the agent is back the move completes, and no

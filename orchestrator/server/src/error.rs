@@ -28,6 +28,9 @@ pub enum ApiError {
     PermissionDenied(String),
     #[error("{0}")]
     Internal(String),
+    /// The caller's deadline came before the answer; the message says what goes on.
+    #[error("{0}")]
+    DeadlineExceeded(String),
 }
 
 impl ApiError {
@@ -43,6 +46,7 @@ impl ApiError {
             ApiError::Unauthenticated(_) => "unauthenticated",
             ApiError::PermissionDenied(_) => "permission-denied",
             ApiError::Internal(_) => "internal",
+            ApiError::DeadlineExceeded(_) => "deadline-exceeded",
         }
     }
 
@@ -63,6 +67,7 @@ impl ApiError {
             "unavailable" => ApiError::Unavailable(message),
             "unauthenticated" => ApiError::Unauthenticated(message),
             "permission-denied" => ApiError::PermissionDenied(message),
+            "deadline-exceeded" => ApiError::DeadlineExceeded(message),
             _ => ApiError::Internal(message),
         }
     }
@@ -92,6 +97,7 @@ impl From<ApiError> for Status {
             ApiError::Unauthenticated(m) => Status::unauthenticated(tidy(&m)),
             ApiError::PermissionDenied(m) => Status::permission_denied(tidy(&m)),
             ApiError::Internal(m) => Status::internal(tidy(&m)),
+            ApiError::DeadlineExceeded(m) => Status::deadline_exceeded(tidy(&m)),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod auth;
 pub mod compute;
 pub mod config;
 pub mod dashboard;
+pub mod deadline;
 pub mod error;
 pub mod launch;
 pub mod metrics;

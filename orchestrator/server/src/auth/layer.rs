@@ -278,7 +278,9 @@ where
                     if let Some(c) = &caller {
                         req.extensions_mut().insert(c.clone());
                     }
-                    let mut resp = inner.call(req).await?;
+                    // A call that waits on an execution answers inside the caller's deadline.
+                    let timeout = crate::deadline::of(req.headers());
+                    let mut resp = crate::deadline::scope(timeout, inner.call(req)).await?;
                     undecodable_is_invalid(&mut resp);
                     let code = header_code(&resp);
                     guard.observe(&path, code, started);

@@ -108,7 +108,8 @@ pub fn submit_error(e: SubmitError, what: &str) -> ApiError {
 /// client's deadline: when the client leaves, this future is dropped and the execution
 /// goes on.
 pub async fn wait_output<T: DeserializeOwned>(core: &Core, id: &str) -> ApiResult<T> {
-    let rec = core.procedures.wait(id, Duration::from_secs(7 * 24 * 3600)).await?;
+    let deadline = crate::deadline::patience();
+    let rec = core.procedures.wait(id, deadline.unwrap_or(Duration::from_secs(7 * 24 * 3600))).await?;
     let follow = format!("see `drover execution show {id}`");
     match rec.status {
         ExecutionStatus::Succeeded => match serde_json::from_value::<Answer>(rec.output) {
@@ -119,6 +120,11 @@ pub async fn wait_output<T: DeserializeOwned>(core: &Core, id: &str) -> ApiResul
         },
         ExecutionStatus::Failed => Err(ApiError::Aborted(format!("execution {id} failed: {}; {follow}", rec.error))),
         ExecutionStatus::Cancelled => Err(ApiError::Aborted(format!("execution {id} was cancelled; {follow}"))),
+        ExecutionStatus::Running if deadline.is_some() => Err(ApiError::DeadlineExceeded(format!(
+            "execution {id} is still running at step {} as this call's deadline nears; it goes on without the call: \
+             {follow}, or call with a longer deadline (or with no_wait)",
+            rec.step
+        ))),
         ExecutionStatus::Running => {
             Err(ApiError::Unavailable(format!("execution {id} is still running at step {}; {follow}", rec.step)))
         }
