@@ -661,14 +661,21 @@ async fn main() -> std::process::ExitCode {
         violations.push(format!("a qemu-io run took {} ms ({}): the active side hung", slowest.0, slowest.1));
     }
     let records: u64 = groups.iter().map(|g| g.acked).sum();
+    // Folds cut short where their block job had re-pointed a layer's header (the agents
+    // point it back before anything follows it): how often the soak hit that window.
+    let realigned: usize = cluster
+        .agents
+        .iter()
+        .map(|a| a.proc.log_text().matches("names another backing than the chain has").count())
+        .sum();
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
          (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
          {reenables} disable/enable ({extends} extends; {killed_enables} with an agent SIGKILLed in the \
          enable, {kills_inside_enables} while it ran; {killed_disables} in the disable, {kills_inside_disables} \
          while it ran), {killed_moves} planned moves with an agent SIGKILLed \
-         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {records} records verified, slowest \
-         qemu-io {} ms ({}), {} violations",
+         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {realigned} layer headers pointed \
+         back at the chain, {records} records verified, slowest qemu-io {} ms ({}), {} violations",
         slowest.0,
         slowest.1,
         violations.len()
