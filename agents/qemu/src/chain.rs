@@ -123,14 +123,10 @@ impl QemuDriver {
         self.daemon()
             .start_commit(&job, &node(v, v.top().seq), &node(v, v.layers[top].seq), &node(v, v.layers[base].seq))
             .await?;
-        self.wait_job(&job, "pending").await?;
+        self.wait_job(&job).await?;
         // The base holds the committed data only once it is flushed; until then the
-        // layers above it are the only durable copy, so they stay. Flushed before the job
-        // finalizes: finalizing points the header above the folded range at the base,
-        // and a header that skips layers must never lead to a base without their data.
+        // layers above it are the only durable copy, so they stay.
         self.flush_node(v, v.layers[base].seq).await?;
-        self.daemon().finalize_job(&job).await?;
-        self.wait_job(&job, "concluded").await?;
         // Top down: a node still serves as the backing of the one above it.
         for l in v.layers[base + 1..=top].iter().rev() {
             self.daemon().remove_node(&node(v, l.seq)).await?;
@@ -180,9 +176,8 @@ impl QemuDriver {
         }
     }
 
-    /// Waits until a block job reaches `status` (`pending`: done copying, waiting to be
-    /// finalized; `concluded`: ended, then dismissed here), and reports its error, if any.
-    pub(crate) async fn wait_job(&self, job: &str, status: &str) -> Result<(), DriverError> {
+    /// Runs a block job to its end and reports its error, if any.
+    pub(crate) async fn wait_job(&self, job: &str) -> Result<(), DriverError> {
         loop {
             // A job that is gone did not necessarily finish: the daemon may have restarted
             // mid-job, leaving the base with only part of the data. Never take that for
@@ -193,20 +188,10 @@ impl QemuDriver {
                      its layers are kept and it runs again at the next sync"
                 )));
             };
-            if j.status == status && status != "concluded" {
-                return Ok(());
-            }
             if j.status == "concluded" {
                 self.daemon().dismiss_job(job).await?;
                 if let Some(err) = j.error {
                     return Err(DriverError::Internal(format!("block job {job} failed: {err}")));
-                }
-                if status != "concluded" {
-                    // Never seen: it would have finalized without waiting for the flush.
-                    return Err(DriverError::Internal(format!(
-                        "block job {job} concluded without waiting to be finalized; its layers are kept and it \
-                         runs again at the next sync"
-                    )));
                 }
                 return Ok(());
             }

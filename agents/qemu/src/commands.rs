@@ -117,21 +117,10 @@ impl Daemon {
     }
 
     /// Starts block job `job` committing `top` (and everything between) into `base`,
-    /// under the active layer `device`. Once it copied everything it waits `pending`
-    /// until [`Daemon::finalize_job`]: finalizing is what takes the committed layers out
-    /// of the graph and points the header above them at `base`. The job stays until
-    /// dismissed.
+    /// under the active layer `device`. The job stays until dismissed.
     pub async fn start_commit(&self, job: &str, device: &str, top: &str, base: &str) -> Result<(), DriverError> {
-        let args = json!({
-            "job-id": job, "device": device, "top-node": top, "base-node": base,
-            "auto-dismiss": false, "auto-finalize": false,
-        });
+        let args = json!({"job-id": job, "device": device, "top-node": top, "base-node": base, "auto-dismiss": false});
         self.qmp("block-commit", args).await.map(|_| ())
-    }
-
-    /// Lets a `pending` job make its graph changes and conclude.
-    pub async fn finalize_job(&self, id: &str) -> Result<(), DriverError> {
-        self.qmp("job-finalize", json!({"id": id})).await.map(|_| ())
     }
 
     /// The job with this id, if the daemon has it.

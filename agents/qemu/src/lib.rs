@@ -28,12 +28,11 @@
 //! The state's list of layers is the chain. The daemon opens each node with its backing
 //! named, and the map of step 3 names every layer too (`image::map_chain`): a layer
 //! file's own header may name another backing for a while, since the block job of step 4
-//! rewrites the header above the folded range when it finalizes, before the state drops
-//! the folded layers. The job waits to be finalized until the base is flushed (agents
-//! before this one finalized first, and a daemon killed in between left a header that
-//! skips clusters only the skipped layers hold). Before anything follows the headers
-//! offline (`qemu-img commit`, a node opened with its backing from the image), they are
-//! pointed back at the state's chain (`align_headers`).
+//! rewrites the header above the folded range before the state drops the folded layers
+//! (and a daemon killed before the base is flushed leaves clusters only those layers
+//! hold). Before anything follows the headers offline (`qemu-img commit`, a node opened
+//! with its backing from the image), they are pointed back at the state's chain
+//! (`align_headers`).
 //!
 //! On the secondary, a recovery point is written into a new `*.partial` overlay on top of
 //! the base point it is relative to (through a writable NBD export of that overlay),
