@@ -663,11 +663,18 @@ async fn main() -> std::process::ExitCode {
     let records: u64 = groups.iter().map(|g| g.acked).sum();
     // Folds cut short where their block job had re-pointed a layer's header (the agents
     // point it back before anything follows it): how often the soak hit that window.
-    let realigned: usize = cluster
+    let realigned: Vec<String> = cluster
         .agents
         .iter()
-        .map(|a| a.proc.log_text().matches("names another backing than the chain has").count())
-        .sum();
+        .flat_map(|a| {
+            let log = a.proc.log_text();
+            log.lines().filter(|l| l.contains("names another backing than the chain has")).map(String::from).collect::<Vec<_>>()
+        })
+        .collect();
+    for line in realigned.iter().take(10) {
+        eprintln!("realigned: {line}");
+    }
+    let realigned = realigned.len();
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
          (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
