@@ -668,7 +668,10 @@ async fn main() -> std::process::ExitCode {
         .iter()
         .flat_map(|a| {
             let log = a.proc.log_text();
-            log.lines().filter(|l| l.contains("names another backing than the chain has")).map(String::from).collect::<Vec<_>>()
+            log.lines()
+                .filter(|l| l.contains("names another backing than the chain has"))
+                .map(String::from)
+                .collect::<Vec<_>>()
         })
         .collect();
     for line in realigned.iter().take(10) {
