@@ -97,6 +97,39 @@ async fn a_new_replica_does_not_meet_an_earlier_ones_files() {
     assert_eq!(driver.vol("v").unwrap().role, Some(Role::Secondary));
 }
 
+/// One unreplicated volume `v` of three layers in a new pool: L0 holds 64 KiB at 0
+/// (0x11), L1 192 KiB at 1 MiB (0x22), L2 (active) the middle 64 KiB of L1's range
+/// (0x33). Returns the pool, the state directory and the volume's directory.
+async fn three_layer_volume(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (pool, state_dir) = (dir.join("pool"), dir.join("state"));
+    let vdir = pool.join("volumes").join("v");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    let (pool, vdir) = (pool.canonicalize().unwrap(), vdir.canonicalize().unwrap());
+    let writes = ["write -P 0x11 0 64k", "write -P 0x22 1M 192k", "write -P 0x33 1088k 64k"];
+    for seq in 0..3u32 {
+        let path = vdir.join(format!("L{seq}.qcow2"));
+        let backing = (seq > 0).then(|| vdir.join(format!("L{}.qcow2", seq - 1)));
+        image::create(&path, 16 << 20, backing.as_deref()).await.unwrap();
+        qemu_io(&["-f", "qcow2", "-c", writes[seq as usize], path.to_str().unwrap()]).unwrap();
+    }
+    let layers = (0..3u32)
+        .map(|seq| Layer { seq, rp: (seq < 2).then(|| format!("p{seq}")), acked: false, rp_created_ms: 0 })
+        .collect();
+    let state = State {
+        next_index: 1,
+        volumes: [("v".to_string(), Vol::new(0, 16 << 20, layers, None))].into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    (pool, state_dir, vdir)
+}
+
+/// What [`three_layer_volume`]'s chain reads.
+const THREE_LAYER_READS: [&str; 4] =
+    ["read -P 0x11 0 64k", "read -P 0x22 1M 64k", "read -P 0x33 1088k 64k", "read -P 0x22 1152k 64k"];
+
 /// A fold cut short after its block job ended leaves the header of the layer above the
 /// folded range naming the base, while the state (and the daemon) still read through the
 /// folded layers; if the base's metadata was not flushed, the header skips clusters only
@@ -108,21 +141,8 @@ async fn a_new_replica_does_not_meet_an_earlier_ones_files() {
 async fn a_header_that_skips_a_layer_is_not_followed() {
     const KIB: u64 = 1 << 10;
     let dir = tempfile::tempdir().unwrap();
-    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
-    let vdir = pool.join("volumes").join("v");
-    std::fs::create_dir_all(&vdir).unwrap();
-    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
-    let pool = pool.canonicalize().unwrap();
-    let vdir = vdir.canonicalize().unwrap();
+    let (pool, state_dir, vdir) = three_layer_volume(dir.path()).await;
     let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
-    // L0: 64 KiB at 0; L1: 192 KiB at 1 MiB; L2 (active): the middle 64 KiB of L1's range.
-    let writes = ["write -P 0x11 0 64k", "write -P 0x22 1M 192k", "write -P 0x33 1088k 64k"];
-    for seq in 0..3u32 {
-        let backing = (seq > 0).then(|| path(seq - 1));
-        image::create(&path(seq), 16 << 20, backing.as_deref()).await.unwrap();
-        let p = path(seq);
-        qemu_io(&["-f", "qcow2", "-c", writes[seq as usize], p.to_str().unwrap()]).unwrap();
-    }
     // What a block-commit of L1 into L0 does to L2's header before the base is flushed.
     let name_l0 = |file: &Path| {
         let named = image::backing_of(file).unwrap().expect("a backing file");
@@ -135,16 +155,6 @@ async fn a_header_that_skips_a_layer_is_not_followed() {
     };
     name_l0(&path(2));
     assert_eq!(image::backing_of(&path(2)).unwrap().as_deref(), path(0).to_str());
-    let layers = (0..3u32)
-        .map(|seq| Layer { seq, rp: (seq < 2).then(|| format!("p{seq}")), acked: false, rp_created_ms: 0 })
-        .collect();
-    let state = State {
-        next_index: 1,
-        volumes: [("v".to_string(), Vol::new(0, 16 << 20, layers, None))].into(),
-        clones: Default::default(),
-        snapshots: Default::default(),
-    };
-    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
 
     let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
     let driver = QemuDriver::start(config, &state_dir, "a").await.unwrap();
@@ -171,7 +181,7 @@ async fn a_header_that_skips_a_layer_is_not_followed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let uri = driver.attach_volume("v").await.unwrap().uri;
-    let reads = ["read -P 0x11 0 64k", "read -P 0x22 1M 64k", "read -P 0x33 1088k 64k", "read -P 0x22 1152k 64k"];
+    let reads = THREE_LAYER_READS;
     let mut args = vec!["-f", "raw"];
     for r in &reads {
         args.extend(["-c", *r]);
@@ -201,29 +211,8 @@ async fn a_header_that_skips_a_layer_is_not_followed() {
 async fn a_fold_cut_short_by_a_daemon_kill_keeps_every_cluster_in_the_map() {
     const KIB: u64 = 1 << 10;
     let dir = tempfile::tempdir().unwrap();
-    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
-    let vdir = pool.join("volumes").join("v");
-    std::fs::create_dir_all(&vdir).unwrap();
-    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
-    let vdir = vdir.canonicalize().unwrap();
+    let (pool, state_dir, vdir) = three_layer_volume(dir.path()).await;
     let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
-    let writes = ["write -P 0x11 0 64k", "write -P 0x22 1M 192k", "write -P 0x33 1088k 64k"];
-    for seq in 0..3u32 {
-        let backing = (seq > 0).then(|| path(seq - 1));
-        image::create(&path(seq), 16 << 20, backing.as_deref()).await.unwrap();
-        let p = path(seq);
-        qemu_io(&["-f", "qcow2", "-c", writes[seq as usize], p.to_str().unwrap()]).unwrap();
-    }
-    let layers = (0..3u32)
-        .map(|seq| Layer { seq, rp: (seq < 2).then(|| format!("p{seq}")), acked: false, rp_created_ms: 0 })
-        .collect();
-    let state = State {
-        next_index: 1,
-        volumes: [("v".to_string(), Vol::new(0, 16 << 20, layers, None))].into(),
-        clones: Default::default(),
-        snapshots: Default::default(),
-    };
-    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
     let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
     let driver = QemuDriver::start(config, &state_dir, "a").await.unwrap();
 
@@ -243,7 +232,7 @@ async fn a_fold_cut_short_by_a_daemon_kill_keeps_every_cluster_in_the_map() {
     eprintln!("after the kill, the base's own map lacks the folded clusters: {base_lost}");
     let uri = driver.attach_volume("v").await.unwrap().uri;
     let mut args = vec!["-f", "raw"];
-    for r in ["read -P 0x11 0 64k", "read -P 0x22 1M 64k", "read -P 0x33 1088k 64k", "read -P 0x22 1152k 64k"] {
+    for r in THREE_LAYER_READS {
         args.extend(["-c", r]);
     }
     args.push(&uri);
