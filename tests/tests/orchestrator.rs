@@ -640,19 +640,30 @@ async fn a_failover_waiting_on_its_promote(store: StoreChoice<'_>, name: &str) -
     (cluster, c, group, asked.execution_id)
 }
 
+/// Brings backend-b's agent back without the injected promote failure; the waiting move
+/// `id` then completes with `group` failed over to backend-b. Returns the group.
+async fn agent_b_back_and_the_move_completes(
+    cluster: &mut Cluster,
+    c: &mut Clients,
+    group: &str,
+    id: &str,
+) -> pb::Group {
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
+    let ended = wait_ended(c, id).await;
+    assert_eq!(ended.status, "succeeded", "{}", ended.error);
+    let g = group_now(c, group).await;
+    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    g
+}
+
 /// A planned failover whose promote keeps failing for a cause that may pass waits (within
 /// `move_patience`), showing why, and completes by itself once the target's agent is
 /// back: no retry by the operator, no --force, and no op_id twice in a driver.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failover_whose_promote_fails_for_a_while_completes_by_itself() {
     let (mut cluster, mut c, group, id) = a_failover_waiting_on_its_promote(StoreChoice::Embedded, "waits").await;
-    // backend-b's agent comes back without the injected failure.
-    cluster.agents[1].proc.kill();
-    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
-    let ended = wait_ended(&mut c, &id).await;
-    assert_eq!(ended.status, "succeeded", "{}", ended.error);
-    let g = group_now(&mut c, &group).await;
-    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    let g = agent_b_back_and_the_move_completes(&mut cluster, &mut c, &group, &id).await;
     assert!(g.divergence_point.is_empty(), "a planned move records no divergence: {}", g.divergence_point);
     let b = cluster.path().join("oplog-backend-b.jsonl");
     let promotes = drover_tests::invariants::op_log(&b).iter().filter(|e| e.op == "promote").count();
@@ -682,12 +693,7 @@ async fn a_waiting_call_answers_inside_its_deadline_and_the_move_goes_on() {
         .to_string();
     let e = c.executions.get_execution(pb::GetExecutionRequest { id: id.clone() }).await.unwrap().into_inner();
     assert_eq!(e.status, "running", "the move went on after the answer: {}", e.error);
-    cluster.agents[1].proc.kill();
-    cluster.restart_agent_with(1, "mock", &["--set", OPLOG]);
-    let ended = wait_ended(&mut c, &id).await;
-    assert_eq!(ended.status, "succeeded", "{}", ended.error);
-    let g = group_now(&mut c, &group).await;
-    assert_eq!((g.replication_status.as_str(), g.active_backend.as_str()), ("failed-over", "backend-b"), "{g:?}");
+    agent_b_back_and_the_move_completes(&mut cluster, &mut c, &group, &id).await;
     assert_no_repeated_ops(&cluster);
 }
 
