@@ -303,7 +303,8 @@ impl Driver for QemuDriver {
         let moved_out = bottom.as_ref().is_some_and(|b| !b.exists()) && dest.exists();
         if dest.exists() && !moved_out {
             return Err(DriverError::FailedPrecondition(format!(
-                "{} exists already, and unmanaging {volume_id} would put its image there; move that file away, then                  unmanage again",
+                "{} exists already, and unmanaging {volume_id} would put its image there; move that file away, then \
+                 unmanage again",
                 dest.display()
             )));
         }

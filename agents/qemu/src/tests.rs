@@ -293,7 +293,7 @@ async fn an_unmanage_cut_short_after_the_move_completes_on_retry() {
     qemu_io(&["-f", "qcow2", "-c", "read -P 0x44 0 64k", image.to_str().unwrap()]).expect("the handed-back image");
 
     let e = driver.unmanage_volume("w").await.expect_err("a file in the way");
-    assert!(e.to_string().contains("move that file away"), "{e}");
+    assert!(e.to_string().contains("move that file away, then unmanage again"), "{e}");
     assert_eq!(std::fs::read(pool.join("w.qcow2")).unwrap(), b"not ours", "the file in the way is untouched");
     assert!(driver.vol("w").is_ok(), "w stays managed");
     let uri = driver.attach_volume("w").await.unwrap().uri;
