@@ -104,9 +104,10 @@ pub fn submit_error(e: SubmitError, what: &str) -> ApiError {
     }
 }
 
-/// Waits for an execution to end and returns its answer. The wait is bounded only by the
-/// client's deadline: when the client leaves, this future is dropped and the execution
-/// goes on.
+/// Waits for an execution to end and returns its answer. A call with a deadline
+/// (`grpc-timeout`) stops waiting a margin before it and answers DEADLINE_EXCEEDED naming
+/// the execution; a client that leaves drops this future. Either way the execution goes
+/// on.
 pub async fn wait_output<T: DeserializeOwned>(core: &Core, id: &str) -> ApiResult<T> {
     let deadline = crate::deadline::patience();
     let rec = core.procedures.wait(id, deadline.unwrap_or(Duration::from_secs(7 * 24 * 3600))).await?;
