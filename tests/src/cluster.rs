@@ -317,6 +317,11 @@ pub struct AgentSpec<'a> {
     pub extra: Vec<String>,
 }
 
+/// The op log of the agent named `name` started by [`start_agent`] in `dir`.
+pub fn agent_op_log(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.ops.jsonl"))
+}
+
 /// Starts an agent that registers with the orchestrator.
 pub fn start_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server, String> {
     let mut args: Vec<String> = [
@@ -339,6 +344,10 @@ pub fn start_agent(bin: &Path, dir: &Path, spec: AgentSpec<'_>) -> Result<Server
     .collect();
     args.push("--state-dir".into());
     args.push(dir.join(spec.name).display().to_string());
+    // Every test agent keeps its op log (one line per mutation its driver ran), which
+    // the fault tests read to show that no op_id ran twice.
+    args.push("--set".into());
+    args.push(format!("op_log={}", agent_op_log(dir, spec.name).display()));
     if spec.driver == "qemu" {
         args.push("--set".into());
         args.push(format!("qemu.pool_dir={}", dir.join(format!("pool-{}", spec.name)).display()));

@@ -19,7 +19,8 @@ pub async fn agent(dir: &Path, name: &str) -> (Arc<QemuDriver>, String, Cancella
     let ledger = Ledger::open(&state.join("ledger.log")).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let token = CancellationToken::new();
-    let running = drover_agent::server::serve(driver.clone(), ledger, listener, None, token.clone()).await.unwrap();
+    let running =
+        drover_agent::server::serve(driver.clone(), ledger, None, listener, None, token.clone()).await.unwrap();
     (driver, format!("http://{}", running.local_addr), token)
 }
 

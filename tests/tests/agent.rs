@@ -132,6 +132,8 @@ async fn repeated_op_id_runs_once_and_replays_its_outcome() {
     assert_eq!(op.state, "succeeded");
     let unknown = c.get_operation(apb::GetOperationRequest { op_id: "never".into() }).await.unwrap().into_inner();
     assert_eq!(unknown.state, "unknown");
+    // The agent's op log agrees: each op_id ran once, replays wrote nothing.
+    assert_eq!(agent_ops(dir.path()), ["create_volume:op-create", "extend_volume:op-shrink"]);
 }
 
 #[tokio::test]
@@ -210,6 +212,16 @@ async fn mutations_without_a_context_are_invalid() {
         .unwrap_err();
     assert!(e.message().contains("fence_scope"), "{}", e.message());
     assert_eq!(oplog_count(dir.path(), "create_volume", "v"), 0);
+}
+
+/// The agent's own op log (`op_log`, kept by every agent the tests start), as
+/// `op:op_id` per line: what its guard let the driver run, whatever the driver.
+fn agent_ops(dir: &Path) -> Vec<String> {
+    drover_agent::oplog::read(&drover_tests::cluster::agent_op_log(dir, "agent"))
+        .expect("the op log reads")
+        .into_iter()
+        .map(|e| format!("{}:{}", e.op, e.op_id))
+        .collect()
 }
 
 fn oplog_ids(dir: &Path, op: &str) -> Vec<String> {
@@ -318,6 +330,9 @@ async fn an_op_interrupted_by_an_agent_kill_is_never_run_again_under_its_op_id()
     assert_eq!(oplog_ids(dir.path(), "create_volume"), vec!["op-0".to_string(), "op-cut".to_string()]);
     // The caller's retry under a new op_id runs.
     c.create_volume(create("op-cut#2", 1, "v1")).await.unwrap();
+    // The agent's op log, written before the driver runs, survived the SIGKILL; the
+    // refusal of the interrupted op_id wrote nothing.
+    assert_eq!(agent_ops(dir.path()), ["create_volume:op-0", "create_volume:op-cut", "create_volume:op-cut#2"]);
 }
 
 #[tokio::test]
@@ -340,6 +355,7 @@ async fn a_fence_refuses_older_owners_without_running_anything() {
     let lower = c.fence(apb::FenceRequest { ctx: ctx("", 4, "volume/v1") }).await.unwrap_err();
     assert_eq!(lower.code(), Code::FailedPrecondition);
     assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 0, "a fence runs nothing and lets nothing older run");
+    assert_eq!(agent_ops(dir.path()), ["create_volume:op-1"]);
 }
 
 /// A mutation naming a volume the backend does not have is refused before admission (or,
@@ -389,6 +405,7 @@ async fn a_call_on_a_missing_volume_does_not_move_the_fence() {
     .await
     .expect("the fence did not move");
     assert_eq!(oplog_count(dir.path(), "extend_volume", "v1"), 1);
+    assert_eq!(agent_ops(dir.path()), ["create_volume:op-1", "extend_volume:op-2"], "the refusals ran nothing");
 }
 
 #[tokio::test]

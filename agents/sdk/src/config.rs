@@ -44,6 +44,9 @@ pub struct AgentConfig {
     pub insecure: bool,
     /// Serve Prometheus metrics (`/metrics`) on this address; empty: off.
     pub metrics_listen: String,
+    /// Append a line for each mutation admitted to run, before its driver call, to this
+    /// file (see [`crate::oplog`]); unset or empty: off.
+    pub op_log: Option<PathBuf>,
 }
 
 impl Default for AgentConfig {
@@ -61,6 +64,7 @@ impl Default for AgentConfig {
             tls: Default::default(),
             insecure: false,
             metrics_listen: String::new(),
+            op_log: None,
         }
     }
 }
@@ -100,6 +104,9 @@ impl AgentConfig {
         }
         if self.orchestrator.as_deref() == Some("") {
             self.orchestrator = None;
+        }
+        if self.op_log.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            self.op_log = None;
         }
         Ok(())
     }

@@ -212,7 +212,7 @@ pub async fn run_against(primary: Arc<dyn Driver>, secondary: Arc<dyn Driver>, d
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
         // Plain text: the suite checks the driver contract, not the transport.
         let running =
-            crate::server::serve(driver, ledger, listener, None, shutdown.clone()).await.expect("agent serves");
+            crate::server::serve(driver, ledger, None, listener, None, shutdown.clone()).await.expect("agent serves");
         endpoints.push(format!("http://{}", running.local_addr));
     }
     let mut pair = Pair {

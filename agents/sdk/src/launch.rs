@@ -87,6 +87,13 @@ pub async fn start(
     let ledger_path = config.state_dir.join("ledger.log");
     let ledger = Ledger::open(&ledger_path)
         .map_err(|e| LaunchError::Ledger { path: ledger_path.display().to_string(), message: e.to_string() })?;
+    let op_log = match &config.op_log {
+        Some(path) => Some(Arc::new(crate::oplog::OpLog::open(path).map_err(|e| LaunchError::Ledger {
+            path: path.display().to_string(),
+            message: format!("{e} (the op log); check that its directory is writable, or unset `op_log`"),
+        })?)),
+        None => None,
+    };
     let driver = backend.open(&layered, &config).await?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -97,7 +104,7 @@ pub async fn start(
     if let Some(files) = tls {
         crate::replica::use_tls(files.client(drover_proto::tls::AGENT_NAME).map_err(LaunchError::Tls)?);
     }
-    let running = crate::server::serve(driver.clone(), ledger, listener, tls, shutdown.clone())
+    let running = crate::server::serve(driver.clone(), ledger, op_log, listener, tls, shutdown.clone())
         .await
         .map_err(|source| LaunchError::Listen { addr: config.listen.clone(), source })?;
     if !config.metrics_listen.is_empty() {

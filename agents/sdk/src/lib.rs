@@ -7,7 +7,8 @@
 //! - [`server`]: the gRPC server, whose guard wraps every mutating driver call in the
 //!   guarantees the orchestrator relies on (DESIGN.md, invariant 3): fencing by epoch per
 //!   group or volume, idempotency by op_id (outcomes persisted in the [`ledger`]), and
-//!   one mutation at a time per volume or group (a second gets ABORTED);
+//!   one mutation at a time per volume or group (a second gets ABORTED); the [`oplog`]
+//!   is its optional account of each mutation it let the driver run;
 //! - [`replica`]: the agent-to-agent stream that carries recovery points;
 //! - [`roles`]: the role rules (promote, demote, resync) every driver applies;
 //! - [`registration`]: heartbeats to the orchestrator, and [`returning`]: fenced on
@@ -25,6 +26,7 @@ pub mod driver;
 pub mod launch;
 pub mod ledger;
 pub mod metrics;
+pub mod oplog;
 pub mod registration;
 pub mod replica;
 pub mod returning;

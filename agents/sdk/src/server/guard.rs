@@ -95,9 +95,14 @@ pub(super) fn validate_ctx(ctx: Option<pb::OpContext>) -> Result<pb::OpContext, 
 }
 
 impl AgentService {
-    /// A service over `driver`, with its ledger.
-    pub fn new(driver: Arc<dyn Driver>, ledger: Ledger, metrics: Arc<crate::metrics::AgentMetrics>) -> Self {
-        Self { driver, ledger, metrics, in_flight: Arc::new(Mutex::new(HashMap::new())) }
+    /// A service over `driver`, with its ledger (and its op log, when kept).
+    pub fn new(
+        driver: Arc<dyn Driver>,
+        ledger: Ledger,
+        op_log: Option<Arc<crate::oplog::OpLog>>,
+        metrics: Arc<crate::metrics::AgentMetrics>,
+    ) -> Self {
+        Self { driver, ledger, op_log, metrics, in_flight: Arc::new(Mutex::new(HashMap::new())) }
     }
 
     /// Runs one mutation under fencing, idempotency and the one-at-a-time rule, to the
@@ -131,7 +136,7 @@ impl AgentService {
         self.metrics.in_flight.inc();
         let result = async {
             match self.target_exists(op, target, &ctx.op_id).await? {
-                Target::Run => self.guarded_in_span(ctx, target, f).await,
+                Target::Run => self.guarded_in_span(ctx, target, op, f).await,
                 Target::AlreadyDone => {
                     tracing::info!("the volume is not here: nothing to do, answered as done");
                     Ok(Response::new(M::default()))
@@ -150,7 +155,13 @@ impl AgentService {
         result
     }
 
-    async fn guarded_in_span<M, F, Fut>(&self, ctx: pb::OpContext, target: &str, f: F) -> Result<Response<M>, Status>
+    async fn guarded_in_span<M, F, Fut>(
+        &self,
+        ctx: pb::OpContext,
+        target: &str,
+        op: &str,
+        f: F,
+    ) -> Result<Response<M>, Status>
     where
         M: prost::Message + Default + 'static,
         F: FnOnce(Arc<dyn Driver>) -> Fut + Send + 'static,
@@ -211,6 +222,18 @@ impl AgentService {
                 return replay(outcome);
             }
             Admission::Run => {}
+        }
+        if let Some(log) = &self.op_log {
+            log.append(&crate::oplog::OpLogEntry {
+                op: op.to_string(),
+                target: target.to_string(),
+                op_id: ctx.op_id.clone(),
+                epoch: ctx.epoch,
+                scope: ctx.fence_scope.clone(),
+                at_ms: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as i64),
+            });
         }
         let (driver, ledger, op_id) = (self.driver.clone(), self.ledger.clone(), ctx.op_id.clone());
         let info = OpInfo { op_id: ctx.op_id.clone(), epoch: ctx.epoch, scope: ctx.fence_scope.clone() };

@@ -24,6 +24,7 @@ use scheduler::run_scheduler;
 pub struct AgentService {
     driver: Arc<dyn Driver>,
     ledger: Ledger,
+    op_log: Option<Arc<crate::oplog::OpLog>>,
     metrics: Arc<crate::metrics::AgentMetrics>,
     /// Volume or group id to the op_id of the mutation running on it.
     in_flight: guard::InFlight,
@@ -424,10 +425,12 @@ pub struct RunningAgent {
     pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
-/// Serves `drover.agent.v1`, health and reflection on `listener` until `shutdown` fires.
+/// Serves `drover.agent.v1`, health and reflection on `listener` until `shutdown` fires;
+/// mutations admitted to run are written to `op_log` when given.
 pub async fn serve(
     driver: Arc<dyn Driver>,
     ledger: Ledger,
+    op_log: Option<Arc<crate::oplog::OpLog>>,
     listener: tokio::net::TcpListener,
     tls: Option<&drover_proto::tls::TlsFiles>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -480,7 +483,7 @@ pub async fn serve(
             .add_service(health_service)
             .add_service(reflection)
             .add_service(reflection_alpha)
-            .add_service(AgentServer::new(AgentService::new(driver.clone(), ledger, metrics.clone())))
+            .add_service(AgentServer::new(AgentService::new(driver.clone(), ledger, op_log, metrics.clone())))
             .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
