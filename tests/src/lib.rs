@@ -318,6 +318,36 @@ impl Cluster {
         self.agents[i] = start_agent(&self.bin, self.dir.path(), spec).expect("agent restarts");
     }
 
+    /// The op logs of the agents (backend, path): a line per mutation each one's driver
+    /// ran, kept across their restarts (see `drover_agent::oplog`).
+    pub fn op_logs(&self) -> Vec<(String, PathBuf)> {
+        self.agents
+            .iter()
+            .map(|a| {
+                let name = a.proc.log.file_stem().expect("agent log name").to_string_lossy().into_owned();
+                let backend = name.strip_prefix("agent-").unwrap_or(&name).to_string();
+                (backend, cluster::agent_op_log(self.dir.path(), &name))
+            })
+            .collect()
+    }
+
+    /// The op_ids some agent's driver ran more than once (`backend:op_id xN`), and how
+    /// many mutations the agents ran in all, from their op logs.
+    pub fn repeated_op_ids(&self) -> (Vec<String>, usize) {
+        let logs = self.op_logs();
+        let logs: Vec<(&str, &Path)> = logs.iter().map(|(b, p)| (b.as_str(), p.as_path())).collect();
+        invariants::repeated_op_ids(&logs)
+    }
+
+    /// Asserts, from the agents' op logs, that they ran mutations and that none of their
+    /// drivers ran an op_id twice, across every kill and restart of the test.
+    pub fn assert_no_op_ran_twice(&self) {
+        let (twice, total) = self.repeated_op_ids();
+        assert!(total > 0, "the agents' op logs are empty: nothing to check");
+        assert!(twice.is_empty(), "op_ids a driver ran twice: {twice:?}");
+        println!("op logs: {total} agent mutations, no op_id twice");
+    }
+
     /// The state directory of agent `i`.
     pub fn agent_dir(&self, i: usize) -> PathBuf {
         self.dir.path().join(["agent-backend-a", "agent-backend-b"][i])

@@ -342,6 +342,7 @@ async fn disaster_failover_lands_on_one_consistent_point() {
     let age = killed_at.duration_since(point_after);
     println!("site B holds the first {k} of {} writes; the point is at most {age:?} old at the kill", log.len());
     assert!(age <= interval * 2, "recovery point is {age:?} old, more than 2 x {interval:?}");
+    cluster.assert_no_op_ran_twice();
 }
 
 fn replica_top(agent_dir: &Path, volume_id: &str) -> std::path::PathBuf {
@@ -420,6 +421,7 @@ async fn target_crash_mid_transfer_keeps_the_previous_point() {
     assert_all_succeeded(&failover(&mut c, "mt", "backend-b", false).await.unwrap());
     let u = uri(&mut c, &vols[0]).await;
     io(&u, &["read -P 0x11 0 1M", "read -P 0x22 8M 400M"]);
+    cluster.assert_no_op_ran_twice();
 }
 
 /// A planned move whose target agent is SIGKILLed in the middle of the final sync waits
@@ -493,6 +495,7 @@ async fn a_planned_move_waits_for_a_target_that_restarts_mid_final_sync() {
     let u = uri(&mut c, &vols[0]).await;
     assert!(u.contains("agent-backend-b"), "served at site B now: {u}");
     io(&u, &["read -P 0x11 0 1M", "read -P 0x22 8M 400M", "read -P 0 408M 104M"]);
+    cluster.assert_no_op_ran_twice();
 }
 
 /// (e) A qcow2 image created with qemu-img in the pool is listed as manageable, managing
@@ -603,6 +606,127 @@ async fn manageable_volumes_are_listed_managed_and_unmanaged() {
     assert!(
         c.volumes.get_volume(pb::GetVolumeRequest { volume: "legacy".into(), project: "tests".into() }).await.is_err()
     );
+}
+
+/// Unmanaging volumes while their agent (and its qemu-storage-daemon with it) is SIGKILLed
+/// at random moments of the call: each unmanage ends by itself or on the retry its error
+/// asks for, the image handed back holds the volume's data, the volume is gone from
+/// Drover and from the agent, and the agent's op log shows no op_id ran twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unmanage_cut_by_agent_kills_completes_on_retry() {
+    let mut cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let pool = cluster.path().join("pool-agent-backend-a");
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (mut retried, mut entered) = (0, 0);
+    // Round 0 is not cut: it measures how long the call takes. The kills of the odd
+    // rounds land at random moments within that (and a little after); those of the even
+    // rounds 0-4 ms after the agent let its driver start (its op log line), since the
+    // driver's part is a few milliseconds of the call.
+    let mut call_ms = 0;
+    for round in 0..8u8 {
+        let name = format!("u{round}");
+        let v = c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.clone(),
+                project: "tests".into(),
+                size_bytes: (64 * MIB) as i64,
+                backend: "backend-a".into(),
+                ..Default::default()
+            })
+            .await
+            .expect("create volume")
+            .into_inner();
+        let fill = format!("write -P {} 0 8M", 0x30 + round);
+        io(&uri(&mut c, &name).await, &[&fill, "write -P 0x7e 32M 1M"]);
+        let req = pb::UnmanageVolumeRequest { volume: name.clone(), project: "tests".into() };
+        let (delay, mut answer) = if round == 0 {
+            let t = Instant::now();
+            let answer = c.volumes.unmanage_volume(req).await;
+            call_ms = t.elapsed().as_millis() as u64;
+            (None, answer)
+        } else {
+            let log = cluster.op_logs()[0].1.clone();
+            let started = |log: &Path| {
+                let ops = drover_agent::oplog::read(log).unwrap();
+                ops.iter().any(|o| o.op == "unmanage_volume" && o.target == v.id)
+            };
+            let mut c2 = c.clone();
+            let t = Instant::now();
+            let first = tokio::spawn(async move { c2.volumes.unmanage_volume(req).await });
+            if round % 2 == 1 {
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..call_ms + 10))).await;
+            } else {
+                while !started(&log) && t.elapsed() < Duration::from_secs(10) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..5))).await;
+            }
+            let delay = t.elapsed().as_millis();
+            cluster.agents[0].proc.kill();
+            // Whether the agent had let its driver start the unmanage when it died.
+            entered += started(&log) as usize;
+            cluster.restart_agent(0, "qemu");
+            wait_backend_up(&mut c, "backend-a").await;
+            (Some(delay), first.await.unwrap())
+        };
+        let mut attempts = 1;
+        while let Err(e) = &answer {
+            // A failure says to retry (the volume is left in error, not lost).
+            assert!(e.message().contains("retry"), "round {round}: {:?}", e);
+            assert!(attempts < 10, "round {round}: still failing after {attempts} attempts: {e:?}");
+            retried += 1;
+            attempts += 1;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            answer = c
+                .volumes
+                .unmanage_volume(pb::UnmanageVolumeRequest { volume: name.clone(), project: "tests".into() })
+                .await;
+        }
+        let reference = answer.unwrap().into_inner().reference;
+        match delay {
+            None => println!("round 0: unmanaged in {call_ms} ms, not cut"),
+            Some(d) => println!("round {round}: SIGKILL {d} ms into the unmanage; done after {attempts} attempt(s)"),
+        }
+        assert_eq!(reference, v.id, "the image is handed back under the volume's id");
+        let back = pool.join(format!("{reference}.qcow2"));
+        let read_p = format!("read -P {} 0 8M", 0x30 + round);
+        let out = std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "qcow2", "-c", &read_p, "-c", "read -P 0x7e 32M 1M", "-c", "read -P 0 33M 31M"])
+            .arg(&back)
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && !said.contains("Pattern verification failed"), "round {round}: {said}");
+        let gone = c.volumes.get_volume(pb::GetVolumeRequest { volume: name.clone(), project: "tests".into() }).await;
+        assert_eq!(gone.unwrap_err().code(), tonic::Code::NotFound, "round {round}: Drover forgot the volume");
+        let listed = c
+            .volumes
+            .list_manageable_volumes(pb::ListManageableVolumesRequest {
+                backend: "backend-a".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let found = listed.volumes.iter().find(|m| m.reference == reference);
+        assert!(found.is_some_and(|m| m.safe_to_manage), "round {round}: the image is manageable again: {found:?}");
+    }
+    // An unmanage the kill cut inside the driver is refused as interrupted after the
+    // restart and run again under a new op_id: two lines for one volume.
+    let ops = drover_agent::oplog::read(&cluster.op_logs()[0].1).unwrap();
+    let unmanages: Vec<&str> = ops.iter().filter(|o| o.op == "unmanage_volume").map(|o| o.target.as_str()).collect();
+    let rerun = unmanages.len() - unmanages.iter().collect::<std::collections::BTreeSet<_>>().len();
+    // Cut after the image was moved out and before the agent's state said so: the rerun
+    // only forgets the volume.
+    let moved_out = cluster.agents[0].proc.log_text().matches("the image was moved out before a restart").count();
+    println!(
+        "seed {seed}: 7 unmanages cut by SIGKILLs ({entered} after the agent let its driver start, {rerun} run \
+         again under a new op_id, {moved_out} of those after the image was moved out), {retried} retries asked for"
+    );
+    cluster.assert_no_op_ran_twice();
 }
 
 /// If qemu-storage-daemon dies, the agent starts it again and its exports come back; the
@@ -753,6 +877,7 @@ async fn failback_after_disaster_discards_divergent_writes_only_with_consent() {
     let u = uri(&mut c, &vols[0]).await;
     assert!(u.contains("agent-backend-a"), "{u}");
     io(&u, &["read -P 0x11 0 1M", "read -P 0 2M 1M", "read -P 0x13 4M 1M"]);
+    cluster.assert_no_op_ran_twice();
 }
 
 /// A daemon that stops answering (SIGSTOP) is killed and restarted once a QMP call
@@ -859,6 +984,7 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!("at most {most} layers while the peer was down");
+    cluster.assert_no_op_ran_twice();
 }
 
 /// A killed agent takes its qemu-storage-daemon with it, also when the daemon is
@@ -969,6 +1095,7 @@ async fn re_enabling_copies_every_write_even_with_points_waiting() {
     let at_b = uri(&mut c, &vols[0]).await;
     assert!(at_b.contains("agent-backend-b"), "{at_b}");
     io(&at_b, &["read -P 0x41 0 1M"]);
+    cluster.assert_no_op_ran_twice();
 }
 
 /// The daemon killed again and again while a group syncs every second: each restart
@@ -1111,6 +1238,7 @@ async fn site_runbooks_move_real_data() {
     let g = &r["groups"][0];
     assert_eq!(g["outcome"], "succeeded", "{r}");
     assert!(g["rpo_ms"].as_i64().unwrap() >= 0, "the achieved RPO is known: {g}");
+    cluster.assert_no_op_ran_twice();
 }
 
 /// Test failover while a writer keeps writing at site A: each clone at site B holds

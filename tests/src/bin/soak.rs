@@ -22,6 +22,7 @@
 //!   record acknowledged before the last planned move;
 //! - every agent answers, layer counts stay bounded, no daemon is orphaned;
 //! - every volume is primary on exactly one side, its group's active backend;
+//! - at the end, from the agents' op logs: no op_id entered a driver twice;
 //! - no `qemu-io` run takes more than 20 s.
 //!
 //! It prints a summary and exits non-zero on any violation.
@@ -661,6 +662,15 @@ async fn main() -> std::process::ExitCode {
         violations.push(format!("a qemu-io run took {} ms ({}): the active side hung", slowest.0, slowest.1));
     }
     let records: u64 = groups.iter().map(|g| g.acked).sum();
+    // The agents' op logs, kept across every SIGKILL and restart: no op_id may have
+    // entered a driver twice.
+    let (twice, mutations) = cluster.repeated_op_ids();
+    for t in &twice {
+        violations.push(format!("op_id run twice: {t}"));
+    }
+    if mutations == 0 {
+        violations.push("the agents' op logs are empty: the check of op_ids ran on nothing".into());
+    }
     // Folds cut short where their block job had re-pointed a layer's header (the agents
     // point it back before anything follows it): how often the soak hit that window.
     let realigned: Vec<String> = cluster
@@ -685,7 +695,8 @@ async fn main() -> std::process::ExitCode {
          enable, {kills_inside_enables} while it ran; {killed_disables} in the disable, {kills_inside_disables} \
          while it ran), {killed_moves} planned moves with an agent SIGKILLed \
          in them ({kills_inside} while it ran, {killed_moves_moved} moved), {realigned} layer headers pointed \
-         back at the chain, {records} records verified, slowest qemu-io {} ms ({}), {} violations",
+         back at the chain, {mutations} agent mutations logged ({} op_ids twice), {records} records verified, slowest qemu-io {} ms ({}), {} violations",
+        twice.len(),
         slowest.0,
         slowest.1,
         violations.len()
