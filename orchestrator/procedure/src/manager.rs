@@ -106,6 +106,8 @@ pub struct Manager {
     wake: tokio::sync::Notify,
     /// Called with each execution this orchestrator ends (see [`Manager::on_end`]).
     ended: RwLock<Option<EndHook>>,
+    /// Writes that go with an end (see [`Manager::on_end_writes`]).
+    end_writes: RwLock<Option<EndWrites>>,
     /// Called with each execution submitted here (see [`Manager::on_start`]).
     started: RwLock<Option<EndHook>>,
     /// Cancel and pause requests, kept by a watch (see `signals.rs`).
@@ -119,6 +121,9 @@ pub struct Manager {
 
 /// What [`Manager::on_end`] calls.
 pub type EndHook = Arc<dyn Fn(&ExecutionRec) + Send + Sync>;
+
+/// What [`Manager::on_end_writes`] calls: the writes to make with an execution's end.
+pub type EndWrites = Arc<dyn Fn(&ExecutionRec) -> Vec<TxnOp> + Send + Sync>;
 
 /// Marks an execution as being submitted here for as long as the submit runs.
 struct Submitting<'a> {
@@ -180,6 +185,7 @@ impl Manager {
             member: Mutex::new(None),
             wake: tokio::sync::Notify::new(),
             ended: RwLock::new(None),
+            end_writes: RwLock::new(None),
             started: RwLock::new(None),
             ends: tokio::sync::Notify::new(),
             ended_ids: tokio::sync::broadcast::channel(ENDED_IDS_KEPT).0,
@@ -1140,6 +1146,8 @@ impl Manager {
             Vec::new()
         });
         let (with_end, after) = locks.split_at(locks.len().min(LOCKS_PER_TXN));
+        let hook = self.end_writes.read().expect("end writes hook").clone();
+        let extra = hook.map(|h| h(&rec)).unwrap_or_default();
         let end = |rec: &ExecutionRec| {
             let mut txn = Txn::new()
                 .when(Compare::ModRevisionEquals(keys::owner(id).into_bytes(), epoch))
@@ -1152,7 +1160,7 @@ impl Manager {
             for l in with_end {
                 txn = txn.and_then(TxnOp::delete(keys::lock(l)));
             }
-            txn
+            txn.and_then_all(extra.iter().cloned())
         };
         // Marked before the write, whose deletion of the claim the owners watch may see
         // before the write returns. A mark left behind (an end whose outcome was lost)
@@ -1219,6 +1227,15 @@ impl Manager {
     /// stored (once per end; not again if the orchestrator dies in between).
     pub fn on_end(&self, hook: EndHook) {
         *self.ended.write().expect("end hook") = Some(hook);
+    }
+
+    /// Asks `hook`, as each execution is about to end here, for writes to make in the
+    /// end's own transaction: they are stored if and only if the end is, so a crash right
+    /// after an end cannot lose them (as it can what [`Manager::on_end`] does). At most a
+    /// few writes: the transaction also frees up to [`LOCKS_PER_TXN`] locks, and etcd
+    /// refuses one of more than 128 operations.
+    pub fn on_end_writes(&self, hook: EndWrites) {
+        *self.end_writes.write().expect("end writes hook") = Some(hook);
     }
 
     async fn write(&self, id: &str, txn: Txn, token: &CancellationToken) -> bool {

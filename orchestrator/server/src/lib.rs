@@ -128,7 +128,8 @@ pub async fn serve(
     service::messages::build_index(&core.repo).await?;
     // Executions left by a previous orchestrator (or one that died) resume from here on.
     procedures::register(&manager, &core);
-    // A project's failed executions become user messages there.
+    // Metrics and the compute sides' notices of each end (best effort: not made again
+    // if this orchestrator dies right after an end).
     manager.on_end({
         let core = core.clone();
         Arc::new(move |rec: &drover_procedure::ExecutionRec| {
@@ -147,8 +148,12 @@ pub async fn serve(
                     core.hooks.notify_execution(event, rec, report_link(&core.config, &rec.id));
                 }
             }
-            service::messages::execution_ended(&core, rec)
         })
+    });
+    // A project's failed executions become user messages there, stored with their end.
+    manager.on_end_writes({
+        let retention = core.config.message_retention;
+        Arc::new(move |rec: &drover_procedure::ExecutionRec| service::messages::execution_end_writes(retention, rec))
     });
     // The compute sides hear when an execution starts, from the orchestrator it was
     // submitted to.

@@ -701,3 +701,20 @@ async fn own_ends_wake_no_scan_and_a_lapsed_claim_wakes_one() {
     assert_eq!(rec.status, ExecutionStatus::Succeeded, "{rec:?}");
     assert!(rec.claims >= 2, "b resumed it: {rec:?}");
 }
+
+#[tokio::test]
+async fn the_end_writes_hook_is_stored_in_the_end_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(&dir).await;
+    let rig = rig();
+    let (m, _stop) = manager(&store, &rig, Duration::from_secs(5));
+    m.on_end_writes(Arc::new(|rec: &ExecutionRec| {
+        vec![TxnOp::put(format!("marks/{}", rec.id), rec.status.as_str().as_bytes().to_vec())]
+    }));
+    let id = m.submit(counter(&rig, "w", 2, 0)).await.unwrap();
+    assert_eq!(m.wait(&id, Duration::from_secs(10)).await.unwrap().status, ExecutionStatus::Succeeded);
+    let mark = store.get(format!("marks/{id}").as_bytes()).await.unwrap().expect("the hook's write is stored");
+    assert_eq!(mark.value, b"succeeded");
+    let record = store.get(keys::execution(&id).as_bytes()).await.unwrap().unwrap();
+    assert_eq!(mark.mod_revision, record.mod_revision, "written by the transaction that ended the execution");
+}

@@ -163,12 +163,16 @@ pub async fn sync_failures(core: &Core, failures: &[pb::SyncFailure]) {
     }
 }
 
-/// An execution of a project that failed (its caller may have left long ago): ended
-/// failed, or ended with an error answer (how a refused operation ends).
-pub fn execution_ended(core: &Arc<Core>, rec: &ExecutionRec) {
+/// The writes of the message an execution of a project leaves there when it fails (its
+/// caller may have left long ago): ended failed, or ended with an error answer (how a
+/// refused operation ends). None for any other end. They go in the execution's end
+/// transaction (`Manager::on_end_writes`), so the message is stored if and only if the
+/// end is: an orchestrator that dies right after an end cannot lose it. Its id names the
+/// execution, which ends once, so it is always a new message.
+pub fn execution_end_writes(retention: Duration, rec: &ExecutionRec) -> Vec<TxnOp> {
     let answered_error = rec.output.get("result").and_then(|r| r.as_str()) == Some("err");
     if rec.project.is_empty() || !(rec.status == ExecutionStatus::Failed || answered_error) {
-        return;
+        return Vec::new();
     }
     let error = if answered_error {
         rec.output.get("message").and_then(|m| m.as_str()).unwrap_or_default().to_string()
@@ -184,10 +188,12 @@ pub fn execution_ended(core: &Arc<Core>, rec: &ExecutionRec) {
         event: "execution-failed".into(),
         detail: format!("{} failed: {error}", rec.summary),
         next_step: format!("see `drover execution show {}` for each step, fix the cause and run it again", rec.id),
+        created_ms: now_ms(),
+        count: 1,
         ..Default::default()
     };
-    let (repo, retention) = (core.repo.clone(), core.config.message_retention);
-    tokio::spawn(async move { raise(&repo, retention, m).await });
+    let m = MessageRec { updated_ms: m.created_ms, expires_ms: m.created_ms + retention.as_millis() as i64, ..m };
+    writes(&m, None)
 }
 
 /// Deletes expired messages every `every` until the process stops.
@@ -382,6 +388,41 @@ mod tests {
             }
             marker = next;
         }
+    }
+
+    #[tokio::test]
+    async fn a_failed_execution_of_a_project_leaves_a_message_through_its_end_writes() {
+        let (_dir, repo) = repo().await;
+        let rec = |id: &str, project: &str, status: &str, output: serde_json::Value| -> ExecutionRec {
+            serde_json::from_value(serde_json::json!({
+                "id": id, "kind": "group-transition", "summary": format!("failover of {id}"), "status": status,
+                "step": "", "steps": [], "locks": [], "created_ms": 0, "updated_ms": 0, "project": project,
+                "error": "the target is unreachable", "output": output, "state": {},
+            }))
+            .unwrap()
+        };
+        let retention = Duration::from_secs(600);
+        let ok = serde_json::json!({"result": "ok", "value": {}});
+        let refused = serde_json::json!({"result": "err", "message": "refused: not replicated"});
+        assert!(execution_end_writes(retention, &rec("e0", "p", "succeeded", ok.clone())).is_empty());
+        assert!(execution_end_writes(retention, &rec("e1", "", "failed", ok)).is_empty(), "no project, no message");
+        let failed = execution_end_writes(retention, &rec("e2", "p", "failed", serde_json::Value::Null));
+        let answered = execution_end_writes(retention, &rec("e3", "p", "succeeded", refused));
+        repo.txn(Txn::new().and_then_all(failed).and_then_all(answered)).await.unwrap();
+        let (found, _) = page(&repo, "p", &PageRequest { limit: 10, marker: String::new() }).await.unwrap();
+        let mut found: Vec<(String, String, u32)> =
+            found.into_iter().map(|m| (m.id.clone(), m.detail.clone(), m.count)).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            [
+                ("execution-failed-e2".into(), "failover of e2 failed: the target is unreachable".into(), 1),
+                ("execution-failed-e3".into(), "failover of e3 failed: refused: not replicated".into(), 1),
+            ]
+        );
+        let stored = repo.get::<MessageRec>(&key("p", "execution-failed-e2")).await.unwrap().unwrap().rec;
+        assert_eq!(stored.expires_ms - stored.updated_ms, 600_000, "kept for the retention");
+        assert_eq!((count(&repo, TIMES).await, count(&repo, EXPIRY).await), (2, 2), "indexed for listing and pruning");
     }
 
     #[tokio::test]
