@@ -163,6 +163,23 @@ pub async fn sync_failures(core: &Core, failures: &[pb::SyncFailure]) {
     }
 }
 
+/// The longest detail a failed execution's message keeps (the whole error stays in the
+/// execution's record): the message rides in the end's transaction, which must stay
+/// far below the store's request limit.
+const DETAIL_MAX: usize = 2048;
+
+fn bounded(mut detail: String) -> String {
+    if detail.len() > DETAIL_MAX {
+        let mut cut = DETAIL_MAX;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+        detail.push_str(" … (cut short; the execution's record has the whole error)");
+    }
+    detail
+}
+
 /// The writes of the message an execution of a project leaves there when it fails (its
 /// caller may have left long ago): ended failed, or ended with an error answer (how a
 /// refused operation ends). None for any other end. They go in the execution's end
@@ -186,7 +203,7 @@ pub fn execution_end_writes(retention: Duration, rec: &ExecutionRec) -> Vec<TxnO
         resource_id: rec.id.clone(),
         resource_name: rec.summary.clone(),
         event: "execution-failed".into(),
-        detail: format!("{} failed: {error}", rec.summary),
+        detail: bounded(format!("{} failed: {error}", rec.summary)),
         next_step: format!("see `drover execution show {}` for each step, fix the cause and run it again", rec.id),
         created_ms: now_ms(),
         count: 1,
@@ -422,6 +439,18 @@ mod tests {
         );
         let stored = repo.get::<MessageRec>(&key("p", "execution-failed-e2")).await.unwrap().unwrap().rec;
         assert_eq!(stored.expires_ms - stored.updated_ms, 600_000, "kept for the retention");
+        // A huge error is cut short in the message (it rides in the end's transaction).
+        let mut huge = rec("e4", "p", "failed", serde_json::Value::Null);
+        huge.error = "é".repeat(100_000);
+        let writes = execution_end_writes(retention, &huge);
+        let bytes: usize = writes
+            .iter()
+            .map(|w| match w {
+                TxnOp::Put { key, value, .. } => key.len() + value.len(),
+                other => panic!("only puts: {other:?}"),
+            })
+            .sum();
+        assert!(bytes < 4_000, "{bytes} bytes of writes for a 200 KB error");
         assert_eq!((count(&repo, TIMES).await, count(&repo, EXPIRY).await), (2, 2), "indexed for listing and pruning");
     }
 
