@@ -559,6 +559,12 @@ impl Driver for MockDriver {
                 role.as_str()
             )));
         }
+        if vol.role.is_none() {
+            // A new replication starts over: its replica holds nothing yet, so no point
+            // of an earlier one is a base to build on.
+            vol.recovery_point.clear();
+            vol.unconfirmed.clear();
+        }
         vol.role = Some(spec.role);
         vol.peer = Some(spec.peer.clone());
         vol.group_id = spec.group_id.clone();
@@ -577,6 +583,9 @@ impl Driver for MockDriver {
             v.role = None;
             v.peer = None;
             v.demoted = false;
+            // Its replica is gone: the points it shipped are no base for a later one.
+            v.recovery_point.clear();
+            v.unconfirmed.clear();
         }
         Ok(())
     }

@@ -232,6 +232,7 @@ pub async fn run_all(pair: &mut Pair) {
     concurrent_mutation_is_aborted(pair).await;
     error_codes(pair).await;
     promote_demote_resync_rules(pair).await;
+    replication_enabled_again_starts_over(pair).await;
     clones_of_recovery_points(pair).await;
     snapshots(pair).await;
 }
@@ -401,6 +402,56 @@ pub async fn promote_demote_resync_rules(pair: &mut Pair) {
     p.resync_volume(pb::ResyncVolumeRequest { ctx: gctx("rules-8"), volume_id: "rules".into() })
         .await
         .expect("resync of a demoted volume");
+}
+
+/// Replication disabled and enabled again (in a new group, as the orchestrator does for a
+/// volume that left its group) starts over: the new replica holds nothing, so the first
+/// sync after it must not build on a point the old replica held (found by the mixed
+/// chaos test: the mock shipped a delta from its old point and every retry was refused).
+pub async fn replication_enabled_again_starts_over(pair: &mut Pair) {
+    let (p, s) = (&mut pair.primary, &mut pair.secondary);
+    p.create_volume(create("again-0", "again", 4 << 20)).await.expect("create");
+    for (round, group) in ["again-1", "again-2"].into_iter().enumerate() {
+        let gctx = |op: &str| ctx(&format!("{group}-{op}"), 1, &format!("group/{group}"));
+        let enable = |role: pb::ReplicationRole, peer_backend: &str, peer_endpoint: &str, op: &str| {
+            pb::EnableReplicationRequest {
+                ctx: gctx(op),
+                volume_id: "again".into(),
+                group_id: group.into(),
+                role: role as i32,
+                peer: Some(pb::ReplicationPeer { backend: peer_backend.into(), endpoint: peer_endpoint.into() }),
+                size_bytes: 4 << 20,
+                parameters: [("sync_interval_ms".to_string(), "3600000".to_string())].into(),
+            }
+        };
+        s.enable_replication(enable(pb::ReplicationRole::Secondary, "conf-a", &pair.primary_endpoint, "sec"))
+            .await
+            .expect("secondary");
+        p.enable_replication(enable(pb::ReplicationRole::Primary, "conf-b", &pair.secondary_endpoint, "pri"))
+            .await
+            .expect("primary");
+        let sync = pb::SyncGroupRequest {
+            ctx: gctx("sync"),
+            group_id: group.into(),
+            r#final: false,
+            peer_endpoint: String::new(),
+        };
+        p.sync_group(sync).await.unwrap_or_else(|e| panic!("the first sync of enable {}: {e:?}", round + 1));
+        let info = s
+            .get_replication_info(pb::GetReplicationInfoRequest { volume_id: "again".into(), estimate_pending: false })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!info.recovery_point_id.is_empty(), "enable {}: the replica holds a point: {info:?}", round + 1);
+        for (side, c) in [("pri", &mut *p), ("sec", &mut *s)] {
+            c.disable_replication(pb::DisableReplicationRequest {
+                ctx: gctx(&format!("off-{side}")),
+                volume_id: "again".into(),
+            })
+            .await
+            .expect("disable");
+        }
+    }
 }
 
 /// A clone of a secondary's newest point: idempotent per clone id, left alone by later
