@@ -1,0 +1,437 @@
+//! Chaos over the operations besides moves: volumes created, extended and deleted, groups
+//! made and replicated, replication disabled, groups failed over and back, snapshots
+//! taken and deleted, on mock agents and real etcd. Each round asks for a few of them at
+//! once, some callers leave early (a short deadline drops the call), and at a random
+//! moment one fault strikes: the orchestrator SIGKILLed and restarted, etcd SIGKILLed and
+//! restarted seconds later, or an agent SIGKILLed and restarted. After the rounds, with
+//! every execution ended, the agents' op logs, roles and records must show: no execution
+//! left running, nothing stuck in a transient state, no op_id that entered a driver
+//! twice, one primary per replicated volume, every available volume present at its
+//! backend with its size, no answer that was an internal error, and every resource left
+//! in error saying why; a group whose enable failed is enabled again as its message
+//! asks, and that must work (it did not, on the mock, before the fifteenth session).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use drover_cli::client::Clients;
+use drover_proto::agent::v1 as apb;
+use drover_proto::v1 as pb;
+use drover_tests::invariants::{repeated_op_ids, role_violations};
+use drover_tests::{Cluster, Etcd, StoreChoice, failover_request, wait_backends_up};
+
+const ROUNDS: usize = 40;
+const MIB: i64 = 1 << 20;
+/// The mock agents' flags, at start and at every restart.
+const AGENT_FLAGS: &[&str] = &["--set", "mock.latency=200ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"];
+
+fn transient(status: &str) -> bool {
+    matches!(status, "creating" | "extending" | "deleting" | "enabling" | "disabling" | "failing-over" | "failing-back")
+}
+
+async fn volumes(c: &mut Clients) -> Vec<pb::Volume> {
+    let (mut all, mut marker) = (Vec::new(), String::new());
+    loop {
+        let page = c
+            .volumes
+            .list_volumes(pb::ListVolumesRequest { project: "tests".into(), limit: 0, marker })
+            .await
+            .expect("list volumes")
+            .into_inner();
+        all.extend(page.volumes);
+        if page.next_marker.is_empty() {
+            return all;
+        }
+        marker = page.next_marker;
+    }
+}
+
+async fn groups(c: &mut Clients) -> Vec<pb::Group> {
+    let (mut all, mut marker) = (Vec::new(), String::new());
+    loop {
+        let page = c
+            .groups
+            .list_groups(pb::ListGroupsRequest { project: "tests".into(), limit: 0, marker })
+            .await
+            .expect("list groups")
+            .into_inner();
+        all.extend(page.groups);
+        if page.next_marker.is_empty() {
+            return all;
+        }
+        marker = page.next_marker;
+    }
+}
+
+async fn snapshots(c: &mut Clients) -> Vec<pb::Snapshot> {
+    let (mut all, mut marker) = (Vec::new(), String::new());
+    loop {
+        let page = c
+            .snapshots
+            .list_snapshots(pb::ListSnapshotsRequest { project: "tests".into(), marker, ..Default::default() })
+            .await
+            .expect("list snapshots")
+            .into_inner();
+        all.extend(page.snapshots);
+        if page.next_marker.is_empty() {
+            return all;
+        }
+        marker = page.next_marker;
+    }
+}
+
+/// One operation of a round, picked from what the store held at the round's start (it
+/// may have changed since: a refusal is a fine answer).
+#[derive(Debug, Clone)]
+enum Op {
+    CreateVolume(String),
+    Extend(String, i64),
+    DeleteVolume(String),
+    /// A group of one volume, then replication enabled.
+    Replicate(String, String),
+    Disable(String),
+    DeleteGroup(String),
+    /// A planned move: failover when at home, failback when away.
+    Move(String, &'static str),
+    Snapshot(String, String),
+    DeleteSnapshot(String),
+}
+
+impl Op {
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::CreateVolume(_) => "create-volume",
+            Op::Extend(..) => "extend",
+            Op::DeleteVolume(_) => "delete-volume",
+            Op::Replicate(..) => "replicate",
+            Op::Disable(_) => "disable",
+            Op::DeleteGroup(_) => "delete-group",
+            Op::Move(..) => "move",
+            Op::Snapshot(..) => "snapshot",
+            Op::DeleteSnapshot(_) => "delete-snapshot",
+        }
+    }
+}
+
+async fn run(mut c: Clients, op: Op) -> Result<(), tonic::Status> {
+    let project = || "tests".to_string();
+    match op {
+        Op::CreateVolume(name) => c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name,
+                project: project(),
+                size_bytes: MIB,
+                backend: "backend-a".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Op::Extend(volume, new_size_bytes) => c
+            .volumes
+            .extend_volume(pb::ExtendVolumeRequest { volume, project: project(), new_size_bytes })
+            .await
+            .map(|_| ()),
+        Op::DeleteVolume(volume) => {
+            c.volumes.delete_volume(pb::DeleteVolumeRequest { volume, project: project() }).await.map(|_| ())
+        }
+        Op::Replicate(group, volume) => {
+            c.groups
+                .create_group(pb::CreateGroupRequest {
+                    name: group.clone(),
+                    project: project(),
+                    group_type: "consistent-replication".into(),
+                    backend: "backend-a".into(),
+                    volumes: vec![volume],
+                    ..Default::default()
+                })
+                .await?;
+            c.replication
+                .enable_replication(pb::EnableReplicationRequest {
+                    group,
+                    project: project(),
+                    target_backend: "backend-b".into(),
+                    ..Default::default()
+                })
+                .await
+                .map(|_| ())
+        }
+        Op::Disable(group) => c
+            .replication
+            .disable_replication(pb::DisableReplicationRequest { group, project: project(), no_wait: false })
+            .await
+            .map(|_| ()),
+        Op::DeleteGroup(group) => {
+            c.groups.delete_group(pb::DeleteGroupRequest { group, project: project() }).await.map(|_| ())
+        }
+        Op::Move(group, target) => {
+            c.replication.failover_group(failover_request(&group, target, false)).await.map(|_| ())
+        }
+        Op::Snapshot(volume, name) => c
+            .snapshots
+            .create_snapshot(pb::CreateSnapshotRequest { volume, project: project(), name })
+            .await
+            .map(|_| ()),
+        Op::DeleteSnapshot(snapshot) => {
+            c.snapshots.delete_snapshot(pb::DeleteSnapshotRequest { snapshot, project: project() }).await.map(|_| ())
+        }
+    }
+}
+
+/// Picks an operation that makes sense for the state read at the round's start.
+fn pick(rng: &mut fastrand::Rng, n: usize, vols: &[pb::Volume], grps: &[pb::Group], snaps: &[pb::Snapshot]) -> Op {
+    let free: Vec<&pb::Volume> = vols.iter().filter(|v| v.group_id.is_empty() && v.status == "available").collect();
+    let available: Vec<&pb::Volume> = vols.iter().filter(|v| v.status == "available").collect();
+    let at_rest: Vec<&pb::Group> =
+        grps.iter().filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over")).collect();
+    let disabled: Vec<&pb::Group> = grps.iter().filter(|g| g.replication_status == "disabled").collect();
+    for _ in 0..20 {
+        let op = match rng.u32(0..10) {
+            0 | 1 => Some(Op::CreateVolume(format!("v{n}"))),
+            2 => rng.choice(&available).map(|v| Op::Extend(v.name.clone(), v.size_bytes + MIB)),
+            3 => rng.choice(&free).map(|v| Op::DeleteVolume(v.name.clone())),
+            4 => rng.choice(&free).map(|v| Op::Replicate(format!("g{n}"), v.name.clone())),
+            5 => rng.choice(&at_rest).map(|g| Op::Disable(g.name.clone())),
+            6 => rng.choice(&disabled).map(|g| Op::DeleteGroup(g.name.clone())),
+            7 => rng.choice(&at_rest).map(|g| {
+                let target = if g.active_backend == g.primary_backend { "backend-b" } else { "default" };
+                Op::Move(g.name.clone(), target)
+            }),
+            8 => rng.choice(&free).map(|v| Op::Snapshot(v.name.clone(), format!("s{n}"))),
+            _ => rng.choice(snaps).map(|s| Op::DeleteSnapshot(s.id.clone())),
+        };
+        if let Some(op) = op {
+            return op;
+        }
+    }
+    Op::CreateVolume(format!("v{n}"))
+}
+
+#[derive(Debug, Default)]
+struct Figures {
+    faults: BTreeMap<&'static str, usize>,
+    /// (operation kind, answer code) -> count.
+    answers: BTreeMap<(&'static str, String), usize>,
+    callers_left: usize,
+    executions: BTreeMap<String, usize>,
+    resumed: usize,
+    driver_ops: usize,
+    repaired: Vec<String>,
+    violations: Vec<String>,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
+    let seed =
+        std::env::var("DROVER_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..));
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut etcd = Etcd::start().await;
+    let mut cluster =
+        Cluster::start_custom(StoreChoice::Etcd(&etcd), "mock", AGENT_FLAGS, &["--set", "owner_lease_ttl=2s"]).await;
+    let mut f = Figures::default();
+    let mut n = 0;
+    for round in 0..ROUNDS {
+        let mut c = cluster.clients().await;
+        let (vols, grps, snaps) = (volumes(&mut c).await, groups(&mut c).await, snapshots(&mut c).await);
+        let mut calls = tokio::task::JoinSet::new();
+        for _ in 0..rng.usize(2..5) {
+            n += 1;
+            let op = pick(&mut rng, n, &vols, &grps, &snaps);
+            // A third of the callers leave early: their call is dropped after 20-300 ms.
+            let patience =
+                if rng.u32(0..3) == 0 { Duration::from_millis(rng.u64(20..300)) } else { Duration::from_secs(60) };
+            let client = c.clone();
+            calls.spawn(async move {
+                let kind = op.kind();
+                (kind, tokio::time::timeout(patience, run(client, op)).await)
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(rng.u64(0..400))).await;
+        let fault = match rng.u32(0..4) {
+            0 => {
+                cluster.restart_orchestrator().await;
+                "orchestrator"
+            }
+            1 => {
+                etcd.kill();
+                tokio::time::sleep(Duration::from_millis(rng.u64(500..3000))).await;
+                etcd.restart().await;
+                "etcd"
+            }
+            2 => {
+                let side = rng.usize(0..2);
+                cluster.agents[side].proc.kill();
+                cluster.restart_agent_with(side, "mock", AGENT_FLAGS);
+                "agent"
+            }
+            _ => "none",
+        };
+        *f.faults.entry(fault).or_default() += 1;
+        while let Some(done) = calls.join_next().await {
+            let (kind, answer) = done.unwrap();
+            let code = match answer {
+                Err(_) => {
+                    f.callers_left += 1;
+                    "caller-left".to_string()
+                }
+                Ok(Ok(())) => "ok".to_string(),
+                Ok(Err(s)) => {
+                    if s.code() == tonic::Code::Internal {
+                        f.violations.push(format!("round {round}: {kind} answered an internal error: {}", s.message()));
+                    }
+                    format!("{:?}", s.code())
+                }
+            };
+            *f.answers.entry((kind, code)).or_default() += 1;
+        }
+        if fault == "agent" {
+            wait_backends_up(&mut cluster.clients().await, 2).await;
+        }
+    }
+
+    // Settle: every execution ends (resumed ones after the owner lease, moves waiting
+    // for a restarted agent).
+    let mut c = cluster.clients().await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let running = c
+            .executions
+            .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
+            .await
+            .map(|r| r.into_inner().executions.len())
+            .unwrap_or(usize::MAX);
+        if running == 0 || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (mut marker, mut listed) = (String::new(), Vec::new());
+    loop {
+        let page = c
+            .executions
+            .list_executions(pb::ListExecutionsRequest { marker, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
+        listed.extend(page.executions);
+        if page.next_marker.is_empty() {
+            break;
+        }
+        marker = page.next_marker;
+    }
+    for e in &listed {
+        *f.executions.entry(e.status.clone()).or_default() += 1;
+        f.resumed += (e.claims > 1) as usize;
+        if e.status == "running" {
+            f.violations.push(format!("execution {} ({}) still running: {}", e.id, e.summary, e.error));
+        }
+    }
+
+    // Nothing stuck in a transient state; every error says what to do next, and doing it
+    // works.
+    let (vols, grps, snaps) = (volumes(&mut c).await, groups(&mut c).await, snapshots(&mut c).await);
+    for v in &vols {
+        if transient(&v.status) {
+            f.violations.push(format!("volume {} stuck {}", v.name, v.status));
+        }
+    }
+    for g in &grps {
+        if transient(&g.replication_status) {
+            f.violations.push(format!("group {} stuck {}", g.name, g.replication_status));
+        }
+    }
+    for s in &snaps {
+        if transient(&s.status) {
+            f.violations.push(format!("snapshot {} stuck {}", s.name, s.status));
+        }
+    }
+    repair(&mut c, &vols, &grps, &snaps, &mut f).await;
+
+    // The agents: no op_id twice (the mock's own log of driver calls and the agents' op
+    // logs), one primary per replicated volume, and every available volume there.
+    let (a, b) = (cluster.path().join("oplog-backend-a.jsonl"), cluster.path().join("oplog-backend-b.jsonl"));
+    let (twice, total) = repeated_op_ids(&[("backend-a", &a), ("backend-b", &b)]);
+    f.driver_ops = total;
+    f.violations.extend(twice.into_iter().map(|t| format!("mock op log: op_id twice: {t}")));
+    let (twice, admitted) = cluster.repeated_op_ids();
+    f.violations.extend(twice.into_iter().map(|t| format!("agent op log: op_id twice: {t}")));
+    assert!(admitted > 0 && total > 0, "the op logs are empty");
+    let grps = groups(&mut c).await;
+    let replicated: Vec<String> = grps
+        .iter()
+        .filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over"))
+        .map(|g| g.id.clone())
+        .collect();
+    let agents = [("backend-a", cluster.agents[0].endpoint.clone()), ("backend-b", cluster.agents[1].endpoint.clone())];
+    f.violations.extend(role_violations(&mut c, cluster.dir.path(), &agents, &replicated).await);
+    for v in volumes(&mut c).await.iter().filter(|v| v.status == "available") {
+        let side = if v.active_backend == "backend-b" { 1 } else { 0 };
+        let mut agent = drover_tests::cluster::agent_client(&agents[side].1, cluster.path()).await;
+        match agent.get_volume(apb::GetVolumeRequest { volume_id: v.id.clone() }).await {
+            Ok(at) if at.get_ref().size_bytes == v.size_bytes => {}
+            Ok(at) => f.violations.push(format!(
+                "volume {}: {} bytes in Drover, {} at {}",
+                v.name,
+                v.size_bytes,
+                at.get_ref().size_bytes,
+                agents[side].0
+            )),
+            Err(e) => f.violations.push(format!("volume {} is available but not at {}: {e:?}", v.name, agents[side].0)),
+        }
+    }
+
+    eprintln!("chaos-ops [seed {seed}]: {f:#?}");
+    println!(
+        "chaos ops (seed {seed}): {ROUNDS} rounds, faults {:?}, {} callers left, executions {:?} ({} resumed), {} \
+         driver ops, {} repaired, {} violations",
+        f.faults,
+        f.callers_left,
+        f.executions,
+        f.resumed,
+        f.driver_ops,
+        f.repaired.len(),
+        f.violations.len()
+    );
+    assert!(f.violations.is_empty(), "seed {seed}: {:#?}", f.violations);
+    assert!(f.answers.keys().filter(|(_, code)| code == "ok").count() >= 4, "too little succeeded: {:?}", f.answers);
+}
+
+/// Each resource left in error must say why. A group whose enable failed asks for the
+/// enable again, which the test does, and which must work; any other group error is a
+/// violation (none is expected from these faults).
+async fn repair(c: &mut Clients, vols: &[pb::Volume], grps: &[pb::Group], snaps: &[pb::Snapshot], f: &mut Figures) {
+    for v in vols.iter().filter(|v| v.status == "error") {
+        f.repaired.push(format!("volume {}: {}", v.name, v.status_reason));
+        if v.status_reason.is_empty() {
+            f.violations.push(format!("volume {} is in error without a reason", v.name));
+        }
+    }
+    for g in grps.iter().filter(|g| g.replication_status == "error") {
+        f.repaired.push(format!("group {}: {}", g.name, g.status_reason));
+        if g.status_reason.contains("retry `enable-replication`") {
+            let again = c
+                .replication
+                .enable_replication(pb::EnableReplicationRequest {
+                    group: g.name.clone(),
+                    project: "tests".into(),
+                    target_backend: "backend-b".into(),
+                    ..Default::default()
+                })
+                .await;
+            match again {
+                Ok(r) if r.get_ref().group.as_ref().is_some_and(|g| g.replication_status == "enabled") => {}
+                other => f.violations.push(format!("group {}: the enable it asks for did not work: {other:?}", g.name)),
+            }
+        } else {
+            f.violations
+                .push(format!("group {} is in error without a step the test knows: {}", g.name, g.status_reason));
+        }
+    }
+    for s in snaps.iter().filter(|s| s.status == "error") {
+        f.repaired.push(format!("snapshot {}: {}", s.name, s.status_reason));
+        if s.status_reason.is_empty() {
+            f.violations.push(format!("snapshot {} is in error without a reason", s.name));
+        }
+    }
+    let _ = c;
+}
