@@ -1,6 +1,7 @@
-//! Chaos over the operations besides moves: volumes created, extended and deleted, groups
-//! made and replicated, replication disabled, groups failed over and back, snapshots
-//! taken and deleted, on mock agents and real etcd. Each round asks for a few of them at
+//! Chaos over the operations besides moves: volumes created, extended, deleted,
+//! unmanaged, managed again and made from snapshots, groups made and replicated,
+//! replication disabled, groups failed over and back, snapshots taken and deleted, on
+//! mock agents and real etcd. Each round asks for a few of them at
 //! once, some callers leave early (a short deadline drops the call), and at a random
 //! moment one fault strikes: the orchestrator SIGKILLed and restarted, etcd SIGKILLed and
 //! restarted seconds later, or an agent SIGKILLed and restarted. After the rounds, with
@@ -95,6 +96,11 @@ enum Op {
     Move(String, &'static str),
     Snapshot(String, String),
     DeleteSnapshot(String),
+    Unmanage(String),
+    /// An unmanaged reference on backend-a, managed again under a new name.
+    Manage(String, String),
+    /// A new volume from a snapshot (its id).
+    FromSnapshot(String, String),
 }
 
 impl Op {
@@ -109,6 +115,9 @@ impl Op {
             Op::Move(..) => "move",
             Op::Snapshot(..) => "snapshot",
             Op::DeleteSnapshot(_) => "delete-snapshot",
+            Op::Unmanage(_) => "unmanage",
+            Op::Manage(..) => "manage",
+            Op::FromSnapshot(..) => "from-snapshot",
         }
     }
 }
@@ -175,18 +184,63 @@ async fn run(mut c: Clients, op: Op) -> Result<(), tonic::Status> {
         Op::DeleteSnapshot(snapshot) => {
             c.snapshots.delete_snapshot(pb::DeleteSnapshotRequest { snapshot, project: project() }).await.map(|_| ())
         }
+        Op::Unmanage(volume) => {
+            c.volumes.unmanage_volume(pb::UnmanageVolumeRequest { volume, project: project() }).await.map(|_| ())
+        }
+        Op::Manage(reference, name) => c
+            .volumes
+            .manage_volume(pb::ManageVolumeRequest {
+                backend: "backend-a".into(),
+                reference,
+                name,
+                project: project(),
+                without_snapshots: false,
+            })
+            .await
+            .map(|_| ()),
+        Op::FromSnapshot(snapshot, name) => c
+            .volumes
+            .create_volume(pb::CreateVolumeRequest {
+                name,
+                project: project(),
+                from_snapshot: snapshot,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
     }
 }
 
+/// What the store and backend-a held at a round's start.
+struct Seen {
+    vols: Vec<pb::Volume>,
+    grps: Vec<pb::Group>,
+    snaps: Vec<pb::Snapshot>,
+    /// References backend-a could manage.
+    unmanaged: Vec<String>,
+}
+
+async fn seen(c: &mut Clients) -> Seen {
+    let unmanaged = c
+        .volumes
+        .list_manageable_volumes(pb::ListManageableVolumesRequest { backend: "backend-a".into(), ..Default::default() })
+        .await
+        .map(|r| r.into_inner().volumes.into_iter().filter(|m| m.safe_to_manage).map(|m| m.reference).collect())
+        .unwrap_or_default();
+    Seen { vols: volumes(c).await, grps: groups(c).await, snaps: snapshots(c).await, unmanaged }
+}
+
 /// Picks an operation that makes sense for the state read at the round's start.
-fn pick(rng: &mut fastrand::Rng, n: usize, vols: &[pb::Volume], grps: &[pb::Group], snaps: &[pb::Snapshot]) -> Op {
+fn pick(rng: &mut fastrand::Rng, n: usize, seen: &Seen) -> Op {
+    let (vols, grps, snaps) = (&seen.vols, &seen.grps, &seen.snaps);
     let free: Vec<&pb::Volume> = vols.iter().filter(|v| v.group_id.is_empty() && v.status == "available").collect();
     let available: Vec<&pb::Volume> = vols.iter().filter(|v| v.status == "available").collect();
     let at_rest: Vec<&pb::Group> =
         grps.iter().filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over")).collect();
     let disabled: Vec<&pb::Group> = grps.iter().filter(|g| g.replication_status == "disabled").collect();
+    let available_snaps: Vec<&pb::Snapshot> = snaps.iter().filter(|s| s.status == "available").collect();
     for _ in 0..20 {
-        let op = match rng.u32(0..10) {
+        let op = match rng.u32(0..13) {
             0 | 1 => Some(Op::CreateVolume(format!("v{n}"))),
             2 => rng.choice(&available).map(|v| Op::Extend(v.name.clone(), v.size_bytes + MIB)),
             3 => rng.choice(&free).map(|v| Op::DeleteVolume(v.name.clone())),
@@ -198,7 +252,10 @@ fn pick(rng: &mut fastrand::Rng, n: usize, vols: &[pb::Volume], grps: &[pb::Grou
                 Op::Move(g.name.clone(), target)
             }),
             8 => rng.choice(&free).map(|v| Op::Snapshot(v.name.clone(), format!("s{n}"))),
-            _ => rng.choice(snaps).map(|s| Op::DeleteSnapshot(s.id.clone())),
+            9 => rng.choice(snaps).map(|s| Op::DeleteSnapshot(s.id.clone())),
+            10 => rng.choice(&free).map(|v| Op::Unmanage(v.name.clone())),
+            11 => rng.choice(&seen.unmanaged).map(|r| Op::Manage(r.clone(), format!("m{n}"))),
+            _ => rng.choice(&available_snaps).map(|s| Op::FromSnapshot(s.id.clone(), format!("c{n}"))),
         };
         if let Some(op) = op {
             return op;
@@ -232,11 +289,11 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
     let mut n = 0;
     for round in 0..ROUNDS {
         let mut c = cluster.clients().await;
-        let (vols, grps, snaps) = (volumes(&mut c).await, groups(&mut c).await, snapshots(&mut c).await);
+        let seen = seen(&mut c).await;
         let mut calls = tokio::task::JoinSet::new();
         for _ in 0..rng.usize(2..5) {
             n += 1;
-            let op = pick(&mut rng, n, &vols, &grps, &snaps);
+            let op = pick(&mut rng, n, &seen);
             // A third of the callers leave early: their call is dropped after 20-300 ms.
             let patience =
                 if rng.u32(0..3) == 0 { Duration::from_millis(rng.u64(20..300)) } else { Duration::from_secs(60) };
