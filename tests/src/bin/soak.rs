@@ -13,7 +13,12 @@
 //!   half of them with either agent SIGKILLed and restarted while the disable or the
 //!   enable runs;
 //! - planned moves with either agent SIGKILLed and restarted while the move runs: the
-//!   move must end by itself with the group serving at one side or the other.
+//!   move must end by itself with the group serving at one side or the other;
+//! - group snapshots (since the fifteenth session), half of them with an agent (three
+//!   in four: the active side's) SIGKILLed and restarted 0-60 ms after the snapshot was
+//!   asked for: one that ends available must
+//!   hold every record acknowledged before it (read through volumes made from it), and
+//!   the volumes and the snapshot must delete (one left in error too).
 //!
 //! After every step it checks, with `qemu-io` as the reader:
 //! - after a planned move, a restart, a daemon kill or a disable/enable, every
@@ -236,6 +241,12 @@ async fn disable_extend_enable(
 /// Which of the records 0..upto read back with their pattern at the active side.
 async fn present(c: &mut Clients, g: &Group, upto: u64) -> Result<Vec<bool>, String> {
     let uris = uris(c, g).await?;
+    Ok(present_at(&uris, upto))
+}
+
+/// Which of the records 0..upto read back with their pattern from `uris` (one per
+/// volume of a group, in its order).
+fn present_at(uris: &[String], upto: u64) -> Vec<bool> {
     let mut ok = vec![true; upto as usize];
     for (vol, uri) in uris.iter().enumerate() {
         let ks: Vec<u64> = (0..upto).filter(|k| place(*k).0 == vol).collect();
@@ -257,7 +268,94 @@ async fn present(c: &mut Clients, g: &Group, upto: u64) -> Result<Vec<bool>, Str
             }
         }
     }
-    Ok(ok)
+    ok
+}
+
+/// A group snapshot of `g` (nothing is written meanwhile), with `kill` = (side, delay):
+/// that agent (and its daemon) SIGKILLed that long after the snapshot was asked for, and
+/// restarted. A snapshot that ends available must hold every record acknowledged before
+/// it: volumes are made from it and read. Then they and the snapshot are deleted (a
+/// snapshot left in error too). Returns whether it ended available, and whether the kill
+/// came while the call was still waiting.
+async fn snapshot_step(
+    c: &mut Clients,
+    cluster: &mut Cluster,
+    g: &Group,
+    name: &str,
+    kill: Option<(usize, u64)>,
+) -> Result<(bool, bool), String> {
+    let req = pb::CreateGroupSnapshotRequest { group: g.name.clone(), project: "soak".into(), name: name.into() };
+    let mut caller = c.clone();
+    let call = tokio::spawn(async move { caller.snapshots.create_group_snapshot(req).await });
+    let mut inside = false;
+    if let Some((side, delay_ms)) = kill {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        cluster.agents[side].proc.kill();
+        inside = !call.is_finished();
+        cluster.restart_agent(side, "qemu");
+        wait_up(c).await?;
+    }
+    let answer = call.await.map_err(|e| e.to_string())?;
+    let get = pb::GetSnapshotRequest { snapshot: name.into(), project: "soak".into() };
+    let snap = match c.snapshots.get_snapshot(get).await {
+        Ok(s) => s.into_inner(),
+        // Refused before a record was made: nothing to check or clean.
+        Err(s) if s.code() == tonic::Code::NotFound => {
+            eprintln!("  snapshot {name} not made: {answer:?}");
+            return Ok((false, inside));
+        }
+        Err(s) => return Err(format!("snapshot {name}: {}", s.message())),
+    };
+    eprintln!("  snapshot {name} {} {}", snap.status, snap.status_reason);
+    if snap.status.ends_with("ing") {
+        return Err(format!("snapshot {name} left {} after its call answered {answer:?}", snap.status));
+    }
+    let available = snap.status == "available";
+    let mut made = Vec::new();
+    if available {
+        let mut clone_uris = Vec::new();
+        for (i, v) in g.volumes.iter().enumerate() {
+            let clone = format!("{name}-{i}");
+            c.volumes
+                .create_volume(pb::CreateVolumeRequest {
+                    name: clone.clone(),
+                    project: "soak".into(),
+                    from_snapshot: snap.id.clone(),
+                    from_volume: v.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| format!("a volume from snapshot {name}: {}", s.message()))?;
+            made.push(clone.clone());
+            let r = c
+                .volumes
+                .attach_volume(pb::AttachVolumeRequest { volume: clone, project: "soak".into() })
+                .await
+                .map_err(|s| format!("attach a volume from snapshot {name}: {}", s.message()))?;
+            clone_uris.push(r.into_inner().uri);
+        }
+        let held = present_at(&clone_uris, g.acked);
+        let missing = held.iter().filter(|x| !**x).count();
+        if missing > 0 {
+            return Err(format!(
+                "snapshot {name} of {} lacks {missing} of the {} records acknowledged before it (first: {:?})",
+                g.name,
+                g.acked,
+                held.iter().enumerate().filter(|(_, x)| !**x).map(|(k, _)| k).take(8).collect::<Vec<_>>()
+            ));
+        }
+    }
+    for v in made {
+        c.volumes
+            .delete_volume(pb::DeleteVolumeRequest { volume: v.clone(), project: "soak".into() })
+            .await
+            .map_err(|s| format!("delete {v}: {}", s.message()))?;
+    }
+    c.snapshots
+        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot: snap.id.clone(), project: "soak".into() })
+        .await
+        .map_err(|s| format!("delete snapshot {name} ({}): {}", snap.status, s.message()))?;
+    Ok((available, inside))
 }
 
 async fn group_rec(c: &mut Clients, name: &str) -> Result<pb::Group, String> {
@@ -450,6 +548,8 @@ async fn main() -> std::process::ExitCode {
     let (mut killed_moves, mut killed_moves_moved, mut kills_inside) = (0u64, 0u64, 0u64);
     let (mut killed_enables, mut kills_inside_enables) = (0u64, 0u64);
     let (mut killed_disables, mut kills_inside_disables) = (0u64, 0u64);
+    let (mut snapshots, mut snapshots_available, mut killed_snapshots, mut kills_inside_snapshots) =
+        (0u64, 0u64, 0u64, 0u64);
     let mut violations: Vec<String> = Vec::new();
     let end = Instant::now() + Duration::from_secs(minutes * 60);
     while Instant::now() < end && violations.is_empty() {
@@ -619,6 +719,29 @@ async fn main() -> std::process::ExitCode {
                     violations.push(format!("step {steps}: writing to {} after the kill: {e}", g.name));
                 }
             }
+        } else if (13..15).contains(&kind) && matches!(rec.replication_status.as_str(), "enabled" | "failed-over") {
+            snapshots += 1;
+            let name = format!("snap-{steps}");
+            // Three kills in four hit the side that takes the snapshot (the active one).
+            let active = usize::from(rec.active_backend == "backend-b");
+            let kill = rng.bool().then(|| (if rng.u8(..4) < 3 { active } else { 1 - active }, rng.u64(0..60)));
+            killed_snapshots += u64::from(kill.is_some());
+            eprintln!("step {steps}: group snapshot {name} of {} (kill: {kill:?})", g.name);
+            let g = &groups[gi];
+            match snapshot_step(&mut c, &mut cluster, g, &name, kill).await {
+                Ok((available, inside)) => {
+                    snapshots_available += u64::from(available);
+                    kills_inside_snapshots += u64::from(inside);
+                }
+                Err(e) => violations.push(format!("step {steps}: {e}")),
+            }
+            if kill.is_some() {
+                for g in groups.iter_mut() {
+                    if let Err(e) = write_when_writable(&mut c, g, 5).await {
+                        violations.push(format!("step {steps}: writing to {} after the kill: {e}", g.name));
+                    }
+                }
+            }
         } else {
             planned += 1;
             let target = if away { "default" } else { "backend-b" };
@@ -694,7 +817,9 @@ async fn main() -> std::process::ExitCode {
          {reenables} disable/enable ({extends} extends; {killed_enables} with an agent SIGKILLed in the \
          enable, {kills_inside_enables} while it ran; {killed_disables} in the disable, {kills_inside_disables} \
          while it ran), {killed_moves} planned moves with an agent SIGKILLed \
-         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {realigned} layer headers pointed \
+         in them ({kills_inside} while it ran, {killed_moves_moved} moved), {snapshots} group snapshots \
+         ({snapshots_available} available; {killed_snapshots} with an agent SIGKILLed, {kills_inside_snapshots} \
+         while the call waited), {realigned} layer headers pointed \
          back at the chain, {mutations} agent mutations logged ({} op_ids twice), {records} records verified, slowest qemu-io {} ms ({}), {} violations",
         twice.len(),
         slowest.0,
