@@ -13,6 +13,9 @@ use drover_proto::v1 as pb;
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct Logged {
     pub op: String,
+    /// The volume, group or clone it acted on.
+    #[serde(default)]
+    pub target: String,
     #[serde(default)]
     pub op_id: String,
     #[serde(default)]

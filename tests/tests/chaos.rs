@@ -1,6 +1,7 @@
 //! Chaos: group failovers and failbacks on mock agents while the orchestrator is SIGKILLed
 //! at random moments (20 times on each store), an agent is SIGKILLed mid-move (20 times),
-//! or etcd is SIGKILLed mid-transition. After the dust settles the agents' op logs and
+//! or etcd is SIGKILLed mid-transition; and a test failover runbook while the orchestrator
+//! and the clone side's agent are SIGKILLed (6 times each). After the dust settles the agents' op logs and
 //! roles must prove the invariants: every execution ended, no op_id entered a driver
 //! twice, every volume has exactly one primary (on its group's active backend), no group
 //! is in error or stuck, and no forced failover was needed. Each run prints its figures (see docs/reliability.md).
@@ -402,6 +403,112 @@ async fn agent_sigkills_mid_move_run_nothing_twice() {
     assert!(figures.bad_groups.is_empty(), "seed {seed}: {figures:#?}");
     assert_eq!(figures.executions.get("running"), None, "seed {seed}: {figures:#?}");
     assert!(figures.executions.get("succeeded").copied().unwrap_or(0) >= GROUPS, "work was done: {figures:?}");
+}
+
+/// `runbooks/test-failover.yaml` over ten groups on mock agents (200 ms per driver call)
+/// while, at random moments, the orchestrator or the replica side's agent (where the
+/// clones are made) is SIGKILLed and restarted, through the clone step, the check, the
+/// prompt (approved from a restarted orchestrator) and the cleanup. The run must end
+/// succeeded with one clone per volume made and every clone it made removed (from the
+/// mock's log of driver calls: each `clone_recovery_point` has a later `delete_clone`),
+/// no op_id twice, one primary per volume and every group still replicating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_test_failover_under_kills_leaves_no_clone_behind() {
+    const N: usize = 10;
+    let seed = fastrand::u64(..);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let flags = ["--set", "mock.latency=200ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"];
+    let mut cluster =
+        Cluster::start_custom(StoreChoice::Embedded, "mock", &flags, &["--set", "owner_lease_ttl=2s"]).await;
+    let mut c = cluster.clients().await;
+    let mut groups = Vec::new();
+    for i in 0..N {
+        groups.push(replicated_group(&mut c, &format!("tf-{i}"), 1).await);
+    }
+    let path = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks/test-failover.yaml");
+    let req = pb::RunbookRequest {
+        file_name: path.display().to_string(),
+        text: std::fs::read_to_string(&path).unwrap(),
+        params: [("site".to_string(), "site-a".to_string())].into(),
+    };
+    let run = c.runbooks.run_runbook(req).await.expect("run").into_inner();
+    let mut figures = Figures::default();
+    let (mut agent_kills, mut approved) = (0, false);
+    // An orchestrator kill only once the run has been claimed again since the last one,
+    // so that each lands on the run's owner.
+    let mut claims = 1;
+    let mut after_approval = 0;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    let ended = loop {
+        assert!(Instant::now() < deadline, "seed {seed}: the run did not end within 240 s");
+        tokio::time::sleep(Duration::from_millis(rng.u64(100..700))).await;
+        let mut c = cluster.clients().await;
+        let Ok(e) = c.executions.get_execution(pb::GetExecutionRequest { id: run.id.clone() }).await else {
+            continue;
+        };
+        let e = e.into_inner();
+        if e.status != "running" {
+            break e;
+        }
+        // The prompt is approved once three kills of each kind have landed before it.
+        if e.step == "prompt:tested" && figures.kills >= 3 && agent_kills >= 3 && !approved {
+            let decided = c
+                .executions
+                .decide_prompt(pb::DecidePromptRequest {
+                    id: run.id.clone(),
+                    approve: true,
+                    by: "tester".into(),
+                    ..Default::default()
+                })
+                .await;
+            approved = decided.is_ok();
+            continue;
+        }
+        let orchestrator = figures.kills < 6 && e.claims >= claims;
+        let agent = agent_kills < 6;
+        if orchestrator && (!agent || rng.bool()) {
+            cluster.restart_orchestrator().await;
+            figures.kills += 1;
+            claims = e.claims + 1;
+            after_approval += usize::from(approved);
+        } else if agent && rng.bool() {
+            cluster.agents[1].proc.kill();
+            cluster.restart_agent_with(1, "mock", &flags);
+            agent_kills += 1;
+            after_approval += usize::from(approved);
+        }
+    };
+    check(&cluster, &groups, &mut figures).await;
+    let log = op_log(&cluster.path().join("oplog-backend-b.jsonl"));
+    let made: Vec<(usize, String)> = log
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.op == "clone_recovery_point")
+        .map(|(i, e)| (i, e.target.clone()))
+        .collect();
+    let left: Vec<&String> = made
+        .iter()
+        .filter(|(i, id)| !log[*i..].iter().any(|e| e.op == "delete_clone" && &e.target == id))
+        .map(|(_, id)| id)
+        .collect();
+    println!(
+        "chaos test failover (seed {seed}): {} orchestrator and {agent_kills} agent kills ({after_approval} after the \
+         approval); run {} after {} claims; {} clones made, {} left; executions {:?} ({} resumed), {} driver ops, {} \
+         violations",
+        figures.kills,
+        ended.status,
+        ended.claims,
+        made.len(),
+        left.len(),
+        figures.executions,
+        figures.resumed,
+        figures.driver_ops,
+        figures.violations()
+    );
+    assert_eq!(ended.status, "succeeded", "seed {seed}: {}", ended.error);
+    assert!(made.len() >= N, "seed {seed}: a clone per volume was made ({})", made.len());
+    assert!(left.is_empty(), "seed {seed}: clones left behind: {left:?}");
+    assert_eq!(figures.violations(), 0, "seed {seed}: {figures:#?}");
 }
 
 /// A planned move for every group at rest (failover when at home, failback when away),
