@@ -306,16 +306,37 @@ impl Cluster {
     }
 
     /// [`Cluster::restart_agent`] with extra agent flags (`{dir}` and `{backend}` filled
-    /// in, as at start); the flags given at start are not repeated.
+    /// in, as at start); the flags given at start are not repeated. The agent comes back
+    /// on the address it had, as a restarted agent service with its configured `listen`
+    /// does: its peers' periodic syncs dial the address they were given.
     pub fn restart_agent_with(&mut self, i: usize, driver: &str, extra: &[&str]) {
         let (site, backend) = [("site-a", "backend-a"), ("site-b", "backend-b")][i];
         let name = format!("agent-{backend}");
-        let extra = extra
+        let mut extra: Vec<String> = extra
             .iter()
             .map(|s| s.replace("{dir}", &self.dir.path().display().to_string()).replace("{backend}", backend))
             .collect();
-        let spec = AgentSpec { name: &name, driver, site, backend, orchestrator: &self.orchestrator.endpoint, extra };
-        self.agents[i] = start_agent(&self.bin, self.dir.path(), spec).expect("agent restarts");
+        extra.extend(["--set".to_string(), format!("listen={}", self.agents[i].addr())]);
+        let mut attempt = 0;
+        self.agents[i] = loop {
+            let spec = AgentSpec {
+                name: &name,
+                driver,
+                site,
+                backend,
+                orchestrator: &self.orchestrator.endpoint,
+                extra: extra.clone(),
+            };
+            match start_agent(&self.bin, self.dir.path(), spec) {
+                Ok(s) => break s,
+                Err(e) if attempt < 20 => {
+                    attempt += 1;
+                    eprintln!("agent restart on {} failed ({e}); retrying", self.agents[i].addr());
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+                Err(e) => panic!("agent {name} does not restart on {}: {e}", self.agents[i].addr()),
+            }
+        };
     }
 
     /// The op logs of the agents (backend, path): a line per mutation each one's driver

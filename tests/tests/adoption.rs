@@ -517,6 +517,24 @@ async fn the_adopt_after_dr_runbook_plans_waits_for_approval_and_adopts() {
 /// per image, each under its own op_id).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_image_once() {
+    apply_under(Fault::Orchestrator).await;
+}
+
+/// The same with the backend's agent SIGKILLed (and restarted) instead, while a manage is
+/// in flight: the manage it cut is refused as interrupted and run again under a new
+/// op_id, and every image is still adopted exactly once (one volume per image; at most
+/// the image in flight managed twice, idempotently, never two volumes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_survives_an_agent_kill_mid_manage_and_adopts_each_image_once() {
+    apply_under(Fault::Agent).await;
+}
+
+enum Fault {
+    Orchestrator,
+    Agent,
+}
+
+async fn apply_under(fault: Fault) {
     const IMAGES: usize = 8;
     let mut extra: Vec<String> =
         ["--set", "mock.latency=300ms", "--set", "mock.oplog={dir}/oplog-{backend}.jsonl"].map(String::from).into();
@@ -564,7 +582,7 @@ async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_i
     let kill_after = 1
         + (std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize
             % (IMAGES - 2));
-    eprintln!("killing the orchestrator after {kill_after} adoption(s)");
+    eprintln!("killing after {kill_after} adoption(s)");
     let adopted = |p: &pb::AdoptionPlan| p.items.iter().filter(|i| i.outcome == "adopted").count();
     // … while the next image's manage is in flight (its volume still being created).
     let creating = |c: &mut Clients| {
@@ -579,7 +597,13 @@ async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_i
         assert!(std::time::Instant::now() < deadline, "adoptions stalled before the kill");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    cluster.restart_orchestrator().await;
+    match fault {
+        Fault::Orchestrator => cluster.restart_orchestrator().await,
+        Fault::Agent => {
+            cluster.agents[1].proc.kill();
+            cluster.restart_agent_with(1, "mock", &extra);
+        }
+    }
     let mut c = cluster.clients().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
     let done = loop {
@@ -609,9 +633,19 @@ async fn an_apply_survives_its_caller_and_an_orchestrator_kill_and_adopts_each_i
         .collect();
     let mut targets: Vec<&str> = manages.iter().map(|e| e["target"].as_str().unwrap()).collect();
     targets.sort_unstable();
-    assert_eq!(targets, (0..IMAGES).map(|i| format!("img-{i}")).collect::<Vec<_>>(), "one manage per image");
     let mut ops: Vec<&str> = manages.iter().map(|e| e["op_id"].as_str().unwrap()).collect();
     ops.sort_unstable();
     ops.dedup();
-    assert_eq!(ops.len(), IMAGES, "no op_id ran twice");
+    assert_eq!(ops.len(), manages.len(), "no op_id ran twice");
+    match fault {
+        Fault::Orchestrator => {
+            assert_eq!(targets, (0..IMAGES).map(|i| format!("img-{i}")).collect::<Vec<_>>(), "one manage per image");
+        }
+        Fault::Agent => {
+            assert!(manages.len() <= IMAGES + 1, "only the manage the kill cut ran again: {targets:?}");
+            targets.dedup();
+            assert_eq!(targets, (0..IMAGES).map(|i| format!("img-{i}")).collect::<Vec<_>>(), "every image managed");
+        }
+    }
+    cluster.assert_no_op_ran_twice();
 }
