@@ -31,6 +31,8 @@ pub enum LaunchError {
     Config(#[from] ConfigError),
     #[error("cannot open the ledger in {path}: {message}; check that the state directory is writable")]
     Ledger { path: String, message: String },
+    #[error("cannot open the op log {path}: {message}; check that its directory is writable, or unset `op_log`")]
+    OpLog { path: String, message: String },
     #[error("starting the {driver} driver: {message}")]
     Driver { driver: String, message: String },
     #[error("cannot listen on {addr}: {source}")]
@@ -88,10 +90,10 @@ pub async fn start(
     let ledger = Ledger::open(&ledger_path)
         .map_err(|e| LaunchError::Ledger { path: ledger_path.display().to_string(), message: e.to_string() })?;
     let op_log = match &config.op_log {
-        Some(path) => Some(Arc::new(crate::oplog::OpLog::open(path).map_err(|e| LaunchError::Ledger {
-            path: path.display().to_string(),
-            message: format!("{e} (the op log); check that its directory is writable, or unset `op_log`"),
-        })?)),
+        Some(path) => Some(Arc::new(
+            crate::oplog::OpLog::open(path)
+                .map_err(|e| LaunchError::OpLog { path: path.display().to_string(), message: e.to_string() })?,
+        )),
         None => None,
     };
     let driver = backend.open(&layered, &config).await?;

@@ -91,15 +91,6 @@ pub fn read(path: &Path) -> std::io::Result<Vec<OpLogEntry>> {
     Ok(entries)
 }
 
-/// The op_ids found on more than one line of `entries`, with how many times each.
-pub fn repeated(entries: &[OpLogEntry]) -> Vec<(String, usize)> {
-    let mut seen: std::collections::BTreeMap<&str, usize> = Default::default();
-    for e in entries {
-        *seen.entry(e.op_id.as_str()).or_default() += 1;
-    }
-    seen.into_iter().filter(|(_, n)| *n > 1).map(|(id, n)| (id.to_string(), n)).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,7 +107,7 @@ mod tests {
     }
 
     #[test]
-    fn lines_are_appended_across_reopens_and_repeats_are_found() {
+    fn lines_are_appended_across_reopens() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub").join("ops.jsonl");
         assert!(read(&path).unwrap().is_empty(), "no file: no entries");
@@ -126,7 +117,6 @@ mod tests {
         log.append(&entry("a"));
         let read_back = read(&path).unwrap();
         assert_eq!(read_back, vec![entry("a"), entry("b"), entry("a")]);
-        assert_eq!(repeated(&read_back), vec![("a".to_string(), 2)]);
     }
 
     #[test]
