@@ -419,6 +419,24 @@ pub async fn bulk_groups(
     }
 }
 
+/// Waits, for up to `within`, until no execution is running (a failed list counts as
+/// running); the caller's checks then report whatever still runs.
+pub async fn wait_executions_ended(c: &mut Clients, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let running = c
+            .executions
+            .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
+            .await
+            .map(|r| r.into_inner().executions.len())
+            .unwrap_or(usize::MAX);
+        if running == 0 || Instant::now() > deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// Waits until `n` backends show as up (their agents registered and answering).
 pub async fn wait_backends_up(c: &mut Clients, n: usize) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -108,19 +108,7 @@ impl Trio {
     /// Every invariant, once every execution ended: returns the violations.
     async fn violations(&self, groups: &[String]) -> Vec<String> {
         let mut c = self.client().await;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        loop {
-            let running = c
-                .executions
-                .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
-                .await
-                .map(|r| r.into_inner().executions.len())
-                .unwrap_or(1);
-            if running == 0 || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        drover_tests::wait_executions_ended(&mut c, Duration::from_secs(180)).await;
         let mut out = Vec::new();
         let list = c.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
         for e in list.executions.iter().filter(|e| e.status != "succeeded") {

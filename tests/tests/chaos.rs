@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::invariants::{op_log, repeated_op_ids, role_violations};
-use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group, wait_backend_up};
+use drover_tests::{Cluster, Etcd, StoreChoice, replicated_group, wait_backend_up, wait_executions_ended};
 
 const GROUPS: usize = 10;
 
@@ -82,27 +82,9 @@ impl Figures {
     }
 }
 
-async fn wait_all_ended(c: &mut Clients, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Ok(r) = c
-            .executions
-            .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
-            .await
-            && r.get_ref().executions.is_empty()
-        {
-            return;
-        }
-        if Instant::now() > deadline {
-            return; // the check below reports what still runs
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
 async fn check(cluster: &Cluster, groups: &[String], figures: &mut Figures) {
     let mut c = cluster.clients().await;
-    wait_all_ended(&mut c, Duration::from_secs(90)).await;
+    wait_executions_ended(&mut c, Duration::from_secs(90)).await;
     let list = c.executions.list_executions(pb::ListExecutionsRequest::default()).await.unwrap().into_inner();
     for e in &list.executions {
         *figures.executions.entry(e.status.clone()).or_default() += 1;
@@ -273,7 +255,7 @@ async fn orchestrator_sigkills_during_a_site_failover_runbook() {
         claims = now.claims + 1;
     }
     let mut c = cluster.clients().await;
-    wait_all_ended(&mut c, Duration::from_secs(300)).await;
+    wait_executions_ended(&mut c, Duration::from_secs(300)).await;
     let ended = c.executions.get_execution(pb::GetExecutionRequest { id: run.id.clone() }).await.unwrap().into_inner();
     check(&cluster, &groups, &mut figures).await;
     let moved = {
@@ -339,7 +321,7 @@ async fn agent_sigkills_mid_move_run_nothing_twice() {
     let mut c = cluster.clients().await;
     let mut retries = 0;
     loop {
-        wait_all_ended(&mut c, Duration::from_secs(90)).await;
+        wait_executions_ended(&mut c, Duration::from_secs(90)).await;
         let mut in_error = 0;
         for id in &groups {
             if group(&mut c, id).await.is_some_and(|g| g.replication_status == "error") {

@@ -13,13 +13,13 @@
 //! asks, and that must work (it did not, on the mock, before the fifteenth session).
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use drover_cli::client::Clients;
 use drover_proto::agent::v1 as apb;
 use drover_proto::v1 as pb;
 use drover_tests::invariants::{repeated_op_ids, role_violations};
-use drover_tests::{Cluster, Etcd, StoreChoice, failover_request, wait_backends_up};
+use drover_tests::{Cluster, Etcd, StoreChoice, failover_request, wait_backends_up, wait_executions_ended};
 
 const ROUNDS: usize = 40;
 const MIB: i64 = 1 << 20;
@@ -349,19 +349,7 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
     // Settle: every execution ends (resumed ones after the owner lease, moves waiting
     // for a restarted agent).
     let mut c = cluster.clients().await;
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let running = c
-            .executions
-            .list_executions(pb::ListExecutionsRequest { status: "running".into(), ..Default::default() })
-            .await
-            .map(|r| r.into_inner().executions.len())
-            .unwrap_or(usize::MAX);
-        if running == 0 || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    wait_executions_ended(&mut c, Duration::from_secs(180)).await;
     let (mut marker, mut listed) = (String::new(), Vec::new());
     loop {
         let page = c
