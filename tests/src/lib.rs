@@ -310,13 +310,24 @@ impl Cluster {
     /// on the address it had, as a restarted agent service with its configured `listen`
     /// does: its peers' periodic syncs dial the address they were given.
     pub fn restart_agent_with(&mut self, i: usize, driver: &str, extra: &[&str]) {
+        let listen = self.agents[i].addr().to_string();
+        self.restart_agent_on(i, driver, extra, &listen);
+    }
+
+    /// [`Cluster::restart_agent`] on a new port, as an agent that comes back on another
+    /// host would: the primaries that ship to it must learn its new address.
+    pub fn restart_agent_elsewhere(&mut self, i: usize, driver: &str) {
+        self.restart_agent_on(i, driver, &[], "127.0.0.1:0");
+    }
+
+    fn restart_agent_on(&mut self, i: usize, driver: &str, extra: &[&str], listen: &str) {
         let (site, backend) = [("site-a", "backend-a"), ("site-b", "backend-b")][i];
         let name = format!("agent-{backend}");
         let mut extra: Vec<String> = extra
             .iter()
             .map(|s| s.replace("{dir}", &self.dir.path().display().to_string()).replace("{backend}", backend))
             .collect();
-        extra.extend(["--set".to_string(), format!("listen={}", self.agents[i].addr())]);
+        extra.extend(["--set".to_string(), format!("listen={listen}")]);
         let mut attempt = 0;
         self.agents[i] = loop {
             let spec = AgentSpec {
@@ -331,10 +342,10 @@ impl Cluster {
                 Ok(s) => break s,
                 Err(e) if attempt < 20 => {
                     attempt += 1;
-                    eprintln!("agent restart on {} failed ({e}); retrying", self.agents[i].addr());
+                    eprintln!("agent restart on {listen} failed ({e}); retrying");
                     std::thread::sleep(Duration::from_millis(250));
                 }
-                Err(e) => panic!("agent {name} does not restart on {}: {e}", self.agents[i].addr()),
+                Err(e) => panic!("agent {name} does not restart on {listen}: {e}"),
             }
         };
     }

@@ -1179,3 +1179,60 @@ async fn etcd_history_is_compacted_and_the_orchestrator_works_on() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
 }
+
+/// A heartbeat's answer says where the agents of the peer backends it asks about are now
+/// (what the agent's periodic syncs dial); a backend with no live agent and a name no
+/// backend can have are left out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heartbeat_answers_where_the_peer_backends_agents_are() {
+    use pb::agent_registry_client::AgentRegistryClient;
+    let cluster = Cluster::start(StoreChoice::Embedded, &[]).await;
+    let dir = cluster.path();
+    let files = drover_proto::tls::TlsFiles {
+        ca: drover_tests::cluster::ca_file(dir),
+        cert: dir.join("certs/agent-agent.pem"),
+        key: dir.join("certs/agent-agent.key"),
+    };
+    let channel = tonic::transport::Endpoint::from_shared(cluster.orchestrator.endpoint.clone())
+        .unwrap()
+        .tls_config(files.client(drover_proto::tls::ORCHESTRATOR_NAME).unwrap())
+        .unwrap()
+        .connect()
+        .await
+        .expect("the orchestrator answers");
+    let stamp: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> = drover_proto::stamp_api_version;
+    let mut registry = AgentRegistryClient::with_interceptor(channel, stamp);
+    let lease = registry
+        .register_agent(pb::RegisterAgentRequest {
+            agent_id: "agent-backend-c".into(),
+            site: "site-b".into(),
+            backend: "backend-c".into(),
+            endpoint: "https://127.0.0.1:9".into(),
+            driver: "mock".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("a third agent registers")
+        .into_inner()
+        .lease_id;
+    let asked = ["backend-a", "backend-b", "backend-gone", "not/a name", ""].map(String::from).to_vec();
+    let answer = registry
+        .heartbeat(pb::HeartbeatRequest {
+            agent_id: "agent-backend-c".into(),
+            backend: "backend-c".into(),
+            lease_id: lease,
+            sync_failures: Vec::new(),
+            peer_backends: asked,
+        })
+        .await
+        .expect("the heartbeat is answered")
+        .into_inner();
+    assert!(answer.ttl_seconds > 0);
+    let mut got: Vec<(String, String)> = answer.peer_endpoints.into_iter().collect();
+    got.sort();
+    let want: Vec<(String, String)> = vec![
+        ("backend-a".into(), cluster.agents[0].endpoint.clone()),
+        ("backend-b".into(), cluster.agents[1].endpoint.clone()),
+    ];
+    assert_eq!(got, want);
+}

@@ -987,6 +987,61 @@ async fn chains_stay_bounded_while_the_peer_is_down() {
     cluster.assert_no_op_ran_twice();
 }
 
+/// A replica agent that comes back at another address (a new host, a changed
+/// `advertise`) is found by the primary's periodic syncs, through the heartbeat's answer,
+/// with no orchestrated sync: a write made after the move reaches site B by them alone,
+/// and a disaster failover reads it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn periodic_syncs_follow_a_peer_that_comes_back_elsewhere() {
+    let mut cluster = Cluster::start_with(StoreChoice::Embedded, "qemu", &[]).await;
+    let mut c = cluster.clients().await;
+    let names = group(&mut c, "moved", 1, 8 * MIB).await;
+    assert_all_succeeded(&enable(&mut c, "moved", 1).await);
+    let u = uri(&mut c, &names[0]).await;
+    io(&u, &["write -P 0xa1 0 64k"]);
+    let before = cluster.agents[1].addr().to_string();
+    cluster.agents[1].proc.kill();
+    cluster.restart_agent_elsewhere(1, "qemu");
+    let after = cluster.agents[1].addr().to_string();
+    assert_ne!(before, after, "the agent must come back on another port for this test");
+    wait_backend_up(&mut c, "backend-b").await;
+    io(&u, &["write -P 0xb2 1M 64k"]);
+    let written = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    // The newest point complete at B is younger than the write: a periodic sync reached
+    // B at its new address. The stored address is the old one, so only the heartbeat's
+    // answer can have told A.
+    let deadline = Instant::now() + Duration::from_secs(45);
+    loop {
+        let info = c
+            .replication
+            .get_replication_info(pb::GetReplicationInfoRequest {
+                group: "moved".into(),
+                project: "tests".into(),
+                predict: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+        if info.rpo_ms >= 0 && now - info.rpo_ms > written {
+            eprintln!("B holds a point {} ms younger than the write", now - info.rpo_ms - written);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no periodic sync reached backend-b at {after} (it was at {before}): rpo {} ms, {:?}",
+            info.rpo_ms,
+            info.volumes.iter().map(|v| &v.error).collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cluster.agents[0].proc.kill();
+    assert_all_succeeded(&failover(&mut c, "moved", "backend-b", true).await.expect("disaster failover"));
+    let at_b = uri(&mut c, &names[0]).await;
+    io(&at_b, &["read -P 0xa1 0 64k", "read -P 0xb2 1M 64k"]);
+    cluster.assert_no_op_ran_twice();
+}
+
 /// A killed agent takes its qemu-storage-daemon with it, also when the daemon is
 /// restarting at that moment; and a stopped cluster leaves no daemon behind.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -631,20 +631,23 @@ impl Driver for QemuDriver {
         Ok(())
     }
 
-    fn sync_schedule(&self) -> Vec<(String, Duration)> {
+    fn sync_schedule(&self) -> Vec<ScheduledSync> {
         let held = self.held.lock().expect("held poisoned").clone();
         let st = self.state.lock().expect("state poisoned");
-        let mut out: BTreeMap<String, Duration> = BTreeMap::new();
+        let mut out: BTreeMap<String, ScheduledSync> = BTreeMap::new();
         for v in st.volumes.values() {
-            if v.role == Some(Role::Primary)
-                && !v.demoted
-                && v.peer.is_some()
-                && !v.group_id.is_empty()
-                && !held.contains(&v.group_id)
-            {
-                out.insert(v.group_id.clone(), Duration::from_millis(v.interval_ms.max(1000)));
+            let Some(peer) = &v.peer else { continue };
+            if v.role == Some(Role::Primary) && !v.demoted && !v.group_id.is_empty() && !held.contains(&v.group_id) {
+                out.insert(
+                    v.group_id.clone(),
+                    ScheduledSync {
+                        group_id: v.group_id.clone(),
+                        interval: Duration::from_millis(v.interval_ms.max(1000)),
+                        peer_backend: peer.backend.clone(),
+                    },
+                );
             }
         }
-        out.into_iter().collect()
+        out.into_values().collect()
     }
 }

@@ -77,7 +77,7 @@ pub use nbd::{NbdAddr, NbdClient};
 use daemon::{Daemon, DaemonPaths};
 use drover_agent::driver::{
     AdoptSnapshot, ApplyHeader, Connection, Driver, DriverError, EnableSpec, GroupSnapshotInfo, Incoming, Manageable,
-    ManageableSnapshot, ReplicationState, Role, SyncReport, VolumeState, capability,
+    ManageableSnapshot, ReplicationState, Role, ScheduledSync, SyncReport, VolumeState, capability,
 };
 use drover_agent::replica::{CHUNK_BYTES, Shipment};
 use drover_agent::roles::{self, RoleFacts, Verdict};

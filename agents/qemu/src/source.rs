@@ -250,7 +250,17 @@ impl QemuDriver {
         peer_holds: Option<String>,
     ) -> Result<Frozen, DriverError> {
         let (ids, endpoint) = self.sync_members(group_id, peer_endpoint)?;
-        if let Some(ep) = peer_endpoint {
+        // Stored for the syncs that come without one. Periodic syncs pass the endpoint the
+        // orchestrator last named, mostly the stored one: written only when it changed.
+        let stored = |st: &State| {
+            ids.iter().all(|id| {
+                st.volumes
+                    .get(id)
+                    .and_then(|v| v.peer.as_ref())
+                    .is_none_or(|p| Some(p.endpoint.as_str()) == peer_endpoint)
+            })
+        };
+        if let Some(ep) = peer_endpoint.filter(|_| !stored(&self.state.lock().expect("state poisoned"))) {
             self.update(|st| {
                 for id in &ids {
                     if let Some(p) = st.volumes.get_mut(id).and_then(|v| v.peer.as_mut()) {

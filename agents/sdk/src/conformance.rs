@@ -6,7 +6,6 @@
 //! secondary sides) and calls [`run_all`].
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use drover_proto::agent::v1 as pb;
@@ -168,7 +167,7 @@ impl Driver for Gated {
     ) -> Result<u64, DriverError> {
         self.inner.apply_recovery_point(h, i).await
     }
-    fn sync_schedule(&self) -> Vec<(String, Duration)> {
+    fn sync_schedule(&self) -> Vec<crate::driver::ScheduledSync> {
         self.inner.sync_schedule()
     }
 }

@@ -85,6 +85,17 @@ pub struct Peer {
     pub endpoint: String,
 }
 
+/// One group's periodic sync, as the driver wants it ([`Driver::sync_schedule`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScheduledSync {
+    pub group_id: String,
+    pub interval: std::time::Duration,
+    /// The backend the points ship to. The scheduler asks the orchestrator where its
+    /// agent is now and passes that endpoint to the sync, so a peer that came back at
+    /// another address is reached without waiting for an orchestrated sync.
+    pub peer_backend: String,
+}
+
 /// What EnableReplication asks of one side.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnableSpec {
@@ -391,9 +402,9 @@ pub trait Driver: Send + Sync + 'static {
         Ok(())
     }
 
-    /// How often each replicated group on this backend should be synced, for the agent's
-    /// scheduler: (group id, interval). Only groups this side is primary for.
-    fn sync_schedule(&self) -> Vec<(String, std::time::Duration)> {
+    /// How often each replicated group on this backend should be synced, and to which
+    /// backend, for the agent's scheduler. Only groups this side is primary for.
+    fn sync_schedule(&self) -> Vec<ScheduledSync> {
         Vec::new()
     }
 }

@@ -140,8 +140,9 @@ pub async fn start(
         };
         let to_orchestrator =
             tls.map(|f| f.client(drover_proto::tls::ORCHESTRATOR_NAME)).transpose().map_err(LaunchError::Tls)?;
-        let failures = running.failures.clone();
-        tokio::spawn(crate::registration::run(orchestrator, me, fencing, to_orchestrator, failures, shutdown));
+        let link =
+            crate::registration::SchedulerLink { failures: running.failures.clone(), peers: running.peers.clone() };
+        tokio::spawn(crate::registration::run(orchestrator, me, fencing, to_orchestrator, link, shutdown));
     }
     Ok(StartedAgent { local_addr: running.local_addr, config, driver, handle: running.handle })
 }

@@ -12,6 +12,14 @@ use drover_proto::v1::{HeartbeatRequest, RegisterAgentRequest};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 
+/// What the heartbeats carry for the periodic sync scheduler: its failures go up, and the
+/// peers' endpoints come back.
+#[derive(Clone, Default)]
+pub struct SchedulerLink {
+    pub failures: crate::server::SyncFailures,
+    pub peers: crate::server::PeerEndpoints,
+}
+
 /// What the agent tells the orchestrator about itself.
 #[derive(Debug, Clone)]
 pub struct Announcement {
@@ -60,7 +68,7 @@ pub async fn run(
     me: Announcement,
     fencing: Option<crate::returning::Fencing>,
     tls: Option<tonic::transport::ClientTlsConfig>,
-    failures: crate::server::SyncFailures,
+    link: SchedulerLink,
     cancel: CancellationToken,
 ) {
     let list = endpoints(&orchestrators);
@@ -122,11 +130,15 @@ pub async fn run(
                             agent_id: me.agent_id.clone(),
                             backend: me.backend.clone(),
                             lease_id: id,
-                            sync_failures: failures.drain(),
+                            sync_failures: link.failures.drain(),
+                            peer_backends: link.peers.wanted(),
                         })
                         .await;
                     match beat {
-                        Ok(_) => Ok(period),
+                        Ok(answer) => {
+                            link.peers.learn(answer.into_inner().peer_endpoints);
+                            Ok(period)
+                        }
                         Err(s) if s.code() == tonic::Code::NotFound => {
                             lease = None;
                             Err(Failed {

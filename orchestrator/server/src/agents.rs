@@ -246,6 +246,14 @@ impl AgentPool {
         self.stored_registrations(backend).await
     }
 
+    /// Where the agent that calls to `backend` go to listens now (the one
+    /// [`AgentPool::call`] picks); `None` when the backend has no live agent or the
+    /// store cannot say.
+    pub async fn endpoint(&self, backend: &str) -> Option<String> {
+        let agents = self.registrations(backend).await.ok()?;
+        pick_agent(backend, agents).ok().map(|a| a.endpoint)
+    }
+
     /// A backend's registrations read from the store now.
     pub async fn stored_registrations(&self, backend: &str) -> ApiResult<Vec<AgentRec>> {
         Ok(self.repo.list::<AgentRec>(&keys::agents_of(backend)).await?.into_iter().map(|v| v.rec).collect())

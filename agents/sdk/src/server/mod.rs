@@ -17,8 +17,8 @@ use tonic::{Request, Response, Status};
 use crate::driver::{AdoptSnapshot, Driver, EnableSpec, Peer, Role};
 use crate::ledger::Ledger;
 use convert::{driver_err, replication_info, require, size, volume_info};
-pub use scheduler::SyncFailures;
 use scheduler::run_scheduler;
+pub use scheduler::{PeerEndpoints, SyncFailures};
 
 /// The agent's implementation of `drover.agent.v1.Agent`.
 pub struct AgentService {
@@ -421,6 +421,8 @@ pub struct RunningAgent {
     pub handle: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
     /// Periodic syncs that failed, for the registration's heartbeats to report.
     pub failures: SyncFailures,
+    /// Where the periodic syncs' peers are, kept current by the heartbeats' answers.
+    pub peers: PeerEndpoints,
     /// The agent's metrics, for its metrics endpoint.
     pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
@@ -450,7 +452,8 @@ pub async fn serve(
     })
     .max_decoding_message_size(64 << 20);
     let failures = SyncFailures::default();
-    tokio::spawn(run_scheduler(driver.clone(), failures.clone(), metrics.clone(), shutdown.clone()));
+    let peers = PeerEndpoints::default();
+    tokio::spawn(run_scheduler(driver.clone(), failures.clone(), peers.clone(), metrics.clone(), shutdown.clone()));
     let accepted = metrics.accepted_connections.clone();
     let incoming = tokio_stream::StreamExt::map(drover_proto::incoming(listener), move |c| {
         if c.is_ok() {
@@ -487,5 +490,5 @@ pub async fn serve(
             .add_service(replica)
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned()),
     );
-    Ok(RunningAgent { local_addr, handle, failures, metrics })
+    Ok(RunningAgent { local_addr, handle, failures, peers, metrics })
 }

@@ -195,10 +195,7 @@ impl ReplicationApi {
     }
 
     async fn endpoint(&self, backend: &str) -> String {
-        match self.core.agents.registrations(backend).await {
-            Ok(regs) => regs.into_iter().next().map(|a| a.endpoint).unwrap_or_default(),
-            Err(_) => String::new(),
-        }
+        self.core.agents.endpoint(backend).await.unwrap_or_default()
     }
 
     /// Asks `backend` to take and ship a recovery point of the group to `peer_endpoint`.

@@ -19,6 +19,9 @@ pub struct SiteApi {
 /// How many times registration re-reads after losing a race with another registration.
 const REGISTER_ATTEMPTS: usize = 5;
 
+/// The most peer backends one heartbeat is told about (an agent ships to a few).
+const MAX_PEER_BACKENDS: usize = 32;
+
 impl SiteApi {
     async fn backend(&self, name: &str) -> ApiResult<Versioned<BackendRec>> {
         validate_name("name", name)?;
@@ -273,7 +276,18 @@ impl pb::agent_registry_server::AgentRegistry for SiteApi {
             tokio::spawn(async move { super::messages::sync_failures(&core, &failures).await });
         }
         match self.core.repo.store().keep_alive(r.lease_id).await {
-            Ok(ttl) => Ok(Response::new(pb::HeartbeatResponse { ttl_seconds: ttl })),
+            Ok(ttl) => {
+                // Where the agent's peers are now, from the registration view (no store
+                // read while it is live). Bounded: an agent ships to a few backends.
+                let mut peer_endpoints = std::collections::HashMap::new();
+                let named = r.peer_backends.iter().filter(|b| validate_name("peer_backends", b).is_ok());
+                for backend in named.take(MAX_PEER_BACKENDS) {
+                    if let Some(ep) = self.core.agents.endpoint(backend).await {
+                        peer_endpoints.insert(backend.clone(), ep);
+                    }
+                }
+                Ok(Response::new(pb::HeartbeatResponse { ttl_seconds: ttl, peer_endpoints }))
+            }
             Err(StoreError::LeaseNotFound(_)) => Err(Status::not_found(format!(
                 "registration lease {} of agent {} has expired; register again",
                 r.lease_id, r.agent_id
