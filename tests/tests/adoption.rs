@@ -221,6 +221,36 @@ async fn images_made_outside_drover_are_classified_and_taken_over_with_their_sna
         "a managed image is no longer listed"
     );
 
+    // A snapshot taken in Drover is no part of the image: the unmanage is refused before
+    // anything changes, and says what to do.
+    let taken = c
+        .snapshots
+        .create_snapshot(pb::CreateSnapshotRequest {
+            volume: "app".into(),
+            project: "tests".into(),
+            name: "mine".into(),
+        })
+        .await
+        .expect("a snapshot in Drover")
+        .into_inner();
+    let refused = c
+        .volumes
+        .unmanage_volume(pb::UnmanageVolumeRequest { volume: "app".into(), project: "tests".into() })
+        .await
+        .expect_err("unmanage with a Drover snapshot");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+    assert!(
+        refused.message().contains("mine") && refused.message().contains("drover snapshot delete"),
+        "{}",
+        refused.message()
+    );
+    let app = c.volumes.get_volume(pb::GetVolumeRequest { volume: "app".into(), project: "tests".into() }).await;
+    assert_eq!(app.unwrap().into_inner().status, "available", "a refused unmanage leaves the volume as it was");
+    c.snapshots
+        .delete_snapshot(pb::DeleteSnapshotRequest { snapshot: taken.id, project: "tests".into() })
+        .await
+        .expect("delete the Drover snapshot");
+
     // Unmanage hands the image back with its snapshots; the records go.
     let r = c
         .volumes

@@ -11,6 +11,7 @@
 //! backend with its size, no answer that was an internal error, and every resource left
 //! in error saying why; a group whose enable failed is enabled again as its message
 //! asks, and that must work (it did not, on the mock, before the fifteenth session).
+//! Nor may a backend hold a volume, replica or snapshot that Drover forgot.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -425,6 +426,8 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
         }
     }
 
+    f.violations.extend(forgotten(&mut c, cluster.path()).await);
+
     eprintln!("chaos-ops [seed {seed}]: {f:#?}");
     println!(
         "chaos ops (seed {seed}): {ROUNDS} rounds, faults {:?}, {} callers left, executions {:?} ({} resumed), {} \
@@ -439,6 +442,64 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
     );
     assert!(f.violations.is_empty(), "seed {seed}: {:#?}", f.violations);
     assert!(f.answers.keys().filter(|(_, code)| code == "ok").count() >= 4, "too little succeeded: {:?}", f.answers);
+}
+
+/// What the backends hold that Drover forgot: a volume Drover has no record of (a create
+/// or a delete cut short and never finished), a replica of a volume whose group is not
+/// replicated, a snapshot Drover does not know, or a test clone left behind. Read from
+/// the mock agents' state files once every execution has ended.
+async fn forgotten(c: &mut Clients, dir: &std::path::Path) -> Vec<String> {
+    let (vols, grps, snaps) = (volumes(c).await, groups(c).await, snapshots(c).await);
+    let by_id: BTreeMap<&str, &pb::Volume> = vols.iter().map(|v| (v.id.as_str(), v)).collect();
+    let snap_ids: std::collections::BTreeSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
+    // A replica is expected while its group replicates; a group in error may hold one
+    // or not (its message says what to do).
+    let may_have_replica: std::collections::BTreeSet<&str> = grps
+        .iter()
+        .filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over" | "error"))
+        .map(|g| g.id.as_str())
+        .collect();
+    let mut found = Vec::new();
+    for backend in ["backend-a", "backend-b"] {
+        let file = dir.join(format!("agent-{backend}")).join("mock-state.json");
+        let held = match drover_agent_mock::MockDriver::holdings(&file) {
+            Ok(Some(h)) => h,
+            Ok(None) => continue,
+            Err(e) => {
+                found.push(format!("{backend}: cannot read its state: {e}"));
+                continue;
+            }
+        };
+        for (id, (size, role)) in &held.volumes {
+            match by_id.get(id.as_str()) {
+                None => found.push(format!(
+                    "{backend} holds volume {id} ({size} bytes, role {role:?}) that Drover has no record of"
+                )),
+                Some(v) if v.active_backend != backend && !may_have_replica.contains(v.group_id.as_str()) => found
+                    .push(format!(
+                        "{backend} holds a copy of volume {} (role {role:?}), active at {}, whose group {:?} does not \
+                         replicate",
+                        v.name, v.active_backend, v.group_id
+                    )),
+                Some(_) => {}
+            }
+        }
+        for (s, of) in held.snapshots.iter().filter(|(s, _)| !snap_ids.contains(s.as_str())) {
+            let state: Vec<String> = of
+                .iter()
+                .map(|v| match by_id.get(v.as_str()) {
+                    Some(v) => format!("{} {}", v.name, v.status),
+                    None if held.unmanaged.contains(v) => format!("{v} unmanaged"),
+                    None => format!("{v} gone"),
+                })
+                .collect();
+            found.push(format!("{backend} holds snapshot {s} (of {state:?}) that Drover has no record of"));
+        }
+        for clone in &held.clones {
+            found.push(format!("{backend} holds test clone {clone}, left behind"));
+        }
+    }
+    found
 }
 
 /// Each resource left in error must say why. A group whose enable failed asks for the

@@ -115,6 +115,17 @@ struct State {
     seq: u64,
 }
 
+/// What a mock backend holds ([`MockDriver::holdings`]).
+#[derive(Debug, Clone, Default)]
+pub struct Holdings {
+    /// Volume id -> (size, replication role).
+    pub volumes: std::collections::BTreeMap<String, (u64, Option<Role>)>,
+    /// Snapshot id -> the volumes it holds.
+    pub snapshots: std::collections::BTreeMap<String, Vec<String>>,
+    pub clones: std::collections::BTreeSet<String>,
+    pub unmanaged: std::collections::BTreeSet<String>,
+}
+
 /// The in-memory mock driver.
 pub struct MockDriver {
     config: MockConfig,
@@ -153,6 +164,17 @@ impl MockDriver {
         }
         driver.state_file = Some(file);
         Ok(driver)
+    }
+
+    /// What a mock agent that keeps its state in `file` holds, read from its files (for
+    /// tests that look for volumes the orchestrator forgot). `None`: nothing written yet.
+    pub fn holdings(file: &std::path::Path) -> Result<Option<Holdings>, String> {
+        Ok(persist::load(file)?.map(|st| Holdings {
+            volumes: st.volumes.iter().map(|(id, v)| (id.clone(), (v.size_bytes, v.role))).collect(),
+            snapshots: st.snapshots.iter().map(|(id, s)| (id.clone(), s.volume_ids.clone())).collect(),
+            clones: st.clones.keys().cloned().collect(),
+            unmanaged: st.unmanaged.keys().cloned().collect(),
+        }))
     }
 
     fn lock(&self) -> persist::Locked<'_> {
@@ -527,6 +549,22 @@ impl Driver for MockDriver {
     async fn unmanage_volume(&self, volume_id: &str) -> Result<(), DriverError> {
         self.enter("unmanage_volume", volume_id).await?;
         let mut state = self.lock();
+        // The image handed back carries no snapshot taken here (the mock adopts none with
+        // a manage either): they must go first, as on the qemu backend.
+        let mut snaps: Vec<&str> = state
+            .snapshots
+            .values()
+            .filter(|s| s.volume_ids.iter().any(|v| v == volume_id))
+            .map(|s| s.snapshot_id.as_str())
+            .collect();
+        if !snaps.is_empty() {
+            snaps.sort_unstable();
+            return Err(DriverError::FailedPrecondition(format!(
+                "volume {volume_id} has {} snapshot(s) ({}); delete them before it can be unmanaged",
+                snaps.len(),
+                snaps.join(", ")
+            )));
+        }
         if let Some(v) = state.volumes.remove(volume_id) {
             state.unmanaged.insert(volume_id.to_string(), v.size_bytes);
         }

@@ -607,6 +607,20 @@ pub async fn snapshots(pair: &mut Pair) {
         Code::FailedPrecondition,
         "a volume with snapshots",
     );
+    if caps.capabilities.iter().any(|c| c == crate::driver::capability::MANAGE_EXISTING) {
+        // Snapshots taken through Drover are not part of the image handed back: the
+        // orchestrator forgets a volume's snapshot records when it is unmanaged, so the
+        // backend must refuse while any is there (or they would be left unknown).
+        expect_code(
+            p.unmanage_volume(pb::UnmanageVolumeRequest {
+                ctx: vctx("snap-13b", 1, "snap-a"),
+                volume_id: "snap-a".into(),
+            })
+            .await,
+            Code::FailedPrecondition,
+            "unmanaging a volume with snapshots",
+        );
+    }
     p.delete_volume(del_vol("snap-14", "snap-c")).await.expect("delete the volume made from it");
     p.delete_snapshot(del_snap("snap-15", "gs1")).await.expect("delete the snapshot");
     p.delete_snapshot(del_snap("snap-16", "gs1")).await.expect("a deleted snapshot counts as deleted");

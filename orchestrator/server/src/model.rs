@@ -159,6 +159,11 @@ pub struct SnapshotRec {
     /// The execution that took it, or the last that changed it.
     #[serde(default)]
     pub execution_id: String,
+    /// Taken over with its volume by a manage: the backend's reference of it. Such a
+    /// snapshot is inside the image, and goes back with it when the volume is unmanaged;
+    /// one taken through Drover (empty here) is not, and holds an unmanage off.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub adopted_from: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

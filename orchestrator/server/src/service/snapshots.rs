@@ -125,6 +125,7 @@ impl SnapshotApi {
             members,
             pending: Some(PendingOp::new("create", backend)),
             execution_id: String::new(),
+            adopted_from: String::new(),
         }
     }
 

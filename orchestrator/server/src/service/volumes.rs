@@ -165,6 +165,7 @@ impl VolumeApi {
                 }],
                 pending: None,
                 execution_id: String::new(),
+                adopted_from: s.reference.clone(),
             };
             txn = txn
                 .and_then(put(&keys::snapshot(&s.id), &snap))
@@ -637,6 +638,28 @@ impl VolumeApi {
     async fn unmanage(&self, r: pb::UnmanageVolumeRequest) -> ApiResult<String> {
         let v = self.core.repo.volume(&r.volume, &r.project).await?;
         require_ungrouped(&v.rec)?;
+        // Snapshots taken through Drover are not inside the image handed back, and their
+        // records go with the volume's: refused here, before anything changes (the
+        // backend refuses too, but then the volume would be left in error).
+        let index = keys::volume_snapshots(&v.rec.id);
+        let (snaps, _) = super::shared::indexed::<SnapshotRec>(&self.core, &index, keys::snapshot, 1000).await?;
+        let mut taken: Vec<String> = snaps
+            .into_iter()
+            .filter(|s| s.adopted_from.is_empty() && s.members.iter().any(|m| m.volume_id == v.rec.id))
+            .map(|s| s.name)
+            .collect();
+        if !taken.is_empty() {
+            if taken.len() > 20 {
+                taken.truncate(20);
+                taken.push("and more".into());
+            }
+            return Err(ApiError::FailedPrecondition(format!(
+                "volume {} has snapshot(s) {} taken in Drover, which the backend's image does not hold; delete them \
+                 first (`drover snapshot delete`), then unmanage it",
+                v.rec.name,
+                taken.join(", ")
+            )));
+        }
         let rule = check_volume(VolumeAction::Unmanage, &v.rec.status, &v.rec.name)?;
         writable_backend(&self.core, &v.rec.backend, "manage-existing").await?;
         let op = PendingOp::new("unmanage", &v.rec.backend);
