@@ -559,9 +559,18 @@ async fn an_apply_survives_an_agent_kill_mid_manage_and_adopts_each_image_once()
     apply_under(Fault::Agent).await;
 }
 
+/// The same with etcd SIGKILLed while a manage is in flight and restarted 1-3 s later:
+/// the apply waits out the outage in the same orchestrator, with no restart of it, and
+/// adopts every image exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_survives_an_etcd_kill_mid_manage_and_adopts_each_image_once() {
+    apply_under(Fault::Etcd).await;
+}
+
 enum Fault {
     Orchestrator,
     Agent,
+    Etcd,
 }
 
 async fn apply_under(fault: Fault) {
@@ -572,7 +581,12 @@ async fn apply_under(fault: Fault) {
         extra.extend(["--set".to_string(), format!("mock.unmanaged.img-{i}={}", 4 * MIB)]);
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
-    let mut cluster = Cluster::start(StoreChoice::Embedded, &extra).await;
+    let mut etcd = match fault {
+        Fault::Etcd => Some(Etcd::start().await),
+        _ => None,
+    };
+    let store = etcd.as_ref().map_or(StoreChoice::Embedded, StoreChoice::Etcd);
+    let mut cluster = Cluster::start(store, &extra).await;
     let mut c = cluster.clients().await;
     let plan = c
         .volumes
@@ -633,6 +647,12 @@ async fn apply_under(fault: Fault) {
             cluster.agents[1].proc.kill();
             cluster.restart_agent_with(1, "mock", &extra);
         }
+        Fault::Etcd => {
+            let etcd = etcd.as_mut().expect("the etcd variant runs on etcd");
+            etcd.kill();
+            tokio::time::sleep(Duration::from_millis(1000 + fastrand::u64(0..2000))).await;
+            etcd.restart().await;
+        }
     }
     let mut c = cluster.clients().await;
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
@@ -668,7 +688,7 @@ async fn apply_under(fault: Fault) {
     ops.dedup();
     assert_eq!(ops.len(), manages.len(), "no op_id ran twice");
     match fault {
-        Fault::Orchestrator => {
+        Fault::Orchestrator | Fault::Etcd => {
             assert_eq!(targets, (0..IMAGES).map(|i| format!("img-{i}")).collect::<Vec<_>>(), "one manage per image");
         }
         Fault::Agent => {
