@@ -1,7 +1,8 @@
 //! Chaos over the operations besides moves: volumes created, extended, deleted,
-//! unmanaged, managed again and made from snapshots, groups made and replicated,
-//! replication disabled, groups failed over and back, snapshots taken and deleted, on
-//! mock agents and real etcd. Each round asks for a few of them at
+//! unmanaged, managed again and made from snapshots, groups made and replicated (and
+//! single volumes through the per-volume API), volumes added to groups, replication
+//! disabled, groups failed over and back and synced now, volume and group snapshots
+//! taken and deleted, on mock agents and real etcd. Each round asks for a few of them at
 //! once, some callers leave early (a short deadline drops the call), and at a random
 //! moment one fault strikes: the orchestrator SIGKILLed and restarted, etcd SIGKILLed and
 //! restarted seconds later, or an agent SIGKILLed and restarted. After the rounds, with
@@ -65,6 +66,23 @@ async fn groups(c: &mut Clients) -> Vec<pb::Group> {
     }
 }
 
+/// Every group: the listed ones and those of single replicated volumes (made by the
+/// per-volume API, which the group listing leaves out), read by id.
+async fn all_groups(c: &mut Clients) -> Vec<pb::Group> {
+    let mut all = groups(c).await;
+    let listed: std::collections::BTreeSet<String> = all.iter().map(|g| g.id.clone()).collect();
+    let hidden: std::collections::BTreeSet<String> =
+        volumes(c).await.into_iter().map(|v| v.group_id).filter(|g| !g.is_empty() && !listed.contains(g)).collect();
+    for id in hidden {
+        match c.groups.get_group(pb::GetGroupRequest { group: id.clone(), project: "tests".into() }).await {
+            Ok(g) => all.push(g.into_inner()),
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => panic!("group {id}: {s:?}"),
+        }
+    }
+    all
+}
+
 async fn snapshots(c: &mut Clients) -> Vec<pb::Snapshot> {
     let (mut all, mut marker) = (Vec::new(), String::new());
     loop {
@@ -102,6 +120,14 @@ enum Op {
     Manage(String, String),
     /// A new volume from a snapshot (its id).
     FromSnapshot(String, String),
+    /// A recovery point now (sync now) of a replicating group.
+    SyncNow(String),
+    /// A consistent snapshot of a group (replicating or not).
+    GroupSnapshot(String, String),
+    /// Replication of one volume, through its own group (the per-volume API).
+    ReplicateVolume(String),
+    /// A free volume added to a group whose replication is disabled.
+    AddToGroup(String, String),
 }
 
 impl Op {
@@ -119,6 +145,10 @@ impl Op {
             Op::Unmanage(_) => "unmanage",
             Op::Manage(..) => "manage",
             Op::FromSnapshot(..) => "from-snapshot",
+            Op::SyncNow(_) => "sync-now",
+            Op::GroupSnapshot(..) => "group-snapshot",
+            Op::ReplicateVolume(_) => "replicate-volume",
+            Op::AddToGroup(..) => "add-to-group",
         }
     }
 }
@@ -209,6 +239,36 @@ async fn run(mut c: Clients, op: Op) -> Result<(), tonic::Status> {
             })
             .await
             .map(|_| ()),
+        Op::SyncNow(group) => c
+            .replication
+            .sync_group(pb::SyncGroupRequest { group, project: project(), ..Default::default() })
+            .await
+            .map(|_| ()),
+        Op::GroupSnapshot(group, name) => c
+            .snapshots
+            .create_group_snapshot(pb::CreateGroupSnapshotRequest { group, project: project(), name })
+            .await
+            .map(|_| ()),
+        Op::ReplicateVolume(volume) => c
+            .replication
+            .enable_volume_replication(pb::VolumeReplicationRequest {
+                volume,
+                project: project(),
+                target_backend: "backend-b".into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Op::AddToGroup(group, volume) => c
+            .groups
+            .update_group(pb::UpdateGroupRequest {
+                group,
+                project: project(),
+                add_volumes: vec![volume],
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -228,7 +288,7 @@ async fn seen(c: &mut Clients) -> Seen {
         .await
         .map(|r| r.into_inner().volumes.into_iter().filter(|m| m.safe_to_manage).map(|m| m.reference).collect())
         .unwrap_or_default();
-    Seen { vols: volumes(c).await, grps: groups(c).await, snaps: snapshots(c).await, unmanaged }
+    Seen { vols: volumes(c).await, grps: all_groups(c).await, snaps: snapshots(c).await, unmanaged }
 }
 
 /// Picks an operation that makes sense for the state read at the round's start.
@@ -241,7 +301,7 @@ fn pick(rng: &mut fastrand::Rng, n: usize, seen: &Seen) -> Op {
     let disabled: Vec<&pb::Group> = grps.iter().filter(|g| g.replication_status == "disabled").collect();
     let available_snaps: Vec<&pb::Snapshot> = snaps.iter().filter(|s| s.status == "available").collect();
     for _ in 0..20 {
-        let op = match rng.u32(0..13) {
+        let op = match rng.u32(0..17) {
             0 | 1 => Some(Op::CreateVolume(format!("v{n}"))),
             2 => rng.choice(&available).map(|v| Op::Extend(v.name.clone(), v.size_bytes + MIB)),
             3 => rng.choice(&free).map(|v| Op::DeleteVolume(v.name.clone())),
@@ -256,6 +316,12 @@ fn pick(rng: &mut fastrand::Rng, n: usize, seen: &Seen) -> Op {
             9 => rng.choice(snaps).map(|s| Op::DeleteSnapshot(s.id.clone())),
             10 => rng.choice(&free).map(|v| Op::Unmanage(v.name.clone())),
             11 => rng.choice(&seen.unmanaged).map(|r| Op::Manage(r.clone(), format!("m{n}"))),
+            13 => rng.choice(&at_rest).map(|g| Op::SyncNow(g.name.clone())),
+            14 => rng.choice(grps).map(|g| Op::GroupSnapshot(g.name.clone(), format!("gs{n}"))),
+            15 => rng.choice(&free).map(|v| Op::ReplicateVolume(v.name.clone())),
+            16 => rng
+                .choice(&disabled)
+                .and_then(|g| rng.choice(&free).map(|v| Op::AddToGroup(g.name.clone(), v.name.clone()))),
             _ => rng.choice(&available_snaps).map(|s| Op::FromSnapshot(s.id.clone(), format!("c{n}"))),
         };
         if let Some(op) = op {
@@ -270,6 +336,8 @@ struct Figures {
     faults: BTreeMap<&'static str, usize>,
     /// (operation kind, answer code) -> count.
     answers: BTreeMap<(&'static str, String), usize>,
+    /// The first message of each refused (operation kind, code).
+    said: BTreeMap<(&'static str, String), String>,
     callers_left: usize,
     executions: BTreeMap<String, usize>,
     resumed: usize,
@@ -337,7 +405,9 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
                     if s.code() == tonic::Code::Internal {
                         f.violations.push(format!("round {round}: {kind} answered an internal error: {}", s.message()));
                     }
-                    format!("{:?}", s.code())
+                    let code = format!("{:?}", s.code());
+                    f.said.entry((kind, code.clone())).or_insert_with(|| s.message().to_string());
+                    code
                 }
             };
             *f.answers.entry((kind, code)).or_default() += 1;
@@ -375,7 +445,7 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
 
     // Nothing stuck in a transient state; every error says what to do next, and doing it
     // works.
-    let (vols, grps, snaps) = (volumes(&mut c).await, groups(&mut c).await, snapshots(&mut c).await);
+    let (vols, grps, snaps) = (volumes(&mut c).await, all_groups(&mut c).await, snapshots(&mut c).await);
     for v in &vols {
         if transient(&v.status) {
             f.violations.push(format!("volume {} stuck {}", v.name, v.status));
@@ -402,7 +472,7 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
     let (twice, admitted) = cluster.repeated_op_ids();
     f.violations.extend(twice.into_iter().map(|t| format!("agent op log: op_id twice: {t}")));
     assert!(admitted > 0 && total > 0, "the op logs are empty");
-    let grps = groups(&mut c).await;
+    let grps = all_groups(&mut c).await;
     let replicated: Vec<String> = grps
         .iter()
         .filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over"))
@@ -449,7 +519,7 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
 /// replicated, a snapshot Drover does not know, or a test clone left behind. Read from
 /// the mock agents' state files once every execution has ended.
 async fn forgotten(c: &mut Clients, dir: &std::path::Path) -> Vec<String> {
-    let (vols, grps, snaps) = (volumes(c).await, groups(c).await, snapshots(c).await);
+    let (vols, grps, snaps) = (volumes(c).await, all_groups(c).await, snapshots(c).await);
     let by_id: BTreeMap<&str, &pb::Volume> = vols.iter().map(|v| (v.id.as_str(), v)).collect();
     let snap_ids: std::collections::BTreeSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
     // A replica is expected while its group replicates; a group in error may hold one

@@ -321,6 +321,29 @@ async fn bad_input_is_refused_and_changes_nothing() {
     )
     .await;
 
+    // A volume named by its id is named by its name in the answer.
+    let member = c
+        .volumes
+        .get_volume(pb::GetVolumeRequest { volume: "app-v0".into(), project: "tests".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    expect_err(
+        c.groups
+            .create_group(pb::CreateGroupRequest {
+                name: "second-home".into(),
+                project: "tests".into(),
+                group_type: "consistent-replication".into(),
+                backend: "backend-a".into(),
+                volumes: vec![member.id.clone()],
+                ..Default::default()
+            })
+            .await,
+        Code::FailedPrecondition,
+        &["volume app-v0 is already in group", "remove it from that group first"],
+    )
+    .await;
+
     // An API version the server does not speak.
     let tls = drover_proto::tls::user_client(&drover_tests::cluster::ca_file(cluster.dir.path())).unwrap();
     let channel = tonic::transport::Endpoint::from_shared(cluster.orchestrator.endpoint.clone())

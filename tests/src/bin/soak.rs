@@ -7,7 +7,8 @@
 //! - disaster failovers (SIGKILL of site A's agent and its qemu-storage-daemon, forced
 //!   failover, restart, failback with consent);
 //! - agent restarts without a disaster (SIGKILL of either side's agent and daemon, then a
-//!   restart: the active side comes back fenced and serves writes once confirmed);
+//!   restart: the active side comes back fenced and serves writes once confirmed); one in
+//!   three comes back on a new port, which the primary's periodic syncs must find;
 //! - daemon-only kills (either side; its agent restarts it);
 //! - disable, an extend of one volume while unreplicated, and enable again (a full copy),
 //!   half of them with either agent SIGKILLed and restarted while the disable or the
@@ -579,6 +580,7 @@ async fn main() -> std::process::ExitCode {
     }
     let (mut steps, mut planned, mut disasters) = (0u64, 0u64, 0u64);
     let (mut restarts, mut daemon_kills, mut reenables, mut extends) = (0u64, 0u64, 0u64, 0u64);
+    let mut moved = 0u64;
     let (mut killed_moves, mut killed_moves_moved, mut kills_inside) = (0u64, 0u64, 0u64);
     let (mut killed_enables, mut kills_inside_enables) = (0u64, 0u64);
     let (mut killed_disables, mut kills_inside_disables) = (0u64, 0u64);
@@ -613,9 +615,20 @@ async fn main() -> std::process::ExitCode {
             let side = rng.usize(..2);
             if kind < 6 {
                 restarts += 1;
-                eprintln!("step {steps}: agent {side} and its daemon SIGKILLed and restarted");
                 cluster.agents[side].proc.kill();
-                cluster.restart_agent(side, "qemu");
+                // One restart in three comes back on a new port, as an agent moved to
+                // another host would: the primary's periodic syncs must find it there.
+                if rng.u8(..3) == 0 {
+                    moved += 1;
+                    cluster.restart_agent_elsewhere(side, "qemu");
+                    eprintln!(
+                        "step {steps}: agent {side} and its daemon SIGKILLed and restarted at {}",
+                        cluster.agents[side].addr()
+                    );
+                } else {
+                    cluster.restart_agent(side, "qemu");
+                    eprintln!("step {steps}: agent {side} and its daemon SIGKILLed and restarted");
+                }
             } else {
                 daemon_kills += 1;
                 eprintln!("step {steps}: daemon of agent {side} SIGKILLed");
@@ -847,7 +860,7 @@ async fn main() -> std::process::ExitCode {
     let realigned = realigned.len();
     println!(
         "soak (seed {seed}): {minutes} min, {steps} steps, {planned} planned moves, {disasters} disasters \
-         (site A's agent and daemon SIGKILLed), {restarts} agent restarts, {daemon_kills} daemon kills, \
+         (site A's agent and daemon SIGKILLed), {restarts} agent restarts ({moved} on a new port), {daemon_kills} daemon kills, \
          {reenables} disable/enable ({extends} extends; {killed_enables} with an agent SIGKILLed in the \
          enable, {kills_inside_enables} while it ran; {killed_disables} in the disable, {kills_inside_disables} \
          while it ran), {killed_moves} planned moves with an agent SIGKILLed \

@@ -47,26 +47,26 @@ impl GroupApi {
             }
             if v.rec.project != project {
                 return Err(ApiError::InvalidArgument(format!(
-                    "volume {r} belongs to project {}, not {project}",
-                    v.rec.project
+                    "volume {} belongs to project {}, not {project}",
+                    v.rec.name, v.rec.project
                 )));
             }
             if v.rec.backend != backend {
                 return Err(ApiError::InvalidArgument(format!(
-                    "volume {r} is on backend {}, but the group is on {backend}; a group's volumes share one backend",
-                    v.rec.backend
+                    "volume {} is on backend {}, but the group is on {backend}; a group's volumes share one backend",
+                    v.rec.name, v.rec.backend
                 )));
             }
             if !v.rec.group_id.is_empty() {
                 return Err(ApiError::FailedPrecondition(format!(
-                    "volume {r} is already in group {}; remove it from that group first",
-                    v.rec.group_id
+                    "volume {} is already in group {}; remove it from that group first",
+                    v.rec.name, v.rec.group_id
                 )));
             }
             if v.rec.status != volume_status::AVAILABLE {
                 return Err(ApiError::FailedPrecondition(format!(
-                    "volume {r} is {}; it must be available",
-                    v.rec.status
+                    "volume {} is {}; it must be available",
+                    v.rec.name, v.rec.status
                 )));
             }
             out.push(v);
