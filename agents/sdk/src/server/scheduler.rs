@@ -56,13 +56,14 @@ impl PeerEndpoints {
     /// Keeps the orchestrator's answer. A backend it left out has no live agent: its
     /// syncs go back to the address the driver stored.
     pub fn learn(&self, endpoints: HashMap<String, String>) {
+        let endpoints: HashMap<String, String> = endpoints.into_iter().filter(|(_, e)| !e.is_empty()).collect();
         let mut st = self.0.lock().expect("peer endpoints");
         for (backend, endpoint) in &endpoints {
             if st.known.get(backend) != Some(endpoint) {
                 tracing::info!(backend = %backend, endpoint = %endpoint, "peer agent endpoint");
             }
         }
-        st.known = endpoints.into_iter().filter(|(_, e)| !e.is_empty()).collect();
+        st.known = endpoints;
     }
 
     fn want(&self, backends: BTreeSet<String>) {
