@@ -206,6 +206,20 @@ async fn images_made_outside_drover_are_classified_and_taken_over_with_their_sna
         c.volumes.create_volume(req).await.unwrap_or_else(|e| panic!("volume from {snap}: {e}"));
         let u = uri(&mut c, &name).await;
         io(&u, &[&format!("read -P {pattern} 0 1M"), "read -P 0 1M 1M"]);
+        // It reads through its snapshot, so it is no image to hand back: the backend
+        // refuses, and the volume stays available (it was left in error, for good,
+        // before the sixteenth session).
+        let refused = c
+            .volumes
+            .unmanage_volume(pb::UnmanageVolumeRequest { volume: name.clone(), project: "tests".into() })
+            .await
+            .expect_err("unmanage of a volume made from a snapshot");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{}", refused.message());
+        let still = c.volumes.get_volume(pb::GetVolumeRequest { volume: name.clone(), project: "tests".into() });
+        let still = still.await.unwrap().into_inner();
+        assert_eq!(still.status, "available", "{}", still.status_reason);
+        assert!(still.status_reason.contains("reads through it"), "{}", still.status_reason);
+        io(&u, &[&format!("read -P {pattern} 0 1M")]);
         let del = pb::DeleteVolumeRequest { volume: name.clone(), project: "tests".into() };
         c.volumes.delete_volume(del).await.unwrap();
     }

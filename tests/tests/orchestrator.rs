@@ -1259,3 +1259,40 @@ async fn a_heartbeat_answers_where_the_peer_backends_agents_are() {
     ];
     assert_eq!(got, want);
 }
+
+/// An unmanage that fails (its backend answering Unavailable past the call's deadline)
+/// leaves the volume in error and says to retry the unmanage; the retry is allowed from
+/// error, and once the backend answers it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unmanage_can_be_retried_as_its_message_says() {
+    let mut cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.fail.unmanage_volume=1.0"],
+        &["--set", "defaults.agent_call_timeout=500ms"],
+    )
+    .await;
+    let mut c = cluster.clients().await;
+    let req = pb::CreateVolumeRequest {
+        name: "leaving".into(),
+        project: "tests".into(),
+        size_bytes: 1 << 30,
+        backend: "backend-a".into(),
+        ..Default::default()
+    };
+    c.volumes.create_volume(req).await.expect("create");
+    let unmanage = || pb::UnmanageVolumeRequest { volume: "leaving".into(), project: "tests".into() };
+    let failed = c.volumes.unmanage_volume(unmanage()).await.expect_err("the backend fails every unmanage");
+    let v = c.volumes.get_volume(pb::GetVolumeRequest { volume: "leaving".into(), project: "tests".into() });
+    let v = v.await.unwrap().into_inner();
+    assert_eq!(v.status, "error", "{failed:?}");
+    assert!(v.status_reason.contains("retry the unmanage"), "{}", v.status_reason);
+    // The backend recovers (its agent restarted without the fault).
+    cluster.agents[0].proc.kill();
+    cluster.restart_agent(0, "mock");
+    wait_backend_up(&mut c, "backend-a").await;
+    let r = c.volumes.unmanage_volume(unmanage()).await.expect("the retry the message asks for").into_inner();
+    assert_eq!(r.reference, v.id);
+    let gone = c.volumes.get_volume(pb::GetVolumeRequest { volume: "leaving".into(), project: "tests".into() }).await;
+    assert_eq!(gone.unwrap_err().code(), Code::NotFound);
+}

@@ -291,6 +291,10 @@ pub struct PendingOp {
     /// Manage: the snapshots the volume carries on the backend, to take over with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<AdoptedSnapshot>,
+    /// Unmanage: the volume's status before it began (empty: available), which it goes
+    /// back to when the backend refuses.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub prior_status: String,
 }
 
 /// A snapshot taken over with a managed volume: the backend's reference, and the id and
@@ -316,6 +320,7 @@ impl PendingOp {
             started_at_ms: now_ms(),
             reference: String::new(),
             snapshots: Vec::new(),
+            prior_status: String::new(),
         }
     }
 }

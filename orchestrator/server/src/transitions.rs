@@ -331,9 +331,18 @@ pub const VOLUME_TABLE: &[VolumeRule] = &[
         via: V::Extending,
         ends: &[Some(V::Available), Some(V::Error)],
     },
+    // An unmanage the backend refused (its precondition not met, nothing done) puts the
+    // volume back as it was; one that failed otherwise leaves it in error, from which it
+    // may be tried again.
     VolumeRule {
         action: VolumeAction::Unmanage,
         from: Some(V::Available),
+        via: V::Deleting,
+        ends: &[None, Some(V::Error), Some(V::Available)],
+    },
+    VolumeRule {
+        action: VolumeAction::Unmanage,
+        from: Some(V::Error),
         via: V::Deleting,
         ends: &[None, Some(V::Error)],
     },
@@ -494,6 +503,8 @@ mod tests {
         );
         assert_eq!(check_volume(VolumeAction::Delete, "error", "v").unwrap().via, VolumeStatus::Deleting);
         assert!(check_volume(VolumeAction::Delete, "creating", "v").is_err());
+        // A failed unmanage says "retry the unmanage": the retry must be allowed.
+        assert_eq!(check_volume(VolumeAction::Unmanage, "error", "v").unwrap().via, VolumeStatus::Deleting);
         assert!(verify_volume_end(VolumeAction::Delete, None).is_ok());
         assert!(verify_volume_end(VolumeAction::Extend, None).is_err(), "an extend never removes the record");
         assert!(verify_volume_end(VolumeAction::Extend, Some("available")).is_ok());

@@ -662,7 +662,7 @@ impl VolumeApi {
         }
         let rule = check_volume(VolumeAction::Unmanage, &v.rec.status, &v.rec.name)?;
         writable_backend(&self.core, &v.rec.backend, "manage-existing").await?;
-        let op = PendingOp::new("unmanage", &v.rec.backend);
+        let op = PendingOp { prior_status: v.rec.status.clone(), ..PendingOp::new("unmanage", &v.rec.backend) };
         let (rec, txn) = Self::begin_txn(&v, rule.via.as_str(), op);
         self.submit_op::<String>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
@@ -698,6 +698,19 @@ impl VolumeApi {
                     return Err(raced(&format!("volume {}", rec.id)));
                 }
                 Ok(rec.id)
+            }
+            // The backend refused before doing anything (a snapshot that reads through the
+            // volume, one made from a snapshot, …): the volume is whole and still managed,
+            // and goes back to the status it had, the refusal its reason.
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
+                let mut back = rec;
+                back.status =
+                    if op.prior_status.is_empty() { volume_status::AVAILABLE.into() } else { op.prior_status.clone() };
+                back.status_reason = format!("{err}; the volume was left as it was");
+                back.pending = None;
+                self.save(VolumeAction::Unmanage, &back, at).await?;
+                Err(err)
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
