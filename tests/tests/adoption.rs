@@ -207,8 +207,8 @@ async fn images_made_outside_drover_are_classified_and_taken_over_with_their_sna
         let u = uri(&mut c, &name).await;
         io(&u, &[&format!("read -P {pattern} 0 1M"), "read -P 0 1M 1M"]);
         // It reads through its snapshot, so it is no image to hand back: the backend
-        // refuses, and the volume stays available (it was left in error, for good,
-        // before the sixteenth session).
+        // refuses, and the volume stays available (before the sixteenth session it was
+        // left in error, where only a delete was allowed).
         let refused = c
             .volumes
             .unmanage_volume(pb::UnmanageVolumeRequest { volume: name.clone(), project: "tests".into() })
