@@ -1296,3 +1296,38 @@ async fn a_failed_unmanage_can_be_retried_as_its_message_says() {
     let gone = c.volumes.get_volume(pb::GetVolumeRequest { volume: "leaving".into(), project: "tests".into() }).await;
     assert_eq!(gone.unwrap_err().code(), Code::NotFound);
 }
+
+/// The same for an extend: one that fails leaves the volume in error with its size
+/// unknown and asks for the extend again, which is allowed from error and, once the
+/// backend answers, grows the volume and makes it available.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_extend_can_be_retried_as_its_message_says() {
+    let mut cluster = Cluster::start_custom(
+        StoreChoice::Embedded,
+        "mock",
+        &["--set", "mock.fail.extend_volume=1.0"],
+        &["--set", "defaults.agent_call_timeout=500ms"],
+    )
+    .await;
+    let mut c = cluster.clients().await;
+    let req = pb::CreateVolumeRequest {
+        name: "growing".into(),
+        project: "tests".into(),
+        size_bytes: 1 << 30,
+        backend: "backend-a".into(),
+        ..Default::default()
+    };
+    c.volumes.create_volume(req).await.expect("create");
+    let extend =
+        || pb::ExtendVolumeRequest { volume: "growing".into(), project: "tests".into(), new_size_bytes: 2 << 30 };
+    let get = || pb::GetVolumeRequest { volume: "growing".into(), project: "tests".into() };
+    let failed = c.volumes.extend_volume(extend()).await.expect_err("the backend fails every extend");
+    let v = c.volumes.get_volume(get()).await.unwrap().into_inner();
+    assert_eq!(v.status, "error", "{failed:?}");
+    assert!(v.status_reason.contains("until the extend is retried"), "{}", v.status_reason);
+    cluster.agents[0].proc.kill();
+    cluster.restart_agent(0, "mock");
+    wait_backend_up(&mut c, "backend-a").await;
+    let v = c.volumes.extend_volume(extend()).await.expect("the retry the message asks for").into_inner();
+    assert_eq!((v.status.as_str(), v.size_bytes), ("available", 2 << 30));
+}

@@ -291,8 +291,8 @@ pub struct PendingOp {
     /// Manage: the snapshots the volume carries on the backend, to take over with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub snapshots: Vec<AdoptedSnapshot>,
-    /// Unmanage: the volume's status before it began (empty: available), which it goes
-    /// back to when the backend refuses.
+    /// Extend and unmanage: the volume's status before it began (empty: available), which
+    /// it goes back to when the backend refuses.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub prior_status: String,
 }
@@ -322,6 +322,11 @@ impl PendingOp {
             snapshots: Vec::new(),
             prior_status: String::new(),
         }
+    }
+
+    /// The status a refused extend or unmanage puts its volume back to.
+    pub fn prior_status(&self) -> String {
+        if self.prior_status.is_empty() { volume_status::AVAILABLE.to_string() } else { self.prior_status.clone() }
     }
 }
 

@@ -331,6 +331,14 @@ pub const VOLUME_TABLE: &[VolumeRule] = &[
         via: V::Extending,
         ends: &[Some(V::Available), Some(V::Error)],
     },
+    // A failed extend leaves the size unknown and asks for the extend again; one the
+    // backend refuses leaves the volume as it was (in error, when it was).
+    VolumeRule {
+        action: VolumeAction::Extend,
+        from: Some(V::Error),
+        via: V::Extending,
+        ends: &[Some(V::Available), Some(V::Error)],
+    },
     // An unmanage the backend refused (its precondition not met, nothing done) puts the
     // volume back as it was; one that failed otherwise leaves it in error, from which it
     // may be tried again.
@@ -499,8 +507,13 @@ mod tests {
     #[test]
     fn volume_transitions_follow_their_table() {
         assert!(
-            check_volume(VolumeAction::Extend, "error", "v").unwrap_err().to_string().contains("needs it available")
+            check_volume(VolumeAction::Extend, "creating", "v")
+                .unwrap_err()
+                .to_string()
+                .contains("needs it available or error")
         );
+        // A failed extend says to retry it: the retry must be allowed.
+        assert_eq!(check_volume(VolumeAction::Extend, "error", "v").unwrap().via, VolumeStatus::Extending);
         assert_eq!(check_volume(VolumeAction::Delete, "error", "v").unwrap().via, VolumeStatus::Deleting);
         assert!(check_volume(VolumeAction::Delete, "creating", "v").is_err());
         // A failed unmanage says "retry the unmanage": the retry must be allowed.

@@ -385,7 +385,11 @@ impl VolumeApi {
             )));
         }
         writable_backend(&self.core, &v.rec.backend, "extend").await?;
-        let op = PendingOp { new_size_bytes: new_size, ..PendingOp::new("extend", &v.rec.backend) };
+        let op = PendingOp {
+            new_size_bytes: new_size,
+            prior_status: v.rec.status.clone(),
+            ..PendingOp::new("extend", &v.rec.backend)
+        };
         let (rec, txn) = Self::begin_txn(&v, rule.via.as_str(), op);
         self.submit_op::<VolumeRec>(&rec, txn, || raced(&format!("volume {}", rec.name))).await
     }
@@ -416,7 +420,7 @@ impl VolumeApi {
             }
             Err(s) if agent_refused(&s) => {
                 // The backend refused: the volume is as it was.
-                rec.status = volume_status::AVAILABLE.into();
+                rec.status = op.prior_status();
                 rec.pending = None;
                 self.save(VolumeAction::Extend, &rec, at).await?;
                 Err(from_agent(&rec.backend, &format!("extend volume {}", rec.name), &s))
@@ -702,11 +706,10 @@ impl VolumeApi {
             // The backend refused before doing anything (a snapshot that reads through the
             // volume, one made from a snapshot, …): the volume is whole and still managed,
             // and goes back to the status it had, the refusal its reason.
-            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+            Err(s) if agent_refused(&s) => {
                 let err = from_agent(&rec.backend, &format!("unmanage volume {}", rec.name), &s);
                 let mut back = rec;
-                back.status =
-                    if op.prior_status.is_empty() { volume_status::AVAILABLE.into() } else { op.prior_status.clone() };
+                back.status = op.prior_status();
                 back.status_reason = format!("{err}; the volume was left as it was");
                 back.pending = None;
                 self.save(VolumeAction::Unmanage, &back, at).await?;
