@@ -1260,41 +1260,55 @@ async fn a_heartbeat_answers_where_the_peer_backends_agents_are() {
     assert_eq!(got, want);
 }
 
-/// An unmanage that fails (its backend answering Unavailable past the call's deadline)
-/// leaves the volume in error and says to retry the unmanage; the retry is allowed from
-/// error, and once the backend answers it goes through.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_unmanage_can_be_retried_as_its_message_says() {
-    let mut cluster = Cluster::start_custom(
+/// A cluster whose backend-a fails every `op` with Unavailable (agent calls time out
+/// after 500 ms), with a 1 GiB volume `name` on it.
+async fn failing_backend(op: &str, name: &str) -> (Cluster, Clients) {
+    let fail = format!("mock.fail.{op}=1.0");
+    let cluster = Cluster::start_custom(
         StoreChoice::Embedded,
         "mock",
-        &["--set", "mock.fail.unmanage_volume=1.0"],
+        &["--set", &fail],
         &["--set", "defaults.agent_call_timeout=500ms"],
     )
     .await;
     let mut c = cluster.clients().await;
     let req = pb::CreateVolumeRequest {
-        name: "leaving".into(),
+        name: name.into(),
         project: "tests".into(),
         size_bytes: 1 << 30,
         backend: "backend-a".into(),
         ..Default::default()
     };
     c.volumes.create_volume(req).await.expect("create");
-    let unmanage = || pb::UnmanageVolumeRequest { volume: "leaving".into(), project: "tests".into() };
-    let failed = c.volumes.unmanage_volume(unmanage()).await.expect_err("the backend fails every unmanage");
-    let v = c.volumes.get_volume(pb::GetVolumeRequest { volume: "leaving".into(), project: "tests".into() });
-    let v = v.await.unwrap().into_inner();
-    assert_eq!(v.status, "error", "{failed:?}");
-    assert!(v.status_reason.contains("retry the unmanage"), "{}", v.status_reason);
-    // The backend recovers (its agent restarted without the fault).
+    (cluster, c)
+}
+
+/// Backend-a recovers: its agent restarts without the fault.
+async fn recover(cluster: &mut Cluster, c: &mut Clients) {
     cluster.agents[0].proc.kill();
     cluster.restart_agent(0, "mock");
-    wait_backend_up(&mut c, "backend-a").await;
+    wait_backend_up(c, "backend-a").await;
+}
+
+fn get(volume: &str) -> pb::GetVolumeRequest {
+    pb::GetVolumeRequest { volume: volume.into(), project: "tests".into() }
+}
+
+/// An unmanage that fails (its backend answering Unavailable past the call's deadline)
+/// leaves the volume in error and says to retry the unmanage; the retry is allowed from
+/// error, and once the backend answers it goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_unmanage_can_be_retried_as_its_message_says() {
+    let (mut cluster, mut c) = failing_backend("unmanage_volume", "leaving").await;
+    let unmanage = || pb::UnmanageVolumeRequest { volume: "leaving".into(), project: "tests".into() };
+    let failed = c.volumes.unmanage_volume(unmanage()).await.expect_err("the backend fails every unmanage");
+    let v = c.volumes.get_volume(get("leaving")).await.unwrap().into_inner();
+    assert_eq!(v.status, "error", "{failed:?}");
+    assert!(v.status_reason.contains("retry the unmanage"), "{}", v.status_reason);
+    recover(&mut cluster, &mut c).await;
     let r = c.volumes.unmanage_volume(unmanage()).await.expect("the retry the message asks for").into_inner();
     assert_eq!(r.reference, v.id);
-    let gone = c.volumes.get_volume(pb::GetVolumeRequest { volume: "leaving".into(), project: "tests".into() }).await;
-    assert_eq!(gone.unwrap_err().code(), Code::NotFound);
+    assert_eq!(c.volumes.get_volume(get("leaving")).await.unwrap_err().code(), Code::NotFound);
 }
 
 /// The same for an extend: one that fails leaves the volume in error with its size
@@ -1302,32 +1316,14 @@ async fn a_failed_unmanage_can_be_retried_as_its_message_says() {
 /// backend answers, grows the volume and makes it available.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_extend_can_be_retried_as_its_message_says() {
-    let mut cluster = Cluster::start_custom(
-        StoreChoice::Embedded,
-        "mock",
-        &["--set", "mock.fail.extend_volume=1.0"],
-        &["--set", "defaults.agent_call_timeout=500ms"],
-    )
-    .await;
-    let mut c = cluster.clients().await;
-    let req = pb::CreateVolumeRequest {
-        name: "growing".into(),
-        project: "tests".into(),
-        size_bytes: 1 << 30,
-        backend: "backend-a".into(),
-        ..Default::default()
-    };
-    c.volumes.create_volume(req).await.expect("create");
+    let (mut cluster, mut c) = failing_backend("extend_volume", "growing").await;
     let extend =
         || pb::ExtendVolumeRequest { volume: "growing".into(), project: "tests".into(), new_size_bytes: 2 << 30 };
-    let get = || pb::GetVolumeRequest { volume: "growing".into(), project: "tests".into() };
     let failed = c.volumes.extend_volume(extend()).await.expect_err("the backend fails every extend");
-    let v = c.volumes.get_volume(get()).await.unwrap().into_inner();
+    let v = c.volumes.get_volume(get("growing")).await.unwrap().into_inner();
     assert_eq!(v.status, "error", "{failed:?}");
     assert!(v.status_reason.contains("until the extend is retried"), "{}", v.status_reason);
-    cluster.agents[0].proc.kill();
-    cluster.restart_agent(0, "mock");
-    wait_backend_up(&mut c, "backend-a").await;
+    recover(&mut cluster, &mut c).await;
     let v = c.volumes.extend_volume(extend()).await.expect("the retry the message asks for").into_inner();
     assert_eq!((v.status.as_str(), v.size_bytes), ("available", 2 << 30));
 }
