@@ -67,12 +67,13 @@ async fn groups(c: &mut Clients) -> Vec<pb::Group> {
 }
 
 /// Every group: the listed ones and those of single replicated volumes (made by the
-/// per-volume API, which the group listing leaves out), read by id.
-async fn all_groups(c: &mut Clients) -> Vec<pb::Group> {
+/// per-volume API, which the group listing leaves out), read by id; `vols` is the volume
+/// listing the caller already holds.
+async fn all_groups(c: &mut Clients, vols: &[pb::Volume]) -> Vec<pb::Group> {
     let mut all = groups(c).await;
-    let listed: std::collections::BTreeSet<String> = all.iter().map(|g| g.id.clone()).collect();
+    let listed: std::collections::BTreeSet<&str> = all.iter().map(|g| g.id.as_str()).collect();
     let hidden: std::collections::BTreeSet<String> =
-        volumes(c).await.into_iter().map(|v| v.group_id).filter(|g| !g.is_empty() && !listed.contains(g)).collect();
+        vols.iter().map(|v| v.group_id.clone()).filter(|g| !g.is_empty() && !listed.contains(g.as_str())).collect();
     for id in hidden {
         match c.groups.get_group(pb::GetGroupRequest { group: id.clone(), project: "tests".into() }).await {
             Ok(g) => all.push(g.into_inner()),
@@ -288,7 +289,9 @@ async fn seen(c: &mut Clients) -> Seen {
         .await
         .map(|r| r.into_inner().volumes.into_iter().filter(|m| m.safe_to_manage).map(|m| m.reference).collect())
         .unwrap_or_default();
-    Seen { vols: volumes(c).await, grps: all_groups(c).await, snaps: snapshots(c).await, unmanaged }
+    let vols = volumes(c).await;
+    let grps = all_groups(c, &vols).await;
+    Seen { vols, grps, snaps: snapshots(c).await, unmanaged }
 }
 
 /// Picks an operation that makes sense for the state read at the round's start.
@@ -445,7 +448,8 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
 
     // Nothing stuck in a transient state; every error says what to do next, and doing it
     // works.
-    let (vols, grps, snaps) = (volumes(&mut c).await, all_groups(&mut c).await, snapshots(&mut c).await);
+    let vols = volumes(&mut c).await;
+    let (grps, snaps) = (all_groups(&mut c, &vols).await, snapshots(&mut c).await);
     for v in &vols {
         if transient(&v.status) {
             f.violations.push(format!("volume {} stuck {}", v.name, v.status));
@@ -472,7 +476,8 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
     let (twice, admitted) = cluster.repeated_op_ids();
     f.violations.extend(twice.into_iter().map(|t| format!("agent op log: op_id twice: {t}")));
     assert!(admitted > 0 && total > 0, "the op logs are empty");
-    let grps = all_groups(&mut c).await;
+    let vols = volumes(&mut c).await;
+    let grps = all_groups(&mut c, &vols).await;
     let replicated: Vec<String> = grps
         .iter()
         .filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over"))
@@ -480,7 +485,7 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
         .collect();
     let agents = [("backend-a", cluster.agents[0].endpoint.clone()), ("backend-b", cluster.agents[1].endpoint.clone())];
     f.violations.extend(role_violations(&mut c, cluster.dir.path(), &agents, &replicated).await);
-    for v in volumes(&mut c).await.iter().filter(|v| v.status == "available") {
+    for v in vols.iter().filter(|v| v.status == "available") {
         let side = if v.active_backend == "backend-b" { 1 } else { 0 };
         let mut agent = drover_tests::cluster::agent_client(&agents[side].1, cluster.path()).await;
         match agent.get_volume(apb::GetVolumeRequest { volume_id: v.id.clone() }).await {
@@ -519,7 +524,8 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
 /// replicated, a snapshot Drover does not know, or a test clone left behind. Read from
 /// the mock agents' state files once every execution has ended.
 async fn forgotten(c: &mut Clients, dir: &std::path::Path) -> Vec<String> {
-    let (vols, grps, snaps) = (volumes(c).await, all_groups(c).await, snapshots(c).await);
+    let vols = volumes(c).await;
+    let (grps, snaps) = (all_groups(c, &vols).await, snapshots(c).await);
     let by_id: BTreeMap<&str, &pb::Volume> = vols.iter().map(|v| (v.id.as_str(), v)).collect();
     let snap_ids: std::collections::BTreeSet<&str> = snaps.iter().map(|s| s.id.as_str()).collect();
     // A replica is expected while its group replicates; a group in error may hold one
