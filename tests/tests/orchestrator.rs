@@ -1263,15 +1263,7 @@ async fn a_heartbeat_answers_where_the_peer_backends_agents_are() {
 /// A cluster whose backend-a fails every `op` with Unavailable (agent calls time out
 /// after 500 ms), with a 1 GiB volume `name` on it.
 async fn failing_backend(op: &str, name: &str) -> (Cluster, Clients) {
-    let fail = format!("mock.fail.{op}=1.0");
-    let cluster = Cluster::start_custom(
-        StoreChoice::Embedded,
-        "mock",
-        &["--set", &fail],
-        &["--set", "defaults.agent_call_timeout=500ms"],
-    )
-    .await;
-    let mut c = cluster.clients().await;
+    let (cluster, mut c) = failing_backend_holding(op, &[]).await;
     let req = pb::CreateVolumeRequest {
         name: name.into(),
         project: "tests".into(),
@@ -1280,6 +1272,19 @@ async fn failing_backend(op: &str, name: &str) -> (Cluster, Clients) {
         ..Default::default()
     };
     c.volumes.create_volume(req).await.expect("create");
+    (cluster, c)
+}
+
+/// A cluster whose backend-a fails every `op` (Unavailable, past the calls' 500 ms
+/// deadline), with `agent_extra` flags for its agents.
+async fn failing_backend_holding(op: &str, agent_extra: &[&str]) -> (Cluster, Clients) {
+    let fail = format!("mock.fail.{op}=1.0");
+    let mut extra = vec!["--set", &fail];
+    extra.extend_from_slice(agent_extra);
+    let cluster =
+        Cluster::start_custom(StoreChoice::Embedded, "mock", &extra, &["--set", "defaults.agent_call_timeout=500ms"])
+            .await;
+    let c = cluster.clients().await;
     (cluster, c)
 }
 
@@ -1309,6 +1314,41 @@ async fn a_failed_unmanage_can_be_retried_as_its_message_says() {
     let r = c.volumes.unmanage_volume(unmanage()).await.expect("the retry the message asks for").into_inner();
     assert_eq!(r.reference, v.id);
     assert_eq!(c.volumes.get_volume(get("leaving")).await.unwrap_err().code(), Code::NotFound);
+}
+
+/// A manage that fails leaves the volume in error and says to unmanage it, not to
+/// delete it (the backend may have taken the image before its answer was lost); the
+/// unmanage is allowed from error, the image is still there to manage, and the manage
+/// the message asks for goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_manage_can_be_unmanaged_and_managed_again_as_its_message_says() {
+    let (mut cluster, mut c) =
+        failing_backend_holding("manage_volume", &["--set", "mock.unmanaged.legacy=1073741824"]).await;
+    let manage = || pb::ManageVolumeRequest {
+        backend: "backend-a".into(),
+        reference: "legacy".into(),
+        name: "adopted".into(),
+        project: "tests".into(),
+        without_snapshots: false,
+    };
+    let failed = c.volumes.manage_volume(manage()).await.expect_err("the backend fails every manage");
+    let v = c.volumes.get_volume(get("adopted")).await.unwrap().into_inner();
+    assert_eq!(v.status, "error", "{failed:?}");
+    assert!(v.status_reason.contains("drover volume unmanage adopted"), "{}", v.status_reason);
+    assert!(!v.status_reason.contains("delete"), "a delete could destroy the image: {}", v.status_reason);
+    recover(&mut cluster, &mut c).await;
+    let unmanage = pb::UnmanageVolumeRequest { volume: "adopted".into(), project: "tests".into() };
+    c.volumes.unmanage_volume(unmanage).await.expect("unmanage from error, as the message says");
+    assert_eq!(c.volumes.get_volume(get("adopted")).await.unwrap_err().code(), Code::NotFound);
+    let listed = c
+        .volumes
+        .list_manageable_volumes(pb::ListManageableVolumesRequest { backend: "backend-a".into(), ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.volumes.iter().any(|m| m.reference == "legacy"), "the image is still there: {listed:?}");
+    let v = c.volumes.manage_volume(manage()).await.expect("the manage again").into_inner();
+    assert_eq!((v.status.as_str(), v.size_bytes), ("available", 1 << 30));
 }
 
 /// The same for an extend: one that fails leaves the volume in error with its size

@@ -33,7 +33,9 @@ pub struct MockConfig {
     /// Operation name (e.g. `promote`) to the probability in [0, 1] that it fails with
     /// Unavailable.
     pub fail: HashMap<String, f64>,
-    /// Unmanaged volumes the backend pretends to hold: reference to size in bytes.
+    /// Unmanaged volumes the backend pretends to hold: reference to size in bytes. They
+    /// are there from the agent's first start (written to its state then); a restart
+    /// reads its state back, with or without this setting, as a backend's disk would.
     pub unmanaged: HashMap<String, u64>,
     /// Append every driver call to this file as a JSON line.
     pub oplog: Option<PathBuf>,
@@ -159,10 +161,19 @@ impl MockDriver {
     /// restarted agent still has them.
     pub fn with_state_file(config: MockConfig, file: PathBuf) -> Result<Self, DriverError> {
         let mut driver = Self::new(config);
-        if let Some(state) = persist::load(&file).map_err(DriverError::Internal)? {
+        let found = persist::load(&file).map_err(DriverError::Internal)?;
+        let first_start = found.is_none();
+        if let Some(state) = found {
             driver.state = Mutex::new(state);
         }
         driver.state_file = Some(file);
+        if first_start && !driver.config.unmanaged.is_empty() {
+            // The configured images are on the backend before any call: written now, so
+            // an agent restarted without the setting (before any change was saved) still
+            // holds them.
+            let mut state = driver.lock();
+            let _ = &mut *state;
+        }
         Ok(driver)
     }
 

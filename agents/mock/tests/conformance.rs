@@ -37,3 +37,23 @@ async fn every_change_is_in_the_state_file_when_its_call_returns() {
         assert!(v.is_err(), "volume v{i:03} is missing from the state file: {v:?}");
     }
 }
+
+/// The images a mock is configured to hold unmanaged are on its "disk" from its first
+/// start: reopened without the setting, before any call changed anything, it still
+/// lists them, and a second start with the setting does not bring back one it gave
+/// away since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configured_unmanaged_images_survive_a_restart_without_the_setting() {
+    use drover_agent::driver::Driver;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("mock-state.json");
+    let config = || MockConfig { unmanaged: [("legacy".to_string(), 1 << 20)].into(), ..MockConfig::default() };
+    drop(MockDriver::with_state_file(config(), file.clone()).unwrap());
+    let reopened = MockDriver::with_state_file(MockConfig::default(), file.clone()).unwrap();
+    let listed: Vec<String> = reopened.list_manageable().await.unwrap().into_iter().map(|m| m.reference).collect();
+    assert_eq!(listed, ["legacy"]);
+    reopened.manage_volume("legacy", "v1", &[]).await.unwrap();
+    drop(reopened);
+    let again = MockDriver::with_state_file(config(), file).unwrap();
+    assert!(again.list_manageable().await.unwrap().is_empty(), "the managed image is not offered again");
+}

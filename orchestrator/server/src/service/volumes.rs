@@ -632,8 +632,15 @@ impl VolumeApi {
             }
             Err(s) => {
                 let err = from_agent(&rec.backend, &format!("manage {}", op.reference), &s);
-                self.fail(VolumeAction::Manage, rec, at, format!("{err}; unmanage or delete the volume and retry"))
-                    .await?;
+                // Not "delete": the backend may have taken the image before the answer
+                // was lost, and a delete would destroy what the admin meant to adopt.
+                let next = format!(
+                    "{err}; unmanage the volume (`drover volume unmanage {}`), which hands the image back if the \
+                     backend took it, then manage it again under the reference `drover volume manageable-list \
+                     --backend {}` shows",
+                    rec.name, rec.backend
+                );
+                self.fail(VolumeAction::Manage, rec, at, next).await?;
                 Err(err)
             }
         }
