@@ -527,6 +527,38 @@ async fn a_whole_backend_fails_over_and_back() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("is in group be-000, which is what replicates it"), "{err}");
+    // A volume's own group keeps it alone, even with its replication disabled: nothing
+    // joins it, and its volume does not leave it (found by chaos_ops).
+    let own = format!("volume-{}", solo(&mut c, 1).await.id);
+    c.volumes
+        .create_volume(pb::CreateVolumeRequest {
+            name: "loose".into(),
+            project: "tests".into(),
+            size_bytes: 1 << 30,
+            backend: "backend-a".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let change = |add: &str, remove: &str| pb::UpdateGroupRequest {
+        group: own.clone(),
+        project: "tests".into(),
+        add_volumes: [add].into_iter().filter(|v| !v.is_empty()).map(String::from).collect(),
+        remove_volumes: [remove].into_iter().filter(|v| !v.is_empty()).map(String::from).collect(),
+        ..Default::default()
+    };
+    for (add, remove) in [("loose", ""), ("", "solo-1")] {
+        let refused = c.groups.update_group(change(add, remove)).await.expect_err("a volume's own group");
+        assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused:?}");
+        assert!(refused.message().contains("own replication group"), "{refused:?}");
+    }
+    assert_eq!(solo(&mut c, 1).await.group_id, c.groups.get_group(get_group(&own)).await.unwrap().into_inner().id);
+    let out = cluster.cli(&["volume", "enable-replication", "solo-1", "--target", "backend-b"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+fn get_group(group: &str) -> pb::GetGroupRequest {
+    pb::GetGroupRequest { group: group.into(), project: "tests".into() }
 }
 
 /// The tenant-path runbook: one group by name and project, planned; a group of another

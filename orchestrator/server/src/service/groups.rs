@@ -256,6 +256,17 @@ impl GroupApi {
         }
         let g = self.core.repo.group(&r.group, &r.project).await?;
         Self::require_membership_changeable(&g.rec)?;
+        if membership && !g.rec.for_volume.is_empty() {
+            // A volume's own group stays that volume's alone: another volume in it would
+            // move with the per-volume calls and be missing from group listings, and an
+            // emptied one would block the volume's next enable by its name.
+            return Err(ApiError::FailedPrecondition(format!(
+                "group {} is volume {}'s own replication group (`drover volume enable-replication`) and holds that \
+                 volume alone; put volumes together in a group of their own (`drover group create`), or stop this \
+                 volume's replication with `drover volume disable-replication {}`",
+                g.rec.name, g.rec.for_volume, g.rec.for_volume
+            )));
+        }
         if !membership {
             return Err(ApiError::InvalidArgument(
                 "nothing to update: name volumes to add or remove, labels to set or remove, or a tier".into(),
