@@ -2,7 +2,8 @@
 //! unmanaged, managed again and made from snapshots, groups made and replicated (and
 //! single volumes through the per-volume API), volumes added to groups, replication
 //! disabled, groups failed over and back and synced now, volume and group snapshots
-//! taken and deleted, on mock agents and real etcd. Each round asks for a few of them at
+//! taken and deleted, volumes taken out of groups, backends frozen and thawed, on mock
+//! agents and real etcd. Each round asks for a few of them at
 //! once, some callers leave early (a short deadline drops the call), and at a random
 //! moment one fault strikes: the orchestrator SIGKILLed and restarted, etcd SIGKILLed and
 //! restarted seconds later, or an agent SIGKILLed and restarted. After the rounds, with
@@ -129,6 +130,11 @@ enum Op {
     ReplicateVolume(String),
     /// A free volume added to a group whose replication is disabled.
     AddToGroup(String, String),
+    /// A volume (its id) taken out of a group whose replication is disabled.
+    RemoveFromGroup(String, String),
+    /// A backend frozen (no management changes on it) or thawed, as a site runbook does.
+    Freeze(&'static str),
+    Thaw(&'static str),
 }
 
 impl Op {
@@ -150,6 +156,9 @@ impl Op {
             Op::GroupSnapshot(..) => "group-snapshot",
             Op::ReplicateVolume(_) => "replicate-volume",
             Op::AddToGroup(..) => "add-to-group",
+            Op::RemoveFromGroup(..) => "remove-from-group",
+            Op::Freeze(_) => "freeze",
+            Op::Thaw(_) => "thaw",
         }
     }
 }
@@ -270,6 +279,20 @@ async fn run(mut c: Clients, op: Op) -> Result<(), tonic::Status> {
             })
             .await
             .map(|_| ()),
+        Op::RemoveFromGroup(group, volume) => c
+            .groups
+            .update_group(pb::UpdateGroupRequest {
+                group,
+                project: project(),
+                remove_volumes: vec![volume],
+                ..Default::default()
+            })
+            .await
+            .map(|_| ()),
+        Op::Freeze(backend) => {
+            c.sites.freeze_backend(pb::FreezeBackendRequest { name: backend.into() }).await.map(|_| ())
+        }
+        Op::Thaw(backend) => c.sites.thaw_backend(pb::ThawBackendRequest { name: backend.into() }).await.map(|_| ()),
     }
 }
 
@@ -280,6 +303,8 @@ struct Seen {
     snaps: Vec<pb::Snapshot>,
     /// References backend-a could manage.
     unmanaged: Vec<String>,
+    /// Backends frozen at the round's start.
+    frozen: Vec<&'static str>,
 }
 
 async fn seen(c: &mut Clients) -> Seen {
@@ -289,9 +314,14 @@ async fn seen(c: &mut Clients) -> Seen {
         .await
         .map(|r| r.into_inner().volumes.into_iter().filter(|m| m.safe_to_manage).map(|m| m.reference).collect())
         .unwrap_or_default();
+    let listed = c.sites.list_backends(pb::ListBackendsRequest::default()).await.expect("list backends").into_inner();
+    let frozen = ["backend-a", "backend-b"]
+        .into_iter()
+        .filter(|b| listed.backends.iter().any(|l| l.name == *b && l.frozen))
+        .collect();
     let vols = volumes(c).await;
     let grps = all_groups(c, &vols).await;
-    Seen { vols, grps, snaps: snapshots(c).await, unmanaged }
+    Seen { vols, grps, snaps: snapshots(c).await, unmanaged, frozen }
 }
 
 /// Picks an operation that makes sense for the state read at the round's start.
@@ -302,9 +332,18 @@ fn pick(rng: &mut fastrand::Rng, n: usize, seen: &Seen) -> Op {
     let at_rest: Vec<&pb::Group> =
         grps.iter().filter(|g| matches!(g.replication_status.as_str(), "enabled" | "failed-over")).collect();
     let disabled: Vec<&pb::Group> = grps.iter().filter(|g| g.replication_status == "disabled").collect();
+    // Membership changes go to groups made as groups (a volume's own group refuses them).
+    let joinable: Vec<&pb::Group> = disabled.iter().copied().filter(|g| !g.name.starts_with("volume-")).collect();
     let available_snaps: Vec<&pb::Snapshot> = snaps.iter().filter(|s| s.status == "available").collect();
+    // A frozen backend is thawed soon, as a site runbook's last step does: while it is
+    // frozen it refuses most of the other operations.
+    if let Some(backend) = rng.choice(&seen.frozen)
+        && rng.bool()
+    {
+        return Op::Thaw(backend);
+    }
     for _ in 0..20 {
-        let op = match rng.u32(0..17) {
+        let op = match rng.u32(0..19) {
             0 | 1 => Some(Op::CreateVolume(format!("v{n}"))),
             2 => rng.choice(&available).map(|v| Op::Extend(v.name.clone(), v.size_bytes + MIB)),
             3 => rng.choice(&free).map(|v| Op::DeleteVolume(v.name.clone())),
@@ -323,8 +362,12 @@ fn pick(rng: &mut fastrand::Rng, n: usize, seen: &Seen) -> Op {
             14 => rng.choice(grps).map(|g| Op::GroupSnapshot(g.name.clone(), format!("gs{n}"))),
             15 => rng.choice(&free).map(|v| Op::ReplicateVolume(v.name.clone())),
             16 => rng
-                .choice(&disabled)
+                .choice(&joinable)
                 .and_then(|g| rng.choice(&free).map(|v| Op::AddToGroup(g.name.clone(), v.name.clone()))),
+            17 => rng
+                .choice(&joinable)
+                .and_then(|g| rng.choice(&g.volume_ids).map(|v| Op::RemoveFromGroup(g.name.clone(), v.clone()))),
+            18 => Some(Op::Freeze(if rng.bool() { "backend-a" } else { "backend-b" })),
             _ => rng.choice(&available_snaps).map(|s| Op::FromSnapshot(s.id.clone(), format!("c{n}"))),
         };
         if let Some(op) = op {
@@ -421,9 +464,16 @@ async fn every_operation_under_orchestrator_etcd_and_agent_kills() {
     }
 
     // Settle: every execution ends (resumed ones after the owner lease, moves waiting
-    // for a restarted agent).
+    // for a restarted agent), and both backends are thawed, as after a site runbook.
     let mut c = cluster.clients().await;
     wait_executions_ended(&mut c, Duration::from_secs(180)).await;
+    for backend in ["backend-a", "backend-b"] {
+        let thawed = c.sites.thaw_backend(pb::ThawBackendRequest { name: backend.into() }).await;
+        match thawed {
+            Ok(b) if !b.get_ref().frozen => {}
+            other => f.violations.push(format!("{backend}: the thaw at the end did not work: {other:?}")),
+        }
+    }
     let (mut marker, mut listed) = (String::new(), Vec::new());
     loop {
         let page = c

@@ -16,7 +16,8 @@ pub struct SiteApi {
     pub core: Arc<Core>,
 }
 
-/// How many times registration re-reads after losing a race with another registration.
+/// How many times registration (or a freeze or thaw) re-reads the backend's record after
+/// losing a race with another change of it.
 const REGISTER_ATTEMPTS: usize = 5;
 
 /// The most peer backends one heartbeat is told about (an agent ships to a few).
@@ -62,18 +63,27 @@ impl SiteApi {
         })
     }
 
+    /// Sets the flag on the record as it is now. The record also changes when an agent
+    /// of the backend registers (a restart); the flag means the same whatever else the
+    /// record says, so a write that lost to such a change is made again on the new record
+    /// rather than refused.
     async fn set_frozen(&self, name: &str, frozen: bool) -> ApiResult<pb::Backend> {
-        let b = self.backend(name).await?;
-        let mut rec = b.rec.clone();
-        rec.frozen = frozen;
-        let txn = Txn::new()
-            .when(Compare::ModRevisionEquals(keys::backend(name).into_bytes(), b.rev))
-            .and_then(put(&keys::backend(name), &rec));
-        if !self.core.repo.txn(txn).await?.succeeded {
-            return Err(raced(&format!("backend {name}")));
+        for _ in 0..REGISTER_ATTEMPTS {
+            let b = self.backend(name).await?;
+            if b.rec.frozen == frozen {
+                return self.describe(&b.rec).await;
+            }
+            let mut rec = b.rec.clone();
+            rec.frozen = frozen;
+            let txn = Txn::new()
+                .when(Compare::ModRevisionEquals(keys::backend(name).into_bytes(), b.rev))
+                .and_then(put(&keys::backend(name), &rec));
+            if self.core.repo.txn(txn).await?.succeeded {
+                tracing::info!(backend = name, frozen, "backend freeze state changed");
+                return self.describe(&rec).await;
+            }
         }
-        tracing::info!(backend = name, frozen, "backend freeze state changed");
-        self.describe(&rec).await
+        Err(raced(&format!("backend {name}")))
     }
 
     async fn register(&self, r: pb::RegisterAgentRequest) -> ApiResult<pb::RegisterAgentResponse> {
