@@ -281,9 +281,9 @@ impl PageRequest {
         }
         match self.limit {
             0 => Ok(MAX_PAGE as usize),
-            n if n > MAX_PAGE => {
-                Err(ApiError::InvalidArgument(format!("`limit` {n} is above the maximum page of {MAX_PAGE}")))
-            }
+            n if n > MAX_PAGE => Err(ApiError::InvalidArgument(format!(
+                "`limit` {n} is above the maximum page of {MAX_PAGE}; ask for at most {MAX_PAGE} and follow `next_marker`"
+            ))),
             n => Ok(n as usize),
         }
     }

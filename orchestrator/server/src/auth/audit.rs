@@ -180,7 +180,9 @@ pub async fn list_page(repo: &Repo, r: &pb::ListAuditRequest, scan_max: usize) -
     let limit = match r.limit {
         0 => 100,
         n if n > MAX_PAGE => {
-            return Err(ApiError::InvalidArgument(format!("`limit` {n} is above the maximum page of {MAX_PAGE}")));
+            return Err(ApiError::InvalidArgument(format!(
+                "`limit` {n} is above the maximum page of {MAX_PAGE}; ask for at most {MAX_PAGE} and follow `next_marker`"
+            )));
         }
         n => n as usize,
     };

@@ -293,7 +293,10 @@ impl GroupApi {
         for v in &r.remove_volumes {
             let vol = self.core.repo.volume(v, &g.rec.project).await?;
             if vol.rec.group_id != g.rec.id {
-                return Err(ApiError::InvalidArgument(format!("volume {v} is not in group {}", g.rec.name)));
+                return Err(ApiError::InvalidArgument(format!(
+                    "volume {v} is not in group {}; `drover group show {}` lists its volumes",
+                    g.rec.name, g.rec.name
+                )));
             }
             removing.push(vol);
         }

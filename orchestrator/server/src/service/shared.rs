@@ -198,12 +198,12 @@ pub(crate) async fn snapshot_source(
                 s.members.iter().map(|m| m.volume_name.as_str()).collect::<Vec<_>>().join(", ")
             )));
         }
-        v => s
-            .members
-            .iter()
-            .find(|m| m.volume_id == v || m.volume_name == v)
-            .cloned()
-            .ok_or_else(|| ApiError::InvalidArgument(format!("snapshot {} holds no volume {v:?}", s.name)))?,
+        v => s.members.iter().find(|m| m.volume_id == v || m.volume_name == v).cloned().ok_or_else(|| {
+            ApiError::InvalidArgument(format!(
+                "snapshot {} holds no volume {v:?}; `drover snapshot show {}` lists the volumes it holds",
+                s.name, s.name
+            ))
+        })?,
     };
     let keep = Compare::ModRevisionEquals(keys::snapshot(&s.id).into_bytes(), snap.rev);
     Ok((snap, m, keep))

@@ -154,8 +154,13 @@ pub(super) struct ReadBatcher {
 /// one read at a time, which reads may do.
 const MAX_READS: usize = 64;
 
-/// Read requests on the wire at once.
-const READS_IN_FLIGHT: usize = 2;
+/// Read requests on the wire at once. One: the reads that arrive meanwhile wait for it
+/// and go together in the next. On this 2-core machine, where etcd, the orchestrator and
+/// the clients share the cores, each etcd request costs more CPU than the wait: against
+/// two, `GetVolume` at 16 calls in flight answered 0.3 ms sooner at the median (six
+/// alternating pairs of the `api` bench, 2026-12-01), and a site failover sent half the
+/// read requests with no change in its time (docs/performance.md).
+const READS_IN_FLIGHT: usize = 1;
 
 impl ReadBatcher {
     /// Starts the dispatcher on the current runtime; it ends when the last handle goes.
