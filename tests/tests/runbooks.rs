@@ -462,16 +462,7 @@ async fn a_whole_backend_fails_over_and_back() {
     // Five volumes replicated on their own, outside any group.
     for i in 0..5 {
         let name = format!("solo-{i}");
-        c.volumes
-            .create_volume(pb::CreateVolumeRequest {
-                name: name.clone(),
-                project: "tests".into(),
-                size_bytes: 1 << 30,
-                backend: "backend-a".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
+        volume_on_a(&mut c, &name).await;
         let out = cluster.cli(&["volume", "enable-replication", &name, "--target", "backend-b"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -530,16 +521,7 @@ async fn a_whole_backend_fails_over_and_back() {
     // A volume's own group keeps it alone, even with its replication disabled: nothing
     // joins it, and its volume does not leave it (found by chaos_ops).
     let own = format!("volume-{}", solo(&mut c, 1).await.id);
-    c.volumes
-        .create_volume(pb::CreateVolumeRequest {
-            name: "loose".into(),
-            project: "tests".into(),
-            size_bytes: 1 << 30,
-            backend: "backend-a".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    volume_on_a(&mut c, "loose").await;
     let change = |add: &str, remove: &str| pb::UpdateGroupRequest {
         group: own.clone(),
         project: "tests".into(),
@@ -555,6 +537,18 @@ async fn a_whole_backend_fails_over_and_back() {
     assert_eq!(solo(&mut c, 1).await.group_id, c.groups.get_group(get_group(&own)).await.unwrap().into_inner().id);
     let out = cluster.cli(&["volume", "enable-replication", "solo-1", "--target", "backend-b"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A 1 GiB volume on backend-a, outside any group.
+async fn volume_on_a(c: &mut Clients, name: &str) {
+    let req = pb::CreateVolumeRequest {
+        name: name.into(),
+        project: "tests".into(),
+        size_bytes: 1 << 30,
+        backend: "backend-a".into(),
+        ..Default::default()
+    };
+    c.volumes.create_volume(req).await.unwrap();
 }
 
 fn get_group(group: &str) -> pb::GetGroupRequest {
