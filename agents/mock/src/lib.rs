@@ -171,8 +171,7 @@ impl MockDriver {
             // The configured images are on the backend before any call: written now, so
             // an agent restarted without the setting (before any change was saved) still
             // holds them.
-            let mut state = driver.lock();
-            let _ = &mut *state;
+            driver.lock().save_whole();
         }
         Ok(driver)
     }

@@ -114,6 +114,11 @@ impl std::ops::DerefMut for Locked<'_> {
 }
 
 impl Locked<'_> {
+    /// Writes the whole state when the lock is released, whatever changed.
+    pub(super) fn save_whole(&mut self) {
+        self.whole = true;
+    }
+
     fn inner(&mut self) -> &mut State {
         self.state.as_mut().expect("held until dropped")
     }
