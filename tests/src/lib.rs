@@ -534,19 +534,7 @@ pub async fn replicated_group_in(c: &mut Clients, project: &str, name: &str, n: 
 pub async fn consistent_group(c: &mut Clients, name: &str, n: usize, size: u64) -> Vec<String> {
     let mut vols = Vec::new();
     for i in 0..n {
-        let v = c
-            .volumes
-            .create_volume(pb::CreateVolumeRequest {
-                name: format!("{name}-{i}"),
-                project: "tests".into(),
-                size_bytes: size as i64,
-                backend: "backend-a".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("create volume")
-            .into_inner();
-        vols.push(v.name);
+        vols.push(volume_on_a(c, "tests", &format!("{name}-{i}"), size).await.name);
     }
     c.groups
         .create_group(pb::CreateGroupRequest {
@@ -567,19 +555,7 @@ pub async fn consistent_group(c: &mut Clients, name: &str, n: usize, size: u64) 
 pub async fn plain_group_in(c: &mut Clients, project: &str, name: &str, n: usize) -> String {
     let mut vols = Vec::new();
     for i in 0..n {
-        let v = c
-            .volumes
-            .create_volume(pb::CreateVolumeRequest {
-                name: format!("{name}-v{i}"),
-                project: project.into(),
-                size_bytes: 1 << 30,
-                backend: "backend-a".into(),
-                ..Default::default()
-            })
-            .await
-            .expect("create volume")
-            .into_inner();
-        vols.push(v.id);
+        vols.push(volume_on_a(c, project, &format!("{name}-v{i}"), 1 << 30).await.id);
     }
     let g = c
         .groups
@@ -595,6 +571,18 @@ pub async fn plain_group_in(c: &mut Clients, project: &str, name: &str, n: usize
         .expect("create group")
         .into_inner();
     g.id
+}
+
+/// A new volume of `size` bytes on backend-a in `project`, outside any group.
+pub async fn volume_on_a(c: &mut Clients, project: &str, name: &str, size: u64) -> pb::Volume {
+    let req = pb::CreateVolumeRequest {
+        name: name.into(),
+        project: project.into(),
+        size_bytes: size as i64,
+        backend: "backend-a".into(),
+        ..Default::default()
+    };
+    c.volumes.create_volume(req).await.expect("create volume").into_inner()
 }
 
 /// Every volume and group record, as JSON, for before/after comparisons.

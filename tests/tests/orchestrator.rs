@@ -1264,14 +1264,7 @@ async fn a_heartbeat_answers_where_the_peer_backends_agents_are() {
 /// after 500 ms), with a 1 GiB volume `name` on it.
 async fn failing_backend(op: &str, name: &str) -> (Cluster, Clients) {
     let (cluster, mut c) = failing_backend_holding(op, &[]).await;
-    let req = pb::CreateVolumeRequest {
-        name: name.into(),
-        project: "tests".into(),
-        size_bytes: 1 << 30,
-        backend: "backend-a".into(),
-        ..Default::default()
-    };
-    c.volumes.create_volume(req).await.expect("create");
+    drover_tests::volume_on_a(&mut c, "tests", name, 1 << 30).await;
     (cluster, c)
 }
 

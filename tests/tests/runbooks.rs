@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use drover_cli::client::Clients;
 use drover_proto::v1 as pb;
 use drover_tests::scrape::{metrics_addr, scrape, value};
-use drover_tests::{Cluster, StoreChoice, failover_request, replicated_group, wait_backend_up};
+use drover_tests::{Cluster, StoreChoice, failover_request, replicated_group, volume_on_a, wait_backend_up};
 
 fn runbook(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../runbooks").join(name)
@@ -462,7 +462,7 @@ async fn a_whole_backend_fails_over_and_back() {
     // Five volumes replicated on their own, outside any group.
     for i in 0..5 {
         let name = format!("solo-{i}");
-        volume_on_a(&mut c, &name).await;
+        volume_on_a(&mut c, "tests", &name, 1 << 30).await;
         let out = cluster.cli(&["volume", "enable-replication", &name, "--target", "backend-b"]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -521,7 +521,7 @@ async fn a_whole_backend_fails_over_and_back() {
     // A volume's own group keeps it alone, even with its replication disabled: nothing
     // joins it, and its volume does not leave it (found by chaos_ops).
     let own = format!("volume-{}", solo(&mut c, 1).await.id);
-    volume_on_a(&mut c, "loose").await;
+    volume_on_a(&mut c, "tests", "loose", 1 << 30).await;
     let change = |add: &str, remove: &str| pb::UpdateGroupRequest {
         group: own.clone(),
         project: "tests".into(),
@@ -537,18 +537,6 @@ async fn a_whole_backend_fails_over_and_back() {
     assert_eq!(solo(&mut c, 1).await.group_id, c.groups.get_group(get_group(&own)).await.unwrap().into_inner().id);
     let out = cluster.cli(&["volume", "enable-replication", "solo-1", "--target", "backend-b"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-/// A 1 GiB volume on backend-a, outside any group.
-async fn volume_on_a(c: &mut Clients, name: &str) {
-    let req = pb::CreateVolumeRequest {
-        name: name.into(),
-        project: "tests".into(),
-        size_bytes: 1 << 30,
-        backend: "backend-a".into(),
-        ..Default::default()
-    };
-    c.volumes.create_volume(req).await.unwrap();
 }
 
 fn get_group(group: &str) -> pb::GetGroupRequest {
