@@ -165,6 +165,7 @@ impl Op {
 
 async fn run(mut c: Clients, op: Op) -> Result<(), tonic::Status> {
     let project = || "tests".to_string();
+    let op_kind = op.kind();
     match op {
         Op::CreateVolume(name) => c
             .volumes
@@ -269,26 +270,14 @@ async fn run(mut c: Clients, op: Op) -> Result<(), tonic::Status> {
             })
             .await
             .map(|_| ()),
-        Op::AddToGroup(group, volume) => c
-            .groups
-            .update_group(pb::UpdateGroupRequest {
-                group,
-                project: project(),
-                add_volumes: vec![volume],
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
-        Op::RemoveFromGroup(group, volume) => c
-            .groups
-            .update_group(pb::UpdateGroupRequest {
-                group,
-                project: project(),
-                remove_volumes: vec![volume],
-                ..Default::default()
-            })
-            .await
-            .map(|_| ()),
+        Op::AddToGroup(group, volume) | Op::RemoveFromGroup(group, volume) => {
+            let mut req = pb::UpdateGroupRequest { group, project: project(), ..Default::default() };
+            match op_kind {
+                "add-to-group" => req.add_volumes.push(volume),
+                _ => req.remove_volumes.push(volume),
+            }
+            c.groups.update_group(req).await.map(|_| ())
+        }
         Op::Freeze(backend) => {
             c.sites.freeze_backend(pb::FreezeBackendRequest { name: backend.into() }).await.map(|_| ())
         }
