@@ -36,6 +36,29 @@ impl QemuDriver {
         !group_id.is_empty() && self.held.lock().expect("held poisoned").contains(group_id)
     }
 
+    /// Ends the hold on a group (fenced on return), with its lock held: its volumes that
+    /// serve writes are exported again, writable. Returns whether the group was held.
+    pub(crate) async fn release_locked(&self, group_id: &str) -> Result<bool, DriverError> {
+        if !self.is_held(group_id) {
+            return Ok(false);
+        }
+        self.held.lock().expect("held poisoned").remove(group_id);
+        // Re-export writable: nobody could have attached for writing while it was held.
+        for (id, v) in self.snapshot_state().volumes {
+            if v.group_id == group_id && v.writable() {
+                let done = async {
+                    self.unexport(&v).await?;
+                    self.export(&id, &v).await
+                };
+                if let Err(e) = done.await {
+                    self.held.lock().expect("held poisoned").insert(group_id.to_string());
+                    return Err(e);
+                }
+            }
+        }
+        Ok(true)
+    }
+
     pub(crate) async fn unexport(&self, v: &Vol) -> Result<(), DriverError> {
         self.drop_export(&export_id(v)).await
     }

@@ -437,10 +437,21 @@ impl Driver for QemuDriver {
         }
         let _g = self.lock_for(volume_id).await;
         let v = self.vol(volume_id)?;
-        let facts = match roles::promote(volume_id, v.facts(), force)? {
+        // A promote comes from the orchestrator at the group's current epoch (the ledger
+        // refused any older one): it confirms this side as the group's primary, which is
+        // all a group held since this agent's start waits for (fenced on return). Without
+        // this, a hold left from a restart in the middle of a move away from here (the
+        // move demoted this side before the next confirmation round forgot the hold)
+        // would export the promoted volumes read-only.
+        let verdict = roles::promote(volume_id, v.facts(), force)?;
+        let released = self.release_locked(&v.group_id).await?;
+        let facts = match verdict {
             Verdict::AlreadyDone => return Ok(None),
             Verdict::Proceed(facts) => facts,
         };
+        if released {
+            tracing::info!(group = %v.group_id, volume = volume_id, "promoted: writes held since this agent's start are released");
+        }
         let Some(top) = v.layers.last().cloned() else {
             return Err(DriverError::FailedPrecondition(format!(
                 "replica of {volume_id} has no complete recovery point yet; wait for the initial sync"
@@ -611,24 +622,7 @@ impl Driver for QemuDriver {
     async fn release_group(&self, group_id: &str) -> Result<(), DriverError> {
         let lock = self.group_lock(group_id);
         let _g = lock.lock().await;
-        if !self.is_held(group_id) {
-            return Ok(());
-        }
-        self.held.lock().expect("held poisoned").remove(group_id);
-        // Re-export writable: nobody could have attached for writing while it was held.
-        for (id, v) in self.snapshot_state().volumes {
-            if v.group_id == group_id && v.writable() {
-                let done = async {
-                    self.unexport(&v).await?;
-                    self.export(&id, &v).await
-                };
-                if let Err(e) = done.await {
-                    self.held.lock().expect("held poisoned").insert(group_id.to_string());
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
+        self.release_locked(group_id).await.map(|_| ())
     }
 
     fn sync_schedule(&self) -> Vec<ScheduledSync> {

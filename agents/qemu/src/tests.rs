@@ -299,3 +299,51 @@ async fn an_unmanage_cut_short_after_the_move_completes_on_retry() {
     let uri = driver.attach_volume("w").await.unwrap().uri;
     qemu_io(&["-f", "raw", "-c", "read -P 0x44 0 64k", &uri]).expect("w still serves its data");
 }
+
+/// Fenced on return, then moved away and back before a confirmation round: an agent that
+/// started holding a group's writes, saw the group demoted here (a move away) and then
+/// promoted here again (a forced failover back) serves writes on the promoted volume. The
+/// promote is the orchestrator's confirmation; a hold left over from the start must not
+/// export the new primary read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_ends_a_hold_left_from_the_agents_start() {
+    const MIB: u64 = 1 << 20;
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
+    let vdir = pool.join("volumes").join("v");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
+    image::create(&path(0), 16 * MIB, None).await.unwrap();
+    image::create(&path(1), 16 * MIB, Some(&path(0))).await.unwrap();
+    let layers = vec![
+        Layer { seq: 0, rp: Some("p0".into()), acked: true, rp_created_ms: 1 },
+        Layer { seq: 1, rp: None, acked: false, rp_created_ms: 0 },
+    ];
+    let mut v = Vol::new(0, 16 * MIB, layers, Some(Role::Primary));
+    v.group_id = "g".into();
+    v.peer = Some(PeerRec { backend: "b".into(), endpoint: "http://127.0.0.1:9".into() });
+    v.interval_ms = 3_600_000;
+    let state = State {
+        next_index: 1,
+        volumes: [("v".to_string(), v)].into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+
+    let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
+    let driver = QemuDriver::open(config, &state_dir, "a", true).await.unwrap();
+    let uri = driver.attach_volume("v").await.unwrap().uri;
+    let write = |pattern: &str| qemu_io(&["-f", "raw", "-c", &format!("write -P {pattern} 0 64k"), &uri]);
+    assert!(write("0x21").is_err(), "a group held at start took a write");
+    assert_eq!(driver.held_groups().len(), 1, "the group is held");
+
+    // The move away demotes this side; no confirmation round runs before the promote.
+    driver.demote("v").await.unwrap();
+    assert!(driver.is_held("g"), "the hold is only forgotten by the next confirmation round");
+    driver.promote("v", true).await.unwrap();
+    assert!(!driver.is_held("g"), "the promote ended the hold");
+    write("0x22").unwrap_or_else(|e| panic!("the promoted volume took no write: {e}"));
+    qemu_io(&["-f", "raw", "-r", "-c", "read -P 0x22 0 64k", &uri]).unwrap();
+}
