@@ -58,6 +58,9 @@ struct Group {
     extends: u64,
 }
 
+/// How many warning and error lines of each process a failed soak prints.
+const LOG_TAIL: usize = 60;
+
 fn pattern(k: u64) -> u64 {
     k % 251 + 1
 }
@@ -73,9 +76,14 @@ static SLOWEST: std::sync::Mutex<(u128, String)> = std::sync::Mutex::new((0, Str
 /// active side would have hung that long.
 const SLOW_IO: Duration = Duration::from_secs(20);
 
-fn qemu_io(uri: &str, cmds: &[String]) -> Result<String, String> {
+/// Runs `cmds` in one qemu-io on `uri`; `read_only` opens the export read-only (reads
+/// then also work where writes are held).
+fn qemu_io(uri: &str, cmds: &[String], read_only: bool) -> Result<String, String> {
     let mut cmd = Command::new("qemu-io");
     cmd.args(["-f", "raw"]);
+    if read_only {
+        cmd.arg("-r");
+    }
     for c in cmds {
         cmd.arg("-c").arg(c);
     }
@@ -118,7 +126,7 @@ async fn write(c: &mut Clients, g: &mut Group, n: u64) -> Result<(), String> {
     let uris = uris(c, g).await?;
     for k in g.acked..g.acked + n {
         let (vol, off) = place(k);
-        qemu_io(&uris[vol], &[format!("write -P {} {off} {RECORD}", pattern(k))])?;
+        qemu_io(&uris[vol], &[format!("write -P {} {off} {RECORD}", pattern(k))], false)?;
         g.acked = k + 1;
     }
     Ok(())
@@ -242,19 +250,25 @@ async fn disable_extend_enable(
 /// Which of the records 0..upto read back with their pattern at the active side.
 async fn present(c: &mut Clients, g: &Group, upto: u64) -> Result<Vec<bool>, String> {
     let uris = uris(c, g).await?;
-    Ok(present_at(&uris, upto))
+    present_at(&uris, upto)
 }
 
 /// Which of the records 0..upto read back with their pattern from `uris` (one per
-/// volume of a group, in its order).
-fn present_at(uris: &[String], upto: u64) -> Vec<bool> {
+/// volume of a group, in its order). A read that cannot run at all (the export cannot be
+/// opened) is an error, never a sign that the records are there.
+fn present_at(uris: &[String], upto: u64) -> Result<Vec<bool>, String> {
     let mut ok = vec![true; upto as usize];
     for (vol, uri) in uris.iter().enumerate() {
         let ks: Vec<u64> = (0..upto).filter(|k| place(*k).0 == vol).collect();
         for chunk in ks.chunks(200) {
             let cmds: Vec<String> =
                 chunk.iter().map(|k| format!("read -P {} {} {RECORD}", pattern(*k), place(*k).1)).collect();
-            let text = qemu_io(uri, &cmds).unwrap_or_else(|e| e);
+            // A mismatch makes qemu-io fail too: only a failure without one is an error.
+            let text = match qemu_io(uri, &cmds, true) {
+                Ok(text) => text,
+                Err(text) if text.contains("Pattern verification failed") => text,
+                Err(e) => return Err(format!("reading {uri}: {}", e.trim())),
+            };
             for line in text.lines().filter(|l| l.contains("Pattern verification failed at offset")) {
                 let off: u64 = line
                     .split("offset ")
@@ -269,7 +283,7 @@ fn present_at(uris: &[String], upto: u64) -> Vec<bool> {
             }
         }
     }
-    ok
+    Ok(ok)
 }
 
 /// A group snapshot of `g` (nothing is written meanwhile), with `kill` = (side, delay):
@@ -335,7 +349,7 @@ async fn snapshot_step(
                 .map_err(|s| format!("attach a volume from snapshot {name}: {}", s.message()))?;
             clone_uris.push(r.into_inner().uri);
         }
-        let held = present_at(&clone_uris, g.acked);
+        let held = present_at(&clone_uris, g.acked)?;
         let missing = held.iter().filter(|x| !**x).count();
         if missing > 0 {
             return Err(format!(
@@ -875,6 +889,19 @@ async fn main() -> std::process::ExitCode {
     );
     for v in &violations {
         println!("violation: {v}");
+    }
+    if !violations.is_empty() {
+        // The evidence for a post-mortem where the directory is gone (CI): each process's
+        // last warnings and errors.
+        let procs = std::iter::once(&cluster.orchestrator.proc).chain(cluster.agents.iter().map(|a| &a.proc));
+        for p in procs {
+            let text = p.log_text();
+            let lines: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+            eprintln!("--- the last warnings and errors of {} ({} in all) ---", p.name, lines.len());
+            for l in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
+                eprintln!("{l}");
+            }
+        }
     }
     if !violations.is_empty() && std::env::var_os("DROVER_SOAK_KEEP").is_some() {
         // Keep the processes and the directory for a post-mortem.
