@@ -25,7 +25,7 @@
 //! - after a planned move, a restart, a daemon kill or a disable/enable, every
 //!   acknowledged record is at the active side;
 //! - after a disaster, the records there are an exact prefix, holding at least every
-//!   record acknowledged before the last planned move;
+//!   record acknowledged before the last planned move, and site B takes writes at once;
 //! - every agent answers, layer counts stay bounded, no daemon is orphaned;
 //! - every volume is primary on exactly one side, its group's active backend;
 //! - at the end, from the agents' op logs: no op_id entered a driver twice;
@@ -735,6 +735,11 @@ async fn main() -> std::process::ExitCode {
                     }
                     Err(e) => violations.push(format!("step {steps}: reading {}: {e}", g.name)),
                 }
+                // The site that took over serves writes as soon as the failover returns,
+                // with site A still down.
+                if let Err(e) = write(&mut c, g, 5).await {
+                    violations.push(format!("step {steps}: writing at B to {} right after the failover: {e}", g.name));
+                }
             }
             cluster.restart_agent(0, "qemu");
             if let Err(e) = wait_up(&mut c).await {
@@ -742,7 +747,7 @@ async fn main() -> std::process::ExitCode {
                 break;
             }
             for g in groups.iter_mut() {
-                if let Err(e) = write(&mut c, g, 10).await {
+                if let Err(e) = write(&mut c, g, 5).await {
                     violations.push(format!("step {steps}: writing at B to {}: {e}", g.name));
                 }
                 // Fail back with consent to discard A's divergent writes.
