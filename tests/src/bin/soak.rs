@@ -897,12 +897,16 @@ async fn main() -> std::process::ExitCode {
     }
     if !violations.is_empty() {
         // The evidence for a post-mortem where the directory is gone (CI): each process's
-        // last warnings and errors.
+        // last warnings and errors, and the fenced-on-return lines (held writes are
+        // logged at info when released or kept).
         let procs = std::iter::once(&cluster.orchestrator.proc).chain(cluster.agents.iter().map(|a| &a.proc));
         for p in procs {
             let text = p.log_text();
-            let lines: Vec<&str> = text.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
-            eprintln!("--- the last warnings and errors of {} ({} in all) ---", p.name, lines.len());
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("held") || l.contains("promoted"))
+                .collect();
+            eprintln!("--- the last warnings, errors and holds of {} ({} in all) ---", p.name, lines.len());
             for l in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
                 eprintln!("{l}");
             }
