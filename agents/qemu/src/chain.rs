@@ -33,25 +33,28 @@ impl QemuDriver {
     }
 
     pub(crate) fn is_held(&self, group_id: &str) -> bool {
-        !group_id.is_empty() && self.held.lock().expect("held poisoned").contains(group_id)
+        !group_id.is_empty() && self.held.lock().expect("held poisoned").contains_key(group_id)
     }
 
     /// Ends the hold on a group (fenced on return), with its lock held: its volumes that
     /// serve writes are exported again, writable. Returns whether the group was held.
     pub(crate) async fn release_locked(&self, group_id: &str) -> Result<bool, DriverError> {
-        if !self.is_held(group_id) {
+        if group_id.is_empty() {
             return Ok(false);
         }
-        self.held.lock().expect("held poisoned").remove(group_id);
+        let Some(at_start) = self.held.lock().expect("held poisoned").remove(group_id) else {
+            return Ok(false);
+        };
         // Re-export writable: nobody could have attached for writing while it was held.
+        // The group's volumes now, and those it held at start (one may have left it).
         for (id, v) in self.snapshot_state().volumes {
-            if v.group_id == group_id && v.writable() {
+            if (v.group_id == group_id || at_start.contains(&id)) && v.writable() {
                 let done = async {
                     self.unexport(&v).await?;
                     self.export(&id, &v).await
                 };
                 if let Err(e) = done.await {
-                    self.held.lock().expect("held poisoned").insert(group_id.to_string());
+                    self.held.lock().expect("held poisoned").insert(group_id.to_string(), at_start);
                     return Err(e);
                 }
             }

@@ -602,21 +602,23 @@ impl Driver for QemuDriver {
     fn held_groups(&self) -> Vec<drover_agent::driver::HeldGroup> {
         let st = self.snapshot_state();
         let mut held = self.held.lock().expect("held poisoned");
-        let groups: Vec<_> = held
-            .iter()
-            .map(|group_id| {
-                let volume_ids: Vec<String> = st
-                    .volumes
-                    .iter()
-                    .filter(|(_, v)| &v.group_id == group_id && v.role == Some(Role::Primary))
-                    .map(|(id, _)| id.clone())
-                    .collect();
+        // A group whose volumes held at start are all demoted or gone holds nothing (none
+        // of them has an export left). One disabled meanwhile still serves, read-only,
+        // and waits for the orchestrator's answer like the rest: forgetting its hold
+        // here would leave it read-only for good.
+        let exported = |id: &String| st.volumes.get(id).is_some_and(Vol::writable);
+        held.retain(|_, at_start| at_start.iter().any(exported));
+        held.iter()
+            .map(|(group_id, at_start)| {
+                let mut volume_ids: Vec<String> = at_start.iter().filter(|id| exported(id)).cloned().collect();
+                for (id, v) in &st.volumes {
+                    if &v.group_id == group_id && v.role == Some(Role::Primary) && !volume_ids.contains(id) {
+                        volume_ids.push(id.clone());
+                    }
+                }
                 drover_agent::driver::HeldGroup { group_id: group_id.clone(), volume_ids }
             })
-            .collect();
-        // A group with no primary volume left here (demoted, disabled) holds nothing.
-        held.retain(|g| groups.iter().any(|h| &h.group_id == g && !h.volume_ids.is_empty()));
-        groups.into_iter().filter(|h| !h.volume_ids.is_empty()).collect()
+            .collect()
     }
 
     async fn release_group(&self, group_id: &str) -> Result<(), DriverError> {
@@ -631,7 +633,8 @@ impl Driver for QemuDriver {
         let mut out: BTreeMap<String, ScheduledSync> = BTreeMap::new();
         for v in st.volumes.values() {
             let Some(peer) = &v.peer else { continue };
-            if v.role == Some(Role::Primary) && !v.demoted && !v.group_id.is_empty() && !held.contains(&v.group_id) {
+            if v.role == Some(Role::Primary) && !v.demoted && !v.group_id.is_empty() && !held.contains_key(&v.group_id)
+            {
                 out.insert(
                     v.group_id.clone(),
                     ScheduledSync {

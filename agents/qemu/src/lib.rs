@@ -137,8 +137,11 @@ pub struct QemuDriver {
     /// The agent's fencing records: points shipped carry the group's highest epoch.
     fences: OnceLock<drover_agent::driver::Fences>,
     /// Fenced on return: groups whose primary volumes are exported read-only until the
-    /// orchestrator confirms this side (see `drover_agent::returning`).
-    held: Mutex<std::collections::BTreeSet<String>>,
+    /// orchestrator confirms this side (see `drover_agent::returning`), each with the
+    /// volumes it held at start. Those stay exported read-only until the group's hold
+    /// ends, even if they leave the group meanwhile (a disable), so a hold never ends
+    /// without their exports being made writable again.
+    held: Mutex<BTreeMap<String, Vec<String>>>,
 }
 
 fn now_ms() -> i64 {
@@ -203,18 +206,20 @@ impl QemuDriver {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => State::default(),
             Err(e) => return Err(io("cannot read the driver state", e)),
         };
-        let held: std::collections::BTreeSet<String> = if hold {
-            state
-                .volumes
-                .values()
-                .filter(|v| v.role == Some(Role::Primary) && v.peer.is_some() && !v.group_id.is_empty())
-                .map(|v| v.group_id.clone())
-                .collect()
-        } else {
-            Default::default()
-        };
+        let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if hold {
+            for (id, v) in &state.volumes {
+                if v.role == Some(Role::Primary) && v.peer.is_some() && !v.group_id.is_empty() {
+                    held.entry(v.group_id.clone()).or_default().push(id.clone());
+                }
+            }
+        }
         if !held.is_empty() {
-            tracing::warn!(groups = ?held, "fenced on return: writes held until an orchestrator confirms this side is still primary");
+            let groups: Vec<&String> = held.keys().collect();
+            tracing::warn!(
+                ?groups,
+                "fenced on return: writes held until an orchestrator confirms this side is still primary"
+            );
         }
         let driver = Arc::new(Self {
             pool: config.pool_dir.canonicalize().map_err(|e| io("pool_dir", e))?,

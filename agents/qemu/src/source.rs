@@ -148,10 +148,15 @@ impl QemuDriver {
                     })
                     .await;
                 if final_sync {
-                    // Writes resume until a planned failover can finish.
+                    // Writes resume until a planned failover can finish, on the volumes
+                    // still primary: the group lock was let go while the point shipped,
+                    // and a volume demoted meanwhile (by a newer owner of the group) must
+                    // stay without an export.
                     for id in &ids {
                         let v = self.vol(id)?;
-                        let _ = self.export(id, &v).await;
+                        if v.writable() {
+                            let _ = self.export(id, &v).await;
+                        }
                     }
                 }
                 return Err(e);

@@ -300,13 +300,9 @@ async fn an_unmanage_cut_short_after_the_move_completes_on_retry() {
     qemu_io(&["-f", "raw", "-c", "read -P 0x44 0 64k", &uri]).expect("w still serves its data");
 }
 
-/// Fenced on return, then moved away and back before a confirmation round: an agent that
-/// started holding a group's writes, saw the group demoted here (a move away) and then
-/// promoted here again (a forced failover back) serves writes on the promoted volume. The
-/// promote is the orchestrator's confirmation; a hold left over from the start must not
-/// export the new primary read-only.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_promote_ends_a_hold_left_from_the_agents_start() {
+/// A driver started with one replicated primary volume `v` of group `g` in its state,
+/// holding its writes (fenced on return); with its directory and the volume's URI.
+async fn held_primary() -> (tempfile::TempDir, Arc<QemuDriver>, String) {
     const MIB: u64 = 1 << 20;
     let dir = tempfile::tempdir().unwrap();
     let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
@@ -335,6 +331,17 @@ async fn a_promote_ends_a_hold_left_from_the_agents_start() {
     let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
     let driver = QemuDriver::open(config, &state_dir, "a", true).await.unwrap();
     let uri = driver.attach_volume("v").await.unwrap().uri;
+    (dir, driver, uri)
+}
+
+/// Fenced on return, then moved away and back before a confirmation round: an agent that
+/// started holding a group's writes, saw the group demoted here (a move away) and then
+/// promoted here again (a forced failover back) serves writes on the promoted volume. The
+/// promote is the orchestrator's confirmation; a hold left over from the start must not
+/// export the new primary read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promote_ends_a_hold_left_from_the_agents_start() {
+    let (_dir, driver, uri) = held_primary().await;
     let write = |pattern: &str| qemu_io(&["-f", "raw", "-c", &format!("write -P {pattern} 0 64k"), &uri]);
     assert!(write("0x21").is_err(), "a group held at start took a write");
     assert_eq!(driver.held_groups().len(), 1, "the group is held");
@@ -346,4 +353,23 @@ async fn a_promote_ends_a_hold_left_from_the_agents_start() {
     assert!(!driver.is_held("g"), "the promote ended the hold");
     write("0x22").unwrap_or_else(|e| panic!("the promoted volume took no write: {e}"));
     qemu_io(&["-f", "raw", "-r", "-c", "read -P 0x22 0 64k", &uri]).unwrap();
+}
+
+/// Fenced on return, then disabled before a confirmation round: a volume that leaves its
+/// group while held keeps its read-only export, and the group's hold is kept for it until
+/// the orchestrator answers. Forgetting the hold then (as the agent did when no primary
+/// of the group was left) left the volume read-only for good, through a later enable too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_volume_disabled_while_held_serves_writes_once_released() {
+    let (_dir, driver, uri) = held_primary().await;
+    let write = |pattern: &str| qemu_io(&["-f", "raw", "-c", &format!("write -P {pattern} 0 64k"), &uri]);
+    driver.disable_replication("v").await.unwrap();
+    assert!(write("0x31").is_err(), "a volume held at start took a write before the orchestrator answered");
+    let claims = driver.held_groups();
+    assert_eq!(claims.len(), 1, "the hold outlives the disable");
+    assert_eq!((claims[0].group_id.as_str(), claims[0].volume_ids.as_slice()), ("g", &["v".to_string()][..]));
+    driver.release_group("g").await.unwrap();
+    assert!(driver.held_groups().is_empty(), "released");
+    write("0x32").unwrap_or_else(|e| panic!("the released volume took no write: {e}"));
+    qemu_io(&["-f", "raw", "-r", "-c", "read -P 0x32 0 64k", &uri]).unwrap();
 }
