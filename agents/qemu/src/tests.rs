@@ -8,17 +8,40 @@ fn qemu_io(args: &[&str]) -> Result<String, String> {
     if out.status.success() && !text.contains("Pattern verification failed") { Ok(text) } else { Err(text) }
 }
 
+/// A temporary directory with a pool whose volume `v` has its directory, and a state
+/// directory: (the directory, the pool, the state directory, `v`'s directory).
+fn volume_dirs() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
+    let vdir = pool.join("volumes").join("v");
+    std::fs::create_dir_all(&vdir).unwrap();
+    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    (dir, pool, state_dir, vdir)
+}
+
+/// Writes a driver state with one volume, `v` of `size` bytes, primary of group `g`
+/// replicating to backend `b`, with `layers`.
+fn save_replicated_primary(state_dir: &Path, size: u64, layers: Vec<Layer>) {
+    let mut v = Vol::new(0, size, layers, Some(Role::Primary));
+    v.group_id = "g".into();
+    v.peer = Some(PeerRec { backend: "b".into(), endpoint: "http://127.0.0.1:9".into() });
+    v.interval_ms = 3_600_000;
+    let state = State {
+        next_index: 1,
+        volumes: [("v".to_string(), v)].into(),
+        clones: Default::default(),
+        snapshots: Default::default(),
+    };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+}
+
 /// A primary whose chain an older version left long (six points waiting for the peer)
 /// starts with at most `MAX_WAITING` waiting, the newest point on top, and reads exactly
 /// as before the merge.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_chain_is_merged_at_start() {
     const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
-    let vdir = pool.join("volumes").join("v");
-    std::fs::create_dir_all(&vdir).unwrap();
-    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    let (_dir, pool, state_dir, vdir) = volume_dirs();
     let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
     let mut layers = Vec::new();
     for seq in 0..8u32 {
@@ -33,17 +56,7 @@ async fn a_long_chain_is_merged_at_start() {
         let rp = (seq < 7).then(|| format!("p{seq}"));
         layers.push(Layer { seq, rp, acked: seq == 0, rp_created_ms: i64::from(seq) });
     }
-    let mut v = Vol::new(0, 16 * MIB, layers, Some(Role::Primary));
-    v.group_id = "g".into();
-    v.peer = Some(PeerRec { backend: "b".into(), endpoint: "http://127.0.0.1:9".into() });
-    v.interval_ms = 3_600_000;
-    let state = State {
-        next_index: 1,
-        volumes: [("v".to_string(), v)].into(),
-        clones: Default::default(),
-        snapshots: Default::default(),
-    };
-    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    save_replicated_primary(&state_dir, 16 * MIB, layers);
 
     let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
     let driver = QemuDriver::start(config, &state_dir, "a").await.unwrap();
@@ -304,11 +317,7 @@ async fn an_unmanage_cut_short_after_the_move_completes_on_retry() {
 /// holding its writes (fenced on return); with its directory and the volume's URI.
 async fn held_primary() -> (tempfile::TempDir, Arc<QemuDriver>, String) {
     const MIB: u64 = 1 << 20;
-    let dir = tempfile::tempdir().unwrap();
-    let (pool, state_dir) = (dir.path().join("pool"), dir.path().join("state"));
-    let vdir = pool.join("volumes").join("v");
-    std::fs::create_dir_all(&vdir).unwrap();
-    std::fs::create_dir_all(state_dir.join("qemu")).unwrap();
+    let (dir, pool, state_dir, vdir) = volume_dirs();
     let path = |seq: u32| vdir.join(format!("L{seq}.qcow2"));
     image::create(&path(0), 16 * MIB, None).await.unwrap();
     image::create(&path(1), 16 * MIB, Some(&path(0))).await.unwrap();
@@ -316,17 +325,7 @@ async fn held_primary() -> (tempfile::TempDir, Arc<QemuDriver>, String) {
         Layer { seq: 0, rp: Some("p0".into()), acked: true, rp_created_ms: 1 },
         Layer { seq: 1, rp: None, acked: false, rp_created_ms: 0 },
     ];
-    let mut v = Vol::new(0, 16 * MIB, layers, Some(Role::Primary));
-    v.group_id = "g".into();
-    v.peer = Some(PeerRec { backend: "b".into(), endpoint: "http://127.0.0.1:9".into() });
-    v.interval_ms = 3_600_000;
-    let state = State {
-        next_index: 1,
-        volumes: [("v".to_string(), v)].into(),
-        clones: Default::default(),
-        snapshots: Default::default(),
-    };
-    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    save_replicated_primary(&state_dir, 16 * MIB, layers);
 
     let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
     let driver = QemuDriver::open(config, &state_dir, "a", true).await.unwrap();
