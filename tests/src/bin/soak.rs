@@ -58,7 +58,7 @@ struct Group {
     extends: u64,
 }
 
-/// How many warning and error lines of each process a failed soak prints.
+/// How many warning, error and fenced-on-return lines of each process a failed soak prints.
 const LOG_TAIL: usize = 60;
 
 fn pattern(k: u64) -> u64 {
@@ -904,7 +904,7 @@ async fn main() -> std::process::ExitCode {
             let text = p.log_text();
             let lines: Vec<&str> = text
                 .lines()
-                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("held") || l.contains("promoted"))
+                .filter(|l| ["WARN", "ERROR", "held", "writes released", "promoted"].iter().any(|w| l.contains(w)))
                 .collect();
             eprintln!("--- the last warnings, errors and holds of {} ({} in all) ---", p.name, lines.len());
             for l in &lines[lines.len().saturating_sub(LOG_TAIL)..] {
