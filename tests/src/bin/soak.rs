@@ -531,12 +531,42 @@ fn longest_chain(dir: &Path) -> (usize, String) {
                 if files.len() > most {
                     files.sort();
                     most = files.len();
-                    which = format!("{pool}/{}: {}", v.file_name().to_string_lossy(), files.join(" "));
+                    let id = v.file_name().to_string_lossy().into_owned();
+                    let agent = pool.trim_start_matches("pool-");
+                    which = format!("{pool}/{id}: {}; {}", files.join(" "), state_view(dir, agent, &id));
                 }
             }
         }
     }
     (most, which)
+}
+
+/// What an agent's saved state says of one volume: its role, group and layers (`seq`,
+/// `p` for a recovery point, `+` once the peer holds it), and the snapshots that pin
+/// files of it. Files on disk that are not among the layers are pinned or left over.
+fn state_view(dir: &Path, agent: &str, volume: &str) -> String {
+    let file = dir.join(agent).join("qemu").join("state.json");
+    let Some(st) = std::fs::read(&file).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok()) else {
+        return format!("no readable {}", file.display());
+    };
+    let v = &st["volumes"][volume];
+    let layers: Vec<String> = v["layers"]
+        .as_array()
+        .map(|ls| {
+            ls.iter()
+                .map(|l| {
+                    let rp = if l["rp"].is_null() { "" } else { "p" };
+                    let acked = if l["acked"].as_bool() == Some(true) { "+" } else { "" };
+                    format!("{}{rp}{acked}", l["seq"])
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let pins: Vec<&String> = st["snapshots"]
+        .as_object()
+        .map(|m| m.iter().filter(|(_, s)| !s["members"][volume].is_null()).map(|(id, _)| id).collect())
+        .unwrap_or_default();
+    format!("state: role {}, group {}, layers [{}], snapshots {:?}", v["role"], v["group_id"], layers.join(" "), pins)
 }
 
 #[tokio::main]
