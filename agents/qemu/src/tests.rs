@@ -372,3 +372,53 @@ async fn a_volume_disabled_while_held_serves_writes_once_released() {
     write("0x32").unwrap_or_else(|e| panic!("the released volume took no write: {e}"));
     qemu_io(&["-f", "raw", "-r", "-c", "read -P 0x32 0 64k", &uri]).unwrap();
 }
+
+/// Fenced on return with a demote verdict for a group of two volumes, one of which was
+/// disabled while held (so it can no longer be demoted): the other is demoted all the
+/// same. Before, the first failure ended the demote, and the group's remaining primary
+/// stayed a primary, held, for as long as the disabled volume kept the hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_demote_verdict_demotes_every_primary_it_can() {
+    use drover_proto::v1 as pb;
+    const MIB: u64 = 1 << 20;
+    let (dir, pool, state_dir, _) = volume_dirs();
+    let mut volumes = BTreeMap::new();
+    for (index, id) in ["v", "w"].into_iter().enumerate() {
+        let vdir = pool.join("volumes").join(id);
+        std::fs::create_dir_all(&vdir).unwrap();
+        let (l0, l1) = (vdir.join("L0.qcow2"), vdir.join("L1.qcow2"));
+        image::create(&l0, 16 * MIB, None).await.unwrap();
+        image::create(&l1, 16 * MIB, Some(&l0)).await.unwrap();
+        let layers = vec![
+            Layer { seq: 0, rp: Some("p0".into()), acked: true, rp_created_ms: 1 },
+            Layer { seq: 1, rp: None, acked: false, rp_created_ms: 0 },
+        ];
+        let mut v = Vol::new(index as u32, 16 * MIB, layers, Some(Role::Primary));
+        v.group_id = "g".into();
+        v.peer = Some(PeerRec { backend: "b".into(), endpoint: "http://127.0.0.1:9".into() });
+        v.interval_ms = 3_600_000;
+        volumes.insert(id.to_string(), v);
+    }
+    let state = State { next_index: 2, volumes, clones: Default::default(), snapshots: Default::default() };
+    std::fs::write(state_dir.join("qemu/state.json"), serde_json::to_vec(&state).unwrap()).unwrap();
+    let config = QemuConfig { pool_dir: pool.clone(), ..Default::default() };
+    let driver = QemuDriver::open(config, &state_dir, "a", true).await.unwrap();
+    driver.disable_replication("v").await.unwrap();
+
+    let ledger = drover_agent::ledger::Ledger::open(&dir.path().join("ledger")).unwrap();
+    let fencing = drover_agent::returning::Fencing { driver: driver.clone(), ledger };
+    let claims = fencing.claims();
+    assert_eq!(claims.len(), 1, "{claims:?}");
+    assert_eq!(claims[0].volume_ids, vec!["v".to_string(), "w".to_string()], "the disabled volume comes first");
+    let demote = pb::PrimaryVerdict {
+        group_id: "g".into(),
+        decision: pb::PrimaryDecision::Demote as i32,
+        epoch: 7,
+        reason: "failed over away".into(),
+    };
+    let still_held = fencing.settle(&claims, vec![demote]).await;
+    let w = driver.vol("w").unwrap();
+    assert_eq!((w.role, w.demoted), (Some(Role::Secondary), true), "w is demoted");
+    assert_eq!(driver.vol("v").unwrap().role, None, "v stays a plain volume");
+    assert_eq!(still_held, 1, "v, which could not be demoted, still holds the group (read-only)");
+}

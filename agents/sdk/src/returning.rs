@@ -67,9 +67,14 @@ impl Fencing {
             .await
             .map_err(|e| format!("cannot raise the fence of {scope}: {e}"))?;
         let op = OpInfo { op_id: format!("fenced-on-return/{}/{epoch}", claim.group_id), epoch, scope };
+        // Every volume is tried: one that cannot be demoted (disabled while held, so no
+        // longer replicated) must not leave the group's other primaries undemoted.
+        let mut failed = Vec::new();
         for volume in &claim.volume_ids {
-            in_op(op.clone(), self.driver.demote(volume)).await.map_err(|e| format!("demote {volume}: {e}"))?;
+            if let Err(e) = in_op(op.clone(), self.driver.demote(volume)).await {
+                failed.push(format!("demote {volume}: {e}"));
+            }
         }
-        Ok(())
+        if failed.is_empty() { Ok(()) } else { Err(failed.join("; ")) }
     }
 }
