@@ -7,7 +7,10 @@
 //! mock op logs, × 20 ms ÷ 64 in flight); the store floor (as many conditional etcd
 //! transactions as the run made, through the same client at the same concurrency);
 //! transactions per group (etcd revisions, heartbeats included); CPU-ms per group
-//! across the orchestrator and the agents (from /proc). Then T(2N)/T(N).
+//! across the orchestrator and the agents (from /proc), and etcd's apart; the CPU floor
+//! (every process's CPU spread over the machine's cores); etcd's CPU for the store
+//! floor's transactions, and the shortest run the CPU goal would allow with it
+//! on this machine's cores. Then T(2N)/T(N).
 //!
 //! Run with `cargo bench -p drover-tests --bench site_failover` (`DROVER_BENCH_GROUPS`
 //! sets N, default 1000).

@@ -47,7 +47,12 @@ impl Fencing {
                 },
                 pb::PrimaryDecision::Demote => {
                     if let Err(e) = self.demote(claim, v.epoch).await {
-                        tracing::warn!(%group, error = %e, "cannot demote a group failed over away; writes stay held");
+                        tracing::warn!(
+                            %group,
+                            error = %e,
+                            "cannot demote every volume of a group failed over away; the group stays held (read-only) \
+                             and is asked about again at the next round"
+                        );
                     } else {
                         tracing::warn!(%group, epoch = v.epoch, reason = %v.reason, "fenced on return: demoted a group failed over away while this agent was gone");
                     }
