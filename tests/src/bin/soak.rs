@@ -514,13 +514,14 @@ async fn kill_during(
 }
 
 /// The most qcow2 files any volume directory holds (its layers, and the files of its
-/// snapshots), and that directory's pool, volume and sorted file names.
+/// snapshots), and that directory's pool, volume and sorted file names, with what its
+/// agent's saved state says of the volume.
 fn longest_chain(dir: &Path) -> (usize, String) {
-    let (mut most, mut which) = (0, String::new());
+    let mut longest: Option<(&str, String, Vec<String>)> = None;
     for pool in ["pool-agent-backend-a", "pool-agent-backend-b"] {
         if let Ok(vols) = std::fs::read_dir(dir.join(pool).join("volumes")) {
             for v in vols.flatten() {
-                let mut files: Vec<String> = std::fs::read_dir(v.path())
+                let files: Vec<String> = std::fs::read_dir(v.path())
                     .map(|d| {
                         d.flatten()
                             .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -528,17 +529,17 @@ fn longest_chain(dir: &Path) -> (usize, String) {
                             .collect()
                     })
                     .unwrap_or_default();
-                if files.len() > most {
-                    files.sort();
-                    most = files.len();
-                    let id = v.file_name().to_string_lossy().into_owned();
-                    let agent = pool.trim_start_matches("pool-");
-                    which = format!("{pool}/{id}: {}; {}", files.join(" "), state_view(dir, agent, &id));
+                if files.len() > longest.as_ref().map_or(0, |l| l.2.len()) {
+                    longest = Some((pool, v.file_name().to_string_lossy().into_owned(), files));
                 }
             }
         }
     }
-    (most, which)
+    let Some((pool, id, mut files)) = longest else { return (0, String::new()) };
+    files.sort();
+    // The agent's state is read once, for the volume found.
+    let view = state_view(dir, pool.trim_start_matches("pool-"), &id);
+    (files.len(), format!("{pool}/{id}: {}; {view}", files.join(" ")))
 }
 
 /// What an agent's saved state says of one volume: its role, group and layers (`seq`,
